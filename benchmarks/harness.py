@@ -1,0 +1,134 @@
+"""One benchmark harness for every op (after Liger-Kernel's): interleaved timing, medians, CSV rows, plots.
+
+Rows have the columns of :data:`COLUMNS`; every script appends to ``benchmarks/results/<name>.csv`` and prints a
+table.  Providers are timed *interleaved* (round-robin, one call each per round) so that machine drift hits
+all of them alike; reported numbers are the median and the 20th/80th percentiles.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Mapping, Sequence
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+COLUMNS = ("kernel_name", "provider", "mode", "metric", "x", "p50", "p20", "p80", "unit", "extra", "device", "version")
+
+
+def device_name(device: torch.device | str = "cpu") -> str:
+    """Human name of the machine a number came from (GPU name, or CPU model and core count)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model} ({torch.get_num_threads()} threads)"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved_timings(providers: Mapping[str, Callable[[], object]], *, device: torch.device | str = "cpu",
+                        warmup: int = 3, reps: int = 20, min_time_s: float = 0.0) -> dict[str, list[float]]:
+    """Milliseconds per call of each provider, measured round-robin ``reps`` times after ``warmup`` rounds.
+
+    Rounds continue past ``reps`` until ``min_time_s`` seconds were spent, so short kernels get many samples.
+    """
+    device = torch.device(device)
+    for _ in range(warmup):
+        for fn in providers.values():
+            fn()
+    _sync(device)
+    times: dict[str, list[float]] = {name: [] for name in providers}
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < reps or time.perf_counter() - start < min_time_s:
+        for name, fn in providers.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append((time.perf_counter() - t0) * 1e3)
+        rounds += 1
+    return times
+
+
+def quantiles(samples: Sequence[float]) -> tuple[float, float, float]:
+    """(median, 20th, 80th percentile)."""
+    if len(samples) == 1:
+        return samples[0], samples[0], samples[0]
+    q = statistics.quantiles(samples, n=10, method="inclusive")
+    return statistics.median(samples), q[1], q[7]
+
+
+def make_row(kernel_name: str, provider: str, mode: str, metric: str, x: str, samples: Sequence[float], unit: str,
+             device: torch.device | str = "cpu", extra: str = "") -> dict[str, object]:
+    p50, p20, p80 = quantiles(samples)
+    return {"kernel_name": kernel_name, "provider": provider, "mode": mode, "metric": metric, "x": x,
+            "p50": round(p50, 5), "p20": round(p20, 5), "p80": round(p80, 5), "unit": unit, "extra": extra,
+            "device": device_name(device), "version": torch.__version__}
+
+
+def write_csv(rows: Iterable[Mapping[str, object]], name: str) -> Path:
+    """Write rows to ``benchmarks/results/<name>.csv`` (replacing an older run of the same script)."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{name}.csv"
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def print_table(rows: Sequence[Mapping[str, object]], columns: Sequence[str]) -> None:
+    """Print rows as an aligned text table."""
+    widths = [max(len(str(c)), *(len(str(r.get(c, ""))) for r in rows)) for c in columns]
+    print("  ".join(str(c).ljust(w) for c, w in zip(columns, widths)))
+    print("  ".join("-" * w for w in widths))
+    for row in rows:
+        print("  ".join(str(row.get(c, "")).ljust(w) for c, w in zip(columns, widths)))
+
+
+def bar_plot(rows: Sequence[Mapping[str, object]], name: str, title: str, metric: str = "speed") -> Path:
+    """Grouped bar chart of p50 per provider for each x, saved as ``benchmarks/results/<name>.png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if r["metric"] == metric]
+    xs = list(dict.fromkeys(str(r["x"]) for r in rows))
+    providers = list(dict.fromkeys(str(r["provider"]) for r in rows))
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(xs) * max(1, len(providers)) / 2), 4))
+    width = 0.8 / max(1, len(providers))
+    for i, provider in enumerate(providers):
+        values = [next((float(r["p50"]) for r in rows if str(r["x"]) == x and r["provider"] == provider), 0.0)
+                  for x in xs]
+        ax.bar([j + i * width for j in range(len(xs))], values, width, label=provider)
+    ax.set_xticks([j + width * (len(providers) - 1) / 2 for j in range(len(xs))], xs, rotation=15, fontsize=8)
+    ax.set_ylabel(f"{metric} ({rows[0]['unit'] if rows else ''}), median")
+    ax.set_title(f"{title}\n{rows[0]['device'] if rows else ''}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{name}.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def threads_note() -> str:
+    return f"torch threads={torch.get_num_threads()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"

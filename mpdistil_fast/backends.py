@@ -1,0 +1,140 @@
+"""Backend registry: which implementation of a fused op runs, and why the others do not.
+
+Every fused op has up to four implementations:
+
+``torch``   the composite plain-torch reference (always available, supports double backward);
+``cpp``     the fused C++ CPU kernel in ``mpdistil_fast._C`` (CPU tensors);
+``triton``  the Triton kernel (CUDA tensors; CPU tensors only under ``TRITON_INTERPRET=1``, for tests);
+``cuda``    the CUDA C++ kernel in ``mpdistil_fast._C`` (CUDA tensors, when built with CUDA).
+
+``backend="auto"`` takes the first available entry of the op's preference order for the tensors' device;
+the environment variable ``MPDISTIL_BACKEND`` replaces ``"auto"``.  Asking for a backend that cannot run
+raises a ``ValueError`` that says why (like xformers' ``not_supported_reasons``).
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+BACKENDS: tuple[str, ...] = ("torch", "cpp", "triton", "cuda")
+#: Preference of ``"auto"`` per device type, fastest first.
+DEFAULT_AUTO_ORDER: dict[str, tuple[str, ...]] = {"cpu": ("cpp", "torch"), "cuda": ("cuda", "triton", "torch")}
+ENV_OVERRIDE = "MPDISTIL_BACKEND"
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    """Whether ``name`` can run an op on a device; ``reason`` says why not (empty when available)."""
+
+    name: str
+    available: bool
+    reason: str = ""
+
+
+@functools.lru_cache(maxsize=None)
+def extension_import_error() -> str | None:
+    """Import ``mpdistil_fast._C`` once; return why it failed, or None when it loaded."""
+    try:
+        importlib.import_module("mpdistil_fast._C")
+    except ImportError as exc:  # not built, or built against another torch
+        return (f"the C++ extension mpdistil_fast._C could not be imported ({exc}); build it with "
+                "`pip install --no-build-isolation -e .`")
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def triton_import_error() -> str | None:
+    """Import triton once; return why it failed, or None when it loaded."""
+    try:
+        importlib.import_module("triton")
+    except ImportError as exc:
+        return f"triton is not installed ({exc}); `pip install triton`"
+    return None
+
+
+def triton_interpreted() -> bool:
+    """True when Triton kernels run through the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _has_kernel(cpp_op: str, dispatch_key: str) -> bool:
+    """True when the dispatcher knows ``cpp_op`` and has a kernel for ``dispatch_key``."""
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(cpp_op, dispatch_key)
+    except RuntimeError:  # the op is not registered at all
+        return False
+
+
+def backend_status(name: str, op: str, device: torch.device | str | None = None) -> BackendStatus:
+    """Whether backend ``name`` can run the fused op ``op`` (e.g. ``"kd_kl_div"``) on ``device``.
+
+    The C++ kernels are looked up as ``torch.ops.mpdistil_C.<op>_fwd`` in the dispatcher, so a backend is
+    available exactly when its kernel is registered for the device's dispatch key.
+    """
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {name!r}")
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    def unavailable(reason: str) -> BackendStatus:
+        return BackendStatus(name, False, reason)
+
+    if name == "torch":
+        return BackendStatus(name, True)
+    if name in ("cpp", "cuda"):
+        want = "cpu" if name == "cpp" else "cuda"
+        if device.type != want:
+            return unavailable(f"{name} runs on {want} tensors, these are on {device.type}")
+        if (err := extension_import_error()) is not None:
+            return unavailable(err)
+        key = "CPU" if name == "cpp" else "CUDA"
+        if not _has_kernel(f"mpdistil_C::{op}_fwd", key):
+            hint = " (rebuild with a CUDA torch and nvcc, MPDISTIL_BUILD_CUDA=1)" if name == "cuda" else ""
+            return unavailable(f"mpdistil_fast._C has no {key} kernel for {op}{hint}")
+        return BackendStatus(name, True)
+    # triton
+    if (err := triton_import_error()) is not None:
+        return unavailable(err)
+    if device.type == "cpu" and not triton_interpreted():
+        return unavailable("Triton needs CUDA tensors; on CPU it runs only with TRITON_INTERPRET=1 set before "
+                           "triton is imported (for tests)")
+    if device.type not in ("cpu", "cuda"):
+        return unavailable(f"Triton kernels here target CUDA devices, not {device.type}")
+    return BackendStatus(name, True)
+
+
+def available_backends(op: str = "kd_kl_div", device: torch.device | str | None = None) -> dict[str, BackendStatus]:
+    """Status of every backend for ``op`` on ``device`` (default: CUDA when present, else CPU)."""
+    return {name: backend_status(name, op, device) for name in BACKENDS}
+
+
+def resolve_backend(requested: str, op: str, device: torch.device,
+                    auto_order: dict[str, Sequence[str]] | None = None) -> str:
+    """Pick the backend that runs ``op`` on ``device``.
+
+    ``requested`` is a name from :data:`BACKENDS` or ``"auto"``; ``"auto"`` honours ``MPDISTIL_BACKEND`` and
+    otherwise takes the first available backend of ``auto_order[device.type]``.
+    Raises ``ValueError`` with the reason when the requested backend cannot run.
+    """
+    if not isinstance(requested, str) or requested not in ("auto",) + BACKENDS:
+        raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {requested!r}")
+    if requested == "auto":
+        override = os.environ.get(ENV_OVERRIDE, "").strip()
+        if override and override != "auto":
+            if override not in BACKENDS:
+                raise ValueError(f"{ENV_OVERRIDE} must be one of {('auto',) + BACKENDS}, got {override!r}")
+            requested = override
+        else:
+            order = (auto_order or DEFAULT_AUTO_ORDER).get(device.type, ("torch",))
+            for name in order:
+                if backend_status(name, op, device).available:
+                    return name
+            return "torch"
+    status = backend_status(requested, op, device)
+    if not status.available:
+        raise ValueError(f"backend {requested!r} cannot run {op} here: {status.reason}")
+    return requested
