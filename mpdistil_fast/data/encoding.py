@@ -1,0 +1,112 @@
+"""Tokenising examples into tensors, and the deterministic, resumable batch iterator.
+
+A split is encoded once into padded tensors (padded to its longest example, at most ``max_length``), so batches are
+plain index selections and a teacher's outputs can be cached per row.  Segments: the first text is the first
+segment; the remaining texts form the second, joined by the tokenizer's separator (WiC: ``word [SEP] sentence1
+[SEP] sentence2``).  Multiple-choice tasks encode the pair ``(context, choice_i)`` for every choice, giving
+``[N, C, S]`` tensors.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from mpdistil_fast.data.tasks import Example, task_spec
+
+
+@dataclass
+class EncodedSplit:
+    """Token tensors of one split of one task: ``[N, S]``, or ``[N, C, S]`` for multiple choice; ``labels`` ``[N]``.
+    Row ``i`` is the ``i``-th example given to :func:`encode_examples` (a batch's ``example_index``)."""
+
+    task: str
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    token_type_ids: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+def _separator(tokenizer) -> str:
+    for token in (tokenizer.sep_token, tokenizer.eos_token):
+        if token:
+            return f" {token} "
+    return "\n"
+
+
+def _segment_pairs(examples: list[Example], separator: str, multiple_choice: bool) -> tuple[list[str], list | None]:
+    if multiple_choice:
+        firsts = [example.texts[0] for example in examples for _ in example.texts[1:]]
+        seconds = [choice for example in examples for choice in example.texts[1:]]
+        return firsts, seconds
+    firsts = [example.texts[0] for example in examples]
+    if all(len(example.texts) == 1 for example in examples):
+        return firsts, None
+    return firsts, [separator.join(example.texts[1:]) for example in examples]
+
+
+def encode_examples(examples: list[Example], tokenizer, max_length: int) -> EncodedSplit:
+    """Tokenise ``examples`` (all of one task) with a Hugging Face tokenizer, truncating the longest segment first to
+    ``max_length`` tokens and padding on the tokenizer's padding side."""
+    if not examples:
+        raise ValueError("examples must not be empty")
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 8:
+        raise ValueError(f"max_length must be an int >= 8, got {max_length!r}")
+    tasks = {example.task for example in examples}
+    if len(tasks) != 1:
+        raise ValueError(f"examples must all belong to one task, got {sorted(tasks)}")
+    spec = task_spec(tasks.pop())
+    if spec.multiple_choice and any(len(example.texts) != spec.num_labels + 1 for example in examples):
+        raise ValueError(f"every {spec.name} example must hold a context and {spec.num_labels} choices")
+    firsts, seconds = _segment_pairs(examples, _separator(tokenizer), spec.multiple_choice)
+    encoded = tokenizer(firsts, seconds, truncation=True, max_length=max_length, padding="longest",
+                        return_tensors="pt", return_token_type_ids=True)
+    input_ids = encoded["input_ids"].long()
+    attention_mask = encoded["attention_mask"].long()
+    token_type_ids = encoded.get("token_type_ids")
+    token_type_ids = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids.long()
+    if spec.multiple_choice:
+        shape = (len(examples), spec.num_labels, input_ids.shape[-1])
+        input_ids, attention_mask, token_type_ids = (t.reshape(shape) for t in (input_ids, attention_mask,
+                                                                               token_type_ids))
+    labels = torch.tensor([example.label for example in examples], dtype=torch.long)
+    return EncodedSplit(spec.name, input_ids, attention_mask, token_type_ids, labels)
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+
+
+def num_batches(split: EncodedSplit, batch_size: int) -> int:
+    """Batches per epoch of :func:`iterate_batches` (the last one may be smaller)."""
+    _check_batch_size(batch_size)
+    return -(-len(split) // batch_size)
+
+
+def epoch_order(num_rows: int, *, shuffle: bool, seed: int, epoch: int) -> torch.Tensor:
+    """Row order of one epoch: a permutation drawn from a generator seeded by ``(seed, epoch)`` only, so it does not
+    depend on (or disturb) the global RNG, and a resumed run sees the same order."""
+    if not shuffle:
+        return torch.arange(num_rows)
+    generator = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
+    return torch.randperm(num_rows, generator=generator)
+
+
+def iterate_batches(split: EncodedSplit, batch_size: int, *, shuffle: bool, seed: int, epoch: int = 0,
+                    start_batch: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+    """Batches of ``split`` for one epoch: dicts with ``input_ids``, ``attention_mask``, ``token_type_ids``,
+    ``labels`` and ``example_index`` (rows of ``split``).  Deterministic given ``(seed, epoch)``; ``start_batch``
+    skips the batches a resumed run has already consumed."""
+    total = num_batches(split, batch_size)
+    if isinstance(start_batch, bool) or not isinstance(start_batch, int) or not 0 <= start_batch <= total:
+        raise ValueError(f"start_batch must be an int in [0, {total}], got {start_batch!r}")
+    order = epoch_order(len(split), shuffle=shuffle, seed=seed, epoch=epoch)
+    for batch in range(start_batch, total):
+        rows = order[batch * batch_size:(batch + 1) * batch_size]
+        yield {"input_ids": split.input_ids[rows], "attention_mask": split.attention_mask[rows],
+               "token_type_ids": split.token_type_ids[rows], "labels": split.labels[rows], "example_index": rows}

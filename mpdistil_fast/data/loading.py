@@ -1,0 +1,185 @@
+"""Loading the tasks from a local folder of the official files, or from the Hugging Face hub, and the train/quiz split.
+
+Local layout (the official SuperGLUE jsonl and GLUE tsv files, as in ``../shared/data``)::
+
+    DATA_DIR/superglue/{BoolQ,CB,COPA,RTE,WiC,WSC}/{train,val}.jsonl
+    DATA_DIR/glue/RTE/{train,dev}.tsv
+
+``DATA_DIR`` is the ``data_dir`` argument, else ``$MPDISTIL_DATA_DIR``; with neither, the tasks come from the hub
+through ``datasets.load_dataset`` (``$MPDISTIL_SUPERGLUE_HUB`` / ``$MPDISTIL_GLUE_HUB`` override the dataset ids).
+
+Splits: SuperGLUE test labels are hidden, so ``validation`` is the split every table reports.  Model selection must
+not see it, so :func:`load_task_splits` carves a seeded ``quiz`` split (10 % by default) out of ``train``.  The local
+folder has no full BoolQ train file (only FewGLUE's 32 rows), so locally BoolQ's ``val.jsonl`` is split into
+validation (500 rows), and train/quiz from the rest, with the same seed -- as the data README prescribes; the
+``TaskSplits.source`` string says so for result tables.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from mpdistil_fast.data.tasks import Example, format_row, task_spec
+
+DATA_DIR_ENV = "MPDISTIL_DATA_DIR"
+SPLITS = ("train", "validation")
+#: Local file of each (task, split), relative to the data directory.
+LOCAL_FILES: dict[str, dict[str, str]] = {
+    "boolq": {"validation": "superglue/BoolQ/val.jsonl", "train32": "superglue/BoolQ/train32.jsonl"},
+    "cb": {"train": "superglue/CB/train.jsonl", "validation": "superglue/CB/val.jsonl"},
+    "copa": {"train": "superglue/COPA/train.jsonl", "validation": "superglue/COPA/val.jsonl"},
+    "rte": {"train": "superglue/RTE/train.jsonl", "validation": "superglue/RTE/val.jsonl"},
+    "wic": {"train": "superglue/WiC/train.jsonl", "validation": "superglue/WiC/val.jsonl"},
+    "wsc": {"train": "superglue/WSC/train.jsonl", "validation": "superglue/WSC/val.jsonl"},
+    "glue_rte": {"train": "glue/RTE/train.tsv", "validation": "glue/RTE/dev.tsv"},
+}
+#: Hub configuration name of each task (``datasets.load_dataset(hub_id, config)``).
+HUB_CONFIGS: dict[str, str] = {"boolq": "boolq", "cb": "cb", "copa": "copa", "rte": "rte", "wic": "wic",
+                               "wsc": "wsc.fixed", "glue_rte": "rte"}
+#: Rows of BoolQ's val.jsonl kept as the reported split when BoolQ is read locally (data README).
+BOOLQ_LOCAL_VALIDATION_ROWS = 500
+
+
+def hub_dataset_id(benchmark: str) -> str:
+    """The hub dataset id of ``benchmark`` (``super_glue`` or ``glue``), overridable by environment variable."""
+    if benchmark == "glue":
+        return os.environ.get("MPDISTIL_GLUE_HUB", "nyu-mll/glue")
+    return os.environ.get("MPDISTIL_SUPERGLUE_HUB", "aps/super_glue")
+
+
+def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path | None:
+    """``data_dir``, else ``$MPDISTIL_DATA_DIR``, else None (load from the hub).  A given folder must exist."""
+    chosen = data_dir if data_dir not in (None, "") else os.environ.get(DATA_DIR_ENV) or None
+    if chosen is None:
+        return None
+    path = Path(chosen).expanduser().resolve()
+    if not path.is_dir():
+        origin = "data_dir" if data_dir not in (None, "") else f"${DATA_DIR_ENV}"
+        raise FileNotFoundError(f"{origin} {str(chosen)!r} is not a directory (expected the official "
+                                "SuperGLUE/GLUE files under superglue/ and glue/)")
+    return path
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    if path.suffix == ".tsv":
+        with path.open(newline="", encoding="utf-8") as handle:
+            return list(csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))
+    with path.open(encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def _format_rows(task: str, rows: Iterable[Mapping[str, Any]]) -> list[Example]:
+    return [format_row(task, row, position) for position, row in enumerate(rows)]
+
+
+def load_local_file(task: str, file_key: str, data_dir: Path) -> list[Example]:
+    """Examples of one local file of ``task`` (``file_key`` is a key of :data:`LOCAL_FILES`)."""
+    files = LOCAL_FILES[task]
+    if file_key not in files:
+        if task == "boolq" and file_key == "train":
+            raise FileNotFoundError(
+                "the local data has no full BoolQ train file (only FewGLUE's train32.jsonl); use "
+                "load_task_splits('boolq', ...), which splits val.jsonl into train/quiz/validation")
+        raise ValueError(f"split must be one of {tuple(files)} for local {task}, got {file_key!r}")
+    path = data_dir / files[file_key]
+    if not path.is_file():
+        raise FileNotFoundError(f"missing data file for task {task!r}, split {file_key!r}: {path} "
+                                f"(data_dir {str(data_dir)!r} must hold the official files; see the data README)")
+    return _format_rows(task, _read_rows(path))
+
+
+def load_hub_split(task: str, split: str) -> list[Example]:
+    """Examples of ``task``/``split`` from the Hugging Face hub via ``datasets.load_dataset``."""
+    import datasets
+
+    spec = task_spec(task)
+    dataset_id = hub_dataset_id(spec.benchmark)
+    try:
+        rows = datasets.load_dataset(dataset_id, HUB_CONFIGS[task], split=split)
+    except Exception as exc:  # offline, unknown id, ...: say what to do instead
+        raise RuntimeError(f"could not load {task!r} ({dataset_id}, {HUB_CONFIGS[task]}, {split}) from the hub: "
+                           f"{exc}. Offline, pass data_dir or set ${DATA_DIR_ENV} to a folder of the official "
+                           "files") from exc
+    return _format_rows(task, rows)
+
+
+def load_examples(task: str, split: str, data_dir: str | os.PathLike | None = None) -> list[Example]:
+    """All examples of ``task``'s official ``split`` (``train`` or ``validation``), from the local folder
+    (:func:`resolve_data_dir`) or from the hub.  Use :func:`load_task_splits` for training: it adds the quiz split
+    (and handles local BoolQ, whose train file is absent)."""
+    task_spec(task)
+    _check_split(split)
+    directory = resolve_data_dir(data_dir)
+    if directory is None:
+        return load_hub_split(task, split)
+    return load_local_file(task, split, directory)
+
+
+@dataclass
+class TaskSplits:
+    """The three splits of a task: ``train`` (optimised on), ``quiz`` (model selection, MPDistil's rewards) and
+    ``validation`` (reported only); ``source`` says where they came from."""
+
+    train: list[Example]
+    quiz: list[Example]
+    validation: list[Example]
+    source: str = ""
+
+
+def _shuffled(examples: list[Example], seed: int) -> list[Example]:
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    return [examples[i] for i in order]
+
+
+def _check_cap(name: str, value: int | None) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+
+
+def load_task_splits(task: str, data_dir: str | os.PathLike | None = None, *, seed: int = 0,
+                     quiz_fraction: float = 0.1, max_train: int | None = None,
+                     max_eval: int | None = None) -> TaskSplits:
+    """Train, quiz and validation examples of ``task``.
+
+    The official train split is shuffled with ``seed``; the first ``round(n * quiz_fraction)`` rows become the quiz
+    split and the rest train (9:1 by default).  ``max_train`` caps the train rows (taken from the shuffled order),
+    ``max_eval`` caps quiz and validation (a seeded random subset, kept in file order).  Locally, BoolQ's
+    ``val.jsonl`` provides all three splits (see the module docstring).
+    """
+    task_spec(task)
+    if isinstance(quiz_fraction, bool) or not isinstance(quiz_fraction, (int, float)) or not 0 < quiz_fraction < 1:
+        raise ValueError(f"quiz_fraction must be a number in (0, 1), got {quiz_fraction!r}")
+    _check_cap("max_train", max_train)
+    _check_cap("max_eval", max_eval)
+    directory = resolve_data_dir(data_dir)
+    if directory is not None and task == "boolq":
+        pool = _shuffled(load_local_file(task, "validation", directory), seed)
+        validation, train_pool = pool[:BOOLQ_LOCAL_VALIDATION_ROWS], pool[BOOLQ_LOCAL_VALIDATION_ROWS:]
+        validation.sort(key=lambda example: example.index)
+        source = (f"local {directory}: BoolQ val.jsonl split (seed {seed}) into validation "
+                  f"({len(validation)} rows) and train/quiz (the full BoolQ train file is not local)")
+    else:
+        validation = load_examples(task, "validation", directory)
+        train_pool = _shuffled(load_examples(task, "train", directory), seed)
+        source = f"local {directory}" if directory is not None else f"hub {hub_dataset_id(task_spec(task).benchmark)}"
+    num_quiz = max(1, round(len(train_pool) * quiz_fraction))
+    quiz, train = train_pool[:num_quiz], train_pool[num_quiz:]
+    if max_train is not None:
+        train = train[:max_train]
+    if max_eval is not None:
+        quiz = quiz[:max_eval]
+        if len(validation) > max_eval:
+            keep = sorted(random.Random(seed + 1).sample(range(len(validation)), max_eval))
+            validation = [validation[i] for i in keep]
+    return TaskSplits(train=train, quiz=quiz, validation=validation, source=source)

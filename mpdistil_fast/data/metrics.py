@@ -1,0 +1,47 @@
+"""Per-task metrics as SuperGLUE defines them (Wang et al., 2019, table 1).
+
+accuracy = mean(prediction == label).  CB also reports macro-F1: the unweighted mean over classes c of
+F1_c = 2 TP_c / (2 TP_c + FP_c + FN_c), taken over the classes that occur in the labels or the predictions
+(the convention of scikit-learn's ``f1_score(average="macro")``, which the SuperGLUE baselines use); the benchmark's
+CB score is the mean of accuracy and macro-F1.  Every result also holds ``"main"``, the task's model-selection value.
+"""
+from __future__ import annotations
+
+import torch
+
+from mpdistil_fast._validation import check_tensor
+from mpdistil_fast.data.tasks import task_spec
+
+
+def macro_f1(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:
+    """Unweighted mean of per-class F1 over the classes present in ``labels`` or ``predictions``."""
+    scores = []
+    for cls in range(num_classes):
+        predicted, actual = predictions == cls, labels == cls
+        if not (predicted.any() or actual.any()):
+            continue
+        true_positive = (predicted & actual).sum().item()
+        scores.append(2 * true_positive / (predicted.sum().item() + actual.sum().item()))
+    return sum(scores) / len(scores)
+
+
+def compute_metrics(task: str, predictions: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Metrics of ``task`` for ``predictions`` (class ids ``[N]``, or logits ``[N, C]``, reduced by argmax) against
+    ``labels`` ``[N]``.  Returns ``accuracy`` (and ``macro_f1``, ``accuracy_macro_f1_mean`` for CB) and ``main``."""
+    spec = task_spec(task)
+    check_tensor("predictions", predictions, floating=False)
+    check_tensor("labels", labels, floating=False)
+    if predictions.dim() == 2:
+        predictions = predictions.argmax(dim=-1)
+    if predictions.dim() != 1 or labels.dim() != 1 or predictions.shape != labels.shape or labels.numel() == 0:
+        raise ValueError(f"predictions ([N] ids or [N, C] logits) and labels ([N]) must match and be non-empty, got "
+                         f"{tuple(predictions.shape)} and {tuple(labels.shape)}")
+    if predictions.is_floating_point() or labels.is_floating_point():
+        raise TypeError("predictions given as ids and labels must be integer tensors")
+    predictions, labels = predictions.cpu(), labels.cpu()
+    result = {"accuracy": (predictions == labels).double().mean().item()}
+    if "macro_f1" in spec.metrics:
+        result["macro_f1"] = macro_f1(predictions, labels, spec.num_labels)
+        result["accuracy_macro_f1_mean"] = (result["accuracy"] + result["macro_f1"]) / 2
+    result["main"] = result[spec.main_metric]
+    return result

@@ -1,0 +1,166 @@
+"""The tasks: SuperGLUE BoolQ, CB, COPA, RTE, WiC, WSC and GLUE RTE, and how one raw row becomes an :class:`Example`.
+
+Every loader (local jsonl/tsv files or the Hugging Face hub) hands rows to :func:`format_row`, so the two sources give
+identical examples.  Formatting (Wang et al., 2019, "SuperGLUE: A Stickier Benchmark for General-Purpose Language
+Understanding Systems", section 3 and appendix; the BERT baselines of its jiant code):
+
+* BoolQ: ``(question, passage)``; CB / RTE / GLUE RTE: ``(premise, hypothesis)``.
+* WiC: ``(word, sentence1, sentence2)`` -- the target word and both sentences (the encoder sees
+  ``[CLS] word [SEP] sentence1 [SEP] sentence2 [SEP]``).
+* COPA: a two-choice task.  ``texts = (premise + cause/effect question, choice1, choice2)``; the encoder scores each
+  choice as the pair ``(premise + question, choice_i)`` and the label is the index of the right choice.
+* WSC: ``(marked text,)`` with both spans marked in place: the noun phrase as ``*span1*`` and the pronoun as ``#span2#``.
+
+Label ids follow the hub's ``ClassLabel`` order (CB: entailment, contradiction, neutral; RTE: entailment,
+not_entailment; boolean tasks: False, True), so local and hub data agree.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """What a task is: its label space and the metrics the benchmark reports for it.
+
+    ``num_labels`` is the number of classes, or of choices when ``multiple_choice`` (then the model scores each
+    choice and its logits are ``[B, num_labels]`` as well).  ``main_metric`` names the entry of
+    :func:`~mpdistil_fast.data.compute_metrics`'s result that model selection uses (also returned as ``"main"``).
+    """
+
+    name: str
+    num_labels: int
+    multiple_choice: bool
+    metrics: tuple[str, ...]
+    main_metric: str
+    label_names: tuple[str, ...] = ()
+    benchmark: str = "super_glue"
+
+
+@dataclass(frozen=True)
+class Example:
+    """One formatted example.
+
+    ``index`` is the row's ``idx`` in the official file (its provenance); ``texts`` holds the text segments the
+    encoder needs (see the module docstring; for multiple choice ``texts[0]`` is the shared context and
+    ``texts[1:]`` the choices); ``label`` is a class id, or the index of the right choice.
+    """
+
+    task: str
+    index: int
+    texts: tuple[str, ...]
+    label: int
+
+
+_ACCURACY = ("accuracy",)
+TASKS: dict[str, TaskSpec] = {
+    "boolq": TaskSpec("boolq", 2, False, _ACCURACY, "accuracy", ("False", "True")),
+    "cb": TaskSpec("cb", 3, False, ("accuracy", "macro_f1"), "accuracy_macro_f1_mean",
+                   ("entailment", "contradiction", "neutral")),
+    "copa": TaskSpec("copa", 2, True, _ACCURACY, "accuracy", ("choice1", "choice2")),
+    "rte": TaskSpec("rte", 2, False, _ACCURACY, "accuracy", ("entailment", "not_entailment")),
+    "wic": TaskSpec("wic", 2, False, _ACCURACY, "accuracy", ("False", "True")),
+    "wsc": TaskSpec("wsc", 2, False, _ACCURACY, "accuracy", ("False", "True")),
+    "glue_rte": TaskSpec("glue_rte", 2, False, _ACCURACY, "accuracy", ("entailment", "not_entailment"), "glue"),
+}
+#: The six SuperGLUE tasks MPDistil's curriculum chooses among (its action space).
+SUPERGLUE_TASKS: tuple[str, ...] = ("boolq", "cb", "copa", "rte", "wic", "wsc")
+
+COPA_QUESTIONS = {"cause": "What was the cause of this?", "effect": "What happened as a result?"}
+WSC_MARKERS = (("*", "*"), ("#", "#"))
+
+
+def task_spec(task: str) -> TaskSpec:
+    """The :class:`TaskSpec` of ``task``; a ``ValueError`` naming the known tasks otherwise."""
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {tuple(TASKS)}, got {task!r}")
+    return TASKS[task]
+
+
+def label_id(task: str, value: Any) -> int:
+    """Map a raw label (string name, bool, or int id) to the task's class id."""
+    spec = task_spec(task)
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, str):
+        if value in spec.label_names:
+            return spec.label_names.index(value)
+        if value.lstrip("-").isdigit():
+            value = int(value)
+        else:
+            raise ValueError(f"label of a {task} row must be one of {spec.label_names}, got {value!r}")
+    if isinstance(value, int) and 0 <= value < spec.num_labels:
+        return value
+    raise ValueError(f"label of a {task} row must be a class id in [0, {spec.num_labels}), got {value!r}")
+
+
+def _words_match(words: list[str], start: int, span: list[str]) -> bool:
+    normalise = lambda text: re.sub(r"[^\w]", "", text.lower())  # noqa: E731
+    return normalise(" ".join(words[start:start + len(span)])) == normalise(" ".join(span))
+
+
+def _span_start(words: list[str], index: int, span_text: str, search_radius: int = 3) -> int:
+    """Word index of ``span_text`` in ``words``: the given index, or the nearest match within ``search_radius``
+    (a few official rows are off by one word); the given index when nothing matches."""
+    span = span_text.split()
+    for offset in sorted(range(-search_radius, search_radius + 1), key=abs):
+        start = index + offset
+        if 0 <= start <= len(words) - len(span) and _words_match(words, start, span):
+            return start
+    return index
+
+
+def mark_wsc_spans(text: str, span1_index: int, span1_text: str, span2_index: int, span2_text: str) -> str:
+    """The WSC text with the noun phrase marked ``*...*`` and the pronoun ``#...#`` (indices are word indices of
+    ``text.split()``)."""
+    words = text.split()
+    spans = [(_span_start(words, span1_index, span1_text), len(span1_text.split()), WSC_MARKERS[0]),
+             (_span_start(words, span2_index, span2_text), len(span2_text.split()), WSC_MARKERS[1])]
+    for start, length, (left, right) in spans:
+        end = min(start + length, len(words)) - 1
+        words[start] = left + words[start]
+        words[end] = words[end] + right
+    return " ".join(words)
+
+
+def _pair(first: str, second: str) -> Callable[[Mapping[str, Any]], tuple[str, ...]]:
+    return lambda row: (row[first], row[second])
+
+
+def _copa_texts(row: Mapping[str, Any]) -> tuple[str, ...]:
+    question = row["question"]
+    if question not in COPA_QUESTIONS:
+        raise ValueError(f"question of a copa row must be one of {tuple(COPA_QUESTIONS)}, got {question!r}")
+    return (f"{row['premise']} {COPA_QUESTIONS[question]}", row["choice1"], row["choice2"])
+
+
+def _wsc_texts(row: Mapping[str, Any]) -> tuple[str, ...]:
+    spans = row.get("target", row)  # local jsonl nests the spans under "target"; the hub's wsc.fixed does not
+    return (mark_wsc_spans(row["text"], int(spans["span1_index"]), spans["span1_text"],
+                           int(spans["span2_index"]), spans["span2_text"]),)
+
+
+_TEXTS: dict[str, Callable[[Mapping[str, Any]], tuple[str, ...]]] = {
+    "boolq": _pair("question", "passage"),
+    "cb": _pair("premise", "hypothesis"),
+    "copa": _copa_texts,
+    "rte": _pair("premise", "hypothesis"),
+    "wic": lambda row: (row["word"], row["sentence1"], row["sentence2"]),
+    "wsc": _wsc_texts,
+    "glue_rte": _pair("sentence1", "sentence2"),
+}
+
+
+def format_row(task: str, row: Mapping[str, Any], position: int) -> Example:
+    """Turn one raw row (official file or hub) into an :class:`Example`; ``position`` is used when the row has no
+    ``idx``/``index`` field."""
+    task_spec(task)
+    try:
+        texts = _TEXTS[task](row)
+        raw_label = row["label"]
+    except KeyError as exc:
+        raise ValueError(f"a {task} row lacks the field {exc.args[0]!r}; got fields {sorted(row)}") from None
+    index = row.get("idx", row.get("index", position))
+    return Example(task=task, index=int(index), texts=tuple(texts), label=label_id(task, raw_label))

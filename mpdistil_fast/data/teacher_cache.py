@@ -1,0 +1,193 @@
+"""Frozen-teacher outputs computed once per (task, split) and reused, in memory or memory-mapped from a directory.
+
+When the teacher no longer trains (plain KD, MPDistil stages 3 and 4) its logits, pooled representation and hidden
+states for a split are fixed, so each epoch's teacher forward pass is wasted work.  :class:`TeacherCache` runs the
+teacher once (eval mode, no dropout, no autograd graph) and serves rows by ``example_index``.  With a ``directory``
+the arrays are ``.npy`` files opened as memory maps, and a later run whose teacher weights and inputs are identical
+(same SHA-256 fingerprint) reuses them without running the teacher at all.
+
+Time accounting: an entry whose teacher pass cost ``c`` seconds for ``N`` rows and took ``s`` seconds to obtain in this
+run (computing, or loading from disk) and that served ``r`` rows through :meth:`CachedOutputs.gather` saved
+``r / N * c - s`` seconds: the teacher forwards avoided minus the time the cache itself took.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from mpdistil_fast.data.encoding import EncodedSplit, iterate_batches
+
+if TYPE_CHECKING:
+    from mpdistil_fast.models.task_model import TaskModel, TaskModelOutput
+
+_ARRAYS = ("logits", "pooled", "hidden")
+
+
+@dataclass
+class CachedOutputs:
+    """Teacher outputs of every row of one split: ``logits`` ``[N, K]``, ``pooled`` ``[N, H]`` (multiple choice:
+    ``[N, C, H]``), ``hidden`` ``[N, L+1, S, H]`` (multiple choice: ``[N, C, L+1, S, H]``) or None.  Use
+    :meth:`gather` for batches: it counts the rows it serves, which is what :attr:`TeacherCache.seconds_saved` reports.
+    """
+
+    logits: torch.Tensor
+    pooled: torch.Tensor
+    hidden: torch.Tensor | None
+    compute_seconds: float
+    obtain_seconds: float
+    rows_served: int = field(default=0)
+
+    def __len__(self) -> int:
+        return int(self.logits.shape[0])
+
+    def gather(self, example_index: torch.Tensor, device: torch.device | str | None = None) -> "TaskModelOutput":
+        """The teacher's :class:`~mpdistil_fast.models.TaskModelOutput` for rows ``example_index`` (a batch's
+        ``example_index``), shaped exactly like a live teacher forward pass, on ``device`` (default CPU)."""
+        from mpdistil_fast.models.task_model import TaskModelOutput
+
+        rows = example_index.cpu().long()
+        if rows.dim() != 1 or (rows.numel() and (rows.min() < 0 or rows.max() >= len(self))):
+            raise ValueError(f"example_index must be a 1-D tensor of rows in [0, {len(self)}), got {rows.tolist()}")
+        self.rows_served += rows.numel()
+        move = lambda t: t[rows].to(device) if device is not None else t[rows]  # noqa: E731
+        hidden = None
+        if self.hidden is not None:
+            states = move(self.hidden)
+            states = states.reshape(-1, *states.shape[-3:])  # [B(*C), L+1, S, H]
+            hidden = tuple(states.unbind(dim=1))
+        return TaskModelOutput(logits=move(self.logits), pooled=move(self.pooled), hidden_states=hidden)
+
+    @property
+    def seconds_saved(self) -> float:
+        return self.rows_served / len(self) * self.compute_seconds - self.obtain_seconds
+
+
+def fingerprint(teacher: torch.nn.Module, split: EncodedSplit, keep_hidden: bool) -> str:
+    """SHA-256 of the teacher's weights, pooling and the split's tensors: equal fingerprints give equal outputs."""
+    digest = hashlib.sha256()
+    digest.update(f"{split.task}|{keep_hidden}|{getattr(teacher, 'pooling', '')}".encode())
+    for name, tensor in list(teacher.state_dict().items()) + [("input_ids", split.input_ids),
+                                                              ("attention_mask", split.attention_mask),
+                                                              ("token_type_ids", split.token_type_ids)]:
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode() + str(tensor.dtype).encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+class TeacherCache:
+    """Outputs of a frozen ``teacher`` per (task, split), in memory or as memory-mapped ``.npy`` files under
+    ``directory``; ``keep_hidden`` also stores every layer's hidden states (large: ``N (L+1) S H`` floats)."""
+
+    def __init__(self, teacher: "TaskModel", directory: Path | str | None = None, *, batch_size: int = 64,
+                 keep_hidden: bool = False) -> None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        self.teacher = teacher
+        self.directory = Path(directory) if directory is not None else None
+        self.batch_size = batch_size
+        self.keep_hidden = keep_hidden
+        self.entries: dict[tuple[str, str], CachedOutputs] = {}
+
+    @property
+    def seconds_spent(self) -> float:
+        """Seconds spent computing or loading teacher outputs in this run."""
+        return sum(entry.obtain_seconds for entry in self.entries.values())
+
+    @property
+    def seconds_saved(self) -> float:
+        """Teacher forward time avoided by the rows served so far, minus :attr:`seconds_spent` (module docstring)."""
+        return sum(entry.seconds_saved for entry in self.entries.values())
+
+    def summary(self) -> str:
+        """One log line: what the cache cost and what it saved."""
+        rows = sum(entry.rows_served for entry in self.entries.values())
+        return (f"teacher cache: {len(self.entries)} split(s), {self.seconds_spent:.1f} s to build/load, "
+                f"{rows} rows served, saved {self.seconds_saved:.1f} s")
+
+    def outputs(self, split: EncodedSplit, split_name: str) -> CachedOutputs:
+        """The teacher's outputs for every row of ``split`` (computed on first use, then reused)."""
+        key = (split.task, split_name)
+        if key not in self.entries:
+            start = time.perf_counter()
+            folder = self.directory / f"{split.task}-{split_name}" if self.directory is not None else None
+            print_key = fingerprint(self.teacher, split, self.keep_hidden) if folder is not None else ""
+            arrays, compute_seconds = self._load(folder, print_key) if folder is not None else (None, 0.0)
+            if arrays is None:
+                arrays = self._compute(split, folder)
+                compute_seconds = time.perf_counter() - start
+                if folder is not None:
+                    self._write_meta(folder, print_key, compute_seconds)
+            self.entries[key] = CachedOutputs(*arrays, compute_seconds=compute_seconds,
+                                              obtain_seconds=time.perf_counter() - start)
+        return self.entries[key]
+
+    @torch.no_grad()
+    def _compute(self, split: EncodedSplit, folder: Path | None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        was_training = self.teacher.training
+        self.teacher.eval()
+        device = next(self.teacher.parameters()).device
+        stores: dict[str, np.ndarray | torch.Tensor] = {}
+        try:
+            for batch in iterate_batches(split, self.batch_size, shuffle=False, seed=0):
+                out = self.teacher(batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                                   batch["token_type_ids"].to(device), task=split.task,
+                                   output_hidden_states=self.keep_hidden)
+                values = {"logits": out.logits, "pooled": out.pooled}
+                if self.keep_hidden:
+                    hidden = torch.stack(out.hidden_states, dim=1)  # [B(*C), L+1, S, H]
+                    values["hidden"] = hidden.reshape(*out.pooled.shape[:-1], *hidden.shape[1:])
+                rows = batch["example_index"]
+                for name, value in values.items():
+                    if name not in stores:
+                        stores[name] = self._allocate(folder, name, (len(split), *value.shape[1:]), value.dtype)
+                    target = stores[name]
+                    target[rows.numpy() if isinstance(target, np.ndarray) else rows] = (
+                        value.float().cpu().numpy() if isinstance(target, np.ndarray) else value.cpu())
+        finally:
+            self.teacher.train(was_training)
+        if folder is not None:
+            for array in stores.values():
+                array.flush()
+            return self._load_arrays(folder, self.keep_hidden)
+        return stores["logits"], stores["pooled"], stores.get("hidden")
+
+    @staticmethod
+    def _allocate(folder: Path | None, name: str, shape: tuple[int, ...], dtype: torch.dtype):
+        if folder is None:
+            return torch.empty(shape, dtype=dtype)
+        folder.mkdir(parents=True, exist_ok=True)
+        return np.lib.format.open_memmap(folder / f"{name}.npy", mode="w+", dtype=np.float32, shape=shape)
+
+    @staticmethod
+    def _load_arrays(folder: Path, keep_hidden: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        # mmap_mode "c" (copy-on-write) gives writable arrays, so torch.from_numpy shares them without copying
+        tensors = [torch.from_numpy(np.load(folder / f"{name}.npy", mmap_mode="c"))
+                   if name != "hidden" or keep_hidden else None for name in _ARRAYS]
+        return tensors[0], tensors[1], tensors[2]
+
+    def _load(self, folder: Path, print_key: str) -> tuple[tuple | None, float]:
+        meta_path = folder / "meta.json"
+        if not meta_path.is_file():
+            return None, 0.0
+        meta = json.loads(meta_path.read_text())
+        if meta.get("fingerprint") != print_key:  # other teacher or inputs: recompute, stale arrays are overwritten
+            meta_path.unlink()
+            return None, 0.0
+        return self._load_arrays(folder, self.keep_hidden), float(meta["compute_seconds"])
+
+    @staticmethod
+    def _write_meta(folder: Path, print_key: str, compute_seconds: float) -> None:
+        """meta.json is written last (atomically): its presence marks the arrays complete."""
+        temporary = folder / "meta.json.tmp"
+        temporary.write_text(json.dumps({"fingerprint": print_key, "compute_seconds": compute_seconds}))
+        os.replace(temporary, folder / "meta.json")

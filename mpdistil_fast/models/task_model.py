@@ -1,0 +1,125 @@
+"""A backbone with a pooled representation and one classification head per task.
+
+Pooling (the representation MPDistil's meta-teacher reads, Sarkar et al., ICLR 2024, section 3.2):
+
+``pooler``  BERT's pooler, tanh(W h_[CLS] + b) (Devlin et al., 2019);
+``cls``     the first token's last hidden state h_0;
+``mean``    the mask-weighted mean sum_t m_t h_t / sum_t m_t;
+``last``    the hidden state of the last attended token, max{t : m_t = 1} -- correct for right *and* left padding,
+            the usual choice for decoders (OPT, Llama).
+
+Heads are ``Dropout -> Linear(H, num_labels)``; a multiple-choice task (COPA) scores every (context, choice) pair with
+``Linear(H, 1)`` and its logits are the ``[B, C]`` choice scores (Devlin et al., 2019, section 4.4, SWAG).
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mpdistil_fast._validation import check_choice, check_tensor
+from mpdistil_fast.data.tasks import TaskSpec, task_spec
+
+POOLING_METHODS = ("pooler", "cls", "mean", "last")
+
+
+@dataclass
+class TaskModelOutput:
+    """``logits`` ``[B, num_labels]`` (multiple choice ``[B, C]``); ``pooled`` ``[B, H]`` (multiple choice
+    ``[B, C, H]``); ``hidden_states`` (embeddings, layer 1, ..., layer L), each ``[B, S, H]`` (multiple choice
+    ``[B*C, S, H]``), or None unless asked for."""
+
+    logits: torch.Tensor
+    pooled: torch.Tensor
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, method: str, pooler: nn.Module | None = None
+         ) -> torch.Tensor:
+    """Pool token states ``hidden`` ``[B, S, H]`` into ``[B, H]`` with ``method`` (see the module docstring);
+    ``attention_mask`` ``[B, S]`` marks real tokens with 1.  ``pooler`` is the backbone's pooler (``"pooler"`` only)."""
+    check_choice("method", method, POOLING_METHODS)
+    check_tensor("hidden", hidden)
+    check_tensor("attention_mask", attention_mask, floating=False)
+    if hidden.dim() != 3 or tuple(attention_mask.shape) != tuple(hidden.shape[:2]):
+        raise ValueError(f"hidden must be [B, S, H] and attention_mask [B, S], got {tuple(hidden.shape)} and "
+                         f"{tuple(attention_mask.shape)}")
+    if method == "pooler":
+        if pooler is None:
+            raise ValueError("method 'pooler' needs the backbone's pooler module; this backbone has none "
+                             "(use 'cls', 'mean' or 'last')")
+        return pooler(hidden)
+    if method == "cls":
+        return hidden[:, 0]
+    mask = attention_mask.to(hidden.dtype).unsqueeze(-1)
+    if method == "mean":
+        return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
+    positions = torch.arange(hidden.shape[1], device=hidden.device)
+    last = (attention_mask.ne(0) * positions).argmax(dim=1)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
+def _head_dropout(config) -> float:
+    for key in ("hidden_dropout_prob", "dropout"):
+        value = getattr(config, key, None)
+        if isinstance(value, float):
+            return value
+    return 0.1
+
+
+class TaskModel(nn.Module):
+    """``backbone`` (a Hugging Face ``AutoModel``) + pooling + one head per task."""
+
+    def __init__(self, backbone: nn.Module, tasks: dict[str, TaskSpec] | list[str] | tuple[str, ...],
+                 pooling: str = "cls") -> None:
+        super().__init__()
+        self.pooling = check_choice("pooling", pooling, POOLING_METHODS)
+        specs = dict(tasks) if isinstance(tasks, dict) else {name: task_spec(name) for name in tasks}
+        if not specs:
+            raise ValueError("tasks must name at least one task")
+        if pooling == "pooler" and getattr(backbone, "pooler", None) is None:
+            raise ValueError(f"pooling 'pooler' needs a backbone with a pooler; {type(backbone).__name__} has none "
+                             "(use 'cls', 'mean' or 'last')")
+        self.backbone = backbone
+        self.specs = specs
+        self.hidden_size = int(backbone.config.hidden_size)
+        dropout = _head_dropout(backbone.config)
+        self.heads = nn.ModuleDict({
+            name: nn.Sequential(nn.Dropout(dropout), nn.Linear(self.hidden_size, 1 if spec.multiple_choice
+                                                               else spec.num_labels))
+            for name, spec in specs.items()})
+        accepted = inspect.signature(backbone.forward).parameters
+        self._accepts_token_types = "token_type_ids" in accepted
+        self._accepts_use_cache = "use_cache" in accepted
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor | None = None, *, task: str,
+                output_hidden_states: bool = False) -> TaskModelOutput:
+        """Logits of ``task``'s head, the pooled representation and (optionally) all hidden states.  Inputs are
+        ``[B, S]``, or ``[B, C, S]`` for a multiple-choice task."""
+        if task not in self.heads:
+            raise ValueError(f"task must be one of {tuple(self.heads)}, got {task!r}")
+        multiple_choice = self.specs[task].multiple_choice
+        expected_dim = 3 if multiple_choice else 2
+        if input_ids.dim() != expected_dim or attention_mask.shape != input_ids.shape:
+            raise ValueError(f"input_ids and attention_mask of task {task!r} must both be "
+                             f"{'[B, C, S]' if multiple_choice else '[B, S]'}, got {tuple(input_ids.shape)} and "
+                             f"{tuple(attention_mask.shape)}")
+        leading = input_ids.shape[:-1]
+        flat = lambda t: None if t is None else t.reshape(-1, t.shape[-1])  # noqa: E731
+        kwargs = {"input_ids": flat(input_ids), "attention_mask": flat(attention_mask),
+                  "output_hidden_states": output_hidden_states, "return_dict": True}
+        if self._accepts_token_types and token_type_ids is not None:
+            kwargs["token_type_ids"] = flat(token_type_ids)
+        if self._accepts_use_cache:
+            kwargs["use_cache"] = False
+        outputs = self.backbone(**kwargs)
+        pooled = pool(outputs.last_hidden_state, kwargs["attention_mask"], self.pooling,
+                      getattr(self.backbone, "pooler", None))
+        head = self.heads[task]
+        logits = head(pooled.to(head[1].weight.dtype))
+        logits = logits.reshape(leading) if multiple_choice else logits
+        return TaskModelOutput(logits=logits, pooled=pooled.reshape(*leading, -1),
+                               hidden_states=tuple(outputs.hidden_states) if output_hidden_states else None)
