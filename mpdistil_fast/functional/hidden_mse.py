@@ -1,0 +1,140 @@
+"""Public hidden-state MSE: ``mpdistil_fast.hidden_mse`` (FitNets / patient KD / TinyBERT hint loss)."""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from mpdistil_fast._validation import check_choice, check_mask, check_same_device, check_tensor
+from mpdistil_fast.backends import resolve_backend
+from mpdistil_fast.ops.hidden_mse import hidden_mse_fwd, hidden_mse_torch
+
+LayerMap = Union[None, str, Sequence[int], Sequence[tuple[int, int]]]
+Projection = Union[None, Tensor, tuple[Tensor, Optional[Tensor]]]
+REDUCTIONS = ("mean", "sum", "none")
+LAYER_PRESETS = ("skip", "last")
+
+
+def layer_pairs(layer_map: LayerMap, student_layers: int, teacher_layers: int) -> list[tuple[int, int]]:
+    """(student layer, teacher layer) index pairs, 0-based into the stacks.
+
+    ``None``: layer k to layer k (equal depths).  A list of ints: student layer k to teacher layer ``layer_map[k]``.
+    A list of (student, teacher) pairs: as given.  Presets of patient KD (Sun et al., 2019), which match every
+    student layer but the last (that one is distilled through the logits), with ``step = L_t // L_s``:
+    ``"skip"``: student k -> teacher (k + 1) * step - 1 (6 -> 12 layers: teacher layers 2, 4, 6, 8, 10, 1-based);
+    ``"last"``: student k -> teacher L_t - L_s + k (6 -> 12 layers: teacher layers 7 .. 11).
+    """
+    if layer_map is None:
+        if student_layers != teacher_layers:
+            raise ValueError(f"layer_map is needed when student ({student_layers}) and teacher ({teacher_layers}) "
+                             "stacks have different depths")
+        return [(k, k) for k in range(student_layers)]
+    if isinstance(layer_map, str):
+        check_choice("layer_map", layer_map, LAYER_PRESETS)
+        if not 2 <= student_layers <= teacher_layers:
+            raise ValueError(f"layer_map={layer_map!r} needs 2 <= student layers <= teacher layers, got "
+                             f"{student_layers} and {teacher_layers}")
+        step = teacher_layers // student_layers
+        offset = teacher_layers - student_layers
+        return [(k, (k + 1) * step - 1 if layer_map == "skip" else offset + k) for k in range(student_layers - 1)]
+    if not isinstance(layer_map, (list, tuple)) or len(layer_map) == 0:
+        raise TypeError(f"layer_map must be None, 'skip', 'last' or a non-empty list, got {layer_map!r}")
+    if all(isinstance(t, int) and not isinstance(t, bool) for t in layer_map):
+        if len(layer_map) != student_layers:
+            raise ValueError(f"layer_map must name one teacher layer per student layer ({student_layers}), "
+                             f"got {len(layer_map)}")
+        pairs = list(enumerate(layer_map))
+    elif all(isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(i, int) for i in p) for p in layer_map):
+        pairs = [(int(s), int(t)) for s, t in layer_map]
+    else:
+        raise TypeError(f"layer_map must hold ints or (student, teacher) int pairs, got {layer_map!r}")
+    for s, t in pairs:
+        if not (0 <= s < student_layers and 0 <= t < teacher_layers):
+            raise ValueError(f"layer_map pair ({s}, {t}) is out of range for {student_layers} student and "
+                             f"{teacher_layers} teacher layers")
+    return pairs
+
+
+def _projection_parts(projection: Projection) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    if projection is None or isinstance(projection, Tensor):
+        return projection, None
+    if isinstance(projection, (tuple, list)) and len(projection) == 2:
+        return projection[0], projection[1]
+    raise TypeError(f"projection must be None, a weight tensor or a (weight, bias) tuple, got {type(projection).__name__}")
+
+
+def hidden_mse(student_hidden: Tensor, teacher_hidden: Tensor, *, mask: Optional[Tensor] = None,
+               normalize: bool = False, projection: Projection = None, layer_map: LayerMap = None,
+               reduction: str = "mean", backend: str = "auto") -> Tensor:
+    """Mean squared error between student and teacher hidden states, fused (FitNets; patient KD; TinyBERT).
+
+    ``student_hidden`` / ``teacher_hidden``: layer stacks ``[L, B, S, H]``, token states ``[B, S, H]`` or pooled
+    states ``[B, H]``.  For the pairs of :func:`layer_pairs` and valid positions (``mask`` ``[B, S]`` or ``[B]``,
+    True = keep), with ``y = W s + b`` when ``projection = (W [H_t, H_s], b)`` is given and ``f`` the L2
+    normalisation when ``normalize`` (patient KD):
+
+        sse_l = sum_{valid} || f(y) - f(t) ||^2
+        "sum": sum_l sse_l;   "mean": sum_l sse_l / (valid * H_t * pairs);   "none": sse_l / (valid * H_t) per pair
+
+    (``"none"`` on an unstacked input is a 0-d tensor).  All positions masked gives 0.  The result is float64 for
+    float64 inputs and float32 otherwise; gradients flow to the student states, the projection and, when it
+    requires grad, the teacher states.
+    """
+    check_tensor("student_hidden", student_hidden)
+    check_tensor("teacher_hidden", teacher_hidden)
+    weight, bias = _projection_parts(projection)
+    if weight is not None:
+        check_tensor("projection weight", weight)
+    if bias is not None:
+        check_tensor("projection bias", bias)
+    device = check_same_device(student_hidden=student_hidden, teacher_hidden=teacher_hidden, projection=weight,
+                               projection_bias=bias)
+    check_choice("reduction", reduction, REDUCTIONS)
+    if not isinstance(normalize, bool):
+        raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
+    if student_hidden.dtype != teacher_hidden.dtype:
+        raise TypeError(f"student_hidden and teacher_hidden must share a dtype, got {student_hidden.dtype} and "
+                        f"{teacher_hidden.dtype}")
+    if student_hidden.dim() not in (2, 3, 4) or teacher_hidden.dim() != student_hidden.dim():
+        raise ValueError("student_hidden and teacher_hidden must both be [L, B, S, H], [B, S, H] or [B, H], got "
+                         f"shapes {tuple(student_hidden.shape)} and {tuple(teacher_hidden.shape)}")
+    stacked = student_hidden.dim() == 4
+    row_shape = student_hidden.shape[1:-1] if stacked else student_hidden.shape[:-1]
+    teacher_row_shape = teacher_hidden.shape[1:-1] if stacked else teacher_hidden.shape[:-1]
+    if row_shape != teacher_row_shape:
+        raise ValueError(f"student_hidden and teacher_hidden must have the same batch dimensions, got "
+                         f"{tuple(row_shape)} and {tuple(teacher_row_shape)}")
+    width_s, width_t = student_hidden.shape[-1], teacher_hidden.shape[-1]
+    if weight is None:
+        if width_s != width_t:
+            raise ValueError(f"student_hidden width {width_s} != teacher_hidden width {width_t}: pass a projection")
+    else:
+        if tuple(weight.shape) != (width_t, width_s):
+            raise ValueError(f"projection weight must have shape {(width_t, width_s)}, got {tuple(weight.shape)}")
+        if bias is not None and tuple(bias.shape) != (width_t,):
+            raise ValueError(f"projection bias must have shape {(width_t,)}, got {tuple(bias.shape)}")
+    mask = check_mask(mask, row_shape, device)
+    if not stacked and layer_map is not None:
+        raise ValueError("layer_map needs layer stacks [L, B, S, H]")
+    depth_s, depth_t = (student_hidden.shape[0], teacher_hidden.shape[0]) if stacked else (1, 1)
+    pairs = layer_pairs(layer_map, depth_s, depth_t)
+    backend = resolve_backend(backend, "hidden_mse", device)
+
+    student = student_hidden.reshape(depth_s, -1, width_s)
+    teacher = teacher_hidden.reshape(depth_t, -1, width_t)
+    flat_mask = None if mask is None else mask.reshape(-1)
+    student_layers = torch.tensor([s for s, _ in pairs], dtype=torch.long, device=device)
+    teacher_layers = torch.tensor([t for _, t in pairs], dtype=torch.long, device=device)
+    if backend == "torch":
+        sse = hidden_mse_torch(student, teacher, student_layers, teacher_layers, flat_mask, weight, bias, normalize)
+    else:
+        sse = hidden_mse_fwd(student, teacher, student_layers, teacher_layers, flat_mask, weight, bias, normalize,
+                             backend)[0]
+    if reduction == "sum":
+        return sse.sum()
+    valid = student.shape[1] if flat_mask is None else flat_mask.sum().clamp_min(1)
+    per_layer = sse / (valid * width_t)
+    if reduction == "mean":
+        return per_layer.mean()
+    return per_layer if stacked else per_layer[0]
