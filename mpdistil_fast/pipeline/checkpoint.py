@@ -1,0 +1,213 @@
+"""Atomic checkpoints of the full training state: safetensors for tensors, JSON for everything else.
+
+Layout of one checkpoint directory::
+
+    <component>.safetensors   one file per component ("student", "teacher", "optimizer/student", ...; "/" nests)
+    state.json                the JSON state (step, epoch, data position, RNG, flattened optimizer metadata, ...)
+
+A checkpoint is written into a hidden temporary directory beside its destination, every file is fsync'ed, and the
+directory is renamed into place with ``os.replace`` (atomic on POSIX), so a run killed at any moment leaves either
+the previous checkpoint or the new one, never half of one.  :func:`checkpoint_dir` names checkpoints
+``RUN_DIR/checkpoints/step-000000123`` and :func:`latest_checkpoint` finds the newest complete one.
+
+Optimizer, scheduler and policy state dicts mix tensors with Python values (int keys, tuples such as Adam's betas);
+:func:`flatten_state_dict` splits them into a flat ``{name: tensor}`` dict for safetensors and a JSON-safe
+description that :func:`unflatten_state_dict` turns back into the identical object.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import random
+import re
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import safetensors.torch
+import torch
+
+STATE_FILE = "state.json"
+CHECKPOINTS_SUBDIR = "checkpoints"
+_STEP_NAME = re.compile(r"^step-(\d+)$")
+_TAGS = ("__tensor__", "__tuple__", "__dict__")
+
+
+def flatten_state_dict(obj: Any) -> tuple[dict[str, torch.Tensor], Any]:
+    """Split a nested state (dicts with any scalar keys, lists, tuples, tensors, numpy arrays, JSON scalars) into
+    ``(tensors, meta)``: CPU tensors keyed by their path, and a JSON-serialisable skeleton referring to them."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def encode(value: Any, path: str) -> Any:
+        if isinstance(value, np.ndarray):
+            value = torch.from_numpy(value)
+        if isinstance(value, torch.Tensor):
+            key = path or "value"
+            while key in tensors:
+                key += "'"
+            tensors[key] = value.detach().cpu().contiguous().clone()
+            return {"__tensor__": key}
+        if isinstance(value, np.generic):
+            return value.item()
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return value
+        if isinstance(value, tuple):
+            return {"__tuple__": [encode(item, f"{path}.{i}") for i, item in enumerate(value)]}
+        if isinstance(value, list):
+            return [encode(item, f"{path}.{i}") for i, item in enumerate(value)]
+        if isinstance(value, dict):
+            if all(isinstance(key, str) and key not in _TAGS for key in value):
+                return {key: encode(item, f"{path}.{key}" if path else key) for key, item in value.items()}
+            return {"__dict__": [[encode(key, f"{path}.key{i}"), encode(item, f"{path}.{key}" if path else str(key))]
+                                 for i, (key, item) in enumerate(value.items())]}
+        raise TypeError(f"state at {path or '<root>'!r} has unsupported type {type(value).__name__}")
+
+    meta = encode(obj, "")
+    return tensors, meta
+
+
+def unflatten_state_dict(tensors: dict[str, torch.Tensor], meta: Any) -> Any:
+    """Inverse of :func:`flatten_state_dict`."""
+    if isinstance(meta, list):
+        return [unflatten_state_dict(tensors, item) for item in meta]
+    if isinstance(meta, dict):
+        if set(meta) == {"__tensor__"}:
+            if meta["__tensor__"] not in tensors:
+                raise KeyError(f"tensors has no entry {meta['__tensor__']!r} referenced by the state")
+            return tensors[meta["__tensor__"]]
+        if set(meta) == {"__tuple__"}:
+            return tuple(unflatten_state_dict(tensors, item) for item in meta["__tuple__"])
+        if set(meta) == {"__dict__"}:
+            return {_hashable(unflatten_state_dict(tensors, key)): unflatten_state_dict(tensors, item)
+                    for key, item in meta["__dict__"]}
+        return {key: unflatten_state_dict(tensors, item) for key, item in meta.items()}
+    return meta
+
+
+def _hashable(key: Any) -> Any:
+    return tuple(_hashable(item) for item in key) if isinstance(key, (list, tuple)) else key
+
+
+def capture_rng_state() -> dict:
+    """The Python, NumPy, torch CPU (and CUDA, when present) generator states, as a JSON-serialisable dict."""
+    version, internal, gauss = random.getstate()
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    encode = lambda tensor: base64.b64encode(tensor.numpy().tobytes()).decode("ascii")  # noqa: E731
+    state = {"python": [version, list(internal), gauss],
+             "numpy": [name, keys.tolist(), int(position), int(has_gauss), float(cached)],
+             "torch": encode(torch.get_rng_state())}
+    if torch.cuda.is_available():
+        state["cuda"] = [encode(s) for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    """Restore the generators saved by :func:`capture_rng_state` (CUDA only when both sides have it)."""
+    missing = {"python", "numpy", "torch"} - set(state)
+    if missing:
+        raise ValueError(f"state lacks the RNG entries {sorted(missing)}")
+    decode = lambda text: torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)  # noqa: E731
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached))
+    torch.set_rng_state(decode(state["torch"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([decode(s) for s in state["cuda"]])
+
+
+def _fsync(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _component_path(directory: Path, component: str) -> Path:
+    parts = component.split("/")
+    if not component or any(part in ("", ".", "..") for part in parts):
+        raise ValueError(f"component names must be non-empty relative names like 'optimizer/student', got "
+                         f"{component!r}")
+    return directory.joinpath(*parts).with_name(parts[-1] + ".safetensors")
+
+
+def save_checkpoint(directory: Path | str, tensors: dict[str, dict[str, torch.Tensor]], state: dict) -> None:
+    """Write ``tensors`` (component -> name -> tensor) and the JSON ``state`` to ``directory`` atomically,
+    replacing an existing checkpoint there."""
+    directory = Path(directory)
+    if not isinstance(state, dict):
+        raise TypeError(f"state must be a dict, got {type(state).__name__}")
+    try:
+        state_text = json.dumps(state)
+    except TypeError as exc:
+        raise TypeError(f"state must be JSON-serialisable (flatten tensors with flatten_state_dict): {exc}") from None
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    temporary = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex}"
+    temporary.mkdir()
+    try:
+        for component, named in tensors.items():
+            path = _component_path(temporary, component)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            safetensors.torch.save_file({name: t.detach().cpu().contiguous().clone() for name, t in named.items()},
+                                        str(path))
+            _fsync(path)
+        (temporary / STATE_FILE).write_text(state_text)
+        _fsync(temporary / STATE_FILE)
+        for folder in sorted({p.parent for p in temporary.rglob("*")} | {temporary}, reverse=True):
+            _fsync(folder)
+        if directory.exists():
+            stale = directory.parent / f".{directory.name}.old-{uuid.uuid4().hex}"
+            os.replace(directory, stale)
+            os.replace(temporary, directory)
+            shutil.rmtree(stale)
+        else:
+            os.replace(temporary, directory)
+        _fsync(directory.parent)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+
+
+def load_checkpoint(directory: Path | str) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
+    """``(tensors, state)`` as given to :func:`save_checkpoint`."""
+    directory = Path(directory)
+    state_path = directory / STATE_FILE
+    if not state_path.is_file():
+        raise FileNotFoundError(f"directory {str(directory)!r} is not a checkpoint (no {STATE_FILE})")
+    tensors = {path.relative_to(directory).with_suffix("").as_posix(): safetensors.torch.load_file(str(path))
+               for path in sorted(directory.rglob("*.safetensors"))}
+    return tensors, json.loads(state_path.read_text())
+
+
+def checkpoint_dir(run_dir: Path | str, step: int) -> Path:
+    """Where the checkpoint of global step ``step`` lives: ``RUN_DIR/checkpoints/step-000000123``."""
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"step must be a non-negative int, got {step!r}")
+    return Path(run_dir) / CHECKPOINTS_SUBDIR / f"step-{step:09d}"
+
+
+def list_checkpoints(run_dir: Path | str) -> list[Path]:
+    """The complete checkpoints of a run, oldest first."""
+    folder = Path(run_dir) / CHECKPOINTS_SUBDIR
+    if not folder.is_dir():
+        return []
+    found = [(int(match.group(1)), path) for path in folder.iterdir()
+             if (match := _STEP_NAME.match(path.name)) and (path / STATE_FILE).is_file()]
+    return [path for _, path in sorted(found)]
+
+
+def latest_checkpoint(run_dir: Path | str) -> Path | None:
+    """The newest complete checkpoint of a run, or None."""
+    checkpoints = list_checkpoints(run_dir)
+    return checkpoints[-1] if checkpoints else None
+
+
+def prune_checkpoints(run_dir: Path | str, keep: int) -> None:
+    """Delete all but the newest ``keep`` checkpoints."""
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+        raise ValueError(f"keep must be a positive int, got {keep!r}")
+    for path in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(path)

@@ -1,0 +1,102 @@
+"""Metrics logging: one JSON line per record in ``metrics.jsonl`` and the same scalars in TensorBoard.
+
+Rank-aware: only the main process (``is_main``) opens files; other ranks' loggers accept calls and do nothing, so
+callers never branch on the rank.  Each JSON line is ``{"stage", "step", "time", <metric>: value, ...}`` and is
+flushed as written, so a killed run keeps every record logged before the kill.  For an exact resume, store
+:attr:`MetricsLogger.records_written` in the checkpoint and pass it back as ``keep_records``: the records a killed run
+wrote after its last checkpoint are dropped, so the resumed run does not log them twice.  (TensorBoard event files are
+append-only; TensorBoard itself shows the later value of a repeated step.)
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_SUBDIR = "tensorboard"
+
+
+def _scalar(name: str, value: Any) -> float:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"metric {name!r} must be a scalar, got a tensor of shape {tuple(value.shape)}")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"metric {name!r} must be a real number, got {type(value).__name__}")
+    return float(value)
+
+
+class MetricsLogger:
+    """Append metrics of ``stage`` at ``step`` to ``OUTPUT_DIR/metrics.jsonl`` and ``OUTPUT_DIR/tensorboard``."""
+
+    def __init__(self, output_dir: Path | str, *, is_main: bool = True, tensorboard: bool = True,
+                 keep_records: int | None = None) -> None:
+        self.output_dir = Path(output_dir)
+        self.is_main = is_main
+        self.records_written = 0
+        self._file = None
+        self._writer = None
+        if not is_main:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        path = self.output_dir / METRICS_FILE
+        if keep_records is not None:
+            if isinstance(keep_records, bool) or not isinstance(keep_records, int) or keep_records < 0:
+                raise ValueError(f"keep_records must be a non-negative int or None, got {keep_records!r}")
+            kept = path.read_text(encoding="utf-8").splitlines(keepends=True)[:keep_records] if path.is_file() else []
+            path.write_text("".join(kept), encoding="utf-8")
+            self.records_written = len(kept)
+        elif path.is_file():
+            self.records_written = len(read_metrics(self.output_dir))
+        self._file = path.open("a", encoding="utf-8")
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=str(self.output_dir / TENSORBOARD_SUBDIR))
+
+    def log(self, stage: str, step: int, metrics: dict[str, float]) -> None:
+        """Record ``metrics`` (name -> real number or 1-element tensor) of ``stage`` at ``step``."""
+        if not isinstance(stage, str) or not stage:
+            raise ValueError(f"stage must be a non-empty str, got {stage!r}")
+        if isinstance(step, bool) or not isinstance(step, int):
+            raise TypeError(f"step must be an int, got {type(step).__name__}")
+        values = {name: _scalar(name, value) for name, value in metrics.items()}
+        if self._file is None:
+            return
+        record = {"stage": stage, "step": step, "time": time.time(), **values}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        self.records_written += 1
+        if self._writer is not None:
+            for name, value in values.items():
+                if math.isfinite(value):
+                    self._writer.add_scalar(f"{stage}/{name}", value, step)
+
+    def close(self) -> None:
+        """Flush and close the files (idempotent)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def __enter__(self) -> "MetricsLogger":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def read_metrics(output_dir: Path | str) -> list[dict[str, Any]]:
+    """The records of ``OUTPUT_DIR/metrics.jsonl`` (an empty list when absent)."""
+    path = Path(output_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    with path.open(encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
