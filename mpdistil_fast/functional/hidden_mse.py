@@ -13,6 +13,8 @@ from mpdistil_fast.ops.hidden_mse import hidden_mse_fwd, hidden_mse_torch
 LayerMap = Union[None, str, Sequence[int], Sequence[tuple[int, int]]]
 Projection = Union[None, Tensor, tuple[Tensor, Optional[Tensor]]]
 REDUCTIONS = ("mean", "sum", "none")
+#: The backend choice is a constant of the call site: torch.compile takes its result instead of tracing the registry.
+_resolve_backend = torch.compiler.assume_constant_result(resolve_backend)
 LAYER_PRESETS = ("skip", "last")
 
 
@@ -119,7 +121,7 @@ def hidden_mse(student_hidden: Tensor, teacher_hidden: Tensor, *, mask: Optional
         raise ValueError("layer_map needs layer stacks [L, B, S, H]")
     depth_s, depth_t = (student_hidden.shape[0], teacher_hidden.shape[0]) if stacked else (1, 1)
     pairs = layer_pairs(layer_map, depth_s, depth_t)
-    backend = resolve_backend(backend, "hidden_mse", device)
+    backend = _resolve_backend(backend, "hidden_mse", device)
 
     student = student_hidden.reshape(depth_s, -1, width_s)
     teacher = teacher_hidden.reshape(depth_t, -1, width_t)

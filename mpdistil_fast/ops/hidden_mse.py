@@ -35,6 +35,8 @@ def hidden_mse_torch(student: Tensor, teacher: Tensor, student_layers: Tensor, t
     acc = accumulation_dtype(student.dtype)
     s = student.index_select(0, student_layers).to(acc)
     t = teacher.index_select(0, teacher_layers).to(acc)
+    if mask is not None:  # zero the padding first, so non-finite padding reaches neither the loss nor a gradient
+        s, t = torch.where(mask[:, None], s, 0.0), torch.where(mask[:, None], t, 0.0)
     if weight is not None:
         s = F.linear(s, weight.to(acc), None if bias is None else bias.to(acc))
     if normalize:

@@ -1,0 +1,169 @@
+"""Triton kernels of the hidden-state MSE (same contract as ``torch.ops.mpdistil_C.hidden_mse_fwd/_bwd``).
+
+One program per row n loops over the layer pairs, reading the selected student (or projected) and teacher layers in
+place through the index tensors, so pairs sharing a layer never race.  The optional projection W s + b runs as
+one cuBLAS GEMM per pair around the kernels; the squared error, the patient-KD normalisation, the mask and all
+row gradients are fused.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+NORM_EPS = 1e-12
+
+
+@triton.jit
+def _normalized(x, eps: tl.constexpr):
+    """x / max(||x||, eps), the inverse norm, and whether the clamp was active."""
+    norm = tl.sqrt(tl.sum(x * x, axis=0))
+    clamped = norm < eps
+    inv = 1.0 / tl.maximum(norm, eps)
+    return x * inv, inv, clamped
+
+
+@triton.jit
+def hidden_mse_fwd_kernel(y_ptr, y_layer_stride, t_ptr, t_layer_stride, y_layers_ptr, t_layers_ptr, mask_ptr,
+                          row_sse_ptr, P, N, H, HAS_MASK: tl.constexpr, NORMALIZE: tl.constexpr,
+                          ACC: tl.constexpr, BLOCK_H: tl.constexpr, EPS: tl.constexpr):
+    n = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_H)
+    in_row = cols < H
+    valid = True
+    if HAS_MASK:
+        valid = tl.load(mask_ptr + n) != 0
+    for p in range(P):
+        y_layer = tl.load(y_layers_ptr + p).to(tl.int64)
+        t_layer = tl.load(t_layers_ptr + p).to(tl.int64)
+        y = tl.load(y_ptr + y_layer * y_layer_stride + n * H + cols, mask=in_row, other=0.0).to(ACC)
+        t = tl.load(t_ptr + t_layer * t_layer_stride + n * H + cols, mask=in_row, other=0.0).to(ACC)
+        if NORMALIZE:
+            y, _inv_y, _clamped_y = _normalized(y, EPS)
+            t, _inv_t, _clamped_t = _normalized(t, EPS)
+        d = y - t
+        tl.store(row_sse_ptr + p * N + n, tl.where(valid, tl.sum(d * d, axis=0), 0.0))
+
+
+@triton.jit
+def hidden_mse_bwd_kernel(y_ptr, y_layer_stride, t_ptr, t_layer_stride, y_layers_ptr, t_layers_ptr, mask_ptr,
+                          scale_ptr, grad_y_ptr, grad_t_ptr, P, H, HAS_MASK: tl.constexpr,
+                          NORMALIZE: tl.constexpr, NEED_GRAD_T: tl.constexpr, ACC: tl.constexpr,
+                          BLOCK_H: tl.constexpr, EPS: tl.constexpr):
+    n = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_H)
+    in_row = cols < H
+    valid = True
+    if HAS_MASK:
+        valid = tl.load(mask_ptr + n) != 0
+    for p in range(P):
+        y_layer = tl.load(y_layers_ptr + p).to(tl.int64)
+        t_layer = tl.load(t_layers_ptr + p).to(tl.int64)
+        y_offsets = y_layer * y_layer_stride + n * H + cols
+        t_offsets = t_layer * t_layer_stride + n * H + cols
+        y = tl.load(y_ptr + y_offsets, mask=in_row, other=0.0).to(ACC)
+        t = tl.load(t_ptr + t_offsets, mask=in_row, other=0.0).to(ACC)
+        two_s = 2.0 * tl.load(scale_ptr + p).to(ACC)
+        if NORMALIZE:
+            # d/dy of ||u - v||^2 with u = y / n_y: (g_u - u (u . g_u) [not clamped]) / n_y, g_u = 2 s (u - v).
+            u, inv_y, clamped_y = _normalized(y, EPS)
+            v, inv_t, clamped_t = _normalized(t, EPS)
+            g_u = two_s * (u - v)
+            u_dot = tl.where(clamped_y, 0.0, tl.sum(u * g_u, axis=0))
+            v_dot = tl.where(clamped_t, 0.0, -tl.sum(v * g_u, axis=0))
+            g_y = (g_u - u * u_dot) * inv_y
+            g_t = (-g_u - v * v_dot) * inv_t
+        else:
+            g_y = two_s * (y - t)
+            g_t = -g_y
+        g_y = tl.where(valid & in_row, g_y, 0.0)
+        previous = tl.load(grad_y_ptr + y_offsets, mask=in_row, other=0.0)
+        tl.store(grad_y_ptr + y_offsets, previous + g_y, mask=in_row)
+        if NEED_GRAD_T:
+            g_t = tl.where(valid & in_row, g_t, 0.0)
+            previous_t = tl.load(grad_t_ptr + t_offsets, mask=in_row, other=0.0)
+            tl.store(grad_t_ptr + t_offsets, previous_t + g_t, mask=in_row)
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _triton_acc(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _mask_arg(mask: Optional[Tensor], fallback: Tensor) -> tuple[Tensor, bool]:
+    return (mask.contiguous().view(torch.uint8), True) if mask is not None else (fallback, False)
+
+
+def _rows_source(student: Tensor, student_layers: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                 acc: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """(row stack the kernels read as y, its layer indices, projected rows or an empty tensor)."""
+    if weight is None:
+        return student, student_layers, student.new_empty((0,), dtype=acc)
+    pairs, rows = student_layers.numel(), student.shape[1]
+    projected = student.new_empty((pairs, rows, weight.shape[0]), dtype=acc)
+    weight_t = weight.to(acc).t()
+    for p, layer in enumerate(student_layers.tolist()):
+        if bias is None:
+            torch.mm(student[layer].to(acc), weight_t, out=projected[p])
+        else:
+            torch.addmm(bias.to(acc), student[layer].to(acc), weight_t, out=projected[p])
+    return projected, torch.arange(pairs, device=student.device), projected
+
+
+def hidden_mse_fwd(student: Tensor, teacher: Tensor, student_layers: Tensor, teacher_layers: Tensor,
+                   mask: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
+                   normalize: bool) -> tuple[Tensor, Tensor]:
+    """(sse [P], projected rows [P, N, H_t] or empty): see ``mpdistil_fast.ops.hidden_mse``."""
+    student, teacher = student.contiguous(), teacher.contiguous()
+    acc = _acc_dtype(student.dtype)
+    pairs, rows, width = student_layers.numel(), student.shape[1], teacher.shape[2]
+    y, y_layers, projected = _rows_source(student, student_layers, weight, bias, acc)
+    row_sse = torch.zeros((pairs, rows), dtype=acc, device=student.device)
+    mask_arg, has_mask = _mask_arg(mask, row_sse)
+    if rows > 0 and pairs > 0:
+        hidden_mse_fwd_kernel[(rows,)](y, y.stride(0), teacher, teacher.stride(0), y_layers, teacher_layers,
+                                       mask_arg, row_sse, pairs, rows, width, HAS_MASK=has_mask,
+                                       NORMALIZE=normalize, ACC=_triton_acc(student.dtype),
+                                       BLOCK_H=triton.next_power_of_2(width), EPS=NORM_EPS)
+    return row_sse.sum(1), projected
+
+
+def hidden_mse_bwd(grad_sse: Tensor, student: Tensor, teacher: Tensor, student_layers: Tensor,
+                   teacher_layers: Tensor, mask: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
+                   projected: Tensor, normalize: bool, need_teacher_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients for (student, teacher or empty, weight or empty, bias or empty)."""
+    student, teacher = student.contiguous(), teacher.contiguous()
+    acc = _acc_dtype(student.dtype)
+    rows, width = student.shape[1], teacher.shape[2]
+    if weight is None:
+        y, y_layers = student, student_layers
+    else:
+        y, y_layers = projected, torch.arange(student_layers.numel(), device=student.device)
+    grad_y = torch.zeros(y.shape, dtype=acc, device=student.device)
+    grad_t = torch.zeros(teacher.shape, dtype=acc, device=student.device) if need_teacher_grad else grad_y
+    scale = grad_sse.to(acc).contiguous()
+    mask_arg, has_mask = _mask_arg(mask, scale)
+    if rows > 0 and student_layers.numel() > 0:
+        hidden_mse_bwd_kernel[(rows,)](y, y.stride(0), teacher, teacher.stride(0), y_layers, teacher_layers, mask_arg,
+                                       scale, grad_y, grad_t, student_layers.numel(), width, HAS_MASK=has_mask,
+                                       NORMALIZE=normalize, NEED_GRAD_T=need_teacher_grad,
+                                       ACC=_triton_acc(student.dtype), BLOCK_H=triton.next_power_of_2(width),
+                                       EPS=NORM_EPS)
+    empty = lambda: student.new_empty((0,))  # noqa: E731  (custom-op outputs may not alias each other)
+    grad_teacher = grad_t.to(teacher.dtype) if need_teacher_grad else empty()
+    if weight is None:
+        return grad_y.to(student.dtype), grad_teacher, empty(), empty()
+    weight_acc = weight.to(acc)
+    grad_student = torch.zeros(student.shape, dtype=acc, device=student.device)
+    grad_weight = torch.zeros(weight.shape, dtype=acc, device=student.device)
+    for p, layer in enumerate(student_layers.tolist()):
+        grad_weight.addmm_(grad_y[p].t(), student[layer].to(acc))
+        grad_student[layer].addmm_(grad_y[p], weight_acc)
+    grad_bias = grad_y.sum((0, 1)).to(bias.dtype) if bias is not None else empty()
+    return grad_student.to(student.dtype), grad_teacher, grad_weight.to(weight.dtype), grad_bias

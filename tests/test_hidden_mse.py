@@ -1,0 +1,213 @@
+"""hidden_mse / HiddenMSELoss: every backend against an independent float64 formula, gradients, masks, bad inputs."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mpdistil_fast
+from mpdistil_fast.functional.hidden_mse import layer_pairs
+from tests.helpers import assert_rel_close, backend_params
+
+BACKENDS = backend_params("hidden_mse")
+
+
+def reference(student, teacher, pairs, mask, weight, bias, normalize, reduction):
+    """Float64 loss written out per layer pair: mean / sum / per-pair mean of ||f(W s + b) - f(t)||^2."""
+    stacked = student.dim() == 4
+    s_all = student.double() if stacked else student.double()[None]
+    t_all = teacher.double() if stacked else teacher.double()[None]
+    keep = torch.ones(s_all.shape[1:-1], dtype=torch.float64) if mask is None else mask.double()
+    per_pair = []
+    for s_index, t_index in pairs:
+        y, t = s_all[s_index], t_all[t_index]
+        if weight is not None:
+            y = y @ weight.double().T + (0 if bias is None else bias.double())
+        if normalize:
+            y = y / y.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            t = t / t.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        per_pair.append((((y - t) ** 2).sum(-1) * keep).sum())
+    sse = torch.stack(per_pair)
+    per_element = sse / (keep.sum().clamp_min(1) * t_all.shape[-1])
+    if reduction == "sum":
+        return sse.sum()
+    if reduction == "mean":
+        return per_element.mean()
+    return per_element if stacked else per_element[0]
+
+
+def make_case(shape_s, shape_t, *, projection=False, bias=True, mask=True, dtype=torch.float32, teacher_grad=True):
+    student = torch.randn(shape_s, dtype=dtype, requires_grad=True)
+    teacher = torch.randn(shape_t, dtype=dtype, requires_grad=teacher_grad)
+    weight = b = None
+    if projection:
+        weight = (torch.randn(shape_t[-1], shape_s[-1], dtype=dtype) / shape_s[-1] ** 0.5).requires_grad_()
+        b = torch.randn(shape_t[-1], dtype=dtype, requires_grad=True) if bias else None
+    row_shape = shape_s[1:-1] if len(shape_s) == 4 else shape_s[:-1]
+    m = (torch.rand(row_shape) > 0.35) if mask else None
+    return student, teacher, weight, b, m
+
+
+def check_against_reference(backend, student, teacher, weight, bias, mask, *, layer_map=None, normalize=False,
+                            reduction="mean", factor=1.0):
+    dtype = student.dtype
+    projection = None if weight is None else (weight, bias)
+    loss = mpdistil_fast.hidden_mse(student, teacher, mask=mask, normalize=normalize, projection=projection,
+                                    layer_map=layer_map, reduction=reduction, backend=backend)
+    stacked = student.dim() == 4
+    pairs = layer_pairs(layer_map, student.shape[0] if stacked else 1, teacher.shape[0] if stacked else 1)
+    leaves = [x for x in (student, teacher, weight, bias) if x is not None and x.requires_grad]
+    ref_leaves = [x.detach().double().requires_grad_() for x in leaves]
+    by_id = dict(zip(map(id, leaves), ref_leaves))
+    pick = lambda x: by_id.get(id(x), x)  # noqa: E731
+    expected = reference(pick(student), pick(teacher), pairs, mask, pick(weight), pick(bias), normalize, reduction)
+    assert loss.shape == expected.shape
+    assert_rel_close(loss, expected, dtype, factor, "loss")
+    grad_out = torch.rand(loss.shape, dtype=torch.float64) + 0.5  # non-uniform upstream gradient for "none"
+    grads = torch.autograd.grad(loss, leaves, grad_out.to(loss.dtype))
+    expected_grads = torch.autograd.grad(expected, ref_leaves, grad_out)
+    for name, got, want in zip(("student", "teacher", "weight", "bias"), grads, expected_grads):
+        assert got.dtype == dtype
+        assert_rel_close(got, want, dtype, factor, f"grad {name}")
+
+
+CASES = {
+    "stack-map-proj-mask": dict(shape_s=(3, 2, 5, 12), shape_t=(4, 2, 5, 8), projection=True, layer_map=[0, 2, 3]),
+    "stack-skip-normalize": dict(shape_s=(3, 2, 7, 9), shape_t=(6, 2, 7, 9), layer_map="skip", normalize=True),
+    "tokens-proj-nobias-normalize": dict(shape_s=(3, 5, 6), shape_t=(3, 5, 10), projection=True, bias=False,
+                                         normalize=True),
+    "pooled-nomask": dict(shape_s=(5, 33), shape_t=(5, 33), mask=False),
+    "stack-shared-layers-proj-normalize": dict(shape_s=(2, 3, 4, 6), shape_t=(3, 3, 4, 5), projection=True,
+                                               normalize=True, layer_map=[(0, 1), (1, 1), (0, 2)]),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_float64_reference(backend, case, reduction):
+    spec = dict(CASES[case])
+    layer_map, normalize = spec.pop("layer_map", None), spec.pop("normalize", False)
+    student, teacher, weight, bias, mask = make_case(**spec)
+    check_against_reference(backend, student, teacher, weight, bias, mask, layer_map=layer_map, normalize=normalize,
+                            reduction=reduction)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_dtypes(backend, dtype, normalize):
+    student, teacher, weight, bias, mask = make_case((2, 2, 3, 16), (2, 2, 3, 8), projection=True, dtype=dtype)
+    check_against_reference(backend, student, teacher, weight, bias, mask, normalize=normalize)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b.values[0] != "triton"])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_gradcheck_float64(backend, normalize):
+    student, teacher, weight, bias, mask = make_case((2, 2, 3, 4), (3, 2, 3, 5), projection=True,
+                                                     dtype=torch.float64)
+    fn = lambda s, t, w, b: mpdistil_fast.hidden_mse(s, t, mask=mask, projection=(w, b), layer_map=[2, 0],  # noqa
+                                                     normalize=normalize, backend=backend)
+    assert torch.autograd.gradcheck(fn, (student, teacher, weight, bias))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_masked_is_zero(backend, reduction):
+    student, teacher, weight, bias, _ = make_case((2, 2, 3, 4), (2, 2, 3, 4), projection=True)
+    teacher.data[0, 0, 0] = float("nan")  # masked positions must not leak into the loss or the gradients
+    mask = torch.zeros(2, 3, dtype=torch.bool)
+    loss = mpdistil_fast.hidden_mse(student, teacher, mask=mask, projection=(weight, bias), reduction=reduction,
+                                    normalize=True, backend=backend)
+    assert torch.equal(loss, torch.zeros_like(loss))
+    for grad in torch.autograd.grad(loss.sum(), [student, teacher, weight, bias]):
+        assert torch.equal(grad, torch.zeros_like(grad))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_extreme_values(backend):
+    """Large magnitudes, and all-zero rows under normalisation (the norm clamp must give finite gradients)."""
+    student, teacher, _, _, mask = make_case((2, 3, 4, 8), (2, 3, 4, 8))
+    with torch.no_grad():
+        student.mul_(1e4)
+        teacher[0, 1].zero_()
+        student[1, 2, 0].zero_()
+    for normalize in (False, True):
+        check_against_reference(backend, student, teacher, None, None, mask, normalize=normalize)
+
+
+def test_layer_presets_follow_patient_kd():
+    assert [t + 1 for _, t in layer_pairs("skip", 6, 12)] == [2, 4, 6, 8, 10]
+    assert [t + 1 for _, t in layer_pairs("last", 6, 12)] == [7, 8, 9, 10, 11]
+    assert [s for s, _ in layer_pairs("skip", 6, 12)] == [0, 1, 2, 3, 4]
+    assert layer_pairs([3, 1], 2, 4) == [(0, 3), (1, 1)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_teacher_without_grad_and_module(backend):
+    module = mpdistil_fast.HiddenMSELoss(6, 4, normalize=True, layer_map="last", backend=backend)
+    student, teacher, _, _, mask = make_case((3, 2, 3, 6), (4, 2, 3, 4), teacher_grad=False)
+    loss = module(student, teacher, mask)
+    loss.backward()
+    assert teacher.grad is None and student.grad is not None
+    assert module.projection.weight.grad is not None and module.projection.bias.grad is not None
+    expected = reference(student, teacher, layer_pairs("last", 3, 4), mask, module.projection.weight,
+                         module.projection.bias, True, "mean")
+    assert_rel_close(loss, expected, torch.float32, what="module loss")
+
+
+def test_double_backward_torch_works_fused_raises():
+    student, teacher, weight, bias, mask = make_case((2, 2, 3, 4), (2, 2, 3, 4), projection=True,
+                                                     dtype=torch.float64)
+    for backend in ("torch", "cpp"):
+        loss = mpdistil_fast.hidden_mse(student, teacher, mask=mask, projection=(weight, bias), backend=backend)
+        (grad,) = torch.autograd.grad(loss, weight, create_graph=True)
+        if backend == "torch":
+            torch.autograd.grad(grad.square().sum(), student)
+        else:
+            with pytest.raises(RuntimeError, match="backend='torch'"):
+                torch.autograd.grad(grad.square().sum(), student)
+
+
+def test_torch_compile_fullgraph():
+    student, teacher, weight, bias, mask = make_case((2, 2, 3, 8), (3, 2, 3, 4), projection=True)
+    fn = lambda s, t, w, b, m: mpdistil_fast.hidden_mse(s, t, mask=m, projection=(w, b), layer_map=[2, 1],  # noqa
+                                                        normalize=True, backend="cpp")
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    expected = fn(student, teacher, weight, bias, mask)
+    got = compiled(student, teacher, weight, bias, mask)
+    assert_rel_close(got, expected, torch.float32, what="compiled loss")
+    grads = torch.autograd.grad(got, [student, weight])
+    expected_grads = torch.autograd.grad(expected, [student, weight])
+    for g, e in zip(grads, expected_grads):
+        assert_rel_close(g, e, torch.float32, what="compiled grad")
+
+
+S, T = torch.randn(2, 2, 3, 4), torch.randn(2, 2, 3, 4)
+BAD_INPUTS = [
+    (dict(student_hidden=[1.0]), TypeError, "student_hidden"),
+    (dict(teacher_hidden=T.long()), TypeError, "teacher_hidden"),
+    (dict(teacher_hidden=T.double()), TypeError, "teacher_hidden"),
+    (dict(teacher_hidden=torch.randn(2, 3, 3, 4)), ValueError, "batch dimensions"),
+    (dict(teacher_hidden=torch.randn(2, 3, 4)), ValueError, "teacher_hidden"),
+    (dict(teacher_hidden=torch.randn(2, 2, 3, 5)), ValueError, "projection"),
+    (dict(projection=torch.randn(4, 3)), ValueError, "projection weight"),
+    (dict(projection=(torch.randn(4, 4), torch.randn(3))), ValueError, "projection bias"),
+    (dict(projection="linear"), TypeError, "projection"),
+    (dict(mask=torch.ones(2, 3)), TypeError, "mask"),
+    (dict(mask=torch.ones(2, 4, dtype=torch.bool)), ValueError, "mask"),
+    (dict(reduction="avg"), ValueError, "reduction"),
+    (dict(normalize=1), TypeError, "normalize"),
+    (dict(layer_map="every"), ValueError, "layer_map"),
+    (dict(layer_map=[0, 5]), ValueError, "layer_map"),
+    (dict(layer_map=[0]), ValueError, "layer_map"),
+    (dict(layer_map=[0.5, 1]), TypeError, "layer_map"),
+    (dict(teacher_hidden=torch.randn(3, 2, 3, 4)), ValueError, "layer_map"),
+    (dict(backend="fortran"), ValueError, "backend"),
+]
+
+
+@pytest.mark.parametrize("kwargs,error,needle", BAD_INPUTS, ids=[n + str(i) for i, (_, _, n) in enumerate(BAD_INPUTS)])
+def test_bad_inputs(kwargs, error, needle):
+    args = dict(student_hidden=S, teacher_hidden=T) | kwargs
+    with pytest.raises(error, match=needle):
+        mpdistil_fast.hidden_mse(args.pop("student_hidden"), args.pop("teacher_hidden"), **args)
