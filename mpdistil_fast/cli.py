@@ -1,0 +1,93 @@
+"""Command line: ``mpdistil-fast distill --config FILE [--set key=value ...] [--resume]`` and
+``mpdistil-fast evaluate --checkpoint DIR``.
+
+The config is validated (unknown keys, types, values, data files) before any model is loaded; a problem exits with
+status 2 and one line naming the key.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from mpdistil_fast.pipeline.config import ConfigError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mpdistil-fast", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    distill = commands.add_parser("distill", help="run a distillation method end to end")
+    distill.add_argument("--config", required=True, help="YAML config file (see configs/)")
+    distill.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                         help="override a config key, e.g. --set curriculum.reward=real (repeatable)")
+    distill.add_argument("--data-dir", help="folder of the official SuperGLUE/GLUE files (= data.data_dir)")
+    distill.add_argument("--output-dir", help="where outputs and checkpoints go (= output_dir)")
+    distill.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    distill.add_argument("--quiet", action="store_true", help="no progress bars, warnings only")
+    evaluate = commands.add_parser("evaluate", help="evaluate a checkpoint on the validation split")
+    evaluate.add_argument("--checkpoint", required=True,
+                          help="a checkpoint folder, or a run's output_dir (its newest checkpoint)")
+    evaluate.add_argument("--data-dir", help="folder of the official data files (default: the checkpoint's)")
+    return parser
+
+
+def _setup_logging(quiet: bool) -> None:
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(asctime)s %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stderr)
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    try:  # transformers' own warnings (e.g. newly initialised heads) are expected here
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        pass
+
+
+def distill(args: argparse.Namespace) -> int:
+    from mpdistil_fast.pipeline.config import load_config
+
+    overrides = list(args.overrides)
+    if args.data_dir:
+        overrides.append(f"data.data_dir={args.data_dir}")
+    if args.output_dir:
+        overrides.append(f"output_dir={args.output_dir}")
+    if args.quiet:
+        overrides.append("runtime.progress=false")
+    config = load_config(args.config, overrides)
+    from mpdistil_fast.pipeline.trainer import Run
+
+    report = Run(config, resume=args.resume).run()
+    output_dir = Path(config.output_dir)
+    table = output_dir / "report.md"
+    if table.is_file():
+        print(table.read_text())
+    print(f"outputs in {output_dir}: report.json, report.md, curves.png, metrics.jsonl, checkpoints/")
+    return 0 if report["tasks"] else 1
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    from mpdistil_fast.pipeline.evaluation import evaluate_checkpoint, format_table
+
+    results = evaluate_checkpoint(Path(args.checkpoint), data_dir=args.data_dir)
+    print(format_table(results))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _setup_logging(getattr(args, "quiet", False))
+    try:
+        return {"distill": distill, "evaluate": evaluate}[args.command](args)
+    except ConfigError as exc:
+        print(f"mpdistil-fast: config error: {exc}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as exc:
+        print(f"mpdistil-fast: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""MPDistil's student curriculum (stage 4): a policy over tasks trained with REINFORCE.
+
+At curriculum step ``t`` the policy ``pi(a | s_t)`` picks a task ``a_t`` (its action space: the six SuperGLUE tasks),
+the student takes one optimizer step on a batch of that task, and the reward ``r_t`` says whether the student now
+beats the meta-teacher on quiz data (Sengupta et al., 2024, "A Good Learner can Teach Better", Sec. 3.4).  At the
+end of an episode of ``T`` steps the policy follows REINFORCE (Williams, 1992) with a baseline ``b``::
+
+    G_t = sum_{k=t}^{T-1} gamma^(k-t) r_k,        loss = -sum_t log pi(a_t | s_t) (G_t - b)
+
+``b`` is an exponential moving average of past episodes' mean return.  The state is detached from the student (a
+summary of recent quiz performance), so the policy's gradient never reaches the student.  Because the policy does
+not change inside an episode, the log-probabilities are recomputed from the stored ``(s_t, a_t)`` at the episode's
+end: an episode in progress is plain data (states, actions, rewards) and can be checkpointed at any step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+def discounted_returns(rewards: list[float] | torch.Tensor, gamma: float, *, relative: bool = True) -> torch.Tensor:
+    """``G_t = sum_{k>=t} gamma^(k-t) r_k`` (``relative``), or the released code's ``sum_{k>=t} gamma^k r_k``."""
+    rewards = torch.as_tensor(rewards, dtype=torch.float64)
+    returns = torch.zeros_like(rewards)
+    running = 0.0
+    for t in range(len(rewards) - 1, -1, -1):
+        running = rewards[t] + gamma * running
+        returns[t] = running
+    if not relative:  # gamma^k r_k summed from t: the relative return scaled by gamma^t
+        returns = returns * gamma ** torch.arange(len(rewards), dtype=torch.float64)
+    return returns
+
+
+class CurriculumPolicy(nn.Module):
+    """``pi(a | s) = softmax(W2 tanh(W1 s + b1) + b2)`` over ``actions`` (task names)."""
+
+    def __init__(self, state_dim: int, actions: list[str] | tuple[str, ...], hidden: int = 32):
+        super().__init__()
+        if state_dim <= 0:
+            raise ValueError(f"state_dim must be > 0, got {state_dim}")
+        if not actions:
+            raise ValueError("actions must name at least one task")
+        self.actions = tuple(actions)
+        self.net = nn.Sequential(nn.Linear(state_dim, hidden), nn.Tanh(), nn.Linear(hidden, len(self.actions)))
+        nn.init.zeros_(self.net[2].weight)  # start from the uniform distribution over tasks
+        nn.init.zeros_(self.net[2].bias)
+
+    def distribution(self, state: torch.Tensor) -> torch.distributions.Categorical:
+        return torch.distributions.Categorical(logits=self.net(state.float()))
+
+    def probabilities(self, state: torch.Tensor) -> dict[str, float]:
+        with torch.no_grad():
+            probs = self.distribution(state).probs
+        return {a: float(p) for a, p in zip(self.actions, probs.reshape(-1, len(self.actions))[0])}
+
+
+@dataclass
+class Episode:
+    """The data of an episode in progress: enough to recompute the policy loss at its end."""
+
+    states: list[torch.Tensor] = field(default_factory=list)
+    actions: list[int] = field(default_factory=list)
+    rewards: list[float] = field(default_factory=list)
+    attached_states: list[torch.Tensor] = field(default_factory=list)  #: reference_compat only, never saved
+
+    def __len__(self) -> int:
+        return len(self.actions)
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        if not self.actions:
+            return {}
+        return {"states": torch.stack(self.states), "actions": torch.tensor(self.actions, dtype=torch.long),
+                "rewards": torch.tensor(self.rewards, dtype=torch.float64)}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "Episode":
+        if not tensors:
+            return cls()
+        return cls(list(tensors["states"].unbind(0)), tensors["actions"].tolist(), tensors["rewards"].tolist())
+
+
+class Reinforce:
+    """REINFORCE with a moving-average baseline for a :class:`CurriculumPolicy`.
+
+    ``relative_discount=False`` reproduces the released code's ``gamma^k`` weighting (``reference_compat``).
+    """
+
+    def __init__(self, policy: CurriculumPolicy, *, lr: float, gamma: float, baseline_decay: float = 0.9,
+                 relative_discount: bool = True):
+        self.policy = policy
+        self.gamma = gamma
+        self.baseline_decay = baseline_decay
+        self.relative_discount = relative_discount
+        self.optimizer = torch.optim.Adam(policy.parameters(), lr=lr)
+        self.baseline: float | None = None
+        self.episode = Episode()
+
+    def act(self, state: torch.Tensor, *, keep_graph: bool = False) -> int:
+        """Sample an action for ``state`` (recorded in the current episode); uses the global torch RNG.
+
+        ``keep_graph`` (the released code's choice, ``reference_compat``) keeps ``state`` attached to the student,
+        so the policy loss also back-propagates into the student; such an episode cannot be checkpointed midway.
+        """
+        with torch.no_grad():
+            action = int(self.policy.distribution(state.detach()).sample())
+        if keep_graph:
+            self.episode.attached_states.append(state.float())
+        self.episode.states.append(state.detach().float())
+        self.episode.actions.append(action)
+        return action
+
+    def reward(self, value: float) -> None:
+        if len(self.episode.rewards) >= len(self.episode.actions):
+            raise RuntimeError("reward() must follow an act()")
+        self.episode.rewards.append(float(value))
+
+    def finish_episode(self) -> dict[str, float]:
+        """One policy-gradient step on the finished episode; returns its statistics and starts a new episode."""
+        episode = self.episode
+        if len(episode) == 0 or len(episode.rewards) != len(episode):
+            raise RuntimeError("finish_episode() needs an episode whose every action has a reward")
+        returns = discounted_returns(episode.rewards, self.gamma, relative=self.relative_discount)
+        baseline = self.baseline if self.baseline is not None else float(returns.mean())
+        advantages = (returns - baseline).float()
+        states = torch.stack(episode.attached_states or episode.states)
+        log_probs = self.policy.distribution(states).log_prob(torch.tensor(episode.actions))
+        loss = -(log_probs * advantages).sum()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        mean_return = float(returns.mean())
+        self.baseline = mean_return if self.baseline is None else (
+            self.baseline_decay * self.baseline + (1.0 - self.baseline_decay) * mean_return)
+        counts = torch.bincount(torch.tensor(episode.actions), minlength=len(self.policy.actions))
+        stats = {"policy_loss": float(loss), "mean_reward": sum(episode.rewards) / len(episode),
+                 "mean_return": mean_return, "baseline": baseline,
+                 **{f"action_{a}": int(c) for a, c in zip(self.policy.actions, counts)}}
+        self.episode = Episode()
+        return stats
+
+    def state_dict(self) -> dict:
+        return {"policy": self.policy.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "baseline": self.baseline, "episode": self.episode.to_tensors()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.policy.load_state_dict(state["policy"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.baseline = state["baseline"]
+        self.episode = Episode.from_tensors(state["episode"])

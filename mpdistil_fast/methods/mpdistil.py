@@ -1,0 +1,65 @@
+"""MPDistil (Sengupta et al., ICLR 2024, "A Good Learner can Teach Better: Teacher-Student Collaborative Knowledge
+Distillation"), stages 3 and 4.
+
+Stage 3, meta-teacher learning: per task a small discriminator :class:`mpdistil_fast.MetaTeacher` reads the frozen
+teacher's pooled representation ``h_t`` and the student's ``h_s`` and is trained with the collaborative or the
+competitive loss; the student is then distilled from the meta-teacher's logits ``MT(h_t)`` (CE + KD).  Optionally the
+meta-teacher also follows the bi-level meta-gradient of the student's quiz loss after a pilot student step
+(:func:`mpdistil_fast.bilevel.hypergradient`), i.e. it learns to teach.
+
+Stage 4, curriculum: see :mod:`.curriculum`; the reward compares the student with the meta-teacher on quiz data:
+
+    binary: r = 1[acc_quiz(student) > acc_quiz(meta-teacher)],     real: r = acc_quiz(student) - acc_quiz(meta-teacher)
+
+Multiple-choice tasks (COPA) have no meta-teacher (a choice scorer has no class logits to discriminate); their
+student steps distil from the teacher's logits.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+import mpdistil_fast
+from mpdistil_fast.data import task_spec
+
+
+def build_meta_teachers(config, tasks: Iterable[str], teacher_hidden: int, student_hidden: int) -> nn.ModuleDict:
+    """One :class:`mpdistil_fast.MetaTeacher` per classification task (module docstring)."""
+    project = student_hidden != teacher_hidden
+    return nn.ModuleDict({
+        task: mpdistil_fast.MetaTeacher(teacher_hidden, task_spec(task).num_labels, hidden=config.meta_teacher.hidden,
+                                        student_features=student_hidden if project else None)
+        for task in tasks if not task_spec(task).multiple_choice})
+
+
+def reward(student_accuracy: float, meta_teacher_accuracy: float, kind: str) -> float:
+    """The curriculum reward (module docstring)."""
+    margin = student_accuracy - meta_teacher_accuracy
+    if kind == "binary":
+        return 1.0 if margin > 0 else 0.0
+    if kind == "real":
+        return margin
+    raise ValueError(f"kind must be 'binary' or 'real', got {kind!r}")
+
+
+def performance_state(summary: dict[str, list[float]], tasks: list[str], progress: float) -> torch.Tensor:
+    """The policy's detached state: per target task the student's and the meta-teacher's recent quiz accuracy
+    and their difference, plus the position in the episode (``progress`` in [0, 1))."""
+    values = []
+    for task in tasks:
+        student, meta = summary[task]
+        values += [student, meta, student - meta]
+    return torch.tensor(values + [progress], dtype=torch.float32)
+
+
+def state_size(num_tasks: int) -> int:
+    return 3 * num_tasks + 1
+
+
+def update_summary(summary: dict[str, list[float]], task: str, student: float, meta: float,
+                   decay: float = 0.7) -> None:
+    """Exponential moving average of the quiz accuracies that :func:`performance_state` reads."""
+    old_student, old_meta = summary[task]
+    summary[task] = [decay * old_student + (1 - decay) * student, decay * old_meta + (1 - decay) * meta]

@@ -1,0 +1,89 @@
+"""Student objectives of the KD family, built on the project's fused losses.
+
+* ``finetune``: cross-entropy on the labels only.
+* ``kd`` (Hinton et al., 2015): ``(1 - alpha) CE(z_s, y) + alpha KL(softmax(z_t/T) || softmax(z_s/T))`` (the fused
+  :func:`mpdistil_fast.kd_kl_div`, which applies the ``T^2`` factor).
+* ``pkd`` (Sun et al., 2019, "Patient Knowledge Distillation for BERT Model Compression"): ``kd`` plus
+  ``beta * sum_j || h_s^j/||h_s^j|| - h_t^{m(j)}/||h_t^{m(j)}|| ||^2`` over the [CLS] states of the student's layers
+  and the teacher layers they are mapped to (PKD-skip or PKD-last), via :class:`mpdistil_fast.HiddenMSELoss`.
+
+MetaDistil and MPDistil use these same objectives for the student (see :mod:`.metadistil` and :mod:`.mpdistil`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import mpdistil_fast
+
+
+@dataclass
+class LossParts:
+    """The total loss and its parts (floats, for logging)."""
+
+    loss: torch.Tensor
+    parts: dict[str, float]
+
+
+def cls_states(hidden_states: tuple[torch.Tensor, ...] | list[torch.Tensor]) -> torch.Tensor:
+    """The [CLS] (first-token) state of every layer after the embeddings, as a layer stack ``[L, B, 1, H]``.
+
+    ``hidden_states`` is the model's tuple ``(embeddings, layer1, ..., layerL)`` of ``[B, S, H]``.
+    """
+    return torch.stack([h[:, :1, :] for h in hidden_states[1:]], dim=0)
+
+
+class StudentObjective(nn.Module):
+    """The student's loss for one method; holds the hidden-state loss (and its projection, when sizes differ)."""
+
+    def __init__(self, method: str, *, alpha: float = 0.5, temperature: float = 2.0, direction: str = "forward",
+                 beta: float = 0.0, layer_map: str = "skip", student_hidden: int | None = None,
+                 teacher_hidden: int | None = None):
+        super().__init__()
+        if method not in ("finetune", "kd", "pkd"):
+            raise ValueError(f"method must be one of ('finetune', 'kd', 'pkd'), got {method!r}")
+        self.method = method
+        self.alpha = alpha
+        self.temperature = temperature
+        self.direction = direction
+        self.beta = beta
+        self.hidden_loss = None
+        if method == "pkd":
+            project = student_hidden is not None and student_hidden != teacher_hidden
+            self.hidden_loss = mpdistil_fast.HiddenMSELoss(student_hidden if project else None,
+                                                           teacher_hidden if project else None,
+                                                           normalize=True, layer_map=layer_map)
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.method != "finetune"
+
+    @property
+    def needs_hidden(self) -> bool:
+        return self.hidden_loss is not None
+
+    def forward(self, student_logits: torch.Tensor, labels: torch.Tensor, *,
+                teacher_logits: torch.Tensor | None = None,
+                student_hidden: torch.Tensor | None = None,
+                teacher_hidden: torch.Tensor | None = None) -> LossParts:
+        """``student_hidden`` / ``teacher_hidden``: per-layer [CLS] states ``[L, B, 1, H]`` (:func:`cls_states`)."""
+        ce = F.cross_entropy(student_logits.float(), labels)
+        if self.method == "finetune":
+            return LossParts(ce, {"ce": ce.item()})
+        if teacher_logits is None:
+            raise ValueError(f"teacher_logits is required for method {self.method!r}")
+        kd = mpdistil_fast.kd_kl_div(student_logits, teacher_logits.to(student_logits.dtype),
+                                     temperature=self.temperature, direction=self.direction)
+        loss = (1.0 - self.alpha) * ce + self.alpha * kd
+        parts = {"ce": ce.item(), "kd": kd.item()}
+        if self.hidden_loss is not None:
+            if student_hidden is None or teacher_hidden is None:
+                raise ValueError("student_hidden and teacher_hidden are required for method 'pkd'")
+            hidden = self.hidden_loss(student_hidden, teacher_hidden.to(student_hidden.dtype))
+            loss = loss + self.beta * hidden
+            parts["hidden"] = hidden.item()
+        parts["loss"] = loss.item()
+        return LossParts(loss, parts)

@@ -1,0 +1,406 @@
+"""Run configuration: a typed schema, YAML loading, ``--set key=value`` overrides and up-front validation.
+
+Every key of a run lives in one nested dataclass below; :func:`load_config` reads a YAML file into it, applies
+overrides and checks everything that can be checked without loading a model: unknown keys (with a suggestion),
+wrong types, bad choices and ranges, and that the data of every task can be found.  Each problem raises a
+:class:`ConfigError` whose message names the dotted key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from mpdistil_fast.data.tasks import SUPERGLUE_TASKS, TASKS
+
+METHODS = ("finetune", "kd", "pkd", "metadistil", "mpdistil")
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the dotted key."""
+
+
+@dataclass
+class DataConfig:
+    tasks: list[str] = field(default_factory=lambda: ["cb", "rte"])  #: distilled and reported tasks
+    data_dir: str | None = None  #: local folder of official files; None: $MPDISTIL_DATA_DIR, else the hub
+    quiz_fraction: float = 0.1  #: seeded share of train held out as quiz (model selection, rewards)
+    max_train: int | None = None  #: cap on train examples per task (before the quiz split)
+    max_eval: int | None = None  #: cap on validation examples per task
+    max_length: int = 128
+    batch_size: int = 16
+    eval_batch_size: int = 64
+
+
+@dataclass
+class TeacherConfig:
+    model: str = "default"  #: local folder or hub id; "default" = the packaged MiniLM-L6-H384
+    pooling: Literal["pooler", "cls", "mean", "last"] = "cls"
+    attn_implementation: str = "eager"
+
+
+@dataclass
+class StudentConfig:
+    model: str | None = None  #: None: a truncated copy of the teacher (its first ``num_layers`` layers)
+    num_layers: int = 3
+    pooling: Literal["pooler", "cls", "mean", "last"] = "cls"
+    attn_implementation: str = "eager"
+
+
+@dataclass
+class OptimConfig:
+    """One training stage's optimisation: AdamW with linear warm-up and decay."""
+
+    epochs: int = 1
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    max_steps: int | None = None  #: cap on optimizer steps (budgets for smoke runs)
+
+
+@dataclass
+class DistillConfig:
+    """Student losses: (1 - alpha) CE + alpha KD(T) + beta hidden-MSE (PKD, Sun et al. 2019)."""
+
+    alpha: float = 0.5
+    temperature: float = 2.0
+    direction: Literal["forward", "reverse"] = "forward"
+    beta: float = 10.0  #: weight of the patient hidden-state loss (pkd and mpdistil)
+    layer_map: Literal["skip", "last"] = "skip"
+
+
+@dataclass
+class MetaTeacherConfig:
+    """Stage 3 of MPDistil: the meta-teacher reads teacher and student pooled features."""
+
+    loss: Literal["collaborative", "competitive"] = "collaborative"
+    hidden: int | None = None
+    lr: float = 1e-3  #: meta-teacher learning rate
+    bilevel: bool = False  #: meta-teacher steps by the bi-level hypergradient of the student's quiz loss
+    hypergradient: str = "finite_difference"
+    training: OptimConfig = field(default_factory=lambda: OptimConfig(epochs=1, lr=3e-5))  #: the student in stage 3
+
+
+@dataclass
+class CurriculumConfig:
+    """Stage 4 of MPDistil: a REINFORCE policy picks the task of each student step."""
+
+    enabled: bool = True  #: false is the ablation without stage 4
+    actions: list[str] = field(default_factory=lambda: list(SUPERGLUE_TASKS))  #: the policy's action space
+    episodes: int = 10
+    steps_per_episode: int = 8
+    gamma: float = 0.99
+    reward: Literal["binary", "real"] = "binary"
+    policy_lr: float = 0.01
+    policy_hidden: int = 32
+    baseline_decay: float = 0.9  #: exponential moving average of returns used as the baseline
+    student_lr: float = 2e-5
+    quiz_batches: int = 1  #: quiz batches per reward
+
+
+@dataclass
+class MetaDistilConfig:
+    """MetaDistil (Zhou et al. 2022), Algorithm 1: pilot update, quiz hypergradient, teacher step."""
+
+    hypergradient: str = "finite_difference"
+    teacher_lr: float = 2e-5
+    inner_lr: float = 1e-4  #: step size of the pilot (virtual) student update
+
+
+@dataclass
+class RuntimeConfig:
+    kind: Literal["local", "deepspeed"] = "local"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_threads: int | None = None
+    deepspeed_teacher: str | None = None  #: DeepSpeed JSON for the teacher (ZeRO-3)
+    deepspeed_student: str | None = None  #: DeepSpeed JSON for the student (ZeRO-2)
+    checkpoint_every: int = 50  #: optimizer steps between checkpoints (and at every stage end)
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    tensorboard: bool = True
+    progress: bool = True
+    teacher_cache: Literal["memory", "disk", "off"] = "memory"
+
+
+@dataclass
+class Config:
+    method: Literal["finetune", "kd", "pkd", "metadistil", "mpdistil"] = "mpdistil"
+    seed: int = 0
+    output_dir: str = "runs/mpdistil"
+    #: reproduce the released MPDistil code's choices (selection on the reported split, dropout off after the
+    #: first evaluation, one curriculum action, one student update per episode, gamma^k, undetached state)
+    reference_compat: bool = False
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    teacher_training: OptimConfig = field(default_factory=lambda: OptimConfig(epochs=2, lr=5e-5))
+    student_training: OptimConfig = field(default_factory=lambda: OptimConfig(epochs=2, lr=1e-4))
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    meta_teacher: MetaTeacherConfig = field(default_factory=MetaTeacherConfig)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    metadistil: MetaDistilConfig = field(default_factory=MetaDistilConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------- building
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list[{_type_name(typing.get_args(tp)[0])}]"
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """``value`` converted to the annotated type ``tp``, or a ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping of {tp.__name__} keys, got {type(value).__name__}")
+        return _build(tp, value, key + ".")
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key} must be {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{key} must be one of {typing.get_args(tp)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {type(value).__name__} {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {type(value).__name__} {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {type(value).__name__} {value!r}")
+        return value
+    raise TypeError(f"unsupported annotation {tp!r} for {key}")
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean {prefix}{close[0]!r}?)" if close else f"; known keys: {', '.join(names)}"
+            raise ConfigError(f"unknown key {prefix}{key!r}{hint}")
+    defaults = cls()
+    kwargs = {}
+    for name in names:
+        if name in raw:
+            kwargs[name] = _coerce(prefix + name, raw[name], hints[name])
+        else:
+            kwargs[name] = getattr(defaults, name)
+    return cls(**kwargs)
+
+
+def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"a.b=value"`` -> ``("a.b", value)``, the value parsed as YAML (``3``, ``1e-4``, ``[cb, rte]``, ``null``)."""
+    if "=" not in text:
+        raise ConfigError(f"--set expects key=value, got {text!r}")
+    key, value = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set expects key=value, got {text!r}")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {key}: cannot parse value {value!r} ({exc})") from exc
+    if isinstance(parsed, str) and _looks_numeric(parsed):  # YAML 1.1 reads "1e-4" as a string
+        parsed = float(parsed)
+    return key, parsed
+
+
+def _looks_numeric(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _numeric_strings(node: Any) -> Any:
+    """PyYAML follows YAML 1.1, which reads ``1e-4`` (no dot) as a string: turn such strings into floats."""
+    if isinstance(node, dict):
+        return {k: _numeric_strings(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_numeric_strings(v) for v in node]
+    if isinstance(node, str) and _looks_numeric(node) and any(c in node.lower() for c in "e."):
+        return float(node)
+    return node
+
+
+def config_from_dict(raw: dict[str, Any], overrides: list[str] = ()) -> Config:
+    """A validated :class:`Config` from a plain mapping plus ``key=value`` overrides (no data check)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a config must be a mapping at the top level, got {type(raw).__name__}")
+    raw = _numeric_strings(raw)
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(raw, key, value)
+    config = _build(Config, raw)
+    check_values(config)
+    return config
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] = (), *, check_data: bool = True) -> Config:
+    """Read, override and validate a YAML config; with ``check_data`` also find every task's data files."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    config = config_from_dict(raw, overrides)
+    if check_data:
+        check_data_available(config)
+    return config
+
+
+# ----------------------------------------------------------------------------------------------- checks
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def check_values(config: Config) -> None:
+    """Ranges and cross-key rules that types alone do not express."""
+    _require(len(config.data.tasks) > 0, "data.tasks must name at least one task")
+    for i, task in enumerate(config.data.tasks):
+        _require(task in TASKS, f"data.tasks[{i}]: unknown task {task!r}; known tasks: {', '.join(sorted(TASKS))}")
+    _require(len(set(config.data.tasks)) == len(config.data.tasks), "data.tasks lists a task twice")
+    _require(0.0 < config.data.quiz_fraction < 1.0,
+             f"data.quiz_fraction must be in (0, 1), got {config.data.quiz_fraction}")
+    for key in ("max_length", "batch_size", "eval_batch_size"):
+        _require(getattr(config.data, key) > 0, f"data.{key} must be > 0, got {getattr(config.data, key)}")
+    for key in ("max_train", "max_eval"):
+        value = getattr(config.data, key)
+        _require(value is None or value > 0, f"data.{key} must be > 0 or null, got {value}")
+    _require(config.student.num_layers > 0, f"student.num_layers must be > 0, got {config.student.num_layers}")
+    for section in ("teacher_training", "student_training"):
+        _check_optim(section, getattr(config, section))
+    _check_optim("meta_teacher.training", config.meta_teacher.training)
+    d = config.distill
+    _require(0.0 <= d.alpha <= 1.0, f"distill.alpha must be in [0, 1], got {d.alpha}")
+    _require(d.temperature > 0, f"distill.temperature must be > 0, got {d.temperature}")
+    _require(d.beta >= 0, f"distill.beta must be >= 0, got {d.beta}")
+    _require(config.meta_teacher.lr > 0, f"meta_teacher.lr must be > 0, got {config.meta_teacher.lr}")
+    c = config.curriculum
+    for i, task in enumerate(c.actions):
+        _require(task in TASKS, f"curriculum.actions[{i}]: unknown task {task!r}")
+    _require(len(c.actions) > 0, "curriculum.actions must name at least one task")
+    _require(0.0 < c.gamma <= 1.0, f"curriculum.gamma must be in (0, 1], got {c.gamma}")
+    _require(0.0 <= c.baseline_decay < 1.0, f"curriculum.baseline_decay must be in [0, 1), got {c.baseline_decay}")
+    for key in ("episodes", "steps_per_episode", "policy_hidden", "quiz_batches"):
+        _require(getattr(c, key) > 0, f"curriculum.{key} must be > 0, got {getattr(c, key)}")
+    for key in ("policy_lr", "student_lr"):
+        _require(getattr(c, key) > 0, f"curriculum.{key} must be > 0, got {getattr(c, key)}")
+    r = config.runtime
+    for key in ("checkpoint_every", "keep_checkpoints", "log_every"):
+        _require(getattr(r, key) > 0, f"runtime.{key} must be > 0, got {getattr(r, key)}")
+    _require(r.num_threads is None or r.num_threads > 0, f"runtime.num_threads must be > 0, got {r.num_threads}")
+    if r.kind == "deepspeed":
+        for key in ("deepspeed_teacher", "deepspeed_student"):
+            value = getattr(r, key)
+            _require(value is not None and Path(value).is_file(),
+                     f"runtime.{key} must name an existing DeepSpeed JSON file when runtime.kind is deepspeed, "
+                     f"got {value!r}")
+    if config.method == "metadistil" or config.meta_teacher.bilevel:
+        from mpdistil_fast.bilevel import METHODS as HYPERGRADIENT_METHODS
+
+        for key, value in (("metadistil.hypergradient", config.metadistil.hypergradient),
+                           ("meta_teacher.hypergradient", config.meta_teacher.hypergradient)):
+            _require(value in HYPERGRADIENT_METHODS,
+                     f"{key} must be one of {tuple(HYPERGRADIENT_METHODS)}, got {value!r}")
+
+
+def _check_optim(section: str, optim: OptimConfig) -> None:
+    _require(optim.epochs > 0, f"{section}.epochs must be > 0, got {optim.epochs}")
+    _require(optim.lr > 0, f"{section}.lr must be > 0, got {optim.lr}")
+    _require(optim.weight_decay >= 0, f"{section}.weight_decay must be >= 0, got {optim.weight_decay}")
+    _require(0.0 <= optim.warmup_ratio < 1.0, f"{section}.warmup_ratio must be in [0, 1), got {optim.warmup_ratio}")
+    _require(optim.max_grad_norm > 0, f"{section}.max_grad_norm must be > 0, got {optim.max_grad_norm}")
+    _require(optim.max_steps is None or optim.max_steps > 0,
+             f"{section}.max_steps must be > 0 or null, got {optim.max_steps}")
+
+
+def curriculum_tasks(config: Config) -> list[str]:
+    """Every task whose data the run reads: the reported tasks, then the curriculum's extra actions."""
+    tasks = list(config.data.tasks)
+    if config.method == "mpdistil" and config.curriculum.enabled and not config.reference_compat:
+        tasks += [t for t in config.curriculum.actions if t not in tasks]
+    return tasks
+
+
+def check_data_available(config: Config) -> None:
+    """Every task the run needs has data: a local folder with its files, or (no folder) the hub via datasets."""
+    from mpdistil_fast.data import resolve_data_dir
+
+    try:
+        data_dir = resolve_data_dir(config.data.data_dir)
+    except (FileNotFoundError, ValueError) as exc:
+        raise ConfigError(f"data.data_dir: {exc}") from exc
+    if data_dir is not None and not Path(data_dir).is_dir():
+        raise ConfigError(f"data.data_dir: folder not found: {data_dir} (set data.data_dir or MPDISTIL_DATA_DIR)")
+    if data_dir is None and os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        raise ConfigError("no data: data.data_dir and MPDISTIL_DATA_DIR are unset and HF_DATASETS_OFFLINE=1 rules "
+                          "out the hub; point data.data_dir at a folder of the official SuperGLUE/GLUE files")
+    if data_dir is not None:
+        from mpdistil_fast.data import load_examples
+
+        for task in curriculum_tasks(config):
+            for split in ("train", "validation"):
+                try:
+                    load_examples(task, split, data_dir)
+                except (FileNotFoundError, ValueError, KeyError) as exc:
+                    raise ConfigError(f"data for task {task!r} ({split}) not usable in {data_dir}: {exc}") from exc

@@ -1,0 +1,304 @@
+"""The stages of every method, run by :class:`~mpdistil_fast.pipeline.trainer.Run`.
+
+=============  =====================================================================================================
+``teacher``    stage 1: fine-tune the teacher (CE) on every task
+``student``    stage 2: the student with the method's objective (finetune: CE; kd; pkd and mpdistil: patient KD)
+``metadistil`` MetaDistil's Algorithm 1: pilot update, teacher step on the quiz hypergradient, real student step
+``meta_teacher`` MPDistil stage 3: meta-teacher learning, student distilled from the meta-teacher
+``curriculum`` MPDistil stage 4: REINFORCE curriculum over tasks, one student step per action
+=============  =====================================================================================================
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mpdistil_fast.data import compute_metrics
+from mpdistil_fast.methods.curriculum import CurriculumPolicy, Reinforce
+from mpdistil_fast.methods.mpdistil import performance_state, reward, state_size, update_summary
+from mpdistil_fast.methods.objectives import StudentObjective, cls_states
+from mpdistil_fast.pipeline.config import Config
+from mpdistil_fast.pipeline.streams import Batch, TaskCursor, trim_padding
+from mpdistil_fast.pipeline.trainer import LOG, BestSnapshot, model_inputs
+
+if TYPE_CHECKING:
+    from mpdistil_fast.pipeline.trainer import Run
+
+STAGES: dict[str, tuple[str, ...]] = {
+    "finetune": ("student",),
+    "kd": ("teacher", "student"),
+    "pkd": ("teacher", "student"),
+    "metadistil": ("teacher", "metadistil"),
+    "mpdistil": ("teacher", "student", "meta_teacher", "curriculum"),
+}
+
+
+def stages_of(config: Config) -> tuple[str, ...]:
+    stages = STAGES[config.method]
+    if config.method == "mpdistil" and not config.curriculum.enabled:
+        stages = stages[:-1]
+    return stages
+
+
+def objective_for(run: "Run", method: str) -> StudentObjective:
+    d = run.config.distill
+    teacher_hidden = run.teacher.hidden_size if run.teacher is not None else None
+    return StudentObjective(method, alpha=d.alpha, temperature=d.temperature, direction=d.direction, beta=d.beta,
+                            layer_map=d.layer_map, student_hidden=run.student.hidden_size,
+                            teacher_hidden=teacher_hidden).to(run.runtime.device)
+
+
+def with_objective(student: nn.Module, objective: StudentObjective) -> nn.Module:
+    """The module a stage optimises: the student, plus the objective's projection when it has one."""
+    if any(True for _ in objective.parameters()):
+        return nn.ModuleDict({"student": student, "objective": objective})
+    return student
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float(), labels)
+
+
+# ----------------------------------------------------------------------------------------------- stage 1
+
+def teacher_stage(run: "Run") -> None:
+    teacher = run.teacher
+    teacher.requires_grad_(True)
+
+    def step(trained, task: str, batch: Batch, _) -> dict[str, float]:
+        loss = cross_entropy(teacher(**model_inputs(batch), task=task).logits, batch["labels"])
+        trained.backward(loss)
+        trained.step()
+        return {"loss": loss.item()}
+
+    run.supervised_stage("teacher", teacher, teacher, run.config.teacher_training, step)
+    teacher.eval().requires_grad_(False)
+    run.record("teacher", teacher)
+
+
+# ----------------------------------------------------------------------------------------------- stage 2
+
+def student_stage(run: "Run") -> None:
+    method = {"mpdistil": "pkd"}.get(run.config.method, run.config.method)
+    objective = objective_for(run, method)
+    student = run.student
+
+    with run.frozen_teacher_outputs() as teacher_outputs:
+        def step(trained, task: str, batch: Batch, _) -> dict[str, float]:
+            out = student(**model_inputs(batch), task=task, output_hidden_states=objective.needs_hidden)
+            targets = {}
+            if objective.needs_teacher:
+                t = teacher_outputs(task, "train", batch, objective.needs_hidden)
+                targets["teacher_logits"] = t.logits
+                if objective.needs_hidden:
+                    targets["student_hidden"] = cls_states(out.hidden_states)
+                    targets["teacher_hidden"] = cls_states(t.hidden_states)
+            result = objective(out.logits, batch["labels"], **targets)
+            trained.backward(result.loss)
+            trained.step()
+            return result.parts
+
+        run.supervised_stage("student", student, with_objective(student, objective), run.config.student_training,
+                             step)
+    run.record("student_stage2" if run.teacher is not None else "student_final", student)
+
+
+# ----------------------------------------------------------------------------------------------- MetaDistil
+
+def metadistil_stage(run: "Run") -> None:
+    """MetaDistil (Zhou et al., ACL 2022), Algorithm 1, through :class:`mpdistil_fast.bilevel.PilotUpdate`: the
+    teacher learns from the student's quiz loss after a pilot step, then the student takes its real step."""
+    from mpdistil_fast.bilevel import PilotUpdate
+
+    c = run.config
+    objective = objective_for(run, "kd")
+    student, teacher = run.student, run.teacher
+    teacher.requires_grad_(True)
+    run.train_mode(teacher)
+    state = run.state["stage_state"]
+
+    def inner_loss(student_module, teacher_module, batch: Batch) -> torch.Tensor:
+        inputs, task = model_inputs(batch), batch["task"]
+        teacher_logits = teacher_module(**inputs, task=task).logits
+        return objective(student_module(**inputs, task=task).logits, batch["labels"],
+                         teacher_logits=teacher_logits).loss
+
+    def quiz_loss(student_module, batch: Batch) -> torch.Tensor:
+        return cross_entropy(student_module(**model_inputs(batch), task=batch["task"]).logits, batch["labels"])
+
+    def companions(total: int) -> dict:
+        return {"teacher_trained": run.trainer(teacher, c.teacher_training, total, role="teacher",
+                                               lr=c.metadistil.teacher_lr)}
+
+    pilots: dict[int, PilotUpdate] = {}
+
+    def step(trained, task: str, batch: Batch, extra: dict) -> dict[str, float]:
+        if not pilots:
+            teacher_trained = extra["teacher_trained"]
+            pilots[0] = PilotUpdate(student, teacher, trained.optimizer, teacher_trained.optimizer, inner_loss,
+                                    quiz_loss, method=c.metadistil.hypergradient, inner_lr=c.metadistil.inner_lr,
+                                    max_grad_norm=c.student_training.max_grad_norm,
+                                    student_scheduler=trained.scheduler, teacher_scheduler=teacher_trained.scheduler)
+        quiz_batch = next_batch(run, state, "quiz", task, salt=17)
+        stats = pilots[0].step({**batch, "task": task}, {**quiz_batch, "task": task})
+        return {"loss": stats["student_loss"], **stats}
+
+    run.supervised_stage("metadistil", student, student, c.student_training, step, companions=companions)
+    teacher.eval().requires_grad_(False)
+    run.record("teacher_final", teacher)
+
+
+def next_batch(run: "Run", state: dict, split: str, task: str, *, salt: int) -> Batch:
+    """The next batch of an endless per-task stream whose position lives in the checkpointed stage state."""
+    key = f"{split}_cursors"
+    epoch, position = state.setdefault(key, {}).get(task, [0, 0])
+    cursor = TaskCursor(run.splits[task][split], run.config.data.batch_size, seed=run.config.seed, salt=salt,
+                        epoch=epoch, batch=position)
+    batch = cursor.next()
+    state[key][task] = cursor.position()
+    return run.runtime.to_device(trim_padding(batch))
+
+
+# ----------------------------------------------------------------------------------------------- MPDistil stage 3
+
+def meta_teacher_stage(run: "Run") -> None:
+    """Meta-teacher learning (:mod:`mpdistil_fast.methods.mpdistil`); the student distils from the meta-teacher."""
+    c = run.config
+    meta_teachers = run._build_meta_teachers()
+    objective = objective_for(run, "kd")
+    student = run.student
+
+    def companions(total: int) -> dict:
+        return {"meta_trained": run.trainer(meta_teachers, c.meta_teacher.training, total, role="meta_teacher",
+                                            lr=c.meta_teacher.lr)}
+
+    with run.frozen_teacher_outputs() as teacher_outputs:
+        def step(trained, task: str, batch: Batch, extra: dict) -> dict[str, float]:
+            t = teacher_outputs(task, "train", batch, False)
+            out = student(**model_inputs(batch), task=task)
+            parts: dict[str, float] = {}
+            if task in meta_teachers:
+                meta_teacher, meta_trained = meta_teachers[task], extra["meta_trained"]
+                meta_out = meta_teacher(t.pooled, out.pooled.detach(), batch["labels"], mode=c.meta_teacher.loss)
+                meta_trained.backward(meta_out.loss)
+                meta_trained.step()
+                parts["meta_loss"] = meta_out.loss.item()
+            result = objective(out.logits, batch["labels"], teacher_logits=meta_teacher_logits(
+                meta_teachers, task, t))
+            trained.backward(result.loss)
+            trained.step()
+            return {**result.parts, **parts}
+
+        meta_teachers.train()
+        run.supervised_stage("meta_teacher", student, student, c.meta_teacher.training, step, companions=companions)
+        meta_teachers.eval()
+        for task in meta_teachers:
+            everything = {"example_index": torch.arange(len(run.splits[task]["validation"]))}
+            predictions = meta_teacher_logits(meta_teachers, task, teacher_outputs(task, "validation", everything,
+                                                                                   False)).argmax(-1).cpu()
+            run.state["results"].setdefault(task, {})["meta_teacher"] = compute_metrics(
+                task, predictions, run.splits[task]["validation"].labels)
+
+
+@torch.no_grad()
+def meta_teacher_logits(meta_teachers: nn.ModuleDict, task: str, teacher_out) -> torch.Tensor:
+    """The meta-teacher's logits on the teacher's pooled features; the teacher's own for tasks without one."""
+    return meta_teachers[task].logits(teacher_out.pooled) if task in meta_teachers else teacher_out.logits
+
+
+# ----------------------------------------------------------------------------------------------- MPDistil stage 4
+
+def curriculum_stage(run: "Run") -> None:
+    """REINFORCE curriculum (:mod:`mpdistil_fast.methods.curriculum`); one student step per action (paper) or one
+    per episode with gamma^k, one action and an undetached state (``reference_compat``)."""
+    c = run.config
+    cc = c.curriculum
+    compat = run.compat
+    student = run.student
+    meta_teachers = run._build_meta_teachers()
+    meta_teachers.eval()
+    objective = objective_for(run, "kd")
+    targets = run.targets
+    actions = [targets[0]] if compat else list(cc.actions)
+    steps, episodes = cc.steps_per_episode, cc.episodes
+    total = steps * episodes
+    policy = CurriculumPolicy(student.hidden_size if compat else state_size(len(targets)), actions,
+                              cc.policy_hidden).to(run.runtime.device)
+    reinforce = Reinforce(policy, lr=cc.policy_lr, gamma=cc.gamma, baseline_decay=cc.baseline_decay,
+                          relative_discount=not compat)
+    trained = run.trainer(student, c.student_training, episodes if compat else total, role="curriculum",
+                          lr=cc.student_lr)
+    best = BestSnapshot()
+    stateful = {"trained": trained, "best": best, "policy": reinforce}
+    run.restore_stage(stateful)
+    state = run.state["stage_state"]
+    state.setdefault("summary", {task: [0.0, 0.0] for task in targets})
+
+    with run.frozen_teacher_outputs() as teacher_outputs:
+        def quiz_accuracies(task: str, keep_graph: bool) -> tuple[float, float, torch.Tensor | None]:
+            """Student and meta-teacher accuracy on the next quiz batch of ``task`` (student in eval mode)."""
+            batch = next_batch(run, state, "quiz", task, salt=202)
+            student.eval()
+            with torch.set_grad_enabled(keep_graph):
+                out = student(**model_inputs(batch), task=task)
+            run.train_mode(student)
+            meta_logits = meta_teacher_logits(meta_teachers, task, teacher_outputs(task, "quiz", batch, False))
+            labels = batch["labels"]
+            student_acc = float((out.logits.argmax(-1) == labels).float().mean())
+            meta_acc = float((meta_logits.argmax(-1) == labels).float().mean())
+            return student_acc, meta_acc, (out.pooled.mean(0) if keep_graph else None)
+
+        def step(i: int) -> dict[str, float]:
+            position = i % steps
+            if compat:
+                _, _, pooled = quiz_accuracies(targets[0], keep_graph=True)
+                action = reinforce.act(pooled, keep_graph=True)
+            else:
+                action = reinforce.act(performance_state(state["summary"], targets, position / steps))
+            task = actions[action]
+            batch = next_batch(run, state, "train", task, salt=101)
+            out = student(**model_inputs(batch), task=task)
+            result = objective(out.logits, batch["labels"], teacher_logits=meta_teacher_logits(
+                meta_teachers, task, teacher_outputs(task, "train", batch, False)))
+            trained.backward(result.loss)
+            if not compat:
+                trained.step()
+            margins, student_total, meta_total = [], 0.0, 0.0
+            for target in targets:
+                for _ in range(cc.quiz_batches):
+                    student_acc, meta_acc, _ = quiz_accuracies(target, keep_graph=False)
+                    update_summary(state["summary"], target, student_acc, meta_acc)
+                    student_total += student_acc
+                    meta_total += meta_acc
+            count = len(targets) * cc.quiz_batches
+            value = reward(student_total / count, meta_total / count, cc.reward)
+            reinforce.reward(value)
+            metrics = {**result.parts, "reward": value, f"action_{task}": 1.0}
+            if position == steps - 1:
+                episode = i // steps
+                stats = reinforce.finish_episode()
+                if compat:
+                    trained.step()
+                run.state["curves"]["reward"].append([episode, stats["mean_reward"]])
+                run.state["curves"]["actions"].append(
+                    [episode, {a: stats[f"action_{a}"] for a in actions}])
+                metrics.update(stats)
+                metrics["quiz"] = run.select(student, best, targets)
+                run.train_mode(student)
+                LOG.debug("episode %d: %s", episode, stats)
+            return metrics
+
+        run.train_mode(student)
+        run.loop("curriculum", total, step, stateful,
+                 can_checkpoint=lambda done: not compat or done % steps == 0)
+    best.restore_into(student)
+    LOG.info("curriculum: final action distribution %s",
+             policy.probabilities(performance_state(state["summary"], targets, 0.0)) if not compat else actions)
+
+
+STAGE_FUNCTIONS: dict[str, Callable[["Run"], None]] = {
+    "teacher": teacher_stage, "student": student_stage, "metadistil": metadistil_stage,
+    "meta_teacher": meta_teacher_stage, "curriculum": curriculum_stage}

@@ -1,0 +1,414 @@
+"""The training loop shared by every stage: data, models, checkpoints at step boundaries, exact resume, evaluation.
+
+A run is a sequence of stages (:data:`STAGES`); each stage is a loop of optimizer steps driven by :meth:`Run.loop`.
+The loop checkpoints every ``runtime.checkpoint_every`` steps and at every stage end: models, optimizers, schedulers,
+the best-so-far snapshot, the curriculum policy and its episode in progress, the RNG state, and the position in
+the data (a stage's step counter, from which :mod:`.streams` recomputes the exact batch).  ``--resume`` loads the
+newest checkpoint, skips the finished stages and continues the current one from the next step, so a run killed at
+any moment ends in the same state as an uninterrupted one (on CPU, for a fixed seed).
+
+Model selection uses the quiz split (held out of train); the validation split is only reported.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import random
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from mpdistil_fast.data import (EncodedSplit, TeacherCache, compute_metrics, encode_examples, iterate_batches,
+                                load_task_splits)
+from mpdistil_fast.distributed.runtime import OptimizerSpec, Runtime, TrainedModel, make_runtime
+from mpdistil_fast.models import (TaskModel, default_teacher_path, load_backbone, load_tokenizer, truncated_copy)
+from mpdistil_fast.pipeline.checkpoint import (capture_rng_state, checkpoint_dir, flatten_state_dict,
+                                               latest_checkpoint, load_checkpoint, prune_checkpoints,
+                                               restore_rng_state, save_checkpoint, unflatten_state_dict)
+from mpdistil_fast.pipeline.config import Config, OptimConfig, curriculum_tasks
+from mpdistil_fast.pipeline.metrics_log import MetricsLogger
+from mpdistil_fast.pipeline.streams import Batch, MultiTaskSchedule, trim_padding
+
+LOG = logging.getLogger("mpdistil_fast")
+STATE_VERSION = 1
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def model_inputs(batch: Batch) -> dict[str, torch.Tensor]:
+    return {k: batch[k] for k in MODEL_INPUTS}
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+class BestSnapshot:
+    """The best weights of the model a stage trains, by the quiz score (higher is better)."""
+
+    def __init__(self) -> None:
+        self.score: float | None = None
+        self.step = -1
+        self.weights: dict[str, torch.Tensor] = {}
+
+    def offer(self, score: float, step: int, model: nn.Module) -> bool:
+        if self.score is not None and score <= self.score:
+            return False
+        self.score, self.step = score, step
+        self.weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        return True
+
+    def restore_into(self, model: nn.Module) -> None:
+        if self.weights:
+            model.load_state_dict(self.weights)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"score": self.score, "step": self.step, "weights": self.weights}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.score, self.step, self.weights = state["score"], state["step"], dict(state["weights"])
+
+
+class Run:
+    """One distillation run: builds everything from a :class:`Config`, runs its stages, writes its outputs."""
+
+    def __init__(self, config: Config, *, resume: bool = False, checkpoint: Path | None = None,
+                 runtime: Runtime | None = None):
+        """``resume``: continue from the newest checkpoint in ``output_dir``; ``checkpoint``: load that one."""
+        self.config = config
+        self.output_dir = Path(config.output_dir)
+        self.runtime = runtime or make_runtime(
+            config.runtime.kind, device=config.runtime.device, num_threads=config.runtime.num_threads,
+            deepspeed_teacher=config.runtime.deepspeed_teacher, deepspeed_student=config.runtime.deepspeed_student)
+        self.is_main = self.runtime.is_main
+        self.tasks = curriculum_tasks(config)
+        self.targets = list(config.data.tasks)
+        self.compat = config.reference_compat
+        self.state: dict[str, Any] = {
+            "version": STATE_VERSION, "config": config.to_dict(), "completed": [], "stage": None, "step": 0,
+            "global_step": 0, "results": {}, "curves": {"quiz": [], "reward": [], "actions": []}, "timings": {},
+            "dropout_off": False, "stage_state": {}, "meta": {}}
+        self._pending: tuple[dict, dict] | None = None
+        self._clock = time.perf_counter()
+        seed_everything(config.seed)
+
+        started = time.perf_counter()
+        self.splits = self._load_data()
+        self.state["timings"]["data"] = time.perf_counter() - started
+        started = time.perf_counter()
+        self.teacher, self.student = self._build_models()
+        self.state["timings"]["models"] = time.perf_counter() - started
+        self.meta_teachers: nn.ModuleDict | None = None
+        self.cache: TeacherCache | None = None
+        if checkpoint is not None or resume:
+            self.load(checkpoint if checkpoint is not None else latest_checkpoint(self.output_dir))
+        self.metrics: MetricsLogger | None = None
+
+    # ------------------------------------------------------------------------------------------- setup
+
+    def _load_data(self) -> dict[str, dict[str, EncodedSplit]]:
+        c = self.config
+        self.tokenizer = load_tokenizer(self.teacher_path)
+        splits: dict[str, dict[str, EncodedSplit]] = {}
+        for task in self.tasks:
+            loaded = load_task_splits(task, c.data.data_dir, seed=c.seed, quiz_fraction=c.data.quiz_fraction,
+                                      max_train=c.data.max_train, max_eval=c.data.max_eval)
+            splits[task] = {name: encode_examples(getattr(loaded, name), self.tokenizer, c.data.max_length)
+                            for name in ("train", "quiz", "validation")}
+            LOG.info("data %s: %d train / %d quiz / %d validation (%s)", task, len(splits[task]["train"]),
+                     len(splits[task]["quiz"]), len(splits[task]["validation"]), loaded.source)
+        return splits
+
+    @property
+    def teacher_path(self) -> str:
+        model = self.config.teacher.model
+        return str(default_teacher_path()) if model == "default" else model
+
+    def _build_models(self) -> tuple[TaskModel | None, TaskModel]:
+        c = self.config
+        needs_teacher = c.method != "finetune"
+        teacher = None
+        if needs_teacher:
+            teacher = self.runtime.build_model(
+                lambda: TaskModel(load_backbone(self.teacher_path, attn_implementation=c.teacher.attn_implementation),
+                                  self.tasks, c.teacher.pooling), role="teacher", trainable=True)
+
+        def build_student() -> TaskModel:
+            if c.student.model is not None:
+                backbone = load_backbone(c.student.model, attn_implementation=c.student.attn_implementation)
+            else:
+                source = teacher.backbone if teacher is not None else load_backbone(
+                    self.teacher_path, attn_implementation=c.student.attn_implementation)
+                backbone = truncated_copy(source, c.student.num_layers)
+            return TaskModel(backbone, self.tasks, c.student.pooling)
+
+        student = self.runtime.build_model(build_student, role="student", trainable=True)
+        return teacher, student
+
+    # ------------------------------------------------------------------------------------------- checkpoints
+
+    def _models(self) -> dict[str, nn.Module]:
+        models = {"student": self.student}
+        if self.teacher is not None:
+            models["teacher"] = self.teacher
+        if self.meta_teachers is not None:
+            models["meta_teachers"] = self.meta_teachers
+        return models
+
+    def save(self, stateful: dict[str, Any] | None = None) -> None:
+        """Checkpoint everything at the current step boundary (main process writes; all wait)."""
+        now = time.perf_counter()
+        stage = self.state["stage"] or "between_stages"
+        self.state["timings"][stage] = self.state["timings"].get(stage, 0.0) + now - self._clock
+        self._clock = now
+        if self.is_main:
+            tensors: dict[str, dict[str, torch.Tensor]] = {}
+            meta: dict[str, Any] = {}
+            for name, obj in {**self._models(), **(stateful or {})}.items():
+                tensors[name], meta[name] = flatten_state_dict(obj.state_dict())
+            self.state["meta"] = meta
+            self.state["rng"] = capture_rng_state()
+            save_checkpoint(checkpoint_dir(self.output_dir, self.state["global_step"]), tensors, self.state)
+            prune_checkpoints(self.output_dir, self.config.runtime.keep_checkpoints)
+        self.runtime.barrier()
+
+    def load(self, path: Path | None) -> None:
+        """Restore the run from checkpoint ``path`` (None: nothing to resume, start from the beginning)."""
+        if path is None:
+            LOG.info("--resume: no checkpoint in %s, starting from the beginning", self.output_dir)
+            return
+        tensors, state = load_checkpoint(path)
+        if state.get("config") != self.config.to_dict():
+            LOG.warning("--resume: the config differs from the checkpoint's; continuing with the new config")
+        if "meta_teachers" in tensors:
+            self._build_meta_teachers()
+        for name, model in self._models().items():
+            model.load_state_dict(unflatten_state_dict(tensors[name], state["meta"][name]))
+        timings = self.state["timings"]
+        self.state = state
+        self.state["timings"].update({k: v for k, v in timings.items() if k in ("data", "models")})
+        if self.teacher is not None and "teacher" in self.state["completed"]:
+            self.teacher.eval().requires_grad_(False)
+        if state["stage"] is None:
+            restore_rng_state(state["rng"])
+        else:
+            self._pending = (tensors, state)
+        LOG.info("resumed from %s (stage %s, step %d)", path, state["stage"] or "-", state["step"])
+
+    def restore_stage(self, stateful: dict[str, Any]) -> None:
+        """Load the current stage's objects from the checkpoint being resumed (if any), then its RNG state."""
+        if self._pending is None:
+            return
+        tensors, state = self._pending
+        self._pending = None
+        for name, obj in stateful.items():
+            obj.load_state_dict(unflatten_state_dict(tensors[name], state["meta"][name]))
+        restore_rng_state(state["rng"])
+
+    # ------------------------------------------------------------------------------------------- loop
+
+    def train_mode(self, module: nn.Module) -> None:
+        """``module.train()`` -- except after the first evaluation under ``reference_compat`` (the released code
+        never switches dropout back on)."""
+        if not (self.compat and self.state["dropout_off"]):
+            module.train()
+
+    def trainer(self, module: nn.Module, optim: OptimConfig, total_steps: int, role: str,
+                lr: float | None = None) -> TrainedModel:
+        spec = OptimizerSpec(lr=lr if lr is not None else optim.lr, total_steps=total_steps,
+                             weight_decay=optim.weight_decay, warmup_ratio=optim.warmup_ratio,
+                             max_grad_norm=optim.max_grad_norm)
+        return self.runtime.train(module, spec, role=role)
+
+    def begin_stage(self, stage: str) -> bool:
+        """True when ``stage`` still has to run (False: finished before a resume)."""
+        if stage in self.state["completed"]:
+            return False
+        if self.state["stage"] != stage:
+            self.state["stage"], self.state["step"] = stage, 0
+        self._clock = time.perf_counter()
+        return True
+
+    def end_stage(self, stage: str) -> None:
+        self.state["completed"].append(stage)
+        self.state["stage"], self.state["step"], self.state["stage_state"] = None, 0, {}
+        now = time.perf_counter()
+        self.state["timings"][stage] = self.state["timings"].get(stage, 0.0) + now - self._clock
+        self._clock = now
+        self.save()
+        self.state["timings"]["between_stages"] = 0.0
+
+    def loop(self, stage: str, total_steps: int, step_fn: Callable[[int], dict[str, float]],
+             stateful: dict[str, Any], *, can_checkpoint: Callable[[int], bool] = lambda step: True) -> None:
+        """Run ``step_fn(step)`` for the stage's remaining steps, with a progress bar, logging and checkpoints."""
+        start = self.state["step"]
+        runtime_config = self.config.runtime
+        position = len(self.state["completed"]) + 1
+        bar = tqdm(total=total_steps, initial=start, unit="step", dynamic_ncols=True, mininterval=1.0,
+                   desc=f"[{position}] {stage}", disable=not (self.is_main and runtime_config.progress))
+        try:
+            for step in range(start, total_steps):
+                metrics = step_fn(step)
+                self.state["step"] = step + 1
+                self.state["global_step"] += 1
+                bar.update(1)
+                if "loss" in metrics:
+                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
+                if (step + 1) % runtime_config.log_every == 0 or step + 1 == total_steps:
+                    self.metrics.log(stage, self.state["global_step"], metrics)
+                if (step + 1) % runtime_config.checkpoint_every == 0 and step + 1 < total_steps \
+                        and can_checkpoint(step + 1):
+                    self.save(stateful)
+        finally:
+            bar.close()
+
+    def supervised_stage(self, stage: str, selected: nn.Module, trainable: nn.Module, optim: OptimConfig,
+                         step_fn: Callable[[TrainedModel, str, Batch, dict[str, Any]], dict[str, float]], *,
+                         companions: Callable[[int], dict[str, Any]] | None = None, lr: float | None = None) -> None:
+        """Epochs over every task's train split (tasks interleaved), model selection on quiz at each epoch end.
+
+        ``step_fn(trained, task, batch, companions)`` takes one step; ``companions(total_steps)`` builds further
+        checkpointed objects the step needs (another model's optimizer), handed to every step.
+        """
+        c = self.config
+        schedule = MultiTaskSchedule({t: self.splits[t]["train"] for t in self.tasks}, c.data.batch_size,
+                                     seed=c.seed, salt=sum(map(ord, stage)))
+        per_epoch = schedule.batches_per_epoch
+        total = per_epoch * optim.epochs
+        if optim.max_steps is not None:
+            total = min(total, optim.max_steps)
+        trained = self.trainer(trainable, optim, total, role=stage, lr=lr)
+        extra = companions(total) if companions is not None else {}
+        best = BestSnapshot()
+        stateful = {"trained": trained, "best": best, **extra}
+        self.restore_stage(stateful)
+        self.train_mode(trainable)
+        batches: Iterator[tuple[str, Batch]] | None = None
+
+        def step(i: int) -> dict[str, float]:
+            nonlocal batches
+            epoch, position = divmod(i, per_epoch)
+            if batches is None or position == 0:
+                batches = schedule.batches(epoch, position)
+            task, batch = next(batches)
+            metrics = step_fn(trained, task, self.runtime.to_device(trim_padding(batch)), extra)
+            if (i + 1) % per_epoch == 0 or i + 1 == total:
+                metrics["quiz"] = self.select(selected, best, self.tasks)
+                self.train_mode(trainable)
+            return metrics
+
+        self.loop(stage, total, step, stateful)
+        best.restore_into(selected)
+
+    # ------------------------------------------------------------------------------------------- evaluation
+
+    @torch.no_grad()
+    def predict(self, model: TaskModel, task: str, split: str) -> torch.Tensor:
+        """Predicted labels of ``model`` on ``split`` of ``task`` (eval mode)."""
+        model.eval()
+        predictions = []
+        data = self.splits[task][split]
+        for batch in iterate_batches(data, self.config.data.eval_batch_size, shuffle=False, seed=0):
+            batch = self.runtime.to_device(trim_padding(batch))
+            predictions.append(model(**model_inputs(batch), task=task).logits.argmax(-1).cpu())
+        if self.compat:
+            self.state["dropout_off"] = True
+        return torch.cat(predictions)
+
+    def evaluate(self, model: TaskModel, task: str, split: str) -> dict[str, float]:
+        return compute_metrics(task, self.predict(model, task, split), self.splits[task][split].labels)
+
+    @property
+    def selection_split(self) -> str:
+        """quiz; the released code selects on the reported validation split (``reference_compat``)."""
+        return "validation" if self.compat else "quiz"
+
+    def select(self, model: TaskModel, best: BestSnapshot, tasks: list[str]) -> float:
+        """Score ``model`` on the selection split (mean main metric over ``tasks``); keep it when it is the best."""
+        scores = {task: self.evaluate(model, task, self.selection_split)["main"] for task in tasks}
+        for task, value in scores.items():
+            self.state["curves"]["quiz"].append([self.state["global_step"] + 1, task, value])
+        score = sum(scores.values()) / len(scores)
+        best.offer(score, self.state["global_step"] + 1, model)
+        return score
+
+    def record(self, role: str, model: TaskModel, tasks: list[str] | None = None) -> None:
+        """Validation metrics of ``model`` under ``role`` ("teacher", "student_stage2", ...) in the report."""
+        for task in tasks or self.tasks:
+            self.state["results"].setdefault(task, {})[role] = self.evaluate(model, task, "validation")
+
+    # ------------------------------------------------------------------------------------------- teacher outputs
+
+    def teacher_cache(self) -> TeacherCache:
+        """The frozen teacher's outputs, computed once per (task, split)."""
+        if self.cache is None:
+            directory = self.output_dir / "teacher_cache" if self.config.runtime.teacher_cache == "disk" else None
+            self.teacher.eval().requires_grad_(False)
+            self.cache = TeacherCache(self.teacher, directory, batch_size=self.config.data.eval_batch_size)
+        return self.cache
+
+    @contextmanager
+    def frozen_teacher_outputs(self) -> Iterator[Callable[[str, str, Batch, bool], Any]]:
+        """``outputs(task, split, batch, hidden)``: cached when possible (``runtime.teacher_cache``), live when
+        hidden states are needed or the cache is off."""
+        use_cache = self.config.runtime.teacher_cache != "off"
+
+        def outputs(task: str, split: str, batch: Batch, hidden: bool = False):
+            if use_cache and not hidden:
+                return self.teacher_cache().outputs(self.splits[task][split], split).gather(
+                    batch["example_index"], self.runtime.device)
+            with torch.no_grad():
+                return self.teacher(**model_inputs(batch), task=task, output_hidden_states=hidden)
+
+        yield outputs
+        if self.cache is not None:
+            LOG.info(self.cache.summary())
+
+    def _build_meta_teachers(self) -> nn.ModuleDict:
+        from mpdistil_fast.methods.mpdistil import build_meta_teachers
+
+        if self.meta_teachers is None:
+            self.meta_teachers = build_meta_teachers(self.config, self.tasks, self.teacher.hidden_size,
+                                                     self.student.hidden_size).to(self.runtime.device)
+        return self.meta_teachers
+
+    # ------------------------------------------------------------------------------------------- driver
+
+    def run(self) -> dict[str, Any]:
+        """Every stage of the method (skipping finished ones), the final evaluation and the report."""
+        from mpdistil_fast.pipeline.stages import STAGE_FUNCTIONS, stages_of
+
+        stages = stages_of(self.config)
+        self.metrics = MetricsLogger(self.output_dir, is_main=self.is_main,
+                                     tensorboard=self.config.runtime.tensorboard)
+        LOG.info("method %s: stages %s; tasks %s (reported: %s)", self.config.method, " -> ".join(stages),
+                 ", ".join(self.tasks), ", ".join(self.targets))
+        for stage in stages:
+            if self.begin_stage(stage):
+                STAGE_FUNCTIONS[stage](self)
+                self.end_stage(stage)
+        started = time.perf_counter()
+        self.record("student_final", self.student)
+        self.state["timings"]["final_evaluation"] = time.perf_counter() - started
+        report = self.report()
+        if self.is_main:
+            from mpdistil_fast.pipeline.report import write_report
+
+            write_report(self.output_dir, report)
+        self.metrics.close()
+        return report
+
+    def report(self) -> dict[str, Any]:
+        timings = {k: round(v, 3) for k, v in self.state["timings"].items() if v}
+        if self.cache is not None:
+            timings["teacher_cache_spent"] = round(self.cache.seconds_spent, 3)
+            timings["teacher_cache_saved"] = round(self.cache.seconds_saved, 3)
+        return {"tasks": copy.deepcopy(self.state["results"]), "timings": timings,
+                "curves": copy.deepcopy(self.state["curves"]), "config": self.config.to_dict()}
