@@ -120,8 +120,11 @@ def mark_wsc_spans(text: str, span1_index: int, span1_text: str, span2_index: in
              (_span_start(words, span2_index, span2_text), len(span2_text.split()), WSC_MARKERS[1])]
     for start, length, (left, right) in spans:
         end = min(start + length, len(words)) - 1
-        words[start] = left + words[start]
-        words[end] = words[end] + right
+        # markers go inside surrounding punctuation: '"him,"' -> '"#him#,"'
+        leading = re.match(r"^\W*", words[start]).end()
+        words[start] = words[start][:leading] + left + words[start][leading:]
+        trailing = re.search(r"\W*$", words[end]).start() or len(words[end])
+        words[end] = words[end][:trailing] + right + words[end][trailing:]
     return " ".join(words)
 
 

@@ -1,0 +1,305 @@
+"""Tasks, loading (local files and the hub path), splits, encoding, batching and metrics, on the real data."""
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from mpdistil_fast.data import (TASKS, compute_metrics, encode_examples, iterate_batches, load_examples,
+                                load_task_splits, num_batches, resolve_data_dir)
+from mpdistil_fast.data import loading
+from mpdistil_fast.data.tasks import format_row
+from mpdistil_fast.models import default_teacher_path, load_tokenizer
+
+OFFICIAL_SIZES = {"cb": (250, 56), "copa": (400, 100), "rte": (2490, 277), "wic": (5428, 638), "wsc": (554, 104),
+                  "glue_rte": (2490, 277)}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(default_teacher_path())
+
+
+def _rows(data_dir, relative):
+    with open(data_dir / relative, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle]
+
+
+@pytest.mark.parametrize("task", sorted(OFFICIAL_SIZES))
+def test_local_files_load_every_row_with_valid_labels(data_dir, task):
+    train, validation = (load_examples(task, split, data_dir) for split in ("train", "validation"))
+    assert (len(train), len(validation)) == OFFICIAL_SIZES[task]
+    labels = {example.label for example in train + validation}
+    assert labels == set(range(TASKS[task].num_labels))
+    assert all(example.task == task and all(isinstance(t, str) and t for t in example.texts) for example in train)
+
+
+def test_cb_and_rte_string_labels_map_to_hub_class_ids(data_dir):
+    raw = _rows(data_dir, "superglue/CB/val.jsonl")
+    examples = load_examples("cb", "validation", data_dir)
+    names = ("entailment", "contradiction", "neutral")
+    assert [names[e.label] for e in examples] == [row["label"] for row in raw]
+    assert [e.texts for e in examples] == [(row["premise"], row["hypothesis"]) for row in raw]
+
+
+def test_glue_rte_tsv_matches_superglue_rte_jsonl(data_dir):
+    glue, superglue = load_examples("glue_rte", "validation", data_dir), load_examples("rte", "validation", data_dir)
+    assert [e.label for e in glue] == [e.label for e in superglue]
+    unquoted = lambda texts: tuple(t.replace('"', "") for t in texts)  # noqa: E731 (the tsv keeps GLUE's quotes)
+    assert [unquoted(e.texts) for e in glue] == [unquoted(e.texts) for e in superglue]
+
+
+def test_wic_gives_the_word_and_both_sentences(data_dir):
+    raw = _rows(data_dir, "superglue/WiC/train.jsonl")
+    examples = load_examples("wic", "train", data_dir)
+    assert examples[0].texts == ("place", "Do you want to come over to my place later?",
+                                 "A political system with no place for the less prominent groups.")
+    assert [e.label for e in examples] == [int(row["label"]) for row in raw]
+    assert all(e.texts == (row["word"], row["sentence1"], row["sentence2"]) for e, row in zip(examples, raw))
+
+
+def test_copa_is_two_choice_with_the_cause_or_effect_question(data_dir):
+    raw = _rows(data_dir, "superglue/COPA/val.jsonl")
+    examples = load_examples("copa", "validation", data_dir)
+    assert TASKS["copa"].multiple_choice
+    assert examples[0].texts == ("The man turned on the faucet. What happened as a result?",
+                                 "The toilet filled with water.", "Water flowed from the spout.")
+    assert examples[0].label == 1
+    causes = [e for e, row in zip(examples, raw) if row["question"] == "cause"]
+    assert causes and all(e.texts[0].endswith("What was the cause of this?") for e in causes)
+
+
+def test_wsc_marks_both_spans_in_every_row(data_dir):
+    examples = load_examples("wsc", "train", data_dir) + load_examples("wsc", "validation", data_dir)
+    raw = _rows(data_dir, "superglue/WSC/train.jsonl") + _rows(data_dir, "superglue/WSC/val.jsonl")
+    assert examples[0].texts == ("*Mark* told Pete many lies about himself, which Pete included in his book. "
+                                 "#He# should have been more skeptical.",)
+    for example, row in zip(examples, raw):
+        (text,) = example.texts
+        unmarked = " ".join(row["text"].split())
+        assert text.replace("*", "").replace("#", "") == unmarked.replace("*", "").replace("#", "")
+        noun = text[text.index("*") + 1:text.rindex("*")].replace("#", "")  # spans may nest ("*#their# mothers*")
+        pronoun = text[text.index("#") + 1:text.rindex("#")].replace("*", "")
+        span1, span2 = (" ".join(row["target"][key].split()).lower() for key in ("span1_text", "span2_text"))
+        assert noun.lower() == span1 or (noun.lower(), span1) == ("emma's", "emma")  # one row's span1 is a prefix
+        assert pronoun.lower() == span2
+
+
+def test_wsc_index_off_by_one_row_marks_the_pronoun_named_by_its_text(data_dir):
+    row = next(r for r in _rows(data_dir, "superglue/WSC/val.jsonl")
+               if r["target"]["span2_text"] == "it" and r["text"].split()[r["target"]["span2_index"]] == "use")
+    (text,) = format_row("wsc", row, 0).texts
+    assert "#it#" in text and "#use#" not in text
+
+
+def _hub_rows(data_dir, task, relative):
+    """The local rows rewritten into the hub's schema (integer class labels, flat WSC spans)."""
+    rows = []
+    for row in _rows(data_dir, relative):
+        row = dict(row)
+        row["label"] = format_row(task, row, 0).label
+        row.update(row.pop("target", {}))
+        rows.append(row)
+    return rows
+
+
+def test_hub_path_formats_like_the_local_files(data_dir, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    calls = []
+
+    def fake_load_dataset(path, name, split):
+        calls.append((path, name, split))
+        task = {"cb": "cb", "wsc.fixed": "wsc", "copa": "copa", "wic": "wic"}[name]
+        folder = {"cb": "CB", "wsc": "WSC", "copa": "COPA", "wic": "WiC"}[task]
+        return datasets.Dataset.from_list(_hub_rows(data_dir, task, f"superglue/{folder}/val.jsonl")[:20])
+
+    monkeypatch.delenv("MPDISTIL_DATA_DIR", raising=False)
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    for task in ("cb", "wsc", "copa", "wic"):
+        assert load_examples(task, "validation") == load_examples(task, "validation", data_dir)[:20]
+    assert calls[1] == ("aps/super_glue", "wsc.fixed", "validation")
+
+
+def test_hub_failure_says_how_to_work_offline(monkeypatch):
+    datasets = pytest.importorskip("datasets")
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("no network")
+
+    monkeypatch.delenv("MPDISTIL_DATA_DIR", raising=False)
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(RuntimeError, match="MPDISTIL_DATA_DIR"):
+        load_examples("rte", "train")
+
+
+def test_resolve_data_dir_prefers_argument_then_environment(data_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("MPDISTIL_DATA_DIR", str(data_dir))
+    assert resolve_data_dir(None) == data_dir
+    assert resolve_data_dir(tmp_path) == tmp_path.resolve()
+    monkeypatch.delenv("MPDISTIL_DATA_DIR")
+    assert resolve_data_dir(None) is None
+    with pytest.raises(FileNotFoundError, match="data_dir"):
+        resolve_data_dir(tmp_path / "absent")
+    monkeypatch.setenv("MPDISTIL_DATA_DIR", str(tmp_path / "absent"))
+    with pytest.raises(FileNotFoundError, match="MPDISTIL_DATA_DIR"):
+        resolve_data_dir(None)
+
+
+def test_loading_errors_name_the_problem(data_dir, tmp_path):
+    with pytest.raises(ValueError, match="task"):
+        load_examples("mnli_typo", "train", data_dir)
+    with pytest.raises(ValueError, match="split"):
+        load_examples("cb", "test", data_dir)
+    with pytest.raises(FileNotFoundError, match="CB/train.jsonl"):
+        load_examples("cb", "train", tmp_path)
+    with pytest.raises(FileNotFoundError, match="load_task_splits"):
+        load_examples("boolq", "train", data_dir)
+    with pytest.raises(ValueError, match="quiz_fraction"):
+        load_task_splits("cb", data_dir, quiz_fraction=1.0)
+    with pytest.raises(ValueError, match="max_train"):
+        load_task_splits("cb", data_dir, max_train=0)
+    with pytest.raises(ValueError, match="label"):
+        format_row("cb", {"premise": "p", "hypothesis": "h", "label": "maybe"}, 0)
+    with pytest.raises(ValueError, match="hypothesis"):
+        format_row("cb", {"premise": "p", "label": "neutral"}, 0)
+
+
+def test_quiz_split_is_seeded_disjoint_and_nine_to_one(data_dir):
+    splits = load_task_splits("cb", data_dir, seed=3)
+    again = load_task_splits("cb", data_dir, seed=3)
+    other = load_task_splits("cb", data_dir, seed=4)
+    assert (len(splits.train), len(splits.quiz), len(splits.validation)) == (225, 25, 56)
+    assert splits.train == again.train and splits.quiz == again.quiz
+    assert splits.quiz != other.quiz
+    train_ids, quiz_ids = {e.index for e in splits.train}, {e.index for e in splits.quiz}
+    assert not train_ids & quiz_ids and train_ids | quiz_ids == set(range(250))
+    assert splits.validation == load_examples("cb", "validation", data_dir)
+
+
+def test_split_caps(data_dir):
+    splits = load_task_splits("rte", data_dir, seed=0, max_train=40, max_eval=16)
+    full = load_task_splits("rte", data_dir, seed=0)
+    assert (len(splits.train), len(splits.quiz), len(splits.validation)) == (40, 16, 16)
+    assert splits.train == full.train[:40] and splits.quiz == full.quiz[:16]
+    indices = [e.index for e in splits.validation]
+    assert indices == sorted(indices) and set(indices) <= {e.index for e in full.validation}
+
+
+def test_local_boolq_is_carved_from_val_without_overlap(data_dir):
+    splits = load_task_splits("boolq", data_dir, seed=0)
+    sizes = (len(splits.train), len(splits.quiz), len(splits.validation))
+    assert sizes == (2493, 277, 500) and sum(sizes) == 3270
+    texts = [{e.texts for e in part} for part in (splits.train, splits.quiz, splits.validation)]
+    assert not (texts[0] & texts[1] or texts[0] & texts[2] or texts[1] & texts[2])
+    assert "val.jsonl" in splits.source
+
+
+def test_encoding_pairs_and_truncation(data_dir, tokenizer):
+    examples = load_examples("wic", "validation", data_dir)[:6] + load_examples("wic", "train", data_dir)[:2]
+    encoded = encode_examples(examples, tokenizer, max_length=64)
+    assert encoded.input_ids.shape[0] == 8 and encoded.input_ids.shape[1] <= 64
+    first = tokenizer.decode(encoded.input_ids[0][encoded.attention_mask[0].bool()])
+    assert first == "[CLS] class [SEP] an emerging professional class. [SEP] apologizing for losing your temper, " \
+                    "even though you were badly provoked, showed real class. [SEP]"
+    word_length = len(tokenizer("class", add_special_tokens=False)["input_ids"]) + 2
+    assert encoded.token_type_ids[0, :word_length].eq(0).all() and encoded.token_type_ids[0, word_length] == 1
+    assert encoded.labels.tolist() == [e.label for e in examples]
+    long = encode_examples(load_examples("boolq", "validation", data_dir)[:4], tokenizer, max_length=32)
+    assert long.input_ids.shape == (4, 32) and long.attention_mask.all()
+
+
+def test_encoding_multiple_choice_and_left_padding(data_dir, tokenizer):
+    examples = load_examples("copa", "validation", data_dir)[:5]
+    encoded = encode_examples(examples, tokenizer, max_length=48)
+    assert encoded.input_ids.dim() == 3 and encoded.input_ids.shape[:2] == (5, 2)
+    second = tokenizer.decode(encoded.input_ids[0, 1][encoded.attention_mask[0, 1].bool()])
+    assert second == "[CLS] the man turned on the faucet. what happened as a result? [SEP] water flowed from the " \
+                     "spout. [SEP]"
+    tokenizer.padding_side = "left"
+    try:
+        left = encode_examples(examples, tokenizer, max_length=48)
+    finally:
+        tokenizer.padding_side = "right"
+    assert left.attention_mask[..., -1].all() and not encoded.attention_mask[..., -1].all()
+    for row in range(5):
+        for choice in range(2):
+            assert (left.input_ids[row, choice][left.attention_mask[row, choice].bool()].tolist()
+                    == encoded.input_ids[row, choice][encoded.attention_mask[row, choice].bool()].tolist())
+    with pytest.raises(ValueError, match="one task"):
+        encode_examples(examples + load_examples("cb", "validation", data_dir)[:1], tokenizer, 48)
+    with pytest.raises(ValueError, match="max_length"):
+        encode_examples(examples, tokenizer, 4)
+    with pytest.raises(ValueError, match="examples"):
+        encode_examples([], tokenizer, 48)
+
+
+def test_batches_are_deterministic_complete_and_resumable(data_dir, tokenizer):
+    split = encode_examples(load_examples("cb", "validation", data_dir), tokenizer, max_length=32)
+    assert num_batches(split, 10) == 6
+    state = torch.get_rng_state()
+    epoch0 = list(iterate_batches(split, 10, shuffle=True, seed=7, epoch=0))
+    assert torch.equal(state, torch.get_rng_state())
+    order = torch.cat([b["example_index"] for b in epoch0])
+    assert sorted(order.tolist()) == list(range(56)) and order.tolist() != list(range(56))
+    assert [len(b["labels"]) for b in epoch0] == [10] * 5 + [6]
+    again = torch.cat([b["example_index"] for b in iterate_batches(split, 10, shuffle=True, seed=7, epoch=0)])
+    epoch1 = torch.cat([b["example_index"] for b in iterate_batches(split, 10, shuffle=True, seed=7, epoch=1)])
+    assert torch.equal(order, again) and not torch.equal(order, epoch1)
+    resumed = list(iterate_batches(split, 10, shuffle=True, seed=7, epoch=0, start_batch=4))
+    assert len(resumed) == 2 and all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(resumed, epoch0[4:]))
+    first = epoch0[0]
+    assert torch.equal(first["input_ids"], split.input_ids[first["example_index"]])
+    assert torch.equal(first["labels"], split.labels[first["example_index"]])
+    plain = torch.cat([b["example_index"] for b in iterate_batches(split, 10, shuffle=False, seed=7)])
+    assert plain.tolist() == list(range(56))
+    with pytest.raises(ValueError, match="start_batch"):
+        next(iterate_batches(split, 10, shuffle=True, seed=7, start_batch=7))
+    with pytest.raises(ValueError, match="batch_size"):
+        num_batches(split, 0)
+
+
+def _reference_macro_f1(predictions: np.ndarray, labels: np.ndarray) -> float:
+    """Independent float64 reference from the confusion matrix."""
+    classes = sorted(set(predictions.tolist()) | set(labels.tolist()))
+    confusion = np.zeros((max(classes) + 1, max(classes) + 1), dtype=np.float64)
+    np.add.at(confusion, (labels, predictions), 1.0)
+    scores = []
+    for c in classes:
+        precision = confusion[c, c] / confusion[:, c].sum() if confusion[:, c].sum() else 0.0
+        recall = confusion[c, c] / confusion[c, :].sum() if confusion[c, :].sum() else 0.0
+        scores.append(2 * precision * recall / (precision + recall) if precision + recall else 0.0)
+    return float(np.mean(scores))
+
+
+@pytest.mark.parametrize("trial", range(4))
+def test_metrics_match_a_float64_reference(trial):
+    rng = random.Random(trial)
+    n = rng.randint(1, 60)
+    labels = torch.tensor([rng.randrange(3) for _ in range(n)])
+    predictions = torch.tensor([rng.randrange(2 if trial == 3 else 3) for _ in range(n)])
+    result = compute_metrics("cb", predictions, labels)
+    accuracy = float(np.mean(predictions.numpy() == labels.numpy()))
+    f1 = _reference_macro_f1(predictions.numpy(), labels.numpy())
+    assert result["accuracy"] == pytest.approx(accuracy, abs=1e-12)
+    assert result["macro_f1"] == pytest.approx(f1, abs=1e-12)
+    assert result["main"] == pytest.approx((accuracy + f1) / 2, abs=1e-12)
+    logits = torch.nn.functional.one_hot(predictions, 3).double() + 0.1 * torch.rand(n, 3)
+    assert compute_metrics("cb", logits, labels) == result
+    rte = compute_metrics("rte", predictions.clamp(max=1), labels.clamp(max=1))
+    assert set(rte) == {"accuracy", "main"} and rte["main"] == rte["accuracy"]
+
+
+def test_metric_errors_name_the_argument():
+    with pytest.raises(TypeError, match="predictions"):
+        compute_metrics("rte", [1, 0], torch.tensor([1, 0]))
+    with pytest.raises(TypeError, match="labels"):
+        compute_metrics("rte", torch.tensor([1, 0]), [1, 0])
+    with pytest.raises(ValueError, match="predictions"):
+        compute_metrics("rte", torch.tensor([1, 0, 1]), torch.tensor([1, 0]))
+    with pytest.raises(ValueError, match="task"):
+        compute_metrics("nope", torch.tensor([1]), torch.tensor([1]))
+    with pytest.raises(TypeError, match="integer"):
+        compute_metrics("rte", torch.tensor([1.0]), torch.tensor([1]))

@@ -1,0 +1,150 @@
+"""Backbones (BERT, DeBERTa-v2, OPT, Llama, the packaged MiniLM), pooling, multi-task heads and truncated students."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mpdistil_fast.models import (POOLING_METHODS, TaskModel, default_teacher_path, load_backbone, pool,
+                                  tiny_backbone, truncated_copy)
+from mpdistil_fast.models.backbones import TINY_KINDS, transformer_layers
+
+VOCAB = 97
+
+
+def _inputs(batch: int, length: int, lengths: list[int], *, left: bool = False, shape_prefix=()):
+    ids = torch.randint(3, VOCAB, (*shape_prefix, batch, length))
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        if left:
+            mask[..., row, length - n:] = 1
+        else:
+            mask[..., row, :n] = 1
+    return ids, mask
+
+
+def _reference_pool(hidden: torch.Tensor, mask: torch.Tensor, method: str) -> torch.Tensor:
+    """Row-by-row float64 reference."""
+    rows = []
+    for h, m in zip(hidden.double(), mask):
+        real = [t for t in range(len(m)) if m[t] == 1]
+        rows.append({"cls": h[0], "mean": h[real].mean(dim=0), "last": h[real[-1]]}[method])
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("left", [False, True], ids=["right_padding", "left_padding"])
+@pytest.mark.parametrize("method", ["cls", "mean", "last"])
+def test_pool_matches_reference(method, left):
+    hidden = torch.randn(5, 9, 7, dtype=torch.float64)
+    _, mask = _inputs(5, 9, [9, 1, 4, 6, 2], left=left)
+    torch.testing.assert_close(pool(hidden, mask, method), _reference_pool(hidden, mask, method), rtol=0, atol=1e-12)
+    hidden32 = hidden.float().requires_grad_()
+    pool(hidden32, mask, method).square().sum().backward()
+    expected = hidden.clone().requires_grad_()
+    _reference_pool(expected, mask, method).square().sum().backward()
+    torch.testing.assert_close(hidden32.grad.double(), expected.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_pool_errors_name_the_argument():
+    hidden, mask = torch.randn(2, 3, 4), torch.ones(2, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="method"):
+        pool(hidden, mask, "max")
+    with pytest.raises(ValueError, match="attention_mask"):
+        pool(hidden, mask[:, :2], "mean")
+    with pytest.raises(TypeError, match="hidden"):
+        pool(hidden.long(), mask, "mean")
+    with pytest.raises(ValueError, match="pooler"):
+        pool(hidden, mask, "pooler")
+
+
+@pytest.mark.parametrize("kind", TINY_KINDS)
+def test_task_model_heads_and_shapes(kind):
+    backbone = tiny_backbone(kind, hidden_size=16, num_layers=2, vocab_size=VOCAB)
+    model = TaskModel(backbone, ["cb", "copa"], pooling="last" if kind in ("opt", "llama") else "cls").eval()
+    ids, mask = _inputs(3, 8, [8, 5, 2])
+    out = model(ids, mask, torch.zeros_like(ids), task="cb", output_hidden_states=True)
+    assert out.logits.shape == (3, 3) and out.pooled.shape == (3, 16)
+    assert len(out.hidden_states) == 3 and all(h.shape == (3, 8, 16) for h in out.hidden_states)
+    choice_ids, choice_mask = _inputs(3, 6, [6, 3, 4], shape_prefix=())
+    mc_ids, mc_mask = torch.stack([choice_ids, choice_ids.flip(0)], 1), torch.stack([choice_mask, choice_mask.flip(0)], 1)
+    mc = model(mc_ids, mc_mask, task="copa", output_hidden_states=True)
+    assert mc.logits.shape == (3, 2) and mc.pooled.shape == (3, 2, 16) and mc.hidden_states[0].shape == (6, 6, 16)
+    # a choice's score depends only on its own (context, choice) pair
+    torch.testing.assert_close(mc.logits[0, 1], mc.logits[2, 0])
+    assert model(ids, mask, task="cb").hidden_states is None
+    with pytest.raises(ValueError, match="task"):
+        model(ids, mask, task="rte")
+    with pytest.raises(ValueError, match="input_ids"):
+        model(ids, mask, task="copa")
+
+
+def test_task_model_uses_token_types_and_pooler_for_bert():
+    model = TaskModel(tiny_backbone("bert", hidden_size=16, vocab_size=VOCAB), ["rte"], pooling="pooler").eval()
+    ids, mask = _inputs(2, 6, [6, 6])
+    types = torch.zeros_like(ids)
+    types[:, 3:] = 1
+    with_types, without = model(ids, mask, types, task="rte"), model(ids, mask, task="rte")
+    assert not torch.allclose(with_types.logits, without.logits)
+    states = model.backbone(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+    torch.testing.assert_close(with_types.pooled, model.backbone.pooler(states))
+    with pytest.raises(ValueError, match="pooler"):
+        TaskModel(tiny_backbone("llama", hidden_size=16, vocab_size=VOCAB), ["rte"], pooling="pooler")
+    with pytest.raises(ValueError, match="pooling"):
+        TaskModel(tiny_backbone("bert", hidden_size=16, vocab_size=VOCAB), ["rte"], pooling="first")
+
+
+@pytest.mark.parametrize("kind", ["bert", "deberta-v2", "opt", "llama"])
+def test_padding_does_not_change_pooled_features(kind):
+    """Right padding (and, for OPT whose positions follow the mask, left padding) leaves each row's pooled
+    representation unchanged: the mask reaches attention and pooling."""
+    model = TaskModel(tiny_backbone(kind, hidden_size=16, vocab_size=VOCAB), ["rte"], pooling="last").eval()
+    ids = torch.randint(3, VOCAB, (1, 5))
+    alone = model(ids, torch.ones_like(ids), task="rte").pooled
+    padded_right = torch.cat([ids, torch.zeros(1, 3, dtype=torch.long)], 1)
+    mask_right = torch.tensor([[1] * 5 + [0] * 3])
+    torch.testing.assert_close(model(padded_right, mask_right, task="rte").pooled, alone, rtol=1e-5, atol=1e-5)
+    if kind == "opt":
+        padded_left, mask_left = padded_right.roll(3, 1), mask_right.roll(3, 1)
+        torch.testing.assert_close(model(padded_left, mask_left, task="rte").pooled, alone, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", TINY_KINDS)
+def test_truncated_copy_keeps_the_first_layers(kind):
+    full = tiny_backbone(kind, hidden_size=16, num_layers=4, vocab_size=VOCAB).eval()
+    student = truncated_copy(full, 2).eval()
+    assert student.config.num_hidden_layers == 2 and full.config.num_hidden_layers == 4
+    assert len(transformer_layers(student)[2]) == 2
+    ids, mask = _inputs(2, 7, [7, 4])
+    kwargs = {"input_ids": ids, "attention_mask": mask, "output_hidden_states": True}
+    full_states, student_states = full(**kwargs).hidden_states, student(**kwargs).hidden_states
+    assert len(student_states) == 3
+    # decoders apply a final norm after the last kept layer, encoders do not: compare the un-normed states
+    shared = 3 if kind in ("bert", "deberta-v2") else 2
+    for a, b in zip(full_states[:shared], student_states[:shared]):
+        torch.testing.assert_close(a, b)
+    full_params = dict(full.named_parameters())
+    for name, parameter in student.named_parameters():
+        assert torch.equal(parameter, full_params[name]) and parameter.data_ptr() != full_params[name].data_ptr()
+    with pytest.raises(ValueError, match="num_layers"):
+        truncated_copy(full, 5)
+    with pytest.raises(ValueError, match="num_layers"):
+        truncated_copy(full, 0)
+
+
+def test_tiny_backbone_is_seeded_and_checks_kind():
+    a, b = tiny_backbone("bert", vocab_size=VOCAB, seed=1), tiny_backbone("bert", vocab_size=VOCAB, seed=1)
+    c = tiny_backbone("bert", vocab_size=VOCAB, seed=2)
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+    assert not all(torch.equal(x, y) for x, y in zip(a.parameters(), c.parameters()))
+    with pytest.raises(ValueError, match="kind"):
+        tiny_backbone("gpt9")
+
+
+def test_packaged_minilm_teacher_and_three_layer_student():
+    path = default_teacher_path()
+    assert (path / "config.json").is_file() and (path / "tokenizer.json").is_file()
+    teacher = load_backbone("minilm")
+    assert teacher.config.num_hidden_layers == 6 and teacher.config.hidden_size == 384
+    student = TaskModel(truncated_copy(teacher, 3), ["cb", "rte"], pooling="pooler")
+    assert student.hidden_size == 384 and student.backbone.config.num_hidden_layers == 3
+    assert sum(p.numel() for p in student.backbone.encoder.parameters()) * 2 == sum(
+        p.numel() for p in teacher.encoder.parameters())
