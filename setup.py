@@ -56,15 +56,18 @@ def _extensions():
 
     rel = lambda pattern: sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
     sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
-    cxx = ["-O3", "-std=c++20", "-fno-math-errno", "-fno-trapping-math", *_cpu_arch_flags()]
+    # -fopenmp: at::parallel_for is inline (ATen's OpenMP backend); without it the row loops run on one thread.
+    cxx = ["-O3", "-std=c++20", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", *_cpu_arch_flags()]
+    link = ["-fopenmp"]
     include_dirs = [os.path.join(HERE, "csrc")]
     if _want_cuda():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", os.environ.get("MPDISTIL_CUDA_ARCHS", "8.0;9.0"))
         sources += rel("csrc/cuda/*.cpp") + rel("csrc/cuda/*.cu")
         nvcc = ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo"]
         return [CUDAExtension("mpdistil_fast._C", sources, include_dirs=include_dirs,
-                              extra_compile_args={"cxx": cxx, "nvcc": nvcc}, define_macros=[("MPDISTIL_WITH_CUDA", "1")])]
-    return [CppExtension("mpdistil_fast._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx})]
+                              extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=link, define_macros=[("MPDISTIL_WITH_CUDA", "1")])]
+    return [CppExtension("mpdistil_fast._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx},
+                         extra_link_args=link)]
 
 
 def _cmdclass():

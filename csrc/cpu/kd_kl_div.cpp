@@ -1,0 +1,238 @@
+// Fused temperature-softmax KL divergence per row, CPU kernels (Hinton et al. 2015, "Distilling the Knowledge in a
+// Neural Network").
+//
+// For each row of logits a (the weighting distribution P) and b (Q), with P = softmax(a / T), Q = softmax(b / T):
+//   forward : kl = sum_i P_i (log P_i - log Q_i), plus stats = (max a, log sum exp((a - max a)/T), same for b).
+//             One read of each input: chunks of kChunk elements, online max/rescale between chunks, vectorised exp.
+//   backward: with g the row's upstream coefficient,
+//             dkl/da_i = g/T * P_i (log P_i - log Q_i - kl),   dkl/db_i = g/T * (Q_i - P_i),
+//             both in one read of each input, recomputing P and Q from the saved stats.
+// The caller maps student/teacher to (a, b): forward KL(p_t || p_s) has a = teacher, b = student; reverse swaps them.
+// Conventions: entries with P_i = 0 (a_i = -inf) contribute exactly 0; a row whose a is all -inf has no distribution
+// and gives kl = 0 and zero gradients (like a masked row); rows with g == 0 get zero gradients without reading.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "cpu/common.h"
+
+namespace mpdistil::cpu {
+namespace {
+
+constexpr int kStatsPerRow = 4;  // max_a, log_sum_a, max_b, log_sum_b
+
+template <typename acc_t>
+constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+
+// Apply `lane_op(va, vb, offset, count)` to consecutive vectors of two acc_t arrays of length n; the last, partial
+// vector is padded with -inf (an entry of probability zero) and has count < width.
+template <typename acc_t, typename LaneOp>
+inline void for_each_vector(const acc_t* a, const acc_t* b, int64_t n, LaneOp&& lane_op) {
+  constexpr int64_t width = Vec<acc_t>::size();
+  int64_t i = 0;
+  for (; i + width <= n; i += width) lane_op(Vec<acc_t>::loadu(a + i), Vec<acc_t>::loadu(b + i), i, width);
+  if (i < n) {
+    const int64_t rest = n - i;
+    const Vec<acc_t> pad(kNegInf<acc_t>);
+    lane_op(Vec<acc_t>::set(pad, Vec<acc_t>::loadu(a + i, rest), rest),
+            Vec<acc_t>::set(pad, Vec<acc_t>::loadu(b + i, rest), rest), i, rest);
+  }
+}
+
+// Online softmax state of one row: running max and sum of exp((x - max) / T), combined in double.
+struct RunningSoftmax {
+  double max = -std::numeric_limits<double>::infinity();
+  double sum = 0.0;
+
+  // Raise the running max to cover `chunk_max`; returns the factor that rescales sums taken at the old max.
+  double raise_max(double chunk_max, double inv_t) {
+    if (chunk_max <= max) return 1.0;
+    const double factor = sum > 0.0 ? std::exp((max - chunk_max) * inv_t) : 1.0;
+    max = chunk_max;
+    sum *= factor;
+    return factor;
+  }
+  // The value subtracted before exp: the max, or 0 while every entry so far is -inf (their exp is then 0).
+  double shift() const { return std::isfinite(max) ? max : 0.0; }
+};
+
+template <typename scalar_t>
+void forward_row(const scalar_t* a_row, const scalar_t* b_row, int64_t vocab, acc_type_t<scalar_t> inv_t,
+                 acc_type_t<scalar_t>* kl, acc_type_t<scalar_t>* stats) {
+  using acc_t = acc_type_t<scalar_t>;
+  acc_t a_buffer[kChunk], b_buffer[kChunk];
+  RunningSoftmax p, q;
+  double cross = 0.0;  // sum_i exp((a_i - max a)/T) * (a_i - b_i)
+  for (int64_t start = 0; start < vocab; start += kChunk) {
+    const int64_t n = std::min(kChunk, vocab - start);
+    const acc_t* a = load_chunk(a_row + start, n, a_buffer);
+    const acc_t* b = load_chunk(b_row + start, n, b_buffer);
+    cross *= p.raise_max(chunk_max(a, n), inv_t);
+    q.raise_max(chunk_max(b, n), inv_t);
+    const Vec<acc_t> shift_a(static_cast<acc_t>(p.shift())), shift_b(static_cast<acc_t>(q.shift()));
+    const Vec<acc_t> scale(inv_t), zero(0);
+    Vec<acc_t> sum_a(0), sum_b(0), cross_ab(0);
+    for_each_vector(a, b, n, [&](Vec<acc_t> va, Vec<acc_t> vb, int64_t, int64_t) {
+      const Vec<acc_t> ea = vec_exp((va - shift_a) * scale);
+      sum_a += ea;
+      sum_b += vec_exp((vb - shift_b) * scale);
+      // P_i = 0 contributes 0 (also when a_i - b_i is infinite or NaN from -inf - -inf).
+      cross_ab += Vec<acc_t>::blendv(ea * (va - vb), zero, ea == zero);
+    });
+    p.sum += lane_sum(sum_a);
+    q.sum += lane_sum(sum_b);
+    cross += lane_sum(cross_ab);
+  }
+  const double log_sum_a = std::log(p.sum), log_sum_b = std::log(q.sum);
+  if (p.sum == 0.0) {
+    *kl = 0;  // no distribution P in this row
+  } else if (q.sum == 0.0) {
+    *kl = std::numeric_limits<acc_t>::infinity();  // P has mass where Q has none
+  } else {
+    *kl = static_cast<acc_t>((cross / p.sum - (p.max - q.max)) * inv_t - log_sum_a + log_sum_b);
+  }
+  stats[0] = static_cast<acc_t>(p.max);
+  stats[1] = static_cast<acc_t>(log_sum_a);
+  stats[2] = static_cast<acc_t>(q.max);
+  stats[3] = static_cast<acc_t>(log_sum_b);
+}
+
+template <typename scalar_t>
+void backward_row(const scalar_t* a_row, const scalar_t* b_row, int64_t vocab, acc_type_t<scalar_t> inv_t,
+                  acc_type_t<scalar_t> grad_row, acc_type_t<scalar_t> kl, const acc_type_t<scalar_t>* stats,
+                  scalar_t* grad_a_row, scalar_t* grad_b_row) {
+  using acc_t = acc_type_t<scalar_t>;
+  constexpr bool kConvertOut = !std::is_same_v<scalar_t, acc_t>;
+  if (grad_row == 0 || !std::isfinite(stats[0])) {  // masked row, or no distribution P: zero gradients
+    if (grad_a_row) std::fill(grad_a_row, grad_a_row + vocab, scalar_t(0));
+    if (grad_b_row) std::fill(grad_b_row, grad_b_row + vocab, scalar_t(0));
+    return;
+  }
+  acc_t a_buffer[kChunk], b_buffer[kChunk], grad_a_buffer[kChunk], grad_b_buffer[kChunk];
+  const Vec<acc_t> max_a(stats[0]), log_sum_a(stats[1]), max_b(stats[2]), log_sum_b(stats[3]);
+  const Vec<acc_t> scale(inv_t), coefficient(grad_row * inv_t), row_kl(kl), zero(0);
+  for (int64_t start = 0; start < vocab; start += kChunk) {
+    const int64_t n = std::min(kChunk, vocab - start);
+    const acc_t* a = load_chunk(a_row + start, n, a_buffer);
+    const acc_t* b = load_chunk(b_row + start, n, b_buffer);
+    acc_t* grad_a = nullptr;
+    acc_t* grad_b = nullptr;
+    if constexpr (kConvertOut) {
+      grad_a = grad_a_row ? grad_a_buffer : nullptr;
+      grad_b = grad_b_row ? grad_b_buffer : nullptr;
+    } else {
+      grad_a = grad_a_row ? grad_a_row + start : nullptr;
+      grad_b = grad_b_row ? grad_b_row + start : nullptr;
+    }
+    for_each_vector(a, b, n, [&](Vec<acc_t> va, Vec<acc_t> vb, int64_t offset, int64_t count) {
+      const Vec<acc_t> log_p = (va - max_a) * scale - log_sum_a;
+      const Vec<acc_t> log_q = (vb - max_b) * scale - log_sum_b;
+      const Vec<acc_t> prob_p = vec_exp(log_p);
+      if (grad_a) {
+        const Vec<acc_t> da = coefficient * prob_p * (log_p - log_q - row_kl);
+        Vec<acc_t>::blendv(da, zero, prob_p == zero).store(grad_a + offset, count);
+      }
+      if (grad_b) (coefficient * (vec_exp(log_q) - prob_p)).store(grad_b + offset, count);
+    });
+    if constexpr (kConvertOut) {
+      if (grad_a_row) store_chunk(grad_a, n, grad_a_row + start);
+      if (grad_b_row) store_chunk(grad_b, n, grad_b_row + start);
+    }
+  }
+}
+
+// Rows of a [N, V] tensor with unit stride along V (a strided row view, copied only when V is strided).
+at::Tensor unit_stride_rows(const at::Tensor& logits) {
+  return logits.stride(1) == 1 ? logits : logits.contiguous();
+}
+
+void check_logits(const at::Tensor& a, const at::Tensor& b) {
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2, "kd_kl_div: logits must be 2-D [rows, vocab], got ", a.sizes(), " and ",
+              b.sizes());
+  TORCH_CHECK(a.sizes() == b.sizes(), "kd_kl_div: logits shapes differ: ", a.sizes(), " vs ", b.sizes());
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), "kd_kl_div: logits dtypes differ: ", a.scalar_type(), " vs ",
+              b.scalar_type());
+  TORCH_CHECK(a.size(1) >= 1, "kd_kl_div: vocabulary size must be >= 1");
+}
+
+at::ScalarType acc_scalar_type(at::ScalarType input) {
+  return input == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+std::tuple<at::Tensor, at::Tensor> kd_kl_div_fwd_cpu(const at::Tensor& p_logits, const at::Tensor& q_logits,
+                                                     double temperature) {
+  check_logits(p_logits, q_logits);
+  const at::Tensor a = unit_stride_rows(p_logits), b = unit_stride_rows(q_logits);
+  const int64_t rows = a.size(0), vocab = a.size(1);
+  const auto options = a.options().dtype(acc_scalar_type(a.scalar_type()));
+  at::Tensor kl = at::empty({rows}, options);
+  at::Tensor stats = at::empty({rows, kStatsPerRow}, options);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scalar_type(), "kd_kl_div_fwd_cpu", [&] {
+    using acc_t = acc_type_t<scalar_t>;
+    const scalar_t* a_data = a.const_data_ptr<scalar_t>();
+    const scalar_t* b_data = b.const_data_ptr<scalar_t>();
+    acc_t* kl_data = kl.mutable_data_ptr<acc_t>();
+    acc_t* stats_data = stats.mutable_data_ptr<acc_t>();
+    const int64_t a_stride = a.stride(0), b_stride = b.stride(0);
+    const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
+    at::parallel_for(0, rows, row_grain(vocab), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        forward_row<scalar_t>(a_data + r * a_stride, b_data + r * b_stride, vocab, inv_t, kl_data + r,
+                              stats_data + r * kStatsPerRow);
+      }
+    });
+  });
+  return {kl, stats};
+}
+
+std::tuple<at::Tensor, at::Tensor> kd_kl_div_bwd_cpu(const at::Tensor& grad_kl, const at::Tensor& p_logits,
+                                                     const at::Tensor& q_logits, const at::Tensor& kl,
+                                                     const at::Tensor& stats, double temperature, bool need_grad_p,
+                                                     bool need_grad_q) {
+  check_logits(p_logits, q_logits);
+  const at::Tensor a = unit_stride_rows(p_logits), b = unit_stride_rows(q_logits);
+  const int64_t rows = a.size(0), vocab = a.size(1);
+  const auto acc = acc_scalar_type(a.scalar_type());
+  TORCH_CHECK(grad_kl.numel() == rows && kl.numel() == rows && stats.numel() == rows * kStatsPerRow,
+              "kd_kl_div_bwd: per-row tensors do not match ", rows, " rows");
+  const at::Tensor grad_rows = grad_kl.to(acc).contiguous();
+  const at::Tensor kl_rows = kl.to(acc).contiguous(), stats_rows = stats.to(acc).contiguous();
+  at::Tensor grad_p = need_grad_p ? at::empty({rows, vocab}, a.options()) : at::empty({0}, a.options());
+  at::Tensor grad_q = need_grad_q ? at::empty({rows, vocab}, a.options()) : at::empty({0}, a.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scalar_type(), "kd_kl_div_bwd_cpu", [&] {
+    using acc_t = acc_type_t<scalar_t>;
+    const scalar_t* a_data = a.const_data_ptr<scalar_t>();
+    const scalar_t* b_data = b.const_data_ptr<scalar_t>();
+    const acc_t* g_data = grad_rows.const_data_ptr<acc_t>();
+    const acc_t* kl_data = kl_rows.const_data_ptr<acc_t>();
+    const acc_t* stats_data = stats_rows.const_data_ptr<acc_t>();
+    scalar_t* grad_p_data = need_grad_p ? grad_p.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* grad_q_data = need_grad_q ? grad_q.mutable_data_ptr<scalar_t>() : nullptr;
+    const int64_t a_stride = a.stride(0), b_stride = b.stride(0);
+    const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
+    at::parallel_for(0, rows, row_grain(vocab), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        backward_row<scalar_t>(a_data + r * a_stride, b_data + r * b_stride, vocab, inv_t, g_data[r], kl_data[r],
+                               stats_data + r * kStatsPerRow, grad_p_data ? grad_p_data + r * vocab : nullptr,
+                               grad_q_data ? grad_q_data + r * vocab : nullptr);
+      }
+    });
+  });
+  return {grad_p, grad_q};
+}
+
+}  // namespace
+}  // namespace mpdistil::cpu
+
+TORCH_LIBRARY_FRAGMENT(mpdistil_C, m) {
+  m.def("kd_kl_div_fwd(Tensor p_logits, Tensor q_logits, float temperature) -> (Tensor kl, Tensor stats)");
+  m.def(
+      "kd_kl_div_bwd(Tensor grad_kl, Tensor p_logits, Tensor q_logits, Tensor kl, Tensor stats, float temperature, "
+      "bool need_grad_p, bool need_grad_q) -> (Tensor grad_p, Tensor grad_q)");
+}
+
+TORCH_LIBRARY_IMPL(mpdistil_C, CPU, m) {
+  m.impl("kd_kl_div_fwd", &mpdistil::cpu::kd_kl_div_fwd_cpu);
+  m.impl("kd_kl_div_bwd", &mpdistil::cpu::kd_kl_div_bwd_cpu);
+}

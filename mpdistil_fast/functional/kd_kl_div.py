@@ -1,0 +1,69 @@
+"""Public temperature-softmax KD loss: ``mpdistil_fast.kd_kl_div`` (Hinton et al., 2015)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from mpdistil_fast._validation import (check_choice, check_mask, check_positive_finite, check_same_device,
+                                       check_same_shape, check_tensor)
+from mpdistil_fast.backends import resolve_backend
+from mpdistil_fast.ops.kd_kl_div import kd_kl_div_op
+
+REDUCTIONS = ("batchmean", "sum", "mean", "none")
+DIRECTIONS = ("forward", "reverse")
+#: The backend choice is a constant of the call site: torch.compile takes its result instead of tracing the registry.
+_resolve_backend = torch.compiler.assume_constant_result(resolve_backend)
+
+
+def kd_kl_div(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0, *,
+              reduction: str = "batchmean", scale_by_t2: bool = True, mask: Optional[Tensor] = None,
+              direction: str = "forward", backend: str = "auto") -> Tensor:
+    """Knowledge-distillation KL loss between temperature-softened distributions (Hinton et al., 2015).
+
+    With p_s = softmax(student_logits / T) and p_t = softmax(teacher_logits / T) over the last dimension V,
+    each row ``r`` of the leading dimensions ``[...]`` gives
+
+        forward:  l_r = KL(p_t || p_s) = sum_v p_t (log p_t - log p_s)      (Hinton KD; ``F.kl_div(log p_s, p_t)``)
+        reverse:  l_r = KL(p_s || p_t)
+
+    multiplied by T^2 when ``scale_by_t2`` (the usual KD convention, which keeps gradient sizes independent of T;
+    pass ``scale_by_t2=False`` for parity with libraries that do not scale).  ``reduction``: ``"batchmean"`` =
+    sum of l_r over valid rows / number of valid rows (every leading position is a row, so ``[B, L, V]`` is
+    averaged over B*L rows); ``"sum"``; ``"mean"`` = sum / (valid rows * V) (torch's elementwise mean);
+    ``"none"`` = l_r with shape ``[...]``.
+
+    Args:
+        student_logits, teacher_logits: ``[..., V]`` float32/bfloat16/float16/float64 logits of the same shape, on
+            one device, any strides (different dtypes are promoted to the wider one).  Accumulation is fp32 (fp64
+            for float64 inputs) and the loss is float32 (float64 for float64 inputs).
+        temperature: T > 0, finite.
+        mask: optional bool ``[...]``; False rows contribute nothing and are not counted. All-False gives exactly 0
+            loss and zero gradients.
+        direction: ``"forward"`` or ``"reverse"``.
+        backend: ``"auto"`` (fastest available; env ``MPDISTIL_BACKEND`` overrides), ``"torch"``, ``"cpp"``,
+            ``"triton"`` or ``"cuda"``.  Fused backends differentiate once, in both inputs (the teacher gradient
+            comes from the same pass); double backward needs ``backend="torch"``.
+
+    Teacher entries of -inf (masked vocabulary) have p_t = 0 and contribute 0 in forward KL; a row whose weighting
+    logits (teacher for forward, student for reverse) are all -inf has no distribution and contributes 0.
+    """
+    check_tensor("student_logits", student_logits)
+    check_tensor("teacher_logits", teacher_logits)
+    check_same_shape("student_logits", student_logits, "teacher_logits", teacher_logits)
+    if student_logits.dim() == 0 or student_logits.shape[-1] == 0:
+        raise ValueError(f"student_logits must have a non-empty last (vocabulary) dimension, got shape "
+                         f"{tuple(student_logits.shape)}")
+    device = check_same_device(student_logits=student_logits, teacher_logits=teacher_logits)
+    mask = check_mask(mask, student_logits.shape[:-1], device)
+    temperature = check_positive_finite("temperature", temperature)
+    check_choice("reduction", reduction, REDUCTIONS)
+    check_choice("direction", direction, DIRECTIONS)
+    if not isinstance(scale_by_t2, bool):
+        raise TypeError(f"scale_by_t2 must be a bool, got {type(scale_by_t2).__name__}")
+    chosen = _resolve_backend(backend, "kd_kl_div", device)
+    common = torch.promote_types(student_logits.dtype, teacher_logits.dtype)
+    student_logits, teacher_logits = student_logits.to(common), teacher_logits.to(common)
+    return kd_kl_div_op(student_logits, teacher_logits, temperature, reduction, scale_by_t2, mask,
+                        direction == "reverse", chosen)

@@ -1,0 +1,191 @@
+"""Temperature-softmax KL distillation loss: the torch reference and the fused custom op with its autograd.
+
+Hinton, Vinyals and Dean (2015), "Distilling the Knowledge in a Neural Network": with p = softmax(z / T),
+
+    forward KL  (direction="forward"):  KL(p_t || p_s) = sum_v p_t,v (log p_t,v - log p_s,v)
+    reverse KL  (direction="reverse"):  KL(p_s || p_t)
+
+per row of ``[..., V]`` logits, times T^2 when ``scale_by_t2`` (keeps gradient magnitudes independent of T), then
+reduced over rows (see :func:`reduce_rows`).  The fused kernels compute KL(P || Q) per row for P = softmax(a / T),
+Q = softmax(b / T) in one read of each input and save only per-row statistics; their backward gives
+
+    dKL/da = P (log P - log Q - KL) / T,      dKL/db = (Q - P) / T
+
+in one more read, so the teacher gradient (a trainable teacher, or the finite-difference hypergradient of
+``mpdistil_fast.bilevel``) costs no extra pass.  Conventions shared by every backend: entries with P = 0 (logits
+-inf) contribute 0; a row whose P logits are all -inf has no distribution and contributes 0 loss and 0 gradient.
+"""
+from __future__ import annotations
+
+import torch
+
+#: Per-row statistics saved by the fused forward: max a, log sum exp((a - max a) / T), max b, log sum exp(...).
+STATS_PER_ROW = 4
+_DOUBLE_BACKWARD_ERROR = (
+    "kd_kl_div: double backward through the fused {backend!r} kernel is not supported; use backend='torch' "
+    "(composite, differentiable twice) or a first-order hypergradient (mpdistil_fast.bilevel's "
+    "'finite_difference' method)"
+)
+
+
+def _weighting_first(student: torch.Tensor, teacher: torch.Tensor, reverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a, b) such that the loss is KL(softmax(a/T) || softmax(b/T)): (teacher, student) for forward KL."""
+    return (student, teacher) if reverse else (teacher, student)
+
+
+def row_kl_torch(student: torch.Tensor, teacher: torch.Tensor, temperature: float, reverse: bool) -> torch.Tensor:
+    """Per-row KL of ``[N, V]`` logits with plain torch ops (accumulated in fp32, or fp64 for fp64 inputs).
+
+    Differentiable to any order.  Rows whose weighting logits are all -inf give 0 (and zero gradients).
+    """
+    acc = torch.float64 if student.dtype == torch.float64 else torch.float32
+    a, b = _weighting_first(student.to(acc), teacher.to(acc), reverse)
+    has_mass = torch.isfinite(a.amax(dim=-1, keepdim=True))
+    a = torch.where(has_mass, a, torch.zeros_like(a))  # keep empty rows out of log_softmax (it would give NaN)
+    log_p = torch.log_softmax(a / temperature, dim=-1)
+    log_q = torch.log_softmax(b / temperature, dim=-1)
+    positive = log_p > float("-inf")
+    # where() before the product: P = 0 entries must not produce 0 * inf in the value or in the gradient.
+    terms = log_p.exp() * (torch.where(positive, log_p, torch.zeros_like(log_p)) - log_q)
+    terms = torch.where(positive, terms, torch.zeros_like(terms))
+    return torch.where(has_mass.squeeze(-1), terms.sum(dim=-1), torch.zeros_like(terms[..., 0]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fused custom op: mpdistil::kd_kl_div_fwd -> (per-row KL, per-row stats), with mpdistil::kd_kl_div_bwd as backward.
+# ``backend`` is "cpp"/"cuda" (torch.ops.mpdistil_C, dispatched by device) or "triton".
+# ---------------------------------------------------------------------------------------------------------------
+def _launch_fwd(a: torch.Tensor, b: torch.Tensor, temperature: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if backend == "triton":
+        from mpdistil_fast.kernels import kd_kl_div as triton_kernels
+
+        return triton_kernels.kd_kl_div_fwd(a, b, temperature)
+    return torch.ops.mpdistil_C.kd_kl_div_fwd(a, b, temperature)
+
+
+def _launch_bwd(grad_kl: torch.Tensor, a: torch.Tensor, b: torch.Tensor, kl: torch.Tensor, stats: torch.Tensor,
+                temperature: float, need_grad_a: bool, need_grad_b: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if backend == "triton":
+        from mpdistil_fast.kernels import kd_kl_div as triton_kernels
+
+        return triton_kernels.kd_kl_div_bwd(grad_kl, a, b, kl, stats, temperature, need_grad_a, need_grad_b)
+    return torch.ops.mpdistil_C.kd_kl_div_bwd(grad_kl, a, b, kl, stats, temperature, need_grad_a, need_grad_b)
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("mpdistil::kd_kl_div_fwd", mutates_args=())
+def kd_kl_div_fwd(student: torch.Tensor, teacher: torch.Tensor, temperature: float, reverse: bool,
+                  backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row KL ``[N]`` and statistics ``[N, 4]`` of ``[N, V]`` logits through the fused kernel ``backend``."""
+    a, b = _weighting_first(student, teacher, reverse)
+    return _launch_fwd(a, b, temperature, backend)
+
+
+@kd_kl_div_fwd.register_fake
+def _(student, teacher, temperature, reverse, backend):
+    acc = _acc_dtype(student.dtype)
+    rows = student.shape[0]
+    return student.new_empty((rows,), dtype=acc), student.new_empty((rows, STATS_PER_ROW), dtype=acc)
+
+
+@torch.library.custom_op("mpdistil::kd_kl_div_bwd", mutates_args=())
+def kd_kl_div_bwd(grad_kl: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor, kl: torch.Tensor,
+                  stats: torch.Tensor, temperature: float, reverse: bool, need_grad_student: bool,
+                  need_grad_teacher: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_student, grad_teacher) of sum(grad_kl * kl); a gradient not asked for comes back as an empty tensor."""
+    a, b = _weighting_first(student, teacher, reverse)
+    need_a, need_b = _weighting_first(need_grad_student, need_grad_teacher, reverse)
+    grad_a, grad_b = _launch_bwd(grad_kl, a, b, kl, stats, temperature, need_a, need_b, backend)
+    return _weighting_first(grad_a, grad_b, reverse)
+
+
+@kd_kl_div_bwd.register_fake
+def _(grad_kl, student, teacher, kl, stats, temperature, reverse, need_grad_student, need_grad_teacher, backend):
+    def grad_like(needed: bool) -> torch.Tensor:
+        return torch.empty_like(student, memory_format=torch.contiguous_format) if needed else student.new_empty((0,))
+
+    return grad_like(need_grad_student), grad_like(need_grad_teacher)
+
+
+def _fwd_setup_context(ctx, inputs, output) -> None:
+    student, teacher, temperature, reverse, backend = inputs
+    kl, stats = output
+    ctx.save_for_backward(student, teacher, kl, stats)
+    ctx.temperature, ctx.reverse, ctx.backend = temperature, reverse, backend
+
+
+def _fwd_backward(ctx, grad_kl: torch.Tensor, grad_stats: torch.Tensor | None):
+    student, teacher, kl, stats = ctx.saved_tensors
+    need_student, need_teacher = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    grad_student, grad_teacher = kd_kl_div_bwd(grad_kl, student, teacher, kl, stats, ctx.temperature, ctx.reverse,
+                                               need_student, need_teacher, ctx.backend)
+    return (grad_student if need_student else None, grad_teacher if need_teacher else None, None, None, None)
+
+
+def _bwd_setup_context(ctx, inputs, output) -> None:
+    ctx.backend = inputs[-1]
+
+
+def _bwd_backward(ctx, *grads):
+    raise RuntimeError(_DOUBLE_BACKWARD_ERROR.format(backend=ctx.backend))
+
+
+torch.library.register_autograd("mpdistil::kd_kl_div_fwd", _fwd_backward, setup_context=_fwd_setup_context)
+torch.library.register_autograd("mpdistil::kd_kl_div_bwd", _bwd_backward, setup_context=_bwd_setup_context)
+
+
+def row_kl_fused(student: torch.Tensor, teacher: torch.Tensor, temperature: float, reverse: bool,
+                 backend: str) -> torch.Tensor:
+    """Per-row KL of ``[N, V]`` logits through a fused backend (first-order differentiable in both inputs)."""
+    return kd_kl_div_fwd(student, teacher, temperature, reverse, backend)[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reductions (shared by every backend).
+# ---------------------------------------------------------------------------------------------------------------
+def reduce_rows(row_kl: torch.Tensor, mask: torch.Tensor | None, reduction: str, scale: float, vocab: int,
+                leading_shape: torch.Size) -> torch.Tensor:
+    """Mask and reduce per-row losses ``[N]`` (rows of ``[..., V]`` flattened) and multiply by ``scale``.
+
+    ``"batchmean"``: sum / number of valid rows; ``"mean"``: sum / (valid rows * V) (torch's elementwise mean);
+    ``"sum"``; ``"none"``: per-row losses of shape ``leading_shape`` (masked rows 0).  Masked rows are removed with
+    ``where`` (so even a NaN in a masked row cannot leak) and get exactly zero gradient; with no valid row the
+    loss is exactly 0.
+    """
+    count: torch.Tensor | int = max(row_kl.numel(), 1)
+    if mask is not None:
+        valid = mask.reshape(-1)
+        row_kl = torch.where(valid, row_kl, torch.zeros_like(row_kl))
+        count = valid.sum().clamp(min=1).to(row_kl.dtype)
+    if reduction == "none":
+        return (row_kl * scale).reshape(leading_shape)
+    total = row_kl.sum() * scale
+    if reduction == "sum":
+        return total
+    if reduction == "batchmean":
+        return total / count
+    return total / (count * vocab)  # "mean"
+
+
+def kd_kl_div_op(student: torch.Tensor, teacher: torch.Tensor, temperature: float, reduction: str, scale_by_t2: bool,
+                 mask: torch.Tensor | None, reverse: bool, backend: str) -> torch.Tensor:
+    """The loss of ``[..., V]`` logits for validated arguments and a resolved backend (public API:
+    :func:`mpdistil_fast.kd_kl_div`)."""
+    vocab = student.shape[-1]
+    student_rows, teacher_rows = student.reshape(-1, vocab), teacher.reshape(-1, vocab)
+    if backend == "torch":
+        row_kl = row_kl_torch(student_rows, teacher_rows, temperature, reverse)
+    else:
+        row_kl = row_kl_fused(student_rows, teacher_rows, temperature, reverse, backend)
+    scale = temperature * temperature if scale_by_t2 else 1.0
+    return reduce_rows(row_kl, mask, reduction, scale, vocab, student.shape[:-1])
+
+
+def kd_kl_div_torch(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0,
+                    reduction: str = "batchmean", scale_by_t2: bool = True, mask: torch.Tensor | None = None,
+                    reverse: bool = False) -> torch.Tensor:
+    """The composite plain-torch loss (the ``torch`` backend; differentiable to any order)."""
+    return kd_kl_div_op(student, teacher, temperature, reduction, scale_by_t2, mask, reverse, "torch")
