@@ -156,8 +156,10 @@ class TeacherCache:
         finally:
             self.teacher.train(was_training)
         if folder is not None:
-            for array in stores.values():
+            for name, array in stores.items():
                 array.flush()
+                # a fresh inode: arrays of an earlier entry that still map the old file keep their values
+                os.replace(folder / f"{name}.npy.tmp", folder / f"{name}.npy")
             return self._load_arrays(folder, self.keep_hidden)
         return stores["logits"], stores["pooled"], stores.get("hidden")
 
@@ -166,7 +168,7 @@ class TeacherCache:
         if folder is None:
             return torch.empty(shape, dtype=dtype)
         folder.mkdir(parents=True, exist_ok=True)
-        return np.lib.format.open_memmap(folder / f"{name}.npy", mode="w+", dtype=np.float32, shape=shape)
+        return np.lib.format.open_memmap(folder / f"{name}.npy.tmp", mode="w+", dtype=np.float32, shape=shape)
 
     @staticmethod
     def _load_arrays(folder: Path, keep_hidden: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:

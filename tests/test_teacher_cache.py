@@ -1,0 +1,87 @@
+"""The frozen-teacher cache: served rows equal a live eval-mode forward pass, in memory and memory-mapped."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mpdistil_fast.data import TeacherCache, encode_examples, iterate_batches, load_examples
+from mpdistil_fast.models import TaskModel, default_teacher_path, load_tokenizer, tiny_backbone
+
+
+@pytest.fixture(scope="module")
+def splits(data_dir):
+    tokenizer = load_tokenizer(default_teacher_path())
+    return {task: encode_examples(load_examples(task, "validation", data_dir)[:13], tokenizer, max_length=40)
+            for task in ("cb", "copa")}
+
+
+def _teacher(seed: int = 0) -> TaskModel:
+    backbone = tiny_backbone("bert", hidden_size=16, num_layers=2, seed=seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return TaskModel(backbone, ["cb", "copa"], pooling="mean")
+
+
+def _live(teacher: TaskModel, batch: dict, task: str):
+    teacher.eval()
+    with torch.no_grad():
+        return teacher(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], task=task,
+                       output_hidden_states=True)
+
+
+@pytest.mark.parametrize("on_disk", [False, True], ids=["memory", "memmap"])
+@pytest.mark.parametrize("task", ["cb", "copa"])
+def test_cached_rows_equal_a_live_teacher(splits, tmp_path, task, on_disk):
+    teacher = _teacher().train()
+    cache = TeacherCache(teacher, tmp_path if on_disk else None, batch_size=5, keep_hidden=True)
+    cached = cache.outputs(splits[task], "validation")
+    assert teacher.training, "the cache must restore the teacher's training mode"
+    assert cache.outputs(splits[task], "validation") is cached
+    for batch in iterate_batches(splits[task], 4, shuffle=True, seed=1):
+        served, live = cached.gather(batch["example_index"]), _live(teacher, batch, task)
+        torch.testing.assert_close(served.logits, live.logits, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(served.pooled, live.pooled, rtol=1e-6, atol=1e-6)
+        assert len(served.hidden_states) == len(live.hidden_states) == 3
+        for a, b in zip(served.hidden_states, live.hidden_states):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+        assert not served.logits.requires_grad
+    assert cached.rows_served == len(splits[task])
+    expected_saved = cached.compute_seconds - cached.obtain_seconds  # one epoch served
+    assert cache.seconds_saved == pytest.approx(expected_saved)
+    assert "rows served" in cache.summary()
+    if on_disk:
+        assert isinstance(np.load(tmp_path / f"{task}-validation" / "logits.npy", mmap_mode="r"), np.memmap)
+
+
+def test_a_second_run_reuses_the_files_without_running_the_teacher(splits, tmp_path, monkeypatch):
+    first = TeacherCache(_teacher(), tmp_path).outputs(splits["cb"], "train")
+    teacher = _teacher()
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the teacher ran although its outputs were cached on disk")
+
+    monkeypatch.setattr(teacher, "forward", must_not_run)
+    second_cache = TeacherCache(teacher, tmp_path)
+    second = second_cache.outputs(splits["cb"], "train")
+    assert torch.equal(first.logits, second.logits) and second.hidden is None
+    assert second.compute_seconds == pytest.approx(first.compute_seconds)
+    second.gather(torch.arange(13))
+    second.gather(torch.arange(13))
+    assert second_cache.seconds_saved == pytest.approx(2 * first.compute_seconds - second.obtain_seconds)
+
+
+def test_other_weights_or_hidden_request_recompute(splits, tmp_path):
+    original = TeacherCache(_teacher(0), tmp_path).outputs(splits["cb"], "train")
+    changed = TeacherCache(_teacher(1), tmp_path).outputs(splits["cb"], "train")
+    assert not torch.allclose(original.logits, changed.logits)
+    with_hidden = TeacherCache(_teacher(1), tmp_path, keep_hidden=True).outputs(splits["cb"], "train")
+    assert with_hidden.hidden is not None and with_hidden.hidden.shape[:2] == (13, 3)
+
+
+def test_cache_errors_name_the_argument(splits):
+    with pytest.raises(ValueError, match="batch_size"):
+        TeacherCache(_teacher(), batch_size=0)
+    cached = TeacherCache(_teacher()).outputs(splits["cb"], "train")
+    with pytest.raises(ValueError, match="example_index"):
+        cached.gather(torch.tensor([13]))
