@@ -1,0 +1,181 @@
+"""Checkpoints: exact round trip of the full training state, atomic writes (also under SIGKILL), RNG capture."""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+
+from mpdistil_fast.pipeline.checkpoint import (capture_rng_state, checkpoint_dir, flatten_state_dict,
+                                               latest_checkpoint, list_checkpoints, load_checkpoint,
+                                               prune_checkpoints, restore_rng_state, save_checkpoint,
+                                               unflatten_state_dict)
+
+
+def _training(seed: int = 0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Dropout(0.3), torch.nn.Linear(7, 3))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.05, total_steps=20)
+    return model, optimizer, scheduler
+
+
+def _step(model, optimizer, scheduler) -> None:
+    inputs = torch.randn(4, 5)  # the global RNG drives data and dropout, so it must be restored too
+    loss = model(inputs).logsumexp(-1).mean()
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
+
+
+def test_resumed_training_equals_uninterrupted_training(tmp_path):
+    reference = _training()
+    for _ in range(8):
+        _step(*reference)
+
+    model, optimizer, scheduler = _training()
+    for _ in range(3):
+        _step(model, optimizer, scheduler)
+    optimizer_tensors, optimizer_meta = flatten_state_dict(optimizer.state_dict())
+    scheduler_tensors, scheduler_meta = flatten_state_dict(scheduler.state_dict())
+    save_checkpoint(checkpoint_dir(tmp_path, 3),
+                    {"student": model.state_dict(), "optimizer/student": optimizer_tensors,
+                     "scheduler": scheduler_tensors},
+                    {"step": 3, "optimizer": optimizer_meta, "scheduler": scheduler_meta, "rng": capture_rng_state()})
+    for _ in range(2):  # work after the checkpoint that a kill would lose
+        _step(model, optimizer, scheduler)
+
+    tensors, state = load_checkpoint(latest_checkpoint(tmp_path))
+    model, optimizer, scheduler = _training(seed=123)
+    model.load_state_dict(tensors["student"])
+    optimizer.load_state_dict(unflatten_state_dict(tensors["optimizer/student"], state["optimizer"]))
+    scheduler.load_state_dict(unflatten_state_dict(tensors["scheduler"], state["scheduler"]))
+    restore_rng_state(state["rng"])
+    for _ in range(5):
+        _step(model, optimizer, scheduler)
+    for a, b in zip(model.parameters(), reference[0].parameters()):
+        assert torch.equal(a, b)
+    assert scheduler.get_last_lr() == reference[2].get_last_lr()
+
+
+def test_flatten_round_trips_nested_python_and_tensor_state():
+    state = {0: {"exp_avg": torch.randn(3), "step": torch.tensor(4.0)}, "betas": (0.9, 0.999),
+             "nested": [{"a": np.arange(3)}, (1, "x", None, float("inf"))], (1, 2): True, "__tensor__": 1.5,
+             "counts": np.int64(7), "mask": torch.tensor([True, False])}
+    tensors, meta = flatten_state_dict(state)
+    import json
+
+    restored = unflatten_state_dict(tensors, json.loads(json.dumps(meta)))
+    assert set(restored) == set(state)
+    assert torch.equal(restored[0]["exp_avg"], state[0]["exp_avg"]) and restored[0]["step"].dtype == torch.float32
+    assert restored["betas"] == (0.9, 0.999) and isinstance(restored["betas"], tuple)
+    assert torch.equal(restored["nested"][0]["a"], torch.arange(3))
+    assert restored["nested"][1] == (1, "x", None, float("inf"))
+    assert restored[(1, 2)] is True and restored["__tensor__"] == 1.5 and restored["counts"] == 7
+    assert restored["mask"].dtype == torch.bool
+    state[0]["exp_avg"].add_(1.0)
+    assert not torch.equal(restored[0]["exp_avg"], state[0]["exp_avg"]), "flattened tensors must be copies"
+    with pytest.raises(TypeError, match="opt.fn"):
+        flatten_state_dict({"opt": {"fn": print}})
+    with pytest.raises(KeyError, match="missing"):
+        unflatten_state_dict({}, {"__tensor__": "missing"})
+
+
+def test_rng_state_round_trip():
+    state = capture_rng_state()
+    import json
+
+    state = json.loads(json.dumps(state))
+    first = (random.random(), np.random.rand(), torch.rand(3))
+    restore_rng_state(state)
+    again = (random.random(), np.random.rand(), torch.rand(3))
+    assert first[0] == again[0] and first[1] == again[1] and torch.equal(first[2], again[2])
+    with pytest.raises(ValueError, match="numpy"):
+        restore_rng_state({"python": state["python"], "torch": state["torch"]})
+
+
+def test_failed_write_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
+    target = checkpoint_dir(tmp_path, 1)
+    save_checkpoint(target, {"student": {"w": torch.zeros(2)}}, {"step": 1})
+    real_save = safetensors.torch.save_file
+    calls = []
+
+    def failing_save(tensors, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return real_save(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(target, {"student": {"w": torch.ones(2)}, "teacher": {"w": torch.ones(2)}}, {"step": 9})
+    tensors, state = load_checkpoint(target)
+    assert state == {"step": 1} and torch.equal(tensors["student"]["w"], torch.zeros(2))
+    assert sorted(p.name for p in target.parent.iterdir()) == [target.name], "temporary directories must be removed"
+    monkeypatch.setattr(safetensors.torch, "save_file", real_save)
+    save_checkpoint(target, {"student": {"w": torch.ones(2)}}, {"step": 2})
+    assert load_checkpoint(target)[1] == {"step": 2}
+
+
+def test_checkpoint_listing_pruning_and_errors(tmp_path):
+    assert latest_checkpoint(tmp_path) is None
+    for step in (2, 10, 7):
+        save_checkpoint(checkpoint_dir(tmp_path, step), {}, {"step": step})
+    (tmp_path / "checkpoints" / ".step-000000011.tmp-x").mkdir()
+    (tmp_path / "checkpoints" / "step-000000012").mkdir()  # no state.json: incomplete
+    assert [load_checkpoint(p)[1]["step"] for p in list_checkpoints(tmp_path)] == [2, 7, 10]
+    prune_checkpoints(tmp_path, keep=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000000007", "step-000000010"]
+    with pytest.raises(TypeError, match="state"):
+        save_checkpoint(tmp_path / "x", {}, {"bad": torch.zeros(1)})
+    with pytest.raises(ValueError, match="component"):
+        save_checkpoint(tmp_path / "x", {"../escape": {}}, {})
+    with pytest.raises(FileNotFoundError, match="checkpoint"):
+        load_checkpoint(tmp_path / "checkpoints" / "step-000000012")
+    with pytest.raises(ValueError, match="step"):
+        checkpoint_dir(tmp_path, -1)
+    with pytest.raises(ValueError, match="keep"):
+        prune_checkpoints(tmp_path, keep=0)
+
+
+WRITER = textwrap.dedent("""
+    import sys, torch
+    from mpdistil_fast.pipeline.checkpoint import checkpoint_dir, prune_checkpoints, save_checkpoint
+    run, step = sys.argv[1], 0
+    print("ready", flush=True)
+    while True:
+        step += 1
+        value = torch.full((64, 1024), float(step))
+        save_checkpoint(checkpoint_dir(run, step), {"student": {"w": value}, "optimizer/student": {"m": value}},
+                        {"step": step})
+        save_checkpoint(checkpoint_dir(run, 0), {"student": {"w": value}}, {"step": step})  # overwrite in place
+        prune_checkpoints(run, keep=2)
+""")
+
+
+def test_sigkill_mid_write_leaves_only_complete_checkpoints(tmp_path):
+    process = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path)], stdout=subprocess.PIPE,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert process.stdout.readline().strip() == b"ready"
+    deadline = time.monotonic() + 60
+    while len(list_checkpoints(tmp_path)) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(random.Random(0).uniform(0.0, 0.2))
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    checkpoints = list_checkpoints(tmp_path)
+    assert checkpoints, "no checkpoint survived"
+    for path in checkpoints:
+        tensors, state = load_checkpoint(path)
+        assert torch.equal(tensors["student"]["w"], torch.full((64, 1024), float(state["step"])))
+        if path.name != "step-000000000":
+            assert torch.equal(tensors["optimizer/student"]["m"], tensors["student"]["w"])

@@ -1,0 +1,99 @@
+"""The metrics logger (JSON lines + TensorBoard, rank-aware, exact resume) and the report writer."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mpdistil_fast.pipeline.metrics_log import MetricsLogger, read_metrics
+from mpdistil_fast.pipeline.report import format_results_table, write_report
+
+REPORT = {
+    "tasks": {
+        "cb": {"teacher": {"accuracy": 0.875, "macro_f1": 0.8125, "accuracy_macro_f1_mean": 0.84375, "main": 0.84375},
+               "meta_teacher": {"accuracy": 0.75, "macro_f1": 0.5, "accuracy_macro_f1_mean": 0.625, "main": 0.625},
+               "student_stage2": {"accuracy": 0.5, "macro_f1": 0.25, "accuracy_macro_f1_mean": 0.375, "main": 0.375},
+               "student_final": {"accuracy": 0.625, "macro_f1": 0.5, "accuracy_macro_f1_mean": 0.5625,
+                                 "main": 0.5625}},
+        "rte": {"teacher": {"accuracy": 0.625, "main": 0.625}, "student_final": {"accuracy": 0.5625, "main": 0.5625}},
+    },
+    "timings": {"stage1_teacher": 12.5, "stage4_curriculum": 3.25},
+    "curves": {"quiz": [(0, "cb", 0.5), (10, "cb", 0.6), (0, "rte", 0.55)], "reward": [(0, 1.0), (1, 0.0), (2, 1.0)],
+               "actions": [(0, {"cb": 3, "rte": 1}), (1, {"cb": 1, "rte": 3}), (2, {"rte": 4})]},
+    "config": {"method": "mpdistil"},
+    "data_source": {"cb": "local ../shared/data"},
+}
+
+
+def test_write_report_outputs(tmp_path):
+    write_report(tmp_path / "out", REPORT)
+    written = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert written["tasks"] == REPORT["tasks"] and written["curves"]["quiz"][1] == [10, "cb", 0.6]
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert "| cb | acc 87.5 / F1 81.2 | acc 75.0 / F1 50.0 | acc 50.0 / F1 25.0 | acc 62.5 / F1 50.0 |" in markdown
+    assert "| rte | acc 62.5 | - | - | acc 56.2 |" in markdown
+    assert "| average (main) | 73.4 | - | - | 56.2 |" in markdown
+    assert "| stage1_teacher | 12.5 |" in markdown and "local ../shared/data" in markdown
+    png = (tmp_path / "out" / "curves.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["curves.png", "report.json", "report.md"]
+
+
+def test_report_with_missing_parts_still_writes(tmp_path):
+    write_report(tmp_path, {"tasks": {"rte": {"student_final": {"accuracy": 0.5, "main": 0.5}}}})
+    assert (tmp_path / "curves.png").stat().st_size > 0
+    assert format_results_table({"tasks": {}}).endswith("| average (main) | - | - | - | - |")
+    with pytest.raises(TypeError, match="report"):
+        write_report(tmp_path, [("tasks", {})])
+
+
+def test_metrics_logger_writes_jsonl_and_tensorboard(tmp_path):
+    with MetricsLogger(tmp_path) as logger:
+        logger.log("stage2", 1, {"loss": 0.5, "quiz_accuracy": torch.tensor(0.75)})
+        logger.log("stage4", 3, {"reward": 1})
+    records = read_metrics(tmp_path)
+    assert [(r["stage"], r["step"]) for r in records] == [("stage2", 1), ("stage4", 3)]
+    assert records[0]["quiz_accuracy"] == 0.75 and records[1]["reward"] == 1.0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert set(events.Tags()["scalars"]) == {"stage2/loss", "stage2/quiz_accuracy", "stage4/reward"}
+    assert events.Scalars("stage2/quiz_accuracy")[0].value == pytest.approx(0.75)
+
+
+def test_only_the_main_process_writes(tmp_path):
+    logger = MetricsLogger(tmp_path / "rank1", is_main=False)
+    logger.log("stage2", 0, {"loss": 1.0})
+    logger.close()
+    assert not (tmp_path / "rank1").exists()
+    with pytest.raises(TypeError, match="loss"):
+        logger.log("stage2", 0, {"loss": "high"})
+
+
+def test_resume_drops_records_written_after_the_checkpoint(tmp_path):
+    logger = MetricsLogger(tmp_path, tensorboard=False)
+    logger.log("stage2", 0, {"loss": 1.0})
+    logger.log("stage2", 1, {"loss": 0.9})
+    at_checkpoint = logger.records_written
+    logger.log("stage2", 2, {"loss": 0.8})  # logged, then the run is killed before the next checkpoint
+    logger.close()
+    resumed = MetricsLogger(tmp_path, tensorboard=False, keep_records=at_checkpoint)
+    resumed.log("stage2", 2, {"loss": 0.7})
+    resumed.close()
+    assert [(r["step"], r["loss"]) for r in read_metrics(tmp_path)] == [(0, 1.0), (1, 0.9), (2, 0.7)]
+    assert MetricsLogger(tmp_path, tensorboard=False).records_written == 3
+
+
+def test_logger_errors_name_the_argument(tmp_path):
+    logger = MetricsLogger(tmp_path, tensorboard=False)
+    with pytest.raises(ValueError, match="stage"):
+        logger.log("", 0, {"loss": 1.0})
+    with pytest.raises(TypeError, match="step"):
+        logger.log("stage2", 1.5, {"loss": 1.0})
+    with pytest.raises(ValueError, match="acc"):
+        logger.log("stage2", 1, {"acc": torch.ones(2)})
+    with pytest.raises(ValueError, match="keep_records"):
+        MetricsLogger(tmp_path, tensorboard=False, keep_records=-1)
+    logger.close()
