@@ -14,6 +14,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from mpdistil_fast.ops.common import accumulation_dtype
+
 NORM_EPS = 1e-12
 
 
@@ -88,10 +90,6 @@ def hidden_mse_bwd_kernel(y_ptr, y_layer_stride, t_ptr, t_layer_stride, y_layers
             tl.store(grad_t_ptr + t_offsets, previous_t + g_t, mask=in_row)
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _triton_acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
@@ -121,7 +119,7 @@ def hidden_mse_fwd(student: Tensor, teacher: Tensor, student_layers: Tensor, tea
                    normalize: bool) -> tuple[Tensor, Tensor]:
     """(sse [P], projected rows [P, N, H_t] or empty): see ``mpdistil_fast.ops.hidden_mse``."""
     student, teacher = student.contiguous(), teacher.contiguous()
-    acc = _acc_dtype(student.dtype)
+    acc = accumulation_dtype(student.dtype)
     pairs, rows, width = student_layers.numel(), student.shape[1], teacher.shape[2]
     y, y_layers, projected = _rows_source(student, student_layers, weight, bias, acc)
     row_sse = torch.zeros((pairs, rows), dtype=acc, device=student.device)
@@ -139,7 +137,7 @@ def hidden_mse_bwd(grad_sse: Tensor, student: Tensor, teacher: Tensor, student_l
                    projected: Tensor, normalize: bool, need_teacher_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients for (student, teacher or empty, weight or empty, bias or empty)."""
     student, teacher = student.contiguous(), teacher.contiguous()
-    acc = _acc_dtype(student.dtype)
+    acc = accumulation_dtype(student.dtype)
     rows, width = student.shape[1], teacher.shape[2]
     if weight is None:
         y, y_layers = student, student_layers

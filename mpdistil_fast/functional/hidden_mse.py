@@ -7,14 +7,12 @@ import torch
 from torch import Tensor
 
 from mpdistil_fast._validation import check_choice, check_mask, check_same_device, check_tensor
-from mpdistil_fast.backends import resolve_backend
+from mpdistil_fast.ops.common import resolve_backend_traceable
 from mpdistil_fast.ops.hidden_mse import hidden_mse_fwd, hidden_mse_torch
 
 LayerMap = Union[None, str, Sequence[int], Sequence[tuple[int, int]]]
 Projection = Union[None, Tensor, tuple[Tensor, Optional[Tensor]]]
 REDUCTIONS = ("mean", "sum", "none")
-#: The backend choice is a constant of the call site: torch.compile takes its result instead of tracing the registry.
-_resolve_backend = torch.compiler.assume_constant_result(resolve_backend)
 LAYER_PRESETS = ("skip", "last")
 
 
@@ -58,7 +56,7 @@ def layer_pairs(layer_map: LayerMap, student_layers: int, teacher_layers: int) -
     return pairs
 
 
-def _projection_parts(projection: Projection) -> tuple[Optional[Tensor], Optional[Tensor]]:
+def projection_parts(projection: Projection) -> tuple[Optional[Tensor], Optional[Tensor]]:
     if projection is None or isinstance(projection, Tensor):
         return projection, None
     if isinstance(projection, (tuple, list)) and len(projection) == 2:
@@ -85,7 +83,7 @@ def hidden_mse(student_hidden: Tensor, teacher_hidden: Tensor, *, mask: Optional
     """
     check_tensor("student_hidden", student_hidden)
     check_tensor("teacher_hidden", teacher_hidden)
-    weight, bias = _projection_parts(projection)
+    weight, bias = projection_parts(projection)
     if weight is not None:
         check_tensor("projection weight", weight)
     if bias is not None:
@@ -121,7 +119,7 @@ def hidden_mse(student_hidden: Tensor, teacher_hidden: Tensor, *, mask: Optional
         raise ValueError("layer_map needs layer stacks [L, B, S, H]")
     depth_s, depth_t = (student_hidden.shape[0], teacher_hidden.shape[0]) if stacked else (1, 1)
     pairs = layer_pairs(layer_map, depth_s, depth_t)
-    backend = _resolve_backend(backend, "hidden_mse", device)
+    backend = resolve_backend_traceable(backend, "hidden_mse", device)
 
     student = student_hidden.reshape(depth_s, -1, width_s)
     teacher = teacher_hidden.reshape(depth_t, -1, width_t)

@@ -19,13 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mpdistil_fast.ops.common import accumulation_dtype, no_double_backward
+
 #: Clamp of the L2 norm when normalising (the default of torch.nn.functional.normalize).
 NORM_EPS = 1e-12
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 for float64 inputs, float32 for every other floating dtype."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def hidden_mse_torch(student: Tensor, teacher: Tensor, student_layers: Tensor, teacher_layers: Tensor,
@@ -107,10 +104,5 @@ def _backward(ctx, grad_sse: Tensor, _grad_projected: Tensor):
             grad_weight if weight is not None else None, grad_bias if bias is not None else None, None, None)
 
 
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError("hidden_mse: the fused backends (cpp, cuda, triton) have no double backward; use "
-                       "backend='torch' (or the bilevel finite_difference method) for higher-order gradients")
-
-
 hidden_mse_fwd.register_autograd(_backward, setup_context=_setup_context)
-hidden_mse_bwd.register_autograd(_no_double_backward)
+hidden_mse_bwd.register_autograd(no_double_backward("hidden_mse"))

@@ -1,0 +1,136 @@
+"""Public MPDistil meta-teacher loss and logits: ``mpdistil_fast.meta_teacher_loss`` / ``meta_teacher_logits``."""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Union
+
+import torch
+from torch import Tensor
+
+from mpdistil_fast._validation import check_choice, check_same_device, check_tensor
+from mpdistil_fast.functional.hidden_mse import Projection, projection_parts
+from mpdistil_fast.ops.common import resolve_backend_traceable
+from mpdistil_fast.ops.meta_teacher_loss import discriminator_logits, meta_teacher_loss_fwd, meta_teacher_loss_torch
+
+MODES = ("collaborative", "competitive")
+Params = Union[Tensor, tuple[Tensor, Tensor]]
+
+
+class MetaTeacherOutput(NamedTuple):
+    """The loss and the (detached) logits of the meta-teacher on the teacher and on the student representation."""
+
+    loss: Tensor
+    teacher_logits: Tensor
+    student_logits: Tensor
+
+
+def _check_vector(name: str, value: object, length: int) -> Tensor:
+    check_tensor(name, value)
+    if tuple(value.shape) != (length,):
+        raise ValueError(f"{name} must have shape {(length,)}, got {tuple(value.shape)}")
+    return value
+
+
+def _check_matrix(name: str, value: object, shape: tuple[int, int]) -> Tensor:
+    check_tensor(name, value)
+    if tuple(value.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(value.shape)}")
+    return value
+
+
+def discriminator_parts(weight: Params, bias: Params, hidden: Optional[int],
+                        in_features: int) -> tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
+    """(W1, b1, W2, b2) of the discriminator after checking shapes: ``weight [K, H]`` and ``bias [K]`` for a linear
+    D, or ``weight = (W1 [hidden, H], W2 [K, hidden])`` and ``bias = (b1 [hidden], b2 [K])`` when ``hidden``."""
+    if hidden is None:
+        check_tensor("weight", weight)
+        if weight.dim() != 2 or weight.shape[1] != in_features or weight.shape[0] < 1:
+            raise ValueError(f"weight must be [num_labels, {in_features}] (the representation width), got "
+                             f"{tuple(weight.shape)}")
+        return weight, _check_vector("bias", bias, weight.shape[0]), None, None
+    if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
+        raise ValueError(f"hidden must be None or a positive int, got {hidden!r}")
+    if not (isinstance(weight, (tuple, list)) and len(weight) == 2 and isinstance(bias, (tuple, list))
+            and len(bias) == 2):
+        raise TypeError("with hidden set, weight and bias must be (first, second) layer pairs")
+    w1 = _check_matrix("weight[0]", weight[0], (hidden, in_features))
+    check_tensor("weight[1]", weight[1])
+    if weight[1].dim() != 2 or weight[1].shape[1] != hidden or weight[1].shape[0] < 1:
+        raise ValueError(f"weight[1] must be [num_labels, {hidden}], got {tuple(weight[1].shape)}")
+    classes = weight[1].shape[0]
+    return w1, _check_vector("bias[0]", bias[0], hidden), weight[1], _check_vector("bias[1]", bias[1], classes)
+
+
+def meta_teacher_logits(h: Tensor, weight: Params, bias: Params, *, hidden: Optional[int] = None,
+                        projection: Projection = None) -> Tensor:
+    """Differentiable meta-teacher logits D(h) of one ``[B, H]`` representation (e.g. to score a quiz batch);
+    ``projection = (P, c)`` first maps a narrower student state to the discriminator width."""
+    check_tensor("h", h)
+    if h.dim() != 2:
+        raise ValueError(f"h must be [B, H], got shape {tuple(h.shape)}")
+    proj_weight, proj_bias = projection_parts(projection)
+    if proj_weight is not None:
+        h = torch.nn.functional.linear(h, proj_weight, proj_bias)
+    w1, b1, w2, b2 = discriminator_parts(weight, bias, hidden, h.shape[1])
+    return discriminator_logits(h, w1, b1, w2, b2)
+
+
+def meta_teacher_loss(h_teacher: Tensor, h_student: Tensor, weight: Params, bias: Params, labels: Tensor, *,
+                      mode: str = "collaborative", hidden: Optional[int] = None,
+                      student_projection: Projection = None, return_logits: bool = False,
+                      backend: str = "auto") -> Union[Tensor, MetaTeacherOutput]:
+    """MPDistil meta-teacher loss (Sengupta et al., ICLR 2024), fused: both discriminator passes, loss, gradients.
+
+    z_T = D(h_teacher), z_S = D(h_student') with D linear (``weight [K, H]``, ``bias [K]``) or Linear -> GELU ->
+    Linear (``hidden`` set, ``weight = (W1, W2)``, ``bias = (b1, b2)``) and h_student' = h_student P^T + c when
+    ``student_projection = (P [H, H_s], c)`` (a narrower student).  Means over the batch, p_D the softmax
+    probability of the gold label:
+
+        collaborative:  0.5 CE(z_T, y) + 0.5 CE(z_S, y)
+        competitive:    CE(z_T, y) - mean p_D(y | h_teacher) + mean p_D(y | h_student)
+
+    Gradients flow to the discriminator and projection parameters and to h_teacher / h_student when they require
+    grad.  Returns the loss (float64 for float64 inputs, else float32), or with ``return_logits=True`` a
+    :class:`MetaTeacherOutput` whose logits (dtype of h_teacher) are detached, for rewards and metrics.
+    """
+    check_tensor("h_teacher", h_teacher)
+    check_tensor("h_student", h_student)
+    check_tensor("labels", labels, floating=False)
+    check_choice("mode", mode, MODES)
+    if h_teacher.dim() != 2 or h_student.dim() != 2:
+        raise ValueError(f"h_teacher and h_student must be [B, H], got shapes {tuple(h_teacher.shape)} and "
+                         f"{tuple(h_student.shape)}")
+    if h_teacher.shape[0] == 0:
+        raise ValueError("h_teacher: empty batch (the loss is a mean over the batch)")
+    if h_student.shape[0] != h_teacher.shape[0] or tuple(labels.shape) != (h_teacher.shape[0],):
+        raise ValueError(f"h_student and labels must have the batch size of h_teacher ({h_teacher.shape[0]}), got "
+                         f"{tuple(h_student.shape)} and labels {tuple(labels.shape)}")
+    if h_student.dtype != h_teacher.dtype:
+        raise TypeError(f"h_student and h_teacher must share a dtype, got {h_student.dtype} and {h_teacher.dtype}")
+    if labels.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"labels must be an int64 or int32 tensor, got {labels.dtype}")
+    width = h_teacher.shape[1]
+    proj_weight, proj_bias = projection_parts(student_projection)
+    if proj_weight is None:
+        if h_student.shape[1] != width:
+            raise ValueError(f"h_student width {h_student.shape[1]} != h_teacher width {width}: pass a "
+                             "student_projection")
+    else:
+        _check_matrix("student_projection weight", proj_weight, (width, h_student.shape[1]))
+        if proj_bias is not None:
+            _check_vector("student_projection bias", proj_bias, width)
+    w1, b1, w2, b2 = discriminator_parts(weight, bias, hidden, width)
+    classes = (w2 if w2 is not None else w1).shape[0]
+    device = check_same_device(h_teacher=h_teacher, h_student=h_student, labels=labels, weight=w1, bias=b1,
+                               student_projection=proj_weight)
+    if not torch.compiler.is_compiling() and labels.numel() and not (0 <= labels.min() and labels.max() < classes):
+        raise ValueError(f"labels must lie in [0, {classes}), got values in [{labels.min().item()}, "
+                         f"{labels.max().item()}]")
+    chosen = resolve_backend_traceable(backend, "meta_teacher_loss", device)
+    competitive = mode == "competitive"
+    if chosen == "torch":
+        loss, z_t, z_s = meta_teacher_loss_torch(h_teacher, h_student, proj_weight, proj_bias, w1, b1, w2, b2,
+                                                 labels, competitive)
+    else:
+        loss, z_t, z_s = meta_teacher_loss_fwd(h_teacher, h_student, proj_weight, proj_bias, w1, b1, w2, b2, labels,
+                                               competitive, chosen)[:3]
+    return MetaTeacherOutput(loss, z_t.detach(), z_s.detach()) if return_logits else loss
