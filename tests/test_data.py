@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from mpdistil_fast.data import (TASKS, compute_metrics, encode_examples, iterate_batches, load_examples,
-                                load_task_splits, num_batches, resolve_data_dir)
+from mpdistil_fast.data import (TASKS, check_task_data, compute_metrics, encode_examples, iterate_batches,
+                                load_examples, load_task_splits, num_batches, resolve_data_dir, trim_padding)
 from mpdistil_fast.data import loading
 from mpdistil_fast.data.tasks import format_row
 from mpdistil_fast.models import default_teacher_path, load_tokenizer
@@ -167,6 +167,17 @@ def test_loading_errors_name_the_problem(data_dir, tmp_path):
         format_row("cb", {"premise": "p", "label": "neutral"}, 0)
 
 
+def test_check_task_data_fails_early_and_names_the_file(data_dir, tmp_path):
+    for task in TASKS:
+        check_task_data(task, data_dir)
+    with pytest.raises(FileNotFoundError, match="RTE/train.jsonl"):
+        check_task_data("rte", tmp_path)
+    (tmp_path / "superglue" / "CB").mkdir(parents=True)
+    (tmp_path / "superglue" / "CB" / "train.jsonl").write_text('{"premise": "p", "label": "neutral"}\n')
+    with pytest.raises(ValueError, match="hypothesis"):
+        check_task_data("cb", tmp_path)
+
+
 def test_quiz_split_is_seeded_disjoint_and_nine_to_one(data_dir):
     splits = load_task_splits("cb", data_dir, seed=3)
     again = load_task_splits("cb", data_dir, seed=3)
@@ -259,6 +270,25 @@ def test_batches_are_deterministic_complete_and_resumable(data_dir, tokenizer):
         next(iterate_batches(split, 10, shuffle=True, seed=7, start_batch=7))
     with pytest.raises(ValueError, match="batch_size"):
         num_batches(split, 0)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_trim_padding_keeps_every_real_token(data_dir, tokenizer, side):
+    tokenizer.padding_side = side
+    try:
+        split = encode_examples(load_examples("copa", "validation", data_dir)[:12], tokenizer, max_length=64)
+    finally:
+        tokenizer.padding_side = "right"
+    for batch, full in zip(iterate_batches(split, 4, shuffle=True, seed=0, trim=True),
+                           iterate_batches(split, 4, shuffle=True, seed=0)):
+        longest = int(full["attention_mask"].sum(-1).max())
+        assert batch["input_ids"].shape == (*full["input_ids"].shape[:-1], longest)
+        for key in ("input_ids", "token_type_ids"):
+            kept, original = batch[key][batch["attention_mask"].bool()], full[key][full["attention_mask"].bool()]
+            assert torch.equal(kept, original)
+        assert torch.equal(batch["labels"], full["labels"])
+    padding_only = {"attention_mask": torch.zeros(2, 3, dtype=torch.long)}
+    assert trim_padding(padding_only) is padding_only
 
 
 def _reference_macro_f1(predictions: np.ndarray, labels: np.ndarray) -> float:

@@ -54,6 +54,18 @@ def test_cached_rows_equal_a_live_teacher(splits, tmp_path, task, on_disk):
         assert isinstance(np.load(tmp_path / f"{task}-validation" / "logits.npy", mmap_mode="r"), np.memmap)
 
 
+def test_first_token_hidden_states_for_patient_kd(splits, tmp_path):
+    teacher = _teacher()
+    cached = TeacherCache(teacher, tmp_path, keep_hidden="first_token").outputs(splits["copa"], "train")
+    assert cached.hidden.shape == (13, 2, 3, 1, 16)
+    batch = next(iterate_batches(splits["copa"], 5, shuffle=True, seed=0))
+    served, live = cached.gather(batch["example_index"]), _live(teacher, batch, "copa")
+    for a, b in zip(served.hidden_states, live.hidden_states):
+        torch.testing.assert_close(a, b[:, :1], rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="keep_hidden"):
+        TeacherCache(teacher, keep_hidden="cls")
+
+
 def test_a_second_run_reuses_the_files_without_running_the_teacher(splits, tmp_path, monkeypatch):
     first = TeacherCache(_teacher(), tmp_path).outputs(splits["cb"], "train")
     teacher = _teacher()

@@ -97,16 +97,33 @@ def epoch_order(num_rows: int, *, shuffle: bool, seed: int, epoch: int) -> torch
     return torch.randperm(num_rows, generator=generator)
 
 
+def trim_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop the sequence columns that are padding in every row of the batch (trailing for right padding, leading for
+    left padding): with the attention mask applied the real tokens' outputs are unchanged, and shorter batches run
+    faster (a split is padded to its longest example)."""
+    mask = batch["attention_mask"]
+    used = mask.reshape(-1, mask.shape[-1]).ne(0).any(dim=0).nonzero()
+    if used.numel() == 0:
+        return batch
+    first, last = int(used[0]), int(used[-1]) + 1
+    trimmed = dict(batch)
+    for key in ("input_ids", "attention_mask", "token_type_ids"):
+        trimmed[key] = batch[key][..., first:last]
+    return trimmed
+
+
 def iterate_batches(split: EncodedSplit, batch_size: int, *, shuffle: bool, seed: int, epoch: int = 0,
-                    start_batch: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+                    start_batch: int = 0, trim: bool = False) -> Iterator[dict[str, torch.Tensor]]:
     """Batches of ``split`` for one epoch: dicts with ``input_ids``, ``attention_mask``, ``token_type_ids``,
     ``labels`` and ``example_index`` (rows of ``split``).  Deterministic given ``(seed, epoch)``; ``start_batch``
-    skips the batches a resumed run has already consumed."""
+    skips the batches a resumed run has already consumed; ``trim`` applies :func:`trim_padding` to each batch
+    (do not combine it with all-token cached teacher hidden states, whose length is the split's)."""
     total = num_batches(split, batch_size)
     if isinstance(start_batch, bool) or not isinstance(start_batch, int) or not 0 <= start_batch <= total:
         raise ValueError(f"start_batch must be an int in [0, {total}], got {start_batch!r}")
     order = epoch_order(len(split), shuffle=shuffle, seed=seed, epoch=epoch)
     for batch in range(start_batch, total):
         rows = order[batch * batch_size:(batch + 1) * batch_size]
-        yield {"input_ids": split.input_ids[rows], "attention_mask": split.attention_mask[rows],
-               "token_type_ids": split.token_type_ids[rows], "labels": split.labels[rows], "example_index": rows}
+        tensors = {"input_ids": split.input_ids[rows], "attention_mask": split.attention_mask[rows],
+                   "token_type_ids": split.token_type_ids[rows], "labels": split.labels[rows], "example_index": rows}
+        yield trim_padding(tensors) if trim else tensors

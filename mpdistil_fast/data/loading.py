@@ -17,6 +17,7 @@ validation (500 rows), and train/quiz from the rest, with the same seed -- as th
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import os
 import random
@@ -70,12 +71,12 @@ def _check_split(split: str) -> None:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
 
 
-def _read_rows(path: Path) -> list[dict[str, Any]]:
-    if path.suffix == ".tsv":
-        with path.open(newline="", encoding="utf-8") as handle:
-            return list(csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))
-    with path.open(encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+def _read_rows(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
+    """The first ``limit`` (default all) rows of an official jsonl or tsv file."""
+    with path.open(newline="", encoding="utf-8") as handle:
+        if path.suffix == ".tsv":
+            return list(itertools.islice(csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE), limit))
+        return [json.loads(line) for line in itertools.islice((row for row in handle if row.strip()), limit)]
 
 
 def _format_rows(task: str, rows: Iterable[Mapping[str, Any]]) -> list[Example]:
@@ -123,6 +124,24 @@ def load_examples(task: str, split: str, data_dir: str | os.PathLike | None = No
     if directory is None:
         return load_hub_split(task, split)
     return load_local_file(task, split, directory)
+
+
+def check_task_data(task: str, data_dir: str | os.PathLike | None = None) -> None:
+    """Fail early, without parsing whole files, when :func:`load_task_splits` could not load ``task`` locally:
+    a ``FileNotFoundError`` naming the missing file.  With no local folder (hub) there is nothing to check offline."""
+    task_spec(task)
+    directory = resolve_data_dir(data_dir)
+    if directory is None:
+        return
+    needed = ("validation",) if task == "boolq" else SPLITS
+    for split in needed:
+        path = directory / LOCAL_FILES[task][split]
+        if not path.is_file():
+            raise FileNotFoundError(f"missing data file for task {task!r}, split {split!r}: {path}")
+        rows = _read_rows(path, limit=1)
+        if not rows:
+            raise ValueError(f"data file for task {task!r}, split {split!r} is empty: {path}")
+        format_row(task, rows[0], 0)
 
 
 @dataclass

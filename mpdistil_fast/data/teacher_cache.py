@@ -29,12 +29,15 @@ if TYPE_CHECKING:
     from mpdistil_fast.models.task_model import TaskModel, TaskModelOutput
 
 _ARRAYS = ("logits", "pooled", "hidden")
+#: ``keep_hidden`` values and what they store.
+HIDDEN_MODES: dict[bool | str, str | None] = {False: None, True: "all", "all": "all", "first_token": "first_token"}
 
 
 @dataclass
 class CachedOutputs:
     """Teacher outputs of every row of one split: ``logits`` ``[N, K]``, ``pooled`` ``[N, H]`` (multiple choice:
-    ``[N, C, H]``), ``hidden`` ``[N, L+1, S, H]`` (multiple choice: ``[N, C, L+1, S, H]``) or None.  Use
+    ``[N, C, H]``), ``hidden`` ``[N, L+1, S, H]`` (multiple choice: ``[N, C, L+1, S, H]``; ``S`` is 1 when only the first token is
+    kept) or None.  Use
     :meth:`gather` for batches: it counts the rows it serves, which is what :attr:`TeacherCache.seconds_saved` reports.
     """
 
@@ -70,7 +73,7 @@ class CachedOutputs:
         return self.rows_served / len(self) * self.compute_seconds - self.obtain_seconds
 
 
-def fingerprint(teacher: torch.nn.Module, split: EncodedSplit, keep_hidden: bool) -> str:
+def fingerprint(teacher: torch.nn.Module, split: EncodedSplit, keep_hidden: str | None) -> str:
     """SHA-256 of the teacher's weights, pooling and the split's tensors: equal fingerprints give equal outputs."""
     digest = hashlib.sha256()
     digest.update(f"{split.task}|{keep_hidden}|{getattr(teacher, 'pooling', '')}".encode())
@@ -85,16 +88,20 @@ def fingerprint(teacher: torch.nn.Module, split: EncodedSplit, keep_hidden: bool
 
 class TeacherCache:
     """Outputs of a frozen ``teacher`` per (task, split), in memory or as memory-mapped ``.npy`` files under
-    ``directory``; ``keep_hidden`` also stores every layer's hidden states (large: ``N (L+1) S H`` floats)."""
+    ``directory``.  ``keep_hidden`` also stores every layer's hidden states: ``True``/``"all"`` every token (large:
+    ``N (L+1) S H`` floats), ``"first_token"`` only the first ([CLS]) token, all that patient KD's hidden loss reads
+    (Sun et al., 2019): ``N (L+1) H`` floats, served as ``[B, 1, H]`` per layer."""
 
     def __init__(self, teacher: "TaskModel", directory: Path | str | None = None, *, batch_size: int = 64,
-                 keep_hidden: bool = False) -> None:
+                 keep_hidden: bool | str = False) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         self.teacher = teacher
         self.directory = Path(directory) if directory is not None else None
         self.batch_size = batch_size
-        self.keep_hidden = keep_hidden
+        if keep_hidden not in HIDDEN_MODES:
+            raise ValueError(f"keep_hidden must be one of {tuple(HIDDEN_MODES)}, got {keep_hidden!r}")
+        self.keep_hidden = HIDDEN_MODES[keep_hidden]
         self.entries: dict[tuple[str, str], CachedOutputs] = {}
 
     @property
@@ -141,10 +148,11 @@ class TeacherCache:
             for batch in iterate_batches(split, self.batch_size, shuffle=False, seed=0):
                 out = self.teacher(batch["input_ids"].to(device), batch["attention_mask"].to(device),
                                    batch["token_type_ids"].to(device), task=split.task,
-                                   output_hidden_states=self.keep_hidden)
+                                   output_hidden_states=self.keep_hidden is not None)
                 values = {"logits": out.logits, "pooled": out.pooled}
-                if self.keep_hidden:
-                    hidden = torch.stack(out.hidden_states, dim=1)  # [B(*C), L+1, S, H]
+                if self.keep_hidden is not None:
+                    states = out.hidden_states if self.keep_hidden == "all" else [h[:, :1] for h in out.hidden_states]
+                    hidden = torch.stack(states, dim=1)  # [B(*C), L+1, S or 1, H]
                     values["hidden"] = hidden.reshape(*out.pooled.shape[:-1], *hidden.shape[1:])
                 rows = batch["example_index"]
                 for name, value in values.items():
@@ -171,10 +179,10 @@ class TeacherCache:
         return np.lib.format.open_memmap(folder / f"{name}.npy.tmp", mode="w+", dtype=np.float32, shape=shape)
 
     @staticmethod
-    def _load_arrays(folder: Path, keep_hidden: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def _load_arrays(folder: Path, keep_hidden: str | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         # mmap_mode "c" (copy-on-write) gives writable arrays, so torch.from_numpy shares them without copying
         tensors = [torch.from_numpy(np.load(folder / f"{name}.npy", mmap_mode="c"))
-                   if name != "hidden" or keep_hidden else None for name in _ARRAYS]
+                   if name != "hidden" or keep_hidden is not None else None for name in _ARRAYS]
         return tensors[0], tensors[1], tensors[2]
 
     def _load(self, folder: Path, print_key: str) -> tuple[tuple | None, float]:
