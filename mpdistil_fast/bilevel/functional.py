@@ -1,0 +1,208 @@
+"""Functional plumbing of the bi-level engine: modules evaluated at other parameters, recorded calls, RNG replay.
+
+Users write ordinary losses that call modules (``student(**inputs)``).  The engine hands those losses stand-ins:
+
+* :class:`FunctionalView` calls a module through :func:`torch.func.functional_call` with another parameter
+  dictionary (the experimental student, the student at ``theta +/- eps * w``), without touching the module's
+  own parameters (no in-place mutation, as DeepSpeed ZeRO-3 requires);
+* :class:`RecordedCalls` remembers a module's outputs on the first evaluation of a loss and hands them back on
+  later evaluations whose inputs are the same, so the teacher runs one forward (and, at the end, one backward)
+  however many times the loss is evaluated;
+* :class:`RandomStateReplay` restarts the random number generators at the same state before every evaluation of
+  one loss on one batch, so dropout draws the same masks at every parameter value (a finite difference of two
+  losses with different dropout masks would be noise).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch import nn
+from torch.utils import _pytree as pytree
+
+TensorDict = dict[str, torch.Tensor]
+
+
+def trainable_parameters(module: nn.Module, name: str) -> dict[str, nn.Parameter]:
+    """``module``'s parameters that require grad, keyed as ``module.named_parameters()``.
+
+    Raises ``TypeError`` when ``module`` is not an ``nn.Module`` and ``ValueError`` when nothing requires grad;
+    both messages name the argument ``name``.
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"{name} must be a torch.nn.Module, got {type(module).__name__}")
+    parameters = {key: value for key, value in module.named_parameters() if value.requires_grad}
+    if not parameters:
+        raise ValueError(f"{name} has no parameter that requires grad")
+    return parameters
+
+
+class FunctionalView:
+    """``module`` evaluated at ``parameters`` (a name -> tensor dict; missing names keep the module's own).
+
+    Calling the view runs ``functional_call(module, parameters, args, kwargs)``; any other attribute
+    (``config``, ``training``, ...) is read from the module itself.  Losses should reach the parameters through
+    the module's forward: a submodule taken from the view (``view.classifier``) is the original one.
+    """
+
+    def __init__(self, module: nn.Module, parameters: TensorDict) -> None:
+        object.__setattr__(self, "_module", module)
+        object.__setattr__(self, "_parameters", parameters)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return torch.func.functional_call(self._module, self._parameters, args, kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._module, name)
+
+
+def _carries_derivative(tensor: torch.Tensor) -> bool:
+    """True when ``tensor`` is part of an autograd graph or carries a forward-mode tangent."""
+    return tensor.requires_grad or fwAD.unpack_dual(tensor).tangent is not None
+
+
+def _same_leaf(recorded: Any, current: Any) -> bool:
+    if isinstance(recorded, torch.Tensor) or isinstance(current, torch.Tensor):
+        if not (isinstance(recorded, torch.Tensor) and isinstance(current, torch.Tensor)):
+            return False
+        if recorded is current:
+            return True
+        return (recorded.shape == current.shape and recorded.dtype == current.dtype
+                and recorded.device == current.device and not _carries_derivative(current)
+                and torch.equal(recorded, current))
+    return recorded is current or recorded == current
+
+
+class RecordedCalls:
+    """A module whose calls are recorded once and replayed while their inputs stay the same.
+
+    ``detach_outputs=True`` (the teacher): recorded floating outputs are handed to the loss as detached leaves
+    that require grad, while the recorded originals keep their graph to the module's parameters.  A caller then
+    collects d loss / d leaves from every evaluation and runs *one* backward through the module with
+    :meth:`backward_to`.  ``detach_outputs=False`` (the student's forward shared by the pilot and the real step):
+    outputs are handed back unchanged, graph included.
+
+    A call is only recorded when none of its inputs carries a derivative (a meta-teacher head fed with the
+    student's hidden states depends on the student's parameters, so it is rerun on every evaluation).  Calls are
+    matched by order; a replayed call whose inputs differ from the recorded ones is rerun.
+    """
+
+    def __init__(self, module: nn.Module, *, detach_outputs: bool) -> None:
+        object.__setattr__(self, "_module", module)
+        object.__setattr__(self, "_detach_outputs", detach_outputs)
+        object.__setattr__(self, "_records", [])  # per call: (input leaves, input spec, outputs, handed) or None
+        object.__setattr__(self, "_recording", True)
+        object.__setattr__(self, "_call_index", 0)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._module, name)
+
+    def replay(self) -> "RecordedCalls":
+        """Switch from recording to replaying, starting again at the first call."""
+        object.__setattr__(self, "_recording", False)
+        object.__setattr__(self, "_call_index", 0)
+        return self
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        inputs, spec = pytree.tree_flatten((args, kwargs))
+        if self._recording:
+            outputs = self._module(*args, **kwargs)
+            if any(isinstance(x, torch.Tensor) and _carries_derivative(x) for x in inputs):
+                self._records.append(None)
+                return outputs
+            handed = pytree.tree_map(self._hand_out, outputs) if self._detach_outputs else outputs
+            self._records.append((inputs, spec, outputs, handed))
+            return handed
+        index = self._call_index
+        object.__setattr__(self, "_call_index", index + 1)
+        record = self._records[index] if index < len(self._records) else None
+        if record is not None and record[1] == spec and len(record[0]) == len(inputs) \
+                and all(_same_leaf(a, b) for a, b in zip(record[0], inputs)):
+            return record[3]
+        return self._module(*args, **kwargs)
+
+    @staticmethod
+    def _hand_out(value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.requires_grad:
+            return value.detach().requires_grad_(True)
+        return value
+
+    def leaves(self) -> list[torch.Tensor]:
+        """The detached output leaves handed to the loss (``detach_outputs=True``), in a fixed order."""
+        return [leaf for _, _, _, handed in filter(None, self._records) for leaf in pytree.tree_leaves(handed)
+                if isinstance(leaf, torch.Tensor) and leaf.requires_grad and leaf.grad_fn is None]
+
+    def backward_to(self, parameters: list[torch.Tensor], leaf_grads: list[torch.Tensor | None]
+                    ) -> tuple[torch.Tensor | None, ...]:
+        """One backward through the recorded forwards: d <outputs, leaf_grads> / d parameters (None: unused)."""
+        originals = [orig for _, _, outputs, handed in filter(None, self._records)
+                     for orig, leaf in zip(pytree.tree_leaves(outputs), pytree.tree_leaves(handed))
+                     if isinstance(leaf, torch.Tensor) and leaf.requires_grad and leaf.grad_fn is None]
+        pairs = [(o, g.to(o.dtype)) for o, g in zip(originals, leaf_grads) if g is not None]
+        if not pairs:
+            return (None,) * len(parameters)
+        outs, grads = zip(*pairs)
+        return torch.autograd.grad(outs, parameters, grads, allow_unused=True)
+
+
+class RandomStateReplay:
+    """Snapshot of the CPU (and CUDA) random state, restored around each evaluation of one loss on one batch."""
+
+    def __init__(self, devices: list[torch.device]) -> None:
+        self._cuda_devices = sorted({d.index or 0 for d in devices if d.type == "cuda"})
+        self._cpu_state = torch.get_rng_state()
+        self._cuda_states = [torch.cuda.get_rng_state(d) for d in self._cuda_devices]
+
+    @contextlib.contextmanager
+    def replay(self) -> Iterator[None]:
+        """Run the body from the snapshot's random state; the global state afterwards is whatever the body left."""
+        torch.set_rng_state(self._cpu_state)
+        for device, state in zip(self._cuda_devices, self._cuda_states):
+            torch.cuda.set_rng_state(state, device)
+        yield
+
+
+def call_loss(loss_fn: Callable[..., torch.Tensor], name: str, *args: Any) -> torch.Tensor:
+    """Call a user loss and check that it returned a real scalar tensor (the message names ``name``)."""
+    value = loss_fn(*args)
+    if not isinstance(value, torch.Tensor) or value.numel() != 1 or not value.is_floating_point():
+        raise TypeError(f"{name} must return a floating scalar tensor, got "
+                        f"{type(value).__name__}{tuple(value.shape) if isinstance(value, torch.Tensor) else ''}")
+    return value.reshape(())
+
+
+def check_finite_loss(name: str, value: torch.Tensor) -> float:
+    """The loss as a float; raises ``FloatingPointError`` naming ``name`` when it is NaN or infinite."""
+    number = float(value.detach())
+    if not math.isfinite(number):
+        raise FloatingPointError(f"{name} is not finite ({number}); no update was applied")
+    return number
+
+
+class _WithoutParameterGrads:
+    """``module`` called without building a graph to its own parameters (see :func:`without_parameter_grads`)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        object.__setattr__(self, "_module", module)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        inputs = pytree.tree_leaves((args, kwargs))
+        if any(isinstance(x, torch.Tensor) and _carries_derivative(x) for x in inputs):
+            return self._module(*args, **kwargs)  # the caller's gradient flows through this module's inputs
+        with torch.no_grad():
+            return self._module(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._module, name)
+
+
+def without_parameter_grads(module: nn.Module) -> _WithoutParameterGrads:
+    """``module`` as a frozen participant of a loss: calls whose inputs carry no derivative run under no_grad.
+
+    The real student step uses it for the teacher: the student's gradient never flows through the teacher's
+    parameters, so building the teacher's graph would only cost memory.
+    """
+    return _WithoutParameterGrads(module)

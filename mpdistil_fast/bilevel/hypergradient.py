@@ -1,0 +1,283 @@
+"""Teacher hypergradients of MetaDistil's pilot update, with and without double backward.
+
+Student parameters theta, teacher parameters phi, inner (distillation) loss L(theta, phi) on a training batch,
+outer (quiz) loss Q(theta) on a quiz batch.  One experimental student step (see :mod:`.inner_update`)
+
+    theta'(phi) = theta - (scale * grad_theta L(theta, phi) + offset + decay * theta)
+
+and the hypergradient (MetaDistil, Zhou et al. ACL 2022, Eq. 5; DARTS, Liu et al. ICLR 2019, Eq. 7)
+
+    h = dQ(theta'(phi)) / dphi = - d/dphi < w, grad_theta L(theta, phi) >,    w = scale * grad Q(theta').
+
+Methods (:data:`METHODS`):
+
+``exact``              unrolled second order: the inner gradient with ``create_graph=True`` (``inner_steps``
+                       steps allowed), Q at the result, backward to phi.  The reference; needs double backward
+                       through student, teacher and loss (fails with a clear message for fused kernels, SDPA /
+                       flash attention and DeepSpeed ZeRO-3).
+``finite_difference``  central difference along w (DARTS; SAMA, Choe et al. NeurIPS 2023):
+                       h ~= -[grad_phi L(theta + eps w) - grad_phi L(theta - eps w)] / (2 eps),
+                       eps = c / ||w||, c = (machine epsilon of the compute dtype)^(1/3); error O(eps^2).
+                       Only first-order backward passes; the difference is formed in fp32 or wider.
+``forward_mode``       the directional derivative d/dt L(theta + t w, phi) by forward-mode AD (dual numbers
+                       through ``functional_call``), then one reverse pass of that scalar to phi; exact up to
+                       rounding.  Needs forward-mode AD through the student and the loss (eager ops).
+``first_order``        one-sided difference -[grad_phi L(theta + eps w) - grad_phi L(theta)] / eps, reusing the
+                       gradient at theta from the inner step: one student forward fewer than the central
+                       difference, O(eps) truncation error.  (Dropping the mixed term altogether, DARTS'
+                       "first-order" variant, would give exactly zero here: Q does not see the teacher.)
+
+The teacher's forward does not depend on theta, so in the three first-order methods the teacher runs once: its
+outputs enter the loss as leaves (:class:`~.functional.RecordedCalls`), every evaluation at a shifted theta gives
+d L / d(teacher outputs), and one teacher backward with the combined output gradient yields h.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch import nn
+
+from mpdistil_fast._validation import check_choice, check_positive_finite
+from mpdistil_fast.bilevel.functional import (FunctionalView, RandomStateReplay, RecordedCalls, TensorDict,
+                                              call_loss, check_finite_loss, trainable_parameters)
+from mpdistil_fast.bilevel.inner_update import InnerOptimizer, InnerUpdate, make_inner_update
+
+METHODS: tuple[str, ...] = ("exact", "finite_difference", "forward_mode", "first_order")
+
+InnerLoss = Callable[[Any, Any, Any], torch.Tensor]
+OuterLoss = Callable[[Any, Any], torch.Tensor]
+
+
+@dataclass
+class MetaGradient:
+    """Everything one hypergradient computation produced (the pilot update reuses ``student_calls``)."""
+
+    teacher_grads: dict[str, torch.Tensor]
+    inner_loss: float
+    outer_loss: float
+    student_calls: RecordedCalls | None = None
+
+
+def hypergradient(student: nn.Module, teacher: nn.Module, inner_loss: InnerLoss, outer_loss: OuterLoss,
+                  train_batch: Any, quiz_batch: Any, *, inner_lr: float | None = None,
+                  method: str = "finite_difference", inner_optimizer: InnerOptimizer = "sgd",
+                  inner_steps: int = 1, epsilon: float | None = None) -> dict[str, torch.Tensor]:
+    """d outer_loss(theta') / d phi for every teacher parameter that requires grad (see the module docstring).
+
+    Args:
+        student, teacher: the modules; ``teacher`` is any module whose parameters enter ``inner_loss`` (a whole
+            teacher, a meta-teacher head, a projection).  Neither module's parameters are modified.
+        inner_loss: ``inner_loss(student, teacher, batch) -> scalar``, written with ordinary module calls.
+        outer_loss: ``outer_loss(student, batch) -> scalar`` (the quiz loss).
+        inner_lr: learning rate of the experimental step (default: the optimizer's, when ``inner_optimizer`` is
+            an optimizer).
+        method: one of :data:`METHODS`.
+        inner_optimizer: ``"sgd"`` (MetaDistil), ``"adam"`` (fresh state) or the student's torch SGD / Adam /
+            AdamW, whose frozen state preconditions the direction (SAMA).
+        inner_steps: experimental steps on the train batch; only ``"exact"`` takes more than one.
+        epsilon: the finite-difference step c in eps = c / ||w|| (default: cube root of the machine epsilon).
+
+    Returns:
+        ``{name: gradient}`` keyed as ``teacher.named_parameters()``, zeros where a parameter does not influence
+        the loss.  When no teacher parameter does, a ``UserWarning`` says so and all gradients are zero.
+
+    Raises:
+        ValueError / TypeError naming the bad argument; ``FloatingPointError`` when the inner loss, the quiz loss
+        or the hypergradient is not finite; ``RuntimeError`` when ``"exact"`` or ``"forward_mode"`` meets an op
+        without double-backward / forward-mode support (the message names the first-order alternative).
+    """
+    return meta_gradient(student, teacher, inner_loss, outer_loss, train_batch, quiz_batch, inner_lr=inner_lr,
+                         method=method, inner_optimizer=inner_optimizer, inner_steps=inner_steps,
+                         epsilon=epsilon).teacher_grads
+
+
+def meta_gradient(student: nn.Module, teacher: nn.Module, inner_loss: InnerLoss, outer_loss: OuterLoss,
+                  train_batch: Any, quiz_batch: Any, *, inner_lr: float | None, method: str,
+                  inner_optimizer: InnerOptimizer, inner_steps: int = 1, epsilon: float | None = None,
+                  keep_student_forward: bool = False) -> MetaGradient:
+    """:func:`hypergradient` plus the losses and, with ``keep_student_forward`` (first-order methods only), the
+    student's recorded forward at theta, graph retained, for a real step on the same batch."""
+    check_choice("method", method, METHODS)
+    for name, fn in (("inner_loss", inner_loss), ("outer_loss", outer_loss)):
+        if not callable(fn):
+            raise TypeError(f"{name} must be callable, got {type(fn).__name__}")
+    if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 1:
+        raise ValueError(f"inner_steps must be an int >= 1, got {inner_steps!r}")
+    if inner_steps != 1 and method != "exact":
+        raise ValueError(f"inner_steps > 1 needs method='exact', got method={method!r}")
+    if epsilon is not None:
+        epsilon = check_positive_finite("epsilon", epsilon)
+    theta = trainable_parameters(student, "student")
+    phi = trainable_parameters(teacher, "teacher")
+    random_state = RandomStateReplay([p.device for p in (*theta.values(), *phi.values())])
+    if method == "exact":
+        result = _exact(student, teacher, inner_loss, outer_loss, train_batch, quiz_batch, theta, phi,
+                        random_state, inner_optimizer, inner_lr, inner_steps)
+    else:
+        result = _first_order_passes(student, teacher, inner_loss, outer_loss, train_batch, quiz_batch, theta,
+                                     phi, random_state, inner_optimizer, inner_lr, method, epsilon,
+                                     keep_student_forward)
+    return result
+
+
+def _zeros_for_unused(grads: dict[str, torch.Tensor | None], phi: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+    if all(g is None for g in grads.values()):
+        warnings.warn("no teacher parameter influences inner_loss: the hypergradient is zero "
+                      "(does inner_loss call the teacher?)", UserWarning, stacklevel=4)
+    out = {name: (torch.zeros_like(phi[name]) if g is None else g.to(phi[name].dtype).detach())
+           for name, g in grads.items()}
+    if not all(torch.isfinite(g).all() for g in out.values()):
+        raise FloatingPointError("the teacher hypergradient is not finite; no update was applied")
+    return out
+
+
+def _grad_dict(output: torch.Tensor, wrt: TensorDict, **kwargs: Any) -> TensorDict:
+    """d output / d wrt as a dict, zeros where ``output`` does not depend on a tensor."""
+    grads = torch.autograd.grad(output, list(wrt.values()), allow_unused=True, **kwargs)
+    return {name: torch.zeros_like(value) if g is None else g for (name, value), g in zip(wrt.items(), grads)}
+
+
+_DOUBLE_BACKWARD_HINT = ("method='exact' differentiates through the inner gradient (double backward), which failed "
+                         "here: fused kernels (kd_kl_div's cpp/cuda/triton backends), SDPA / flash attention and "
+                         "DeepSpeed ZeRO-3 do not support it.  Use method='finite_difference' (first-order "
+                         "passes only) or eager attention with backend='torch'.  Cause: ")
+
+
+def _exact(student: nn.Module, teacher: nn.Module, inner_loss: InnerLoss, outer_loss: OuterLoss, train_batch: Any,
+           quiz_batch: Any, theta: dict[str, nn.Parameter], phi: dict[str, nn.Parameter],
+           random_state: RandomStateReplay, inner_optimizer: InnerOptimizer, inner_lr: float | None,
+           inner_steps: int) -> MetaGradient:
+    current: TensorDict = dict(theta)
+    update: InnerUpdate | None = None
+    first_inner = math.nan
+    try:
+        for step in range(inner_steps):
+            with random_state.replay():
+                loss = call_loss(inner_loss, "inner_loss", FunctionalView(student, current), teacher, train_batch)
+            value = check_finite_loss("inner_loss", loss)
+            first_inner = value if step == 0 else first_inner
+            grads = _grad_dict(loss, current, create_graph=True)
+            if not any(g.requires_grad for g in grads.values()):
+                raise RuntimeError("the inner gradient carries no graph: an op's backward in inner_loss is not "
+                                   "differentiable (once_differentiable or a fused kernel)")
+            if update is None:
+                update = make_inner_update(inner_optimizer, inner_lr, theta,
+                                           {n: g.detach() for n, g in grads.items()})
+            current = update.step(current, grads)
+        quiz = call_loss(outer_loss, "outer_loss", FunctionalView(student, current), quiz_batch)
+        outer = check_finite_loss("outer_loss", quiz)
+        teacher_grads = torch.autograd.grad(quiz, list(phi.values()), allow_unused=True)
+    except (RuntimeError, NotImplementedError) as exc:
+        raise RuntimeError(_DOUBLE_BACKWARD_HINT + str(exc)) from exc
+    return MetaGradient(_zeros_for_unused(dict(zip(phi, teacher_grads)), phi), first_inner, outer)
+
+
+def _finite_difference_step(direction: TensorDict, epsilon: float | None) -> float:
+    """eps = c / ||w||, c = cube root of the machine epsilon of the compute dtype unless given."""
+    reference = next(iter(direction.values()))
+    dtype = reference.dtype
+    if torch.is_autocast_enabled(reference.device.type):
+        dtype = torch.get_autocast_dtype(reference.device.type)
+    c = epsilon if epsilon is not None else torch.finfo(dtype).eps ** (1.0 / 3.0)
+    norm = math.sqrt(sum(float(w.double().pow(2).sum()) for w in direction.values()))
+    return c / norm if norm > 0 else 0.0
+
+
+def _combine(terms: list[tuple[float, tuple[torch.Tensor | None, ...]]]) -> list[torch.Tensor | None]:
+    """sum_k coefficient_k * grads_k per slot, differences formed in fp32 or wider before scaling."""
+    combined: list[torch.Tensor | None] = []
+    for slot in zip(*(grads for _, grads in terms)):
+        total: torch.Tensor | None = None
+        for (coefficient, _), g in zip(terms, slot):
+            if g is None:
+                continue
+            wide = g.to(torch.promote_types(g.dtype, torch.float32)) * coefficient
+            total = wide if total is None else total + wide
+        combined.append(total)
+    return combined
+
+
+def _first_order_passes(student: nn.Module, teacher: nn.Module, inner_loss: InnerLoss, outer_loss: OuterLoss,
+                        train_batch: Any, quiz_batch: Any, theta: dict[str, nn.Parameter],
+                        phi: dict[str, nn.Parameter], random_state: RandomStateReplay,
+                        inner_optimizer: InnerOptimizer, inner_lr: float | None, method: str,
+                        epsilon: float | None, keep_student_forward: bool) -> MetaGradient:
+    teacher_calls = RecordedCalls(teacher, detach_outputs=True)
+    student_calls = RecordedCalls(student, detach_outputs=False) if keep_student_forward else None
+    with random_state.replay():
+        loss = call_loss(inner_loss, "inner_loss", student_calls if student_calls is not None else student,
+                         teacher_calls, train_batch)
+    inner = check_finite_loss("inner_loss", loss)
+    leaves = teacher_calls.leaves()
+    targets = leaves + list(phi.values())  # d L / d(teacher outputs) and d L / d phi directly
+    reference_wrt = targets if method == "first_order" else []
+    grads = torch.autograd.grad(loss, list(theta.values()) + reference_wrt, allow_unused=True,
+                                retain_graph=keep_student_forward)
+    inner_grads = {name: torch.zeros_like(p) if g is None else g
+                   for (name, p), g in zip(theta.items(), grads[:len(theta)])}
+    update = make_inner_update(inner_optimizer, inner_lr, theta, inner_grads)
+    base = {name: p.detach() for name, p in theta.items()}
+    experimental = {name: value.requires_grad_(True) for name, value in update.step(base, inner_grads).items()}
+    quiz = call_loss(outer_loss, "outer_loss", FunctionalView(student, experimental), quiz_batch)
+    outer = check_finite_loss("outer_loss", quiz)
+    direction = update.precondition(_grad_dict(quiz, experimental))
+    eps = _finite_difference_step(direction, epsilon)
+    if eps == 0.0:  # the quiz loss is flat in theta': nothing to propagate
+        zeros = {name: torch.zeros_like(p) for name, p in phi.items()}
+        return MetaGradient(zeros, inner, outer, student_calls)
+
+    def grads_at(shift: float) -> tuple[torch.Tensor | None, ...]:
+        shifted = {name: base[name] + shift * direction[name] for name in base}
+        with random_state.replay():
+            value = call_loss(inner_loss, "inner_loss", FunctionalView(student, shifted), teacher_calls.replay(),
+                              train_batch)
+        if not value.requires_grad:  # the loss does not involve the teacher at all
+            return (None,) * len(targets)
+        return torch.autograd.grad(value, targets, allow_unused=True)
+
+    if method == "finite_difference":
+        terms = [(-0.5 / eps, grads_at(eps)), (0.5 / eps, grads_at(-eps))]
+    elif method == "first_order":
+        terms = [(-1.0 / eps, grads_at(eps)), (1.0 / eps, tuple(grads[len(theta):]))]
+    else:
+        terms = [(-1.0, _directional_derivative_grads(student, inner_loss, train_batch, teacher_calls.replay(),
+                                                      base, direction, targets, random_state))]
+    combined = _combine(terms)
+    through_outputs = teacher_calls.backward_to(list(phi.values()), combined[:len(leaves)])
+    teacher_grads = {}
+    for (name, p), via_outputs, direct in zip(phi.items(), through_outputs, combined[len(leaves):]):
+        parts = [g for g in (via_outputs, direct) if g is not None]
+        teacher_grads[name] = sum(parts[1:], parts[0]) if parts else None
+    return MetaGradient(_zeros_for_unused(teacher_grads, phi), inner, outer, student_calls)
+
+
+def _directional_derivative_grads(student: nn.Module, inner_loss: InnerLoss, train_batch: Any,
+                                  teacher_calls: RecordedCalls, base: TensorDict, direction: TensorDict,
+                                  targets: list[torch.Tensor], random_state: RandomStateReplay
+                                  ) -> tuple[torch.Tensor | None, ...]:
+    """d/d targets of d/dt L(theta + t w) at t = 0: forward-mode AD in theta, then one reverse pass."""
+    try:
+        with fwAD.dual_level():
+            duals = {name: fwAD.make_dual(base[name], direction[name].to(base[name].dtype)) for name in base}
+            with random_state.replay():
+                value = call_loss(inner_loss, "inner_loss", FunctionalView(student, duals), teacher_calls,
+                                  train_batch)
+            tangent = fwAD.unpack_dual(value).tangent
+    except (RuntimeError, NotImplementedError) as exc:
+        raise RuntimeError("method='forward_mode' needs forward-mode AD (jvp) through the student and inner_loss, "
+                           "which failed here (custom autograd Functions such as kd_kl_div's fused backends "
+                           f"define no jvp); use method='finite_difference'.  Cause: {exc}") from exc
+    if tangent is None or not tangent.requires_grad:
+        return (None,) * len(targets)
+    try:
+        return torch.autograd.grad(tangent, targets, allow_unused=True)
+    except RuntimeError as exc:
+        raise RuntimeError("method='forward_mode' could not differentiate the forward-mode derivative to the teacher "
+                           "(torch's jvp formulas of softmax / log_softmax are not reverse-differentiable, which "
+                           "matters when a teacher output depending on the student enters a softmax); use "
+                           f"method='finite_difference'.  Cause: {exc}") from exc

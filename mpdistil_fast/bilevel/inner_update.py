@@ -1,0 +1,123 @@
+"""The student's experimental ("inner") step as an affine function of its gradient.
+
+With the optimizer's state frozen inside the step (SAMA, Choe et al. 2023), SGD (momentum, dampening, Nesterov,
+weight decay) and Adam/AdamW are all affine in the inner gradient g, per parameter tensor:
+
+    theta' = theta - (scale * g + offset + decay * theta)
+
+``scale`` is the diagonal Jacobian d(step)/dg (learning rate included): 1 * lr for plain SGD, and for Adam
+lr (1 - beta1) / ((1 - beta1^t) (sqrt(v_hat) + eps)) with v_hat the second moment updated with the gradient at
+theta and then held fixed.  ``offset`` (momentum buffer, Adam's first moment) and ``decay`` do not depend on the
+teacher.  The teacher hypergradient therefore needs only the preconditioned direction w = scale * v
+(:meth:`InnerUpdate.precondition`), and the exact method differentiates :meth:`InnerUpdate.step` itself.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from mpdistil_fast._validation import check_positive_finite
+
+TensorDict = dict[str, torch.Tensor]
+InnerOptimizer = str | torch.optim.Optimizer
+INNER_OPTIMIZERS = ("sgd", "adam")
+
+
+@dataclass(frozen=True)
+class InnerUpdate:
+    """theta' = theta - (scale * g + offset + decay * theta), per named parameter (see the module docstring)."""
+
+    scale: dict[str, torch.Tensor | float]
+    offset: dict[str, torch.Tensor | float]
+    decay: dict[str, torch.Tensor | float]
+
+    def step(self, theta: TensorDict, grads: TensorDict) -> TensorDict:
+        """The experimental parameters; differentiable in ``grads`` (the exact method builds on this)."""
+        return {name: value - (self.scale[name] * grads[name] + self.offset[name] + self.decay[name] * value)
+                for name, value in theta.items()}
+
+    def precondition(self, vector: TensorDict) -> TensorDict:
+        """scale * vector: d(step)/dg applied to ``vector`` (the quiz gradient v)."""
+        return {name: self.scale[name] * value for name, value in vector.items()}
+
+
+def _group_of(optimizer: torch.optim.Optimizer, parameter: torch.Tensor) -> dict:
+    for group in optimizer.param_groups:
+        if any(p is parameter for p in group["params"]):
+            return group
+    raise ValueError("inner_optimizer does not hold every trainable student parameter")
+
+
+def _sgd_terms(group: dict, state: dict, lr: float) -> tuple[float, object, float]:
+    momentum, dampening = group.get("momentum", 0.0), group.get("dampening", 0.0)
+    nesterov, weight_decay = group.get("nesterov", False), group.get("weight_decay", 0.0)
+    buffer = state.get("momentum_buffer")
+    if momentum == 0:
+        coefficient, offset = 1.0, 0.0
+    elif buffer is None:  # torch's first momentum step: buffer = g (no dampening)
+        coefficient, offset = (1.0 + momentum) if nesterov else 1.0, 0.0
+    elif nesterov:
+        coefficient, offset = 1.0 + momentum * (1.0 - dampening), momentum * momentum * buffer
+    else:
+        coefficient, offset = 1.0 - dampening, momentum * buffer
+    return lr * coefficient, lr * offset, lr * coefficient * weight_decay
+
+
+def _adam_terms(group: dict, state: dict, lr: float, grad: torch.Tensor, theta: torch.Tensor, decoupled: bool
+                ) -> tuple[torch.Tensor, object, object]:
+    if group.get("amsgrad", False) or group.get("maximize", False):
+        raise ValueError("inner_optimizer: Adam with amsgrad or maximize is not supported by the bi-level engine")
+    beta1, beta2 = group.get("betas", (0.9, 0.999))
+    eps, weight_decay = group.get("eps", 1e-8), group.get("weight_decay", 0.0)
+    step = int(state["step"]) + 1 if "step" in state else 1
+    grad = grad.detach()
+    if weight_decay and not decoupled:
+        grad = grad + weight_decay * theta.detach()
+    first = state.get("exp_avg", torch.zeros_like(grad))
+    second = state.get("exp_avg_sq", torch.zeros_like(grad))
+    bias1, bias2 = 1.0 - beta1 ** step, 1.0 - beta2 ** step
+    denominator = (beta2 * second + (1.0 - beta2) * grad * grad).sqrt() / math.sqrt(bias2) + eps
+    scale = lr * (1.0 - beta1) / bias1 / denominator
+    offset = lr * beta1 / bias1 * first / denominator
+    decay = lr * weight_decay if decoupled else scale * weight_decay
+    return scale, offset, decay
+
+
+def make_inner_update(inner_optimizer: InnerOptimizer, inner_lr: float | None, theta: TensorDict,
+                      grads: TensorDict) -> InnerUpdate:
+    """The frozen-state inner update at ``theta`` with inner gradient ``grads``.
+
+    ``inner_optimizer`` is ``"sgd"``, ``"adam"`` (fresh state, torch's default betas and eps) or a
+    ``torch.optim.SGD`` / ``Adam`` / ``AdamW`` holding the student's parameters, whose hyperparameters and
+    state are read (never changed).  ``inner_lr`` overrides the learning rate; it is required with a string.
+    """
+    if isinstance(inner_optimizer, torch.optim.Optimizer):
+        optimizer: torch.optim.Optimizer | None = inner_optimizer
+        kind = ("adam" if isinstance(inner_optimizer, torch.optim.Adam) else
+                "adamw" if isinstance(inner_optimizer, torch.optim.AdamW) else
+                "sgd" if isinstance(inner_optimizer, torch.optim.SGD) else None)
+        if kind is None:
+            raise ValueError(f"inner_optimizer must be 'sgd', 'adam' or a torch.optim SGD/Adam/AdamW, "
+                             f"got {type(inner_optimizer).__name__}")
+    elif isinstance(inner_optimizer, str) and inner_optimizer in INNER_OPTIMIZERS:
+        optimizer, kind = None, inner_optimizer
+        if inner_lr is None:
+            raise ValueError("inner_lr is required when inner_optimizer is a name")
+    else:
+        raise ValueError(f"inner_optimizer must be one of {INNER_OPTIMIZERS} or a torch.optim SGD/Adam/AdamW, "
+                         f"got {inner_optimizer!r}")
+    if inner_lr is not None:
+        inner_lr = check_positive_finite("inner_lr", inner_lr)
+    scale, offset, decay = {}, {}, {}
+    for name, value in theta.items():
+        group = _group_of(optimizer, value) if optimizer is not None else {}
+        state = optimizer.state.get(value, {}) if optimizer is not None else {}
+        lr = inner_lr if inner_lr is not None else float(group["lr"])
+        if kind == "sgd":
+            scale[name], offset[name], decay[name] = _sgd_terms(group, state, lr)
+        else:
+            scale[name], offset[name], decay[name] = _adam_terms(group, state, lr, grads[name], value,
+                                                                 decoupled=kind == "adamw")
+    return InnerUpdate(scale, offset, decay)

@@ -1,0 +1,152 @@
+"""MetaDistil's pilot update (Zhou et al., "BERT Learns to Teach", ACL 2022, Algorithm 1) on the bi-level engine.
+
+One :meth:`PilotUpdate.step` on a training batch x and a quiz batch q:
+
+1. experimental step  theta' = theta - lr * U(grad_theta L(theta, phi; x))   (functional, the student is untouched);
+2. teacher update     phi <- teacher_optimizer(phi, dQ(theta'; q) / dphi)  (the hypergradient, any ``METHODS``);
+3. real student step  theta <- student_optimizer(theta, grad_theta L(theta, phi_new; x))  on the same batch.
+
+Usage::
+
+    from mpdistil_fast.bilevel import PilotUpdate
+
+    def inner_loss(student, teacher, batch):          # distillation loss, ordinary module calls
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+        s, t = student(**inputs).logits, teacher(**inputs).logits
+        return mpdistil_fast.kd_kl_div(s, t, 2.0) + F.cross_entropy(s, batch["labels"])
+
+    def quiz_loss(student, batch):
+        return F.cross_entropy(student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                               batch["labels"])
+
+    pilot = PilotUpdate(student, teacher, torch.optim.AdamW(student.parameters(), 5e-5),
+                        torch.optim.AdamW(teacher.parameters(), 1e-5), inner_loss, quiz_loss,
+                        method="finite_difference", max_grad_norm=1.0, autocast_dtype=torch.bfloat16)
+    for train_batch, quiz_batch in loader:
+        stats = pilot.step(train_batch, quiz_batch)   # {"inner_loss": ..., "quiz_loss": ..., ...}
+
+What the helper takes care of:
+
+* the experimental step uses the student optimizer's own rule with its state frozen (SGD: MetaDistil; Adam/AdamW:
+  SAMA's preconditioner) and its current learning rate, so schedulers are followed;
+* ``max_grad_norm`` clips the teacher's hypergradient and the student's real-step gradient (the experimental step
+  itself is unclipped); ``student_scheduler`` / ``teacher_scheduler`` step after their optimizers;
+* ``autocast_dtype=torch.bfloat16`` runs every loss evaluation under autocast (parameters, gradients and the
+  finite difference stay in fp32; the difference step grows to bf16's cube-root epsilon);
+* dropout: every evaluation of the inner loss on x restarts from the same random state, so the experimental
+  student, the shifted students and the real step see the same dropout masks;
+* with a first-order method the student's forward on x at theta (graph retained) is recorded once and reused by
+  the real step, which then only reruns the (updated) teacher, without building the teacher's graph;
+* a non-finite inner or quiz loss or hypergradient raises ``FloatingPointError`` before anything is updated.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+from torch import nn
+
+from mpdistil_fast._validation import check_positive_finite
+from mpdistil_fast.bilevel.functional import (RandomStateReplay, call_loss, check_finite_loss,
+                                              trainable_parameters, without_parameter_grads)
+from mpdistil_fast.bilevel.hypergradient import METHODS, InnerLoss, OuterLoss, meta_gradient
+from mpdistil_fast.bilevel.inner_update import InnerOptimizer
+
+
+class PilotUpdate:
+    """MetaDistil's Algorithm 1 as a training-loop step (see the module docstring)."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, student_optimizer: torch.optim.Optimizer,
+                 teacher_optimizer: torch.optim.Optimizer, inner_loss: InnerLoss, outer_loss: OuterLoss, *,
+                 method: str = "finite_difference", inner_optimizer: InnerOptimizer | None = None,
+                 inner_lr: float | None = None, max_grad_norm: float | None = None,
+                 student_scheduler: Any = None, teacher_scheduler: Any = None,
+                 autocast_dtype: torch.dtype | None = None, epsilon: float | None = None,
+                 reuse_student_forward: bool = True) -> None:
+        """
+        Args:
+            student, teacher: the modules (``teacher`` is whatever module the meta-learner trains).
+            student_optimizer, teacher_optimizer: any torch optimizers over their parameters.
+            inner_loss, outer_loss: ``inner_loss(student, teacher, batch)``, ``outer_loss(student, batch)``.
+            method: hypergradient method, one of :data:`~mpdistil_fast.bilevel.METHODS`.
+            inner_optimizer: rule of the experimental step (default: ``student_optimizer``, which must then be
+                SGD, Adam or AdamW); ``"sgd"`` gives MetaDistil's plain step.
+            inner_lr: experimental learning rate (default: the optimizer's current one, read every step).
+            max_grad_norm: clip norm for the teacher's hypergradient and the student's real gradient.
+            autocast_dtype: run the losses under ``torch.autocast`` with this dtype (e.g. ``torch.bfloat16``).
+            epsilon: finite-difference step c (see :func:`~mpdistil_fast.bilevel.hypergradient`).
+            reuse_student_forward: share the student's forward on the train batch between the pilot and the real
+                step (first-order methods; costs keeping its activations alive during the hypergradient).
+        """
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        for name, optimizer in (("student_optimizer", student_optimizer), ("teacher_optimizer", teacher_optimizer)):
+            if not isinstance(optimizer, torch.optim.Optimizer):
+                raise TypeError(f"{name} must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if max_grad_norm is not None:
+            max_grad_norm = check_positive_finite("max_grad_norm", max_grad_norm)
+        if autocast_dtype is not None and not isinstance(autocast_dtype, torch.dtype):
+            raise TypeError(f"autocast_dtype must be a torch.dtype or None, got {type(autocast_dtype).__name__}")
+        self.student, self.teacher = student, teacher
+        self.student_parameters = trainable_parameters(student, "student")
+        self.teacher_parameters = trainable_parameters(teacher, "teacher")
+        self.student_optimizer, self.teacher_optimizer = student_optimizer, teacher_optimizer
+        self.inner_loss, self.outer_loss = inner_loss, outer_loss
+        self.method, self.epsilon, self.max_grad_norm = method, epsilon, max_grad_norm
+        self.inner_optimizer = student_optimizer if inner_optimizer is None else inner_optimizer
+        self.inner_lr = inner_lr
+        self.student_scheduler, self.teacher_scheduler = student_scheduler, teacher_scheduler
+        self.autocast_dtype = autocast_dtype
+        self.reuse_student_forward = reuse_student_forward and method != "exact"
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        device_type = next(iter(self.student_parameters.values())).device.type
+        return torch.autocast(device_type, dtype=self.autocast_dtype)
+
+    def _clip(self, parameters: list[nn.Parameter]) -> float:
+        grads = [p for p in parameters if p.grad is not None]
+        if not grads:
+            return 0.0
+        if self.max_grad_norm is None:
+            return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in grads])))
+        return float(torch.nn.utils.clip_grad_norm_(grads, self.max_grad_norm))
+
+    def step(self, train_batch: Any, quiz_batch: Any) -> dict[str, float]:
+        """One pilot update; returns the losses, gradient norms (before clipping) and the inner learning rate."""
+        inner_lr = self.inner_lr
+        if inner_lr is None and isinstance(self.inner_optimizer, str):
+            inner_lr = float(self.student_optimizer.param_groups[0]["lr"])
+        reported_lr = inner_lr if inner_lr is not None else float(self.student_optimizer.param_groups[0]["lr"])
+        random_state = RandomStateReplay([p.device for p in self.student_parameters.values()])
+        with self._autocast():
+            result = meta_gradient(self.student, self.teacher, self.inner_loss, self.outer_loss, train_batch,
+                                   quiz_batch, inner_lr=inner_lr, method=self.method,
+                                   inner_optimizer=self.inner_optimizer, epsilon=self.epsilon,
+                                   keep_student_forward=self.reuse_student_forward)
+        # 2. teacher update with the hypergradient
+        self.teacher_optimizer.zero_grad(set_to_none=True)
+        for name, parameter in self.teacher_parameters.items():
+            parameter.grad = result.teacher_grads[name]
+        teacher_grad_norm = self._clip(list(self.teacher_parameters.values()))
+        self.teacher_optimizer.step()
+        if self.teacher_scheduler is not None:
+            self.teacher_scheduler.step()
+        # 3. real student step on the same batch with the updated teacher
+        self.student_optimizer.zero_grad(set_to_none=True)
+        student = result.student_calls.replay() if result.student_calls is not None else self.student
+        with self._autocast(), random_state.replay():
+            loss = call_loss(self.inner_loss, "inner_loss", student, without_parameter_grads(self.teacher),
+                             train_batch)
+        student_loss = check_finite_loss("inner_loss with the updated teacher", loss)
+        student_params = list(self.student_parameters.values())
+        loss.backward(inputs=student_params)
+        student_grad_norm = self._clip(student_params)
+        self.student_optimizer.step()
+        if self.student_scheduler is not None:
+            self.student_scheduler.step()
+        return {"inner_loss": result.inner_loss, "quiz_loss": result.outer_loss, "student_loss": student_loss,
+                "teacher_grad_norm": teacher_grad_norm, "student_grad_norm": student_grad_norm,
+                "inner_lr": reported_lr}

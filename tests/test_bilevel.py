@@ -1,0 +1,370 @@
+"""Bi-level engine: every hypergradient method against the unrolled exact one, and exact against a numerical
+derivative, on tiny BERT teachers and students (configs built in code, eager attention)."""
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import BertConfig, BertForSequenceClassification
+
+from helpers import rel_error
+from mpdistil_fast.bilevel import METHODS, hypergradient
+
+VOCAB, NUM_LABELS, TEMPERATURE, INNER_LR = 37, 3, 2.0, 0.5
+#: Relative error of the whole hypergradient vector against "exact", per method and dtype (issue 4).
+TOLERANCE = {("finite_difference", torch.float64): 1e-6, ("forward_mode", torch.float64): 1e-6,
+             ("first_order", torch.float64): 1e-4,
+             ("finite_difference", torch.float32): 1e-3, ("forward_mode", torch.float32): 1e-3,
+             ("first_order", torch.float32): 1e-2}
+
+
+def tiny_bert(layers: int, hidden: int, dtype: torch.dtype = torch.float64, attention: str = "eager",
+              dropout: float = 0.0) -> BertForSequenceClassification:
+    config = BertConfig(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
+                        intermediate_size=hidden + 8, max_position_embeddings=16, num_labels=NUM_LABELS,
+                        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+    config._attn_implementation = attention
+    return BertForSequenceClassification(config).to(dtype)
+
+
+def make_batch(size: int = 5, length: int = 7, pad: int = 2) -> dict[str, torch.Tensor]:
+    mask = torch.ones(size, length, dtype=torch.long)
+    mask[0, length - pad:] = 0  # one padded row, so masking matters
+    return {"input_ids": torch.randint(0, VOCAB, (size, length)), "attention_mask": mask,
+            "labels": torch.randint(0, NUM_LABELS, (size,))}
+
+
+def model_inputs(batch: dict) -> dict:
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Hinton KD, KL(p_t || p_s) at temperature T, times T^2 (plain torch, double-backward capable)."""
+    return F.kl_div(F.log_softmax(student_logits / TEMPERATURE, -1), F.log_softmax(teacher_logits / TEMPERATURE, -1),
+                    log_target=True, reduction="batchmean") * TEMPERATURE ** 2
+
+
+def inner_loss(student, teacher, batch) -> torch.Tensor:
+    student_logits = student(**model_inputs(batch)).logits
+    teacher_logits = teacher(**model_inputs(batch)).logits
+    return kd_loss(student_logits, teacher_logits) + F.cross_entropy(student_logits, batch["labels"])
+
+
+def quiz_loss(student, batch) -> torch.Tensor:
+    return F.cross_entropy(student(**model_inputs(batch)).logits, batch["labels"])
+
+
+def flat(grads: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([g.flatten() for g in grads.values()])
+
+
+def problem(dtype: torch.dtype, dropout: float = 0.0, seed: int = 0):
+    """(student, teacher, train batch, quiz batch) with an extra teacher parameter the loss never uses."""
+    torch.manual_seed(seed)
+    student, teacher = tiny_bert(2, 16, dtype, dropout=dropout), tiny_bert(3, 24, dtype)
+    teacher.unused = nn.Parameter(torch.randn(3, dtype=dtype))
+    teacher.bert.embeddings.token_type_embeddings.weight.requires_grad_(False)  # frozen: not in the result
+    return student, teacher, make_batch(), make_batch(size=4, length=6, pad=1)
+
+
+@functools.lru_cache(maxsize=None)
+def exact_reference(dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    student, teacher, train, quiz = problem(dtype)
+    return hypergradient(student, teacher, inner_loss, quiz_loss, train, quiz, inner_lr=INNER_LR, method="exact")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "exact"])
+def test_method_matches_exact(method: str, dtype: torch.dtype) -> None:
+    student, teacher, train, quiz = problem(dtype)
+    before = copy.deepcopy((student.state_dict(), teacher.state_dict()))
+    result = hypergradient(student, teacher, inner_loss, quiz_loss, train, quiz, inner_lr=INNER_LR, method=method)
+    expected = exact_reference(dtype)
+    trainable = [n for n, p in teacher.named_parameters() if p.requires_grad]
+    assert list(result) == trainable and list(expected) == trainable
+    assert "bert.embeddings.token_type_embeddings.weight" not in result
+    assert torch.equal(result["unused"], torch.zeros(3, dtype=dtype))
+    assert all(result[n].dtype == dtype for n in result)
+    error = rel_error(flat(result), flat(expected))
+    assert error <= TOLERANCE[(method, dtype)], f"{method} {dtype}: relative error {error:.2e}"
+    # nothing was modified in place
+    for module, state in zip((student, teacher), before):
+        assert all(torch.equal(module.state_dict()[k], v) for k, v in state.items())
+
+
+def unrolled_quiz_loss(student, teacher, train, quiz, steps: int) -> float:
+    """Q(theta_k) after ``steps`` plain SGD steps, computed without any graph to the teacher."""
+    student = copy.deepcopy(student)
+    for _ in range(steps):
+        student.zero_grad()
+        inner_loss(student, teacher, train).backward()
+        with torch.no_grad():
+            for p in student.parameters():
+                p -= INNER_LR * p.grad
+    with torch.no_grad():
+        return float(quiz_loss(student, quiz))
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_exact_matches_numerical_derivative(steps: int) -> None:
+    student, teacher, train, quiz = problem(torch.float64, seed=1)
+    grads = hypergradient(student, teacher, inner_loss, quiz_loss, train, quiz, inner_lr=INNER_LR, method="exact",
+                          inner_steps=steps)
+    params = dict(teacher.named_parameters())
+    probes = []  # the largest entry of a few tensors across the teacher, so no probe is trivially zero
+    for name in ("classifier.weight", "bert.encoder.layer.2.output.dense.bias",
+                 "bert.encoder.layer.0.attention.self.query.weight", "bert.embeddings.word_embeddings.weight"):
+        probes.append((name, tuple(int(i) for i in torch.unravel_index(grads[name].abs().argmax(),
+                                                                       grads[name].shape))))
+    delta = 1e-5
+    for name, index in probes:
+        original = params[name].data[index].item()
+        values = []
+        for shift in (delta, -delta):
+            params[name].data[index] = original + shift
+            values.append(unrolled_quiz_loss(student, teacher, train, quiz, steps))
+        params[name].data[index] = original
+        numerical = (values[0] - values[1]) / (2 * delta)
+        analytic = grads[name][index].item()
+        assert abs(analytic) > 1e-8, f"{name}{index}: probe is trivially zero"
+        # the central difference of Q itself carries ~1e-11 absolute rounding error
+        assert abs(analytic - numerical) <= 1e-5 * abs(analytic) + 1e-10, (name, analytic, numerical)
+
+
+def optimizer_with_state(kind: str, student: nn.Module, train) -> torch.optim.Optimizer:
+    """An optimizer over the student that has taken one step (so momentum / moments are non-trivial)."""
+    make = {"sgd_momentum": lambda p: torch.optim.SGD(p, lr=0.3, momentum=0.9, weight_decay=0.01),
+            "sgd_nesterov": lambda p: torch.optim.SGD(p, lr=0.3, momentum=0.8, nesterov=True),
+            "adam": lambda p: torch.optim.Adam(p, lr=0.01, weight_decay=0.01),
+            "adamw": lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.1)}[kind]
+    optimizer = make(student.parameters())
+    F.cross_entropy(student(**model_inputs(train)).logits, train["labels"]).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return optimizer
+
+
+@pytest.mark.parametrize("kind", ["sgd_momentum", "sgd_nesterov", "adam", "adamw"])
+def test_preconditioned_inner_step(kind: str) -> None:
+    """Frozen-state SGD-momentum / Adam / AdamW inner steps: the first-order methods still match exact."""
+    student, teacher, train, quiz = problem(torch.float64, seed=2)
+    optimizer = optimizer_with_state(kind, student, train)
+    results = {method: hypergradient(student, teacher, inner_loss, quiz_loss, train, quiz, method=method,
+                                     inner_optimizer=optimizer)
+               for method in ("exact", "finite_difference", "forward_mode")}
+    for method in ("finite_difference", "forward_mode"):
+        assert rel_error(flat(results[method]), flat(results["exact"])) <= 1e-6, method
+    # the preconditioner matters: plain SGD at the same learning rate gives another hypergradient
+    plain = hypergradient(student, teacher, inner_loss, quiz_loss, train, quiz, method="exact",
+                          inner_lr=optimizer.param_groups[0]["lr"])
+    assert rel_error(flat(plain), flat(results["exact"])) > 1e-3
+
+
+def test_adam_by_name_uses_fresh_state() -> None:
+    student, teacher, train, quiz = problem(torch.float64, seed=3)
+    by_name = hypergradient(student, teacher, inner_loss, quiz_loss, train, quiz, inner_lr=1e-3,
+                            method="forward_mode", inner_optimizer="adam")
+    fresh = torch.optim.Adam(student.parameters(), lr=1e-3)
+    by_instance = hypergradient(student, teacher, inner_loss, quiz_loss, train, quiz, method="exact",
+                                inner_optimizer=fresh)
+    assert rel_error(flat(by_name), flat(by_instance)) <= 1e-6
+
+
+def test_dropout_masks_are_replayed() -> None:
+    """With dropout on, every evaluation of the inner loss sees the same masks, so the methods still agree."""
+    student, teacher, train, quiz = problem(torch.float64, dropout=0.2, seed=4)
+    student.train()
+    results = {}
+    for method in ("exact", "finite_difference", "forward_mode"):
+        torch.manual_seed(123)
+        results[method] = hypergradient(student, teacher, inner_loss, quiz_loss, train, quiz, inner_lr=INNER_LR,
+                                        method=method)
+    for method in ("finite_difference", "forward_mode"):
+        assert rel_error(flat(results[method]), flat(results["exact"])) <= 1e-6, method
+
+
+class StudentProbe(nn.Module):
+    """A 'teacher' that is a projection of the student's hidden states (a meta-teacher head)."""
+
+    def __init__(self, hidden: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.projection = nn.Linear(hidden, NUM_LABELS, dtype=dtype)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.projection(hidden)
+
+
+def head_inner_loss(student, head, batch) -> torch.Tensor:
+    """Match the student's logits to a projection of its own [CLS] state (a hidden-state distillation term)."""
+    outputs = student(**model_inputs(batch), output_hidden_states=True)
+    projected = head(torch.tanh(outputs.hidden_states[-1][:, 0]))
+    return F.mse_loss(outputs.logits, projected) + F.cross_entropy(outputs.logits, batch["labels"])
+
+
+def head_kd_inner_loss(student, head, batch) -> torch.Tensor:
+    outputs = student(**model_inputs(batch), output_hidden_states=True)
+    return kd_loss(outputs.logits, head(torch.tanh(outputs.hidden_states[-1][:, 0])))
+
+
+def test_teacher_fed_by_the_student() -> None:
+    """The 'teacher' input depends on theta: its calls are rerun, not replayed, and the methods still agree."""
+    torch.manual_seed(5)
+    student, head = tiny_bert(2, 16), StudentProbe(16, torch.float64)
+    train, quiz = make_batch(), make_batch(size=3)
+    results = {m: hypergradient(student, head, head_inner_loss, quiz_loss, train, quiz, inner_lr=INNER_LR, method=m)
+               for m in METHODS}
+    assert flat(results["exact"]).norm() > 0
+    for method in ("finite_difference", "forward_mode"):
+        assert rel_error(flat(results[method]), flat(results["exact"])) <= 1e-6, method
+    assert rel_error(flat(results["first_order"]), flat(results["exact"])) <= 1e-4
+    # softmax of a student-dependent teacher output: torch's softmax jvp cannot be reverse-differentiated
+    exact = hypergradient(student, head, head_kd_inner_loss, quiz_loss, train, quiz, inner_lr=INNER_LR, method="exact")
+    finite = hypergradient(student, head, head_kd_inner_loss, quiz_loss, train, quiz, inner_lr=INNER_LR)
+    assert rel_error(flat(finite), flat(exact)) <= 1e-6
+    with pytest.raises(RuntimeError, match="forward_mode.*finite_difference"):
+        hypergradient(student, head, head_kd_inner_loss, quiz_loss, train, quiz, inner_lr=INNER_LR,
+                      method="forward_mode")
+
+
+def test_sdpa_attention_exact_fails_clearly_finite_difference_works() -> None:
+    student, teacher, train, quiz = problem(torch.float64)
+    sdpa_student, sdpa_teacher = tiny_bert(2, 16, attention="sdpa"), tiny_bert(3, 24, attention="sdpa")
+    sdpa_teacher.unused = nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    sdpa_student.load_state_dict(student.state_dict())
+    sdpa_teacher.load_state_dict(teacher.state_dict())
+    sdpa_teacher.bert.embeddings.token_type_embeddings.weight.requires_grad_(False)
+    with pytest.raises(RuntimeError, match="double backward.*finite_difference"):
+        hypergradient(sdpa_student, sdpa_teacher, inner_loss, quiz_loss, train, quiz, inner_lr=INNER_LR,
+                      method="exact")
+    result = hypergradient(sdpa_student, sdpa_teacher, inner_loss, quiz_loss, train, quiz, inner_lr=INNER_LR,
+                           method="finite_difference")
+    assert rel_error(flat(result), flat(exact_reference(torch.float64))) <= 1e-6
+
+
+class NoDoubleBackwardKD(torch.autograd.Function):
+    """A fused-kernel-like KD loss: backward returns both logit gradients, double backward is refused."""
+
+    @staticmethod
+    def forward(ctx, student_logits, teacher_logits):
+        ctx.save_for_backward(student_logits, teacher_logits)
+        return kd_loss(student_logits, teacher_logits)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if torch.is_grad_enabled():
+            raise RuntimeError("NoDoubleBackwardKD does not support double backward")
+        student_logits, teacher_logits = ctx.saved_tensors
+        with torch.enable_grad():
+            s, t = student_logits.detach().requires_grad_(), teacher_logits.detach().requires_grad_()
+            gs, gt = torch.autograd.grad(kd_loss(s, t), (s, t))
+        return grad * gs, grad * gt
+
+
+def fused_like_inner_loss(student, teacher, batch) -> torch.Tensor:
+    student_logits = student(**model_inputs(batch)).logits
+    teacher_logits = teacher(**model_inputs(batch)).logits
+    return NoDoubleBackwardKD.apply(student_logits, teacher_logits) + F.cross_entropy(student_logits, batch["labels"])
+
+
+def kd_kl_div_inner_loss(student, teacher, batch) -> torch.Tensor:
+    import mpdistil_fast
+
+    student_logits = student(**model_inputs(batch)).logits
+    teacher_logits = teacher(**model_inputs(batch)).logits
+    kd = mpdistil_fast.kd_kl_div(student_logits, teacher_logits, TEMPERATURE, reduction="batchmean",
+                                 scale_by_t2=True, backend="cpp")
+    return kd + F.cross_entropy(student_logits, batch["labels"])
+
+
+def _kd_kl_div_cpp_status() -> str:
+    try:
+        from mpdistil_fast.backends import backend_status
+        import mpdistil_fast.functional.kd_kl_div  # noqa: F401  (registers the op)
+    except ImportError as exc:
+        return f"kd_kl_div is not built yet ({exc})"
+    status = backend_status("cpp", "kd_kl_div", "cpu")
+    return "" if status.available else status.reason
+
+
+@pytest.mark.parametrize("loss", [
+    pytest.param(fused_like_inner_loss, id="stand_in"),
+    pytest.param(kd_kl_div_inner_loss, id="kd_kl_div_cpp",
+                 marks=pytest.mark.skipif(bool(_kd_kl_div_cpp_status()), reason=_kd_kl_div_cpp_status() or "-")),
+])
+def test_finite_difference_with_fused_loss(loss) -> None:
+    """A fused loss without double backward: exact fails clearly, finite_difference matches the torch exact."""
+    student, teacher, train, quiz = problem(torch.float64)
+    with pytest.raises(RuntimeError, match="double backward.*finite_difference"):
+        hypergradient(student, teacher, loss, quiz_loss, train, quiz, inner_lr=INNER_LR, method="exact")
+    result = hypergradient(student, teacher, loss, quiz_loss, train, quiz, inner_lr=INNER_LR,
+                           method="finite_difference")
+    assert rel_error(flat(result), flat(exact_reference(torch.float64))) <= 1e-6
+
+
+# ----------------------------------------------------------------------------------------------- bad input
+def test_unknown_method() -> None:
+    student, teacher, train, quiz = problem(torch.float64)
+    with pytest.raises(ValueError, match="method"):
+        hypergradient(student, teacher, inner_loss, quiz_loss, train, quiz, inner_lr=INNER_LR, method="implicit")
+
+
+def test_teacher_not_in_loss_gives_zeros_with_warning() -> None:
+    student, teacher, train, quiz = problem(torch.float64)
+
+    def student_only(student, teacher, batch):
+        return F.cross_entropy(student(**model_inputs(batch)).logits, batch["labels"])
+
+    for method in METHODS:
+        with pytest.warns(UserWarning, match="no teacher parameter influences inner_loss"):
+            result = hypergradient(student, teacher, student_only, quiz_loss, train, quiz, inner_lr=INNER_LR,
+                                   method=method)
+        assert all(torch.equal(g, torch.zeros_like(g)) for g in result.values()), method
+
+
+def test_teacher_without_trainable_parameters() -> None:
+    student, teacher, train, quiz = problem(torch.float64)
+    teacher.requires_grad_(False)
+    with pytest.raises(ValueError, match="teacher has no parameter that requires grad"):
+        hypergradient(student, teacher, inner_loss, quiz_loss, train, quiz, inner_lr=INNER_LR)
+    with pytest.raises(TypeError, match="student must be a torch.nn.Module"):
+        hypergradient(lambda x: x, teacher, inner_loss, quiz_loss, train, quiz, inner_lr=INNER_LR)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_non_finite_quiz_loss(method: str) -> None:
+    student, teacher, train, quiz = problem(torch.float64)
+    with pytest.raises(FloatingPointError, match="outer_loss is not finite"):
+        hypergradient(student, teacher, inner_loss, lambda s, b: quiz_loss(s, b) * float("nan"), train, quiz,
+                      inner_lr=INNER_LR, method=method)
+    with pytest.raises(FloatingPointError, match="inner_loss is not finite"):
+        hypergradient(student, teacher, lambda s, t, b: inner_loss(s, t, b) + float("inf"), quiz_loss, train, quiz,
+                      inner_lr=INNER_LR, method=method)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"inner_lr": -1.0}, ValueError, "inner_lr"),
+    ({"inner_lr": None}, ValueError, "inner_lr"),
+    ({"inner_lr": 0.1, "inner_optimizer": "lion"}, ValueError, "inner_optimizer"),
+    ({"inner_lr": 0.1, "inner_optimizer": torch.optim.Adagrad([nn.Parameter(torch.ones(1))])}, ValueError,
+     "inner_optimizer"),
+    ({"inner_lr": 0.1, "inner_steps": 2}, ValueError, "inner_steps"),
+    ({"inner_lr": 0.1, "inner_steps": 0, "method": "exact"}, ValueError, "inner_steps"),
+    ({"inner_lr": 0.1, "epsilon": 0.0}, ValueError, "epsilon"),
+])
+def test_bad_arguments(kwargs, error, match) -> None:
+    student, teacher, train, quiz = problem(torch.float64)
+    with pytest.raises(error, match=match):
+        hypergradient(student, teacher, inner_loss, quiz_loss, train, quiz, **kwargs)
+
+
+def test_bad_losses() -> None:
+    student, teacher, train, quiz = problem(torch.float64)
+    with pytest.raises(TypeError, match="outer_loss must be callable"):
+        hypergradient(student, teacher, inner_loss, "ce", train, quiz, inner_lr=INNER_LR)
+    with pytest.raises(TypeError, match="inner_loss must return a floating scalar"):
+        hypergradient(student, teacher, lambda s, t, b: s(**model_inputs(b)).logits, quiz_loss, train, quiz,
+                      inner_lr=INNER_LR)

@@ -1,0 +1,146 @@
+"""MetaDistil's pilot update (Algorithm 1): teacher updated with the hypergradient, then the real student step on
+the same batch with the updated teacher; clipping, schedulers, bf16 autocast, dropout and bad losses."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from helpers import rel_error
+from mpdistil_fast.bilevel import PilotUpdate, hypergradient
+from test_bilevel import INNER_LR, flat, inner_loss, make_batch, problem, quiz_loss
+
+
+def make_optimizers(kind: str, student, teacher):
+    student_optimizer = (torch.optim.SGD(student.parameters(), lr=INNER_LR) if kind == "sgd"
+                         else torch.optim.AdamW(student.parameters(), lr=1e-3, weight_decay=0.01))
+    teacher_optimizer = torch.optim.Adam([p for p in teacher.parameters() if p.requires_grad], lr=1e-2)
+    return student_optimizer, teacher_optimizer
+
+
+def state(module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in module.parameters()])
+
+
+@pytest.mark.parametrize("method, kind, reuse", [
+    ("finite_difference", "sgd", True), ("finite_difference", "adamw", True), ("finite_difference", "sgd", False),
+    ("exact", "sgd", False), ("forward_mode", "adamw", True),
+])
+def test_pilot_update_is_algorithm_1(method: str, kind: str, reuse: bool) -> None:
+    student, teacher, train, quiz = problem(torch.float64)
+    student_optimizer, teacher_optimizer = make_optimizers(kind, student, teacher)
+    # warm the optimizers so the frozen-state preconditioner and momentum are non-trivial
+    pilot = PilotUpdate(student, teacher, student_optimizer, teacher_optimizer, inner_loss, quiz_loss, method=method,
+                        reuse_student_forward=reuse)
+    pilot.step(make_batch(), make_batch())
+    reference = copy.deepcopy((student, teacher, student_optimizer, teacher_optimizer))
+    ref_student, ref_teacher, ref_student_optimizer, ref_teacher_optimizer = reference
+    teacher_before = state(teacher)
+
+    stats = pilot.step(train, quiz)
+
+    # 1-2: the teacher takes one optimizer step along the hypergradient of the experimental step
+    grads = hypergradient(ref_student, ref_teacher, inner_loss, quiz_loss, train, quiz, method=method,
+                          inner_optimizer=ref_student_optimizer)
+    for name, p in ref_teacher.named_parameters():
+        if p.requires_grad:
+            p.grad = grads[name]
+    ref_teacher_optimizer.step()
+    assert rel_error(state(teacher), state(ref_teacher)) <= 1e-12
+    assert not torch.equal(state(teacher), teacher_before)
+    # 3: the student takes one ordinary step on the same batch with the updated teacher
+    ref_student_optimizer.zero_grad()
+    loss = inner_loss(ref_student, ref_teacher, train)
+    loss.backward()
+    ref_student_optimizer.step()
+    assert rel_error(state(student), state(ref_student)) <= 1e-12
+    assert stats["student_loss"] == pytest.approx(float(loss), rel=1e-12)
+    assert set(stats) == {"inner_loss", "quiz_loss", "student_loss", "teacher_grad_norm", "student_grad_norm",
+                          "inner_lr"}
+    assert all(isinstance(v, float) for v in stats.values())
+
+
+def test_pilot_clipping_schedulers_and_learning_rate() -> None:
+    student, teacher, train, quiz = problem(torch.float64)
+    student_optimizer, teacher_optimizer = make_optimizers("sgd", student, teacher)
+    schedulers = [torch.optim.lr_scheduler.StepLR(o, step_size=1, gamma=0.5)
+                  for o in (student_optimizer, teacher_optimizer)]
+    pilot = PilotUpdate(student, teacher, student_optimizer, teacher_optimizer, inner_loss, quiz_loss,
+                        max_grad_norm=1e-3, student_scheduler=schedulers[0], teacher_scheduler=schedulers[1])
+    before = state(student)
+    first = pilot.step(train, quiz)
+    second = pilot.step(train, quiz)
+    assert first["inner_lr"] == INNER_LR and second["inner_lr"] == INNER_LR / 2  # the scheduler's rate is used
+    assert first["student_grad_norm"] > 1e-3  # reported before clipping ...
+    # ... and clipped: the first SGD step moved the student by lr * max_grad_norm at most
+    assert torch.linalg.vector_norm(state(student) - before) <= INNER_LR * 1e-3 + INNER_LR / 2 * 1e-3 + 1e-12
+    assert teacher_optimizer.param_groups[0]["lr"] == pytest.approx(1e-2 / 4)
+
+
+def test_bf16_autocast_hypergradient() -> None:
+    """Under bf16 autocast the first-order methods stay within a few percent of the fp32 exact hypergradient."""
+    student, teacher, train, quiz = problem(torch.float32)
+    exact = hypergradient(student, teacher, inner_loss, quiz_loss, train, quiz, inner_lr=INNER_LR, method="exact")
+    for method, tolerance in (("finite_difference", 5e-2), ("forward_mode", 2e-2)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            result = hypergradient(student, teacher, inner_loss, quiz_loss, train, quiz, inner_lr=INNER_LR,
+                                   method=method)
+        assert all(g.dtype == torch.float32 for g in result.values())
+        assert rel_error(flat(result), flat(exact)) <= tolerance, method
+
+
+def test_pilot_bf16_autocast_and_dropout() -> None:
+    student, teacher, train, quiz = problem(torch.float32, dropout=0.1)
+    student.train()
+    student_optimizer, teacher_optimizer = make_optimizers("adamw", student, teacher)
+    pilot = PilotUpdate(student, teacher, student_optimizer, teacher_optimizer, inner_loss, quiz_loss,
+                        autocast_dtype=torch.bfloat16, max_grad_norm=1.0)
+    before = (state(student), state(teacher))
+    stats = [pilot.step(train, quiz) for _ in range(2)]
+    assert all(torch.isfinite(torch.tensor(list(s.values()))).all() for s in stats)
+    assert not torch.equal(state(student), before[0]) and not torch.equal(state(teacher), before[1])
+    assert all(p.dtype == torch.float32 for p in (*student.parameters(), *teacher.parameters()))
+
+
+def test_pilot_non_finite_quiz_loss_applies_no_update() -> None:
+    student, teacher, train, quiz = problem(torch.float64)
+    student_optimizer, teacher_optimizer = make_optimizers("adamw", student, teacher)
+    pilot = PilotUpdate(student, teacher, student_optimizer, teacher_optimizer, inner_loss,
+                        lambda s, b: quiz_loss(s, b) / 0.0 * 0.0)
+    before = (state(student), state(teacher))
+    with pytest.raises(FloatingPointError, match="outer_loss is not finite"):
+        pilot.step(train, quiz)
+    assert torch.equal(state(student), before[0]) and torch.equal(state(teacher), before[1])
+    assert not student_optimizer.state and not teacher_optimizer.state
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"method": "implicit"}, ValueError, "method"),
+    ({"max_grad_norm": 0.0}, ValueError, "max_grad_norm"),
+    ({"autocast_dtype": "bf16"}, TypeError, "autocast_dtype"),
+])
+def test_pilot_bad_arguments(kwargs, error, match) -> None:
+    student, teacher, _, _ = problem(torch.float64)
+    student_optimizer, teacher_optimizer = make_optimizers("sgd", student, teacher)
+    with pytest.raises(error, match=match):
+        PilotUpdate(student, teacher, student_optimizer, teacher_optimizer, inner_loss, quiz_loss, **kwargs)
+    with pytest.raises(TypeError, match="teacher_optimizer"):
+        PilotUpdate(student, teacher, student_optimizer, "adam", inner_loss, quiz_loss)
+
+
+def test_pilot_with_a_plain_sgd_experimental_step() -> None:
+    """inner_optimizer='sgd' gives MetaDistil's plain step whatever the student optimizer is."""
+    student, teacher, train, quiz = problem(torch.float64)
+    student_optimizer, teacher_optimizer = make_optimizers("adamw", student, teacher)
+    ref_teacher = copy.deepcopy(teacher)
+    pilot = PilotUpdate(student, teacher, student_optimizer, teacher_optimizer, inner_loss, quiz_loss,
+                        inner_optimizer="sgd", inner_lr=0.25)
+    grads = hypergradient(copy.deepcopy(student), ref_teacher, inner_loss, quiz_loss, train, quiz, inner_lr=0.25)
+    ref_optimizer = torch.optim.Adam([p for p in ref_teacher.parameters() if p.requires_grad], lr=1e-2)
+    for name, p in ref_teacher.named_parameters():
+        if p.requires_grad:
+            p.grad = grads[name]
+    ref_optimizer.step()
+    pilot.step(train, quiz)
+    assert rel_error(state(teacher), state(ref_teacher)) <= 1e-12
