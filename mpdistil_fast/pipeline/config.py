@@ -219,8 +219,8 @@ def _build(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
     for key in raw:
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" (did you mean {prefix}{close[0]!r}?)" if close else f"; known keys: {', '.join(names)}"
-            raise ConfigError(f"unknown key {prefix}{key!r}{hint}")
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f"; known keys: {', '.join(names)}"
+            raise ConfigError(f"unknown key '{prefix}{key}'{hint}")
     defaults = cls()
     kwargs = {}
     for name in names:
@@ -396,11 +396,10 @@ def check_data_available(config: Config) -> None:
         raise ConfigError("no data: data.data_dir and MPDISTIL_DATA_DIR are unset and HF_DATASETS_OFFLINE=1 rules "
                           "out the hub; point data.data_dir at a folder of the official SuperGLUE/GLUE files")
     if data_dir is not None:
-        from mpdistil_fast.data import load_examples
+        from mpdistil_fast.data import load_task_splits
 
         for task in curriculum_tasks(config):
-            for split in ("train", "validation"):
-                try:
-                    load_examples(task, split, data_dir)
-                except (FileNotFoundError, ValueError, KeyError) as exc:
-                    raise ConfigError(f"data for task {task!r} ({split}) not usable in {data_dir}: {exc}") from exc
+            try:
+                load_task_splits(task, data_dir, seed=config.seed, quiz_fraction=config.data.quiz_fraction)
+            except (FileNotFoundError, ValueError, KeyError) as exc:
+                raise ConfigError(f"data for task {task!r} not usable in {data_dir}: {exc}") from exc

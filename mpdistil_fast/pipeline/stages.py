@@ -122,12 +122,11 @@ def metadistil_stage(run: "Run") -> None:
 
     def inner_loss(student_module, teacher_module, batch: Batch) -> torch.Tensor:
         inputs, task = model_inputs(batch), batch["task"]
-        teacher_logits = teacher_module(**inputs, task=task).logits
-        return objective(student_module(**inputs, task=task).logits, batch["labels"],
-                         teacher_logits=teacher_logits).loss
+        return objective(student_module(task, **inputs), batch["labels"],
+                         teacher_logits=teacher_module(task, **inputs)).loss
 
     def quiz_loss(student_module, batch: Batch) -> torch.Tensor:
-        return cross_entropy(student_module(**model_inputs(batch), task=batch["task"]).logits, batch["labels"])
+        return cross_entropy(student_module(batch["task"], **model_inputs(batch)), batch["labels"])
 
     def companions(total: int) -> dict:
         return {"teacher_trained": run.trainer(teacher, c.teacher_training, total, role="teacher",
@@ -138,7 +137,7 @@ def metadistil_stage(run: "Run") -> None:
     def step(trained, task: str, batch: Batch, extra: dict) -> dict[str, float]:
         if not pilots:
             teacher_trained = extra["teacher_trained"]
-            pilots[0] = PilotUpdate(student, teacher, trained.optimizer, teacher_trained.optimizer, inner_loss,
+            pilots[0] = PilotUpdate(LogitsOf(student), LogitsOf(teacher), trained.optimizer, teacher_trained.optimizer, inner_loss,
                                     quiz_loss, method=c.metadistil.hypergradient, inner_lr=c.metadistil.inner_lr,
                                     max_grad_norm=c.student_training.max_grad_norm,
                                     student_scheduler=trained.scheduler, teacher_scheduler=teacher_trained.scheduler)
@@ -149,6 +148,17 @@ def metadistil_stage(run: "Run") -> None:
     run.supervised_stage("metadistil", student, student, c.student_training, step, companions=companions)
     teacher.eval().requires_grad_(False)
     run.record("teacher_final", teacher)
+
+
+class LogitsOf(nn.Module):
+    """``model``'s logits as a plain tensor: the bi-level engine records and replays tensor outputs."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, task: str, **inputs: torch.Tensor) -> torch.Tensor:
+        return self.model(**inputs, task=task).logits
 
 
 def next_batch(run: "Run", state: dict, split: str, task: str, *, salt: int) -> Batch:
