@@ -1,0 +1,203 @@
+"""meta_teacher_loss / MetaTeacher: every backend against an independent float64 formula, gradients, bad inputs."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import mpdistil_fast
+from tests.helpers import assert_rel_close, backend_params
+
+BACKENDS = backend_params("meta_teacher_loss")
+
+
+def reference(h_t, h_s, params, labels, mode, projection):
+    """Float64 loss written out with explicit softmax, log-sum-exp and the erf GELU."""
+    w1, b1, w2, b2 = params
+    if projection is not None:
+        h_s = h_s @ projection[0].T + projection[1]
+
+    def discriminator(h):
+        a = h @ w1.T + b1
+        if w2 is None:
+            return a
+        g = 0.5 * a * (1 + torch.erf(a / math.sqrt(2)))
+        return g @ w2.T + b2
+
+    def ce_and_gold(z):
+        lse = z.logsumexp(-1)
+        z_y = z.gather(1, labels[:, None])[:, 0]
+        return (lse - z_y).mean(), (z_y - lse).exp().mean()
+
+    z_t, z_s = discriminator(h_t), discriminator(h_s)
+    (ce_t, p_t), (ce_s, p_s) = ce_and_gold(z_t), ce_and_gold(z_s)
+    loss = 0.5 * ce_t + 0.5 * ce_s if mode == "collaborative" else ce_t - p_t + p_s
+    return loss, z_t, z_s
+
+
+def make_case(batch, width, classes, *, hidden=None, student_width=None, dtype=torch.float32, scale=1.0):
+    h_t = (torch.randn(batch, width, dtype=dtype) * scale).requires_grad_()
+    h_s = (torch.randn(batch, student_width or width, dtype=dtype) * scale).requires_grad_()
+    first = hidden or classes
+    params = [torch.randn(first, width, dtype=dtype) / width ** 0.5, torch.randn(first, dtype=dtype)]
+    if hidden:
+        params += [torch.randn(classes, hidden, dtype=dtype) / hidden ** 0.5, torch.randn(classes, dtype=dtype)]
+    else:
+        params += [None, None]
+    projection = None
+    if student_width:
+        projection = (torch.randn(width, student_width, dtype=dtype) / student_width ** 0.5,
+                      torch.randn(width, dtype=dtype))
+    labels = torch.randint(0, classes, (batch,))
+    for t in [p for p in params if p is not None] + list(projection or ()):
+        t.requires_grad_()
+    return h_t, h_s, params, projection, labels
+
+
+def run(backend, h_t, h_s, params, projection, labels, mode):
+    w1, b1, w2, b2 = params
+    weight, bias = (w1, b1) if w2 is None else ((w1, w2), (b1, b2))
+    return mpdistil_fast.meta_teacher_loss(h_t, h_s, weight, bias, labels, mode=mode,
+                                           hidden=None if w2 is None else w1.shape[0],
+                                           student_projection=projection, return_logits=True, backend=backend)
+
+
+def check_against_reference(backend, mode, h_t, h_s, params, projection, labels, factor=1.0):
+    dtype = h_t.dtype
+    leaves = [t for t in [h_t, h_s, *params, *(projection or ())] if t is not None and t.requires_grad]
+    doubles = {id(t): t.detach().double().requires_grad_() for t in leaves}
+    d = lambda t: None if t is None else doubles[id(t)]  # noqa: E731
+    out = run(backend, h_t, h_s, params, projection, labels, mode)
+    expected, z_t, z_s = reference(d(h_t), d(h_s), [d(p) for p in params], labels, mode,
+                                   None if projection is None else [d(p) for p in projection])
+    assert out.loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert out.teacher_logits.dtype == dtype and not out.teacher_logits.requires_grad
+    assert_rel_close(out.loss, expected, dtype, factor, "loss")
+    assert_rel_close(out.teacher_logits, z_t, dtype, factor, "teacher logits")
+    assert_rel_close(out.student_logits, z_s, dtype, factor, "student logits")
+    grads = torch.autograd.grad(out.loss * 1.7, leaves)
+    expected_grads = torch.autograd.grad(expected * 1.7, [doubles[id(t)] for t in leaves])
+    for i, (got, want) in enumerate(zip(grads, expected_grads)):
+        assert got.dtype == leaves[i].dtype
+        assert_rel_close(got, want, dtype, factor, f"grad of leaf {i} {tuple(leaves[i].shape)}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["collaborative", "competitive"])
+@pytest.mark.parametrize("hidden,student_width", [(None, None), (None, 11), (9, None), (20, 5)])
+def test_matches_float64_reference(backend, mode, hidden, student_width):
+    case = make_case(7, 13, 3, hidden=hidden, student_width=student_width)
+    check_against_reference(backend, mode, *case)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_dtypes(backend, dtype):
+    case = make_case(5, 16, 4, hidden=8, student_width=12, dtype=dtype)
+    check_against_reference(backend, "competitive", *case, factor=2.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_extreme_logits_and_single_row(backend):
+    """Saturated softmax (huge logits) stays finite; a batch of one and many labels (K = 37) work."""
+    h_t, h_s, params, projection, labels = make_case(6, 6, 2, scale=300.0)
+    labels = 1 - run("torch", h_t, h_s, params, projection, labels, "collaborative").teacher_logits.argmax(-1)
+    check_against_reference(backend, "collaborative", h_t, h_s, params, projection, labels)  # confidently wrong
+    check_against_reference(backend, "collaborative", *make_case(1, 10, 37, hidden=6))
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b.values[0] != "triton"])
+@pytest.mark.parametrize("mode", ["collaborative", "competitive"])
+def test_gradcheck_float64(backend, mode):
+    h_t, h_s, params, projection, labels = make_case(3, 4, 3, hidden=5, student_width=3, dtype=torch.float64)
+    w1, b1, w2, b2 = params
+
+    def fn(h_t, h_s, w1, b1, w2, b2, p, c):
+        return mpdistil_fast.meta_teacher_loss(h_t, h_s, (w1, w2), (b1, b2), labels, mode=mode, hidden=5,
+                                               student_projection=(p, c), backend=backend)
+
+    assert torch.autograd.gradcheck(fn, (h_t, h_s, w1, b1, w2, b2, *projection))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_module_interface(backend):
+    torch.manual_seed(1)
+    mt = mpdistil_fast.MetaTeacher(in_features=12, num_labels=3, hidden=6, student_features=8, backend=backend)
+    h_t, h_s, labels = torch.randn(4, 12), torch.randn(4, 8), torch.tensor([0, 2, 1, 1])
+    out = mt(h_t, h_s, labels, mode="competitive")
+    out.loss.backward()
+    assert all(p.grad is not None for p in mt.parameters())
+    assert torch.allclose(mt.logits(h_s), out.student_logits, atol=1e-5)
+    assert torch.allclose(mt.logits(h_t), out.teacher_logits, atol=1e-5)
+    assert mt.logits(h_t).requires_grad
+    assert mpdistil_fast.MetaTeacher(8, 2, student_features=8).student_projection is None
+
+
+def test_hidden_states_without_grad_get_none():
+    h_t, h_s, params, projection, labels = make_case(4, 6, 3, student_width=5)
+    h_t.requires_grad_(False)
+    h_s.requires_grad_(False)
+    out = run("cpp", h_t, h_s, params, projection, labels, "competitive")
+    out.loss.backward()
+    assert h_t.grad is None and h_s.grad is None and projection[0].grad is not None
+
+
+def test_double_backward_torch_works_fused_raises():
+    h_t, h_s, params, projection, labels = make_case(3, 4, 3, hidden=5, dtype=torch.float64)
+    for backend in ("torch", "cpp"):
+        loss = run(backend, h_t, h_s, params, projection, labels, "collaborative").loss
+        (grad,) = torch.autograd.grad(loss, params[0], create_graph=True)
+        if backend == "torch":
+            torch.autograd.grad(grad.square().sum(), h_s)
+        else:
+            with pytest.raises(RuntimeError, match="backend='torch'"):
+                torch.autograd.grad(grad.square().sum(), h_s)
+
+
+def test_torch_compile_fullgraph():
+    h_t, h_s, params, projection, labels = make_case(4, 6, 3, hidden=5, student_width=4)
+    fn = lambda *args: run("cpp", *args, "competitive").loss  # noqa: E731
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    expected, got = fn(h_t, h_s, params, projection, labels), compiled(h_t, h_s, params, projection, labels)
+    assert_rel_close(got, expected, torch.float32, what="compiled loss")
+    assert_rel_close(torch.autograd.grad(got, params[0])[0], torch.autograd.grad(expected, params[0])[0],
+                     torch.float32, what="compiled grad")
+
+
+W, B_ = torch.randn(3, 4), torch.randn(3)
+BAD_INPUTS = [
+    (dict(labels=torch.tensor([0, 3])), ValueError, "labels"),
+    (dict(labels=torch.tensor([-1, 0])), ValueError, "labels"),
+    (dict(labels=torch.tensor([0.0, 1.0])), TypeError, "labels"),
+    (dict(labels=torch.tensor([0, 1, 2])), ValueError, "labels"),
+    (dict(h_student=torch.randn(2, 5)), ValueError, "student_projection"),
+    (dict(h_student=torch.randn(3, 4)), ValueError, "h_student"),
+    (dict(h_teacher=torch.randn(0, 4), h_student=torch.randn(0, 4), labels=torch.zeros(0, dtype=torch.long)),
+     ValueError, "empty batch"),
+    (dict(h_teacher=torch.randn(2, 4, 1)), ValueError, "h_teacher"),
+    (dict(h_student=torch.randn(2, 4).double()), TypeError, "h_student"),
+    (dict(weight=torch.randn(3, 5)), ValueError, "weight"),
+    (dict(bias=torch.randn(2)), ValueError, "bias"),
+    (dict(mode="adversarial"), ValueError, "mode"),
+    (dict(hidden=5), TypeError, "weight"),
+    (dict(hidden=0), ValueError, "hidden"),
+    (dict(h_student=torch.randn(2, 5), student_projection=torch.randn(4, 4)), ValueError, "student_projection"),
+    (dict(backend="vulkan"), ValueError, "backend"),
+]
+
+
+@pytest.mark.parametrize("kwargs,error,needle", BAD_INPUTS, ids=[f"{n}{i}" for i, (_, _, n) in enumerate(BAD_INPUTS)])
+def test_bad_inputs(kwargs, error, needle):
+    args = dict(h_teacher=torch.randn(2, 4), h_student=torch.randn(2, 4), weight=W, bias=B_,
+                labels=torch.tensor([0, 2])) | kwargs
+    positional = [args.pop(k) for k in ("h_teacher", "h_student", "weight", "bias", "labels")]
+    with pytest.raises(error, match=needle):
+        mpdistil_fast.meta_teacher_loss(*positional, **args)
+
+
+def test_fused_kernel_checks_labels_itself():
+    """The C++ kernel refuses out-of-range labels even when the Python check is bypassed (e.g. under compile)."""
+    h = torch.randn(2, 4)
+    with pytest.raises(RuntimeError, match="labels"):
+        torch.ops.mpdistil_C.meta_teacher_loss_fwd(h, h, None, None, W, B_, None, None, torch.tensor([0, 5]), False)
