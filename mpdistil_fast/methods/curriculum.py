@@ -48,7 +48,7 @@ class CurriculumPolicy(nn.Module):
         nn.init.zeros_(self.net[2].bias)
 
     def distribution(self, state: torch.Tensor) -> torch.distributions.Categorical:
-        return torch.distributions.Categorical(logits=self.net(state.float()))
+        return torch.distributions.Categorical(logits=self.net(state.to(self.net[0].weight.dtype)))
 
     def probabilities(self, state: torch.Tensor) -> dict[str, float]:
         with torch.no_grad():
@@ -134,7 +134,7 @@ class Reinforce:
         self.baseline = mean_return if self.baseline is None else (
             self.baseline_decay * self.baseline + (1.0 - self.baseline_decay) * mean_return)
         counts = torch.bincount(torch.tensor(episode.actions), minlength=len(self.policy.actions))
-        stats = {"policy_loss": float(loss), "mean_reward": sum(episode.rewards) / len(episode),
+        stats = {"policy_loss": float(loss.detach()), "mean_reward": sum(episode.rewards) / len(episode),
                  "mean_return": mean_return, "baseline": baseline,
                  **{f"action_{a}": int(c) for a, c in zip(self.policy.actions, counts)}}
         self.episode = Episode()
