@@ -2,11 +2,14 @@
 // Neural Network").
 //
 // For each row of logits a (the weighting distribution P) and b (Q), with P = softmax(a / T), Q = softmax(b / T):
-//   forward : kl = sum_i P_i (log P_i - log Q_i), plus stats = (max a, log sum exp((a - max a)/T), same for b).
+//   forward : kl = sum_i P_i (log P_i - log Q_i) = E_P[(a - b)/T] - (max a - max b)/T - log_sum_a + log_sum_b,
+//             stats = (max a, log_sum_a = log sum exp((a - max a)/T), max b, log_sum_b, E_P[(a - b)/T]).
 //             One read of each input: chunks of kChunk elements, online max/rescale between chunks, vectorised exp.
-//   backward: with g the row's upstream coefficient,
-//             dkl/da_i = g/T * P_i (log P_i - log Q_i - kl),   dkl/db_i = g/T * (Q_i - P_i),
-//             both in one read of each input, recomputing P and Q from the saved stats.
+//   backward: with g the row's upstream coefficient, since log P_i - log Q_i - kl = (a_i - b_i)/T - E_P[(a - b)/T],
+//             dkl/da_i = g/T * P_i ((a_i - b_i)/T - E_P[(a - b)/T]),   dkl/db_i = g/T * (Q_i - P_i),
+//             both in one read of each input, recomputing P and Q from the saved stats.  Keeping E_P[(a - b)/T]
+//             (not kl) avoids cancelling two large numbers: with one-hot P the teacher gradient is exactly 0 even
+//             for logits of size 1e4.
 // The caller maps student/teacher to (a, b): forward KL(p_t || p_s) has a = teacher, b = student; reverse swaps them.
 // Conventions: entries with P_i = 0 (a_i = -inf) contribute exactly 0; a row whose a is all -inf has no distribution
 // and gives kl = 0 and zero gradients (like a masked row); rows with g == 0 get zero gradients without reading.
@@ -20,7 +23,7 @@
 namespace mpdistil::cpu {
 namespace {
 
-constexpr int kStatsPerRow = 4;  // max_a, log_sum_a, max_b, log_sum_b
+constexpr int kStatsPerRow = 5;  // max_a, log_sum_a, max_b, log_sum_b, mean_gap = E_P[(a - b)/T]
 
 template <typename acc_t>
 constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
@@ -85,22 +88,27 @@ void forward_row(const scalar_t* a_row, const scalar_t* b_row, int64_t vocab, ac
     cross += lane_sum(cross_ab);
   }
   const double log_sum_a = std::log(p.sum), log_sum_b = std::log(q.sum);
+  double mean_gap = 0.0;
   if (p.sum == 0.0) {
     *kl = 0;  // no distribution P in this row
   } else if (q.sum == 0.0) {
     *kl = std::numeric_limits<acc_t>::infinity();  // P has mass where Q has none
   } else {
-    *kl = static_cast<acc_t>((cross / p.sum - (p.max - q.max)) * inv_t - log_sum_a + log_sum_b);
+    // The max gap rounded like the per-element differences a_i - b_i, so that identical rows give exactly 0.
+    const double max_gap = static_cast<acc_t>(p.max - q.max);
+    mean_gap = cross / p.sum * inv_t;
+    *kl = static_cast<acc_t>(mean_gap - max_gap * inv_t - log_sum_a + log_sum_b);
   }
   stats[0] = static_cast<acc_t>(p.max);
   stats[1] = static_cast<acc_t>(log_sum_a);
   stats[2] = static_cast<acc_t>(q.max);
   stats[3] = static_cast<acc_t>(log_sum_b);
+  stats[4] = static_cast<acc_t>(mean_gap);
 }
 
 template <typename scalar_t>
 void backward_row(const scalar_t* a_row, const scalar_t* b_row, int64_t vocab, acc_type_t<scalar_t> inv_t,
-                  acc_type_t<scalar_t> grad_row, acc_type_t<scalar_t> kl, const acc_type_t<scalar_t>* stats,
+                  acc_type_t<scalar_t> grad_row, const acc_type_t<scalar_t>* stats,
                   scalar_t* grad_a_row, scalar_t* grad_b_row) {
   using acc_t = acc_type_t<scalar_t>;
   constexpr bool kConvertOut = !std::is_same_v<scalar_t, acc_t>;
@@ -111,7 +119,8 @@ void backward_row(const scalar_t* a_row, const scalar_t* b_row, int64_t vocab, a
   }
   acc_t a_buffer[kChunk], b_buffer[kChunk], grad_a_buffer[kChunk], grad_b_buffer[kChunk];
   const Vec<acc_t> max_a(stats[0]), log_sum_a(stats[1]), max_b(stats[2]), log_sum_b(stats[3]);
-  const Vec<acc_t> scale(inv_t), coefficient(grad_row * inv_t), row_kl(kl), zero(0);
+  const Vec<acc_t> mean_gap(stats[4]);
+  const Vec<acc_t> scale(inv_t), coefficient(grad_row * inv_t), zero(0);
   for (int64_t start = 0; start < vocab; start += kChunk) {
     const int64_t n = std::min(kChunk, vocab - start);
     const acc_t* a = load_chunk(a_row + start, n, a_buffer);
@@ -126,14 +135,15 @@ void backward_row(const scalar_t* a_row, const scalar_t* b_row, int64_t vocab, a
       grad_b = grad_b_row ? grad_b_row + start : nullptr;
     }
     for_each_vector(a, b, n, [&](Vec<acc_t> va, Vec<acc_t> vb, int64_t offset, int64_t count) {
-      const Vec<acc_t> log_p = (va - max_a) * scale - log_sum_a;
-      const Vec<acc_t> log_q = (vb - max_b) * scale - log_sum_b;
-      const Vec<acc_t> prob_p = vec_exp(log_p);
+      const Vec<acc_t> prob_p = vec_exp((va - max_a) * scale - log_sum_a);
       if (grad_a) {
-        const Vec<acc_t> da = coefficient * prob_p * (log_p - log_q - row_kl);
+        const Vec<acc_t> da = coefficient * prob_p * ((va - vb) * scale - mean_gap);
         Vec<acc_t>::blendv(da, zero, prob_p == zero).store(grad_a + offset, count);
       }
-      if (grad_b) (coefficient * (vec_exp(log_q) - prob_p)).store(grad_b + offset, count);
+      if (grad_b) {
+        const Vec<acc_t> prob_q = vec_exp((vb - max_b) * scale - log_sum_b);
+        (coefficient * (prob_q - prob_p)).store(grad_b + offset, count);
+      }
     });
     if constexpr (kConvertOut) {
       if (grad_a_row) store_chunk(grad_a, n, grad_a_row + start);
@@ -187,17 +197,16 @@ std::tuple<at::Tensor, at::Tensor> kd_kl_div_fwd_cpu(const at::Tensor& p_logits,
 }
 
 std::tuple<at::Tensor, at::Tensor> kd_kl_div_bwd_cpu(const at::Tensor& grad_kl, const at::Tensor& p_logits,
-                                                     const at::Tensor& q_logits, const at::Tensor& kl,
-                                                     const at::Tensor& stats, double temperature, bool need_grad_p,
+                                                     const at::Tensor& q_logits, const at::Tensor& stats, double temperature, bool need_grad_p,
                                                      bool need_grad_q) {
   check_logits(p_logits, q_logits);
   const at::Tensor a = unit_stride_rows(p_logits), b = unit_stride_rows(q_logits);
   const int64_t rows = a.size(0), vocab = a.size(1);
   const auto acc = acc_scalar_type(a.scalar_type());
-  TORCH_CHECK(grad_kl.numel() == rows && kl.numel() == rows && stats.numel() == rows * kStatsPerRow,
+  TORCH_CHECK(grad_kl.numel() == rows && stats.numel() == rows * kStatsPerRow,
               "kd_kl_div_bwd: per-row tensors do not match ", rows, " rows");
   const at::Tensor grad_rows = grad_kl.to(acc).contiguous();
-  const at::Tensor kl_rows = kl.to(acc).contiguous(), stats_rows = stats.to(acc).contiguous();
+  const at::Tensor stats_rows = stats.to(acc).contiguous();
   at::Tensor grad_p = need_grad_p ? at::empty({rows, vocab}, a.options()) : at::empty({0}, a.options());
   at::Tensor grad_q = need_grad_q ? at::empty({rows, vocab}, a.options()) : at::empty({0}, a.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scalar_type(), "kd_kl_div_bwd_cpu", [&] {
@@ -205,7 +214,6 @@ std::tuple<at::Tensor, at::Tensor> kd_kl_div_bwd_cpu(const at::Tensor& grad_kl, 
     const scalar_t* a_data = a.const_data_ptr<scalar_t>();
     const scalar_t* b_data = b.const_data_ptr<scalar_t>();
     const acc_t* g_data = grad_rows.const_data_ptr<acc_t>();
-    const acc_t* kl_data = kl_rows.const_data_ptr<acc_t>();
     const acc_t* stats_data = stats_rows.const_data_ptr<acc_t>();
     scalar_t* grad_p_data = need_grad_p ? grad_p.mutable_data_ptr<scalar_t>() : nullptr;
     scalar_t* grad_q_data = need_grad_q ? grad_q.mutable_data_ptr<scalar_t>() : nullptr;
@@ -213,7 +221,7 @@ std::tuple<at::Tensor, at::Tensor> kd_kl_div_bwd_cpu(const at::Tensor& grad_kl, 
     const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
     at::parallel_for(0, rows, row_grain(vocab), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
-        backward_row<scalar_t>(a_data + r * a_stride, b_data + r * b_stride, vocab, inv_t, g_data[r], kl_data[r],
+        backward_row<scalar_t>(a_data + r * a_stride, b_data + r * b_stride, vocab, inv_t, g_data[r],
                                stats_data + r * kStatsPerRow, grad_p_data ? grad_p_data + r * vocab : nullptr,
                                grad_q_data ? grad_q_data + r * vocab : nullptr);
       }
@@ -228,7 +236,7 @@ std::tuple<at::Tensor, at::Tensor> kd_kl_div_bwd_cpu(const at::Tensor& grad_kl, 
 TORCH_LIBRARY_FRAGMENT(mpdistil_C, m) {
   m.def("kd_kl_div_fwd(Tensor p_logits, Tensor q_logits, float temperature) -> (Tensor kl, Tensor stats)");
   m.def(
-      "kd_kl_div_bwd(Tensor grad_kl, Tensor p_logits, Tensor q_logits, Tensor kl, Tensor stats, float temperature, "
+      "kd_kl_div_bwd(Tensor grad_kl, Tensor p_logits, Tensor q_logits, Tensor stats, float temperature, "
       "bool need_grad_p, bool need_grad_q) -> (Tensor grad_p, Tensor grad_q)");
 }
 

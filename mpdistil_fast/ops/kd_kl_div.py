@@ -11,7 +11,7 @@ Q = softmax(b / T) in one read of each input and save only per-row statistics; t
 
     dKL/da = P (log P - log Q - KL) / T,      dKL/db = (Q - P) / T
 
-in one more read, so the teacher gradient (a trainable teacher, or the finite-difference hypergradient of
+in one more read (log P - log Q - KL = (a - b)/T - E_P[(a - b)/T]), so the teacher gradient (a trainable teacher, or the finite-difference hypergradient of
 ``mpdistil_fast.bilevel``) costs no extra pass.  Conventions shared by every backend: entries with P = 0 (logits
 -inf) contribute 0; a row whose P logits are all -inf has no distribution and contributes 0 loss and 0 gradient.
 """
@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import torch
 
-#: Per-row statistics saved by the fused forward: max a, log sum exp((a - max a) / T), max b, log sum exp(...).
-STATS_PER_ROW = 4
+#: Per-row statistics saved by the fused forward: max a, log sum exp((a - max a) / T), the same two for b, and
+#: E_P[(a - b) / T] (with which the backward's log P - log Q - KL = (a - b) / T - E_P[(a - b) / T] cancels nothing).
+STATS_PER_ROW = 5
 _DOUBLE_BACKWARD_ERROR = (
     "kd_kl_div: double backward through the fused {backend!r} kernel is not supported; use backend='torch' "
     "(composite, differentiable twice) or a first-order hypergradient (mpdistil_fast.bilevel's "
@@ -63,13 +64,13 @@ def _launch_fwd(a: torch.Tensor, b: torch.Tensor, temperature: float, backend: s
     return torch.ops.mpdistil_C.kd_kl_div_fwd(a, b, temperature)
 
 
-def _launch_bwd(grad_kl: torch.Tensor, a: torch.Tensor, b: torch.Tensor, kl: torch.Tensor, stats: torch.Tensor,
-                temperature: float, need_grad_a: bool, need_grad_b: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _launch_bwd(grad_kl: torch.Tensor, a: torch.Tensor, b: torch.Tensor, stats: torch.Tensor, temperature: float,
+                need_grad_a: bool, need_grad_b: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     if backend == "triton":
         from mpdistil_fast.kernels import kd_kl_div as triton_kernels
 
-        return triton_kernels.kd_kl_div_bwd(grad_kl, a, b, kl, stats, temperature, need_grad_a, need_grad_b)
-    return torch.ops.mpdistil_C.kd_kl_div_bwd(grad_kl, a, b, kl, stats, temperature, need_grad_a, need_grad_b)
+        return triton_kernels.kd_kl_div_bwd(grad_kl, a, b, stats, temperature, need_grad_a, need_grad_b)
+    return torch.ops.mpdistil_C.kd_kl_div_bwd(grad_kl, a, b, stats, temperature, need_grad_a, need_grad_b)
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -79,7 +80,7 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 @torch.library.custom_op("mpdistil::kd_kl_div_fwd", mutates_args=())
 def kd_kl_div_fwd(student: torch.Tensor, teacher: torch.Tensor, temperature: float, reverse: bool,
                   backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row KL ``[N]`` and statistics ``[N, 4]`` of ``[N, V]`` logits through the fused kernel ``backend``."""
+    """Per-row KL ``[N]`` and statistics ``[N, 5]`` of ``[N, V]`` logits through the fused kernel ``backend``."""
     a, b = _weighting_first(student, teacher, reverse)
     return _launch_fwd(a, b, temperature, backend)
 
@@ -92,18 +93,18 @@ def _(student, teacher, temperature, reverse, backend):
 
 
 @torch.library.custom_op("mpdistil::kd_kl_div_bwd", mutates_args=())
-def kd_kl_div_bwd(grad_kl: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor, kl: torch.Tensor,
-                  stats: torch.Tensor, temperature: float, reverse: bool, need_grad_student: bool,
+def kd_kl_div_bwd(grad_kl: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor, stats: torch.Tensor,
+                  temperature: float, reverse: bool, need_grad_student: bool,
                   need_grad_teacher: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad_student, grad_teacher) of sum(grad_kl * kl); a gradient not asked for comes back as an empty tensor."""
     a, b = _weighting_first(student, teacher, reverse)
     need_a, need_b = _weighting_first(need_grad_student, need_grad_teacher, reverse)
-    grad_a, grad_b = _launch_bwd(grad_kl, a, b, kl, stats, temperature, need_a, need_b, backend)
+    grad_a, grad_b = _launch_bwd(grad_kl, a, b, stats, temperature, need_a, need_b, backend)
     return _weighting_first(grad_a, grad_b, reverse)
 
 
 @kd_kl_div_bwd.register_fake
-def _(grad_kl, student, teacher, kl, stats, temperature, reverse, need_grad_student, need_grad_teacher, backend):
+def _(grad_kl, student, teacher, stats, temperature, reverse, need_grad_student, need_grad_teacher, backend):
     def grad_like(needed: bool) -> torch.Tensor:
         return torch.empty_like(student, memory_format=torch.contiguous_format) if needed else student.new_empty((0,))
 
@@ -112,15 +113,14 @@ def _(grad_kl, student, teacher, kl, stats, temperature, reverse, need_grad_stud
 
 def _fwd_setup_context(ctx, inputs, output) -> None:
     student, teacher, temperature, reverse, backend = inputs
-    kl, stats = output
-    ctx.save_for_backward(student, teacher, kl, stats)
+    ctx.save_for_backward(student, teacher, output[1])
     ctx.temperature, ctx.reverse, ctx.backend = temperature, reverse, backend
 
 
 def _fwd_backward(ctx, grad_kl: torch.Tensor, grad_stats: torch.Tensor | None):
-    student, teacher, kl, stats = ctx.saved_tensors
+    student, teacher, stats = ctx.saved_tensors
     need_student, need_teacher = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    grad_student, grad_teacher = kd_kl_div_bwd(grad_kl, student, teacher, kl, stats, ctx.temperature, ctx.reverse,
+    grad_student, grad_teacher = kd_kl_div_bwd(grad_kl, student, teacher, stats, ctx.temperature, ctx.reverse,
                                                need_student, need_teacher, ctx.backend)
     return (grad_student if need_student else None, grad_teacher if need_teacher else None, None, None, None)
 
@@ -177,6 +177,9 @@ def kd_kl_div_op(student: torch.Tensor, teacher: torch.Tensor, temperature: floa
     vocab = student.shape[-1]
     student_rows, teacher_rows = student.reshape(-1, vocab), teacher.reshape(-1, vocab)
     if backend == "torch":
+        if mask is not None:  # masked rows are not read: whatever they hold (NaN) gets no gradient
+            keep = mask.reshape(-1, 1)
+            student_rows, teacher_rows = torch.where(keep, student_rows, 0), torch.where(keep, teacher_rows, 0)
         row_kl = row_kl_torch(student_rows, teacher_rows, temperature, reverse)
     else:
         row_kl = row_kl_fused(student_rows, teacher_rows, temperature, reverse, backend)

@@ -1,0 +1,137 @@
+"""Triton kernels of the fused temperature-softmax KL (see ``mpdistil_fast/ops/kd_kl_div.py`` for the formulas).
+
+One program per row.  Forward: online softmax over blocks of the row for both inputs (block max, then one rescale
+of the running sums), giving KL(P || Q) with P = softmax(a / T), Q = softmax(b / T) and the per-row statistics
+(max a, log sum exp((a - max a) / T), max b, log sum exp((b - max b) / T), E_P[(a - b) / T]).  Backward: one more
+read of a and b, dKL/da = g/T * P ((a - b)/T - E_P[(a - b)/T]), dKL/db = g/T * (Q - P).  fp32 accumulation (fp64
+for fp64 inputs).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+STATS_PER_ROW = 5
+MAX_BLOCK = 4096
+
+
+@triton.jit
+def _kd_kl_div_fwd_kernel(a_ptr, b_ptr, kl_ptr, stats_ptr, vocab, stride_a, stride_b, temperature,
+                          BLOCK: tl.constexpr, IS_FP64: tl.constexpr):
+    acc_dtype = tl.float64 if IS_FP64 else tl.float32
+    inv_t = 1.0 / (tl.zeros([], acc_dtype) + temperature)
+    row = tl.program_id(0).to(tl.int64)
+    a_row = a_ptr + row * stride_a
+    b_row = b_ptr + row * stride_b
+    neg_inf = float("-inf")
+    max_a = tl.full([], neg_inf, acc_dtype)
+    max_b = tl.full([], neg_inf, acc_dtype)
+    sum_a = tl.full([], 0.0, acc_dtype)
+    sum_b = tl.full([], 0.0, acc_dtype)
+    cross = tl.full([], 0.0, acc_dtype)  # sum exp((a - max a)/T) * (a - b)
+    for start in range(0, vocab, BLOCK):
+        offsets = start + tl.arange(0, BLOCK)
+        inside = offsets < vocab
+        a = tl.load(a_row + offsets, mask=inside, other=neg_inf).to(acc_dtype)
+        b = tl.load(b_row + offsets, mask=inside, other=neg_inf).to(acc_dtype)
+        new_max_a = tl.maximum(max_a, tl.max(a, axis=0))
+        new_max_b = tl.maximum(max_b, tl.max(b, axis=0))
+        # Rescale the running sums to the new max (skipped while they are still 0: max may be -inf).
+        factor_a = tl.where(sum_a > 0, tl.exp((max_a - new_max_a) * inv_t), 1.0)
+        factor_b = tl.where(sum_b > 0, tl.exp((max_b - new_max_b) * inv_t), 1.0)
+        max_a, max_b = new_max_a, new_max_b
+        shift_a = tl.where(max_a > neg_inf, max_a, 0.0)
+        shift_b = tl.where(max_b > neg_inf, max_b, 0.0)
+        exp_a = tl.exp((a - shift_a) * inv_t)
+        exp_b = tl.exp((b - shift_b) * inv_t)
+        sum_a = sum_a * factor_a + tl.sum(exp_a, axis=0)
+        sum_b = sum_b * factor_b + tl.sum(exp_b, axis=0)
+        # Entries with P = 0 contribute 0 (also where a - b is infinite or NaN).
+        cross = cross * factor_a + tl.sum(tl.where(exp_a > 0, exp_a * (a - b), 0.0), axis=0)
+    log_sum_a = tl.log(sum_a)
+    log_sum_b = tl.log(sum_b)
+    mean_gap = tl.where(sum_a > 0, cross / sum_a * inv_t, 0.0)
+    kl = mean_gap - (max_a - max_b) * inv_t - log_sum_a + log_sum_b
+    kl = tl.where(sum_b > 0, kl, float("inf"))  # P has mass where Q has none
+    kl = tl.where(sum_a > 0, kl, 0.0)  # no distribution P in this row
+    tl.store(kl_ptr + row, kl)
+    stats_row = stats_ptr + row * 5
+    tl.store(stats_row + 0, max_a)
+    tl.store(stats_row + 1, log_sum_a)
+    tl.store(stats_row + 2, max_b)
+    tl.store(stats_row + 3, log_sum_b)
+    tl.store(stats_row + 4, mean_gap)
+
+
+@triton.jit
+def _kd_kl_div_bwd_kernel(grad_kl_ptr, a_ptr, b_ptr, stats_ptr, grad_a_ptr, grad_b_ptr, vocab, stride_a,
+                          stride_b, temperature, BLOCK: tl.constexpr, IS_FP64: tl.constexpr,
+                          NEED_GRAD_A: tl.constexpr, NEED_GRAD_B: tl.constexpr):
+    acc_dtype = tl.float64 if IS_FP64 else tl.float32
+    inv_t = 1.0 / (tl.zeros([], acc_dtype) + temperature)
+    row = tl.program_id(0).to(tl.int64)
+    a_row = a_ptr + row * stride_a
+    b_row = b_ptr + row * stride_b
+    stats_row = stats_ptr + row * 5
+    max_a = tl.load(stats_row + 0).to(acc_dtype)
+    log_sum_a = tl.load(stats_row + 1).to(acc_dtype)
+    max_b = tl.load(stats_row + 2).to(acc_dtype)
+    log_sum_b = tl.load(stats_row + 3).to(acc_dtype)
+    mean_gap = tl.load(stats_row + 4).to(acc_dtype)
+    grad_row = tl.load(grad_kl_ptr + row).to(acc_dtype)
+    # Masked rows (g = 0) and rows without a distribution P get exactly zero gradients.
+    coefficient = tl.where(max_a > float("-inf"), grad_row * inv_t, 0.0)
+    for start in range(0, vocab, BLOCK):
+        offsets = start + tl.arange(0, BLOCK)
+        inside = offsets < vocab
+        a = tl.load(a_row + offsets, mask=inside, other=0.0).to(acc_dtype)
+        b = tl.load(b_row + offsets, mask=inside, other=0.0).to(acc_dtype)
+        log_p = (a - max_a) * inv_t - log_sum_a
+        log_q = (b - max_b) * inv_t - log_sum_b
+        prob_p = tl.exp(log_p)
+        if NEED_GRAD_A:
+            grad_a = tl.where(prob_p > 0, coefficient * prob_p * ((a - b) * inv_t - mean_gap), 0.0)
+            grad_a = tl.where(coefficient != 0, grad_a, 0.0)
+            tl.store(grad_a_ptr + row * vocab + offsets, grad_a.to(grad_a_ptr.dtype.element_ty), mask=inside)
+        if NEED_GRAD_B:
+            grad_b = tl.where(coefficient != 0, coefficient * (tl.exp(log_q) - prob_p), 0.0)
+            tl.store(grad_b_ptr + row * vocab + offsets, grad_b.to(grad_b_ptr.dtype.element_ty), mask=inside)
+
+
+def _unit_stride_rows(logits: torch.Tensor) -> torch.Tensor:
+    return logits if logits.stride(1) == 1 else logits.contiguous()
+
+
+def _block(vocab: int) -> int:
+    return min(triton.next_power_of_2(vocab), MAX_BLOCK)
+
+
+def kd_kl_div_fwd(p_logits: torch.Tensor, q_logits: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row KL(softmax(p/T) || softmax(q/T)) ``[N]`` and statistics ``[N, 5]`` of ``[N, V]`` logits."""
+    a, b = _unit_stride_rows(p_logits), _unit_stride_rows(q_logits)
+    rows, vocab = a.shape
+    is_fp64 = a.dtype == torch.float64
+    acc = torch.float64 if is_fp64 else torch.float32
+    kl = torch.empty(rows, dtype=acc, device=a.device)
+    stats = torch.empty(rows, STATS_PER_ROW, dtype=acc, device=a.device)
+    if rows:
+        _kd_kl_div_fwd_kernel[(rows,)](a, b, kl, stats, vocab, a.stride(0), b.stride(0), temperature,
+                                       BLOCK=_block(vocab), IS_FP64=is_fp64, num_warps=8)
+    return kl, stats
+
+
+def kd_kl_div_bwd(grad_kl: torch.Tensor, p_logits: torch.Tensor, q_logits: torch.Tensor, stats: torch.Tensor,
+                  temperature: float, need_grad_p: bool,
+                  need_grad_q: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of sum(grad_kl * kl) for p and q logits (empty tensors when not needed)."""
+    a, b = _unit_stride_rows(p_logits), _unit_stride_rows(q_logits)
+    rows, vocab = a.shape
+    grad_p = torch.empty((rows, vocab) if need_grad_p else (0,), dtype=a.dtype, device=a.device)
+    grad_q = torch.empty((rows, vocab) if need_grad_q else (0,), dtype=a.dtype, device=a.device)
+    if rows and (need_grad_p or need_grad_q):
+        _kd_kl_div_bwd_kernel[(rows,)](grad_kl.contiguous(), a, b, stats.contiguous(), grad_p, grad_q,
+                                       vocab, a.stride(0), b.stride(0), temperature, BLOCK=_block(vocab),
+                                       IS_FP64=a.dtype == torch.float64, NEED_GRAD_A=need_grad_p,
+                                       NEED_GRAD_B=need_grad_q, num_warps=8)
+    return grad_p, grad_q

@@ -1,0 +1,298 @@
+"""kd_kl_div: every backend against an independent float64 formula (loss, student and teacher gradients)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mpdistil_fast
+from mpdistil_fast import KDLoss, kd_kl_div
+from tests.helpers import REL_TOL, assert_rel_close, backend_params
+
+BACKENDS = backend_params("kd_kl_div")
+REDUCTIONS = ("batchmean", "sum", "mean", "none")
+TEMPERATURES = (0.5, 1.0, 2.0, 5.0)
+
+
+def reference(student: torch.Tensor, teacher: torch.Tensor, temperature: float, reduction: str = "batchmean",
+              scale_by_t2: bool = True, mask: torch.Tensor | None = None, direction: str = "forward") -> torch.Tensor:
+    """KD loss in float64 written out from the definitions: sum_v p (log p - log q), p the weighting softmax.
+
+    Masked rows are not read and rows whose weighting logits are all -inf count as 0 (they are replaced by zeros
+    before use, so they contribute neither loss nor gradient).
+    """
+    s, t = student.double() / temperature, teacher.double() / temperature
+    weights, other = (t, s) if direction == "forward" else (s, t)
+    keep = torch.isfinite(weights.amax(-1, keepdim=True))
+    if mask is not None:
+        keep = keep & mask.unsqueeze(-1)
+    weights, other = torch.where(keep, weights, 0.0), torch.where(keep, other, 0.0)
+    log_p = weights - torch.logsumexp(weights, dim=-1, keepdim=True)
+    log_q = other - torch.logsumexp(other, dim=-1, keepdim=True)
+    p = log_p.exp()
+    zero = torch.zeros_like(p)
+    terms = torch.where(p > 0, p * (torch.where(p > 0, log_p, zero) - log_q), zero)
+    rows = torch.where(keep.squeeze(-1), terms.sum(-1), 0.0)
+    if scale_by_t2:
+        rows = rows * temperature ** 2
+    valid = torch.ones_like(rows, dtype=torch.bool) if mask is None else mask
+    rows = torch.where(valid, rows, torch.zeros_like(rows))
+    count = max(int(valid.sum()), 1)
+    return {"none": rows, "sum": rows.sum(), "batchmean": rows.sum() / count,
+            "mean": rows.sum() / (count * student.shape[-1])}[reduction]
+
+
+def loss_and_grads(fn, student: torch.Tensor, teacher: torch.Tensor, upstream: torch.Tensor | None = None,
+                   leaf_dtype: torch.dtype | None = None):
+    """(loss, d/dstudent, d/dteacher) of ``fn(student, teacher)`` (upstream weights the loss elements)."""
+    s = student.detach().to(leaf_dtype or student.dtype).requires_grad_()
+    t = teacher.detach().to(leaf_dtype or teacher.dtype).requires_grad_()
+    loss = fn(s, t)
+    weight = torch.ones_like(loss, dtype=torch.float64) if upstream is None else upstream
+    grad_s, grad_t = torch.autograd.grad((loss.double() * weight).sum(), (s, t))
+    return loss.detach(), grad_s, grad_t
+
+
+def check_against_reference(backend: str, student: torch.Tensor, teacher: torch.Tensor, temperature: float,
+                            factor: float = 1.0, **kwargs) -> None:
+    dtype = student.dtype
+    upstream = (torch.randn(student.shape[:-1], dtype=torch.float64, device=student.device)
+                if kwargs.get("reduction") == "none" else None)
+    got = loss_and_grads(lambda s, t: kd_kl_div(s, t, temperature, backend=backend, **kwargs), student, teacher,
+                         upstream)
+    want = loss_and_grads(lambda s, t: reference(s, t, temperature, **kwargs), student, teacher, upstream,
+                          torch.float64)
+    assert got[0].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    for name, actual, expected in zip(("loss", "grad_student", "grad_teacher"), got, want):
+        assert_rel_close(actual, expected, dtype, factor, what=f"{backend} {kwargs} T={temperature} {name}")
+
+
+def logits(*shape: int, dtype: torch.dtype = torch.float32, scale: float = 2.0) -> torch.Tensor:
+    return (torch.randn(*shape, dtype=torch.float64) * scale).to(dtype)
+
+
+def small_shape(backend: str) -> tuple[int, ...]:
+    """Triton runs through the (slow) interpreter on CPU: keep its shapes tiny."""
+    return (3, 5, 37) if backend == "triton" else (4, 9, 301)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+@pytest.mark.parametrize("temperature", TEMPERATURES)
+def test_every_reduction_matches_float64(backend, direction, temperature):
+    shape = small_shape(backend)
+    student, teacher = logits(*shape), logits(*shape)
+    for reduction in REDUCTIONS:
+        check_against_reference(backend, student, teacher, temperature, reduction=reduction, direction=direction)
+    check_against_reference(backend, student, teacher, temperature, scale_by_t2=False, direction=direction)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_dtypes(backend, dtype):
+    shape = small_shape(backend)
+    student, teacher = logits(*shape, dtype=dtype), logits(*shape, dtype=dtype)
+    for direction in ("forward", "reverse"):
+        check_against_reference(backend, student, teacher, 2.0, direction=direction, reduction="none")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(7, 1), (2, 3, 1), (1, 1), (5, 4097), (3, 2, 31)], ids=str)
+def test_odd_shapes(backend, shape):
+    if backend == "triton" and shape[-1] > 64:
+        shape = (2, 130)  # crosses a 128-wide block boundary cheaply
+    student, teacher = logits(*shape), logits(*shape)
+    check_against_reference(backend, student, teacher, 1.0, reduction="sum")
+    if shape[-1] == 1:  # one class: both distributions are 1, the loss and gradients are exactly 0
+        loss, grad_s, grad_t = loss_and_grads(lambda s, t: kd_kl_div(s, t, backend=backend), student, teacher)
+        assert loss.item() == 0 and not grad_s.any() and not grad_t.any()
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b.id in ("torch", "cpp")])
+def test_liger_odd_shape_and_llm_vocabulary(backend):
+    """Liger's (41, 401, 1271) and a 262,144-entry vocabulary (many chunks with rising maxima)."""
+    check_against_reference(backend, logits(41, 401, 1271), logits(41, 401, 1271), 2.0, direction="reverse")
+    vocab = 262_144
+    teacher = logits(2, vocab) + torch.linspace(0, 30, vocab)  # the row max keeps moving to later chunks
+    check_against_reference(backend, logits(2, vocab), teacher, 1.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_masks(backend):
+    shape = small_shape(backend)
+    student, teacher = logits(*shape), logits(*shape)
+    mask = torch.rand(shape[:-1]) > 0.4
+    student[~mask] = float("nan")  # garbage in masked rows must not leak
+    for reduction in REDUCTIONS:
+        check_against_reference(backend, student, teacher, 2.0, reduction=reduction, mask=mask)
+    none = torch.zeros(shape[:-1], dtype=torch.bool)
+    for reduction in REDUCTIONS:
+        loss, grad_s, grad_t = loss_and_grads(
+            lambda s, t: kd_kl_div(s, t, 2.0, reduction=reduction, mask=none, backend=backend), student, teacher)
+        assert (loss == 0).all() and (grad_s == 0).all() and (grad_t == 0).all(), reduction
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_minus_inf_logits(backend, direction):
+    """-inf in the weighting distribution (teacher for forward KL) contributes 0; an all -inf row contributes 0."""
+    shape = small_shape(backend)
+    student, teacher = logits(*shape), logits(*shape)
+    weighting = teacher if direction == "forward" else student
+    weighting[..., ::3] = float("-inf")  # a masked vocabulary
+    weighting[0, 0] = float("-inf")  # a row without any entry
+    check_against_reference(backend, student, teacher, 2.0, direction=direction, reduction="none")
+    loss, grad_s, grad_t = loss_and_grads(
+        lambda s, t: kd_kl_div(s, t, 2.0, direction=direction, reduction="none", backend=backend), student, teacher)
+    assert loss[0, 0] == 0 and not grad_s[0, 0].any() and not grad_t[0, 0].any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_huge_logits_stay_finite(backend):
+    """|logits| ~ 1e4 (wide spread, or a large common offset): max subtraction keeps everything finite and exact.
+
+    With a wide spread both distributions are one-hot and the exact teacher gradient is ~1e-66: gradients are
+    compared elementwise with an absolute tolerance there, since a relative norm is meaningless around 0."""
+    shape = small_shape(backend)
+    spread = logits(*shape, scale=1e4), logits(*shape, scale=1e4)
+    offset = 1e4 + logits(*shape), 1e4 + logits(*shape)
+    for temperature in (0.5, 2.0):
+        check_against_reference(backend, *offset, temperature, factor=3.0)
+        for student, teacher in (spread, (spread[0].bfloat16(), spread[1].bfloat16())):
+            got = loss_and_grads(lambda s, t: kd_kl_div(s, t, temperature, backend=backend), student, teacher)
+            want = loss_and_grads(lambda s, t: reference(s, t, temperature), student, teacher,
+                                  leaf_dtype=torch.float64)
+            assert_rel_close(got[0], want[0], student.dtype, what="loss")
+            for actual, expected in zip(got[1:], want[1:]):
+                torch.testing.assert_close(actual.double(), expected, rtol=REL_TOL[student.dtype], atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs(backend):
+    rows, vocab = (4, 37) if backend == "triton" else (6, 301)
+    wide_student, wide_teacher = logits(rows, vocab + 5), logits(rows, vocab + 5)
+    sliced = wide_student[:, 2:vocab + 2], wide_teacher[:, 1:vocab + 1]  # strided rows
+    transposed = logits(vocab, rows).t(), logits(vocab, rows).t()  # strided vocabulary
+    for student, teacher in (sliced, transposed):
+        assert not student.is_contiguous()
+        check_against_reference(backend, student, teacher, 2.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_gradcheck_float64(backend, direction):
+    student = logits(3, 11, dtype=torch.float64).requires_grad_()
+    teacher = logits(3, 11, dtype=torch.float64).requires_grad_()
+    mask = torch.tensor([True, False, True])
+    assert torch.autograd.gradcheck(
+        lambda s, t: kd_kl_div(s, t, 1.7, reduction="none", mask=mask, direction=direction, backend=backend),
+        (student, teacher))
+
+
+def test_double_backward_torch_is_correct_and_fused_refuses():
+    student = logits(2, 7, dtype=torch.float64).requires_grad_()
+    teacher = logits(2, 7, dtype=torch.float64).requires_grad_()
+    assert torch.autograd.gradgradcheck(lambda s, t: kd_kl_div(s, t, 2.0, backend="torch"), (student, teacher))
+    loss = kd_kl_div(student, teacher, 2.0, backend="cpp")
+    (grad,) = torch.autograd.grad(loss, student, create_graph=True)
+    with pytest.raises(RuntimeError, match="backend='torch'"):
+        grad.sum().backward()
+
+
+def test_teacher_gradient_only_when_needed():
+    student, teacher = logits(3, 50).requires_grad_(), logits(3, 50)
+    kd_kl_div(student, teacher, 2.0, backend="cpp").backward()
+    assert student.grad is not None and teacher.grad is None
+    student, teacher = logits(3, 50), logits(3, 50).requires_grad_()
+    kd_kl_div(student, teacher, 2.0, backend="cpp").backward()
+    assert teacher.grad is not None and teacher.grad.abs().sum() > 0
+
+
+def test_matches_torch_kl_div_convention():
+    """forward KL with batchmean and T^2 equals the usual F.kl_div formulation on 2-D logits."""
+    student, teacher, temperature = logits(8, 100), logits(8, 100), 3.0
+    expected = F.kl_div(F.log_softmax(student / temperature, -1), F.log_softmax(teacher / temperature, -1),
+                        reduction="batchmean", log_target=True) * temperature ** 2
+    for backend in ("torch", "cpp"):
+        assert_rel_close(kd_kl_div(student, teacher, temperature, backend=backend), expected, torch.float32,
+                         what=backend)
+
+
+def test_torch_compile_fullgraph():
+    student, teacher = logits(4, 33).requires_grad_(), logits(4, 33).requires_grad_()
+    mask = torch.tensor([True, True, False, True])
+    compiled = torch.compile(lambda s, t: kd_kl_div(s, t, 2.0, mask=mask, backend="cpp"), fullgraph=True,
+                             backend="aot_eager")
+    got = loss_and_grads(compiled, student, teacher)
+    want = loss_and_grads(lambda s, t: reference(s, t, 2.0, mask=mask), student, teacher, leaf_dtype=torch.float64)
+    for actual, expected in zip(got, want):
+        assert_rel_close(actual, expected, torch.float32)
+
+
+def test_kd_loss_module_and_env_override(monkeypatch):
+    student, teacher = logits(2, 3, 40), logits(2, 3, 40)
+    mask = torch.tensor([[True, False, True], [True, True, False]])
+    module = KDLoss(2.0, reduction="sum", direction="reverse")
+    expected = reference(student, teacher, 2.0, reduction="sum", mask=mask, direction="reverse")
+    assert_rel_close(module(student, teacher, mask), expected, torch.float32)
+    assert "reverse" in repr(module)
+    monkeypatch.setenv("MPDISTIL_BACKEND", "torch")
+    assert_rel_close(module(student, teacher, mask), expected, torch.float32)
+    monkeypatch.setenv("MPDISTIL_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="MPDISTIL_BACKEND"):
+        module(student, teacher, mask)
+
+
+def test_mixed_dtypes_are_promoted():
+    student, teacher = logits(3, 20, dtype=torch.bfloat16), logits(3, 20)
+    expected = reference(student, teacher, 2.0)
+    assert_rel_close(kd_kl_div(student, teacher, 2.0), expected, torch.float32)
+
+
+def test_available_backends_explains():
+    status = mpdistil_fast.available_backends("kd_kl_div", "cpu")
+    assert status["torch"].available and status["cpp"].available
+    assert not status["cuda"].available and "cuda" in status["cuda"].reason
+
+
+@pytest.mark.parametrize(
+    "call, error, name",
+    [
+        (lambda s, t: kd_kl_div(s, t[:, :-1]), ValueError, "teacher_logits"),
+        (lambda s, t: kd_kl_div(s, t, mask=torch.ones(5, dtype=torch.bool)), ValueError, "mask"),
+        (lambda s, t: kd_kl_div(s, t, mask=torch.ones(4)), TypeError, "mask"),
+        (lambda s, t: kd_kl_div(s, t, 0.0), ValueError, "temperature"),
+        (lambda s, t: kd_kl_div(s, t, -1.0), ValueError, "temperature"),
+        (lambda s, t: kd_kl_div(s, t, math.inf), ValueError, "temperature"),
+        (lambda s, t: kd_kl_div(s, t, math.nan), ValueError, "temperature"),
+        (lambda s, t: kd_kl_div(s, t, "2"), TypeError, "temperature"),
+        (lambda s, t: kd_kl_div(s, t, reduction="avg"), ValueError, "reduction"),
+        (lambda s, t: kd_kl_div(s, t, direction="both"), ValueError, "direction"),
+        (lambda s, t: kd_kl_div(s, t, backend="fast"), ValueError, "backend"),
+        (lambda s, t: kd_kl_div(s, t, backend="cuda"), ValueError, "backend 'cuda'"),
+        (lambda s, t: kd_kl_div(s, t, scale_by_t2=1), TypeError, "scale_by_t2"),
+        (lambda s, t: kd_kl_div(s.long(), t), TypeError, "student_logits"),
+        (lambda s, t: kd_kl_div(s, t.int()), TypeError, "teacher_logits"),
+        (lambda s, t: kd_kl_div(s.numpy(), t), TypeError, "student_logits"),
+        (lambda s, t: kd_kl_div(s[:, :0], t[:, :0]), ValueError, "student_logits"),
+        (lambda s, t: kd_kl_div(s, t.to("meta")), ValueError, "teacher_logits"),
+    ],
+)
+def test_bad_inputs(call, error, name):
+    with pytest.raises(error, match=name):
+        call(logits(4, 10), logits(4, 10))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", backend_params("kd_kl_div", "cuda"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(3, 1), (37, 1271), (4, 32000), (2, 131_073)], ids=str)
+def test_gpu_backends(backend, dtype, shape):
+    student, teacher = logits(*shape, dtype=dtype).cuda(), logits(*shape, dtype=dtype).cuda()
+    factor = 1.0 if dtype == torch.float32 else 2.0
+    check_against_reference(backend, student, teacher, 2.0, direction="reverse", reduction="none", factor=factor)
+    teacher[:, ::7] = float("-inf")  # a masked vocabulary in the teacher
+    check_against_reference(backend, student, teacher, 2.0, direction="forward", reduction="none", factor=factor)
