@@ -1,0 +1,134 @@
+// CUDA registration of mpdistil_C::hidden_mse_fwd/_bwd: argument checks, the optional projection as one cuBLAS
+// GEMM per layer pair (at::addmm), and the fused row kernels of hidden_mse.cu on the current stream.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "hidden_mse.cuh"
+
+namespace {
+
+using mpdistil::cuda::ElementType;
+using mpdistil::cuda::HiddenMSEArgs;
+
+ElementType element_type(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return ElementType::kFloat32;
+    case at::kDouble: return ElementType::kFloat64;
+    case at::kHalf: return ElementType::kFloat16;
+    case at::kBFloat16: return ElementType::kBFloat16;
+    default: TORCH_CHECK(false, "hidden_mse: unsupported dtype ", t.scalar_type());
+  }
+}
+
+at::ScalarType acc_type(const at::Tensor& t) { return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+std::vector<int64_t> host_indices(const at::Tensor& index) {
+  const at::Tensor host = index.to(at::kCPU, at::kLong).contiguous();
+  return std::vector<int64_t>(host.data_ptr<int64_t>(), host.data_ptr<int64_t>() + host.numel());
+}
+
+struct Prepared {
+  at::Tensor student, teacher, y, y_layers, t_layers, mask;
+  HiddenMSEArgs args;
+};
+
+// The row stack the kernels read as y: the student itself, or its projection W s + b per pair ([P, N, H_t]).
+Prepared prepare(const at::Tensor& student_in, const at::Tensor& teacher_in, const at::Tensor& student_layers,
+                 const at::Tensor& teacher_layers, const c10::optional<at::Tensor>& mask,
+                 const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+                 const c10::optional<at::Tensor>& projected, bool normalize) {
+  TORCH_CHECK(student_in.is_cuda() && teacher_in.is_cuda(), "hidden_mse: CUDA tensors expected");
+  TORCH_CHECK(student_in.dim() == 3 && teacher_in.dim() == 3 && student_in.size(1) == teacher_in.size(1),
+              "hidden_mse: student and teacher must be [L, N, H] stacks with the same rows");
+  TORCH_CHECK(student_layers.numel() == teacher_layers.numel(), "hidden_mse: layer index lengths differ");
+  Prepared out;
+  out.student = student_in.contiguous();
+  out.teacher = teacher_in.contiguous();
+  out.t_layers = teacher_layers.to(at::kLong).contiguous();
+  const int64_t pairs = student_layers.numel(), rows = out.student.size(1), width = out.teacher.size(2);
+  const at::ScalarType acc = acc_type(out.student);
+  if (weight.has_value()) {
+    if (projected.has_value() && projected->numel() > 0) {
+      out.y = *projected;
+    } else {
+      out.y = at::empty({pairs, rows, width}, out.student.options().dtype(acc));
+      const at::Tensor weight_t = weight->to(acc).t();
+      const std::vector<int64_t> layers = host_indices(student_layers);
+      for (int64_t p = 0; p < pairs; ++p) {
+        const at::Tensor x = out.student[layers[p]].to(acc);
+        at::Tensor y_p = out.y[p];
+        if (bias.has_value()) at::addmm_out(y_p, bias->to(acc), x, weight_t);
+        else at::mm_out(y_p, x, weight_t);
+      }
+    }
+    out.y_layers = at::arange(pairs, out.t_layers.options());
+  } else {
+    TORCH_CHECK(out.student.size(2) == width, "hidden_mse: student and teacher widths differ and no projection given");
+    out.y = out.student;
+    out.y_layers = student_layers.to(at::kLong).contiguous();
+  }
+  if (mask.has_value()) out.mask = mask->contiguous();
+  out.args = HiddenMSEArgs{out.y.data_ptr(), element_type(out.y), out.y.stride(0), out.teacher.data_ptr(),
+                           element_type(out.teacher), out.teacher.stride(0), out.y_layers.data_ptr<int64_t>(),
+                           out.t_layers.data_ptr<int64_t>(), mask.has_value() ? out.mask.data_ptr<bool>() : nullptr,
+                           pairs, rows, width, normalize};
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> hidden_mse_fwd_cuda(const at::Tensor& student, const at::Tensor& teacher,
+                                                       const at::Tensor& student_layers,
+                                                       const at::Tensor& teacher_layers,
+                                                       const c10::optional<at::Tensor>& mask,
+                                                       const c10::optional<at::Tensor>& weight,
+                                                       const c10::optional<at::Tensor>& bias, bool normalize) {
+  const c10::cuda::CUDAGuard guard(student.device());
+  Prepared prep = prepare(student, teacher, student_layers, teacher_layers, mask, weight, bias, c10::nullopt,
+                          normalize);
+  const at::ScalarType acc = acc_type(prep.student);
+  at::Tensor row_sse = at::empty({student_layers.numel(), prep.student.size(1)}, prep.student.options().dtype(acc));
+  mpdistil::cuda::launch_hidden_mse_fwd(prep.args, row_sse.data_ptr(), c10::cuda::getCurrentCUDAStream());
+  at::Tensor projected = weight.has_value() ? prep.y : at::empty({0}, row_sse.options());
+  return {row_sse.sum(1), projected};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> hidden_mse_bwd_cuda(
+    const at::Tensor& grad_sse, const at::Tensor& student, const at::Tensor& teacher,
+    const at::Tensor& student_layers, const at::Tensor& teacher_layers, const c10::optional<at::Tensor>& mask,
+    const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias, const at::Tensor& projected,
+    bool normalize, bool need_teacher_grad) {
+  const c10::cuda::CUDAGuard guard(student.device());
+  Prepared prep = prepare(student, teacher, student_layers, teacher_layers, mask, weight, bias, projected, normalize);
+  const at::TensorOptions acc_opts = prep.student.options().dtype(acc_type(prep.student));
+  const at::Tensor scale = grad_sse.to(acc_opts.dtype()).contiguous();
+  at::Tensor grad_y = at::zeros(prep.y.sizes(), acc_opts);
+  at::Tensor grad_t = need_teacher_grad ? at::zeros(prep.teacher.sizes(), acc_opts) : at::empty({0}, acc_opts);
+  mpdistil::cuda::launch_hidden_mse_bwd(prep.args, scale.data_ptr(), grad_y.data_ptr(),
+                                        need_teacher_grad ? grad_t.data_ptr() : nullptr,
+                                        c10::cuda::getCurrentCUDAStream());
+  const at::Tensor grad_teacher = grad_t.to(prep.teacher.scalar_type());
+  if (!weight.has_value()) {
+    return {grad_y.to(prep.student.scalar_type()), grad_teacher, at::empty({0}, acc_opts), at::empty({0}, acc_opts)};
+  }
+  // y_p = x_p W^T + b:  dW = sum_p g_p^T x_p (fp32 accumulation),  db = sum g,  dx_p = g_p W
+  const at::Tensor weight_acc = weight->to(acc_opts.dtype());
+  at::Tensor grad_student = at::zeros(prep.student.sizes(), acc_opts);
+  at::Tensor grad_weight = at::zeros(weight->sizes(), acc_opts);
+  const std::vector<int64_t> layers = host_indices(student_layers);
+  for (size_t p = 0; p < layers.size(); ++p) {
+    grad_weight.addmm_(grad_y[p].t(), prep.student[layers[p]].to(acc_opts.dtype()));
+    grad_student[layers[p]].addmm_(grad_y[p], weight_acc);
+  }
+  const at::Tensor grad_bias = bias.has_value() ? grad_y.sum({0, 1}).to(bias->scalar_type()) : at::empty({0}, acc_opts);
+  return {grad_student.to(prep.student.scalar_type()), grad_teacher, grad_weight.to(weight->scalar_type()), grad_bias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mpdistil_C, CUDA, m) {
+  m.impl("hidden_mse_fwd", &hidden_mse_fwd_cuda);
+  m.impl("hidden_mse_bwd", &hidden_mse_bwd_cuda);
+}
