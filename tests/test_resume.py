@@ -1,0 +1,95 @@
+"""Resume after kill: a run SIGKILLed mid-stage and resumed ends in exactly the state of an uninterrupted run."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mpdistil_fast.pipeline.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from mpdistil_fast.pipeline.config import load_config
+from mpdistil_fast.pipeline.trainer import Run
+from pipeline_helpers import make_tiny_teacher, write_config
+
+ROOT = Path(__file__).resolve().parents[1]
+LONGER = {"teacher_training": {"max_steps": 4}, "student_training": {"max_steps": 5},
+          "meta_teacher": {"training": {"max_steps": 4}}, "curriculum": {"episodes": 3, "steps_per_episode": 2},
+          "runtime": {"checkpoint_every": 2, "keep_checkpoints": 2}}
+
+
+def _final_state(run_dir: Path) -> tuple[dict, dict]:
+    tensors, state = load_checkpoint(latest_checkpoint(run_dir))
+    return tensors, state
+
+
+def _wait_for_mid_stage_checkpoint(run_dir: Path, process: subprocess.Popen, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for checkpoint in list_checkpoints(run_dir):
+            stage = json.loads((checkpoint / "state.json").read_text())["stage"]
+            if stage in ("student", "meta_teacher"):
+                return stage
+        if process.poll() is not None:
+            raise AssertionError(f"the run ended before it could be killed:\n{process.stderr.read()}")
+        time.sleep(0.05)
+    raise AssertionError("no mid-stage checkpoint appeared")
+
+
+def test_killed_run_resumes_to_the_uninterrupted_state(tmp_path, data_dir):
+    teacher = make_tiny_teacher(tmp_path / "teacher")
+    reference_cfg = write_config(tmp_path / "ref.yaml", teacher, data_dir, tmp_path / "reference", "mpdistil",
+                                 **LONGER)
+    killed_cfg = write_config(tmp_path / "killed.yaml", teacher, data_dir, tmp_path / "killed", "mpdistil", **LONGER)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    command = [sys.executable, "-m", "mpdistil_fast.cli", "distill", "--config", str(killed_cfg), "--quiet"]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stage = _wait_for_mid_stage_checkpoint(tmp_path / "killed", process, timeout=180)
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == -signal.SIGKILL
+    assert not (tmp_path / "killed" / "report.json").exists()
+    killed_at = json.loads((latest_checkpoint(tmp_path / "killed") / "state.json").read_text())
+    assert killed_at["stage"] is not None or stage  # it died inside the run, after a mid-stage checkpoint
+
+    resumed = subprocess.run(command[:-1] + ["--set", "runtime.progress=false", "--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr
+
+    torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
+    Run(load_config(reference_cfg)).run()  # uninterrupted, in this process
+
+    ref_tensors, ref_state = _final_state(tmp_path / "reference")
+    got_tensors, got_state = _final_state(tmp_path / "killed")
+    assert ref_state["completed"] == got_state["completed"] == ["teacher", "student", "meta_teacher", "curriculum"]
+    assert ref_state["global_step"] == got_state["global_step"]
+    assert ref_tensors.keys() == got_tensors.keys()
+    for component in ref_tensors:
+        assert ref_tensors[component].keys() == got_tensors[component].keys(), component
+        for name, value in ref_tensors[component].items():
+            assert torch.equal(value, got_tensors[component][name]), f"{component}/{name} differs after resume"
+    ref_report = json.loads((tmp_path / "reference" / "report.json").read_text())
+    got_report = json.loads((tmp_path / "killed" / "report.json").read_text())
+    assert ref_report["tasks"] == got_report["tasks"]
+    assert ref_report["curves"] == got_report["curves"]
+
+
+def test_resume_without_checkpoint_starts_fresh(tmp_path, data_dir, caplog):
+    teacher = make_tiny_teacher(tmp_path / "teacher")
+    config = load_config(write_config(tmp_path / "c.yaml", teacher, data_dir, tmp_path / "run", "finetune"))
+    with caplog.at_level("INFO", logger="mpdistil_fast"):
+        report = Run(config, resume=True).run()
+    assert "no checkpoint" in caplog.text
+    assert set(report["tasks"]) == {"cb", "rte"}
+    # resuming a finished run redoes nothing and gives the same report
+    again = Run(config, resume=True).run()
+    assert again["tasks"] == report["tasks"]
