@@ -147,6 +147,18 @@ def test_checkpoint_listing_pruning_and_errors(tmp_path):
         prune_checkpoints(tmp_path, keep=0)
 
 
+def test_a_kill_between_the_renames_of_a_replacement_loses_nothing(tmp_path):
+    target = checkpoint_dir(tmp_path, 4)
+    save_checkpoint(target, {"student": {"w": torch.ones(1)}}, {"step": 4})
+    aside = target.parent / f".{target.name}.old-0123abcd"
+    os.replace(target, aside)  # the state a SIGKILL right after the first rename leaves
+    (target.parent / f".{target.name}.tmp-4567").mkdir()
+    assert list_checkpoints(tmp_path) == [aside] and load_checkpoint(aside)[1] == {"step": 4}
+    save_checkpoint(checkpoint_dir(tmp_path, 5), {}, {"step": 5})
+    assert sorted(p.name for p in target.parent.iterdir()) == ["step-000000004", "step-000000005"]
+    assert load_checkpoint(target)[1] == {"step": 4}
+
+
 WRITER = textwrap.dedent("""
     import sys, torch
     from mpdistil_fast.pipeline.checkpoint import checkpoint_dir, prune_checkpoints, save_checkpoint

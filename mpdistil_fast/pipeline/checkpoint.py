@@ -7,7 +7,8 @@ Layout of one checkpoint directory::
 
 A checkpoint is written into a hidden temporary directory beside its destination, every file is fsync'ed, and the
 directory is renamed into place with ``os.replace`` (atomic on POSIX), so a run killed at any moment leaves either
-the previous checkpoint or the new one, never half of one.  :func:`checkpoint_dir` names checkpoints
+the previous checkpoint or the new one, never half of one.  Replacing an existing checkpoint moves the old one aside
+first; if a kill lands between the two renames, the moved-aside copy is still found (and restored by the next save).  :func:`checkpoint_dir` names checkpoints
 ``RUN_DIR/checkpoints/step-000000123`` and :func:`latest_checkpoint` finds the newest complete one.
 
 Optimizer, scheduler and policy state dicts mix tensors with Python values (int keys, tuples such as Adam's betas);
@@ -33,6 +34,8 @@ import torch
 STATE_FILE = "state.json"
 CHECKPOINTS_SUBDIR = "checkpoints"
 _STEP_NAME = re.compile(r"^step-(\d+)$")
+#: A checkpoint moved aside while being replaced (see :func:`save_checkpoint`).
+_ASIDE_NAME = re.compile(r"^\.(step-\d+)\.old-[0-9a-f]+$")
 _TAGS = ("__tensor__", "__tuple__", "__dict__")
 
 
@@ -146,6 +149,7 @@ def save_checkpoint(directory: Path | str, tensors: dict[str, dict[str, torch.Te
     except TypeError as exc:
         raise TypeError(f"state must be JSON-serialisable (flatten tensors with flatten_state_dict): {exc}") from None
     directory.parent.mkdir(parents=True, exist_ok=True)
+    _clean_interrupted(directory.parent)
     temporary = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex}"
     temporary.mkdir()
     try:
@@ -171,6 +175,17 @@ def save_checkpoint(directory: Path | str, tensors: dict[str, dict[str, torch.Te
         shutil.rmtree(temporary, ignore_errors=True)
 
 
+def _clean_interrupted(folder: Path) -> None:
+    """Undo what a killed :func:`save_checkpoint` left in ``folder``: put a moved-aside checkpoint whose replacement
+    never arrived back in place, delete other moved-aside copies and unfinished temporary directories."""
+    for path in sorted(folder.iterdir()):
+        aside = _ASIDE_NAME.match(path.name)
+        if aside and not (folder / aside.group(1)).exists():
+            os.replace(path, folder / aside.group(1))
+        elif aside or (path.name.startswith(".") and ".tmp-" in path.name and path.is_dir()):
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def load_checkpoint(directory: Path | str) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
     """``(tensors, state)`` as given to :func:`save_checkpoint`."""
     directory = Path(directory)
@@ -194,9 +209,13 @@ def list_checkpoints(run_dir: Path | str) -> list[Path]:
     folder = Path(run_dir) / CHECKPOINTS_SUBDIR
     if not folder.is_dir():
         return []
-    found = [(int(match.group(1)), path) for path in folder.iterdir()
-             if (match := _STEP_NAME.match(path.name)) and (path / STATE_FILE).is_file()]
-    return [path for _, path in sorted(found)]
+    found = {}
+    for path in folder.iterdir():
+        aside = _ASIDE_NAME.match(path.name)
+        name = aside.group(1) if aside and not (folder / aside.group(1)).exists() else path.name
+        if (match := _STEP_NAME.match(name)) and (path / STATE_FILE).is_file():
+            found[int(match.group(1))] = path
+    return [found[step] for step in sorted(found)]
 
 
 def latest_checkpoint(run_dir: Path | str) -> Path | None:
