@@ -123,6 +123,23 @@ def test_hub_path_formats_like_the_local_files(data_dir, monkeypatch):
     assert calls[1] == ("aps/super_glue", "wsc.fixed", "validation")
 
 
+def test_more_glue_tasks_from_official_tsv_and_hub(tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    for folder, header, rows in (("QNLI", "index\tquestion\tsentence\tlabel",
+                                  ["0\tWhat is it?\tIt is a cat.\tentailment", "1\tWho?\tNobody.\tnot_entailment"]),
+                                 ("SST-2", "sentence\tlabel", ["a fine film \t1", "dull \t0"])):
+        (tmp_path / "glue" / folder).mkdir(parents=True)
+        for name in ("train.tsv", "dev.tsv"):
+            (tmp_path / "glue" / folder / name).write_text("\n".join([header, *rows]) + "\n")
+    qnli, sst2 = load_examples("glue_qnli", "train", tmp_path), load_examples("glue_sst2", "validation", tmp_path)
+    assert [(e.texts, e.label) for e in qnli] == [(("What is it?", "It is a cat."), 0), (("Who?", "Nobody."), 1)]
+    assert [(e.texts, e.label) for e in sst2] == [(("a fine film ",), 1), (("dull ",), 0)]
+    monkeypatch.delenv("MPDISTIL_DATA_DIR", raising=False)
+    monkeypatch.setattr(datasets, "load_dataset", lambda path, name, split: datasets.Dataset.from_list(
+        [{"question": "What is it?", "sentence": "It is a cat.", "label": 0, "idx": 0}]))
+    assert load_examples("glue_qnli", "validation")[0].texts == ("What is it?", "It is a cat.")
+
+
 def test_hub_failure_says_how_to_work_offline(monkeypatch):
     datasets = pytest.importorskip("datasets")
 
@@ -168,8 +185,10 @@ def test_loading_errors_name_the_problem(data_dir, tmp_path):
 
 
 def test_check_task_data_fails_early_and_names_the_file(data_dir, tmp_path):
-    for task in TASKS:
+    for task in [*OFFICIAL_SIZES, "boolq"]:
         check_task_data(task, data_dir)
+    with pytest.raises(FileNotFoundError, match="QNLI"):
+        check_task_data("glue_qnli", data_dir)
     with pytest.raises(FileNotFoundError, match="RTE/train.jsonl"):
         check_task_data("rte", tmp_path)
     (tmp_path / "superglue" / "CB").mkdir(parents=True)

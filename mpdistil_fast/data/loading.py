@@ -3,7 +3,7 @@
 Local layout (the official SuperGLUE jsonl and GLUE tsv files, as in ``../shared/data``)::
 
     DATA_DIR/superglue/{BoolQ,CB,COPA,RTE,WiC,WSC}/{train,val}.jsonl
-    DATA_DIR/glue/RTE/{train,dev}.tsv
+    DATA_DIR/glue/{RTE,QNLI,SST-2}/{train,dev}.tsv      (../shared/data holds RTE only; the others come from the hub)
 
 ``DATA_DIR`` is the ``data_dir`` argument, else ``$MPDISTIL_DATA_DIR``; with neither, the tasks come from the hub
 through ``datasets.load_dataset`` (``$MPDISTIL_SUPERGLUE_HUB`` / ``$MPDISTIL_GLUE_HUB`` override the dataset ids).
@@ -38,10 +38,12 @@ LOCAL_FILES: dict[str, dict[str, str]] = {
     "wic": {"train": "superglue/WiC/train.jsonl", "validation": "superglue/WiC/val.jsonl"},
     "wsc": {"train": "superglue/WSC/train.jsonl", "validation": "superglue/WSC/val.jsonl"},
     "glue_rte": {"train": "glue/RTE/train.tsv", "validation": "glue/RTE/dev.tsv"},
+    "glue_qnli": {"train": "glue/QNLI/train.tsv", "validation": "glue/QNLI/dev.tsv"},
+    "glue_sst2": {"train": "glue/SST-2/train.tsv", "validation": "glue/SST-2/dev.tsv"},
 }
 #: Hub configuration name of each task (``datasets.load_dataset(hub_id, config)``).
 HUB_CONFIGS: dict[str, str] = {"boolq": "boolq", "cb": "cb", "copa": "copa", "rte": "rte", "wic": "wic",
-                               "wsc": "wsc.fixed", "glue_rte": "rte"}
+                               "wsc": "wsc.fixed", "glue_rte": "rte", "glue_qnli": "qnli", "glue_sst2": "sst2"}
 #: Rows of BoolQ's val.jsonl kept as the reported split when BoolQ is read locally (data README).
 BOOLQ_LOCAL_VALIDATION_ROWS = 500
 

@@ -1,18 +1,20 @@
-"""The tasks: SuperGLUE BoolQ, CB, COPA, RTE, WiC, WSC and GLUE RTE, and how one raw row becomes an :class:`Example`.
+"""The tasks: SuperGLUE BoolQ, CB, COPA, RTE, WiC, WSC and GLUE RTE, QNLI, SST-2, and how one raw row becomes an
+:class:`Example`.
 
 Every loader (local jsonl/tsv files or the Hugging Face hub) hands rows to :func:`format_row`, so the two sources give
 identical examples.  Formatting (Wang et al., 2019, "SuperGLUE: A Stickier Benchmark for General-Purpose Language
 Understanding Systems", section 3 and appendix; the BERT baselines of its jiant code):
 
-* BoolQ: ``(question, passage)``; CB / RTE / GLUE RTE: ``(premise, hypothesis)``.
+* BoolQ: ``(question, passage)``; CB / RTE / GLUE RTE: ``(premise, hypothesis)``; GLUE QNLI: ``(question,
+  sentence)``; GLUE SST-2: ``(sentence,)``.
 * WiC: ``(word, sentence1, sentence2)`` -- the target word and both sentences (the encoder sees
   ``[CLS] word [SEP] sentence1 [SEP] sentence2 [SEP]``).
 * COPA: a two-choice task.  ``texts = (premise + cause/effect question, choice1, choice2)``; the encoder scores each
   choice as the pair ``(premise + question, choice_i)`` and the label is the index of the right choice.
 * WSC: ``(marked text,)`` with both spans marked in place: the noun phrase as ``*span1*`` and the pronoun as ``#span2#``.
 
-Label ids follow the hub's ``ClassLabel`` order (CB: entailment, contradiction, neutral; RTE: entailment,
-not_entailment; boolean tasks: False, True), so local and hub data agree.
+Label ids follow the hub's ``ClassLabel`` order (CB: entailment, contradiction, neutral; RTE and QNLI: entailment,
+not_entailment; boolean tasks: False, True; SST-2: negative, positive), so local and hub data agree.
 """
 from __future__ import annotations
 
@@ -64,6 +66,8 @@ TASKS: dict[str, TaskSpec] = {
     "wic": TaskSpec("wic", 2, False, _ACCURACY, "accuracy", ("False", "True")),
     "wsc": TaskSpec("wsc", 2, False, _ACCURACY, "accuracy", ("False", "True")),
     "glue_rte": TaskSpec("glue_rte", 2, False, _ACCURACY, "accuracy", ("entailment", "not_entailment"), "glue"),
+    "glue_qnli": TaskSpec("glue_qnli", 2, False, _ACCURACY, "accuracy", ("entailment", "not_entailment"), "glue"),
+    "glue_sst2": TaskSpec("glue_sst2", 2, False, _ACCURACY, "accuracy", ("negative", "positive"), "glue"),
 }
 #: The six SuperGLUE tasks MPDistil's curriculum chooses among (its action space).
 SUPERGLUE_TASKS: tuple[str, ...] = ("boolq", "cb", "copa", "rte", "wic", "wsc")
@@ -153,6 +157,8 @@ _TEXTS: dict[str, Callable[[Mapping[str, Any]], tuple[str, ...]]] = {
     "wic": lambda row: (row["word"], row["sentence1"], row["sentence2"]),
     "wsc": _wsc_texts,
     "glue_rte": _pair("sentence1", "sentence2"),
+    "glue_qnli": _pair("question", "sentence"),
+    "glue_sst2": lambda row: (row["sentence"],),
 }
 
 
