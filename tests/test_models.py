@@ -107,6 +107,36 @@ def test_padding_does_not_change_pooled_features(kind):
         torch.testing.assert_close(model(padded_left, mask_left, task="rte").pooled, alone, rtol=1e-5, atol=1e-5)
 
 
+def _word_tokenizer(texts: list[str]):
+    """A word-level decoder-style tokenizer (no [SEP], an end-of-sequence token, left padding), built in code."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = sorted({word for text in texts for word, _ in pre_tokenizers.Whitespace().pre_tokenize_str(text)})
+    vocab = {"<pad>": 0, "<unk>": 1, "</s>": 2, **{word: i + 3 for i, word in enumerate(words)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", eos_token="</s>",
+                                   padding_side="left"), len(vocab)
+
+
+def test_decoder_last_token_pooling_on_left_padded_real_data(data_dir):
+    from mpdistil_fast.data import encode_examples, load_examples
+
+    examples = load_examples("wic", "validation", data_dir)[:4]
+    tokenizer, vocab_size = _word_tokenizer([text for e in examples for text in e.texts])
+    split = encode_examples(examples, tokenizer, max_length=64)
+    assert split.attention_mask[:, -1].all() and not split.attention_mask[:, 0].all()
+    first = tokenizer.convert_ids_to_tokens(split.input_ids[0][split.attention_mask[0].bool()].tolist())
+    assert first[:3] == ["class", "An", "emerging"] and first.count("</s>") == 1  # word, sentence1 </s> sentence2
+    model = TaskModel(tiny_backbone("opt", hidden_size=16, vocab_size=vocab_size), ["wic"], pooling="last").eval()
+    batched = model(split.input_ids, split.attention_mask, task="wic").pooled
+    for row in range(4):
+        real = split.input_ids[row][split.attention_mask[row].bool()][None]
+        alone = model(real, torch.ones_like(real), task="wic").pooled[0]
+        torch.testing.assert_close(batched[row], alone, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("kind", TINY_KINDS)
 def test_truncated_copy_keeps_the_first_layers(kind):
     full = tiny_backbone(kind, hidden_size=16, num_layers=4, vocab_size=VOCAB).eval()
