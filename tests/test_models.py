@@ -65,7 +65,8 @@ def test_task_model_heads_and_shapes(kind):
     assert out.logits.shape == (3, 3) and out.pooled.shape == (3, 16)
     assert len(out.hidden_states) == 3 and all(h.shape == (3, 8, 16) for h in out.hidden_states)
     choice_ids, choice_mask = _inputs(3, 6, [6, 3, 4], shape_prefix=())
-    mc_ids, mc_mask = torch.stack([choice_ids, choice_ids.flip(0)], 1), torch.stack([choice_mask, choice_mask.flip(0)], 1)
+    mc_ids = torch.stack([choice_ids, choice_ids.flip(0)], 1)
+    mc_mask = torch.stack([choice_mask, choice_mask.flip(0)], 1)
     mc = model(mc_ids, mc_mask, task="copa", output_hidden_states=True)
     assert mc.logits.shape == (3, 2) and mc.pooled.shape == (3, 2, 16) and mc.hidden_states[0].shape == (6, 6, 16)
     # a choice's score depends only on its own (context, choice) pair

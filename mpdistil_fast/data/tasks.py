@@ -11,7 +11,8 @@ Understanding Systems", section 3 and appendix; the BERT baselines of its jiant 
   ``[CLS] word [SEP] sentence1 [SEP] sentence2 [SEP]``).
 * COPA: a two-choice task.  ``texts = (premise + cause/effect question, choice1, choice2)``; the encoder scores each
   choice as the pair ``(premise + question, choice_i)`` and the label is the index of the right choice.
-* WSC: ``(marked text,)`` with both spans marked in place: the noun phrase as ``*span1*`` and the pronoun as ``#span2#``.
+* WSC: ``(marked text,)`` with both spans marked in place: the noun phrase as ``*span1*`` and the pronoun as
+  ``#span2#``.
 
 Label ids follow the hub's ``ClassLabel`` order (CB: entailment, contradiction, neutral; RTE and QNLI: entailment,
 not_entailment; boolean tasks: False, True; SST-2: negative, positive), so local and hub data agree.
@@ -100,9 +101,12 @@ def label_id(task: str, value: Any) -> int:
     raise ValueError(f"label of a {task} row must be a class id in [0, {spec.num_labels}), got {value!r}")
 
 
+def _normalise(text: str) -> str:
+    return re.sub(r"[^\w]", "", text.lower())
+
+
 def _words_match(words: list[str], start: int, span: list[str]) -> bool:
-    normalise = lambda text: re.sub(r"[^\w]", "", text.lower())  # noqa: E731
-    return normalise(" ".join(words[start:start + len(span)])) == normalise(" ".join(span))
+    return _normalise(" ".join(words[start:start + len(span)])) == _normalise(" ".join(span))
 
 
 def _span_start(words: list[str], index: int, span_text: str, search_radius: int = 3) -> int:

@@ -36,8 +36,8 @@ HIDDEN_MODES: dict[bool | str, str | None] = {False: None, True: "all", "all": "
 @dataclass
 class CachedOutputs:
     """Teacher outputs of every row of one split: ``logits`` ``[N, K]``, ``pooled`` ``[N, H]`` (multiple choice:
-    ``[N, C, H]``), ``hidden`` ``[N, L+1, S, H]`` (multiple choice: ``[N, C, L+1, S, H]``; ``S`` is 1 when only the first token is
-    kept) or None.  Use
+    ``[N, C, H]``), ``hidden`` ``[N, L+1, S, H]``
+    (multiple choice: ``[N, C, L+1, S, H]``; ``S`` is 1 when only the first token is kept) or None.  Use
     :meth:`gather` for batches: it counts the rows it serves, which is what :attr:`TeacherCache.seconds_saved` reports.
     """
 

@@ -8,8 +8,9 @@ Layout of one checkpoint directory::
 A checkpoint is written into a hidden temporary directory beside its destination, every file is fsync'ed, and the
 directory is renamed into place with ``os.replace`` (atomic on POSIX), so a run killed at any moment leaves either
 the previous checkpoint or the new one, never half of one.  Replacing an existing checkpoint moves the old one aside
-first; if a kill lands between the two renames, the moved-aside copy is still found (and restored by the next save).  :func:`checkpoint_dir` names checkpoints
-``RUN_DIR/checkpoints/step-000000123`` and :func:`latest_checkpoint` finds the newest complete one.
+first; if a kill lands between the two renames, the moved-aside copy is still found (and restored by the next save).
+:func:`checkpoint_dir` names checkpoints ``RUN_DIR/checkpoints/step-000000123`` and :func:`latest_checkpoint` finds
+the newest complete one.
 
 Optimizer, scheduler and policy state dicts mix tensors with Python values (int keys, tuples such as Adam's betas);
 :func:`flatten_state_dict` splits them into a flat ``{name: tensor}`` dict for safetensors and a JSON-safe
