@@ -109,7 +109,7 @@ class Run:
         self.cache: TeacherCache | None = None
         if checkpoint is not None or resume:
             self.load(checkpoint if checkpoint is not None else latest_checkpoint(self.output_dir))
-        self.metrics: MetricsLogger | None = None
+        self._metrics: MetricsLogger | None = None
 
     # ------------------------------------------------------------------------------------------- setup
 
@@ -151,6 +151,18 @@ class Run:
 
         student = self.runtime.build_model(build_student, role="student", trainable=True)
         return teacher, student
+
+    @property
+    def metrics(self) -> MetricsLogger:
+        """metrics.jsonl (+ TensorBoard) under ``output_dir``, opened on first use."""
+        if self._metrics is None:
+            self._metrics = MetricsLogger(self.output_dir, is_main=self.is_main,
+                                          tensorboard=self.config.runtime.tensorboard)
+        return self._metrics
+
+    @metrics.setter
+    def metrics(self, logger: MetricsLogger) -> None:
+        self._metrics = logger
 
     # ------------------------------------------------------------------------------------------- checkpoints
 
@@ -386,8 +398,6 @@ class Run:
         from mpdistil_fast.pipeline.stages import STAGE_FUNCTIONS, stages_of
 
         stages = stages_of(self.config)
-        self.metrics = MetricsLogger(self.output_dir, is_main=self.is_main,
-                                     tensorboard=self.config.runtime.tensorboard)
         LOG.info("method %s: stages %s; tasks %s (reported: %s)", self.config.method, " -> ".join(stages),
                  ", ".join(self.tasks), ", ".join(self.targets))
         for stage in stages:

@@ -1,0 +1,184 @@
+"""Every stage and student objective on tiny random models and small slices of the real data."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mpdistil_fast.methods import StudentObjective, cls_states
+from mpdistil_fast.pipeline import stages
+from mpdistil_fast.pipeline.config import load_config
+from mpdistil_fast.pipeline.trainer import Run
+from pipeline_helpers import make_tiny_teacher, write_config
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory) -> Path:
+    return make_tiny_teacher(tmp_path_factory.mktemp("tiny") / "teacher")
+
+
+def make_run(tmp_path: Path, teacher_dir: Path, data_dir: Path, method: str, **extra) -> Run:
+    path = write_config(tmp_path / f"{method}.yaml", teacher_dir, data_dir, tmp_path / method, method, **extra)
+    return Run(load_config(path))
+
+
+def weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def changed(before: dict[str, torch.Tensor], module: torch.nn.Module) -> bool:
+    return any(not torch.equal(before[k], v) for k, v in module.state_dict().items())
+
+
+# ----------------------------------------------------------------------------------------------- objectives
+
+def _reference_kd(student, teacher, labels, alpha, temperature):
+    s, t = student.double(), teacher.double()
+    soft = F.kl_div(F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1), log_target=True,
+                    reduction="batchmean") * temperature ** 2
+    return (1 - alpha) * F.cross_entropy(s, labels) + alpha * soft
+
+
+def test_objectives_match_float64_references():
+    torch.manual_seed(0)
+    student = (torch.randn(5, 3) * 3).requires_grad_(True)
+    teacher, labels = torch.randn(5, 3) * 3, torch.tensor([0, 2, 1, 1, 0])
+    finetune = StudentObjective("finetune")(student, labels)
+    torch.testing.assert_close(finetune.loss.double(), F.cross_entropy(student.double(), labels))
+    kd = StudentObjective("kd", alpha=0.3, temperature=2.5)(student, labels, teacher_logits=teacher)
+    expected = _reference_kd(student, teacher, labels, 0.3, 2.5)
+    torch.testing.assert_close(kd.loss.double(), expected, rtol=1e-5, atol=1e-6)
+    (grad,) = torch.autograd.grad(kd.loss, student)
+    (expected_grad,) = torch.autograd.grad(expected, student)
+    torch.testing.assert_close(grad.double(), expected_grad.double(), rtol=1e-4, atol=1e-6)
+    assert set(kd.parts) == {"ce", "kd", "loss"}
+
+
+def test_patient_kd_hidden_term():
+    torch.manual_seed(0)
+    layers_s = tuple(torch.randn(4, 6, 8) for _ in range(4))   # embeddings + 3 student layers
+    layers_t = tuple(torch.randn(4, 6, 8) for _ in range(7))   # embeddings + 6 teacher layers
+    student, teacher, labels = torch.randn(4, 2), torch.randn(4, 2), torch.tensor([0, 1, 1, 0])
+    objective = StudentObjective("pkd", alpha=0.5, temperature=2.0, beta=7.0, layer_map="skip")
+    hs, ht = cls_states(layers_s), cls_states(layers_t)
+    assert hs.shape == (3, 4, 1, 8) and ht.shape == (6, 4, 1, 8)
+    result = objective(student, labels, teacher_logits=teacher, student_hidden=hs, teacher_hidden=ht)
+    # PKD-skip, 3 -> 6 layers: student layers 1, 2 -> teacher layers 2, 4 (1-based), normalised [CLS] states
+    normalise = lambda h: F.normalize(h[:, 0].double(), dim=-1)  # noqa: E731
+    pairs = [(layers_s[1], layers_t[2]), (layers_s[2], layers_t[4])]
+    hidden = sum(((normalise(s) - normalise(t)) ** 2).sum() for s, t in pairs) / (4 * 8 * len(pairs))
+    expected = _reference_kd(student, teacher, labels, 0.5, 2.0) + 7.0 * hidden
+    torch.testing.assert_close(result.loss.double(), expected, rtol=1e-5, atol=1e-6)
+    assert result.parts["hidden"] == pytest.approx(float(hidden), rel=1e-5)
+
+
+def test_objective_errors_name_the_argument():
+    with pytest.raises(ValueError, match="method"):
+        StudentObjective("fitnets")
+    logits, labels = torch.randn(2, 2), torch.tensor([0, 1])
+    with pytest.raises(ValueError, match="teacher_logits"):
+        StudentObjective("kd")(logits, labels)
+    with pytest.raises(ValueError, match="student_hidden"):
+        StudentObjective("pkd")(logits, labels, teacher_logits=logits)
+
+
+# ----------------------------------------------------------------------------------------------- stages
+
+def test_teacher_and_kd_student_stages(tmp_path, teacher_dir, data_dir):
+    run = make_run(tmp_path, teacher_dir, data_dir, "kd")
+    assert run.selection_split == "quiz"
+    teacher_before = weights(run.teacher)
+    selected_on = []
+    evaluate = run.evaluate
+    run.evaluate = lambda model, task, split: selected_on.append(split) or evaluate(model, task, split)
+    run.begin_stage("teacher")
+    stages.teacher_stage(run)
+    assert changed(teacher_before, run.teacher) and not run.teacher.training
+    assert not any(p.requires_grad for p in run.teacher.parameters())
+    assert set(run.state["results"]) == {"cb", "rte"} and "teacher" in run.state["results"]["cb"]
+    run.end_stage("teacher")
+    frozen, student_before = weights(run.teacher), weights(run.student)
+    selected_on.clear()
+    run.begin_stage("student")
+    stages.student_stage(run)
+    assert changed(student_before, run.student) and not changed(frozen, run.teacher)
+    assert selected_on.count("quiz") >= 2 and selected_on.count("validation") == 2  # selection never on validation
+    assert run.cache is not None and sum(e.rows_served for e in run.cache.entries.values()) > 0
+    assert "student_stage2" in run.state["results"]["rte"]
+
+
+def test_pkd_student_stage_uses_hidden_states(tmp_path, teacher_dir, data_dir):
+    run = make_run(tmp_path, teacher_dir, data_dir, "pkd")
+    run.teacher.eval().requires_grad_(False)
+    logged = []
+    run.metrics = type("Sink", (), {"log": lambda self, stage, step, m: logged.append(m)})()
+    run.begin_stage("student")
+    stages.student_stage(run)
+    assert logged and all("hidden" in m and "kd" in m for m in logged)
+
+
+def test_metadistil_stage_teaches_the_teacher(tmp_path, teacher_dir, data_dir):
+    run = make_run(tmp_path, teacher_dir, data_dir, "metadistil", student_training={"max_steps": 2})
+    teacher_before, student_before = weights(run.teacher), weights(run.student)
+    run.begin_stage("metadistil")
+    stages.metadistil_stage(run)
+    assert changed(teacher_before, run.teacher), "the teacher must follow the quiz hypergradient"
+    assert changed(student_before, run.student)
+    assert "teacher_final" in run.state["results"]["cb"]
+
+
+def test_meta_teacher_and_curriculum_stages(tmp_path, teacher_dir, data_dir):
+    run = make_run(tmp_path, teacher_dir, data_dir, "mpdistil", data={"tasks": ["cb", "copa"]},
+                   curriculum={"actions": ["cb", "copa", "rte"], "episodes": 2, "steps_per_episode": 3})
+    assert run.tasks == ["cb", "copa", "rte"]  # an action task outside the reported ones is trained as well
+    run.teacher.eval().requires_grad_(False)
+    run.begin_stage("meta_teacher")
+    stages.meta_teacher_stage(run)
+    assert set(run.meta_teachers) == {"cb", "rte"}  # COPA (multiple choice) has no meta-teacher
+    assert "meta_teacher" in run.state["results"]["cb"] and "copa" not in run.state["results"]
+    run.end_stage("meta_teacher")
+
+    steps = []
+    original_step = torch.optim.AdamW.step
+
+    def counting_step(self, *args, **kwargs):
+        steps.append(self)
+        return original_step(self, *args, **kwargs)
+
+    torch.optim.AdamW.step = counting_step
+    try:
+        run.begin_stage("curriculum")
+        stages.curriculum_stage(run)
+    finally:
+        torch.optim.AdamW.step = original_step
+    assert len(steps) == 6  # the student steps at every curriculum step
+    curves = run.state["curves"]
+    assert [episode for episode, _ in curves["reward"]] == [0, 1]
+    assert all(sum(counts.values()) == 3 and set(counts) == {"cb", "copa", "rte"} for _, counts in curves["actions"])
+    assert all(0.0 <= value <= 1.0 for _, value in curves["reward"])  # binary rewards
+
+
+def test_reference_compat_curriculum(tmp_path, teacher_dir, data_dir):
+    run = make_run(tmp_path, teacher_dir, data_dir, "mpdistil", reference_compat=True,
+                   curriculum={"episodes": 2, "steps_per_episode": 2, "reward": "real"})
+    assert run.selection_split == "validation" and run.tasks == ["cb", "rte"]
+    run.teacher.eval().requires_grad_(False)
+    run._build_meta_teachers()
+    student_before = weights(run.student)
+    run.begin_stage("curriculum")
+    stages.curriculum_stage(run)
+    assert changed(student_before, run.student)
+    assert all(set(counts) == {"cb"} for _, counts in run.state["curves"]["actions"])  # one hard-coded action
+    assert run.state["dropout_off"] and not run.student.training  # dropout never switched back on
+
+
+def test_finetune_has_no_teacher(tmp_path, teacher_dir, data_dir):
+    run = make_run(tmp_path, teacher_dir, data_dir, "finetune")
+    assert run.teacher is None
+    assert len(run.student.backbone.encoder.layer) == 2
+    report = run.run()
+    assert set(report["tasks"]["cb"]) == {"student_final"}
+    assert 0.0 <= report["tasks"]["cb"]["student_final"]["main"] <= 1.0
