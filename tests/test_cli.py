@@ -1,0 +1,77 @@
+"""End-to-end smoke runs of the CLI (every method, a few steps), evaluate, and config errors at the CLI."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mpdistil_fast.cli import main
+from pipeline_helpers import make_tiny_teacher, write_config
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGE_ROLES = {"finetune": {"student_final"}, "kd": {"teacher", "student_stage2", "student_final"},
+               "pkd": {"teacher", "student_stage2", "student_final"},
+               "metadistil": {"teacher", "teacher_final", "student_final"},
+               "mpdistil": {"teacher", "student_stage2", "meta_teacher", "student_final"}}
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory) -> Path:
+    return make_tiny_teacher(tmp_path_factory.mktemp("tiny") / "teacher")
+
+
+@pytest.mark.parametrize("method", sorted(STAGE_ROLES))
+def test_distill_smoke_every_method(method, tmp_path, teacher_dir, data_dir, capsys):
+    config = write_config(tmp_path / "c.yaml", teacher_dir, data_dir, tmp_path / "run", method,
+                          student_training={"max_steps": 2}, runtime={"tensorboard": True})
+    assert main(["distill", "--config", str(config), "--set", "teacher_training.max_steps=2"]) == 0
+    out = capsys.readouterr().out
+    assert "| cb |" in out and "| rte |" in out  # the final table is printed
+    run = tmp_path / "run"
+    report = json.loads((run / "report.json").read_text())
+    assert set(report["tasks"]) == {"cb", "rte"}
+    assert set(report["tasks"]["cb"]) == STAGE_ROLES[method]
+    assert {"accuracy", "macro_f1", "main"} <= set(report["tasks"]["cb"]["student_final"])
+    for name in ("report.md", "curves.png", "metrics.jsonl"):
+        assert (run / name).is_file(), name
+    assert list((run / "checkpoints").iterdir())
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert lines and all("stage" in line for line in lines)
+    if method == "mpdistil":
+        assert len(report["curves"]["reward"]) == 2 and len(report["curves"]["actions"]) == 2
+
+
+def test_evaluate_checkpoint(tmp_path, teacher_dir, data_dir, capsys):
+    config = write_config(tmp_path / "c.yaml", teacher_dir, data_dir, tmp_path / "run", "kd")
+    assert main(["distill", "--config", str(config), "--quiet"]) == 0
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "run")]) == 0
+    table = capsys.readouterr().out
+    row = next(line for line in table.splitlines() if line.startswith("| rte | student |"))
+    assert f"{100 * report['tasks']['rte']['student_final']['accuracy']:.1f}" in row
+    assert "| cb | teacher |" in table
+
+
+def test_config_errors_exit_before_loading_models(tmp_path, data_dir, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("method: kd\nteacher: {model: /nonexistent/model}\ndata: {tasks: [cb]}\n")
+    assert main(["distill", "--config", str(config), "--data-dir", str(data_dir), "--set", "student.layers=3"]) == 2
+    assert "unknown key 'student.layers' (did you mean 'student.num_layers'?)" in capsys.readouterr().err
+    assert main(["distill", "--config", str(config), "--set", "data.data_dir=/nonexistent"]) == 2
+    assert "data.data_dir" in capsys.readouterr().err
+    assert main(["distill", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "config file not found" in capsys.readouterr().err
+    assert main(["evaluate", "--checkpoint", str(tmp_path)]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_console_script_is_installed():
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-m", "mpdistil_fast.cli", "distill", "--help"], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "--resume" in result.stdout and "--set" in result.stdout
