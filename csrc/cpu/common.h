@@ -2,6 +2,7 @@
 // chunked row loads/stores that convert bf16/fp16 to the accumulation type once per element.
 #pragma once
 
+#include <ATen/ATen.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
@@ -12,6 +13,10 @@
 #include <cstdint>
 #include <limits>
 #include <type_traits>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 namespace mpdistil::cpu {
 
@@ -105,5 +110,20 @@ inline acc_t lane_sum(const Vec<acc_t>& v) {
 
 // Grain size for at::parallel_for over rows of length `row_length`: about 32K elements per task.
 inline int64_t row_grain(int64_t row_length) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, row_length)); }
+
+// at::empty for a large output that is about to be written once: on Linux the pages are advised as transparent huge
+// pages before the first touch, which makes first-touch page faults (a third of the time of a [2048, 32000] fp32
+// gradient on a 2-core VM) about 3x cheaper.  Only an advice: without THP it is an ordinary at::empty.
+inline at::Tensor empty_for_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor out = at::empty(sizes, options);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHugePage = uintptr_t{1} << 21;
+  const auto begin = reinterpret_cast<uintptr_t>(out.data_ptr());
+  const uintptr_t first = (begin + kHugePage - 1) & ~(kHugePage - 1);
+  const uintptr_t last = (begin + out.nbytes()) & ~(kHugePage - 1);
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+#endif
+  return out;
+}
 
 }  // namespace mpdistil::cpu

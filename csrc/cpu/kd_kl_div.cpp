@@ -207,8 +207,8 @@ std::tuple<at::Tensor, at::Tensor> kd_kl_div_bwd_cpu(const at::Tensor& grad_kl, 
               "kd_kl_div_bwd: per-row tensors do not match ", rows, " rows");
   const at::Tensor grad_rows = grad_kl.to(acc).contiguous();
   const at::Tensor stats_rows = stats.to(acc).contiguous();
-  at::Tensor grad_p = need_grad_p ? at::empty({rows, vocab}, a.options()) : at::empty({0}, a.options());
-  at::Tensor grad_q = need_grad_q ? at::empty({rows, vocab}, a.options()) : at::empty({0}, a.options());
+  at::Tensor grad_p = need_grad_p ? empty_for_output({rows, vocab}, a.options()) : at::empty({0}, a.options());
+  at::Tensor grad_q = need_grad_q ? empty_for_output({rows, vocab}, a.options()) : at::empty({0}, a.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scalar_type(), "kd_kl_div_bwd_cpu", [&] {
     using acc_t = acc_type_t<scalar_t>;
     const scalar_t* a_data = a.const_data_ptr<scalar_t>();

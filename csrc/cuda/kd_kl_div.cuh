@@ -1,0 +1,29 @@
+// Launchers of the fused temperature-softmax KL CUDA kernels (kd_kl_div.cu); raw pointers, no torch headers.
+// Per row of logits a (weighting P = softmax(a/T)) and b (Q = softmax(b/T)), see csrc/cpu/kd_kl_div.cpp:
+//   forward : kl[row] and stats[row] = (max a, log_sum_a, max b, log_sum_b, E_P[(a - b)/T])
+//   backward: grad_a = g/T * P ((a - b)/T - E_P[(a - b)/T]),  grad_b = g/T * (Q - P)   (either may be null)
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace mpdistil::cuda {
+
+enum class LogitsType { kFloat32, kFloat16, kBFloat16, kFloat64 };
+
+inline constexpr int kStatsPerRow = 5;
+
+// kl [rows] and stats [rows, 5] are float64 for kFloat64 logits, float32 otherwise.  Rows of a and b have unit
+// stride along the vocabulary and row strides stride_a, stride_b (in elements).
+cudaError_t launch_kd_kl_div_fwd(const void* a, const void* b, void* kl, void* stats, int64_t rows, int64_t vocab,
+                                 int64_t stride_a, int64_t stride_b, double temperature, LogitsType type,
+                                 cudaStream_t stream);
+
+// grad_kl [rows] and stats are float64 for kFloat64 logits, float32 otherwise; grad_a/grad_b are contiguous
+// [rows, vocab] of the logits' type, or null when not wanted.
+cudaError_t launch_kd_kl_div_bwd(const void* grad_kl, const void* a, const void* b, const void* stats, void* grad_a,
+                                 void* grad_b, int64_t rows, int64_t vocab, int64_t stride_a, int64_t stride_b,
+                                 double temperature, LogitsType type, cudaStream_t stream);
+
+}  // namespace mpdistil::cuda
