@@ -69,10 +69,11 @@ def distill(args: argparse.Namespace) -> int:
 
 
 def evaluate(args: argparse.Namespace) -> int:
-    from mpdistil_fast.pipeline.evaluation import evaluate_checkpoint, format_table
+    from mpdistil_fast.pipeline.evaluation import evaluate_checkpoint
+    from mpdistil_fast.pipeline.report import format_results_table
 
-    results = evaluate_checkpoint(Path(args.checkpoint), data_dir=args.data_dir)
-    print(format_table(results))
+    report = evaluate_checkpoint(Path(args.checkpoint), data_dir=args.data_dir)
+    print(f"{report['checkpoint']} (validation split):\n{format_results_table(report)}")
     return 0
 
 

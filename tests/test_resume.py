@@ -18,8 +18,8 @@ from mpdistil_fast.pipeline.trainer import Run
 from pipeline_helpers import make_tiny_teacher, write_config
 
 ROOT = Path(__file__).resolve().parents[1]
-LONGER = {"teacher_training": {"max_steps": 4}, "student_training": {"max_steps": 5},
-          "meta_teacher": {"training": {"max_steps": 4}}, "curriculum": {"episodes": 3, "steps_per_episode": 2},
+LONGER = {"teacher_training": {"max_steps": 2}, "student_training": {"max_steps": 5},
+          "meta_teacher": {"training": {"max_steps": 4}}, "curriculum": {"episodes": 2, "steps_per_episode": 3},
           "runtime": {"checkpoint_every": 2, "keep_checkpoints": 2}}
 
 

@@ -117,11 +117,13 @@ class Run:
         c = self.config
         self.tokenizer = load_tokenizer(self.teacher_path)
         splits: dict[str, dict[str, EncodedSplit]] = {}
+        self.data_source: dict[str, str] = {}
         for task in self.tasks:
             loaded = load_task_splits(task, c.data.data_dir, seed=c.seed, quiz_fraction=c.data.quiz_fraction,
                                       max_train=c.data.max_train, max_eval=c.data.max_eval)
             splits[task] = {name: encode_examples(getattr(loaded, name), self.tokenizer, c.data.max_length)
                             for name in ("train", "quiz", "validation")}
+            self.data_source[task] = loaded.source
             LOG.info("data %s: %d train / %d quiz / %d validation (%s)", task, len(splits[task]["train"]),
                      len(splits[task]["quiz"]), len(splits[task]["validation"]), loaded.source)
         return splits
@@ -421,4 +423,5 @@ class Run:
             timings["teacher_cache_spent"] = round(self.cache.seconds_spent, 3)
             timings["teacher_cache_saved"] = round(self.cache.seconds_saved, 3)
         return {"tasks": copy.deepcopy(self.state["results"]), "timings": timings,
-                "curves": copy.deepcopy(self.state["curves"]), "config": self.config.to_dict()}
+                "curves": copy.deepcopy(self.state["curves"]), "config": self.config.to_dict(),
+                "data_source": dict(self.data_source)}
