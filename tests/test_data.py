@@ -110,8 +110,10 @@ def test_hub_path_formats_like_the_local_files(data_dir, monkeypatch):
     datasets = pytest.importorskip("datasets")
     calls = []
 
-    def fake_load_dataset(path, name, split):
-        calls.append((path, name, split))
+    def fake_load_dataset(path, name, split, revision=None):
+        calls.append((path, name, split, revision))
+        if revision is None and name == "wsc.fixed":
+            raise RuntimeError("Dataset scripts are no longer supported, but found super_glue.py")
         task = {"cb": "cb", "wsc.fixed": "wsc", "copa": "copa", "wic": "wic"}[name]
         folder = {"cb": "CB", "wsc": "WSC", "copa": "COPA", "wic": "WiC"}[task]
         return datasets.Dataset.from_list(_hub_rows(data_dir, task, f"superglue/{folder}/val.jsonl")[:20])
@@ -120,7 +122,8 @@ def test_hub_path_formats_like_the_local_files(data_dir, monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     for task in ("cb", "wsc", "copa", "wic"):
         assert load_examples(task, "validation") == load_examples(task, "validation", data_dir)[:20]
-    assert calls[1] == ("aps/super_glue", "wsc.fixed", "validation")
+    assert calls[1:3] == [("aps/super_glue", "wsc.fixed", "validation", None),
+                          ("aps/super_glue", "wsc.fixed", "validation", "refs/convert/parquet")]
 
 
 def test_more_glue_tasks_from_official_tsv_and_hub(tmp_path, monkeypatch):
@@ -135,7 +138,7 @@ def test_more_glue_tasks_from_official_tsv_and_hub(tmp_path, monkeypatch):
     assert [(e.texts, e.label) for e in qnli] == [(("What is it?", "It is a cat."), 0), (("Who?", "Nobody."), 1)]
     assert [(e.texts, e.label) for e in sst2] == [(("a fine film ",), 1), (("dull ",), 0)]
     monkeypatch.delenv("MPDISTIL_DATA_DIR", raising=False)
-    monkeypatch.setattr(datasets, "load_dataset", lambda path, name, split: datasets.Dataset.from_list(
+    monkeypatch.setattr(datasets, "load_dataset", lambda path, name, split, **kwargs: datasets.Dataset.from_list(
         [{"question": "What is it?", "sentence": "It is a cat.", "label": 0, "idx": 0}]))
     assert load_examples("glue_qnli", "validation")[0].texts == ("What is it?", "It is a cat.")
 

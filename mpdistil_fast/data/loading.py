@@ -101,14 +101,23 @@ def load_local_file(task: str, file_key: str, data_dir: Path) -> list[Example]:
     return _format_rows(task, _read_rows(path))
 
 
+#: The hub's automatic Parquet export of a dataset repository: the fallback for script-based repositories, which
+#: ``datasets`` >= 4 no longer runs.
+HUB_PARQUET_REVISION = "refs/convert/parquet"
+
+
 def load_hub_split(task: str, split: str) -> list[Example]:
-    """Examples of ``task``/``split`` from the Hugging Face hub via ``datasets.load_dataset``."""
+    """Examples of ``task``/``split`` from the Hugging Face hub via ``datasets.load_dataset`` (retried on the
+    repository's Parquet export when the plain load fails)."""
     import datasets
 
     spec = task_spec(task)
     dataset_id = hub_dataset_id(spec.benchmark)
     try:
-        rows = datasets.load_dataset(dataset_id, HUB_CONFIGS[task], split=split)
+        try:
+            rows = datasets.load_dataset(dataset_id, HUB_CONFIGS[task], split=split)
+        except Exception:  # e.g. "Dataset scripts are no longer supported"
+            rows = datasets.load_dataset(dataset_id, HUB_CONFIGS[task], split=split, revision=HUB_PARQUET_REVISION)
     except Exception as exc:  # offline, unknown id, ...: say what to do instead
         raise RuntimeError(f"could not load {task!r} ({dataset_id}, {HUB_CONFIGS[task]}, {split}) from the hub: "
                            f"{exc}. Offline, pass data_dir or set ${DATA_DIR_ENV} to a folder of the official "
