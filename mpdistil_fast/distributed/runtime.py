@@ -1,9 +1,10 @@
 """The runtime interface the training loop gets models, optimizers and devices through.
 
-The loop never calls ``loss.backward()`` or ``optimizer.step()`` itself: it asks a :class:`Runtime` to build a
-:class:`TrainedModel` (module + optimizer + scheduler) and drives it with ``backward`` / ``step``.  The local
-implementation below runs in one process; a DeepSpeed implementation (:mod:`mpdistil_fast.distributed.deepspeed`)
-puts a DeepSpeed engine behind the same methods.  ``is_main`` gates logging and saving (rank 0 only).
+The loop never calls ``loss.backward()`` or ``optimizer.step()`` itself: it asks a :class:`Runtime` to build its
+models (``build_model``: where a ZeRO-3 runtime would construct them inside ``HfDeepSpeedConfig``) and a
+:class:`TrainedModel` (module + optimizer + scheduler), and drives that with ``backward`` / ``step``, so a
+DeepSpeed engine can stand behind the same methods.  ``is_main`` gates logging and saving (rank 0 only).
+:class:`LocalRuntime` (one process, one device) is the implementation that exists today.
 """
 from __future__ import annotations
 
@@ -143,13 +144,8 @@ class LocalRuntime:
         return None
 
 
-def make_runtime(kind: str, *, device: str = "auto", num_threads: int | None = None,
-                 deepspeed_teacher: str | None = None, deepspeed_student: str | None = None) -> Runtime:
+def make_runtime(kind: str, *, device: str = "auto", num_threads: int | None = None) -> Runtime:
     """The runtime named by ``runtime.kind`` in the config."""
     if kind == "local":
         return LocalRuntime(device, num_threads)
-    if kind == "deepspeed":
-        from mpdistil_fast.distributed.deepspeed import DeepSpeedRuntime
-
-        return DeepSpeedRuntime(deepspeed_teacher, deepspeed_student, num_threads=num_threads)
-    raise ValueError(f"runtime.kind must be 'local' or 'deepspeed', got {kind!r}")
+    raise ValueError(f"runtime.kind must be 'local', got {kind!r}")

@@ -117,11 +117,11 @@ class MetaDistilConfig:
 
 @dataclass
 class RuntimeConfig:
-    kind: Literal["local", "deepspeed"] = "local"
+    #: the execution backend behind :class:`mpdistil_fast.distributed.Runtime`; only the single-process one exists
+    #: so far (a DeepSpeed one would read configs/deepspeed/*.json)
+    kind: Literal["local"] = "local"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_threads: int | None = None
-    deepspeed_teacher: str | None = None  #: DeepSpeed JSON for the teacher (ZeRO-3)
-    deepspeed_student: str | None = None  #: DeepSpeed JSON for the student (ZeRO-2)
     checkpoint_every: int = 50  #: optimizer steps between checkpoints (and at every stage end)
     keep_checkpoints: int = 2
     log_every: int = 10
@@ -349,12 +349,6 @@ def check_values(config: Config) -> None:
     for key in ("checkpoint_every", "keep_checkpoints", "log_every"):
         _require(getattr(r, key) > 0, f"runtime.{key} must be > 0, got {getattr(r, key)}")
     _require(r.num_threads is None or r.num_threads > 0, f"runtime.num_threads must be > 0, got {r.num_threads}")
-    if r.kind == "deepspeed":
-        for key in ("deepspeed_teacher", "deepspeed_student"):
-            value = getattr(r, key)
-            _require(value is not None and Path(value).is_file(),
-                     f"runtime.{key} must name an existing DeepSpeed JSON file when runtime.kind is deepspeed, "
-                     f"got {value!r}")
     if config.method == "metadistil" or config.meta_teacher.bilevel:
         from mpdistil_fast.bilevel import METHODS as HYPERGRADIENT_METHODS
 

@@ -84,9 +84,8 @@ class Run:
         """``resume``: continue from the newest checkpoint in ``output_dir``; ``checkpoint``: load that one."""
         self.config = config
         self.output_dir = Path(config.output_dir)
-        self.runtime = runtime or make_runtime(
-            config.runtime.kind, device=config.runtime.device, num_threads=config.runtime.num_threads,
-            deepspeed_teacher=config.runtime.deepspeed_teacher, deepspeed_student=config.runtime.deepspeed_student)
+        self.runtime = runtime or make_runtime(config.runtime.kind, device=config.runtime.device,
+                                               num_threads=config.runtime.num_threads)
         self.is_main = self.runtime.is_main
         self.tasks = curriculum_tasks(config)
         self.targets = list(config.data.tasks)
@@ -178,10 +177,7 @@ class Run:
 
     def save(self, stateful: dict[str, Any] | None = None) -> None:
         """Checkpoint everything at the current step boundary (main process writes; all wait)."""
-        now = time.perf_counter()
-        stage = self.state["stage"] or "between_stages"
-        self.state["timings"][stage] = self.state["timings"].get(stage, 0.0) + now - self._clock
-        self._clock = now
+        self._account_time()
         if self.is_main:
             tensors: dict[str, dict[str, torch.Tensor]] = {}
             meta: dict[str, Any] = {}
@@ -251,13 +247,18 @@ class Run:
         return True
 
     def end_stage(self, stage: str) -> None:
+        self._account_time()
         self.state["completed"].append(stage)
         self.state["stage"], self.state["step"], self.state["stage_state"] = None, 0, {}
-        now = time.perf_counter()
-        self.state["timings"][stage] = self.state["timings"].get(stage, 0.0) + now - self._clock
-        self._clock = now
         self.save()
-        self.state["timings"]["between_stages"] = 0.0
+
+    def _account_time(self) -> None:
+        """Add the seconds since the last call to the current stage's timing (kept across resumes)."""
+        now = time.perf_counter()
+        if self.state["stage"] is not None:
+            timings = self.state["timings"]
+            timings[self.state["stage"]] = timings.get(self.state["stage"], 0.0) + now - self._clock
+        self._clock = now
 
     def loop(self, stage: str, total_steps: int, step_fn: Callable[[int], dict[str, float]],
              stateful: dict[str, Any], *, can_checkpoint: Callable[[int], bool] = lambda step: True) -> None:
