@@ -161,6 +161,17 @@ def test_meta_teacher_and_curriculum_stages(tmp_path, teacher_dir, data_dir):
     assert all(0.0 <= value <= 1.0 for _, value in curves["reward"])  # binary rewards
 
 
+def test_meta_teacher_bilevel_meta_gradient(tmp_path, teacher_dir, data_dir):
+    run = make_run(tmp_path, teacher_dir, data_dir, "mpdistil", data={"tasks": ["cb"]},
+                   meta_teacher={"bilevel": True, "training": {"max_steps": 2}}, curriculum={"actions": ["cb"]})
+    run.teacher.eval().requires_grad_(False)
+    logged = []
+    run.metrics = type("Sink", (), {"log": lambda self, stage, step, m: logged.append(m)})()
+    run.begin_stage("meta_teacher")
+    stages.meta_teacher_stage(run)
+    assert len(logged) == 2 and all(m["meta_hypergradient_norm"] > 0 for m in logged)
+
+
 def test_reference_compat_curriculum(tmp_path, teacher_dir, data_dir):
     run = make_run(tmp_path, teacher_dir, data_dir, "mpdistil", reference_compat=True,
                    curriculum={"episodes": 2, "steps_per_episode": 2, "reward": "real"})

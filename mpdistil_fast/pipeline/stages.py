@@ -180,6 +180,30 @@ def meta_teacher_stage(run: "Run") -> None:
     meta_teachers = run._build_meta_teachers()
     objective = objective_for(run, "kd")
     student = run.student
+    state = run.state["stage_state"]
+
+    def inner_loss(student_module, meta_teacher_module, batch: Batch) -> torch.Tensor:
+        student_logits = student_module(batch["task"], **model_inputs(batch))
+        return objective(student_logits, batch["labels"],
+                         teacher_logits=meta_teacher_module(batch["teacher_pooled"])).loss
+
+    def quiz_loss(student_module, batch: Batch) -> torch.Tensor:
+        return cross_entropy(student_module(batch["task"], **model_inputs(batch)), batch["labels"])
+
+    def meta_gradient(meta_teacher: nn.Module, task: str, batch: Batch, teacher_pooled: torch.Tensor) -> float:
+        """Add d quiz_loss(student after a pilot step on the meta-teacher's KD loss) / d meta-teacher to its
+        gradient: the meta-teacher learns to teach (``meta_teacher.bilevel``).  Returns the added norm."""
+        from mpdistil_fast.bilevel import hypergradient
+
+        scorer = MetaTeacherScorer(meta_teacher)
+        quiz_batch = next_batch(run, state, "quiz", task, salt=23)
+        grads = hypergradient(LogitsOf(student), scorer, inner_loss, quiz_loss,
+                              {**batch, "task": task, "teacher_pooled": teacher_pooled}, {**quiz_batch, "task": task},
+                              inner_lr=c.meta_teacher.training.lr, method=c.meta_teacher.hypergradient)
+        for name, parameter in scorer.named_parameters():
+            if name in grads:
+                parameter.grad = grads[name] if parameter.grad is None else parameter.grad + grads[name]
+        return float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads.values()])))
 
     def companions(total: int) -> dict:
         return {"meta_trained": run.trainer(meta_teachers, c.meta_teacher.training, total, role="meta_teacher",
@@ -194,6 +218,8 @@ def meta_teacher_stage(run: "Run") -> None:
                 meta_teacher, meta_trained = meta_teachers[task], extra["meta_trained"]
                 meta_out = meta_teacher(t.pooled, out.pooled.detach(), batch["labels"], mode=c.meta_teacher.loss)
                 meta_trained.backward(meta_out.loss)
+                if c.meta_teacher.bilevel:
+                    parts["meta_hypergradient_norm"] = meta_gradient(meta_teacher, task, batch, t.pooled)
                 meta_trained.step()
                 parts["meta_loss"] = meta_out.loss.item()
             result = objective(out.logits, batch["labels"], teacher_logits=meta_teacher_logits(
@@ -211,6 +237,17 @@ def meta_teacher_stage(run: "Run") -> None:
                                                                                    False)).argmax(-1).cpu()
             run.state["results"].setdefault(task, {})["meta_teacher"] = compute_metrics(
                 task, predictions, run.splits[task]["validation"].labels)
+
+
+class MetaTeacherScorer(nn.Module):
+    """A meta-teacher as a module from the teacher's pooled features to logits (what the KD loss reads)."""
+
+    def __init__(self, meta_teacher: nn.Module):
+        super().__init__()
+        self.meta_teacher = meta_teacher
+
+    def forward(self, teacher_pooled: torch.Tensor) -> torch.Tensor:
+        return self.meta_teacher.logits(teacher_pooled)
 
 
 @torch.no_grad()
