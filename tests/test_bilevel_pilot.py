@@ -24,8 +24,8 @@ def state(module) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("method, kind, reuse", [
-    ("finite_difference", "sgd", True), ("finite_difference", "adamw", True), ("finite_difference", "sgd", False),
-    ("exact", "sgd", False), ("forward_mode", "adamw", True),
+    ("finite_difference", "sgd", True), ("finite_difference", "adamw", False), ("exact", "sgd", False),
+    ("forward_mode", "adamw", True),
 ])
 def test_pilot_update_is_algorithm_1(method: str, kind: str, reuse: bool) -> None:
     student, teacher, train, quiz = problem(torch.float64)

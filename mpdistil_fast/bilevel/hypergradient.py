@@ -45,7 +45,7 @@ from torch import nn
 from mpdistil_fast._validation import check_choice, check_positive_finite
 from mpdistil_fast.bilevel.functional import (FunctionalView, RandomStateReplay, RecordedCalls, TensorDict,
                                               call_loss, check_finite_loss, trainable_parameters)
-from mpdistil_fast.bilevel.inner_update import InnerOptimizer, InnerUpdate, make_inner_update
+from mpdistil_fast.bilevel.inner_update import InnerOptimizer, InnerUpdate, make_inner_update, precondition_
 
 METHODS: tuple[str, ...] = ("exact", "finite_difference", "forward_mode", "first_order")
 
@@ -218,14 +218,19 @@ def _first_order_passes(student: nn.Module, teacher: nn.Module, inner_loss: Inne
     reference_wrt = targets if method == "first_order" else []
     grads = torch.autograd.grad(loss, list(theta.values()) + reference_wrt, allow_unused=True,
                                 retain_graph=keep_student_forward)
-    inner_grads = {name: torch.zeros_like(p) if g is None else g
-                   for (name, p), g in zip(theta.items(), grads[:len(theta)])}
-    update = make_inner_update(inner_optimizer, inner_lr, theta, inner_grads)
+    del loss
+    reference_grads = grads[len(theta):]
+    inner_grads = {name: torch.zeros_like(p) if g is None else g for (name, p), g in zip(theta.items(), grads)}
+    del grads
     base = {name: p.detach() for name, p in theta.items()}
+    update = make_inner_update(inner_optimizer, inner_lr, theta, inner_grads)
     experimental = {name: value.requires_grad_(True) for name, value in update.step(base, inner_grads).items()}
+    scale = update.scale
+    del inner_grads, update  # parameter-sized copies are freed as soon as they are used (they dominate the memory)
     quiz = call_loss(outer_loss, "outer_loss", FunctionalView(student, experimental), quiz_batch)
     outer = check_finite_loss("outer_loss", quiz)
-    direction = update.precondition(_grad_dict(quiz, experimental))
+    direction = precondition_(_grad_dict(quiz, experimental), scale)
+    del quiz, experimental, scale
     eps = _finite_difference_step(direction, epsilon)
     if eps == 0.0:  # the quiz loss is flat in theta': nothing to propagate
         zeros = {name: torch.zeros_like(p) for name, p in phi.items()}
@@ -243,7 +248,7 @@ def _first_order_passes(student: nn.Module, teacher: nn.Module, inner_loss: Inne
     if method == "finite_difference":
         terms = [(-0.5 / eps, grads_at(eps)), (0.5 / eps, grads_at(-eps))]
     elif method == "first_order":
-        terms = [(-1.0 / eps, grads_at(eps)), (1.0 / eps, tuple(grads[len(theta):]))]
+        terms = [(-1.0 / eps, grads_at(eps)), (1.0 / eps, reference_grads)]
     else:
         terms = [(-1.0, _directional_derivative_grads(student, inner_loss, train_batch, teacher_calls.replay(),
                                                       base, direction, targets, random_state))]

@@ -9,7 +9,7 @@ weight decay) and Adam/AdamW are all affine in the inner gradient g, per paramet
 lr (1 - beta1) / ((1 - beta1^t) (sqrt(v_hat) + eps)) with v_hat the second moment updated with the gradient at
 theta and then held fixed.  ``offset`` (momentum buffer, Adam's first moment) and ``decay`` do not depend on the
 teacher.  The teacher hypergradient therefore needs only the preconditioned direction w = scale * v
-(:meth:`InnerUpdate.precondition`), and the exact method differentiates :meth:`InnerUpdate.step` itself.
+(:func:`precondition_`), and the exact method differentiates :meth:`InnerUpdate.step` itself.
 """
 from __future__ import annotations
 
@@ -38,9 +38,12 @@ class InnerUpdate:
         return {name: value - (self.scale[name] * grads[name] + self.offset[name] + self.decay[name] * value)
                 for name, value in theta.items()}
 
-    def precondition(self, vector: TensorDict) -> TensorDict:
-        """scale * vector: d(step)/dg applied to ``vector`` (the quiz gradient v)."""
-        return {name: self.scale[name] * value for name, value in vector.items()}
+
+
+def precondition_(vector: TensorDict, scale: dict[str, torch.Tensor | float]) -> TensorDict:
+    """scale * vector, in place: d(step)/dg (:attr:`InnerUpdate.scale`) applied to ``vector`` (the quiz gradient v,
+    no longer needed afterwards)."""
+    return {name: value.mul_(scale[name]) for name, value in vector.items()}
 
 
 def _group_of(optimizer: torch.optim.Optimizer, parameter: torch.Tensor) -> dict:
