@@ -30,7 +30,7 @@ inline RowCoefficients coefficients(bool competitive, bool student_rows) {
   return student_rows ? RowCoefficients{0.0, 1.0} : RowCoefficients{1.0, -1.0};
 }
 
-// The device's fused row passes (all tensors in the accumulation dtype, contiguous).
+// The device's fused row passes and linear layers (all tensors in the accumulation dtype, contiguous).
 struct RowKernels {
   // Rows [0, B) of z [2B, K] are teacher rows, [B, 2B) student rows (labels [B] for both halves).  Writes dL/dz
   // into dz and returns the 0-dim loss; labels outside [0, K) raise (CPU) or give NaN (CUDA).
@@ -38,16 +38,32 @@ struct RowKernels {
                                   at::Tensor& dz) const = 0;
   // act = GELU(pre) (exact, erf).
   virtual void gelu(const at::Tensor& pre, at::Tensor& act) const = 0;
-  // act = GELU(pre), grad_pre = grad_act * GELU'(pre), in one pass.
-  virtual void gelu_backward(const at::Tensor& pre, const at::Tensor& grad_act, at::Tensor& act,
-                             at::Tensor& grad_pre) const = 0;
+  // grad_pre = grad_act * GELU'(pre).
+  virtual void gelu_grad(const at::Tensor& pre, const at::Tensor& grad_act, at::Tensor& grad_pre) const = 0;
+
+  // out = x W^T + b (x [M, H], W [N, H]); ATen's GEMM unless a device has a faster path for the shape.
+  virtual void linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, at::Tensor out) const {
+    at::addmm_out(out, bias, x, weight.t());
+  }
+
+  // Gradients of out = [x_a; x_b] W^T + b (x_b may be undefined) for grad_out [M_a + M_b, N]: W and b always,
+  // and dL/dx_a, dL/dx_b into the given tensors when not null (without concatenating the inputs).
+  virtual void linear_backward(const at::Tensor& grad_out, const at::Tensor& x_a, const at::Tensor& x_b,
+                               const at::Tensor& weight, at::Tensor& grad_weight, at::Tensor& grad_bias,
+                               at::Tensor* grad_x_a, at::Tensor* grad_x_b) const {
+    const int64_t rows_a = x_a.size(0);
+    const at::Tensor grad_a = grad_out.narrow(0, 0, rows_a);
+    grad_weight = at::mm(grad_a.t(), x_a);
+    grad_bias = grad_out.sum(0);
+    if (grad_x_a != nullptr) *grad_x_a = at::mm(grad_a, weight);
+    if (x_b.defined()) {
+      const at::Tensor grad_b = grad_out.narrow(0, rows_a, x_b.size(0));
+      grad_weight.addmm_(grad_b.t(), x_b);
+      if (grad_x_b != nullptr) *grad_x_b = at::mm(grad_b, weight);
+    }
+  }
   virtual ~RowKernels() = default;
 };
-
-// out = x W^T + b through ATen's GEMM.
-inline void linear_out(at::Tensor out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
-  at::addmm_out(out, bias, x, weight.t());
-}
 
 inline at::Tensor to_acc(const at::Tensor& t, at::ScalarType acc) { return t.to(acc).contiguous(); }
 
@@ -72,21 +88,20 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at
   if (proj_weight.has_value()) {
     projected = at::empty({B, H}, opts);
     const at::Tensor bias = proj_bias.has_value() ? to_acc(*proj_bias, acc) : at::zeros({H}, opts);
-    linear_out(projected, h_s, to_acc(*proj_weight, acc), bias);
+    kernels.linear(h_s, to_acc(*proj_weight, acc), bias, projected);
     h_s = projected;
   }
   at::Tensor z = at::empty({2 * B, K}, opts), hidden_pre = at::empty({0}, opts);
   if (mlp) {
-    const int64_t hidden = w1.size(0);
-    hidden_pre = at::empty({2 * B, hidden}, opts);
-    linear_out(hidden_pre.narrow(0, 0, B), h_t, w1_acc, b1_acc);
-    linear_out(hidden_pre.narrow(0, B, B), h_s, w1_acc, b1_acc);
+    hidden_pre = at::empty({2 * B, w1.size(0)}, opts);
+    kernels.linear(h_t, w1_acc, b1_acc, hidden_pre.narrow(0, 0, B));
+    kernels.linear(h_s, w1_acc, b1_acc, hidden_pre.narrow(0, B, B));
     at::Tensor activation = at::empty_like(hidden_pre);
     kernels.gelu(hidden_pre, activation);
-    linear_out(z, activation, to_acc(*w2, acc), to_acc(*b2, acc));
+    kernels.linear(activation, to_acc(*w2, acc), to_acc(*b2, acc), z);
   } else {
-    linear_out(z.narrow(0, 0, B), h_t, w1_acc, b1_acc);
-    linear_out(z.narrow(0, B, B), h_s, w1_acc, b1_acc);
+    kernels.linear(h_t, w1_acc, b1_acc, z.narrow(0, 0, B));
+    kernels.linear(h_s, w1_acc, b1_acc, z.narrow(0, B, B));
   }
   at::Tensor dlogits = at::empty_like(z);
   const at::Tensor loss = kernels.softmax_loss(z, labels, competitive, dlogits);
@@ -106,39 +121,39 @@ inline std::vector<at::Tensor> backward(
   const int64_t B = h_teacher.size(0);
   const at::TensorOptions opts = h_teacher.options().dtype(acc);
   const at::Tensor h_t = to_acc(h_teacher, acc), h_student_acc = to_acc(h_student, acc);
-  const at::Tensor h_s = proj_weight.has_value() ? projected : h_student_acc;
-  const at::Tensor w1_acc = to_acc(w1, acc);
+  const bool has_proj = proj_weight.has_value();
+  const at::Tensor h_s = has_proj ? projected : h_student_acc;
   const at::Tensor dz = dlogits * grad_loss.to(acc);
-  const auto split_weight_grad = [&](const at::Tensor& grad_rows, const at::Tensor& input_t, const at::Tensor& input_s) {
-    // d W = grad_rows^T [input_t; input_s] without concatenating the inputs.
-    return at::mm(grad_rows.narrow(0, 0, B).t(), input_t).addmm_(grad_rows.narrow(0, B, B).t(), input_s);
-  };
-  at::Tensor grad_w2 = at::empty({0}, opts), grad_b2 = at::empty({0}, opts), grad_rows = dz, weight_rows = w1_acc;
-  if (w2.has_value()) {
-    const at::Tensor w2_acc = to_acc(*w2, acc);
-    at::Tensor activation = at::empty_like(hidden_pre), grad_pre = at::empty_like(hidden_pre);
-    const at::Tensor grad_activation = at::mm(dz, w2_acc);
-    kernels.gelu_backward(hidden_pre, grad_activation, activation, grad_pre);
-    grad_w2 = at::mm(dz.t(), activation).to(w2->scalar_type());
-    grad_b2 = dz.sum(0).to(w2->scalar_type());
+  at::Tensor grad_w2 = at::empty({0}, opts), grad_b2 = at::empty({0}, opts), grad_rows = dz;
+  if (w2.has_value()) {  // second layer, then GELU'
+    at::Tensor activation = at::empty_like(hidden_pre);
+    kernels.gelu(hidden_pre, activation);
+    at::Tensor grad_act_t, grad_act_s, grad_pre = at::empty_like(hidden_pre);
+    kernels.linear_backward(dz, activation.narrow(0, 0, B), activation.narrow(0, B, B), to_acc(*w2, acc), grad_w2,
+                            grad_b2, &grad_act_t, &grad_act_s);
+    kernels.gelu_grad(hidden_pre, at::cat({grad_act_t, grad_act_s}), grad_pre);
+    grad_w2 = grad_w2.to(w2->scalar_type());
+    grad_b2 = grad_b2.to(w2->scalar_type());
     grad_rows = grad_pre;
   }
-  const at::Tensor grad_w1 = split_weight_grad(grad_rows, h_t, h_s).to(w1.scalar_type());
-  const at::Tensor grad_b1 = grad_rows.sum(0).to(w1.scalar_type());
-  at::Tensor grad_h_teacher = at::empty({0}, opts), grad_h_student = at::empty({0}, opts);
-  at::Tensor grad_proj_weight = at::empty({0}, opts), grad_proj_bias = at::empty({0}, opts);
-  if (need_h_teacher) grad_h_teacher = at::mm(grad_rows.narrow(0, 0, B), weight_rows).to(h_teacher.scalar_type());
-  if (proj_weight.has_value() || need_h_student) {
-    const at::Tensor grad_h_s = at::mm(grad_rows.narrow(0, B, B), weight_rows);
-    if (proj_weight.has_value()) {
-      grad_proj_weight = at::mm(grad_h_s.t(), h_student_acc).to(proj_weight->scalar_type());
-      if (proj_bias.has_value()) grad_proj_bias = grad_h_s.sum(0).to(proj_bias->scalar_type());
-      if (need_h_student) grad_h_student = at::mm(grad_h_s, to_acc(*proj_weight, acc)).to(h_student.scalar_type());
-    } else {
-      grad_h_student = grad_h_s.to(h_student.scalar_type());
-    }
+  at::Tensor grad_w1, grad_b1, grad_h_t, grad_h_s;
+  kernels.linear_backward(grad_rows, h_t, h_s, to_acc(w1, acc), grad_w1, grad_b1, need_h_teacher ? &grad_h_t : nullptr,
+                          has_proj || need_h_student ? &grad_h_s : nullptr);
+  at::Tensor grad_h_teacher = need_h_teacher ? grad_h_t.to(h_teacher.scalar_type()) : at::empty({0}, opts);
+  at::Tensor grad_h_student = at::empty({0}, opts), grad_proj_weight = at::empty({0}, opts),
+             grad_proj_bias = at::empty({0}, opts);
+  if (has_proj) {  // h_S' = h_S P^T + c
+    at::Tensor grad_x;
+    kernels.linear_backward(grad_h_s, h_student_acc, at::Tensor(), to_acc(*proj_weight, acc), grad_proj_weight,
+                            grad_proj_bias, need_h_student ? &grad_x : nullptr, nullptr);
+    grad_proj_weight = grad_proj_weight.to(proj_weight->scalar_type());
+    grad_proj_bias = proj_bias.has_value() ? grad_proj_bias.to(proj_bias->scalar_type()) : at::empty({0}, opts);
+    if (need_h_student) grad_h_student = grad_x.to(h_student.scalar_type());
+  } else if (need_h_student) {
+    grad_h_student = grad_h_s.to(h_student.scalar_type());
   }
-  return {grad_h_teacher, grad_h_student, grad_proj_weight, grad_proj_bias, grad_w1, grad_b1, grad_w2, grad_b2};
+  return {grad_h_teacher, grad_h_student, grad_proj_weight, grad_proj_bias, grad_w1.to(w1.scalar_type()),
+          grad_b1.to(w1.scalar_type()), grad_w2, grad_b2};
 }
 
 }  // namespace mpdistil::meta_teacher

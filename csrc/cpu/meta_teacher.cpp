@@ -13,7 +13,9 @@
 
 namespace {
 
+using mpdistil::cpu::lane_sum;
 using mpdistil::cpu::row_grain;
+using mpdistil::cpu::Vec;
 using mpdistil::meta_teacher::RowCoefficients;
 
 // Loss of rows [0, rows) of z ([rows, K]) under coefficients c, divided by `batch`; writes dL/dz into dz.
@@ -60,16 +62,45 @@ void gelu_forward(const acc_t* a, int64_t n, acc_t* out) {
   });
 }
 
-// g = GELU(a) and grad_a = grad_g * GELU'(a) in one pass; GELU'(a) = Phi(a) + a phi(a).
+// grad_a = grad_g * GELU'(a), GELU'(a) = Phi(a) + a phi(a).
 template <typename acc_t>
-void gelu_backward(const acc_t* a, const acc_t* grad_g, int64_t n, acc_t* g, acc_t* grad_a) {
+void gelu_grad_rows(const acc_t* a, const acc_t* grad_g, int64_t n, acc_t* grad_a) {
   const acc_t inv_sqrt_2pi = acc_t(0.3989422804014327);
   at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const acc_t x = a[i];
       const acc_t cdf = acc_t(0.5) * (acc_t(1) + std::erf(x * acc_t(M_SQRT1_2)));
-      g[i] = x * cdf;
       grad_a[i] = grad_g[i] * (cdf + x * inv_sqrt_2pi * std::exp(acc_t(-0.5) * x * x));
+    }
+  });
+}
+
+// A linear layer with at most kSkinnyOutputs outputs (the discriminator head: K labels) is memory-bound: one
+// vectorised pass per input row beats a GEMM call, which handles such thin shapes poorly.  (Its backward stays
+// on the GEMMs: a one-pass fused version measured slower here.)
+constexpr int64_t kSkinnyOutputs = 16;
+
+// out[i, k] = b[k] + x_i . W_k (the row stays in L1 across the N dot products; two accumulators per dot).
+template <typename acc_t>
+void skinny_linear(const acc_t* x, const acc_t* w, const acc_t* b, int64_t rows, int64_t H, int64_t N, acc_t* out) {
+  using V = Vec<acc_t>;
+  constexpr int64_t width = V::size();
+  at::parallel_for(0, rows, row_grain(H), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const acc_t* xi = x + i * H;
+      for (int64_t k = 0; k < N; ++k) {
+        const acc_t* wk = w + k * H;
+        V even(acc_t(0)), odd(acc_t(0));
+        int64_t h = 0;
+        for (; h + 2 * width <= H; h += 2 * width) {
+          even = at::vec::fmadd(V::loadu(xi + h), V::loadu(wk + h), even);
+          odd = at::vec::fmadd(V::loadu(xi + h + width), V::loadu(wk + h + width), odd);
+        }
+        for (; h + width <= H; h += width) even = at::vec::fmadd(V::loadu(xi + h), V::loadu(wk + h), even);
+        acc_t sum = lane_sum(even + odd);
+        for (; h < H; ++h) sum += xi[h] * wk[h];
+        out[i * N + k] = sum + b[k];
+      }
     }
   });
 }
@@ -102,11 +133,18 @@ struct CpuRowKernels final : mpdistil::meta_teacher::RowKernels {
     });
   }
 
-  void gelu_backward(const at::Tensor& pre, const at::Tensor& grad_act, at::Tensor& act,
-                     at::Tensor& grad_pre) const override {
-    AT_DISPATCH_FLOATING_TYPES(pre.scalar_type(), "meta_teacher_gelu_bwd", [&] {
-      ::gelu_backward<scalar_t>(pre.data_ptr<scalar_t>(), grad_act.data_ptr<scalar_t>(), pre.numel(),
-                                act.data_ptr<scalar_t>(), grad_pre.data_ptr<scalar_t>());
+  void gelu_grad(const at::Tensor& pre, const at::Tensor& grad_act, at::Tensor& grad_pre) const override {
+    AT_DISPATCH_FLOATING_TYPES(pre.scalar_type(), "meta_teacher_gelu_grad", [&] {
+      gelu_grad_rows<scalar_t>(pre.data_ptr<scalar_t>(), grad_act.data_ptr<scalar_t>(), pre.numel(),
+                               grad_pre.data_ptr<scalar_t>());
+    });
+  }
+
+  void linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, at::Tensor out) const override {
+    if (weight.size(0) > kSkinnyOutputs) return RowKernels::linear(x, weight, bias, out);
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "meta_teacher_linear", [&] {
+      skinny_linear<scalar_t>(x.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), bias.data_ptr<scalar_t>(),
+                              x.size(0), x.size(1), weight.size(0), out.data_ptr<scalar_t>());
     });
   }
 };

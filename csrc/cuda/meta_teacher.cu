@@ -50,12 +50,10 @@ __global__ void gelu_forward_kernel(const acc_t* pre, acc_t* act, int64_t n) {
 }
 
 template <typename acc_t>
-__global__ void gelu_backward_kernel(const acc_t* pre, const acc_t* grad_act, acc_t* act, acc_t* grad_pre,
-                                     int64_t n) {
+__global__ void gelu_grad_kernel(const acc_t* pre, const acc_t* grad_act, acc_t* grad_pre, int64_t n) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const acc_t x = pre[i], cdf = normal_cdf(x);
-    act[i] = x * cdf;
     grad_pre[i] = grad_act[i] * (cdf + x * acc_t(0.39894228040143268) * exp(acc_t(-0.5) * x * x));
   }
 }
@@ -95,17 +93,15 @@ void launch_gelu_forward(const void* pre, void* act, int64_t n, bool is_double, 
   }
 }
 
-void launch_gelu_backward(const void* pre, const void* grad_act, void* act, void* grad_pre, int64_t n,
-                          bool is_double, cudaStream_t stream) {
+void launch_gelu_grad(const void* pre, const void* grad_act, void* grad_pre, int64_t n, bool is_double,
+                      cudaStream_t stream) {
   if (n == 0) return;
   if (is_double) {
-    gelu_backward_kernel<double><<<blocks_for(n), kThreads, 0, stream>>>(
-        static_cast<const double*>(pre), static_cast<const double*>(grad_act), static_cast<double*>(act),
-        static_cast<double*>(grad_pre), n);
+    gelu_grad_kernel<double><<<blocks_for(n), kThreads, 0, stream>>>(
+        static_cast<const double*>(pre), static_cast<const double*>(grad_act), static_cast<double*>(grad_pre), n);
   } else {
-    gelu_backward_kernel<float><<<blocks_for(n), kThreads, 0, stream>>>(
-        static_cast<const float*>(pre), static_cast<const float*>(grad_act), static_cast<float*>(act),
-        static_cast<float*>(grad_pre), n);
+    gelu_grad_kernel<float><<<blocks_for(n), kThreads, 0, stream>>>(
+        static_cast<const float*>(pre), static_cast<const float*>(grad_act), static_cast<float*>(grad_pre), n);
   }
 }
 

@@ -18,8 +18,8 @@ void launch_meta_teacher_softmax(const void* z, const int64_t* labels, int64_t b
 // act = GELU(pre) (exact, erf), n elements.
 void launch_gelu_forward(const void* pre, void* act, int64_t n, bool is_double, cudaStream_t stream);
 
-// act = GELU(pre) and grad_pre = grad_act * GELU'(pre), n elements.
-void launch_gelu_backward(const void* pre, const void* grad_act, void* act, void* grad_pre, int64_t n,
-                          bool is_double, cudaStream_t stream);
+// grad_pre = grad_act * GELU'(pre), n elements.
+void launch_gelu_grad(const void* pre, const void* grad_act, void* grad_pre, int64_t n, bool is_double,
+                      cudaStream_t stream);
 
 }  // namespace mpdistil::cuda

@@ -30,11 +30,9 @@ struct CudaRowKernels final : mt::RowKernels {
                                         c10::cuda::getCurrentCUDAStream());
   }
 
-  void gelu_backward(const at::Tensor& pre, const at::Tensor& grad_act, at::Tensor& act,
-                     at::Tensor& grad_pre) const override {
-    mpdistil::cuda::launch_gelu_backward(pre.data_ptr(), grad_act.data_ptr(), act.data_ptr(), grad_pre.data_ptr(),
-                                         pre.numel(), pre.scalar_type() == at::kDouble,
-                                         c10::cuda::getCurrentCUDAStream());
+  void gelu_grad(const at::Tensor& pre, const at::Tensor& grad_act, at::Tensor& grad_pre) const override {
+    mpdistil::cuda::launch_gelu_grad(pre.data_ptr(), grad_act.data_ptr(), grad_pre.data_ptr(), pre.numel(),
+                                     pre.scalar_type() == at::kDouble, c10::cuda::getCurrentCUDAStream());
   }
 };
 

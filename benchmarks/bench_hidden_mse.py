@@ -1,0 +1,103 @@
+"""Hidden-state MSE benchmark: fused op (cpp on CPU; triton and cuda on a GPU) against eager torch and
+torch.compile of the same formula, on a [6, 32, 128, 768] teacher stack, with and without projection and mask.
+
+The baseline is the loss as one writes it in torch: ``((s @ W.T + b - t)^2 * mask).sum() / (valid * H * L)``.
+The mask keeps a random length between S/4 and S per sequence (about 60% of the tokens, like padded GLUE batches).
+Modes: ``forward`` (loss only) and ``full`` (loss + gradients of the student states and projection).  Rows go to
+``benchmarks/results/hidden_mse.csv`` and ``hidden_mse.png``; for the no-projection forward the table also gives
+the achieved GB/s of the minimum traffic (reading both stacks once).
+
+    OMP_NUM_THREADS=2 python benchmarks/bench_hidden_mse.py [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import harness  # noqa: E402
+import mpdistil_fast  # noqa: E402
+from mpdistil_fast.backends import available_backends  # noqa: E402
+
+NAME = "hidden_mse"
+
+
+def eager_hidden_mse(student, teacher, weight, bias, mask):
+    """The hint loss as written in plain torch (the eager / torch.compile baseline)."""
+    projected = student if weight is None else torch.nn.functional.linear(student, weight, bias)
+    squared = (projected - teacher).square()
+    if mask is None:
+        return squared.mean()
+    squared = squared * mask[None, :, :, None]
+    return squared.sum() / (mask.sum() * teacher.shape[-1] * teacher.shape[0])
+
+
+def padding_mask(batch: int, seq: int, device: torch.device) -> torch.Tensor:
+    lengths = torch.randint(seq // 4, seq + 1, (batch,), device=device)
+    return torch.arange(seq, device=device)[None, :] < lengths[:, None]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small shapes, few repetitions (smoke test)")
+    parser.add_argument("--reps", type=int, default=10)
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    layers, batch, seq, width = (2, 4, 32, 128) if args.quick else (6, 32, 128, 768)
+    fused = [name for name in ("cpp", "triton", "cuda") if available_backends("hidden_mse", device)[name].available]
+    compiled_eager = torch.compile(eager_hidden_mse)
+    rows = []
+    for projection in (False, True):
+        for masked in (False, True):
+            student_width = width // 2 if projection else width
+            student = torch.randn(layers, batch, seq, student_width, device=device, requires_grad=True)
+            teacher = torch.randn(layers, batch, seq, width, device=device)
+            weight = (torch.randn(width, student_width, device=device) / student_width ** 0.5).requires_grad_() \
+                if projection else None
+            bias = torch.randn(width, device=device, requires_grad=True) if projection else None
+            mask = padding_mask(batch, seq, device) if masked else None
+            leaves = [t for t in (student, weight, bias) if t is not None]
+            label = f"{'proj ' if projection else ''}{'mask' if masked else 'no mask'}"
+
+            def fused_loss(backend):
+                return lambda: mpdistil_fast.hidden_mse(student, teacher, mask=mask,
+                                                        projection=None if weight is None else (weight, bias),
+                                                        backend=backend)
+
+            losses = {"eager": lambda: eager_hidden_mse(student, teacher, weight, bias, mask),
+                      "torch.compile": lambda: compiled_eager(student, teacher, weight, bias, mask),
+                      **{name: fused_loss(name) for name in fused}}
+            reference = losses["eager"]().item()
+            for name, fn in losses.items():  # every provider computes the same loss
+                assert abs(fn().item() - reference) <= 1e-4 * abs(reference), (name, label)
+            for mode in ("forward", "full"):
+                providers = {name: (fn if mode == "forward" else
+                                    (lambda fn=fn: torch.autograd.grad(fn(), leaves)))
+                             for name, fn in losses.items()}
+                with torch.no_grad() if mode == "forward" else torch.enable_grad():
+                    times = harness.interleaved_timings(providers, device=device, warmup=2, reps=args.reps)
+                for name, samples in times.items():
+                    extra = ""
+                    if mode == "forward" and not projection:
+                        gbytes = (student.numel() + teacher.numel()) * 4 / 1e9
+                        extra = f"{gbytes / (harness.quantiles(samples)[0] / 1e3):.1f} GB/s"
+                    rows.append(harness.make_row(NAME, name, mode, "speed", label, samples, "ms", device, extra))
+    path = harness.write_csv(rows, NAME)
+    harness.bar_plot([r for r in rows if r["mode"] == "full"], NAME,
+                     f"hidden MSE [{layers},{batch},{seq},{width}] forward+backward")
+    harness.print_table(rows, ("provider", "mode", "x", "p50", "p20", "p80", "unit", "extra"))
+    for mode in ("forward", "full"):
+        for label in dict.fromkeys(r["x"] for r in rows):
+            by = {r["provider"]: r["p50"] for r in rows if r["mode"] == mode and r["x"] == label}
+            best = min((by[n] for n in fused), default=float("nan"))
+            print(f"{mode:8s} {label:14s} speed-up of fused over torch.compile: {by['torch.compile'] / best:.2f}x, "
+                  f"over eager: {by['eager'] / best:.2f}x")
+    print(f"{harness.device_name(device)}; {harness.threads_note()}; wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

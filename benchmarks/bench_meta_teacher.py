@@ -1,0 +1,99 @@
+"""Meta-teacher (MPDistil discriminator) benchmark: the fused loss (cpp on CPU; triton and cuda on a GPU) against
+eager torch and torch.compile of the same formula, for batches of 32 and 256 pooled states of width 768 and 1536.
+
+The baseline is the competitive loss as one writes it in torch (two ``F.linear``, ``F.cross_entropy``, softmax
+gather).  The fused provider is the public ``mpdistil_fast.meta_teacher_loss`` (argument checks included).
+Modes: ``forward`` and ``full`` (loss + gradients of the discriminator parameters and of h_student).  D is the
+linear discriminator over K = 3 labels; ``+mlp1024`` rows use Linear(H, 1024) -> GELU -> Linear(1024, 3).
+Rows go to ``benchmarks/results/meta_teacher.csv`` and ``meta_teacher.png``.
+
+    OMP_NUM_THREADS=2 python benchmarks/bench_meta_teacher.py [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import harness  # noqa: E402
+import mpdistil_fast  # noqa: E402
+from mpdistil_fast.backends import available_backends  # noqa: E402
+
+NAME = "meta_teacher"
+CLASSES = 3
+
+
+def eager_meta_teacher(h_teacher, h_student, w1, b1, w2, b2, labels):
+    """The competitive meta-teacher loss written in plain torch (the eager / torch.compile baseline)."""
+    def discriminator(h):
+        out = F.linear(h, w1, b1)
+        return out if w2 is None else F.linear(F.gelu(out), w2, b2)
+
+    z_t, z_s = discriminator(h_teacher), discriminator(h_student)
+    gold = lambda z: z.softmax(-1).gather(1, labels[:, None]).mean()  # noqa: E731
+    return F.cross_entropy(z_t, labels) - gold(z_t) + gold(z_s)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="two small configurations, few repetitions")
+    parser.add_argument("--reps", type=int, default=50)
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    fused = [n for n in ("cpp", "triton", "cuda") if available_backends("meta_teacher_loss", device)[n].available]
+    configs = [(32, 768, None), (256, 768, None), (32, 1536, None), (256, 1536, None), (256, 768, 1024)]
+    if args.quick:
+        configs = configs[:2]
+    compiled_eager = torch.compile(eager_meta_teacher)
+    rows = []
+    for batch, width, hidden in configs:
+        h_t = torch.randn(batch, width, device=device)
+        h_s = torch.randn(batch, width, device=device, requires_grad=True)
+        labels = torch.randint(0, CLASSES, (batch,), device=device)
+        first = hidden or CLASSES
+        w1 = (torch.randn(first, width, device=device) / width ** 0.5).requires_grad_()
+        b1 = torch.zeros(first, device=device, requires_grad=True)
+        w2 = (torch.randn(CLASSES, hidden, device=device) / hidden ** 0.5).requires_grad_() if hidden else None
+        b2 = torch.zeros(CLASSES, device=device, requires_grad=True) if hidden else None
+        leaves = [t for t in (h_s, w1, b1, w2, b2) if t is not None]
+        weight, bias = (w1, b1) if hidden is None else ((w1, w2), (b1, b2))
+        label = f"B={batch} H={width}{' +mlp1024' if hidden else ''}"
+
+        def fused_loss(backend):
+            return lambda: mpdistil_fast.meta_teacher_loss(h_t, h_s, weight, bias, labels, mode="competitive",
+                                                           hidden=hidden, backend=backend)
+
+        losses = {"eager": lambda: eager_meta_teacher(h_t, h_s, w1, b1, w2, b2, labels),
+                  "torch.compile": lambda: compiled_eager(h_t, h_s, w1, b1, w2, b2, labels),
+                  **{name: fused_loss(name) for name in fused}}
+        reference = losses["eager"]().item()
+        for name, fn in losses.items():  # every provider computes the same loss
+            assert abs(fn().item() - reference) <= 1e-4 * max(1.0, abs(reference)), (name, label)
+        for mode in ("forward", "full"):
+            providers = {name: (fn if mode == "forward" else (lambda fn=fn: torch.autograd.grad(fn(), leaves)))
+                         for name, fn in losses.items()}
+            with torch.no_grad() if mode == "forward" else torch.enable_grad():
+                times = harness.interleaved_timings(providers, device=device, warmup=5, reps=args.reps,
+                                                    min_time_s=0.5)
+            for name, samples in times.items():
+                rows.append(harness.make_row(NAME, name, mode, "speed", label, [t * 1e3 for t in samples], "us",
+                                             device))
+    path = harness.write_csv(rows, NAME)
+    harness.bar_plot([r for r in rows if r["mode"] == "full"], NAME, "meta-teacher loss forward+backward")
+    harness.print_table(rows, ("provider", "mode", "x", "p50", "p20", "p80", "unit"))
+    for mode in ("forward", "full"):
+        for label in dict.fromkeys(r["x"] for r in rows):
+            by = {r["provider"]: r["p50"] for r in rows if r["mode"] == mode and r["x"] == label}
+            best = min((by[n] for n in fused), default=float("nan"))
+            print(f"{mode:8s} {label:22s} speed-up of fused over torch.compile: {by['torch.compile'] / best:.2f}x, "
+                  f"over eager: {by['eager'] / best:.2f}x")
+    print(f"{harness.device_name(device)}; {harness.threads_note()}; wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
