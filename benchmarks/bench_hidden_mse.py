@@ -90,12 +90,7 @@ def main() -> None:
     harness.bar_plot([r for r in rows if r["mode"] == "full"], NAME,
                      f"hidden MSE [{layers},{batch},{seq},{width}] forward+backward")
     harness.print_table(rows, ("provider", "mode", "x", "p50", "p20", "p80", "unit", "extra"))
-    for mode in ("forward", "full"):
-        for label in dict.fromkeys(r["x"] for r in rows):
-            by = {r["provider"]: r["p50"] for r in rows if r["mode"] == mode and r["x"] == label}
-            best = min((by[n] for n in fused), default=float("nan"))
-            print(f"{mode:8s} {label:14s} speed-up of fused over torch.compile: {by['torch.compile'] / best:.2f}x, "
-                  f"over eager: {by['eager'] / best:.2f}x")
+    harness.print_speedups(rows, fused)
     print(f"{harness.device_name(device)}; {harness.threads_note()}; wrote {path}")
 
 

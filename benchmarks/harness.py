@@ -132,3 +132,14 @@ def bar_plot(rows: Sequence[Mapping[str, object]], name: str, title: str, metric
 
 def threads_note() -> str:
     return f"torch threads={torch.get_num_threads()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"
+
+
+def print_speedups(rows: Sequence[Mapping[str, object]], fused: Sequence[str],
+                   baselines: Sequence[str] = ("torch.compile", "eager")) -> None:
+    """Per mode and x: median of each baseline provider / median of the fastest of the ``fused`` providers."""
+    for mode in dict.fromkeys(str(r["mode"]) for r in rows):
+        for x in dict.fromkeys(str(r["x"]) for r in rows if r["mode"] == mode):
+            p50 = {r["provider"]: float(r["p50"]) for r in rows if r["mode"] == mode and r["x"] == x}
+            best = min((p50[name] for name in fused if name in p50), default=float("nan"))
+            ratios = ", ".join(f"over {b}: {p50[b] / best:.2f}x" for b in baselines if b in p50)
+            print(f"{mode:8s} {x:24s} fused speed-up {ratios}")

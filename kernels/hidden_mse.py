@@ -29,6 +29,17 @@ def _normalized(x, eps: tl.constexpr):
 
 
 @triton.jit
+def _pair_rows(y_ptr, y_layer_stride, t_ptr, t_layer_stride, y_layers_ptr, t_layers_ptr, p, n, H, cols, in_row,
+               ACC: tl.constexpr):
+    """Row n of pair p: (y, t) in ACC and their offsets, read in place through the layer indices."""
+    y_offsets = tl.load(y_layers_ptr + p).to(tl.int64) * y_layer_stride + n * H + cols
+    t_offsets = tl.load(t_layers_ptr + p).to(tl.int64) * t_layer_stride + n * H + cols
+    y = tl.load(y_ptr + y_offsets, mask=in_row, other=0.0).to(ACC)
+    t = tl.load(t_ptr + t_offsets, mask=in_row, other=0.0).to(ACC)
+    return y, t, y_offsets, t_offsets
+
+
+@triton.jit
 def hidden_mse_fwd_kernel(y_ptr, y_layer_stride, t_ptr, t_layer_stride, y_layers_ptr, t_layers_ptr, mask_ptr,
                           row_sse_ptr, P, N, H, HAS_MASK: tl.constexpr, NORMALIZE: tl.constexpr,
                           ACC: tl.constexpr, BLOCK_H: tl.constexpr, EPS: tl.constexpr):
@@ -39,10 +50,8 @@ def hidden_mse_fwd_kernel(y_ptr, y_layer_stride, t_ptr, t_layer_stride, y_layers
     if HAS_MASK:
         valid = tl.load(mask_ptr + n) != 0
     for p in range(P):
-        y_layer = tl.load(y_layers_ptr + p).to(tl.int64)
-        t_layer = tl.load(t_layers_ptr + p).to(tl.int64)
-        y = tl.load(y_ptr + y_layer * y_layer_stride + n * H + cols, mask=in_row, other=0.0).to(ACC)
-        t = tl.load(t_ptr + t_layer * t_layer_stride + n * H + cols, mask=in_row, other=0.0).to(ACC)
+        y, t, _y_offsets, _t_offsets = _pair_rows(y_ptr, y_layer_stride, t_ptr, t_layer_stride, y_layers_ptr,
+                                                  t_layers_ptr, p, n, H, cols, in_row, ACC)
         if NORMALIZE:
             y, _inv_y, _clamped_y = _normalized(y, EPS)
             t, _inv_t, _clamped_t = _normalized(t, EPS)
@@ -62,12 +71,8 @@ def hidden_mse_bwd_kernel(y_ptr, y_layer_stride, t_ptr, t_layer_stride, y_layers
     if HAS_MASK:
         valid = tl.load(mask_ptr + n) != 0
     for p in range(P):
-        y_layer = tl.load(y_layers_ptr + p).to(tl.int64)
-        t_layer = tl.load(t_layers_ptr + p).to(tl.int64)
-        y_offsets = y_layer * y_layer_stride + n * H + cols
-        t_offsets = t_layer * t_layer_stride + n * H + cols
-        y = tl.load(y_ptr + y_offsets, mask=in_row, other=0.0).to(ACC)
-        t = tl.load(t_ptr + t_offsets, mask=in_row, other=0.0).to(ACC)
+        y, t, y_offsets, t_offsets = _pair_rows(y_ptr, y_layer_stride, t_ptr, t_layer_stride, y_layers_ptr,
+                                                t_layers_ptr, p, n, H, cols, in_row, ACC)
         two_s = 2.0 * tl.load(scale_ptr + p).to(ACC)
         if NORMALIZE:
             # d/dy of ||u - v||^2 with u = y / n_y: (g_u - u (u . g_u) [not clamped]) / n_y, g_u = 2 s (u - v).

@@ -1,6 +1,8 @@
 """Helpers shared by the fused-op layers (custom-op registration, dtypes, backend choice under torch.compile)."""
 from __future__ import annotations
 
+import importlib
+from types import ModuleType
 from typing import Callable, NoReturn
 
 import torch
@@ -26,3 +28,13 @@ def no_double_backward(op: str) -> Callable[..., NoReturn]:
                            "(mpdistil_fast.bilevel's 'finite_difference' method)")
 
     return backward
+
+
+def fused_kernels(backend: str, triton_module: str) -> ModuleType | object:
+    """Where a fused backend's ``<op>_fwd`` / ``<op>_bwd`` live: ``torch.ops.mpdistil_C`` for cpp and cuda (the
+    dispatcher picks the CPU or CUDA kernel by device) or the Triton module ``mpdistil_fast.kernels.<name>``."""
+    if backend in ("cpp", "cuda"):
+        return torch.ops.mpdistil_C
+    if backend == "triton":
+        return importlib.import_module(f"mpdistil_fast.kernels.{triton_module}")
+    raise ValueError(f"backend must be 'cpp', 'cuda' or 'triton' for a fused op, got {backend!r}")

@@ -11,15 +11,13 @@ inputs and float32 otherwise.
 """
 from __future__ import annotations
 
-import importlib
-from types import ModuleType
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mpdistil_fast.ops.common import accumulation_dtype, no_double_backward
+from mpdistil_fast.ops.common import accumulation_dtype, fused_kernels, no_double_backward
 
 #: Clamp of the L2 norm when normalising (the default of torch.nn.functional.normalize).
 NORM_EPS = 1e-12
@@ -44,22 +42,13 @@ def hidden_mse_torch(student: Tensor, teacher: Tensor, student_layers: Tensor, t
     return squared.sum(dim=(1, 2))
 
 
-def _kernels(backend: str) -> ModuleType | object:
-    """The namespace holding ``hidden_mse_fwd`` / ``hidden_mse_bwd`` for a fused backend."""
-    if backend in ("cpp", "cuda"):
-        return torch.ops.mpdistil_C  # the dispatcher picks the CPU or CUDA kernel by device
-    if backend == "triton":
-        return importlib.import_module("mpdistil_fast.kernels.hidden_mse")
-    raise ValueError(f"backend must be 'cpp', 'cuda' or 'triton' for the fused op, got {backend!r}")
-
-
 @torch.library.custom_op("mpdistil::hidden_mse_fwd", mutates_args=())
 def hidden_mse_fwd(student: Tensor, teacher: Tensor, student_layers: Tensor, teacher_layers: Tensor,
                    mask: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor], normalize: bool,
                    backend: str) -> tuple[Tensor, Tensor]:
     """Fused forward: ``(sse [P], projected rows [P, N, H_t] saved for backward, or an empty tensor)``."""
-    return _kernels(backend).hidden_mse_fwd(student, teacher, student_layers, teacher_layers, mask, weight, bias,
-                                            normalize)
+    kernels = fused_kernels(backend, "hidden_mse")
+    return kernels.hidden_mse_fwd(student, teacher, student_layers, teacher_layers, mask, weight, bias, normalize)
 
 
 @hidden_mse_fwd.register_fake
@@ -75,8 +64,9 @@ def hidden_mse_bwd(grad_sse: Tensor, student: Tensor, teacher: Tensor, student_l
                    mask: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor], projected: Tensor,
                    normalize: bool, need_teacher_grad: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Fused backward: gradients for (student, teacher, weight, bias); empty tensors for those not wanted."""
-    return _kernels(backend).hidden_mse_bwd(grad_sse, student, teacher, student_layers, teacher_layers, mask, weight,
-                                            bias, projected, normalize, need_teacher_grad)
+    kernels = fused_kernels(backend, "hidden_mse")
+    return kernels.hidden_mse_bwd(grad_sse, student, teacher, student_layers, teacher_layers, mask, weight, bias,
+                                  projected, normalize, need_teacher_grad)
 
 
 @hidden_mse_bwd.register_fake

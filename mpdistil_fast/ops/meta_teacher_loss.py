@@ -12,15 +12,13 @@ The op returns the loss (float64 for float64 inputs, else float32) and both logi
 """
 from __future__ import annotations
 
-import importlib
-from types import ModuleType
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mpdistil_fast.ops.common import accumulation_dtype, no_double_backward
+from mpdistil_fast.ops.common import accumulation_dtype, fused_kernels, no_double_backward
 
 
 def discriminator_logits(h: Tensor, w1: Tensor, b1: Tensor, w2: Optional[Tensor], b2: Optional[Tensor]) -> Tensor:
@@ -50,22 +48,15 @@ def meta_teacher_loss_torch(h_teacher: Tensor, h_student: Tensor, proj_weight: O
     return loss, z_t.to(h_teacher.dtype), z_s.to(h_teacher.dtype)
 
 
-def _kernels(backend: str) -> ModuleType | object:
-    if backend in ("cpp", "cuda"):
-        return torch.ops.mpdistil_C  # the dispatcher picks the CPU or CUDA kernel by device
-    if backend == "triton":
-        return importlib.import_module("mpdistil_fast.kernels.meta_teacher")
-    raise ValueError(f"backend must be 'cpp', 'cuda' or 'triton' for the fused op, got {backend!r}")
-
-
 @torch.library.custom_op("mpdistil::meta_teacher_loss_fwd", mutates_args=())
 def meta_teacher_loss_fwd(h_teacher: Tensor, h_student: Tensor, proj_weight: Optional[Tensor],
                           proj_bias: Optional[Tensor], w1: Tensor, b1: Tensor, w2: Optional[Tensor],
                           b2: Optional[Tensor], labels: Tensor, competitive: bool,
                           backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Fused forward: (loss, z_T, z_S, dL/dz [2B, K], hidden pre-activations or empty, projected h_S or empty)."""
-    return _kernels(backend).meta_teacher_loss_fwd(h_teacher, h_student, proj_weight, proj_bias, w1, b1, w2, b2,
-                                                   labels, competitive)
+    kernels = fused_kernels(backend, "meta_teacher")
+    return kernels.meta_teacher_loss_fwd(h_teacher, h_student, proj_weight, proj_bias, w1, b1, w2, b2, labels,
+                                         competitive)
 
 
 @meta_teacher_loss_fwd.register_fake
@@ -85,8 +76,9 @@ def meta_teacher_loss_bwd(grad_loss: Tensor, dlogits: Tensor, h_teacher: Tensor,
                           w2: Optional[Tensor], hidden_pre: Tensor, projected: Tensor, need_h_teacher: bool,
                           need_h_student: bool, backend: str) -> list[Tensor]:
     """Fused backward: gradients of (h_T, h_S, P, c, W1, b1, W2, b2); empty tensors where absent or not wanted."""
-    return _kernels(backend).meta_teacher_loss_bwd(grad_loss, dlogits, h_teacher, h_student, proj_weight, proj_bias,
-                                                   w1, w2, hidden_pre, projected, need_h_teacher, need_h_student)
+    kernels = fused_kernels(backend, "meta_teacher")
+    return kernels.meta_teacher_loss_bwd(grad_loss, dlogits, h_teacher, h_student, proj_weight, proj_bias, w1, w2,
+                                         hidden_pre, projected, need_h_teacher, need_h_student)
 
 
 @meta_teacher_loss_bwd.register_fake
