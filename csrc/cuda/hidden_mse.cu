@@ -16,6 +16,8 @@ template <typename T> __device__ __forceinline__ float to_acc(T v, float) { retu
 __device__ __forceinline__ float to_acc(__half v, float) { return __half2float(v); }
 __device__ __forceinline__ float to_acc(__nv_bfloat16 v, float) { return __bfloat162float(v); }
 template <typename T> __device__ __forceinline__ double to_acc(T v, double) { return static_cast<double>(v); }
+__device__ __forceinline__ double to_acc(__half v, double) { return __half2float(v); }
+__device__ __forceinline__ double to_acc(__nv_bfloat16 v, double) { return __bfloat162float(v); }
 
 // Sum of `value` over the block (every thread gets the result); `shared` holds one slot per warp.
 template <typename acc_t>
