@@ -4,6 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
+import torch
 import yaml
 
 from mpdistil_fast.models import default_teacher_path, load_tokenizer, tiny_backbone
@@ -17,8 +19,18 @@ TINY_RUN: dict[str, Any] = {
     "student_training": {"epochs": 1, "max_steps": 3, "lr": 1e-3},
     "meta_teacher": {"training": {"epochs": 1, "max_steps": 3, "lr": 1e-3}},
     "curriculum": {"episodes": 2, "steps_per_episode": 2, "actions": ["cb", "rte"]},
-    "runtime": {"device": "cpu", "progress": False, "tensorboard": False, "checkpoint_every": 2, "log_every": 1},
+    # one thread: tiny matmuls gain nothing from two, and the run stays fast on a shared, loaded machine
+    "runtime": {"device": "cpu", "num_threads": 1, "progress": False, "tensorboard": False, "checkpoint_every": 2,
+                "log_every": 1},
 }
+
+
+@pytest.fixture(autouse=True)
+def restore_torch_threads():
+    """Runs set torch's thread count (runtime.num_threads); give the next test the count it had."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 def make_tiny_teacher(folder: Path) -> Path:

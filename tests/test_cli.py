@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from mpdistil_fast.cli import main
-from pipeline_helpers import make_tiny_teacher, write_config
+from pipeline_helpers import make_tiny_teacher, restore_torch_threads, write_config  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE_ROLES = {"finetune": {"student_final"}, "kd": {"teacher", "student_stage2", "student_final"},

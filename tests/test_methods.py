@@ -12,7 +12,7 @@ from mpdistil_fast.methods import StudentObjective, cls_states
 from mpdistil_fast.pipeline import stages
 from mpdistil_fast.pipeline.config import load_config
 from mpdistil_fast.pipeline.trainer import Run
-from pipeline_helpers import make_tiny_teacher, write_config
+from pipeline_helpers import make_tiny_teacher, restore_torch_threads, write_config  # noqa: F401 (fixture)
 
 
 @pytest.fixture(scope="module")

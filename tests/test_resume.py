@@ -15,7 +15,7 @@ import torch
 from mpdistil_fast.pipeline.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from mpdistil_fast.pipeline.config import load_config
 from mpdistil_fast.pipeline.trainer import Run
-from pipeline_helpers import make_tiny_teacher, write_config
+from pipeline_helpers import make_tiny_teacher, restore_torch_threads, write_config  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 LONGER = {"teacher_training": {"max_steps": 2}, "student_training": {"max_steps": 5},
@@ -46,7 +46,7 @@ def test_killed_run_resumes_to_the_uninterrupted_state(tmp_path, data_dir):
     reference_cfg = write_config(tmp_path / "ref.yaml", teacher, data_dir, tmp_path / "reference", "mpdistil",
                                  **LONGER)
     killed_cfg = write_config(tmp_path / "killed.yaml", teacher, data_dir, tmp_path / "killed", "mpdistil", **LONGER)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     command = [sys.executable, "-m", "mpdistil_fast.cli", "distill", "--config", str(killed_cfg), "--quiet"]
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -65,8 +65,7 @@ def test_killed_run_resumes_to_the_uninterrupted_state(tmp_path, data_dir):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stderr
 
-    torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
-    Run(load_config(reference_cfg)).run()  # uninterrupted, in this process
+    Run(load_config(reference_cfg)).run()  # uninterrupted, in this process (same runtime.num_threads)
 
     ref_tensors, ref_state = _final_state(tmp_path / "reference")
     got_tensors, got_state = _final_state(tmp_path / "killed")
