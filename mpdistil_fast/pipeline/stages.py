@@ -272,8 +272,9 @@ def curriculum_stage(run: "Run") -> None:
     actions = [targets[0]] if compat else list(cc.actions)
     steps, episodes = cc.steps_per_episode, cc.episodes
     total = steps * episodes
+    # the policy is a tiny MLP: it stays on the CPU, with its (detached) states
     policy = CurriculumPolicy(student.hidden_size if compat else state_size(len(targets)), actions,
-                              cc.policy_hidden).to(run.runtime.device)
+                              cc.policy_hidden)
     reinforce = Reinforce(policy, lr=cc.policy_lr, gamma=cc.gamma, baseline_decay=cc.baseline_decay,
                           relative_discount=not compat)
     trained = run.trainer(student, c.student_training, episodes if compat else total, role="curriculum",
@@ -296,7 +297,7 @@ def curriculum_stage(run: "Run") -> None:
             labels = batch["labels"]
             student_acc = float((out.logits.argmax(-1) == labels).float().mean())
             meta_acc = float((meta_logits.argmax(-1) == labels).float().mean())
-            return student_acc, meta_acc, (out.pooled.mean(0) if keep_graph else None)
+            return student_acc, meta_acc, (out.pooled.mean(0).float().cpu() if keep_graph else None)
 
         def step(i: int) -> dict[str, float]:
             position = i % steps
