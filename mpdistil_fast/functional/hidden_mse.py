@@ -7,8 +7,8 @@ import torch
 from torch import Tensor
 
 from mpdistil_fast._validation import check_choice, check_mask, check_same_device, check_tensor
-from mpdistil_fast.ops.common import resolve_backend_traceable
-from mpdistil_fast.ops.hidden_mse import hidden_mse_fwd, hidden_mse_torch
+from mpdistil_fast.ops.common import call_fused, resolve_backend_traceable
+from mpdistil_fast.ops.hidden_mse import HIDDEN_MSE, hidden_mse_torch
 
 LayerMap = Union[None, str, Sequence[int], Sequence[tuple[int, int]]]
 Projection = Union[None, Tensor, tuple[Tensor, Optional[Tensor]]]
@@ -129,8 +129,8 @@ def hidden_mse(student_hidden: Tensor, teacher_hidden: Tensor, *, mask: Optional
     if backend == "torch":
         sse = hidden_mse_torch(student, teacher, student_layers, teacher_layers, flat_mask, weight, bias, normalize)
     else:
-        sse = hidden_mse_fwd(student, teacher, student_layers, teacher_layers, flat_mask, weight, bias, normalize,
-                             backend)[0]
+        sse = call_fused(HIDDEN_MSE, student, teacher, student_layers, teacher_layers, flat_mask, weight, bias,
+                         normalize, backend)[0]
     if reduction == "sum":
         return sse.sum()
     valid = student.shape[1] if flat_mask is None else flat_mask.sum().clamp_min(1)

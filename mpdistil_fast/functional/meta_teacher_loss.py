@@ -8,8 +8,8 @@ from torch import Tensor
 
 from mpdistil_fast._validation import check_choice, check_same_device, check_tensor
 from mpdistil_fast.functional.hidden_mse import Projection, projection_parts
-from mpdistil_fast.ops.common import resolve_backend_traceable
-from mpdistil_fast.ops.meta_teacher_loss import discriminator_logits, meta_teacher_loss_fwd, meta_teacher_loss_torch
+from mpdistil_fast.ops.common import call_fused, resolve_backend_traceable
+from mpdistil_fast.ops.meta_teacher_loss import META_TEACHER_LOSS, discriminator_logits, meta_teacher_loss_torch
 
 MODES = ("collaborative", "competitive")
 Params = Union[Tensor, tuple[Tensor, Tensor]]
@@ -131,6 +131,6 @@ def meta_teacher_loss(h_teacher: Tensor, h_student: Tensor, weight: Params, bias
         loss, z_t, z_s = meta_teacher_loss_torch(h_teacher, h_student, proj_weight, proj_bias, w1, b1, w2, b2,
                                                  labels, competitive)
     else:
-        loss, z_t, z_s = meta_teacher_loss_fwd(h_teacher, h_student, proj_weight, proj_bias, w1, b1, w2, b2, labels,
-                                               competitive, chosen)[:3]
+        loss, z_t, z_s = call_fused(META_TEACHER_LOSS, h_teacher, h_student, proj_weight, proj_bias, w1, b1, w2, b2,
+                                    labels, competitive, chosen)[:3]
     return MetaTeacherOutput(loss, z_t.detach(), z_s.detach()) if return_logits else loss

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mpdistil_fast.ops.common import accumulation_dtype, fused_kernels, no_double_backward
+from mpdistil_fast.ops.common import FusedOp, accumulation_dtype, fused_kernels
 
 #: Clamp of the L2 norm when normalising (the default of torch.nn.functional.normalize).
 NORM_EPS = 1e-12
@@ -85,14 +85,15 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.need_teacher_grad = ctx.needs_input_grad[1]
 
 
-def _backward(ctx, grad_sse: Tensor, _grad_projected: Tensor):
+def _backward(ctx, bwd, grad_sse: Tensor, _grad_projected: Tensor):
     student, teacher, student_layers, teacher_layers, mask, weight, bias, projected = ctx.saved_tensors
-    grad_student, grad_teacher, grad_weight, grad_bias = hidden_mse_bwd(
+    grad_student, grad_teacher, grad_weight, grad_bias = bwd(
         grad_sse, student, teacher, student_layers, teacher_layers, mask, weight, bias, projected, ctx.normalize,
-        ctx.need_teacher_grad, ctx.backend)
+        ctx.need_teacher_grad)
     return (grad_student, grad_teacher if ctx.need_teacher_grad else None, None, None, None,
             grad_weight if weight is not None else None, grad_bias if bias is not None else None, None, None)
 
 
-hidden_mse_fwd.register_autograd(_backward, setup_context=_setup_context)
-hidden_mse_bwd.register_autograd(no_double_backward("hidden_mse"))
+HIDDEN_MSE = FusedOp("hidden_mse", "hidden_mse", hidden_mse_fwd, hidden_mse_bwd, _setup_context, _backward,
+                     non_differentiable_outputs=(1,))
+HIDDEN_MSE.register_autograd()

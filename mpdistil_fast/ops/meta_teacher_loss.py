@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mpdistil_fast.ops.common import accumulation_dtype, fused_kernels, no_double_backward
+from mpdistil_fast.ops.common import FusedOp, accumulation_dtype, fused_kernels
 
 
 def discriminator_logits(h: Tensor, w1: Tensor, b1: Tensor, w2: Optional[Tensor], b2: Optional[Tensor]) -> Tensor:
@@ -101,12 +101,12 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.has = tuple(t is not None for t in inputs[:8])
 
 
-def _backward(ctx, grad_loss: Tensor, *_unused_grads: Tensor):
-    saved = ctx.saved_tensors
-    grads = meta_teacher_loss_bwd(grad_loss, *saved, ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.backend)
+def _backward(ctx, bwd, grad_loss: Tensor, *_unused_grads: Tensor):
+    grads = bwd(grad_loss, *ctx.saved_tensors, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
     wanted = [has and need for has, need in zip(ctx.has, ctx.needs_input_grad[:8])]
     return (*[g if keep else None for g, keep in zip(grads, wanted)], None, None, None)
 
 
-meta_teacher_loss_fwd.register_autograd(_backward, setup_context=_setup_context)
-meta_teacher_loss_bwd.register_autograd(no_double_backward("meta_teacher_loss"))
+META_TEACHER_LOSS = FusedOp("meta_teacher_loss", "meta_teacher", meta_teacher_loss_fwd, meta_teacher_loss_bwd,
+                            _setup_context, _backward, non_differentiable_outputs=(1, 2, 3, 4, 5))
+META_TEACHER_LOSS.register_autograd()
