@@ -276,7 +276,7 @@ class Run:
                 bar.update(1)
                 if "loss" in metrics:
                     bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
-                if (step + 1) % runtime_config.log_every == 0 or step + 1 == total_steps:
+                if (step + 1) % runtime_config.log_every == 0 or step + 1 == total_steps or "quiz" in metrics:
                     self.metrics.log(stage, self.state["global_step"], metrics)
                 if (step + 1) % runtime_config.checkpoint_every == 0 and step + 1 < total_steps \
                         and can_checkpoint(step + 1):
