@@ -11,7 +11,6 @@ the achieved GB/s of the minimum traffic (reading both stacks once).
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -41,11 +40,7 @@ def padding_mask(batch: int, seq: int, device: torch.device) -> torch.Tensor:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small shapes, few repetitions (smoke test)")
-    parser.add_argument("--reps", type=int, default=10)
-    args = parser.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    args, device = harness.bench_arguments(__doc__, "small shapes, few repetitions (smoke test)", reps=10)
     torch.manual_seed(0)
     layers, batch, seq, width = (2, 4, 32, 128) if args.quick else (6, 32, 128, 768)
     fused = [name for name in ("cpp", "triton", "cuda") if available_backends("hidden_mse", device)[name].available]

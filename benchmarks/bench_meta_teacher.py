@@ -11,7 +11,6 @@ Rows go to ``benchmarks/results/meta_teacher.csv`` and ``meta_teacher.png``.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -39,11 +38,7 @@ def eager_meta_teacher(h_teacher, h_student, w1, b1, w2, b2, labels):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="two small configurations, few repetitions")
-    parser.add_argument("--reps", type=int, default=50)
-    args = parser.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    args, device = harness.bench_arguments(__doc__, "two small configurations, few repetitions", reps=50)
     torch.manual_seed(0)
     fused = [n for n in ("cpp", "triton", "cuda") if available_backends("meta_teacher_loss", device)[n].available]
     configs = [(32, 768, None), (256, 768, None), (32, 1536, None), (256, 1536, None), (256, 768, 1024)]

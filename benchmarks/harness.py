@@ -143,3 +143,13 @@ def print_speedups(rows: Sequence[Mapping[str, object]], fused: Sequence[str],
             best = min((p50[name] for name in fused if name in p50), default=float("nan"))
             ratios = ", ".join(f"over {b}: {p50[b] / best:.2f}x" for b in baselines if b in p50)
             print(f"{mode:8s} {x:24s} fused speed-up {ratios}")
+
+
+def bench_arguments(doc: str, quick_help: str, reps: int) -> tuple["argparse.Namespace", torch.device]:
+    """Command line of a benchmark script (``--quick``, ``--reps``) and the device it runs on (CUDA when present)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--reps", type=int, default=reps)
+    return parser.parse_args(), torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -40,15 +40,21 @@ def _pair_rows(y_ptr, y_layer_stride, t_ptr, t_layer_stride, y_layers_ptr, t_lay
 
 
 @triton.jit
+def _this_row(mask_ptr, H, HAS_MASK: tl.constexpr, BLOCK_H: tl.constexpr):
+    """(n, column offsets, which offsets lie in the row, whether row n takes part) of this program's row."""
+    n = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_H)
+    valid = n >= 0
+    if HAS_MASK:
+        valid = tl.load(mask_ptr + n) != 0
+    return n, cols, cols < H, valid
+
+
+@triton.jit
 def hidden_mse_fwd_kernel(y_ptr, y_layer_stride, t_ptr, t_layer_stride, y_layers_ptr, t_layers_ptr, mask_ptr,
                           row_sse_ptr, P, N, H, HAS_MASK: tl.constexpr, NORMALIZE: tl.constexpr,
                           ACC: tl.constexpr, BLOCK_H: tl.constexpr, EPS: tl.constexpr):
-    n = tl.program_id(0)
-    cols = tl.arange(0, BLOCK_H)
-    in_row = cols < H
-    valid = True
-    if HAS_MASK:
-        valid = tl.load(mask_ptr + n) != 0
+    n, cols, in_row, valid = _this_row(mask_ptr, H, HAS_MASK, BLOCK_H)
     for p in range(P):
         y, t, _y_offsets, _t_offsets = _pair_rows(y_ptr, y_layer_stride, t_ptr, t_layer_stride, y_layers_ptr,
                                                   t_layers_ptr, p, n, H, cols, in_row, ACC)
@@ -64,12 +70,7 @@ def hidden_mse_bwd_kernel(y_ptr, y_layer_stride, t_ptr, t_layer_stride, y_layers
                           scale_ptr, grad_y_ptr, grad_t_ptr, P, H, HAS_MASK: tl.constexpr,
                           NORMALIZE: tl.constexpr, NEED_GRAD_T: tl.constexpr, ACC: tl.constexpr,
                           BLOCK_H: tl.constexpr, EPS: tl.constexpr):
-    n = tl.program_id(0)
-    cols = tl.arange(0, BLOCK_H)
-    in_row = cols < H
-    valid = True
-    if HAS_MASK:
-        valid = tl.load(mask_ptr + n) != 0
+    n, cols, in_row, valid = _this_row(mask_ptr, H, HAS_MASK, BLOCK_H)
     for p in range(P):
         y, t, y_offsets, t_offsets = _pair_rows(y_ptr, y_layer_stride, t_ptr, t_layer_stride, y_layers_ptr,
                                                 t_layers_ptr, p, n, H, cols, in_row, ACC)
