@@ -210,6 +210,21 @@ def test_teacher_gradient_only_when_needed():
     assert teacher.grad is not None and teacher.grad.abs().sum() > 0
 
 
+def test_returned_gradients_are_never_overwritten():
+    """The C++ backward reuses its previous gradient buffer only once nobody holds it (views included)."""
+    student, teacher = logits(4, 64).requires_grad_(), logits(4, 64)
+    first = torch.autograd.grad(kd_kl_div(student, teacher, 2.0, backend="cpp"), student)[0]
+    view = first[1:]
+    kept, kept_view = first.clone(), view.clone()
+    del first
+    other = logits(4, 64).requires_grad_()
+    second = torch.autograd.grad(kd_kl_div(other, teacher, 2.0, backend="cpp"), other)[0]
+    assert torch.equal(view, kept_view) and second.data_ptr() != view.data_ptr()
+    del view
+    third = torch.autograd.grad(kd_kl_div(student, teacher, 2.0, backend="cpp"), student)[0]
+    assert torch.equal(third, kept) and third.data_ptr() != second.data_ptr()
+
+
 def test_matches_torch_kl_div_convention():
     """forward KL with batchmean and T^2 equals the usual F.kl_div formulation on 2-D logits."""
     student, teacher, temperature = logits(8, 100), logits(8, 100), 3.0

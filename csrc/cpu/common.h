@@ -12,10 +12,11 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <mutex>
 #include <type_traits>
 
-#if defined(__linux__)
-#include <sys/mman.h>
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
 #endif
 
 namespace mpdistil::cpu {
@@ -30,29 +31,31 @@ using acc_type_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, 
 // Elements per chunk of a row: small enough that two inputs stay in L1 while a chunk is revisited.
 inline constexpr int64_t kChunk = 2048;
 
-// exp(x) for fp32 vectors, x <= 88: Cody-Waite range reduction x = n ln2 + r, then Cephes' degree-7 polynomial
-// for exp(r) (about 1 ulp). Inputs below -87.3 (including -inf) give exactly 0; NaN propagates.
-inline Vec<float> vec_exp(Vec<float> x) {
-  const Vec<float> lowest(-87.3f), highest(88.0f);
-  const Vec<float> underflow = x < lowest;
-  x = at::vec::minimum(at::vec::maximum(x, lowest), highest);
-  const Vec<float> n = (x * Vec<float>(1.44269504088896341f)).round();
-  Vec<float> r = at::vec::fmadd(n, Vec<float>(-0.693359375f), x);
-  r = at::vec::fmadd(n, Vec<float>(2.12194440e-4f), r);
-  Vec<float> poly(1.9875691500e-4f);
-  poly = at::vec::fmadd(poly, r, Vec<float>(1.3981999507e-3f));
-  poly = at::vec::fmadd(poly, r, Vec<float>(8.3334519073e-3f));
-  poly = at::vec::fmadd(poly, r, Vec<float>(4.1665795894e-2f));
-  poly = at::vec::fmadd(poly, r, Vec<float>(1.6666665459e-1f));
-  poly = at::vec::fmadd(poly, r, Vec<float>(5.0000001201e-1f));
-  const Vec<float> exp_r = at::vec::fmadd(poly, r * r, r + Vec<float>(1.0f));
+// log2(e): exp(x) = exp2(x * kLog2e); callers fold it into the scale they already apply (1/T).
+inline constexpr double kLog2e = 1.4426950408889634;
+
+// 2^y for fp32 vectors, y <= 127: y = n + f with n = round(y), Cephes' exp2f polynomial for 2^f on [-1/2, 1/2]
+// (relative error < 2e-7), times 2^n built in the exponent bits.  y < -126 (including -inf) gives exactly 0.
+inline Vec<float> vec_exp2(Vec<float> y) {
+  const Vec<float> lowest(-126.0f);
+  const Vec<float> underflow = y < lowest;
+  y = at::vec::clamp_min(y, lowest);
+  const Vec<float> n = y.round();
+  const Vec<float> f = y - n;
+  Vec<float> poly(1.535336188319500e-4f);
+  poly = at::vec::fmadd(poly, f, Vec<float>(1.339887440266574e-3f));
+  poly = at::vec::fmadd(poly, f, Vec<float>(9.618437357674640e-3f));
+  poly = at::vec::fmadd(poly, f, Vec<float>(5.550332471162809e-2f));
+  poly = at::vec::fmadd(poly, f, Vec<float>(2.402264791363012e-1f));
+  poly = at::vec::fmadd(poly, f, Vec<float>(6.931472028550421e-1f));
+  const Vec<float> two_to_f = at::vec::fmadd(poly, f, Vec<float>(1.0f));
   const Vec<int32_t> biased = at::vec::convert_to_int_of_same_size(n) + Vec<int32_t>(127);
   const Vec<float> two_to_n = at::vec::cast<float>(biased << Vec<int32_t>(23));
-  return Vec<float>::blendv(exp_r * two_to_n, Vec<float>(0.0f), underflow);
+  return Vec<float>::blendv(two_to_f * two_to_n, Vec<float>(0.0f), underflow);
 }
 
-// fp64 vectors: ATen's SLEEF exp (1 ulp); fp64 is for checks, not speed.
-inline Vec<double> vec_exp(Vec<double> x) { return x.exp(); }
+// fp64 vectors: ATen's SLEEF exp2 (1 ulp); fp64 is for checks, not speed.
+inline Vec<double> vec_exp2(Vec<double> y) { return y.exp2(); }
 
 // A view of `n` consecutive elements of `src` as acc_t: the pointer itself when no conversion is needed,
 // otherwise converted into `buffer` (kChunk elements).
@@ -95,7 +98,7 @@ inline acc_t chunk_max(const acc_t* values, int64_t n) {
   constexpr int64_t width = Vec<acc_t>::size();
   Vec<acc_t> best(-std::numeric_limits<acc_t>::infinity());
   int64_t i = 0;
-  for (; i + width <= n; i += width) best = at::vec::maximum(best, Vec<acc_t>::loadu(values + i));
+  for (; i + width <= n; i += width) best = at::vec::clamp_min(Vec<acc_t>::loadu(values + i), best);
   acc_t result = at::vec::vec_reduce_all<acc_t>([](Vec<acc_t>& a, Vec<acc_t>& b) { return at::vec::maximum(a, b); },
                                                 best);
   for (; i < n; ++i) result = std::max(result, values[i]);
@@ -108,22 +111,55 @@ inline acc_t lane_sum(const Vec<acc_t>& v) {
   return at::vec::vec_reduce_all<acc_t>([](Vec<acc_t>& a, Vec<acc_t>& b) { return a + b; }, v);
 }
 
+// Store the first `count` lanes of `v` to `dst`.  Full, aligned fp32 vectors bypass the cache (non-temporal
+// stores): a large output written once then costs no read-for-ownership traffic and does not evict the inputs.
+// Call stream_fence() before other threads may read what was streamed.
+template <typename acc_t>
+inline void store_streaming(const Vec<acc_t>& v, acc_t* dst, int64_t count) {
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (count == Vec<float>::size() && reinterpret_cast<uintptr_t>(dst) % sizeof(Vec<float>) == 0) {
+#if defined(CPU_CAPABILITY_AVX512)
+      _mm512_stream_ps(dst, v);
+#else
+      _mm256_stream_ps(dst, v);
+#endif
+      return;
+    }
+  }
+#endif
+  v.store(dst, count);
+}
+
+inline void stream_fence() {
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+  _mm_sfence();
+#endif
+}
+
 // Grain size for at::parallel_for over rows of length `row_length`: about 32K elements per task.
 inline int64_t row_grain(int64_t row_length) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, row_length)); }
 
-// at::empty for a large output that is about to be written once: on Linux the pages are advised as transparent huge
-// pages before the first touch, which makes first-touch page faults (a third of the time of a [2048, 32000] fp32
-// gradient on a 2-core VM) about 3x cheaper.  Only an advice: without THP it is an ordinary at::empty.
-inline at::Tensor empty_for_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  at::Tensor out = at::empty(sizes, options);
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHugePage = uintptr_t{1} << 21;
-  const auto begin = reinterpret_cast<uintptr_t>(out.data_ptr());
-  const uintptr_t first = (begin + kHugePage - 1) & ~(kHugePage - 1);
-  const uintptr_t last = (begin + out.nbytes()) & ~(kHugePage - 1);
-  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-#endif
-  return out;
-}
+// A large output (a gradient) that reuses the previous call's buffer once nobody else holds it.  The CPU allocator
+// returns big blocks to the OS, so every fresh [N, V] gradient costs first-touch page faults: on a 2-core VM that
+// is more than the fused kernel itself.  The buffer is reused only when this cache holds the last reference to its
+// storage (no tensor, view, autograd graph or .grad uses it), so a returned gradient is never overwritten.
+// Keeps one buffer per OutputCache alive between calls.
+class OutputCache {
+ public:
+  at::Tensor take(at::IntArrayRef sizes, const at::TensorOptions& options) {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    const int64_t numel = c10::multiply_integers(sizes);
+    const bool reusable = buffer_.defined() && buffer_.use_count() == 1 && buffer_.storage().use_count() == 1 &&
+                          buffer_.numel() == numel && buffer_.dtype() == options.dtype() &&
+                          buffer_.device() == options.device();
+    if (!reusable) buffer_ = at::empty({numel}, options);
+    return buffer_.view(sizes);
+  }
+
+ private:
+  std::mutex mutex_;
+  at::Tensor buffer_;
+};
 
 }  // namespace mpdistil::cpu

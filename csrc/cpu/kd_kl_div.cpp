@@ -74,12 +74,12 @@ void forward_row(const scalar_t* a_row, const scalar_t* b_row, int64_t vocab, ac
     cross *= p.raise_max(chunk_max(a, n), inv_t);
     q.raise_max(chunk_max(b, n), inv_t);
     const Vec<acc_t> shift_a(static_cast<acc_t>(p.shift())), shift_b(static_cast<acc_t>(q.shift()));
-    const Vec<acc_t> scale(inv_t), zero(0);
+    const Vec<acc_t> scale_log2(inv_t * kLog2e), zero(0);
     Vec<acc_t> sum_a(0), sum_b(0), cross_ab(0);
     for_each_vector(a, b, n, [&](Vec<acc_t> va, Vec<acc_t> vb, int64_t, int64_t) {
-      const Vec<acc_t> ea = vec_exp((va - shift_a) * scale);
+      const Vec<acc_t> ea = vec_exp2((va - shift_a) * scale_log2);  // exp((a - max a) / T)
       sum_a += ea;
-      sum_b += vec_exp((vb - shift_b) * scale);
+      sum_b += vec_exp2((vb - shift_b) * scale_log2);
       // P_i = 0 contributes 0 (also when a_i - b_i is infinite or NaN from -inf - -inf).
       cross_ab += Vec<acc_t>::blendv(ea * (va - vb), zero, ea == zero);
     });
@@ -118,7 +118,9 @@ void backward_row(const scalar_t* a_row, const scalar_t* b_row, int64_t vocab, a
     return;
   }
   acc_t a_buffer[kChunk], b_buffer[kChunk], grad_a_buffer[kChunk], grad_b_buffer[kChunk];
-  const Vec<acc_t> max_a(stats[0]), log_sum_a(stats[1]), max_b(stats[2]), log_sum_b(stats[3]);
+  // P = exp((a - max a)/T - log_sum_a) = exp2((a - max a) * log2(e)/T - log_sum_a * log2(e)); same for Q.
+  const Vec<acc_t> max_a(stats[0]), log2_sum_a(stats[1] * kLog2e), max_b(stats[2]), log2_sum_b(stats[3] * kLog2e);
+  const Vec<acc_t> scale_log2(inv_t * kLog2e);
   const Vec<acc_t> mean_gap(stats[4]);
   const Vec<acc_t> scale(inv_t), coefficient(grad_row * inv_t), zero(0);
   for (int64_t start = 0; start < vocab; start += kChunk) {
@@ -134,15 +136,23 @@ void backward_row(const scalar_t* a_row, const scalar_t* b_row, int64_t vocab, a
       grad_a = grad_a_row ? grad_a_row + start : nullptr;
       grad_b = grad_b_row ? grad_b_row + start : nullptr;
     }
+    // Gradients go straight to memory, or to an L1 buffer that is converted to bf16/fp16 below.
+    const auto store = [](const Vec<acc_t>& v, acc_t* dst, int64_t count) {
+      if constexpr (kConvertOut) {
+        v.store(dst, count);
+      } else {
+        store_streaming(v, dst, count);
+      }
+    };
     for_each_vector(a, b, n, [&](Vec<acc_t> va, Vec<acc_t> vb, int64_t offset, int64_t count) {
-      const Vec<acc_t> prob_p = vec_exp((va - max_a) * scale - log_sum_a);
+      const Vec<acc_t> prob_p = vec_exp2(at::vec::fmsub(va - max_a, scale_log2, log2_sum_a));
       if (grad_a) {
         const Vec<acc_t> da = coefficient * prob_p * ((va - vb) * scale - mean_gap);
-        Vec<acc_t>::blendv(da, zero, prob_p == zero).store(grad_a + offset, count);
+        store(Vec<acc_t>::blendv(da, zero, prob_p == zero), grad_a + offset, count);
       }
       if (grad_b) {
-        const Vec<acc_t> prob_q = vec_exp((vb - max_b) * scale - log_sum_b);
-        (coefficient * (prob_q - prob_p)).store(grad_b + offset, count);
+        const Vec<acc_t> prob_q = vec_exp2(at::vec::fmsub(vb - max_b, scale_log2, log2_sum_b));
+        store(coefficient * (prob_q - prob_p), grad_b + offset, count);
       }
     });
     if constexpr (kConvertOut) {
@@ -207,8 +217,9 @@ std::tuple<at::Tensor, at::Tensor> kd_kl_div_bwd_cpu(const at::Tensor& grad_kl, 
               "kd_kl_div_bwd: per-row tensors do not match ", rows, " rows");
   const at::Tensor grad_rows = grad_kl.to(acc).contiguous();
   const at::Tensor stats_rows = stats.to(acc).contiguous();
-  at::Tensor grad_p = need_grad_p ? empty_for_output({rows, vocab}, a.options()) : at::empty({0}, a.options());
-  at::Tensor grad_q = need_grad_q ? empty_for_output({rows, vocab}, a.options()) : at::empty({0}, a.options());
+  static OutputCache grad_p_cache, grad_q_cache;
+  at::Tensor grad_p = need_grad_p ? grad_p_cache.take({rows, vocab}, a.options()) : at::empty({0}, a.options());
+  at::Tensor grad_q = need_grad_q ? grad_q_cache.take({rows, vocab}, a.options()) : at::empty({0}, a.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scalar_type(), "kd_kl_div_bwd_cpu", [&] {
     using acc_t = acc_type_t<scalar_t>;
     const scalar_t* a_data = a.const_data_ptr<scalar_t>();
@@ -225,6 +236,7 @@ std::tuple<at::Tensor, at::Tensor> kd_kl_div_bwd_cpu(const at::Tensor& grad_kl, 
                                stats_data + r * kStatsPerRow, grad_p_data ? grad_p_data + r * vocab : nullptr,
                                grad_q_data ? grad_q_data + r * vocab : nullptr);
       }
+      stream_fence();
     });
   });
   return {grad_p, grad_q};
