@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
@@ -46,6 +47,26 @@ std::vector<int64_t> index_list(const at::Tensor& index) {
   return std::vector<int64_t>(idx.data_ptr<int64_t>(), idx.data_ptr<int64_t>() + idx.numel());
 }
 
+// sum_h f(y_h, t_h) in acc_t; f takes two acc_t or two Vec<acc_t>.  Vectorised (two accumulators) when both rows
+// are already acc_t (float32 / float64 inputs), a plain loop for bf16 / fp16 rows.
+template <typename acc_t, typename y_t, typename t_t, typename F>
+acc_t row_reduce(const y_t* y, const t_t* t, int64_t H, const F& f) {
+  acc_t sum = 0;
+  int64_t h = 0;
+  if constexpr (std::is_same_v<y_t, acc_t> && std::is_same_v<t_t, acc_t>) {
+    using V = mpdistil::cpu::Vec<acc_t>;
+    constexpr int64_t width = V::size();
+    V even(acc_t(0)), odd(acc_t(0));
+    for (; h + 2 * width <= H; h += 2 * width) {
+      even += f(V::loadu(y + h), V::loadu(t + h));
+      odd += f(V::loadu(y + h + width), V::loadu(t + h + width));
+    }
+    sum = mpdistil::cpu::lane_sum(even + odd);
+  }
+  for (; h < H; ++h) sum += f(static_cast<acc_t>(y[h]), static_cast<acc_t>(t[h]));
+  return sum;
+}
+
 // Norm of a row clamped at kNormEps, and whether the clamp was active (then the norm is a constant).
 template <typename acc_t>
 struct ClampedNorm {
@@ -55,26 +76,21 @@ struct ClampedNorm {
 
 template <typename acc_t, typename in_t>
 ClampedNorm<acc_t> clamped_norm(const in_t* x, int64_t H) {
-  acc_t sq = 0;
-  for (int64_t h = 0; h < H; ++h) sq += static_cast<acc_t>(x[h]) * static_cast<acc_t>(x[h]);
-  const acc_t norm = std::sqrt(sq);
+  const acc_t norm = std::sqrt(row_reduce<acc_t>(x, x, H, [](auto a, auto) { return a * a; }));
   return norm < acc_t(kNormEps) ? ClampedNorm<acc_t>{acc_t(kNormEps), true} : ClampedNorm<acc_t>{norm, false};
 }
 
 // Squared error of one row pair, optionally after L2 normalisation of both rows.
 template <typename acc_t, typename y_t, typename t_t>
 acc_t row_sse(const y_t* y, const t_t* t, int64_t H, bool normalize) {
-  acc_t inv_y = 1, inv_t = 1;
-  if (normalize) {
-    inv_y = acc_t(1) / clamped_norm<acc_t>(y, H).value;
-    inv_t = acc_t(1) / clamped_norm<acc_t>(t, H).value;
-  }
-  acc_t sum = 0;
-  for (int64_t h = 0; h < H; ++h) {
-    const acc_t d = static_cast<acc_t>(y[h]) * inv_y - static_cast<acc_t>(t[h]) * inv_t;
-    sum += d * d;
-  }
-  return sum;
+  if (!normalize) return row_reduce<acc_t>(y, t, H, [](auto a, auto b) { return (a - b) * (a - b); });
+  const acc_t inv_y = acc_t(1) / clamped_norm<acc_t>(y, H).value;
+  const acc_t inv_t = acc_t(1) / clamped_norm<acc_t>(t, H).value;
+  return row_reduce<acc_t>(y, t, H, [&](auto a, auto b) {
+    using T = decltype(a);
+    const T d = a * T(inv_y) - b * T(inv_t);
+    return d * d;
+  });
 }
 
 // Gradient of scale * row_sse with respect to y (written or added into gy) and t (added into gt, if not null).
@@ -92,11 +108,9 @@ void row_sse_backward(const y_t* y, const t_t* t, int64_t H, bool normalize, acc
   }
   const ClampedNorm<acc_t> ny = clamped_norm<acc_t>(y, H), nt = clamped_norm<acc_t>(t, H);
   const acc_t inv_y = acc_t(1) / ny.value, inv_t = acc_t(1) / nt.value;
-  acc_t uu = 0, uv = 0, vv = 0;
-  for (int64_t h = 0; h < H; ++h) {
-    const acc_t u = static_cast<acc_t>(y[h]) * inv_y, v = static_cast<acc_t>(t[h]) * inv_t;
-    uu += u * u; uv += u * v; vv += v * v;
-  }
+  const acc_t uu = row_reduce<acc_t>(y, y, H, [](auto a, auto) { return a * a; }) * inv_y * inv_y;
+  const acc_t uv = row_reduce<acc_t>(y, t, H, [](auto a, auto b) { return a * b; }) * inv_y * inv_t;
+  const acc_t vv = row_reduce<acc_t>(t, t, H, [](auto a, auto) { return a * a; }) * inv_t * inv_t;
   const acc_t two_s = acc_t(2) * scale;
   const acc_t u_dot_gu = ny.clamped ? acc_t(0) : two_s * (uu - uv);   // u . dL/du
   const acc_t v_dot_gv = nt.clamped ? acc_t(0) : -two_s * (uv - vv);  // v . dL/dv
