@@ -17,13 +17,18 @@ MAX_BLOCK = 4096
 
 
 @triton.jit
+def _this_row(a_ptr, b_ptr, stride_a, stride_b, temperature, IS_FP64: tl.constexpr):
+    """(row index, its a and b pointers, 1/T in the accumulation type) of this program."""
+    row = tl.program_id(0).to(tl.int64)
+    inv_t = 1.0 / (tl.zeros([], tl.float64 if IS_FP64 else tl.float32) + temperature)
+    return row, a_ptr + row * stride_a, b_ptr + row * stride_b, inv_t
+
+
+@triton.jit
 def _kd_kl_div_fwd_kernel(a_ptr, b_ptr, kl_ptr, stats_ptr, vocab, stride_a, stride_b, temperature,
                           BLOCK: tl.constexpr, IS_FP64: tl.constexpr):
     acc_dtype = tl.float64 if IS_FP64 else tl.float32
-    inv_t = 1.0 / (tl.zeros([], acc_dtype) + temperature)
-    row = tl.program_id(0).to(tl.int64)
-    a_row = a_ptr + row * stride_a
-    b_row = b_ptr + row * stride_b
+    row, a_row, b_row, inv_t = _this_row(a_ptr, b_ptr, stride_a, stride_b, temperature, IS_FP64)
     neg_inf = float("-inf")
     max_a = tl.full([], neg_inf, acc_dtype)
     max_b = tl.full([], neg_inf, acc_dtype)
@@ -69,10 +74,7 @@ def _kd_kl_div_bwd_kernel(grad_kl_ptr, a_ptr, b_ptr, stats_ptr, grad_a_ptr, grad
                           stride_b, temperature, BLOCK: tl.constexpr, IS_FP64: tl.constexpr,
                           NEED_GRAD_A: tl.constexpr, NEED_GRAD_B: tl.constexpr):
     acc_dtype = tl.float64 if IS_FP64 else tl.float32
-    inv_t = 1.0 / (tl.zeros([], acc_dtype) + temperature)
-    row = tl.program_id(0).to(tl.int64)
-    a_row = a_ptr + row * stride_a
-    b_row = b_ptr + row * stride_b
+    row, a_row, b_row, inv_t = _this_row(a_ptr, b_ptr, stride_a, stride_b, temperature, IS_FP64)
     stats_row = stats_ptr + row * 5
     max_a = tl.load(stats_row + 0).to(acc_dtype)
     log_sum_a = tl.load(stats_row + 1).to(acc_dtype)

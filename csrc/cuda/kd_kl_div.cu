@@ -240,42 +240,46 @@ cudaError_t launch_bwd_typed(const void* grad_kl, const void* a, const void* b, 
   return cudaGetLastError();
 }
 
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+// Calls launch(TypeTag<T>{}) with the element type T of `type`.
+template <typename Launch>
+cudaError_t dispatch_logits_type(LogitsType type, Launch&& launch) {
+  switch (type) {
+    case LogitsType::kFloat32:
+      return launch(TypeTag<float>{});
+    case LogitsType::kFloat16:
+      return launch(TypeTag<__half>{});
+    case LogitsType::kBFloat16:
+      return launch(TypeTag<__nv_bfloat16>{});
+    case LogitsType::kFloat64:
+      return launch(TypeTag<double>{});
+  }
+  return cudaErrorInvalidValue;
+}
+
 }  // namespace
 
 cudaError_t launch_kd_kl_div_fwd(const void* a, const void* b, void* kl, void* stats, int64_t rows, int64_t vocab,
                                  int64_t stride_a, int64_t stride_b, double temperature, LogitsType type,
                                  cudaStream_t stream) {
-  switch (type) {
-    case LogitsType::kFloat32:
-      return launch_fwd_typed<float>(a, b, kl, stats, rows, vocab, stride_a, stride_b, temperature, stream);
-    case LogitsType::kFloat16:
-      return launch_fwd_typed<__half>(a, b, kl, stats, rows, vocab, stride_a, stride_b, temperature, stream);
-    case LogitsType::kBFloat16:
-      return launch_fwd_typed<__nv_bfloat16>(a, b, kl, stats, rows, vocab, stride_a, stride_b, temperature, stream);
-    case LogitsType::kFloat64:
-      return launch_fwd_typed<double>(a, b, kl, stats, rows, vocab, stride_a, stride_b, temperature, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_logits_type(type, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    return launch_fwd_typed<T>(a, b, kl, stats, rows, vocab, stride_a, stride_b, temperature, stream);
+  });
 }
 
 cudaError_t launch_kd_kl_div_bwd(const void* grad_kl, const void* a, const void* b, const void* stats, void* grad_a,
                                  void* grad_b, int64_t rows, int64_t vocab, int64_t stride_a, int64_t stride_b,
                                  double temperature, LogitsType type, cudaStream_t stream) {
-  switch (type) {
-    case LogitsType::kFloat32:
-      return launch_bwd_typed<float>(grad_kl, a, b, stats, grad_a, grad_b, rows, vocab, stride_a, stride_b,
-                                     temperature, stream);
-    case LogitsType::kFloat16:
-      return launch_bwd_typed<__half>(grad_kl, a, b, stats, grad_a, grad_b, rows, vocab, stride_a, stride_b,
-                                      temperature, stream);
-    case LogitsType::kBFloat16:
-      return launch_bwd_typed<__nv_bfloat16>(grad_kl, a, b, stats, grad_a, grad_b, rows, vocab, stride_a, stride_b,
-                                             temperature, stream);
-    case LogitsType::kFloat64:
-      return launch_bwd_typed<double>(grad_kl, a, b, stats, grad_a, grad_b, rows, vocab, stride_a, stride_b,
-                                      temperature, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_logits_type(type, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    return launch_bwd_typed<T>(grad_kl, a, b, stats, grad_a, grad_b, rows, vocab, stride_a, stride_b, temperature,
+                               stream);
+  });
 }
 
 }  // namespace mpdistil::cuda
