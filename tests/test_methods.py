@@ -192,6 +192,12 @@ def test_stage_lists(tmp_path, teacher_dir, data_dir):
     assert run.tasks == ["cb", "rte"]
 
 
+def test_student_from_its_own_model(tmp_path, teacher_dir, data_dir):
+    run = make_run(tmp_path, teacher_dir, data_dir, "kd", student={"model": str(teacher_dir), "num_layers": 2})
+    assert len(run.student.backbone.encoder.layer) == 4  # the whole model, not a truncated copy
+    assert run.student.backbone is not run.teacher.backbone
+
+
 def test_finetune_has_no_teacher(tmp_path, teacher_dir, data_dir):
     run = make_run(tmp_path, teacher_dir, data_dir, "finetune")
     assert run.teacher is None

@@ -114,7 +114,13 @@ class Run:
 
     def _load_data(self) -> dict[str, dict[str, EncodedSplit]]:
         c = self.config
-        self.tokenizer = load_tokenizer(self.teacher_path)
+        own_student = c.student.model is not None
+        self.tokenizer = load_tokenizer(c.student.model if own_student and c.method == "finetune"
+                                        else self.teacher_path)
+        if own_student and c.method != "finetune" and \
+                load_tokenizer(c.student.model).get_vocab() != self.tokenizer.get_vocab():
+            raise ValueError(f"student.model {c.student.model!r} must share the teacher's tokenizer (both models "
+                             "read the same token ids); distil between models of one tokenizer family")
         splits: dict[str, dict[str, EncodedSplit]] = {}
         self.data_source: dict[str, str] = {}
         for task in self.tasks:
