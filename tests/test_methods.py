@@ -177,7 +177,7 @@ def test_reference_compat_curriculum(tmp_path, teacher_dir, data_dir):
                    curriculum={"episodes": 2, "steps_per_episode": 2, "reward": "real"})
     assert run.selection_split == "validation" and run.tasks == ["cb", "rte"]
     run.teacher.eval().requires_grad_(False)
-    run._build_meta_teachers()
+    run.build_meta_teachers()
     student_before = weights(run.student)
     run.begin_stage("curriculum")
     stages.curriculum_stage(run)

@@ -177,7 +177,7 @@ def next_batch(run: "Run", state: dict, split: str, task: str, *, salt: int) -> 
 def meta_teacher_stage(run: "Run") -> None:
     """Meta-teacher learning (:mod:`mpdistil_fast.methods.mpdistil`); the student distils from the meta-teacher."""
     c = run.config
-    meta_teachers = run._build_meta_teachers()
+    meta_teachers = run.build_meta_teachers()
     objective = objective_for(run, "kd")
     student = run.student
     state = run.state["stage_state"]
@@ -265,7 +265,7 @@ def curriculum_stage(run: "Run") -> None:
     cc = c.curriculum
     compat = run.compat
     student = run.student
-    meta_teachers = run._build_meta_teachers()
+    meta_teachers = run.build_meta_teachers()
     meta_teachers.eval()
     objective = objective_for(run, "kd")
     targets = run.targets
@@ -314,7 +314,7 @@ def curriculum_stage(run: "Run") -> None:
             trained.backward(result.loss)
             if not compat:
                 trained.step()
-            margins, student_total, meta_total = [], 0.0, 0.0
+            student_total, meta_total = 0.0, 0.0
             for target in targets:
                 for _ in range(cc.quiz_batches):
                     student_acc, meta_acc, _ = quiz_accuracies(target, keep_graph=False)

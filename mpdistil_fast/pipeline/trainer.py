@@ -204,7 +204,7 @@ class Run:
         if state.get("config") != self.config.to_dict():
             LOG.warning("--resume: the config differs from the checkpoint's; continuing with the new config")
         if "meta_teachers" in tensors:
-            self._build_meta_teachers()
+            self.build_meta_teachers()
         for name, model in self._models().items():
             model.load_state_dict(unflatten_state_dict(tensors[name], state["meta"][name]))
         timings = self.state["timings"]
@@ -392,7 +392,8 @@ class Run:
         if self.cache is not None:
             LOG.info(self.cache.summary())
 
-    def _build_meta_teachers(self) -> nn.ModuleDict:
+    def build_meta_teachers(self) -> nn.ModuleDict:
+        """MPDistil's per-task meta-teachers (built once; their weights are checkpointed with the models)."""
         from mpdistil_fast.methods.mpdistil import build_meta_teachers
 
         if self.meta_teachers is None:
