@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from mpdistil_fast.methods import StudentObjective, cls_states
+from mpdistil_fast.models import load_tokenizer, tiny_backbone
 from mpdistil_fast.pipeline import stages
+from mpdistil_fast.pipeline.checkpoint import latest_checkpoint, load_checkpoint
 from mpdistil_fast.pipeline.config import load_config
 from mpdistil_fast.pipeline.trainer import Run
 from pipeline_helpers import make_tiny_teacher, restore_torch_threads, write_config  # noqa: F401 (fixture)
@@ -196,6 +198,25 @@ def test_student_from_its_own_model(tmp_path, teacher_dir, data_dir):
     run = make_run(tmp_path, teacher_dir, data_dir, "kd", student={"model": str(teacher_dir), "num_layers": 2})
     assert len(run.student.backbone.encoder.layer) == 4  # the whole model, not a truncated copy
     assert run.student.backbone is not run.teacher.backbone
+
+
+def test_narrower_student_gets_projections(tmp_path, teacher_dir, data_dir):
+    narrow = tmp_path / "narrow"
+    tiny_backbone("bert", hidden_size=16, num_layers=2, seed=1).save_pretrained(narrow)
+    load_tokenizer(str(teacher_dir)).save_pretrained(narrow)
+    run = make_run(tmp_path, teacher_dir, data_dir, "mpdistil", student={"model": str(narrow)},
+                   student_training={"max_steps": 3}, meta_teacher={"training": {"max_steps": 2}})
+    run.teacher.eval().requires_grad_(False)
+    assert (run.student.hidden_size, run.teacher.hidden_size) == (16, 32)
+    run.begin_stage("student")
+    stages.student_stage(run)
+    tensors, _ = load_checkpoint(latest_checkpoint(run.output_dir))  # written after step 2 of 3
+    assert tensors["objective"]["hidden_loss.projection.weight"].shape == (32, 16)  # the projection is saved
+    assert "student_stage2" in run.state["results"]["cb"]
+    run.end_stage("student")
+    run.begin_stage("meta_teacher")
+    stages.meta_teacher_stage(run)
+    assert run.meta_teachers["cb"].student_projection is not None
 
 
 def test_finetune_has_no_teacher(tmp_path, teacher_dir, data_dir):

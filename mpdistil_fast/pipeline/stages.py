@@ -101,8 +101,9 @@ def student_stage(run: "Run") -> None:
             trained.step()
             return result.parts
 
+        # the objective's projection (student width != teacher width) is checkpointed with the stage
         run.supervised_stage("student", student, with_objective(student, objective), run.config.student_training,
-                             step)
+                             step, companions=lambda total: {"objective": objective})
     run.record("student_stage2" if run.teacher is not None else "student_final", student)
 
 
