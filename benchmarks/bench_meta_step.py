@@ -14,6 +14,7 @@ persistent state (gradients, optimizer moments), then the kernel's peak-RSS mark
 
     python benchmarks/bench_meta_step.py            # the full table (a few minutes on 2 cores)
     python benchmarks/bench_meta_step.py --quick    # B=8, L=128 only
+    python benchmarks/bench_meta_step.py --quick --rounds 3 --configs exact finite_difference   # timing focus
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -129,25 +131,36 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=MAIN_SHAPE[1])
     parser.add_argument("--steps", type=int, default=1, help="measured steps after one warm-up step")
     parser.add_argument("--quick", action="store_true", help="only the main shape")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every configuration this many times, interleaved (round-robin), to even out drift")
+    parser.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
+    parser.add_argument("--tag", default="", help="suffix of the CSV/PNG names (keeps the main results)")
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(args.worker, args.batch, args.seq, args.steps)))
         return
 
-    plan = [(c, *MAIN_SHAPE) for c in CONFIGS]
+    plan = [(c, *MAIN_SHAPE) for c in args.configs]
     if not args.quick:
-        plan += [(c, b, s) for b, s in GROWTH_SHAPES for c in GROWTH_CONFIGS]
+        plan += [(c, b, s) for b, s in GROWTH_SHAPES for c in GROWTH_CONFIGS if c in args.configs]
+    times: dict[tuple, list[float]] = {key: [] for key in plan}
+    memory: dict[tuple, list[float]] = {key: [] for key in plan}
+    for round_index in range(args.rounds):
+        for key in plan:
+            result = run_isolated(*key, args.steps)
+            times[key] += result["times_ms"]
+            memory[key].append(result["extra_mib"])
+            print(f"  round {round_index + 1}: {key[0]:<24} B={key[1]},L={key[2]:<5} "
+                  f"{statistics.median(result['times_ms']):>9.0f} ms  {result['extra_mib']:>8.1f} MiB", flush=True)
+    name = NAME + (f"_{args.tag}" if args.tag else "")
     rows, table = [], []
     for config, batch_size, seq_len in plan:
-        result = run_isolated(config, batch_size, seq_len, args.steps)
         x = f"B={batch_size},L={seq_len}"
-        speed = make_row(NAME, config, "step", "speed", x, result["times_ms"], "ms")
-        memory = make_row(NAME, config, "step", "memory", x, [result["extra_mib"]], "MiB",
-                          extra=f"rss_before={result['baseline_mib']:.0f}MiB")
-        rows += [speed, memory]
+        speed = make_row(name, config, "step", "speed", x, times[(config, batch_size, seq_len)], "ms")
+        extra = make_row(name, config, "step", "memory", x, memory[(config, batch_size, seq_len)], "MiB")
+        rows += [speed, extra]
         table.append({"config": config, "shape": x, "ms_p50": speed["p50"], "ms_p20": speed["p20"],
-                      "ms_p80": speed["p80"], "extra_MiB": round(result["extra_mib"], 1)})
-        print(f"  {config:<24} {x:<12} {speed['p50']:>9.0f} ms  {result['extra_mib']:>8.1f} MiB", flush=True)
+                      "ms_p80": speed["p80"], "extra_MiB": round(float(extra["p50"]), 1)})
     for row in table:  # ratios against the exact meta step of the same shape
         exact = next((r for r in table if r["config"] == "exact" and r["shape"] == row["shape"]), None)
         if exact:
@@ -155,10 +168,10 @@ def main() -> None:
             row["mem/exact"] = round(row["extra_MiB"] / exact["extra_MiB"], 2)
     print(f"\nMeta step, teacher BERT 6x384, student 3x384, float32, {rows[0]['device']}; {threads_note()}")
     print_table(table, ["config", "shape", "ms_p50", "ms_p20", "ms_p80", "extra_MiB", "time/exact", "mem/exact"])
-    print(f"CSV: {write_csv(rows, NAME)}")
+    print(f"CSV: {write_csv(rows, name)}")
     main_rows = [r for r in rows if r["x"] == f"B={MAIN_SHAPE[0]},L={MAIN_SHAPE[1]}"]
-    print(f"PNG: {bar_plot(main_rows, NAME + '_speed', 'Meta step time (CPU)', metric='speed')}")
-    print(f"PNG: {bar_plot(rows, NAME + '_memory', 'Meta step peak extra memory (CPU)', metric='memory')}")
+    print(f"PNG: {bar_plot(main_rows, name + '_speed', 'Meta step time (CPU)', metric='speed')}")
+    print(f"PNG: {bar_plot(rows, name + '_memory', 'Meta step peak extra memory (CPU)', metric='memory')}")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,15 @@ TOLERANCE = {("finite_difference", torch.float64): 1e-6, ("forward_mode", torch.
              ("first_order", torch.float32): 1e-2}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """The tiny models are dispatch-bound: one intra-op thread is 2-4x faster than two on a shared 2-core CI box."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_bert(layers: int, hidden: int, dtype: torch.dtype = torch.float64, attention: str = "eager",
               dropout: float = 0.0) -> BertForSequenceClassification:
     config = BertConfig(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,

@@ -9,7 +9,7 @@ import torch
 
 from helpers import rel_error
 from mpdistil_fast.bilevel import PilotUpdate, hypergradient
-from test_bilevel import INNER_LR, flat, inner_loss, make_batch, problem, quiz_loss
+from test_bilevel import INNER_LR, flat, inner_loss, make_batch, problem, quiz_loss, single_thread  # noqa: F401
 
 
 def make_optimizers(kind: str, student, teacher):

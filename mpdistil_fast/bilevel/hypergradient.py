@@ -237,7 +237,7 @@ def _first_order_passes(student: nn.Module, teacher: nn.Module, inner_loss: Inne
         return MetaGradient(zeros, inner, outer, student_calls)
 
     def grads_at(shift: float) -> tuple[torch.Tensor | None, ...]:
-        shifted = {name: base[name] + shift * direction[name] for name in base}
+        shifted = {name: torch.add(base[name], direction[name], alpha=shift) for name in base}
         with random_state.replay():
             value = call_loss(inner_loss, "inner_loss", FunctionalView(student, shifted), teacher_calls.replay(),
                               train_batch)

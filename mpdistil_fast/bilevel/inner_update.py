@@ -34,10 +34,25 @@ class InnerUpdate:
     decay: dict[str, torch.Tensor | float]
 
     def step(self, theta: TensorDict, grads: TensorDict) -> TensorDict:
-        """The experimental parameters; differentiable in ``grads`` (the exact method builds on this)."""
-        return {name: value - (self.scale[name] * grads[name] + self.offset[name] + self.decay[name] * value)
-                for name, value in theta.items()}
+        """The experimental parameters; differentiable in ``grads`` (the exact method builds on this).
 
+        Plain SGD (scalar scale, no offset, no decay) is a single fused ``add`` per tensor: these parameter-sized
+        passes are a visible part of a meta step when the vocabulary embedding is large."""
+        stepped = {}
+        for name, value in theta.items():
+            scale, offset, decay = self.scale[name], self.offset[name], self.decay[name]
+            if isinstance(scale, torch.Tensor):
+                new = torch.addcmul(value, scale, grads[name], value=-1.0)
+            else:
+                new = torch.add(value, grads[name], alpha=-scale)
+            if isinstance(offset, torch.Tensor) or offset != 0.0:
+                new = new - offset
+            if isinstance(decay, torch.Tensor):
+                new = new - decay * value
+            elif decay != 0.0:
+                new = torch.add(new, value, alpha=-decay)
+            stepped[name] = new
+        return stepped
 
 
 def precondition_(vector: TensorDict, scale: dict[str, torch.Tensor | float]) -> TensorDict:
