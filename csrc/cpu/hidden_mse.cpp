@@ -135,6 +135,18 @@ void gather_rows(const scalar_t* layer, const std::vector<int64_t>& rows, int64_
   });
 }
 
+// The valid rows of one student layer as an acc_t [R, H_s] matrix: the layer itself when every row is valid and
+// already acc_t (no copy), otherwise gathered into `packed`.
+template <typename scalar_t, typename acc_t>
+at::Tensor student_rows(const at::Tensor& student, int64_t layer, const std::vector<int64_t>& rows, bool all_rows,
+                        at::Tensor& packed) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (all_rows) return student[layer];
+  }
+  gather_rows<scalar_t, acc_t>(student[layer].data_ptr<scalar_t>(), rows, student.size(2), packed.data_ptr<acc_t>());
+  return packed;
+}
+
 // out = packed W^T + b: the projection of packed student rows ([R, H_s] -> [R, H_t]) through ATen's GEMM.
 void project_packed(const at::Tensor& packed, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                     at::Tensor out) {
@@ -196,9 +208,8 @@ std::tuple<at::Tensor, at::Tensor> hidden_mse_fwd_cpu(const at::Tensor& student_
       };
       if (weight.has_value()) {
         at::Tensor out = projected[p].narrow(0, 0, R);
-        gather_rows<scalar_t, acc_t>(student[s_idx[p]].data_ptr<scalar_t>(), rows, student.size(2),
-                                     packed.data_ptr<acc_t>());
-        project_packed(packed, weight_acc, bias_acc, out);
+        project_packed(student_rows<scalar_t, acc_t>(student, s_idx[p], rows, !mask.has_value(), packed), weight_acc,
+                       bias_acc, out);
         const acc_t* y = out.data_ptr<acc_t>();
         sse_ptr[p] = reduce_rows([&](int64_t r) {
           return row_sse<acc_t>(y + r * H_t, t_layer + rows[r] * H_t, H_t, normalize);
@@ -258,9 +269,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> hidden_mse_bwd_cpu(
             row_sse_backward<acc_t, acc_t, scalar_t, false>(y + r * H_t, t_layer + rows[r] * H_t, H_t, normalize, s,
                                                              gy + r * H_t, gt_layer ? gt_layer + rows[r] * H_t : nullptr);
         });
-        gather_rows<scalar_t, acc_t>(student[s_idx[p]].data_ptr<scalar_t>(), rows, H_s, packed.data_ptr<acc_t>());
-        grad_weight.addmm_(grad_y.t(), packed);  // fp32 (or fp64) accumulation across pairs and rows
+        const bool all_rows = !mask.has_value();
+        const at::Tensor x = student_rows<scalar_t, acc_t>(student, s_idx[p], rows, all_rows, packed);
+        grad_weight.addmm_(grad_y.t(), x);  // fp32 (or fp64) accumulation across pairs and rows
         grad_bias.add_(grad_y.sum(0));
+        if (std::is_same_v<scalar_t, acc_t> && all_rows) {  // every row valid: accumulate in place, no scatter
+          grad_student[s_idx[p]].addmm_(grad_y, weight_acc);
+          continue;
+        }
         at::mm_out(grad_x, grad_y, weight_acc);
         const acc_t* gx = grad_x.data_ptr<acc_t>();
         at::parallel_for(0, R, row_grain(H_t), [&](int64_t begin, int64_t end) {
