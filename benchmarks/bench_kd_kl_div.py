@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.harness import bar_plot, interleaved_timings, make_row, print_table, threads_note, write_csv  # noqa: E402
+from benchmarks.harness import bar_plot, copy_bandwidth_gbps, interleaved_timings, make_row, print_table, threads_note, write_csv  # noqa: E402
 from mpdistil_fast import available_backends, kd_kl_div  # noqa: E402
 
 TEMPERATURE = 2.0
@@ -77,13 +77,16 @@ def main() -> None:
             calls = {name: fwd_bwd(fn, student, teacher) for name, fn in providers(device).items()}
             times = interleaved_timings(calls, device=device, warmup=2, reps=args.reps)
             traffic_gb = 3 * n * v * student.element_size() / 1e9
+            copy_gbps = copy_bandwidth_gbps(int(traffic_gb * 1e9 / 2), device) if device.type == "cuda" else None
             x = f"[{n}, {v}] {dtype_name}"
             shape_rows = {name: make_row("kd_kl_div", name, "full", "speed", x, samples, "ms", device)
                           for name, samples in times.items()}
             for row in shape_rows.values():
                 speedup = {base: shape_rows[f"torch_{base}"]["p50"] / row["p50"] for base in ("eager", "compile")}
-                row["extra"] = (f"GB/s={traffic_gb / (row['p50'] / 1e3):.1f}; vs_eager={speedup['eager']:.2f}x;"
-                                f" vs_compile={speedup['compile']:.2f}x")
+                gbps = traffic_gb / (row["p50"] / 1e3)
+                row["extra"] = f"GB/s={gbps:.1f}; vs_eager={speedup['eager']:.2f}x; vs_compile={speedup['compile']:.2f}x"
+                if copy_gbps is not None:
+                    row["extra"] += f"; of_copy_bw={gbps / copy_gbps:.0%} (copy {copy_gbps:.0f} GB/s)"
                 rows.append(row)
             del student, teacher
     print_table(rows, ("x", "provider", "p50", "p20", "p80", "unit", "extra"))

@@ -130,6 +130,18 @@ def bar_plot(rows: Sequence[Mapping[str, object]], name: str, title: str, metric
     return path
 
 
+def copy_bandwidth_gbps(nbytes: int, device: torch.device | str, reps: int = 20) -> float:
+    """Measured device-to-device copy bandwidth (GB/s, bytes read + written) for a buffer of ``nbytes``.
+
+    The reference for "fraction of copy bandwidth" targets of memory-bound kernels.
+    """
+    device = torch.device(device)
+    src = torch.empty(max(1, nbytes // 4), dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    samples = interleaved_timings({"copy": lambda: dst.copy_(src)}, device=device, warmup=3, reps=reps)["copy"]
+    return 2 * src.numel() * 4 / 1e9 / (quantiles(samples)[0] / 1e3)
+
+
 def threads_note() -> str:
     return f"torch threads={torch.get_num_threads()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"
 
