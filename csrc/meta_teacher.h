@@ -74,6 +74,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at
     const c10::optional<at::Tensor>& proj_bias, const at::Tensor& w1, const at::Tensor& b1,
     const c10::optional<at::Tensor>& w2, const c10::optional<at::Tensor>& b2, const at::Tensor& labels_in,
     bool competitive, const RowKernels& kernels) {
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;  // a kernel: inner ATen calls skip autograd
   TORCH_CHECK(h_teacher.dim() == 2 && h_student.dim() == 2 && h_teacher.size(0) == h_student.size(0),
               "meta_teacher_loss: h_teacher and h_student must be [B, H] with the same batch");
   TORCH_CHECK(h_teacher.size(0) > 0, "meta_teacher_loss: empty batch");
@@ -117,6 +118,7 @@ inline std::vector<at::Tensor> backward(
     const c10::optional<at::Tensor>& proj_weight, const c10::optional<at::Tensor>& proj_bias, const at::Tensor& w1,
     const c10::optional<at::Tensor>& w2, const at::Tensor& hidden_pre, const at::Tensor& projected,
     bool need_h_teacher, bool need_h_student, const RowKernels& kernels) {
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const at::ScalarType acc = dlogits.scalar_type();
   const int64_t B = h_teacher.size(0);
   const at::TensorOptions opts = h_teacher.options().dtype(acc);

@@ -174,6 +174,7 @@ std::tuple<at::Tensor, at::Tensor> hidden_mse_fwd_cpu(const at::Tensor& student_
                                                       const c10::optional<at::Tensor>& mask,
                                                       const c10::optional<at::Tensor>& weight,
                                                       const c10::optional<at::Tensor>& bias, bool normalize) {
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;  // a kernel: inner ATen calls skip autograd
   check_inputs(student_in, teacher_in, student_layers, teacher_layers, mask);
   const at::Tensor student = student_in.contiguous(), teacher = teacher_in.contiguous();
   const int64_t N = student.size(1), H_t = teacher.size(2), P = student_layers.numel();
@@ -231,6 +232,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> hidden_mse_bwd_cpu(
     const at::Tensor& student_layers, const at::Tensor& teacher_layers, const c10::optional<at::Tensor>& mask,
     const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias, const at::Tensor& projected,
     bool normalize, bool need_teacher_grad) {
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
   check_inputs(student_in, teacher_in, student_layers, teacher_layers, mask);
   const at::Tensor student = student_in.contiguous(), teacher = teacher_in.contiguous();
   const int64_t N = student.size(1), H_s = student.size(2), H_t = teacher.size(2), P = student_layers.numel();

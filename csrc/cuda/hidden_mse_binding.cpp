@@ -86,6 +86,7 @@ std::tuple<at::Tensor, at::Tensor> hidden_mse_fwd_cuda(const at::Tensor& student
                                                        const c10::optional<at::Tensor>& weight,
                                                        const c10::optional<at::Tensor>& bias, bool normalize) {
   const c10::cuda::CUDAGuard guard(student.device());
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;  // a kernel: inner ATen calls skip autograd
   Prepared prep = prepare(student, teacher, student_layers, teacher_layers, mask, weight, bias, c10::nullopt,
                           normalize);
   const at::ScalarType acc = acc_type(prep.student);
@@ -101,6 +102,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> hidden_mse_bwd_cuda(
     const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias, const at::Tensor& projected,
     bool normalize, bool need_teacher_grad) {
   const c10::cuda::CUDAGuard guard(student.device());
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;  // a kernel: inner ATen calls skip autograd
   Prepared prep = prepare(student, teacher, student_layers, teacher_layers, mask, weight, bias, projected, normalize);
   const at::TensorOptions acc_opts = prep.student.options().dtype(acc_type(prep.student));
   const at::Tensor scale = grad_sse.to(acc_opts.dtype()).contiguous();

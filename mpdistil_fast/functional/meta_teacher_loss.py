@@ -122,9 +122,10 @@ def meta_teacher_loss(h_teacher: Tensor, h_student: Tensor, weight: Params, bias
     classes = (w2 if w2 is not None else w1).shape[0]
     device = check_same_device(h_teacher=h_teacher, h_student=h_student, labels=labels, weight=w1, bias=b1,
                                student_projection=proj_weight)
-    if not torch.compiler.is_compiling() and labels.numel() and not (0 <= labels.min() and labels.max() < classes):
-        raise ValueError(f"labels must lie in [0, {classes}), got values in [{labels.min().item()}, "
-                         f"{labels.max().item()}]")
+    if not torch.compiler.is_compiling():
+        lowest, highest = torch.aminmax(labels)
+        if lowest < 0 or highest >= classes:
+            raise ValueError(f"labels must lie in [0, {classes}), got values in [{lowest.item()}, {highest.item()}]")
     chosen = resolve_backend_traceable(backend, "meta_teacher_loss", device)
     competitive = mode == "competitive"
     if chosen == "torch":
