@@ -63,7 +63,7 @@ def test_killed_run_resumes_to_the_uninterrupted_state(tmp_path, data_dir):
 
     resumed = subprocess.run(command[:-1] + ["--set", "runtime.progress=false", "--resume"], env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed from" in resumed.stderr
+    assert "loaded checkpoint" in resumed.stderr
 
     Run(load_config(reference_cfg)).run()  # uninterrupted, in this process (same runtime.num_threads)
 

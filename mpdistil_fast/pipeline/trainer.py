@@ -216,7 +216,7 @@ class Run:
             restore_rng_state(state["rng"])
         else:
             self._pending = (tensors, state)
-        LOG.info("resumed from %s (stage %s, step %d)", path, state["stage"] or "-", state["step"])
+        LOG.info("loaded checkpoint %s (stage %s, step %d)", path, state["stage"] or "-", state["step"])
 
     def restore_stage(self, stateful: dict[str, Any]) -> None:
         """Load the current stage's objects from the checkpoint being resumed (if any), then its RNG state."""
