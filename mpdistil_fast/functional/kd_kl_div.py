@@ -8,13 +8,11 @@ from torch import Tensor
 
 from mpdistil_fast._validation import (check_choice, check_mask, check_positive_finite, check_same_device,
                                        check_same_shape, check_tensor)
-from mpdistil_fast.backends import resolve_backend
+from mpdistil_fast.ops.common import resolve_backend_traceable
 from mpdistil_fast.ops.kd_kl_div import kd_kl_div_op
 
 REDUCTIONS = ("batchmean", "sum", "mean", "none")
 DIRECTIONS = ("forward", "reverse")
-#: The backend choice is a constant of the call site: torch.compile takes its result instead of tracing the registry.
-_resolve_backend = torch.compiler.assume_constant_result(resolve_backend)
 
 
 def kd_kl_div(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0, *,
@@ -62,7 +60,7 @@ def kd_kl_div(student_logits: Tensor, teacher_logits: Tensor, temperature: float
     check_choice("direction", direction, DIRECTIONS)
     if not isinstance(scale_by_t2, bool):
         raise TypeError(f"scale_by_t2 must be a bool, got {type(scale_by_t2).__name__}")
-    chosen = _resolve_backend(backend, "kd_kl_div", device)
+    chosen = resolve_backend_traceable(backend, "kd_kl_div", device)
     common = torch.promote_types(student_logits.dtype, teacher_logits.dtype)
     student_logits, teacher_logits = student_logits.to(common), teacher_logits.to(common)
     return kd_kl_div_op(student_logits, teacher_logits, temperature, reduction, scale_by_t2, mask,

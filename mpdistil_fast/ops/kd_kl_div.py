@@ -19,14 +19,11 @@ from __future__ import annotations
 
 import torch
 
+from mpdistil_fast.ops.common import FusedOp, accumulation_dtype, call_fused, fused_kernels
+
 #: Per-row statistics saved by the fused forward: max a, log sum exp((a - max a) / T), the same two for b, and
 #: E_P[(a - b) / T] (with which the backward's log P - log Q - KL = (a - b) / T - E_P[(a - b) / T] cancels nothing).
 STATS_PER_ROW = 5
-_DOUBLE_BACKWARD_ERROR = (
-    "kd_kl_div: double backward through the fused {backend!r} kernel is not supported; use backend='torch' "
-    "(composite, differentiable twice) or a first-order hypergradient (mpdistil_fast.bilevel's "
-    "'finite_difference' method)"
-)
 
 
 def _weighting_first(student: torch.Tensor, teacher: torch.Tensor, reverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,7 +36,7 @@ def row_kl_torch(student: torch.Tensor, teacher: torch.Tensor, temperature: floa
 
     Differentiable to any order.  Rows whose weighting logits are all -inf give 0 (and zero gradients).
     """
-    acc = torch.float64 if student.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(student.dtype)
     a, b = _weighting_first(student.to(acc), teacher.to(acc), reverse)
     has_mass = torch.isfinite(a.amax(dim=-1, keepdim=True))
     a = torch.where(has_mass, a, torch.zeros_like(a))  # keep empty rows out of log_softmax (it would give NaN)
@@ -53,94 +50,63 @@ def row_kl_torch(student: torch.Tensor, teacher: torch.Tensor, temperature: floa
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Fused custom op: mpdistil::kd_kl_div_fwd -> (per-row KL, per-row stats), with mpdistil::kd_kl_div_bwd as backward.
-# ``backend`` is "cpp"/"cuda" (torch.ops.mpdistil_C, dispatched by device) or "triton".
+# Fused custom op: mpdistil::kd_kl_div_fwd -> (per-row KL(P || Q), per-row stats), with mpdistil::kd_kl_div_bwd as
+# backward, on the (a, b) logits of :func:`_weighting_first` (the direction is chosen by the caller's argument order).
 # ---------------------------------------------------------------------------------------------------------------
-def _launch_fwd(a: torch.Tensor, b: torch.Tensor, temperature: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    if backend == "triton":
-        from mpdistil_fast.kernels import kd_kl_div as triton_kernels
-
-        return triton_kernels.kd_kl_div_fwd(a, b, temperature)
-    return torch.ops.mpdistil_C.kd_kl_div_fwd(a, b, temperature)
-
-
-def _launch_bwd(grad_kl: torch.Tensor, a: torch.Tensor, b: torch.Tensor, stats: torch.Tensor, temperature: float,
-                need_grad_a: bool, need_grad_b: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    if backend == "triton":
-        from mpdistil_fast.kernels import kd_kl_div as triton_kernels
-
-        return triton_kernels.kd_kl_div_bwd(grad_kl, a, b, stats, temperature, need_grad_a, need_grad_b)
-    return torch.ops.mpdistil_C.kd_kl_div_bwd(grad_kl, a, b, stats, temperature, need_grad_a, need_grad_b)
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 @torch.library.custom_op("mpdistil::kd_kl_div_fwd", mutates_args=())
-def kd_kl_div_fwd(student: torch.Tensor, teacher: torch.Tensor, temperature: float, reverse: bool,
+def kd_kl_div_fwd(p_logits: torch.Tensor, q_logits: torch.Tensor, temperature: float,
                   backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row KL ``[N]`` and statistics ``[N, 5]`` of ``[N, V]`` logits through the fused kernel ``backend``."""
-    a, b = _weighting_first(student, teacher, reverse)
-    return _launch_fwd(a, b, temperature, backend)
+    return fused_kernels(backend, "kd_kl_div").kd_kl_div_fwd(p_logits, q_logits, temperature)
 
 
 @kd_kl_div_fwd.register_fake
-def _(student, teacher, temperature, reverse, backend):
-    acc = _acc_dtype(student.dtype)
-    rows = student.shape[0]
-    return student.new_empty((rows,), dtype=acc), student.new_empty((rows, STATS_PER_ROW), dtype=acc)
+def _(p_logits, q_logits, temperature, backend):
+    acc = accumulation_dtype(p_logits.dtype)
+    rows = p_logits.shape[0]
+    return p_logits.new_empty((rows,), dtype=acc), p_logits.new_empty((rows, STATS_PER_ROW), dtype=acc)
 
 
 @torch.library.custom_op("mpdistil::kd_kl_div_bwd", mutates_args=())
-def kd_kl_div_bwd(grad_kl: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor, stats: torch.Tensor,
-                  temperature: float, reverse: bool, need_grad_student: bool,
-                  need_grad_teacher: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(grad_student, grad_teacher) of sum(grad_kl * kl); a gradient not asked for comes back as an empty tensor."""
-    a, b = _weighting_first(student, teacher, reverse)
-    need_a, need_b = _weighting_first(need_grad_student, need_grad_teacher, reverse)
-    grad_a, grad_b = _launch_bwd(grad_kl, a, b, stats, temperature, need_a, need_b, backend)
-    return _weighting_first(grad_a, grad_b, reverse)
+def kd_kl_div_bwd(grad_kl: torch.Tensor, p_logits: torch.Tensor, q_logits: torch.Tensor, stats: torch.Tensor,
+                  temperature: float, need_grad_p: bool, need_grad_q: bool,
+                  backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_p, grad_q) of sum(grad_kl * kl); a gradient not asked for comes back as an empty tensor."""
+    return fused_kernels(backend, "kd_kl_div").kd_kl_div_bwd(grad_kl, p_logits, q_logits, stats, temperature,
+                                                             need_grad_p, need_grad_q)
 
 
 @kd_kl_div_bwd.register_fake
-def _(grad_kl, student, teacher, stats, temperature, reverse, need_grad_student, need_grad_teacher, backend):
+def _(grad_kl, p_logits, q_logits, stats, temperature, need_grad_p, need_grad_q, backend):
     def grad_like(needed: bool) -> torch.Tensor:
-        return torch.empty_like(student, memory_format=torch.contiguous_format) if needed else student.new_empty((0,))
+        return torch.empty_like(p_logits, memory_format=torch.contiguous_format) if needed else p_logits.new_empty((0,))
 
-    return grad_like(need_grad_student), grad_like(need_grad_teacher)
-
-
-def _fwd_setup_context(ctx, inputs, output) -> None:
-    student, teacher, temperature, reverse, backend = inputs
-    ctx.save_for_backward(student, teacher, output[1])
-    ctx.temperature, ctx.reverse, ctx.backend = temperature, reverse, backend
+    return grad_like(need_grad_p), grad_like(need_grad_q)
 
 
-def _fwd_backward(ctx, grad_kl: torch.Tensor, grad_stats: torch.Tensor | None):
-    student, teacher, stats = ctx.saved_tensors
-    need_student, need_teacher = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    grad_student, grad_teacher = kd_kl_div_bwd(grad_kl, student, teacher, stats, ctx.temperature, ctx.reverse,
-                                               need_student, need_teacher, ctx.backend)
-    return (grad_student if need_student else None, grad_teacher if need_teacher else None, None, None, None)
+def _setup_context(ctx, inputs, output) -> None:
+    p_logits, q_logits, temperature, backend = inputs
+    ctx.save_for_backward(p_logits, q_logits, output[1])
+    ctx.temperature, ctx.backend = temperature, backend
 
 
-def _bwd_setup_context(ctx, inputs, output) -> None:
-    ctx.backend = inputs[-1]
+def _backward(ctx, bwd, grad_kl: torch.Tensor, _grad_stats: torch.Tensor | None):
+    p_logits, q_logits, stats = ctx.saved_tensors
+    need_p, need_q = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    grad_p, grad_q = bwd(grad_kl, p_logits, q_logits, stats, ctx.temperature, need_p, need_q)
+    return grad_p if need_p else None, grad_q if need_q else None, None, None
 
 
-def _bwd_backward(ctx, *grads):
-    raise RuntimeError(_DOUBLE_BACKWARD_ERROR.format(backend=ctx.backend))
-
-
-torch.library.register_autograd("mpdistil::kd_kl_div_fwd", _fwd_backward, setup_context=_fwd_setup_context)
-torch.library.register_autograd("mpdistil::kd_kl_div_bwd", _bwd_backward, setup_context=_bwd_setup_context)
+KD_KL_DIV = FusedOp("kd_kl_div", "kd_kl_div", kd_kl_div_fwd, kd_kl_div_bwd, _setup_context, _backward,
+                    non_differentiable_outputs=(1,))
+KD_KL_DIV.register_autograd()
 
 
 def row_kl_fused(student: torch.Tensor, teacher: torch.Tensor, temperature: float, reverse: bool,
                  backend: str) -> torch.Tensor:
     """Per-row KL of ``[N, V]`` logits through a fused backend (first-order differentiable in both inputs)."""
-    return kd_kl_div_fwd(student, teacher, temperature, reverse, backend)[0]
+    a, b = _weighting_first(student, teacher, reverse)
+    return call_fused(KD_KL_DIV, a, b, temperature, backend)[0]
 
 
 # ---------------------------------------------------------------------------------------------------------------
