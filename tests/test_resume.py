@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -80,6 +81,7 @@ def test_killed_run_resumes_to_the_uninterrupted_state(tmp_path, data_dir):
     got_report = json.loads((tmp_path / "killed" / "report.json").read_text())
     assert ref_report["tasks"] == got_report["tasks"]
     assert ref_report["curves"] == got_report["curves"]
+    assert _metric_records(tmp_path / "killed") == _metric_records(tmp_path / "reference")
 
 
 def test_resume_without_checkpoint_starts_fresh(tmp_path, data_dir, caplog):
@@ -92,3 +94,27 @@ def test_resume_without_checkpoint_starts_fresh(tmp_path, data_dir, caplog):
     # resuming a finished run redoes nothing and gives the same report
     again = Run(config, resume=True).run()
     assert again["tasks"] == report["tasks"]
+
+
+def _metric_records(run_dir: Path) -> list[dict]:
+    """metrics.jsonl without the wall-clock field."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k != "time"} for line in lines]
+
+
+def test_resume_drops_metrics_logged_after_the_checkpoint(tmp_path, data_dir):
+    """A run killed after logging past its last checkpoint redoes those steps: each record must appear once."""
+    teacher = make_tiny_teacher(tmp_path / "teacher")
+    settings = {**LONGER, "runtime": {"checkpoint_every": 2, "keep_checkpoints": 100, "log_every": 1}}
+    config = load_config(write_config(tmp_path / "c.yaml", teacher, data_dir, tmp_path / "run", "kd", **settings))
+    Run(config).run()
+    reference = _metric_records(tmp_path / "run")
+    checkpoints = list_checkpoints(tmp_path / "run")
+    mid = next(i for i, c in enumerate(checkpoints) if json.loads((c / "state.json").read_text())["stage"] == "student")
+    for later in checkpoints[mid + 1:]:  # as if the kill came right after the records of the later steps
+        shutil.rmtree(later)
+    (tmp_path / "run" / "report.json").unlink()
+    assert len(_metric_records(tmp_path / "run")) == len(reference)
+
+    Run(config, resume=True).run()
+    assert _metric_records(tmp_path / "run") == reference

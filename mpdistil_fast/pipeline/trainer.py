@@ -106,6 +106,7 @@ class Run:
         self.state["timings"]["models"] = time.perf_counter() - started
         self.meta_teachers: nn.ModuleDict | None = None
         self.cache: TeacherCache | None = None
+        self.resumed = False
         if checkpoint is not None or resume:
             self.load(checkpoint if checkpoint is not None else latest_checkpoint(self.output_dir))
         self._metrics: MetricsLogger | None = None
@@ -163,8 +164,10 @@ class Run:
     def metrics(self) -> MetricsLogger:
         """metrics.jsonl (+ TensorBoard) under ``output_dir``, opened on first use."""
         if self._metrics is None:
+            # On resume keep only the records logged up to the checkpoint: the steps redone after it log again.
             self._metrics = MetricsLogger(self.output_dir, is_main=self.is_main,
-                                          tensorboard=self.config.runtime.tensorboard)
+                                          tensorboard=self.config.runtime.tensorboard,
+                                          keep_records=self.state.get("metrics_records") if self.resumed else None)
         return self._metrics
 
     @metrics.setter
@@ -191,6 +194,7 @@ class Run:
                 tensors[name], meta[name] = flatten_state_dict(obj.state_dict())
             self.state["meta"] = meta
             self.state["rng"] = capture_rng_state()
+            self.state["metrics_records"] = self.metrics.records_written
             save_checkpoint(checkpoint_dir(self.output_dir, self.state["global_step"]), tensors, self.state)
             prune_checkpoints(self.output_dir, self.config.runtime.keep_checkpoints)
         self.runtime.barrier()
@@ -201,6 +205,7 @@ class Run:
             LOG.info("--resume: no checkpoint in %s, starting from the beginning", self.output_dir)
             return
         tensors, state = load_checkpoint(path)
+        self.resumed = True
         if state.get("config") != self.config.to_dict():
             LOG.warning("--resume: the config differs from the checkpoint's; continuing with the new config")
         if "meta_teachers" in tensors:
