@@ -35,3 +35,17 @@ def backend_params(op: str, device: str = "cpu") -> list:
         marks = () if status.available else (pytest.mark.skip(reason=status.reason),)
         params.append(pytest.param(name, id=name, marks=marks))
     return params
+
+
+def gpu_backend_params(op: str) -> list:
+    """One pytest.param per fused GPU backend (cuda, triton) of ``op`` on CUDA tensors, skipped with the reason."""
+    return [param for param in backend_params(op, "cuda") if param.values[0] in ("cuda", "triton")]
+
+
+def gpu_test(test):
+    """Mark a test that runs on CUDA tensors: ``pytest -m gpu`` selects it (benchmarks/run_gpu.sh); without a CUDA
+    device it is skipped."""
+    no_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
+                                 reason="needs a CUDA device (run `pytest -m gpu` on a GPU machine: "
+                                        "benchmarks/run_gpu.sh)")
+    return pytest.mark.gpu(no_cuda(test))

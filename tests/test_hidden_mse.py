@@ -6,7 +6,7 @@ import torch
 
 import mpdistil_fast
 from mpdistil_fast.functional.hidden_mse import layer_pairs
-from tests.helpers import assert_rel_close, backend_params
+from tests.helpers import assert_rel_close, backend_params, gpu_backend_params, gpu_test
 
 BACKENDS = backend_params("hidden_mse")
 
@@ -16,7 +16,7 @@ def reference(student, teacher, pairs, mask, weight, bias, normalize, reduction)
     stacked = student.dim() == 4
     s_all = student.double() if stacked else student.double()[None]
     t_all = teacher.double() if stacked else teacher.double()[None]
-    keep = torch.ones(s_all.shape[1:-1], dtype=torch.float64) if mask is None else mask.double()
+    keep = torch.ones(s_all.shape[1:-1], dtype=torch.float64, device=s_all.device) if mask is None else mask.double()
     per_pair = []
     for s_index, t_index in pairs:
         y, t = s_all[s_index], t_all[t_index]
@@ -35,15 +35,17 @@ def reference(student, teacher, pairs, mask, weight, bias, normalize, reduction)
     return per_element if stacked else per_element[0]
 
 
-def make_case(shape_s, shape_t, *, projection=False, bias=True, mask=True, dtype=torch.float32, teacher_grad=True):
-    student = torch.randn(shape_s, dtype=dtype, requires_grad=True)
-    teacher = torch.randn(shape_t, dtype=dtype, requires_grad=teacher_grad)
+def make_case(shape_s, shape_t, *, projection=False, bias=True, mask=True, dtype=torch.float32, teacher_grad=True,
+              device="cpu"):
+    student = torch.randn(shape_s, dtype=dtype, device=device, requires_grad=True)
+    teacher = torch.randn(shape_t, dtype=dtype, device=device, requires_grad=teacher_grad)
     weight = b = None
     if projection:
-        weight = (torch.randn(shape_t[-1], shape_s[-1], dtype=dtype) / shape_s[-1] ** 0.5).requires_grad_()
-        b = torch.randn(shape_t[-1], dtype=dtype, requires_grad=True) if bias else None
+        weight = (torch.randn(shape_t[-1], shape_s[-1], dtype=dtype, device=device) / shape_s[-1] ** 0.5)
+        weight.requires_grad_()
+        b = torch.randn(shape_t[-1], dtype=dtype, device=device, requires_grad=True) if bias else None
     row_shape = shape_s[1:-1] if len(shape_s) == 4 else shape_s[:-1]
-    m = (torch.rand(row_shape) > 0.35) if mask else None
+    m = (torch.rand(row_shape, device=device) > 0.35) if mask else None
     return student, teacher, weight, b, m
 
 
@@ -62,7 +64,8 @@ def check_against_reference(backend, student, teacher, weight, bias, mask, *, la
     expected = reference(pick(student), pick(teacher), pairs, mask, pick(weight), pick(bias), normalize, reduction)
     assert loss.shape == expected.shape
     assert_rel_close(loss, expected, dtype, factor, "loss")
-    grad_out = torch.rand(loss.shape, dtype=torch.float64) + 0.5  # non-uniform upstream gradient for "none"
+    # non-uniform upstream gradient for "none"
+    grad_out = torch.rand(loss.shape, dtype=torch.float64, device=loss.device) + 0.5
     grads = torch.autograd.grad(loss, leaves, grad_out.to(loss.dtype))
     expected_grads = torch.autograd.grad(expected, ref_leaves, grad_out)
     for name, got, want in zip(("student", "teacher", "weight", "bias"), grads, expected_grads):
@@ -79,17 +82,27 @@ CASES = {
     "stack-shared-layers-proj-normalize": dict(shape_s=(2, 3, 4, 6), shape_t=(3, 3, 4, 5), projection=True,
                                                normalize=True, layer_map=[(0, 1), (1, 1), (0, 2)]),
 }
+#: Only in the GPU test (a BERT-base-sized teacher, several blocks per row in the kernels).
+GPU_CASES = {
+    "bert-last-proj-normalize": dict(shape_s=(4, 4, 64, 384), shape_t=(6, 4, 64, 768), projection=True,
+                                     layer_map="last", normalize=True),
+}
+
+
+def check_case(backend, case, reduction, factor=1.0, **make_case_kwargs):
+    """check_against_reference on the inputs of case ``case`` (``make_case_kwargs``: dtype, device)."""
+    spec = dict((CASES | GPU_CASES)[case])
+    layer_map, normalize = spec.pop("layer_map", None), spec.pop("normalize", False)
+    student, teacher, weight, bias, mask = make_case(**spec, **make_case_kwargs)
+    check_against_reference(backend, student, teacher, weight, bias, mask, layer_map=layer_map, normalize=normalize,
+                            reduction=reduction, factor=factor)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_matches_float64_reference(backend, case, reduction):
-    spec = dict(CASES[case])
-    layer_map, normalize = spec.pop("layer_map", None), spec.pop("normalize", False)
-    student, teacher, weight, bias, mask = make_case(**spec)
-    check_against_reference(backend, student, teacher, weight, bias, mask, layer_map=layer_map, normalize=normalize,
-                            reduction=reduction)
+    check_case(backend, case, reduction)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -133,6 +146,18 @@ def test_extreme_values(backend):
         student[1, 2, 0].zero_()
     for normalize in (False, True):
         check_against_reference(backend, student, teacher, None, None, mask, normalize=normalize)
+
+
+@gpu_test
+@pytest.mark.parametrize("backend", gpu_backend_params("hidden_mse"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case,reduction", [("stack-map-proj-mask", "none"), ("pooled-nomask", "none"),
+                                            ("bert-last-proj-normalize", "sum")])
+def test_gpu_backends(backend, dtype, case, reduction):
+    """The fused GPU kernels on CUDA tensors: loss and every gradient (student, teacher, weight, bias).
+
+    The large case uses "sum": its "mean"/"none" gradients (~1e-8) would be float16 subnormals."""
+    check_case(backend, case, reduction, factor=1.0 if dtype == torch.float32 else 2.0, dtype=dtype, device="cuda")
 
 
 def test_layer_presets_follow_patient_kd():

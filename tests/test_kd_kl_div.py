@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import mpdistil_fast
 from mpdistil_fast import KDLoss, kd_kl_div
-from tests.helpers import REL_TOL, assert_rel_close, backend_params
+from tests.helpers import REL_TOL, assert_rel_close, backend_params, gpu_test
 
 BACKENDS = backend_params("kd_kl_div")
 REDUCTIONS = ("batchmean", "sum", "mean", "none")
@@ -300,8 +300,7 @@ def test_bad_inputs(call, error, name):
         call(logits(4, 10), logits(4, 10))
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@gpu_test
 @pytest.mark.parametrize("backend", backend_params("kd_kl_div", "cuda"))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(3, 1), (37, 1271), (4, 32000), (2, 131_073)], ids=str)

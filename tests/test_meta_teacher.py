@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import mpdistil_fast
-from tests.helpers import assert_rel_close, backend_params
+from tests.helpers import assert_rel_close, backend_params, gpu_backend_params, gpu_test
 
 BACKENDS = backend_params("meta_teacher_loss")
 
@@ -36,20 +36,21 @@ def reference(h_t, h_s, params, labels, mode, projection):
     return loss, z_t, z_s
 
 
-def make_case(batch, width, classes, *, hidden=None, student_width=None, dtype=torch.float32, scale=1.0):
-    h_t = (torch.randn(batch, width, dtype=dtype) * scale).requires_grad_()
-    h_s = (torch.randn(batch, student_width or width, dtype=dtype) * scale).requires_grad_()
+def make_case(batch, width, classes, *, hidden=None, student_width=None, dtype=torch.float32, scale=1.0,
+              device="cpu"):
+    randn = lambda *shape: torch.randn(*shape, dtype=dtype, device=device)  # noqa: E731
+    h_t = (randn(batch, width) * scale).requires_grad_()
+    h_s = (randn(batch, student_width or width) * scale).requires_grad_()
     first = hidden or classes
-    params = [torch.randn(first, width, dtype=dtype) / width ** 0.5, torch.randn(first, dtype=dtype)]
+    params = [randn(first, width) / width ** 0.5, randn(first)]
     if hidden:
-        params += [torch.randn(classes, hidden, dtype=dtype) / hidden ** 0.5, torch.randn(classes, dtype=dtype)]
+        params += [randn(classes, hidden) / hidden ** 0.5, randn(classes)]
     else:
         params += [None, None]
     projection = None
     if student_width:
-        projection = (torch.randn(width, student_width, dtype=dtype) / student_width ** 0.5,
-                      torch.randn(width, dtype=dtype))
-    labels = torch.randint(0, classes, (batch,))
+        projection = (randn(width, student_width) / student_width ** 0.5, randn(width))
+    labels = torch.randint(0, classes, (batch,), device=device)
     for t in [p for p in params if p is not None] + list(projection or ()):
         t.requires_grad_()
     return h_t, h_s, params, projection, labels
@@ -105,6 +106,18 @@ def test_extreme_logits_and_single_row(backend):
     labels = 1 - run("torch", h_t, h_s, params, projection, labels, "collaborative").teacher_logits.argmax(-1)
     check_against_reference(backend, "collaborative", h_t, h_s, params, projection, labels)  # confidently wrong
     check_against_reference(backend, "collaborative", *make_case(1, 10, 37, hidden=6))
+
+
+@gpu_test
+@pytest.mark.parametrize("backend", gpu_backend_params("meta_teacher_loss"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mode", ["collaborative", "competitive"])
+@pytest.mark.parametrize("batch,width,classes,hidden,student_width", [(7, 13, 3, None, 11), (64, 768, 4, 256, 384)],
+                         ids=["small-linear-proj", "bert-mlp-proj"])
+def test_gpu_backends(backend, dtype, mode, batch, width, classes, hidden, student_width):
+    """The fused GPU kernels on CUDA tensors: loss, both logits and every gradient (h_T, h_S, D, projection)."""
+    case = make_case(batch, width, classes, hidden=hidden, student_width=student_width, dtype=dtype, device="cuda")
+    check_against_reference(backend, mode, *case, factor=1.0 if dtype == torch.float32 else 2.0)
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b.values[0] != "triton"])
