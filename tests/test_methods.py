@@ -44,6 +44,24 @@ def _reference_kd(student, teacher, labels, alpha, temperature):
     return (1 - alpha) * F.cross_entropy(s, labels) + alpha * soft
 
 
+
+class _MetricsSink:
+    """Stands in for the run's MetricsLogger and keeps what the stage logs."""
+
+    def __init__(self) -> None:
+        self.records: list[dict] = []
+        self.records_written = 0
+
+    def log(self, stage: str, step: int, metrics: dict) -> None:
+        self.records.append(metrics)
+        self.records_written += 1
+
+
+def capture_metrics(run) -> list[dict]:
+    """Route ``run``'s metrics into a list (returned) instead of metrics.jsonl."""
+    run.metrics = sink = _MetricsSink()
+    return sink.records
+
 def test_objectives_match_float64_references():
     torch.manual_seed(0)
     student = (torch.randn(5, 3) * 3).requires_grad_(True)
@@ -115,8 +133,7 @@ def test_teacher_and_kd_student_stages(tmp_path, teacher_dir, data_dir):
 def test_pkd_student_stage_uses_hidden_states(tmp_path, teacher_dir, data_dir):
     run = make_run(tmp_path, teacher_dir, data_dir, "pkd")
     run.teacher.eval().requires_grad_(False)
-    logged = []
-    run.metrics = type("Sink", (), {"log": lambda self, stage, step, m: logged.append(m)})()
+    logged = capture_metrics(run)
     run.begin_stage("student")
     stages.student_stage(run)
     assert logged and all("hidden" in m and "kd" in m for m in logged)
@@ -167,8 +184,7 @@ def test_meta_teacher_bilevel_meta_gradient(tmp_path, teacher_dir, data_dir):
     run = make_run(tmp_path, teacher_dir, data_dir, "mpdistil", data={"tasks": ["cb"]},
                    meta_teacher={"bilevel": True, "training": {"max_steps": 2}}, curriculum={"actions": ["cb"]})
     run.teacher.eval().requires_grad_(False)
-    logged = []
-    run.metrics = type("Sink", (), {"log": lambda self, stage, step, m: logged.append(m)})()
+    logged = capture_metrics(run)
     run.begin_stage("meta_teacher")
     stages.meta_teacher_stage(run)
     assert len(logged) == 2 and all(m["meta_hypergradient_norm"] > 0 for m in logged)
