@@ -44,7 +44,6 @@ def _reference_kd(student, teacher, labels, alpha, temperature):
     return (1 - alpha) * F.cross_entropy(s, labels) + alpha * soft
 
 
-
 class _MetricsSink:
     """Stands in for the run's MetricsLogger and keeps what the stage logs."""
 

@@ -1,1 +1,1 @@
-
+"""nn.Module wrappers of the fused ops (they hold configuration and parameters)."""

@@ -1,1 +1,1 @@
-
+"""Run machinery: config, training loop and stages, evaluation, checkpoints, metrics log, report."""
