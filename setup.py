@@ -20,6 +20,14 @@ from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
+try:
+    import torch  # the extension is compiled against the installed torch
+except ImportError as exc:
+    raise SystemExit(
+        "mpdistil_fast builds its C++/CUDA extension against the installed torch: install torch first "
+        "(CPU: pip install torch==2.13.0), then pip install --no-build-isolation . (see scripts/install.sh)"
+    ) from exc
+
 
 def _cpu_arch_flags() -> list[str]:
     arch = os.environ.get("MPDISTIL_CPU_ARCH", "avx2" if platform.machine() in ("x86_64", "AMD64") else "generic")
@@ -39,7 +47,6 @@ def _want_cuda() -> bool:
         raise ValueError(f"MPDISTIL_BUILD_CUDA must be auto, 0 or 1, got {mode!r}")
     if mode == "0":
         return False
-    import torch
     from torch.utils.cpp_extension import CUDA_HOME
 
     have = torch.version.cuda is not None and CUDA_HOME is not None and shutil.which(os.path.join(CUDA_HOME, "bin", "nvcc")) is not None
