@@ -209,6 +209,16 @@ def test_bad_inputs(kwargs, error, needle):
         mpdistil_fast.meta_teacher_loss(*positional, **args)
 
 
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b.values[0] != "torch"])
+def test_compiled_fused_op_refuses_out_of_range_labels(backend):
+    """Under torch.compile the Python check is skipped; the custom op must still refuse bad labels."""
+    h = torch.randn(2, 4)
+    fn = torch.compile(lambda labels: mpdistil_fast.meta_teacher_loss(h, h, W, B_, labels, backend=backend),
+                       fullgraph=True, backend="aot_eager")
+    with pytest.raises(ValueError, match="labels"):
+        fn(torch.tensor([0, 5]))
+
+
 def test_fused_kernel_checks_labels_itself():
     """The C++ kernel refuses out-of-range labels even when the Python check is bypassed (e.g. under compile)."""
     h = torch.randn(2, 4)

@@ -9,7 +9,8 @@ from torch import Tensor
 from mpdistil_fast._validation import check_choice, check_same_device, check_tensor
 from mpdistil_fast.functional.hidden_mse import Projection, projection_parts
 from mpdistil_fast.ops.common import call_fused, resolve_backend_traceable
-from mpdistil_fast.ops.meta_teacher_loss import META_TEACHER_LOSS, discriminator_logits, meta_teacher_loss_torch
+from mpdistil_fast.ops.meta_teacher_loss import (META_TEACHER_LOSS, check_label_range, discriminator_logits,
+                                              meta_teacher_loss_torch)
 
 MODES = ("collaborative", "competitive")
 Params = Union[Tensor, tuple[Tensor, Tensor]]
@@ -122,10 +123,8 @@ def meta_teacher_loss(h_teacher: Tensor, h_student: Tensor, weight: Params, bias
     classes = (w2 if w2 is not None else w1).shape[0]
     device = check_same_device(h_teacher=h_teacher, h_student=h_student, labels=labels, weight=w1, bias=b1,
                                student_projection=proj_weight)
-    if not torch.compiler.is_compiling():
-        lowest, highest = torch.aminmax(labels)
-        if lowest < 0 or highest >= classes:
-            raise ValueError(f"labels must lie in [0, {classes}), got values in [{lowest.item()}, {highest.item()}]")
+    if not torch.compiler.is_compiling():  # when compiling, the custom op's body checks (it runs eagerly)
+        check_label_range(labels, classes)
     chosen = resolve_backend_traceable(backend, "meta_teacher_loss", device)
     competitive = mode == "competitive"
     if chosen == "torch":

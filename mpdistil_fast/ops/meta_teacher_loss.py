@@ -48,12 +48,24 @@ def meta_teacher_loss_torch(h_teacher: Tensor, h_student: Tensor, proj_weight: O
     return loss, z_t.to(h_teacher.dtype), z_s.to(h_teacher.dtype)
 
 
+def check_label_range(labels: Tensor, classes: int) -> None:
+    """Labels must index one of ``classes`` logits (a ValueError naming ``labels`` otherwise).
+
+    Run by the public function in eager mode and by the custom op's body, which runs eagerly also under
+    ``torch.compile``: the Triton kernel would otherwise read out of range silently (and the CUDA one give NaN).
+    """
+    lowest, highest = torch.aminmax(labels)
+    if lowest < 0 or highest >= classes:
+        raise ValueError(f"labels must lie in [0, {classes}), got values in [{lowest.item()}, {highest.item()}]")
+
+
 @torch.library.custom_op("mpdistil::meta_teacher_loss_fwd", mutates_args=())
 def meta_teacher_loss_fwd(h_teacher: Tensor, h_student: Tensor, proj_weight: Optional[Tensor],
                           proj_bias: Optional[Tensor], w1: Tensor, b1: Tensor, w2: Optional[Tensor],
                           b2: Optional[Tensor], labels: Tensor, competitive: bool,
                           backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Fused forward: (loss, z_T, z_S, dL/dz [2B, K], hidden pre-activations or empty, projected h_S or empty)."""
+    check_label_range(labels, (w2 if w2 is not None else w1).shape[0])
     kernels = fused_kernels(backend, "meta_teacher")
     return kernels.meta_teacher_loss_fwd(h_teacher, h_student, proj_weight, proj_bias, w1, b1, w2, b2, labels,
                                          competitive)
