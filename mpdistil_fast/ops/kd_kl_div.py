@@ -152,9 +152,3 @@ def kd_kl_div_op(student: torch.Tensor, teacher: torch.Tensor, temperature: floa
     scale = temperature * temperature if scale_by_t2 else 1.0
     return reduce_rows(row_kl, mask, reduction, scale, vocab, student.shape[:-1])
 
-
-def kd_kl_div_torch(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0,
-                    reduction: str = "batchmean", scale_by_t2: bool = True, mask: torch.Tensor | None = None,
-                    reverse: bool = False) -> torch.Tensor:
-    """The composite plain-torch loss (the ``torch`` backend; differentiable to any order)."""
-    return kd_kl_div_op(student, teacher, temperature, reduction, scale_by_t2, mask, reverse, "torch")
