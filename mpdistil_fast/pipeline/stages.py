@@ -16,12 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mpdistil_fast.data import compute_metrics
+from mpdistil_fast.data import compute_metrics, trim_padding
 from mpdistil_fast.methods.curriculum import CurriculumPolicy, Reinforce
 from mpdistil_fast.methods.mpdistil import performance_state, reward, state_size, update_summary
 from mpdistil_fast.methods.objectives import StudentObjective, cls_states
 from mpdistil_fast.pipeline.config import Config
-from mpdistil_fast.pipeline.streams import Batch, TaskCursor, trim_padding
+from mpdistil_fast.pipeline.streams import Batch, TaskCursor
 from mpdistil_fast.pipeline.trainer import LOG, BestSnapshot, model_inputs
 
 if TYPE_CHECKING:

@@ -16,20 +16,6 @@ from mpdistil_fast.data import EncodedSplit, iterate_batches, num_batches
 Batch = dict[str, torch.Tensor]
 
 
-def trim_padding(batch: Batch) -> Batch:
-    """Drop the sequence positions that are padding in every row of the batch (left or right padding).
-
-    Splits are padded to their longest example; most batches are much shorter, and attention cost grows with
-    the padded length.
-    """
-    mask = batch["attention_mask"]
-    keep = mask.reshape(-1, mask.shape[-1]).ne(0).any(dim=0)
-    if bool(keep.all()):
-        return batch
-    return {k: (v[..., keep] if k in ("input_ids", "attention_mask", "token_type_ids") else v)
-            for k, v in batch.items()}
-
-
 def _mix(seed: int, salt: int, epoch: int) -> int:
     return (int(seed) * 1_000_003 + int(salt) * 10_007 + int(epoch)) % (2 ** 62)
 

@@ -25,7 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mpdistil_fast.data import (EncodedSplit, TeacherCache, compute_metrics, encode_examples, iterate_batches,
-                                load_task_splits)
+                                load_task_splits, trim_padding)
 from mpdistil_fast.distributed.runtime import OptimizerSpec, Runtime, TrainedModel, make_runtime
 from mpdistil_fast.models import (TaskModel, default_teacher_path, load_backbone, load_tokenizer, truncated_copy)
 from mpdistil_fast.pipeline.checkpoint import (capture_rng_state, checkpoint_dir, flatten_state_dict,
@@ -33,7 +33,7 @@ from mpdistil_fast.pipeline.checkpoint import (capture_rng_state, checkpoint_dir
                                                restore_rng_state, save_checkpoint, unflatten_state_dict)
 from mpdistil_fast.pipeline.config import Config, OptimConfig, curriculum_tasks
 from mpdistil_fast.pipeline.metrics_log import MetricsLogger
-from mpdistil_fast.pipeline.streams import Batch, MultiTaskSchedule, trim_padding
+from mpdistil_fast.pipeline.streams import Batch, MultiTaskSchedule
 
 LOG = logging.getLogger("mpdistil_fast")
 STATE_VERSION = 1
