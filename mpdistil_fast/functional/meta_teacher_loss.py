@@ -24,14 +24,8 @@ class MetaTeacherOutput(NamedTuple):
     student_logits: Tensor
 
 
-def _check_vector(name: str, value: object, length: int) -> Tensor:
-    check_tensor(name, value)
-    if tuple(value.shape) != (length,):
-        raise ValueError(f"{name} must have shape {(length,)}, got {tuple(value.shape)}")
-    return value
-
-
-def _check_matrix(name: str, value: object, shape: tuple[int, int]) -> Tensor:
+def _check_shape(name: str, value: object, shape: tuple[int, ...]) -> Tensor:
+    """``value`` must be a floating tensor of exactly ``shape``."""
     check_tensor(name, value)
     if tuple(value.shape) != shape:
         raise ValueError(f"{name} must have shape {shape}, got {tuple(value.shape)}")
@@ -47,18 +41,18 @@ def discriminator_parts(weight: Params, bias: Params, hidden: Optional[int],
         if weight.dim() != 2 or weight.shape[1] != in_features or weight.shape[0] < 1:
             raise ValueError(f"weight must be [num_labels, {in_features}] (the representation width), got "
                              f"{tuple(weight.shape)}")
-        return weight, _check_vector("bias", bias, weight.shape[0]), None, None
+        return weight, _check_shape("bias", bias, (weight.shape[0],)), None, None
     if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
         raise ValueError(f"hidden must be None or a positive int, got {hidden!r}")
     if not (isinstance(weight, (tuple, list)) and len(weight) == 2 and isinstance(bias, (tuple, list))
             and len(bias) == 2):
         raise TypeError("with hidden set, weight and bias must be (first, second) layer pairs")
-    w1 = _check_matrix("weight[0]", weight[0], (hidden, in_features))
+    w1 = _check_shape("weight[0]", weight[0], (hidden, in_features))
     check_tensor("weight[1]", weight[1])
     if weight[1].dim() != 2 or weight[1].shape[1] != hidden or weight[1].shape[0] < 1:
         raise ValueError(f"weight[1] must be [num_labels, {hidden}], got {tuple(weight[1].shape)}")
     classes = weight[1].shape[0]
-    return w1, _check_vector("bias[0]", bias[0], hidden), weight[1], _check_vector("bias[1]", bias[1], classes)
+    return w1, _check_shape("bias[0]", bias[0], (hidden,)), weight[1], _check_shape("bias[1]", bias[1], (classes,))
 
 
 def meta_teacher_logits(h: Tensor, weight: Params, bias: Params, *, hidden: Optional[int] = None,
@@ -116,9 +110,9 @@ def meta_teacher_loss(h_teacher: Tensor, h_student: Tensor, weight: Params, bias
             raise ValueError(f"h_student width {h_student.shape[1]} != h_teacher width {width}: pass a "
                              "student_projection")
     else:
-        _check_matrix("student_projection weight", proj_weight, (width, h_student.shape[1]))
+        _check_shape("student_projection weight", proj_weight, (width, h_student.shape[1]))
         if proj_bias is not None:
-            _check_vector("student_projection bias", proj_bias, width)
+            _check_shape("student_projection bias", proj_bias, (width,))
     w1, b1, w2, b2 = discriminator_parts(weight, bias, hidden, width)
     classes = (w2 if w2 is not None else w1).shape[0]
     device = check_same_device(h_teacher=h_teacher, h_student=h_student, labels=labels, weight=w1, bias=b1,
