@@ -1,9 +1,10 @@
 """``mpdistil-fast evaluate``: a checkpoint's models on the validation split of every task of its run."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from mpdistil_fast.pipeline.checkpoint import latest_checkpoint, load_checkpoint
+from mpdistil_fast.pipeline.checkpoint import STATE_FILE, latest_checkpoint
 from mpdistil_fast.pipeline.config import ConfigError, config_from_dict
 
 
@@ -13,13 +14,13 @@ def evaluate_checkpoint(path: Path, *, data_dir: str | None = None) -> dict:
     from mpdistil_fast.pipeline.trainer import Run
 
     path = Path(path)
-    if not (path / "state.json").is_file():
+    if not (path / STATE_FILE).is_file():
         newest = latest_checkpoint(path)
         if newest is None:
             raise ConfigError(f"--checkpoint: no checkpoint at {path} (give a checkpoint folder or a run's "
                               "output_dir)")
         path = newest
-    _, state = load_checkpoint(path)
+    state = json.loads((path / STATE_FILE).read_text())  # only the config: Run loads the tensors once
     overrides = [f"data.data_dir={data_dir}"] if data_dir else []
     config = config_from_dict(state["config"], overrides)
     run = Run(config, checkpoint=path)
