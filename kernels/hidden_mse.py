@@ -112,11 +112,12 @@ def _rows_source(student: Tensor, student_layers: Tensor, weight: Optional[Tenso
     pairs, rows = student_layers.numel(), student.shape[1]
     projected = student.new_empty((pairs, rows, weight.shape[0]), dtype=acc)
     weight_t = weight.to(acc).t()
+    bias_acc = None if bias is None else bias.to(acc)  # cast once, not once per layer pair
     for p, layer in enumerate(student_layers.tolist()):
-        if bias is None:
+        if bias_acc is None:
             torch.mm(student[layer].to(acc), weight_t, out=projected[p])
         else:
-            torch.addmm(bias.to(acc), student[layer].to(acc), weight_t, out=projected[p])
+            torch.addmm(bias_acc, student[layer].to(acc), weight_t, out=projected[p])
     return projected, torch.arange(pairs, device=student.device), projected
 
 
