@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from mpdistil_fast.data.encoding import EncodedSplit, iterate_batches
+from mpdistil_fast.data.encoding import EncodedSplit, _check_batch_size, iterate_batches
 
 if TYPE_CHECKING:
     from mpdistil_fast.models.task_model import TaskModel, TaskModelOutput
@@ -94,8 +94,7 @@ class TeacherCache:
 
     def __init__(self, teacher: "TaskModel", directory: Path | str | None = None, *, batch_size: int = 64,
                  keep_hidden: bool | str = False) -> None:
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        _check_batch_size(batch_size)
         self.teacher = teacher
         self.directory = Path(directory) if directory is not None else None
         self.batch_size = batch_size
