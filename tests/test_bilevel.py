@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from transformers import BertConfig, BertForSequenceClassification
 
 from helpers import rel_error
 from mpdistil_fast.bilevel import METHODS, hypergradient
+from mpdistil_fast.bilevel.functional import RandomStateReplay
 
 VOCAB, NUM_LABELS, TEMPERATURE, INNER_LR = 37, 3, 2.0, 0.5
 #: Relative error of the whole hypergradient vector against "exact", per method and dtype (issue 4).
@@ -193,6 +195,74 @@ def test_dropout_masks_are_replayed() -> None:
                                         method=method)
     for method in ("finite_difference", "forward_mode"):
         assert rel_error(flat(results[method]), flat(results["exact"])) <= 1e-6, method
+
+
+def teacher_first_inner_loss(student, teacher, batch) -> torch.Tensor:
+    """inner_loss that runs the teacher before the student (the shifted evaluations replay the teacher)."""
+    teacher_logits = teacher(**model_inputs(batch)).logits
+    return inner_loss(student, lambda **_: SimpleNamespace(logits=teacher_logits), batch)
+
+
+def test_dropout_masks_follow_each_module() -> None:
+    """Teacher and student both drop out and the teacher runs first: the shifted evaluations, which replay the
+    teacher instead of running it, must still give the student the masks of the experimental evaluation."""
+    torch.manual_seed(6)
+    student, teacher = tiny_bert(2, 16, dropout=0.3), tiny_bert(3, 24, dropout=0.3)
+    train, quiz = make_batch(), make_batch(size=4)
+    results = {}
+    for method in ("exact", "finite_difference"):
+        torch.manual_seed(321)
+        results[method] = hypergradient(student, teacher, teacher_first_inner_loss, quiz_loss, train, quiz,
+                                        inner_lr=INNER_LR, method=method)
+    assert flat(results["exact"]).norm() > 0
+    assert rel_error(flat(results["finite_difference"]), flat(results["exact"])) <= 1e-6
+
+
+class NoisyBlock(nn.Module):
+    """Dropout, a random draw that is not a dropout call (like SDPA's internal dropout), dropout again."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.dropout, self.p = nn.Dropout(p), p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.dropout(x) + torch.rand_like(x)
+        return F.dropout(x, self.p, training=self.training)
+
+
+def test_random_state_replay_masks() -> None:
+    """Masks keyed per module, replayed bit for bit (other random draws too), as dropout in value and gradient."""
+    torch.manual_seed(7)
+    first, second = NoisyBlock(0.4), NoisyBlock(0.25)
+    x = torch.randn(6, 33, dtype=torch.float64, requires_grad=True)
+    replay = RandomStateReplay([x.device], (first, second))
+    with replay.replay():
+        recorded = first(x), second(x)
+        state_after = torch.get_rng_state()
+    keep = replay._masks[(0, 0)][0]
+    assert keep.dtype == torch.uint8 and 0 < int(keep.sum()) < keep.numel()
+    assert len(replay._masks) == 4  # two calls in each module
+    for order in ((0, 1), (1, 0), (1,)):  # another order, or a module skipped: each gets its own masks
+        torch.manual_seed(99)  # replay() restarts the generator itself
+        with replay.replay():
+            replayed = {i: (first, second)[i](x) for i in order}
+        for i in order:
+            assert torch.equal(replayed[i], recorded[i])
+    with replay.replay():
+        first(x), second(x)
+        assert torch.equal(torch.get_rng_state(), state_after)
+    # value and gradient are those of dropout: x * m / (1 - p)
+    with replay.replay():
+        out = first.dropout(x)
+    grad, = torch.autograd.grad(out.sum(), x)
+    expected = keep.double() / 0.6
+    assert torch.allclose(out, x * expected, rtol=1e-15, atol=0) and torch.allclose(grad, expected, rtol=1e-15, atol=0)
+    # a call of another shape draws a fresh mask instead of failing
+    with replay.replay():
+        assert first(x[:3]).shape == (3, 33)
+    first.eval()
+    with replay.replay():
+        assert torch.equal(first.dropout(x), x)  # eval mode: identity, nothing drawn
 
 
 class StudentProbe(nn.Module):

@@ -8,19 +8,21 @@ Users write ordinary losses that call modules (``student(**inputs)``).  The engi
 * :class:`RecordedCalls` remembers a module's outputs on the first evaluation of a loss and hands them back on
   later evaluations whose inputs are the same, so the teacher runs one forward (and, at the end, one backward)
   however many times the loss is evaluated;
-* :class:`RandomStateReplay` restarts the random number generators at the same state before every evaluation of
-  one loss on one batch, so dropout draws the same masks at every parameter value (a finite difference of two
-  losses with different dropout masks would be noise).
+* :class:`RandomStateReplay` gives every evaluation of one loss on one batch the same random draws: dropout
+  masks are recorded on the first evaluation and handed back on the later ones, and the random number generators
+  restart at the same state (a finite difference of two losses with different dropout masks would be noise).
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 TensorDict = dict[str, torch.Tensor]
@@ -148,21 +150,109 @@ class RecordedCalls:
         return torch.autograd.grad(outs, parameters, grads, allow_unused=True)
 
 
-class RandomStateReplay:
-    """Snapshot of the CPU (and CUDA) random state, restored around each evaluation of one loss on one batch."""
+def _generator_state(device: torch.device) -> torch.Tensor:
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
 
-    def __init__(self, devices: list[torch.device]) -> None:
+
+def _set_generator_state(device: torch.device, state: torch.Tensor) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
+
+
+def _dropout_arguments(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False
+                       ) -> tuple[torch.Tensor, float, bool, bool]:
+    """The arguments of :func:`torch.nn.functional.dropout`, bound by its own signature."""
+    return input, p, training, inplace
+
+
+class _DropoutMasks(TorchFunctionMode):
+    """Routes :func:`torch.nn.functional.dropout` (``nn.Dropout``, Hugging Face eager attention) through
+    :meth:`RandomStateReplay._dropout` while active; every other function runs unchanged."""
+
+    def __init__(self, owner: "RandomStateReplay") -> None:
+        super().__init__()
+        self.owner = owner
+
+    def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.dropout:
+            return self.owner._dropout(func, args, kwargs)
+        return func(*args, **kwargs)
+
+
+class RandomStateReplay:
+    """The same random draws at every evaluation of one loss on one batch (each :meth:`replay` block).
+
+    * Dropout through :func:`torch.nn.functional.dropout` (``nn.Dropout`` and Hugging Face's eager attention) draws
+      a boolean keep-mask m ~ Bernoulli(1 - p) on the first evaluation and computes x * m / (1 - p); later
+      evaluations reuse m.  A mask is keyed by the module in ``modules`` that made the call (innermost, by forward
+      hooks) and its position among that module's calls, so an evaluation that skips a module (the teacher
+      replayed by :class:`RecordedCalls`) or calls the modules in another order still gets each module's own
+      masks.  Replaying a mask costs one multiply instead of a Bernoulli draw (the draw dominates dropout on CPU),
+      and the graph saves the mask as bool instead of a float noise tensor.  A call whose shape or ``p`` differs
+      from the recorded one draws a fresh mask.
+    * The CPU (and CUDA) random state is restored before every evaluation, and after each replayed dropout call set
+      to the state that followed its recording, so other random ops (dropout inside SDPA kernels) draw the same
+      numbers too.
+    """
+
+    def __init__(self, devices: Sequence[torch.device], modules: Sequence[nn.Module] = ()) -> None:
         self._cuda_devices = sorted({d.index or 0 for d in devices if d.type == "cuda"})
         self._cpu_state = torch.get_rng_state()
         self._cuda_states = [torch.cuda.get_rng_state(d) for d in self._cuda_devices]
+        self._modules = list(modules)
+        #: (module index or -1, call index within that module) -> (keep mask, p, generator state after the draw)
+        self._masks: dict[tuple[int, int], tuple[torch.Tensor, float, torch.Tensor]] = {}
+        self._recording = True
+        self._active: list[int] = []  # stack of the modules whose forward is running
+        self._calls: dict[int, int] = {}
 
     @contextlib.contextmanager
     def replay(self) -> Iterator[None]:
-        """Run the body from the snapshot's random state; the global state afterwards is whatever the body left."""
+        """Run the body with the recorded dropout masks (recording them on the first call) from the snapshot's
+        random state; the global random state afterwards is whatever the body left."""
         torch.set_rng_state(self._cpu_state)
         for device, state in zip(self._cuda_devices, self._cuda_states):
             torch.cuda.set_rng_state(state, device)
-        yield
+        self._active, self._calls = [], {}
+        handles = []
+        for index, module in enumerate(self._modules):
+            handles.append(module.register_forward_pre_hook(functools.partial(self._enter, index)))
+            handles.append(module.register_forward_hook(self._leave, always_call=True))
+        try:
+            with _DropoutMasks(self):
+                yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            self._recording = False
+
+    def _enter(self, index: int, *_: Any) -> None:
+        self._active.append(index)
+
+    def _leave(self, *_: Any) -> None:
+        self._active.pop()
+
+    def _dropout(self, func: Callable, args: tuple, kwargs: dict) -> torch.Tensor:
+        input, p, training, inplace = _dropout_arguments(*args, **kwargs)
+        if not training or not isinstance(p, (int, float)) or not 0.0 < p < 1.0:
+            return func(*args, **kwargs)  # identity, all zeros or an error: no draw to replay
+        owner = self._active[-1] if self._active else -1
+        key = (owner, self._calls.get(owner, 0))
+        self._calls[owner] = key[1] + 1
+        recorded = self._masks.get(key)
+        if self._recording or recorded is None or recorded[0].shape != input.shape \
+                or recorded[0].device != input.device or recorded[1] != p:
+            keep = torch.empty_like(input, dtype=torch.uint8).bernoulli_(1.0 - p)
+            if self._recording:
+                self._masks[key] = (keep, p, _generator_state(input.device))
+        else:
+            keep = recorded[0]
+            _set_generator_state(input.device, recorded[2])
+        scale = 1.0 / (1.0 - p)
+        return input.mul_(keep).mul_(scale) if inplace else input.mul(keep).mul_(scale)
 
 
 def call_loss(loss_fn: Callable[..., torch.Tensor], name: str, *args: Any) -> torch.Tensor:

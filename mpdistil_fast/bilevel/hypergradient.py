@@ -99,9 +99,11 @@ def hypergradient(student: nn.Module, teacher: nn.Module, inner_loss: InnerLoss,
 def meta_gradient(student: nn.Module, teacher: nn.Module, inner_loss: InnerLoss, outer_loss: OuterLoss,
                   train_batch: Any, quiz_batch: Any, *, inner_lr: float | None, method: str,
                   inner_optimizer: InnerOptimizer, inner_steps: int = 1, epsilon: float | None = None,
-                  keep_student_forward: bool = False) -> MetaGradient:
+                  keep_student_forward: bool = False, random_state: RandomStateReplay | None = None
+                  ) -> MetaGradient:
     """:func:`hypergradient` plus the losses and, with ``keep_student_forward`` (first-order methods only), the
-    student's recorded forward at theta, graph retained, for a real step on the same batch."""
+    student's recorded forward at theta, graph retained, for a real step on the same batch.  ``random_state``
+    (fresh by default) lets that real step replay the dropout masks recorded here."""
     check_choice("method", method, METHODS)
     for name, fn in (("inner_loss", inner_loss), ("outer_loss", outer_loss)):
         if not callable(fn):
@@ -114,7 +116,8 @@ def meta_gradient(student: nn.Module, teacher: nn.Module, inner_loss: InnerLoss,
         epsilon = check_positive_finite("epsilon", epsilon)
     theta = trainable_parameters(student, "student")
     phi = trainable_parameters(teacher, "teacher")
-    random_state = RandomStateReplay([p.device for p in (*theta.values(), *phi.values())])
+    if random_state is None:
+        random_state = RandomStateReplay([p.device for p in (*theta.values(), *phi.values())], (student, teacher))
     if method == "exact":
         result = _exact(student, teacher, inner_loss, outer_loss, train_batch, quiz_batch, theta, phi,
                         random_state, inner_optimizer, inner_lr, inner_steps)

@@ -33,8 +33,8 @@ What the helper takes care of:
   itself is unclipped); ``student_scheduler`` / ``teacher_scheduler`` step after their optimizers;
 * ``autocast_dtype=torch.bfloat16`` runs every loss evaluation under autocast (parameters, gradients and the
   finite difference stay in fp32; the difference step grows to bf16's cube-root epsilon);
-* dropout: every evaluation of the inner loss on x restarts from the same random state, so the experimental
-  student, the shifted students and the real step see the same dropout masks;
+* dropout: the experimental student, the shifted students and the real step see the same dropout masks, recorded
+  on the first evaluation of the inner loss on x and replayed afterwards (:class:`~.functional.RandomStateReplay`);
 * the real step runs the updated teacher without building its graph; with ``reuse_student_forward=True`` (first-
   order methods) it also reuses the student's forward on x at theta recorded by the pilot (one forward fewer, at
   the cost of keeping those activations alive);
@@ -123,14 +123,16 @@ class PilotUpdate:
         if inner_lr is None and isinstance(self.inner_optimizer, str):
             inner_lr = float(self.student_optimizer.param_groups[0]["lr"])
         reported_lr = inner_lr if inner_lr is not None else float(self.student_optimizer.param_groups[0]["lr"])
-        random_state = RandomStateReplay([p.device for p in self.student_parameters.values()])
+        random_state = RandomStateReplay([p.device for p in (*self.student_parameters.values(),
+                                                             *self.teacher_parameters.values())],
+                                         (self.student, self.teacher))
         self.teacher_optimizer.zero_grad(set_to_none=True)  # old gradients would only hold memory meanwhile
         self.student_optimizer.zero_grad(set_to_none=True)
         with self._autocast():
             result = meta_gradient(self.student, self.teacher, self.inner_loss, self.outer_loss, train_batch,
                                    quiz_batch, inner_lr=inner_lr, method=self.method,
                                    inner_optimizer=self.inner_optimizer, epsilon=self.epsilon,
-                                   keep_student_forward=self.reuse_student_forward)
+                                   keep_student_forward=self.reuse_student_forward, random_state=random_state)
         # 2. teacher update with the hypergradient
         for name, parameter in self.teacher_parameters.items():
             parameter.grad = result.teacher_grads[name]
