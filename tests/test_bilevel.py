@@ -423,6 +423,16 @@ def test_non_finite_quiz_loss(method: str) -> None:
                       inner_lr=INNER_LR, method=method)
 
 
+    def nan_gradient_quiz_loss(s, b) -> torch.Tensor:
+        """Finite value, NaN gradient: sqrt'(0) = inf times 0."""
+        logits = s(**model_inputs(b)).logits
+        return F.cross_entropy(logits, b["labels"]) + torch.sqrt((logits - logits.detach()).abs()).sum()
+
+    with pytest.raises(FloatingPointError, match="not finite"):
+        hypergradient(student, teacher, inner_loss, nan_gradient_quiz_loss, train, quiz, inner_lr=INNER_LR,
+                      method=method)
+
+
 @pytest.mark.parametrize("kwargs, error, match", [
     ({"inner_lr": -1.0}, ValueError, "inner_lr"),
     ({"inner_lr": None}, ValueError, "inner_lr"),

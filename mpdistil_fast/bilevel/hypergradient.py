@@ -187,7 +187,13 @@ def _finite_difference_step(direction: TensorDict, epsilon: float | None) -> flo
     if torch.is_autocast_enabled(reference.device.type):
         dtype = torch.get_autocast_dtype(reference.device.type)
     c = epsilon if epsilon is not None else torch.finfo(dtype).eps ** (1.0 / 3.0)
-    norm = math.sqrt(sum(float(w.double().pow(2).sum()) for w in direction.values()))
+    # the step only needs the norm's magnitude: per-tensor norms accumulated in fp32 or wider, no wide copies
+    norm = float(torch.linalg.vector_norm(torch.stack([
+        torch.linalg.vector_norm(w, dtype=torch.promote_types(w.dtype, torch.float32)).double()
+        for w in direction.values()])))
+    if not math.isfinite(norm):
+        raise FloatingPointError(f"the gradient of outer_loss at the experimental student is not finite (norm "
+                                 f"{norm}); no update was applied")
     return c / norm if norm > 0 else 0.0
 
 
