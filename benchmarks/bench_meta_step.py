@@ -6,11 +6,13 @@ classification with 3 labels, CPU, float32, eager attention and the plain-torch 
 (so the methods are compared on equal terms), plus ``finite_difference+fused``: SDPA attention and the fused C++
 ``kd_kl_div`` (neither supports double backward, so only the first-order methods can run it).
 
-Every configuration runs in its own fresh process (``--worker``) so that its peak memory is its own.  Memory:
-large allocations are returned to the OS at once (``MALLOC_MMAP_THRESHOLD_``), one warm-up step allocates the
-persistent state (gradients, optimizer moments), then the kernel's peak-RSS mark is reset
-(``/proc/self/clear_refs``) and the peak RSS of the measured steps minus the RSS before them is the step's
-*extra* memory.  Times are medians over the measured steps.
+Every measurement runs in its own fresh process (``--worker``), after one warm-up step that allocates the
+persistent state (gradients, optimizer moments).  Each configuration gets two processes per round:
+
+* time: the default allocator (as users run), ``--steps`` measured steps, median;
+* memory: large allocations are returned to the OS at once (``MALLOC_MMAP_THRESHOLD_``, which makes every large
+  allocation page-fault afresh, so this process is not timed), the kernel's peak-RSS mark is reset
+  (``/proc/self/clear_refs``) and the peak RSS of one step minus the RSS before it is the step's *extra* memory.
 
     python benchmarks/bench_meta_step.py            # the full table (a few minutes on 2 cores)
     python benchmarks/bench_meta_step.py --quick    # B=8, L=128 only
@@ -113,9 +115,11 @@ def worker(config: str, batch_size: int, seq_len: int, steps: int) -> dict:
             "threads": torch.get_num_threads()}
 
 
-def run_isolated(config: str, batch_size: int, seq_len: int, steps: int) -> dict:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0", HF_HUB_OFFLINE="1",
-               TRANSFORMERS_NO_ADVISORY_WARNINGS="1")
+def run_isolated(config: str, batch_size: int, seq_len: int, steps: int, *, memory: bool) -> dict:
+    """One worker process; ``memory=True`` switches the allocator to return large blocks at once (see above)."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_NO_ADVISORY_WARNINGS="1")
+    if memory:
+        env.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     out = subprocess.run([sys.executable, __file__, "--worker", config, "--batch", str(batch_size), "--seq",
                           str(seq_len), "--steps", str(steps)], env=env, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -129,7 +133,7 @@ def main() -> None:
     parser.add_argument("--worker", choices=CONFIGS)
     parser.add_argument("--batch", type=int, default=MAIN_SHAPE[0])
     parser.add_argument("--seq", type=int, default=MAIN_SHAPE[1])
-    parser.add_argument("--steps", type=int, default=1, help="measured steps after one warm-up step")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per process, after one warm-up step")
     parser.add_argument("--quick", action="store_true", help="only the main shape")
     parser.add_argument("--rounds", type=int, default=1,
                         help="run every configuration this many times, interleaved (round-robin), to even out drift")
@@ -147,11 +151,12 @@ def main() -> None:
     memory: dict[tuple, list[float]] = {key: [] for key in plan}
     for round_index in range(args.rounds):
         for key in plan:
-            result = run_isolated(*key, args.steps)
-            times[key] += result["times_ms"]
-            memory[key].append(result["extra_mib"])
+            timed = run_isolated(*key, args.steps, memory=False)
+            measured = run_isolated(*key, 1, memory=True)
+            times[key] += timed["times_ms"]
+            memory[key].append(measured["extra_mib"])
             print(f"  round {round_index + 1}: {key[0]:<24} B={key[1]},L={key[2]:<5} "
-                  f"{statistics.median(result['times_ms']):>9.0f} ms  {result['extra_mib']:>8.1f} MiB", flush=True)
+                  f"{statistics.median(timed['times_ms']):>9.0f} ms  {measured['extra_mib']:>8.1f} MiB", flush=True)
     name = NAME + (f"_{args.tag}" if args.tag else "")
     rows, table = [], []
     for config, batch_size, seq_len in plan:
