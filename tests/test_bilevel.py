@@ -15,6 +15,7 @@ from transformers import BertConfig, BertForSequenceClassification
 from helpers import rel_error
 from mpdistil_fast.bilevel import METHODS, hypergradient
 from mpdistil_fast.bilevel.functional import RandomStateReplay
+from mpdistil_fast.bilevel.inner_update import experimental_step, make_inner_update
 
 VOCAB, NUM_LABELS, TEMPERATURE, INNER_LR = 37, 3, 2.0, 0.5
 #: Relative error of the whole hypergradient vector against "exact", per method and dtype (issue 4).
@@ -151,7 +152,9 @@ def optimizer_with_state(kind: str, student: nn.Module, train) -> torch.optim.Op
     make = {"sgd_momentum": lambda p: torch.optim.SGD(p, lr=0.3, momentum=0.9, weight_decay=0.01),
             "sgd_nesterov": lambda p: torch.optim.SGD(p, lr=0.3, momentum=0.8, nesterov=True),
             "adam": lambda p: torch.optim.Adam(p, lr=0.01, weight_decay=0.01),
-            "adamw": lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.1)}[kind]
+            "adamw": lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.1),
+            "adam_decoupled": lambda p: torch.optim.Adam(p, lr=0.01, weight_decay=0.1, decoupled_weight_decay=True)
+            }[kind]
     optimizer = make(student.parameters())
     F.cross_entropy(student(**model_inputs(train)).logits, train["labels"]).backward()
     optimizer.step()
@@ -172,6 +175,40 @@ def test_preconditioned_inner_step(kind: str) -> None:
     plain = hypergradient(student, teacher, inner_loss, quiz_loss, train, quiz, method="exact",
                           inner_lr=optimizer.param_groups[0]["lr"])
     assert rel_error(flat(plain), flat(results["exact"])) > 1e-3
+
+
+def test_finite_difference_step_ignores_untouched_coordinates() -> None:
+    """AdamW in float32: the preconditioner is ~1e8 on embedding rows of tokens absent from the training batch
+    (v = 0 there), which do not move the inner loss; eps sized by ||w|| over all coordinates drowned the
+    difference in rounding (relative error 1.0).  Against the float64 exact hypergradient."""
+    reference_student, reference_teacher, train, quiz = problem(torch.float64, seed=2)
+    student, teacher = copy.deepcopy(reference_student).float(), copy.deepcopy(reference_teacher).float()
+    exact = hypergradient(reference_student, reference_teacher, inner_loss, quiz_loss, train, quiz, method="exact",
+                          inner_optimizer=optimizer_with_state("adamw", reference_student, train))
+    finite = hypergradient(student, teacher, inner_loss, quiz_loss, train, quiz,
+                           inner_optimizer=optimizer_with_state("adamw", student, train))
+    assert rel_error(flat(finite).double(), flat(exact)) <= 2e-3
+
+
+@pytest.mark.parametrize("kind", ["sgd_momentum", "sgd_nesterov", "adam", "adamw", "adam_decoupled"])
+def test_inner_step_is_the_optimizers_step(kind: str) -> None:
+    """Both forms of the experimental step (stored for exact, consuming for the first-order methods) equal the
+    torch optimizer's own step from the same state, and neither changes the optimizer or the student."""
+    student, _, train, _ = problem(torch.float64, seed=8)
+    optimizer = optimizer_with_state(kind, student, train)
+    theta = {n: p for n, p in student.named_parameters() if p.requires_grad}
+    grads = {n: torch.randn_like(p) for n, p in theta.items()}
+    reference_student, reference_optimizer = copy.deepcopy((student, optimizer))
+    for (name, p) in reference_student.named_parameters():
+        p.grad = grads[name].clone()
+    reference_optimizer.step()
+    expected = flat({n: p.detach() for n, p in reference_student.named_parameters() if n in theta})
+    before = copy.deepcopy(optimizer.state_dict())
+    stored = make_inner_update(optimizer, None, theta, grads).step(theta, grads)
+    consumed, scale = experimental_step(optimizer, None, theta, dict(grads))
+    assert rel_error(flat(stored), expected) <= 1e-14 and rel_error(flat(consumed), expected) <= 1e-14
+    assert not any(t.requires_grad for t in consumed.values()) and set(scale) == set(theta)
+    assert str(optimizer.state_dict()) == str(before)
 
 
 def test_adam_by_name_uses_fresh_state() -> None:

@@ -17,7 +17,11 @@ Methods (:data:`METHODS`):
                        flash attention and DeepSpeed ZeRO-3).
 ``finite_difference``  central difference along w (DARTS; SAMA, Choe et al. NeurIPS 2023):
                        h ~= -[grad_phi L(theta + eps w) - grad_phi L(theta - eps w)] / (2 eps),
-                       eps = c / ||w||, c = (machine epsilon of the compute dtype)^(1/3); error O(eps^2).
+                       eps = c / ||w_A||, c = (machine epsilon of the compute dtype)^(1/3); error O(eps^2).
+                       A = the coordinates where grad_theta L is not exactly zero: embedding rows of tokens
+                       absent from the training batch do not move L, yet Adam's preconditioner 1/(sqrt(v)+eps)
+                       is ~1e8 x larger there (v = 0 with decoupled weight decay), so ||w|| over all coordinates
+                       made eps so small that rounding swamped the difference (100% error in fp32 with AdamW).
                        Only first-order backward passes; the difference is formed in fp32 or wider.
 ``forward_mode``       the directional derivative d/dt L(theta + t w, phi) by forward-mode AD (dual numbers
                        through ``functional_call``), then one reverse pass of that scalar to phi; exact up to
@@ -45,7 +49,8 @@ from torch import nn
 from mpdistil_fast._validation import check_choice, check_positive_finite
 from mpdistil_fast.bilevel.functional import (FunctionalView, RandomStateReplay, RecordedCalls, TensorDict,
                                               call_loss, check_finite_loss, trainable_parameters)
-from mpdistil_fast.bilevel.inner_update import InnerOptimizer, InnerUpdate, make_inner_update, precondition_
+from mpdistil_fast.bilevel.inner_update import (InnerOptimizer, InnerUpdate, experimental_step, make_inner_update,
+                                                 precondition_)
 
 METHODS: tuple[str, ...] = ("exact", "finite_difference", "forward_mode", "first_order")
 
@@ -180,17 +185,31 @@ def _exact(student: nn.Module, teacher: nn.Module, inner_loss: InnerLoss, outer_
     return MetaGradient(_zeros_for_unused(dict(zip(phi, teacher_grads)), phi), first_inner, outer)
 
 
-def _finite_difference_step(direction: TensorDict, epsilon: float | None) -> float:
-    """eps = c / ||w||, c = cube root of the machine epsilon of the compute dtype unless given."""
+def _inactive_coordinates(inner_grads: TensorDict) -> dict[str, torch.Tensor]:
+    """Per tensor with exact zeros in the inner gradient, the bool mask of those zeros (coordinates the inner loss
+    does not touch, such as embedding rows of absent tokens); tensors without zeros are left out."""
+    inactive = {}
+    for name, g in inner_grads.items():
+        zero = g == 0
+        if zero.any():
+            inactive[name] = zero
+    return inactive
+
+
+def _finite_difference_step(direction: TensorDict, epsilon: float | None, inactive: dict[str, torch.Tensor]
+                            ) -> float:
+    """eps = c / ||w_A|| (see the module docstring), c = cube root of the machine epsilon of the compute dtype
+    unless given; ``inactive`` masks the coordinates outside A."""
     reference = next(iter(direction.values()))
     dtype = reference.dtype
     if torch.is_autocast_enabled(reference.device.type):
         dtype = torch.get_autocast_dtype(reference.device.type)
     c = epsilon if epsilon is not None else torch.finfo(dtype).eps ** (1.0 / 3.0)
-    # the step only needs the norm's magnitude: per-tensor norms accumulated in fp32 or wider, no wide copies
-    norm = float(torch.linalg.vector_norm(torch.stack([
-        torch.linalg.vector_norm(w, dtype=torch.promote_types(w.dtype, torch.float32)).double()
-        for w in direction.values()])))
+    norms = []
+    for name, w in direction.items():  # per-tensor norms accumulated in fp32 or wider, no wide copies
+        active = w.masked_fill(inactive[name], 0.0) if name in inactive else w
+        norms.append(torch.linalg.vector_norm(active, dtype=torch.promote_types(w.dtype, torch.float32)).double())
+    norm = float(torch.linalg.vector_norm(torch.stack(norms)))
     if not math.isfinite(norm):
         raise FloatingPointError(f"the gradient of outer_loss at the experimental student is not finite (norm "
                                  f"{norm}); no update was applied")
@@ -232,15 +251,16 @@ def _first_order_passes(student: nn.Module, teacher: nn.Module, inner_loss: Inne
     inner_grads = {name: torch.zeros_like(p) if g is None else g for (name, p), g in zip(theta.items(), grads)}
     del grads
     base = {name: p.detach() for name, p in theta.items()}
-    update = make_inner_update(inner_optimizer, inner_lr, theta, inner_grads)
-    experimental = {name: value.requires_grad_(True) for name, value in update.step(base, inner_grads).items()}
-    scale = update.scale
-    del inner_grads, update  # parameter-sized copies are freed as soon as they are used (they dominate the memory)
+    inactive = _inactive_coordinates(inner_grads)
+    # parameter-sized copies dominate the memory: the step consumes the gradients as it goes and keeps only scale
+    experimental, scale = experimental_step(inner_optimizer, inner_lr, theta, inner_grads)
+    experimental = {name: value.requires_grad_(True) for name, value in experimental.items()}
     quiz = call_loss(outer_loss, "outer_loss", FunctionalView(student, experimental), quiz_batch)
     outer = check_finite_loss("outer_loss", quiz)
     direction = precondition_(_grad_dict(quiz, experimental), scale)
     del quiz, experimental, scale
-    eps = _finite_difference_step(direction, epsilon)
+    eps = _finite_difference_step(direction, epsilon, inactive)
+    del inactive
     if eps == 0.0:  # the quiz loss is flat in theta': nothing to propagate
         zeros = {name: torch.zeros_like(p) for name, p in phi.items()}
         return MetaGradient(zeros, inner, outer, student_calls)

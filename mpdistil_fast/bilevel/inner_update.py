@@ -13,8 +13,10 @@ teacher.  The teacher hypergradient therefore needs only the preconditioned dire
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -34,25 +36,31 @@ class InnerUpdate:
     decay: dict[str, torch.Tensor | float]
 
     def step(self, theta: TensorDict, grads: TensorDict) -> TensorDict:
-        """The experimental parameters; differentiable in ``grads`` (the exact method builds on this).
+        """The experimental parameters; differentiable in ``grads`` (the exact method builds on this)."""
+        return {name: _step_tensor(value, grads[name], self.scale[name], self.offset[name], self.decay[name])
+                for name, value in theta.items()}
 
-        Plain SGD (scalar scale, no offset, no decay) is a single fused ``add`` per tensor: these parameter-sized
-        passes are a visible part of a meta step when the vocabulary embedding is large."""
-        stepped = {}
-        for name, value in theta.items():
-            scale, offset, decay = self.scale[name], self.offset[name], self.decay[name]
-            if isinstance(scale, torch.Tensor):
-                new = torch.addcmul(value, scale, grads[name], value=-1.0)
-            else:
-                new = torch.add(value, grads[name], alpha=-scale)
-            if isinstance(offset, torch.Tensor) or offset != 0.0:
-                new = new - offset
-            if isinstance(decay, torch.Tensor):
-                new = new - decay * value
-            elif decay != 0.0:
-                new = torch.add(new, value, alpha=-decay)
-            stepped[name] = new
-        return stepped
+
+Term = torch.Tensor | float
+
+
+def _step_tensor(value: torch.Tensor, grad: torch.Tensor, scale: Term, offset: Term, decay: Term) -> torch.Tensor:
+    """value - (scale * grad + offset + decay * value) in one new tensor.
+
+    One out-of-place op creates the result and the other terms are applied to it in place (autograd saves none of
+    the result for these ops, so it stays differentiable): these parameter-sized passes are a visible part of a
+    meta step when the vocabulary embedding is large."""
+    if isinstance(scale, torch.Tensor):
+        new = torch.addcmul(value, scale, grad, value=-1.0)
+    else:
+        new = torch.add(value, grad, alpha=-scale)
+    if isinstance(offset, torch.Tensor) or offset != 0.0:
+        new = new.sub_(offset)
+    if isinstance(decay, torch.Tensor):
+        new = new.addcmul_(decay, value, value=-1.0)
+    elif decay != 0.0:
+        new = new.add_(value, alpha=-decay)
+    return new
 
 
 def precondition_(vector: TensorDict, scale: dict[str, torch.Tensor | float]) -> TensorDict:
@@ -83,7 +91,7 @@ def _sgd_terms(group: dict, state: dict, lr: float) -> tuple[float, object, floa
     return lr * coefficient, lr * offset, lr * coefficient * weight_decay
 
 
-def _adam_terms(group: dict, state: dict, lr: float, grad: torch.Tensor, theta: torch.Tensor, decoupled: bool
+def _adam_terms(group: dict, state: dict, lr: float, grad: torch.Tensor, *, theta: torch.Tensor, decoupled: bool
                 ) -> tuple[torch.Tensor, object, object]:
     if group.get("amsgrad", False) or group.get("maximize", False):
         raise ValueError("inner_optimizer: Adam with amsgrad or maximize is not supported by the bi-level engine")
@@ -93,28 +101,28 @@ def _adam_terms(group: dict, state: dict, lr: float, grad: torch.Tensor, theta: 
     grad = grad.detach()
     if weight_decay and not decoupled:
         grad = grad + weight_decay * theta.detach()
-    first = state.get("exp_avg", torch.zeros_like(grad))
-    second = state.get("exp_avg_sq", torch.zeros_like(grad))
+    first, second = state.get("exp_avg"), state.get("exp_avg_sq")
     bias1, bias2 = 1.0 - beta1 ** step, 1.0 - beta2 ** step
-    denominator = (beta2 * second + (1.0 - beta2) * grad * grad).sqrt() / math.sqrt(bias2) + eps
-    scale = lr * (1.0 - beta1) / bias1 / denominator
-    offset = lr * beta1 / bias1 * first / denominator
+    # denominator = sqrt(v_hat) + eps with v = beta2 * second + (1 - beta2) g^2, built in one buffer that then
+    # becomes scale = lr (1 - beta1) / (bias1 * denominator)
+    second_moment = (grad * grad).mul_(1.0 - beta2) if second is None else \
+        torch.mul(second, beta2).addcmul_(grad, grad, value=1.0 - beta2)
+    scale = second_moment.sqrt_().div_(math.sqrt(bias2)).add_(eps).reciprocal_().mul_(lr * (1.0 - beta1) / bias1)
+    offset = 0.0 if first is None else first * scale * (beta1 / (1.0 - beta1))
     decay = lr * weight_decay if decoupled else scale * weight_decay
     return scale, offset, decay
 
 
-def make_inner_update(inner_optimizer: InnerOptimizer, inner_lr: float | None, theta: TensorDict,
-                      grads: TensorDict) -> InnerUpdate:
-    """The frozen-state inner update at ``theta`` with inner gradient ``grads``.
-
-    ``inner_optimizer`` is ``"sgd"``, ``"adam"`` (fresh state, torch's default betas and eps) or a
-    ``torch.optim.SGD`` / ``Adam`` / ``AdamW`` holding the student's parameters, whose hyperparameters and
-    state are read (never changed).  ``inner_lr`` overrides the learning rate; it is required with a string.
-    """
+def _inner_terms(inner_optimizer: InnerOptimizer, inner_lr: float | None, theta: TensorDict
+                 ) -> list[tuple[str, Callable[[torch.Tensor], tuple[Term, Term, Term]]]]:
+    """Per parameter tensor, a function of its inner gradient computing its (scale, offset, decay); arguments are
+    checked at once, the parameter-sized terms are built only when called (one tensor at a time if the caller
+    wants)."""
     if isinstance(inner_optimizer, torch.optim.Optimizer):
         optimizer: torch.optim.Optimizer | None = inner_optimizer
-        kind = ("adam" if isinstance(inner_optimizer, torch.optim.Adam) else
-                "adamw" if isinstance(inner_optimizer, torch.optim.AdamW) else
+        # AdamW subclasses Adam in recent torch, and Adam(decoupled_weight_decay=True) is AdamW's rule
+        kind = ("adamw" if isinstance(inner_optimizer, torch.optim.AdamW) else
+                "adam" if isinstance(inner_optimizer, torch.optim.Adam) else
                 "sgd" if isinstance(inner_optimizer, torch.optim.SGD) else None)
         if kind is None:
             raise ValueError(f"inner_optimizer must be 'sgd', 'adam' or a torch.optim SGD/Adam/AdamW, "
@@ -128,14 +136,49 @@ def make_inner_update(inner_optimizer: InnerOptimizer, inner_lr: float | None, t
                          f"got {inner_optimizer!r}")
     if inner_lr is not None:
         inner_lr = check_positive_finite("inner_lr", inner_lr)
-    scale, offset, decay = {}, {}, {}
+    terms = []
     for name, value in theta.items():
         group = _group_of(optimizer, value) if optimizer is not None else {}
         state = optimizer.state.get(value, {}) if optimizer is not None else {}
         lr = inner_lr if inner_lr is not None else float(group["lr"])
         if kind == "sgd":
-            scale[name], offset[name], decay[name] = _sgd_terms(group, state, lr)
+            terms.append((name, lambda grad, group=group, state=state, lr=lr: _sgd_terms(group, state, lr)))
         else:
-            scale[name], offset[name], decay[name] = _adam_terms(group, state, lr, grads[name], value,
-                                                                 decoupled=kind == "adamw")
+            terms.append((name, functools.partial(_adam_terms, group, state, lr, theta=value,
+                                                  decoupled=kind == "adamw"
+                                                  or bool(group.get("decoupled_weight_decay", False)))))
+    return terms
+
+
+def make_inner_update(inner_optimizer: InnerOptimizer, inner_lr: float | None, theta: TensorDict,
+                      grads: TensorDict) -> InnerUpdate:
+    """The frozen-state inner update at ``theta`` with inner gradient ``grads``, every term stored (the exact
+    method applies it, differentiably, for several steps).
+
+    ``inner_optimizer`` is ``"sgd"``, ``"adam"`` (fresh state, torch's default betas and eps) or a
+    ``torch.optim.SGD`` / ``Adam`` / ``AdamW`` holding the student's parameters, whose hyperparameters and
+    state are read (never changed).  ``inner_lr`` overrides the learning rate; it is required with a string.
+    """
+    scale, offset, decay = {}, {}, {}
+    for name, compute in _inner_terms(inner_optimizer, inner_lr, theta):
+        scale[name], offset[name], decay[name] = compute(grads[name])
     return InnerUpdate(scale, offset, decay)
+
+
+def experimental_step(inner_optimizer: InnerOptimizer, inner_lr: float | None, theta: TensorDict,
+                      grads: TensorDict) -> tuple[TensorDict, dict[str, Term]]:
+    """One frozen-state inner step for the first-order methods: ``(theta', scale)``, with the same rule as
+    :func:`make_inner_update`, at the memory of two parameter-sized copies; ``theta'`` is detached from
+    ``theta`` (the student's parameters, by which the optimizer's state is found).
+
+    Consumes ``grads``: each gradient is dropped from the dictionary as soon as its parameter is stepped, and
+    offsets and decays live one tensor at a time; only ``scale`` (for :func:`precondition_`) is kept.
+    """
+    stepped, scales = {}, {}
+    for name, compute in _inner_terms(inner_optimizer, inner_lr, theta):
+        grad = grads.pop(name)
+        scale, offset, decay = compute(grad)
+        stepped[name] = _step_tensor(theta[name].detach(), grad, scale, offset, decay)
+        scales[name] = scale
+        del grad, scale, offset, decay
+    return stepped, scales
