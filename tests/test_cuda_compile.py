@@ -1,6 +1,9 @@
-"""Every CUDA source compiles (nvcc -c, C++20, torch's include paths), so a broken .cu is caught without a GPU."""
+"""Every CUDA source compiles (nvcc -c, C++20, torch's include paths), so a broken .cu is caught without a GPU;
+the C++ bindings of the CUDA kernels (csrc/cuda/*.cpp, built only on CUDA machines) pass a C++20 syntax and type
+check against torch's and the CUDA toolkit's headers."""
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
@@ -11,7 +14,11 @@ from torch.utils.cpp_extension import COMMON_NVCC_FLAGS, include_paths
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA_SOURCES = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
+CUDA_BINDINGS = sorted((ROOT / "csrc" / "cuda").glob("*.cpp"))
 NVCC = shutil.which("nvcc")
+CXX = shutil.which(os.environ.get("CXX", "c++"))
+#: CMake-generated in CUDA builds of torch and missing from CPU wheels; one macro (shared-library build).
+CUDA_CMAKE_MACROS = "c10/cuda/impl/cuda_cmake_macros.h"
 
 
 def compile_cuda(source: Path, out_dir: Path) -> subprocess.CompletedProcess:
@@ -27,5 +34,36 @@ def test_every_cuda_source_compiles(tmp_path):
     assert CUDA_SOURCES, "no csrc/cuda/*.cu found"
     with ThreadPoolExecutor(max_workers=2) as pool:
         results = dict(zip(CUDA_SOURCES, pool.map(lambda s: compile_cuda(s, tmp_path), CUDA_SOURCES)))
+    failures = {s.name: r.stderr[-3000:] for s, r in results.items() if r.returncode != 0}
+    assert not failures, "\n\n".join(f"{name}:\n{err}" for name, err in failures.items())
+
+
+def cuda_toolkit_include() -> Path | None:
+    """The CUDA toolkit's include directory (cuda_runtime_api.h), next to nvcc or under CUDA_HOME / CUDA_PATH."""
+    candidates = [Path(os.environ[v]) / "include" for v in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(v)]
+    if NVCC is not None:
+        candidates.append(Path(NVCC).resolve().parents[1] / "include")
+    candidates.append(Path("/usr/local/cuda/include"))
+    return next((c for c in candidates if (c / "cuda_runtime_api.h").is_file()), None)
+
+
+def check_binding(source: Path, shim: Path, toolkit: Path) -> subprocess.CompletedProcess:
+    includes = [f"-I{p}" for p in (str(ROOT / "csrc"), *include_paths(), str(shim), str(toolkit))]
+    command = [CXX, "-fsyntax-only", "-std=c++20", "-DMPDISTIL_WITH_CUDA=1", *includes, str(source)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.skipif(NVCC is None or CXX is None, reason="nvcc or a C++ compiler is not installed")
+def test_every_cuda_binding_compiles(tmp_path):
+    toolkit = cuda_toolkit_include()
+    if toolkit is None:
+        pytest.skip("the CUDA toolkit headers (cuda_runtime_api.h) were not found")
+    assert CUDA_BINDINGS, "no csrc/cuda/*.cpp found"
+    shim = tmp_path / "shim"
+    if not any((Path(p) / CUDA_CMAKE_MACROS).is_file() for p in include_paths()):
+        (shim / CUDA_CMAKE_MACROS).parent.mkdir(parents=True)
+        (shim / CUDA_CMAKE_MACROS).write_text("#define C10_CUDA_BUILD_SHARED_LIBS\n")
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = dict(zip(CUDA_BINDINGS, pool.map(lambda s: check_binding(s, shim, toolkit), CUDA_BINDINGS)))
     failures = {s.name: r.stderr[-3000:] for s, r in results.items() if r.returncode != 0}
     assert not failures, "\n\n".join(f"{name}:\n{err}" for name, err in failures.items())
