@@ -265,8 +265,14 @@ def _first_order_passes(student: nn.Module, teacher: nn.Module, inner_loss: Inne
         zeros = {name: torch.zeros_like(p) for name, p in phi.items()}
         return MetaGradient(zeros, inner, outer, student_calls)
 
+    shifted: TensorDict = {}  # one buffer for every shift, made on first use
+
     def grads_at(shift: float) -> tuple[torch.Tensor | None, ...]:
-        shifted = {name: torch.add(base[name], direction[name], alpha=shift) for name in base}
+        for name, value in base.items():  # the previous evaluation's graph is gone: overwriting is safe
+            if name in shifted:
+                torch.add(value, direction[name], alpha=shift, out=shifted[name])
+            else:
+                shifted[name] = torch.add(value, direction[name], alpha=shift)
         with random_state.replay():
             value = call_loss(inner_loss, "inner_loss", FunctionalView(student, shifted), teacher_calls.replay(),
                               train_batch)
