@@ -92,6 +92,15 @@ def test_matches_float64_reference(backend, mode, hidden, student_width):
     check_against_reference(backend, mode, *case)
 
 
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b.values[0] != "triton"])
+@pytest.mark.parametrize("batch,width,hidden", [(1100, 64, None), (1030, 37, 6)])
+def test_large_batch_split_over_threads(backend, batch, width, hidden):
+    """Enough rows that the CPU kernel splits the head's one-pass backward over threads (per-thread partials of
+    grad W summed at the end), with row counts and widths that leave remainders."""
+    case = make_case(batch, width, 5, hidden=hidden)
+    check_against_reference(backend, "competitive", *case)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
 def test_dtypes(backend, dtype):

@@ -8,6 +8,7 @@
 #include <cmath>
 #include <limits>
 #include <type_traits>
+#include <vector>
 
 #include "common.h"
 #include "meta_teacher.h"
@@ -98,8 +99,7 @@ void gelu_grad_rows(const acc_t* a, const acc_t* grad_g, int64_t n, acc_t* grad_
 }
 
 // A linear layer with at most kSkinnyOutputs outputs (the discriminator head: K labels) is memory-bound: one
-// vectorised pass per input row beats a GEMM call, which handles such thin shapes poorly.  (Its backward stays
-// on the GEMMs: a one-pass fused version measured slower here.)
+// vectorised pass per input row beats a GEMM call, which handles such thin shapes poorly (forward and backward).
 constexpr int64_t kSkinnyOutputs = 16;
 
 // out[i, k] = b[k] + x_i . W_k (the row stays in L1 across the N dot products; two accumulators per dot).
@@ -125,6 +125,80 @@ void skinny_linear(const acc_t* x, const acc_t* w, const acc_t* b, int64_t rows,
       }
     }
   });
+}
+
+// Rows [i, i + R) of the skinny backward below: grad_W partial gw [N, H] and gb [N] accumulate g[r, k] x_r, and
+// grad_x_r = sum_k g[r, k] W_k when grad_x is given.  R rows share each load/store of gw and each load of W (the
+// pass is bound by those L1 accesses, not by arithmetic).
+template <typename acc_t, int R>
+inline void skinny_backward_rows(const acc_t* g, const acc_t* x, const acc_t* w, int64_t i, int64_t H, int64_t N,
+                                 acc_t* gw, acc_t* gb, acc_t* grad_x) {
+  using V = Vec<acc_t>;
+  constexpr int64_t width = V::size();
+  acc_t c[R][kSkinnyOutputs];
+  for (int r = 0; r < R; ++r)
+    for (int64_t k = 0; k < N; ++k) {
+      c[r][k] = g[(i + r) * N + k];
+      gb[k] += c[r][k];
+    }
+  int64_t h = 0;
+  for (; h + width <= H; h += width) {
+    V xv[R], gx[R];
+    for (int r = 0; r < R; ++r) {
+      xv[r] = V::loadu(x + (i + r) * H + h);
+      gx[r] = V(acc_t(0));
+    }
+    for (int64_t k = 0; k < N; ++k) {
+      V partial = V::loadu(gw + k * H + h);
+      for (int r = 0; r < R; ++r) partial = at::vec::fmadd(V(c[r][k]), xv[r], partial);
+      partial.store(gw + k * H + h);
+      if (grad_x != nullptr) {
+        const V wv = V::loadu(w + k * H + h);
+        for (int r = 0; r < R; ++r) gx[r] = at::vec::fmadd(V(c[r][k]), wv, gx[r]);
+      }
+    }
+    if (grad_x != nullptr)
+      for (int r = 0; r < R; ++r) gx[r].store(grad_x + (i + r) * H + h);
+  }
+  for (; h < H; ++h)
+    for (int r = 0; r < R; ++r) {
+      acc_t gx = 0;
+      for (int64_t k = 0; k < N; ++k) {
+        gw[k * H + h] += c[r][k] * x[(i + r) * H + h];
+        gx += c[r][k] * w[k * H + h];
+      }
+      if (grad_x != nullptr) grad_x[(i + r) * H + h] = gx;
+    }
+}
+
+// Backward of out = x W^T + b for a skinny W [N, H] in one pass over the rows of x (N <= kSkinnyOutputs):
+//   grad_W[k] += sum_i g[i, k] x_i,   grad_b[k] += sum_i g[i, k],   grad_x_i = sum_k g[i, k] W_k (when wanted).
+// Each thread owns a contiguous block of rows and an [N, H] partial of grad_W (in L1/L2), summed in block order
+// at the end (deterministic for a given thread count); x is read once, grad_x written once.
+template <typename acc_t>
+void skinny_linear_backward(const acc_t* g, const acc_t* x, const acc_t* w, int64_t rows, int64_t H, int64_t N,
+                            acc_t* grad_w, acc_t* grad_b, acc_t* grad_x) {
+  constexpr int kRowsPerStep = 4;
+  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(),
+                                                                 rows / std::max<int64_t>(1, row_grain(H))));
+  const int64_t stride = N * (H + 1);  // per block: [N, H] weight partial, then [N] bias partial
+  std::vector<acc_t> partial(static_cast<size_t>(blocks * stride), acc_t(0));
+  at::parallel_for(0, blocks, 1, [&](int64_t first_block, int64_t last_block) {
+    for (int64_t block = first_block; block < last_block; ++block) {
+      acc_t* gw = partial.data() + block * stride;
+      int64_t i = rows * block / blocks;
+      const int64_t end = rows * (block + 1) / blocks;
+      for (; i + kRowsPerStep <= end; i += kRowsPerStep)
+        skinny_backward_rows<acc_t, kRowsPerStep>(g, x, w, i, H, N, gw, gw + N * H, grad_x);
+      for (; i < end; ++i) skinny_backward_rows<acc_t, 1>(g, x, w, i, H, N, gw, gw + N * H, grad_x);
+    }
+  });
+  for (int64_t j = 0; j < stride; ++j) {
+    acc_t total = 0;
+    for (int64_t block = 0; block < blocks; ++block) total += partial[block * stride + j];
+    if (j < N * H) grad_w[j] += total;
+    else grad_b[j - N * H] += total;
+  }
 }
 
 struct CpuRowKernels final : mpdistil::meta_teacher::RowKernels {
@@ -167,6 +241,30 @@ struct CpuRowKernels final : mpdistil::meta_teacher::RowKernels {
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "meta_teacher_linear", [&] {
       skinny_linear<scalar_t>(x.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), bias.data_ptr<scalar_t>(),
                               x.size(0), x.size(1), weight.size(0), out.data_ptr<scalar_t>());
+    });
+  }
+
+  void linear_backward(const at::Tensor& grad_out, const at::Tensor& x_a, const at::Tensor& x_b,
+                       const at::Tensor& weight, at::Tensor& grad_weight, at::Tensor& grad_bias, at::Tensor* grad_x_a,
+                       at::Tensor* grad_x_b) const override {
+    if (weight.size(0) > kSkinnyOutputs)
+      return RowKernels::linear_backward(grad_out, x_a, x_b, weight, grad_weight, grad_bias, grad_x_a, grad_x_b);
+    const int64_t N = weight.size(0), H = weight.size(1);
+    const at::Tensor grad = grad_out.contiguous(), w = weight.contiguous();
+    grad_weight = at::zeros_like(w);
+    grad_bias = at::zeros({N}, w.options());
+    const int64_t rows_a = x_a.size(0);
+    AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "meta_teacher_linear_backward", [&] {
+      auto half = [&](const at::Tensor& x, int64_t offset, at::Tensor* grad_x) {
+        const at::Tensor rows = x.contiguous();
+        if (grad_x != nullptr) *grad_x = at::empty_like(rows);
+        skinny_linear_backward<scalar_t>(grad.data_ptr<scalar_t>() + offset * N, rows.data_ptr<scalar_t>(),
+                                         w.data_ptr<scalar_t>(), rows.size(0), H, N, grad_weight.data_ptr<scalar_t>(),
+                                         grad_bias.data_ptr<scalar_t>(),
+                                         grad_x == nullptr ? nullptr : grad_x->data_ptr<scalar_t>());
+      };
+      half(x_a, 0, grad_x_a);
+      if (x_b.defined()) half(x_b, rows_a, grad_x_b);
     });
   }
 };
