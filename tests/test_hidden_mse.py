@@ -137,6 +137,26 @@ def test_all_masked_is_zero(backend, reduction):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layer_map, read", [("last", [0, 1, 2]), ([(0, 1), (2, 1), (0, 2)], [0, 2])])
+def test_unread_layers_and_padding_get_exact_zeros(backend, layer_map, read):
+    """Student layers no pair reads and padding rows get exactly zero gradient, also when the allocator hands out
+    memory that held NaN (the CPU kernel writes each read layer's valid rows once, accumulating when a layer is read
+    twice, instead of zero-filling the whole stack first)."""
+    student, teacher, weight, bias, mask = make_case((4, 2, 3, 5), (6, 2, 3, 8), projection=True)
+    unread = [k for k in range(4) if k not in read]
+    for _ in range(3):
+        poison = torch.full(student.shape, float("nan"))  # freed right away: its block is likely reused below
+        del poison
+        loss = mpdistil_fast.hidden_mse(student, teacher, mask=mask, projection=(weight, bias), layer_map=layer_map,
+                                        backend=backend)
+        grad, = torch.autograd.grad(loss, [student])
+        assert torch.equal(grad[unread], torch.zeros_like(grad[unread]))
+        padding = grad[read][:, ~mask]
+        assert torch.equal(padding, torch.zeros_like(padding)) and grad[read][:, mask].abs().amin() > 0
+    check_against_reference(backend, student, teacher, weight, bias, mask, layer_map=layer_map)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_extreme_values(backend):
     """Large magnitudes, and all-zero rows under normalisation (the norm clamp must give finite gradients)."""
     student, teacher, _, _, mask = make_case((2, 3, 4, 8), (2, 3, 4, 8))

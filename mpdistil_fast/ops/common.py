@@ -96,10 +96,15 @@ class _EagerFused(torch.autograd.Function):
         outputs = getattr(ctx.kernels, f"{op.name}_fwd")(*inputs[:-1])
         op.setup_context(ctx, tuple(inputs), outputs)
         ctx.mark_non_differentiable(*(outputs[i] for i in op.non_differentiable_outputs))
+        # outputs saved for backward (hidden MSE's [P, N, H_t] projection, softmax stats) get no gradient: without
+        # this, autograd would allocate and zero-fill one of their size (15 ms per hidden-MSE step on this CPU)
+        ctx.set_materialize_grads(False)
         return tuple(outputs)
 
     @staticmethod
     def backward(ctx, *grads):
+        if grads[0] is None:  # only the loss is differentiable: nothing flows back
+            return (None,) * (len(ctx.needs_input_grad))
         with torch.no_grad():  # the kernels are not differentiable (create_graph=True is handled below)
             result = ctx.op.backward(ctx, getattr(ctx.kernels, f"{ctx.op.name}_bwd"), *grads)
         anchors = [t for t in (*ctx.saved_tensors, *grads) if isinstance(t, torch.Tensor) and t.requires_grad]
