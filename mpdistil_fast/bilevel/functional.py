@@ -199,9 +199,9 @@ class RandomStateReplay:
     """
 
     def __init__(self, devices: Sequence[torch.device], modules: Sequence[nn.Module] = ()) -> None:
-        self._cuda_devices = sorted({d.index or 0 for d in devices if d.type == "cuda"})
-        self._cpu_state = torch.get_rng_state()
-        self._cuda_states = [torch.cuda.get_rng_state(d) for d in self._cuda_devices]
+        generators = [torch.device("cpu")] + [torch.device("cuda", index)
+                                              for index in sorted({d.index or 0 for d in devices if d.type == "cuda"})]
+        self._states = [(device, _generator_state(device)) for device in generators]
         self._modules = list(modules)
         #: (module index or -1, call index within that module) -> (keep mask, p, generator state after the draw)
         self._masks: dict[tuple[int, int], tuple[torch.Tensor, float, torch.Tensor]] = {}
@@ -213,9 +213,8 @@ class RandomStateReplay:
     def replay(self) -> Iterator[None]:
         """Run the body with the recorded dropout masks (recording them on the first call) from the snapshot's
         random state; the global random state afterwards is whatever the body left."""
-        torch.set_rng_state(self._cpu_state)
-        for device, state in zip(self._cuda_devices, self._cuda_states):
-            torch.cuda.set_rng_state(state, device)
+        for device, state in self._states:
+            _set_generator_state(device, state)
         self._active, self._calls = [], {}
         handles = []
         for index, module in enumerate(self._modules):
