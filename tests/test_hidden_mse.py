@@ -140,8 +140,7 @@ def test_all_masked_is_zero(backend, reduction):
 @pytest.mark.parametrize("layer_map, read", [("last", [0, 1, 2]), ([(0, 1), (2, 1), (0, 2)], [0, 2])])
 def test_unread_layers_and_padding_get_exact_zeros(backend, layer_map, read):
     """Student layers no pair reads and padding rows get exactly zero gradient, also when the allocator hands out
-    memory that held NaN (the CPU kernel writes each read layer's valid rows once, accumulating when a layer is read
-    twice, instead of zero-filling the whole stack first)."""
+    memory that held NaN and when the CPU kernel reuses the buffer of its previous gradient."""
     student, teacher, weight, bias, mask = make_case((4, 2, 3, 5), (6, 2, 3, 8), projection=True)
     unread = [k for k in range(4) if k not in read]
     for _ in range(3):
@@ -154,6 +153,33 @@ def test_unread_layers_and_padding_get_exact_zeros(backend, layer_map, read):
         padding = grad[read][:, ~mask]
         assert torch.equal(padding, torch.zeros_like(padding)) and grad[read][:, mask].abs().amin() > 0
     check_against_reference(backend, student, teacher, weight, bias, mask, layer_map=layer_map)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reused_buffers_never_leak_between_calls(backend):
+    """The CPU kernel reuses its saved-projection, gradient and workspace buffers once nothing holds them: a
+    gradient the caller keeps is never overwritten, two graphs alive at once each keep their own saved rows, and
+    masks whose valid-row count grows or shrinks between calls still match the float64 reference."""
+    student, teacher, weight, bias, _ = make_case((3, 4, 6, 5), (3, 4, 6, 8), projection=True, teacher_grad=False)
+    leaves = [student, weight, bias]
+
+    def run(mask):
+        loss = mpdistil_fast.hidden_mse(student, teacher, mask=mask, projection=(weight, bias), backend=backend)
+        return loss, torch.autograd.grad(loss, leaves, retain_graph=True)
+
+    masks = [torch.rand(4, 6) > p for p in (0.8, 0.1, 0.5)]  # few, most, then some valid rows
+    first_loss, first_grads = run(masks[0])
+    kept = [g.clone() for g in first_grads]
+    second_loss, _ = run(masks[1])  # the first graph (and its saved rows) is still alive
+    for mask, loss in ((masks[0], first_loss), (masks[1], second_loss)):
+        check_against_reference(backend, student, teacher, weight, bias, mask)
+        expected = reference(student.detach().double(), teacher.double(), [(k, k) for k in range(3)], mask,
+                             weight.detach().double(), bias.detach().double(), False, "mean")
+        assert_rel_close(loss, expected, torch.float32, what="loss of a live graph")
+    assert all(torch.equal(g, k) for g, k in zip(first_grads, kept))
+    grads_again = torch.autograd.grad(first_loss, leaves)  # backward of the older graph after newer calls
+    assert all(torch.equal(g, k) for g, k in zip(grads_again, kept))
+    check_against_reference(backend, student, teacher, weight, bias, masks[2])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -140,24 +140,32 @@ inline void stream_fence() {
 // Grain size for at::parallel_for over rows of length `row_length`: about 32K elements per task.
 inline int64_t row_grain(int64_t row_length) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, row_length)); }
 
-// A large output (a gradient) that reuses the previous call's buffer once nobody else holds it.  The CPU allocator
-// returns big blocks to the OS, so every fresh [N, V] gradient costs first-touch page faults: on a 2-core VM that
-// is more than the fused kernel itself.  The buffer is reused only when this cache holds the last reference to its
-// storage (no tensor, view, autograd graph or .grad uses it), so a returned gradient is never overwritten.
-// Keeps one buffer per OutputCache alive between calls.
+// A large buffer that reuses the previous call's memory once nobody else holds it.  The CPU allocator returns big
+// blocks to the OS, so every fresh multi-MB buffer costs first-touch page faults: on a 2-core VM that is more than
+// the fused kernel itself.  The buffer is reused only when this cache holds the last reference to its storage (no
+// tensor, view, autograd graph or .grad uses it), so nothing handed out is ever overwritten.  Keeps one buffer per
+// OutputCache alive between calls.
+//   take():       exactly `sizes` (outputs returned to the caller, e.g. a gradient);
+//   take_scratch(): a view of the first numel(sizes) elements of a buffer at least that large (workspaces and
+//                 saved activations whose size follows a mask, so it changes from batch to batch).
 class OutputCache {
  public:
-  at::Tensor take(at::IntArrayRef sizes, const at::TensorOptions& options) {
-    const std::lock_guard<std::mutex> lock(mutex_);
-    const int64_t numel = c10::multiply_integers(sizes);
-    const bool reusable = buffer_.defined() && buffer_.use_count() == 1 && buffer_.storage().use_count() == 1 &&
-                          buffer_.numel() == numel && buffer_.dtype() == options.dtype() &&
-                          buffer_.device() == options.device();
-    if (!reusable) buffer_ = at::empty({numel}, options);
-    return buffer_.view(sizes);
+  at::Tensor take(at::IntArrayRef sizes, const at::TensorOptions& options) { return get(sizes, options, false); }
+  at::Tensor take_scratch(at::IntArrayRef sizes, const at::TensorOptions& options) {
+    return get(sizes, options, true);
   }
 
  private:
+  at::Tensor get(at::IntArrayRef sizes, const at::TensorOptions& options, bool larger_ok) {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    const int64_t numel = c10::multiply_integers(sizes);
+    const bool reusable = buffer_.defined() && buffer_.use_count() == 1 && buffer_.storage().use_count() == 1 &&
+                          (larger_ok ? buffer_.numel() >= numel : buffer_.numel() == numel) &&
+                          buffer_.dtype() == options.dtype() && buffer_.device() == options.device();
+    if (!reusable) buffer_ = at::empty({numel}, options);
+    return buffer_.narrow(0, 0, numel).view(sizes);
+  }
+
   std::mutex mutex_;
   at::Tensor buffer_;
 };
