@@ -59,6 +59,16 @@ def check_positive_finite(name: str, value: object) -> float:
     return value
 
 
+def check_unit_interval(name: str, value: object) -> float:
+    """A real number in [0, 1] (mixture weights)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not 0.0 <= value <= 1.0:  # also rejects NaN
+        raise ValueError(f"{name} must lie in [0, 1], got {value}")
+    return value
+
+
 def check_choice(name: str, value: object, choices: Collection[str]) -> str:
     if not isinstance(value, str) or value not in choices:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")

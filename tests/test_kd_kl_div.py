@@ -1,4 +1,5 @@
-"""kd_kl_div: every backend against an independent float64 formula (loss, student and teacher gradients)."""
+"""kd_kl_div: every backend against an independent float64 formula (loss, student and teacher gradients), for
+forward / reverse KL and the generalized JSD (``direction="jsd"``)."""
 from __future__ import annotations
 
 import math
@@ -14,27 +15,44 @@ from tests.helpers import REL_TOL, assert_rel_close, backend_params, gpu_test
 BACKENDS = backend_params("kd_kl_div")
 REDUCTIONS = ("batchmean", "sum", "mean", "none")
 TEMPERATURES = (0.5, 1.0, 2.0, 5.0)
+DIRECTIONS = ("forward", "reverse", "jsd")
 
 
 def reference(student: torch.Tensor, teacher: torch.Tensor, temperature: float, reduction: str = "batchmean",
-              scale_by_t2: bool = True, mask: torch.Tensor | None = None, direction: str = "forward") -> torch.Tensor:
-    """KD loss in float64 written out from the definitions: sum_v p (log p - log q), p the weighting softmax.
+              scale_by_t2: bool = True, mask: torch.Tensor | None = None, direction: str = "forward",
+              beta: float | None = None) -> torch.Tensor:
+    """KD loss in float64 written out from the definitions: sum_v p (log p - log q), p the weighting softmax; for
+    ``"jsd"`` beta KL(p_t || m) + (1 - beta) KL(p_s || m) with the mixture m = beta p_t + (1 - beta) p_s formed
+    explicitly (beta 0 / 1 mean forward / reverse KL).
 
-    Masked rows are not read and rows whose weighting logits are all -inf count as 0 (they are replaced by zeros
-    before use, so they contribute neither loss nor gradient).
+    Masked rows are not read and rows whose weighting logits (for the JSD: teacher or student logits) are all -inf
+    count as 0 (they are replaced by zeros before use, so they contribute neither loss nor gradient).
     """
     s, t = student.double() / temperature, teacher.double() / temperature
-    weights, other = (t, s) if direction == "forward" else (s, t)
-    keep = torch.isfinite(weights.amax(-1, keepdim=True))
+    if direction == "jsd" and beta in (0.0, 1.0):
+        direction = "forward" if beta == 0.0 else "reverse"
+    if direction == "jsd":
+        keep = torch.isfinite(t.amax(-1, keepdim=True)) & torch.isfinite(s.amax(-1, keepdim=True))
+    else:
+        keep = torch.isfinite((t if direction == "forward" else s).amax(-1, keepdim=True))
     if mask is not None:
         keep = keep & mask.unsqueeze(-1)
-    weights, other = torch.where(keep, weights, 0.0), torch.where(keep, other, 0.0)
-    log_p = weights - torch.logsumexp(weights, dim=-1, keepdim=True)
-    log_q = other - torch.logsumexp(other, dim=-1, keepdim=True)
-    p = log_p.exp()
-    zero = torch.zeros_like(p)
-    terms = torch.where(p > 0, p * (torch.where(p > 0, log_p, zero) - log_q), zero)
-    rows = torch.where(keep.squeeze(-1), terms.sum(-1), 0.0)
+    s, t = torch.where(keep, s, 0.0), torch.where(keep, t, 0.0)
+    log_t, log_s = t.log_softmax(-1), s.log_softmax(-1)
+
+    def kl_rows(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:  # sum_v p log(p / q); p = 0 gives 0
+        positive = log_p.exp() > 0  # (entries below float64's range, p < 1e-308, count as 0 too)
+        zero = torch.zeros_like(log_p)
+        return torch.where(positive, log_p.exp() * (torch.where(positive, log_p, zero) - log_q), zero).sum(-1)
+
+    if direction == "jsd":
+        beta = 0.5 if beta is None else beta
+        mixture = beta * log_t.exp() + (1 - beta) * log_s.exp()
+        log_mixture = torch.where(mixture > 0, mixture, 1.0).log()  # m = 0 only where both are (then unused)
+        rows = beta * kl_rows(log_t, log_mixture) + (1 - beta) * kl_rows(log_s, log_mixture)
+    else:
+        rows = kl_rows(log_t, log_s) if direction == "forward" else kl_rows(log_s, log_t)
+    rows = torch.where(keep.squeeze(-1), rows, 0.0)
     if scale_by_t2:
         rows = rows * temperature ** 2
     valid = torch.ones_like(rows, dtype=torch.bool) if mask is None else mask
@@ -90,11 +108,23 @@ def test_every_reduction_matches_float64(backend, direction, temperature):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("beta", [0.1, 0.5, 0.9])
+@pytest.mark.parametrize("temperature", TEMPERATURES)
+def test_jsd_every_reduction_matches_float64(backend, beta, temperature):
+    shape = small_shape(backend)
+    student, teacher = logits(*shape), logits(*shape)
+    for reduction in REDUCTIONS:
+        check_against_reference(backend, student, teacher, temperature, reduction=reduction, direction="jsd",
+                                beta=beta)
+    check_against_reference(backend, student, teacher, temperature, scale_by_t2=False, direction="jsd", beta=beta)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 def test_dtypes(backend, dtype):
     shape = small_shape(backend)
     student, teacher = logits(*shape, dtype=dtype), logits(*shape, dtype=dtype)
-    for direction in ("forward", "reverse"):
+    for direction in DIRECTIONS:
         check_against_reference(backend, student, teacher, 2.0, direction=direction, reduction="none")
 
 
@@ -104,10 +134,12 @@ def test_odd_shapes(backend, shape):
     if backend == "triton" and shape[-1] > 64:
         shape = (2, 130)  # crosses a 128-wide block boundary cheaply
     student, teacher = logits(*shape), logits(*shape)
-    check_against_reference(backend, student, teacher, 1.0, reduction="sum")
-    if shape[-1] == 1:  # one class: both distributions are 1, the loss and gradients are exactly 0
-        loss, grad_s, grad_t = loss_and_grads(lambda s, t: kd_kl_div(s, t, backend=backend), student, teacher)
-        assert loss.item() == 0 and not grad_s.any() and not grad_t.any()
+    for direction in DIRECTIONS:
+        check_against_reference(backend, student, teacher, 1.0, reduction="sum", direction=direction)
+        if shape[-1] == 1:  # one class: both distributions are 1, the loss and gradients are exactly 0
+            loss, grad_s, grad_t = loss_and_grads(lambda s, t: kd_kl_div(s, t, direction=direction, backend=backend),
+                                                  student, teacher)
+            assert loss.item() == 0 and not grad_s.any() and not grad_t.any()
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b.id in ("torch", "cpp")])
@@ -117,6 +149,7 @@ def test_liger_odd_shape_and_llm_vocabulary(backend):
     vocab = 262_144
     teacher = logits(2, vocab) + torch.linspace(0, 30, vocab)  # the row max keeps moving to later chunks
     check_against_reference(backend, logits(2, vocab), teacher, 1.0)
+    check_against_reference(backend, logits(2, vocab), teacher, 1.0, direction="jsd", beta=0.3)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -125,28 +158,36 @@ def test_masks(backend):
     student, teacher = logits(*shape), logits(*shape)
     mask = torch.rand(shape[:-1]) > 0.4
     student[~mask] = float("nan")  # garbage in masked rows must not leak
-    for reduction in REDUCTIONS:
-        check_against_reference(backend, student, teacher, 2.0, reduction=reduction, mask=mask)
     none = torch.zeros(shape[:-1], dtype=torch.bool)
-    for reduction in REDUCTIONS:
-        loss, grad_s, grad_t = loss_and_grads(
-            lambda s, t: kd_kl_div(s, t, 2.0, reduction=reduction, mask=none, backend=backend), student, teacher)
-        assert (loss == 0).all() and (grad_s == 0).all() and (grad_t == 0).all(), reduction
+    for direction in ("forward", "jsd"):
+        for reduction in REDUCTIONS:
+            check_against_reference(backend, student, teacher, 2.0, reduction=reduction, mask=mask,
+                                    direction=direction)
+            loss, grad_s, grad_t = loss_and_grads(
+                lambda s, t: kd_kl_div(s, t, 2.0, reduction=reduction, mask=none, direction=direction,
+                                       backend=backend), student, teacher)
+            assert (loss == 0).all() and (grad_s == 0).all() and (grad_t == 0).all(), (direction, reduction)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("direction", ["forward", "reverse"])
+@pytest.mark.parametrize("direction", DIRECTIONS)
 def test_minus_inf_logits(backend, direction):
-    """-inf in the weighting distribution (teacher for forward KL) contributes 0; an all -inf row contributes 0."""
+    """-inf in the weighting distribution (teacher for forward KL and the JSD) contributes 0; an all -inf row
+    contributes 0.  For the JSD the student also has -inf entries, some where the teacher has them too."""
     shape = small_shape(backend)
     student, teacher = logits(*shape), logits(*shape)
-    weighting = teacher if direction == "forward" else student
+    weighting = student if direction == "reverse" else teacher
     weighting[..., ::3] = float("-inf")  # a masked vocabulary
     weighting[0, 0] = float("-inf")  # a row without any entry
+    if direction == "jsd":
+        student[..., ::2] = float("-inf")  # disjoint from, and shared with, the teacher's -inf entries
+        student[1, 1] = float("-inf")  # a row where only the student has no entry
     check_against_reference(backend, student, teacher, 2.0, direction=direction, reduction="none")
     loss, grad_s, grad_t = loss_and_grads(
         lambda s, t: kd_kl_div(s, t, 2.0, direction=direction, reduction="none", backend=backend), student, teacher)
     assert loss[0, 0] == 0 and not grad_s[0, 0].any() and not grad_t[0, 0].any()
+    if direction == "jsd":
+        assert loss[1, 1] == 0 and not grad_s[1, 1].any() and not grad_t[1, 1].any()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -158,11 +199,12 @@ def test_huge_logits_stay_finite(backend):
     shape = small_shape(backend)
     spread = logits(*shape, scale=1e4), logits(*shape, scale=1e4)
     offset = 1e4 + logits(*shape), 1e4 + logits(*shape)
-    for temperature in (0.5, 2.0):
-        check_against_reference(backend, *offset, temperature, factor=3.0)
+    for temperature, direction in ((0.5, "forward"), (2.0, "forward"), (0.5, "jsd"), (2.0, "jsd")):
+        check_against_reference(backend, *offset, temperature, factor=3.0, direction=direction)
         for student, teacher in (spread, (spread[0].bfloat16(), spread[1].bfloat16())):
-            got = loss_and_grads(lambda s, t: kd_kl_div(s, t, temperature, backend=backend), student, teacher)
-            want = loss_and_grads(lambda s, t: reference(s, t, temperature), student, teacher,
+            got = loss_and_grads(lambda s, t: kd_kl_div(s, t, temperature, direction=direction, backend=backend),
+                                 student, teacher)
+            want = loss_and_grads(lambda s, t: reference(s, t, temperature, direction=direction), student, teacher,
                                   leaf_dtype=torch.float64)
             assert_rel_close(got[0], want[0], student.dtype, what="loss")
             for actual, expected in zip(got[1:], want[1:]):
@@ -178,10 +220,11 @@ def test_non_contiguous_inputs(backend):
     for student, teacher in (sliced, transposed):
         assert not student.is_contiguous()
         check_against_reference(backend, student, teacher, 2.0)
+        check_against_reference(backend, student, teacher, 2.0, direction="jsd")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("direction", ["forward", "reverse"])
+@pytest.mark.parametrize("direction", DIRECTIONS)
 def test_gradcheck_float64(backend, direction):
     student = logits(3, 11, dtype=torch.float64).requires_grad_()
     teacher = logits(3, 11, dtype=torch.float64).requires_grad_()
@@ -191,11 +234,13 @@ def test_gradcheck_float64(backend, direction):
         (student, teacher))
 
 
-def test_double_backward_torch_is_correct_and_fused_refuses():
+@pytest.mark.parametrize("direction", ["forward", "jsd"])
+def test_double_backward_torch_is_correct_and_fused_refuses(direction):
     student = logits(2, 7, dtype=torch.float64).requires_grad_()
     teacher = logits(2, 7, dtype=torch.float64).requires_grad_()
-    assert torch.autograd.gradgradcheck(lambda s, t: kd_kl_div(s, t, 2.0, backend="torch"), (student, teacher))
-    loss = kd_kl_div(student, teacher, 2.0, backend="cpp")
+    assert torch.autograd.gradgradcheck(lambda s, t: kd_kl_div(s, t, 2.0, direction=direction, backend="torch"),
+                                        (student, teacher))
+    loss = kd_kl_div(student, teacher, 2.0, direction=direction, backend="cpp")
     (grad,) = torch.autograd.grad(loss, student, create_graph=True)
     with pytest.raises(RuntimeError, match="backend='torch'"):
         grad.sum().backward()
@@ -235,13 +280,15 @@ def test_matches_torch_kl_div_convention():
                          what=backend)
 
 
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("direction", ["forward", "jsd"])
+def test_torch_compile_fullgraph(direction):
     student, teacher = logits(4, 33).requires_grad_(), logits(4, 33).requires_grad_()
     mask = torch.tensor([True, True, False, True])
-    compiled = torch.compile(lambda s, t: kd_kl_div(s, t, 2.0, mask=mask, backend="cpp"), fullgraph=True,
-                             backend="aot_eager")
+    compiled = torch.compile(lambda s, t: kd_kl_div(s, t, 2.0, mask=mask, direction=direction, backend="cpp"),
+                             fullgraph=True, backend="aot_eager")
     got = loss_and_grads(compiled, student, teacher)
-    want = loss_and_grads(lambda s, t: reference(s, t, 2.0, mask=mask), student, teacher, leaf_dtype=torch.float64)
+    want = loss_and_grads(lambda s, t: reference(s, t, 2.0, mask=mask, direction=direction), student, teacher,
+                          leaf_dtype=torch.float64)
     for actual, expected in zip(got, want):
         assert_rel_close(actual, expected, torch.float32)
 
@@ -258,6 +305,36 @@ def test_kd_loss_module_and_env_override(monkeypatch):
     monkeypatch.setenv("MPDISTIL_BACKEND", "bogus")
     with pytest.raises(ValueError, match="MPDISTIL_BACKEND"):
         module(student, teacher, mask)
+    monkeypatch.delenv("MPDISTIL_BACKEND")
+    jsd = KDLoss(2.0, direction="jsd", beta=0.3)
+    assert_rel_close(jsd(student, teacher), reference(student, teacher, 2.0, direction="jsd", beta=0.3),
+                     torch.float32)
+    assert "beta=0.3" in repr(jsd)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b.id in ("torch", "cpp")])
+def test_jsd_end_points_symmetry_and_disjoint_supports(backend):
+    """beta = 0 / 1 are forward / reverse KL (the GKD, TRL and Liger convention); beta = 1/2 is symmetric in the two
+    distributions; distributions with disjoint supports give exactly the binary entropy H(beta) (times T^2)."""
+    student, teacher = logits(5, 40), logits(5, 40)
+    for beta, direction in ((0.0, "forward"), (1, "reverse")):
+        assert torch.equal(kd_kl_div(student, teacher, 2.0, direction="jsd", beta=beta, backend=backend),
+                           kd_kl_div(student, teacher, 2.0, direction=direction, backend=backend))
+    assert_rel_close(kd_kl_div(student, teacher, 2.0, direction="jsd", backend=backend),
+                     kd_kl_div(teacher, student, 2.0, direction="jsd", backend=backend), torch.float32)
+    inf = float("-inf")
+    teacher = torch.tensor([[0.0, inf, inf, inf], [inf, 3.0, 1.0, inf]])
+    student = torch.tensor([[inf, 0.0, 0.0, 5.0], [2.0, inf, inf, 0.0]])
+    for beta in (0.1, 0.5, 0.8):
+        entropy = -beta * math.log(beta) - (1 - beta) * math.log1p(-beta)
+        loss = kd_kl_div(student, teacher, 3.0, direction="jsd", beta=beta, reduction="none", backend=backend)
+        torch.testing.assert_close(loss, torch.full((2,), 9.0 * entropy), rtol=1e-6, atol=0)
+
+
+def test_fused_jsd_op_rejects_beta_outside_the_open_interval():
+    """The kernels' own check (the public API maps beta 0 / 1 to the KLs before calling them)."""
+    with pytest.raises(RuntimeError, match="beta"):
+        torch.ops.mpdistil_C.kd_jsd_fwd(logits(2, 5), logits(2, 5), 1.0, 1.0)
 
 
 def test_mixed_dtypes_are_promoted():
@@ -267,9 +344,10 @@ def test_mixed_dtypes_are_promoted():
 
 
 def test_available_backends_explains():
-    status = mpdistil_fast.available_backends("kd_kl_div", "cpu")
-    assert status["torch"].available and status["cpp"].available
-    assert not status["cuda"].available and "cuda" in status["cuda"].reason
+    for op in ("kd_kl_div", "kd_jsd"):
+        status = mpdistil_fast.available_backends(op, "cpu")
+        assert status["torch"].available and status["cpp"].available
+        assert not status["cuda"].available and "cuda" in status["cuda"].reason
 
 
 @pytest.mark.parametrize(
@@ -285,6 +363,12 @@ def test_available_backends_explains():
         (lambda s, t: kd_kl_div(s, t, "2"), TypeError, "temperature"),
         (lambda s, t: kd_kl_div(s, t, reduction="avg"), ValueError, "reduction"),
         (lambda s, t: kd_kl_div(s, t, direction="both"), ValueError, "direction"),
+        (lambda s, t: kd_kl_div(s, t, direction="jsd", beta=1.5), ValueError, "beta"),
+        (lambda s, t: kd_kl_div(s, t, direction="jsd", beta=-0.1), ValueError, "beta"),
+        (lambda s, t: kd_kl_div(s, t, direction="jsd", beta=math.nan), ValueError, "beta"),
+        (lambda s, t: kd_kl_div(s, t, direction="jsd", beta="0.5"), TypeError, "beta"),
+        (lambda s, t: kd_kl_div(s, t, direction="jsd", beta=True), TypeError, "beta"),
+        (lambda s, t: kd_kl_div(s, t, beta=0.5), ValueError, "beta"),
         (lambda s, t: kd_kl_div(s, t, backend="fast"), ValueError, "backend"),
         (lambda s, t: kd_kl_div(s, t, backend="cuda"), ValueError, "backend 'cuda'"),
         (lambda s, t: kd_kl_div(s, t, scale_by_t2=1), TypeError, "scale_by_t2"),
@@ -310,3 +394,15 @@ def test_gpu_backends(backend, dtype, shape):
     check_against_reference(backend, student, teacher, 2.0, direction="reverse", reduction="none", factor=factor)
     teacher[:, ::7] = float("-inf")  # a masked vocabulary in the teacher
     check_against_reference(backend, student, teacher, 2.0, direction="forward", reduction="none", factor=factor)
+
+
+@gpu_test
+@pytest.mark.parametrize("backend", backend_params("kd_jsd", "cuda"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(3, 1), (37, 1271), (2, 131_073)], ids=str)
+def test_gpu_backends_jsd(backend, dtype, shape):
+    student, teacher = logits(*shape, dtype=dtype).cuda(), logits(*shape, dtype=dtype).cuda()
+    factor = 1.0 if dtype == torch.float32 else 2.0
+    teacher[:, ::7] = float("-inf")
+    check_against_reference(backend, student, teacher, 2.0, direction="jsd", beta=0.3, reduction="none",
+                            factor=factor)

@@ -18,47 +18,12 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include "cpu/common.h"
+#include "cpu/softmax_rows.h"
 
 namespace mpdistil::cpu {
 namespace {
 
 constexpr int kStatsPerRow = 5;  // max_a, log_sum_a, max_b, log_sum_b, mean_gap = E_P[(a - b)/T]
-
-template <typename acc_t>
-constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
-
-// Apply `lane_op(va, vb, offset, count)` to consecutive vectors of two acc_t arrays of length n; the last, partial
-// vector is padded with -inf (an entry of probability zero) and has count < width.
-template <typename acc_t, typename LaneOp>
-inline void for_each_vector(const acc_t* a, const acc_t* b, int64_t n, LaneOp&& lane_op) {
-  constexpr int64_t width = Vec<acc_t>::size();
-  int64_t i = 0;
-  for (; i + width <= n; i += width) lane_op(Vec<acc_t>::loadu(a + i), Vec<acc_t>::loadu(b + i), i, width);
-  if (i < n) {
-    const int64_t rest = n - i;
-    const Vec<acc_t> pad(kNegInf<acc_t>);
-    lane_op(Vec<acc_t>::set(pad, Vec<acc_t>::loadu(a + i, rest), rest),
-            Vec<acc_t>::set(pad, Vec<acc_t>::loadu(b + i, rest), rest), i, rest);
-  }
-}
-
-// Online softmax state of one row: running max and sum of exp((x - max) / T), combined in double.
-struct RunningSoftmax {
-  double max = -std::numeric_limits<double>::infinity();
-  double sum = 0.0;
-
-  // Raise the running max to cover `chunk_max`; returns the factor that rescales sums taken at the old max.
-  double raise_max(double chunk_max, double inv_t) {
-    if (chunk_max <= max) return 1.0;
-    const double factor = sum > 0.0 ? std::exp((max - chunk_max) * inv_t) : 1.0;
-    max = chunk_max;
-    sum *= factor;
-    return factor;
-  }
-  // The value subtracted before exp: the max, or 0 while every entry so far is -inf (their exp is then 0).
-  double shift() const { return std::isfinite(max) ? max : 0.0; }
-};
 
 template <typename scalar_t>
 void forward_row(const scalar_t* a_row, const scalar_t* b_row, int64_t vocab, acc_type_t<scalar_t> inv_t,
@@ -162,27 +127,9 @@ void backward_row(const scalar_t* a_row, const scalar_t* b_row, int64_t vocab, a
   }
 }
 
-// Rows of a [N, V] tensor with unit stride along V (a strided row view, copied only when V is strided).
-at::Tensor unit_stride_rows(const at::Tensor& logits) {
-  return logits.stride(1) == 1 ? logits : logits.contiguous();
-}
-
-void check_logits(const at::Tensor& a, const at::Tensor& b) {
-  TORCH_CHECK(a.dim() == 2 && b.dim() == 2, "kd_kl_div: logits must be 2-D [rows, vocab], got ", a.sizes(), " and ",
-              b.sizes());
-  TORCH_CHECK(a.sizes() == b.sizes(), "kd_kl_div: logits shapes differ: ", a.sizes(), " vs ", b.sizes());
-  TORCH_CHECK(a.scalar_type() == b.scalar_type(), "kd_kl_div: logits dtypes differ: ", a.scalar_type(), " vs ",
-              b.scalar_type());
-  TORCH_CHECK(a.size(1) >= 1, "kd_kl_div: vocabulary size must be >= 1");
-}
-
-at::ScalarType acc_scalar_type(at::ScalarType input) {
-  return input == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 std::tuple<at::Tensor, at::Tensor> kd_kl_div_fwd_cpu(const at::Tensor& p_logits, const at::Tensor& q_logits,
                                                      double temperature) {
-  check_logits(p_logits, q_logits);
+  check_logits("kd_kl_div", p_logits, q_logits);
   const at::Tensor a = unit_stride_rows(p_logits), b = unit_stride_rows(q_logits);
   const int64_t rows = a.size(0), vocab = a.size(1);
   const auto options = a.options().dtype(acc_scalar_type(a.scalar_type()));
@@ -209,7 +156,7 @@ std::tuple<at::Tensor, at::Tensor> kd_kl_div_fwd_cpu(const at::Tensor& p_logits,
 std::tuple<at::Tensor, at::Tensor> kd_kl_div_bwd_cpu(const at::Tensor& grad_kl, const at::Tensor& p_logits,
                                                      const at::Tensor& q_logits, const at::Tensor& stats, double temperature, bool need_grad_p,
                                                      bool need_grad_q) {
-  check_logits(p_logits, q_logits);
+  check_logits("kd_kl_div", p_logits, q_logits);
   const at::Tensor a = unit_stride_rows(p_logits), b = unit_stride_rows(q_logits);
   const int64_t rows = a.size(0), vocab = a.size(1);
   const auto acc = acc_scalar_type(a.scalar_type());

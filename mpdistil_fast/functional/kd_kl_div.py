@@ -1,4 +1,5 @@
-"""Public temperature-softmax KD loss: ``mpdistil_fast.kd_kl_div`` (Hinton et al., 2015)."""
+"""Public temperature-softmax KD loss: ``mpdistil_fast.kd_kl_div`` (Hinton et al., 2015; generalized JSD of
+Agarwal et al., 2024)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -7,17 +8,19 @@ import torch
 from torch import Tensor
 
 from mpdistil_fast._validation import (check_choice, check_mask, check_positive_finite, check_same_device,
-                                       check_same_shape, check_tensor)
+                                       check_same_shape, check_tensor, check_unit_interval)
 from mpdistil_fast.ops.common import resolve_backend_traceable
 from mpdistil_fast.ops.kd_kl_div import kd_kl_div_op
 
 REDUCTIONS = ("batchmean", "sum", "mean", "none")
-DIRECTIONS = ("forward", "reverse")
+DIRECTIONS = ("forward", "reverse", "jsd")
+#: beta of ``direction="jsd"`` when none is given: the symmetric Jensen-Shannon divergence.
+DEFAULT_JSD_BETA = 0.5
 
 
 def kd_kl_div(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0, *,
               reduction: str = "batchmean", scale_by_t2: bool = True, mask: Optional[Tensor] = None,
-              direction: str = "forward", backend: str = "auto") -> Tensor:
+              direction: str = "forward", beta: Optional[float] = None, backend: str = "auto") -> Tensor:
     """Knowledge-distillation KL loss between temperature-softened distributions (Hinton et al., 2015).
 
     With p_s = softmax(student_logits / T) and p_t = softmax(teacher_logits / T) over the last dimension V,
@@ -25,6 +28,8 @@ def kd_kl_div(student_logits: Tensor, teacher_logits: Tensor, temperature: float
 
         forward:  l_r = KL(p_t || p_s) = sum_v p_t (log p_t - log p_s)      (Hinton KD; ``F.kl_div(log p_s, p_t)``)
         reverse:  l_r = KL(p_s || p_t)
+        jsd:      l_r = beta KL(p_t || m) + (1 - beta) KL(p_s || m),  m = beta p_t + (1 - beta) p_s
+                  (generalized JSD of GKD, Agarwal et al. 2024; beta = 0.5 is the symmetric JSD)
 
     multiplied by T^2 when ``scale_by_t2`` (the usual KD convention, which keeps gradient sizes independent of T;
     pass ``scale_by_t2=False`` for parity with libraries that do not scale).  ``reduction``: ``"batchmean"`` =
@@ -39,13 +44,18 @@ def kd_kl_div(student_logits: Tensor, teacher_logits: Tensor, temperature: float
         temperature: T > 0, finite.
         mask: optional bool ``[...]``; False rows contribute nothing and are not counted. All-False gives exactly 0
             loss and zero gradients.
-        direction: ``"forward"`` or ``"reverse"``.
+        direction: ``"forward"``, ``"reverse"`` or ``"jsd"``.
+        beta: only for ``direction="jsd"`` (default 0.5), in [0, 1].  As in GKD's reference code (TRL) and
+            Liger-Kernel, the end points mean the plain KLs: beta = 0 is ``"forward"``, beta = 1 is ``"reverse"``
+            (the JSD itself vanishes there).
         backend: ``"auto"`` (fastest available; env ``MPDISTIL_BACKEND`` overrides), ``"torch"``, ``"cpp"``,
             ``"triton"`` or ``"cuda"``.  Fused backends differentiate once, in both inputs (the teacher gradient
             comes from the same pass); double backward needs ``backend="torch"``.
 
     Teacher entries of -inf (masked vocabulary) have p_t = 0 and contribute 0 in forward KL; a row whose weighting
-    logits (teacher for forward, student for reverse) are all -inf has no distribution and contributes 0.
+    logits (teacher for forward, student for reverse) are all -inf has no distribution and contributes 0.  The JSD
+    is finite whatever the supports (p = 0 entries leave their KL term); a row whose teacher or student logits are
+    all -inf contributes 0.
     """
     check_tensor("student_logits", student_logits)
     check_tensor("teacher_logits", teacher_logits)
@@ -58,10 +68,16 @@ def kd_kl_div(student_logits: Tensor, teacher_logits: Tensor, temperature: float
     temperature = check_positive_finite("temperature", temperature)
     check_choice("reduction", reduction, REDUCTIONS)
     check_choice("direction", direction, DIRECTIONS)
+    if direction != "jsd" and beta is not None:
+        raise ValueError(f"beta is only used with direction='jsd', got beta={beta!r} with direction={direction!r}")
+    if direction == "jsd":
+        beta = check_unit_interval("beta", DEFAULT_JSD_BETA if beta is None else beta)
+        if beta in (0.0, 1.0):  # the GKD / TRL / Liger convention for the end points
+            direction, beta = ("forward" if beta == 0.0 else "reverse"), None
     if not isinstance(scale_by_t2, bool):
         raise TypeError(f"scale_by_t2 must be a bool, got {type(scale_by_t2).__name__}")
-    chosen = resolve_backend_traceable(backend, "kd_kl_div", device)
+    chosen = resolve_backend_traceable(backend, "kd_jsd" if direction == "jsd" else "kd_kl_div", device)
     common = torch.promote_types(student_logits.dtype, teacher_logits.dtype)
     student_logits, teacher_logits = student_logits.to(common), teacher_logits.to(common)
-    return kd_kl_div_op(student_logits, teacher_logits, temperature, reduction, scale_by_t2, mask,
-                        direction == "reverse", chosen)
+    return kd_kl_div_op(student_logits, teacher_logits, temperature, reduction, scale_by_t2, mask, direction, beta,
+                        chosen)

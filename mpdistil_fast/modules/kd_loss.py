@@ -13,15 +13,16 @@ class KDLoss(nn.Module):
     with the configuration fixed at construction (Hinton et al., 2015)."""
 
     def __init__(self, temperature: float = 1.0, *, reduction: str = "batchmean", scale_by_t2: bool = True,
-                 direction: str = "forward", backend: str = "auto") -> None:
+                 direction: str = "forward", beta: Optional[float] = None, backend: str = "auto") -> None:
         super().__init__()
         self.temperature, self.reduction, self.scale_by_t2 = temperature, reduction, scale_by_t2
-        self.direction, self.backend = direction, backend
+        self.direction, self.beta, self.backend = direction, beta, backend
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         return kd_kl_div(student_logits, teacher_logits, self.temperature, reduction=self.reduction,
-                         scale_by_t2=self.scale_by_t2, mask=mask, direction=self.direction, backend=self.backend)
+                         scale_by_t2=self.scale_by_t2, mask=mask, direction=self.direction, beta=self.beta,
+                         backend=self.backend)
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, reduction={self.reduction!r}, scale_by_t2={self.scale_by_t2}, "
-                f"direction={self.direction!r}, backend={self.backend!r}")
+                f"direction={self.direction!r}, beta={self.beta}, backend={self.backend!r}")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from mpdistil_fast.ops.common import FusedOp, accumulation_dtype, call_fused, fused_kernels
+from mpdistil_fast.ops.kd_jsd import row_jsd_fused, row_jsd_torch
 
 #: Per-row statistics saved by the fused forward: max a, log sum exp((a - max a) / T), the same two for b, and
 #: E_P[(a - b) / T] (with which the backward's log P - log Q - KL = (a - b) / T - E_P[(a - b) / T] cancels nothing).
@@ -137,18 +138,23 @@ def reduce_rows(row_kl: torch.Tensor, mask: torch.Tensor | None, reduction: str,
 
 
 def kd_kl_div_op(student: torch.Tensor, teacher: torch.Tensor, temperature: float, reduction: str, scale_by_t2: bool,
-                 mask: torch.Tensor | None, reverse: bool, backend: str) -> torch.Tensor:
+                 mask: torch.Tensor | None, direction: str, beta: float | None, backend: str) -> torch.Tensor:
     """The loss of ``[..., V]`` logits for validated arguments and a resolved backend (public API:
-    :func:`mpdistil_fast.kd_kl_div`)."""
+    :func:`mpdistil_fast.kd_kl_div`): per-row KL (``direction`` "forward" / "reverse") or generalized JSD
+    (``"jsd"`` with ``0 < beta < 1``, :mod:`mpdistil_fast.ops.kd_jsd`), then the shared reduction."""
     vocab = student.shape[-1]
     student_rows, teacher_rows = student.reshape(-1, vocab), teacher.reshape(-1, vocab)
     if backend == "torch":
         if mask is not None:  # masked rows are not read: whatever they hold (NaN) gets no gradient
             keep = mask.reshape(-1, 1)
             student_rows, teacher_rows = torch.where(keep, student_rows, 0), torch.where(keep, teacher_rows, 0)
-        row_kl = row_kl_torch(student_rows, teacher_rows, temperature, reverse)
+        if direction == "jsd":
+            row_loss = row_jsd_torch(student_rows, teacher_rows, temperature, beta)
+        else:
+            row_loss = row_kl_torch(student_rows, teacher_rows, temperature, direction == "reverse")
+    elif direction == "jsd":
+        row_loss = row_jsd_fused(student_rows, teacher_rows, temperature, beta, backend)
     else:
-        row_kl = row_kl_fused(student_rows, teacher_rows, temperature, reverse, backend)
+        row_loss = row_kl_fused(student_rows, teacher_rows, temperature, direction == "reverse", backend)
     scale = temperature * temperature if scale_by_t2 else 1.0
-    return reduce_rows(row_kl, mask, reduction, scale, vocab, student.shape[:-1])
-
+    return reduce_rows(row_loss, mask, reduction, scale, vocab, student.shape[:-1])

@@ -1,0 +1,236 @@
+// Fused generalized Jensen-Shannon distillation loss per row, CPU kernels (Agarwal et al., ICLR 2024, "On-Policy
+// Distillation of Language Models: Learning from Self-Generated Mistakes", the GKD objective).
+//
+// For each row of teacher logits a and student logits b, with P = softmax(a / T), Q = softmax(b / T) and the
+// mixture M = beta P + (1 - beta) Q (0 < beta < 1):
+//   jsd = beta KL(P || M) + (1 - beta) KL(Q || M) = L_P + L_Q,
+//   L_P = -beta sum_i P_i lP_i,  L_Q = -(1 - beta) sum_i Q_i lQ_i,  with lP = log(M / P), lQ = log(M / Q).
+// Both logs come from the log-ratio d = log P - log Q = (a - b)/T - k (k a per-row constant) without forming M:
+//   s = |d|, t = exp(-s), base = log(beta + (1 - beta) t) if d >= 0 else log((1 - beta) + beta t),
+//   lP = base + (d < 0 ? s : 0),  lQ = base + (d >= 0 ? s : 0)
+// (finite whenever the matching probability is nonzero, also for a or b = -inf: no 0 * inf).
+//   forward : pass 1 = online max / sum of both rows; pass 2 = L_P and L_Q.
+//             stats = (max a, log_sum_a = log sum exp((a - max a)/T), max b, log_sum_b, L_P, L_Q).
+//   backward: since dL/dP_i = -beta lP_i and dL/dQ_i = -(1 - beta) lQ_i, through the two softmaxes
+//             dL/da_i = g/T * P_i (-beta lP_i - L_P),   dL/db_i = g/T * Q_i (-(1 - beta) lQ_i - L_Q),
+//             in one read of each input, recomputing P, Q and the logs from the saved stats.
+// Conventions: entries with P_i = 0 (Q_i = 0) contribute nothing to L_P (L_Q) and get a zero gradient in a (b); a
+// row whose teacher or student logits are all -inf has no pair of distributions and gives 0 and zero gradients.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "cpu/softmax_rows.h"
+
+namespace mpdistil::cpu {
+namespace {
+
+constexpr int kStatsPerRow = 6;  // max_a, log_sum_a, max_b, log_sum_b, L_P, L_Q
+
+// The per-row quantities both passes need, as vectors: P, Q and the log-ratios lP = log(M / P), lQ = log(M / Q).
+template <typename acc_t>
+struct MixtureTerms {
+  Vec<acc_t> prob_p, prob_q, log_m_over_p, log_m_over_q;
+};
+
+// Row constants of MixtureTerms: the softmax statistics of a and b, 1/T and beta.
+template <typename acc_t>
+struct MixtureRow {
+  Vec<acc_t> max_a, log2_sum_a, max_b, log2_sum_b, scale_log2, inv_t, gap_offset, beta, one_minus_beta;
+
+  MixtureRow(double max_a_, double log_sum_a, double max_b_, double log_sum_b, acc_t inv_t_, double beta_)
+      : max_a(static_cast<acc_t>(max_a_)), log2_sum_a(static_cast<acc_t>(log_sum_a * kLog2e)),
+        max_b(static_cast<acc_t>(max_b_)), log2_sum_b(static_cast<acc_t>(log_sum_b * kLog2e)),
+        scale_log2(static_cast<acc_t>(inv_t_ * kLog2e)), inv_t(inv_t_),
+        // d = log P - log Q = (a - b)/T - [(max a - max b)/T + log_sum_a - log_sum_b]
+        gap_offset(static_cast<acc_t>((max_a_ - max_b_) * inv_t_ + log_sum_a - log_sum_b)),
+        beta(static_cast<acc_t>(beta_)), one_minus_beta(static_cast<acc_t>(1.0 - beta_)) {}
+
+  MixtureTerms<acc_t> terms(const Vec<acc_t>& a, const Vec<acc_t>& b) const {
+    const Vec<acc_t> one(1), zero(0);
+    const Vec<acc_t> prob_p = vec_exp2(at::vec::fmsub(a - max_a, scale_log2, log2_sum_a));
+    const Vec<acc_t> prob_q = vec_exp2(at::vec::fmsub(b - max_b, scale_log2, log2_sum_b));
+    const Vec<acc_t> d = (a - b) * inv_t - gap_offset;
+    const Vec<acc_t> s = d.abs();
+    const Vec<acc_t> t = vec_exp2(Vec<acc_t>(-kLog2e) * s);
+    const Vec<acc_t> p_larger = d >= zero;  // all-ones lanes where d >= 0 (false for NaN: both entries -inf)
+    const Vec<acc_t> weight_t = Vec<acc_t>::blendv(beta, one_minus_beta, p_larger);
+    const Vec<acc_t> weight_one = Vec<acc_t>::blendv(one_minus_beta, beta, p_larger);
+    const Vec<acc_t> base = at::vec::fmadd(weight_t, t, weight_one).log();
+    return {prob_p, prob_q, base + Vec<acc_t>::blendv(s, zero, p_larger),
+            base + Vec<acc_t>::blendv(zero, s, p_larger)};
+  }
+};
+
+template <typename scalar_t>
+void forward_row(const scalar_t* a_row, const scalar_t* b_row, int64_t vocab, acc_type_t<scalar_t> inv_t,
+                 double beta, acc_type_t<scalar_t>* jsd, acc_type_t<scalar_t>* stats) {
+  using acc_t = acc_type_t<scalar_t>;
+  acc_t a_buffer[kChunk], b_buffer[kChunk];
+  RunningSoftmax p, q;
+  for (int64_t start = 0; start < vocab; start += kChunk) {  // pass 1: softmax statistics of both rows
+    const int64_t n = std::min(kChunk, vocab - start);
+    const acc_t* a = load_chunk(a_row + start, n, a_buffer);
+    const acc_t* b = load_chunk(b_row + start, n, b_buffer);
+    p.raise_max(chunk_max(a, n), inv_t);
+    q.raise_max(chunk_max(b, n), inv_t);
+    const Vec<acc_t> shift_a(static_cast<acc_t>(p.shift())), shift_b(static_cast<acc_t>(q.shift()));
+    const Vec<acc_t> scale_log2(inv_t * kLog2e);
+    Vec<acc_t> sum_a(0), sum_b(0);
+    for_each_vector(a, b, n, [&](Vec<acc_t> va, Vec<acc_t> vb, int64_t, int64_t) {
+      sum_a += vec_exp2((va - shift_a) * scale_log2);
+      sum_b += vec_exp2((vb - shift_b) * scale_log2);
+    });
+    p.sum += lane_sum(sum_a);
+    q.sum += lane_sum(sum_b);
+  }
+  const double log_sum_a = std::log(p.sum), log_sum_b = std::log(q.sum);
+  double loss_p = 0.0, loss_q = 0.0;
+  if (p.sum > 0.0 && q.sum > 0.0) {  // pass 2: the two KL terms against the mixture
+    const MixtureRow<acc_t> row(p.max, log_sum_a, q.max, log_sum_b, inv_t, beta);
+    const Vec<acc_t> zero(0);
+    for (int64_t start = 0; start < vocab; start += kChunk) {
+      const int64_t n = std::min(kChunk, vocab - start);
+      const acc_t* a = load_chunk(a_row + start, n, a_buffer);
+      const acc_t* b = load_chunk(b_row + start, n, b_buffer);
+      Vec<acc_t> sum_p(0), sum_q(0);
+      for_each_vector(a, b, n, [&](Vec<acc_t> va, Vec<acc_t> vb, int64_t, int64_t) {
+        const MixtureTerms<acc_t> m = row.terms(va, vb);
+        sum_p += Vec<acc_t>::blendv(m.prob_p * m.log_m_over_p, zero, m.prob_p == zero);
+        sum_q += Vec<acc_t>::blendv(m.prob_q * m.log_m_over_q, zero, m.prob_q == zero);
+      });
+      loss_p -= lane_sum(sum_p);
+      loss_q -= lane_sum(sum_q);
+    }
+    loss_p *= beta;
+    loss_q *= 1.0 - beta;
+  }
+  *jsd = static_cast<acc_t>(loss_p + loss_q);
+  const bool has_pair = p.sum > 0.0 && q.sum > 0.0;  // otherwise max a = -inf tells backward to write zeros
+  stats[0] = has_pair ? static_cast<acc_t>(p.max) : kNegInf<acc_t>;
+  stats[1] = static_cast<acc_t>(log_sum_a);
+  stats[2] = static_cast<acc_t>(q.max);
+  stats[3] = static_cast<acc_t>(log_sum_b);
+  stats[4] = static_cast<acc_t>(loss_p);
+  stats[5] = static_cast<acc_t>(loss_q);
+}
+
+template <typename scalar_t>
+void backward_row(const scalar_t* a_row, const scalar_t* b_row, int64_t vocab, acc_type_t<scalar_t> inv_t,
+                  double beta, acc_type_t<scalar_t> grad_row, const acc_type_t<scalar_t>* stats,
+                  scalar_t* grad_a_row, scalar_t* grad_b_row) {
+  using acc_t = acc_type_t<scalar_t>;
+  if (grad_row == 0 || !std::isfinite(stats[0])) {  // masked row, or no pair of distributions: zero gradients
+    if (grad_a_row) std::fill(grad_a_row, grad_a_row + vocab, scalar_t(0));
+    if (grad_b_row) std::fill(grad_b_row, grad_b_row + vocab, scalar_t(0));
+    return;
+  }
+  acc_t a_buffer[kChunk], b_buffer[kChunk], grad_a_buffer[kChunk], grad_b_buffer[kChunk];
+  const MixtureRow<acc_t> row(stats[0], stats[1], stats[2], stats[3], inv_t, beta);
+  const Vec<acc_t> coefficient(grad_row * inv_t), zero(0), loss_p(stats[4]), loss_q(stats[5]);
+  const Vec<acc_t> neg_beta(static_cast<acc_t>(-beta)), neg_one_minus_beta(static_cast<acc_t>(beta - 1.0));
+  for (int64_t start = 0; start < vocab; start += kChunk) {
+    const int64_t n = std::min(kChunk, vocab - start);
+    const acc_t* a = load_chunk(a_row + start, n, a_buffer);
+    const acc_t* b = load_chunk(b_row + start, n, b_buffer);
+    for_each_vector(a, b, n, [&](Vec<acc_t> va, Vec<acc_t> vb, int64_t offset, int64_t count) {
+      const MixtureTerms<acc_t> m = row.terms(va, vb);
+      if (grad_a_row) {
+        const Vec<acc_t> da = coefficient * m.prob_p * at::vec::fmsub(neg_beta, m.log_m_over_p, loss_p);
+        Vec<acc_t>::blendv(da, zero, m.prob_p == zero).store(grad_a_buffer + offset, count);
+      }
+      if (grad_b_row) {
+        const Vec<acc_t> db = coefficient * m.prob_q * at::vec::fmsub(neg_one_minus_beta, m.log_m_over_q, loss_q);
+        Vec<acc_t>::blendv(db, zero, m.prob_q == zero).store(grad_b_buffer + offset, count);
+      }
+    });
+    if (grad_a_row) store_chunk(grad_a_buffer, n, grad_a_row + start);
+    if (grad_b_row) store_chunk(grad_b_buffer, n, grad_b_row + start);
+  }
+}
+
+void check_beta(double beta) {
+  TORCH_CHECK(beta > 0.0 && beta < 1.0, "kd_jsd: beta must lie strictly between 0 and 1, got ", beta);
+}
+
+std::tuple<at::Tensor, at::Tensor> kd_jsd_fwd_cpu(const at::Tensor& teacher_logits,
+                                                  const at::Tensor& student_logits, double temperature,
+                                                  double beta) {
+  check_logits("kd_jsd", teacher_logits, student_logits);
+  check_beta(beta);
+  const at::Tensor a = unit_stride_rows(teacher_logits), b = unit_stride_rows(student_logits);
+  const int64_t rows = a.size(0), vocab = a.size(1);
+  const auto options = a.options().dtype(acc_scalar_type(a.scalar_type()));
+  at::Tensor jsd = at::empty({rows}, options);
+  at::Tensor stats = at::empty({rows, kStatsPerRow}, options);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scalar_type(), "kd_jsd_fwd_cpu", [&] {
+    using acc_t = acc_type_t<scalar_t>;
+    const scalar_t* a_data = a.const_data_ptr<scalar_t>();
+    const scalar_t* b_data = b.const_data_ptr<scalar_t>();
+    acc_t* jsd_data = jsd.mutable_data_ptr<acc_t>();
+    acc_t* stats_data = stats.mutable_data_ptr<acc_t>();
+    const int64_t a_stride = a.stride(0), b_stride = b.stride(0);
+    const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
+    at::parallel_for(0, rows, row_grain(vocab), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r)
+        forward_row<scalar_t>(a_data + r * a_stride, b_data + r * b_stride, vocab, inv_t, beta, jsd_data + r,
+                              stats_data + r * kStatsPerRow);
+    });
+  });
+  return {jsd, stats};
+}
+
+std::tuple<at::Tensor, at::Tensor> kd_jsd_bwd_cpu(const at::Tensor& grad_jsd, const at::Tensor& teacher_logits,
+                                                  const at::Tensor& student_logits, const at::Tensor& stats,
+                                                  double temperature, double beta, bool need_grad_teacher,
+                                                  bool need_grad_student) {
+  check_logits("kd_jsd", teacher_logits, student_logits);
+  check_beta(beta);
+  const at::Tensor a = unit_stride_rows(teacher_logits), b = unit_stride_rows(student_logits);
+  const int64_t rows = a.size(0), vocab = a.size(1);
+  const auto acc = acc_scalar_type(a.scalar_type());
+  TORCH_CHECK(grad_jsd.numel() == rows && stats.numel() == rows * kStatsPerRow,
+              "kd_jsd_bwd: per-row tensors do not match ", rows, " rows");
+  const at::Tensor grad_rows = grad_jsd.to(acc).contiguous();
+  const at::Tensor stats_rows = stats.to(acc).contiguous();
+  static OutputCache grad_teacher_cache, grad_student_cache;
+  at::Tensor grad_teacher = need_grad_teacher ? grad_teacher_cache.take({rows, vocab}, a.options())
+                                              : at::empty({0}, a.options());
+  at::Tensor grad_student = need_grad_student ? grad_student_cache.take({rows, vocab}, a.options())
+                                              : at::empty({0}, a.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scalar_type(), "kd_jsd_bwd_cpu", [&] {
+    using acc_t = acc_type_t<scalar_t>;
+    const scalar_t* a_data = a.const_data_ptr<scalar_t>();
+    const scalar_t* b_data = b.const_data_ptr<scalar_t>();
+    const acc_t* g_data = grad_rows.const_data_ptr<acc_t>();
+    const acc_t* stats_data = stats_rows.const_data_ptr<acc_t>();
+    scalar_t* grad_a_data = need_grad_teacher ? grad_teacher.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* grad_b_data = need_grad_student ? grad_student.mutable_data_ptr<scalar_t>() : nullptr;
+    const int64_t a_stride = a.stride(0), b_stride = b.stride(0);
+    const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
+    at::parallel_for(0, rows, row_grain(vocab), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r)
+        backward_row<scalar_t>(a_data + r * a_stride, b_data + r * b_stride, vocab, inv_t, beta, g_data[r],
+                               stats_data + r * kStatsPerRow, grad_a_data ? grad_a_data + r * vocab : nullptr,
+                               grad_b_data ? grad_b_data + r * vocab : nullptr);
+    });
+  });
+  return {grad_teacher, grad_student};
+}
+
+}  // namespace
+}  // namespace mpdistil::cpu
+
+TORCH_LIBRARY_FRAGMENT(mpdistil_C, m) {
+  m.def("kd_jsd_fwd(Tensor teacher_logits, Tensor student_logits, float temperature, float beta) "
+        "-> (Tensor jsd, Tensor stats)");
+  m.def(
+      "kd_jsd_bwd(Tensor grad_jsd, Tensor teacher_logits, Tensor student_logits, Tensor stats, float temperature, "
+      "float beta, bool need_grad_teacher, bool need_grad_student) -> (Tensor grad_teacher, Tensor grad_student)");
+}
+
+TORCH_LIBRARY_IMPL(mpdistil_C, CPU, m) {
+  m.impl("kd_jsd_fwd", &mpdistil::cpu::kd_jsd_fwd_cpu);
+  m.impl("kd_jsd_bwd", &mpdistil::cpu::kd_jsd_bwd_cpu);
+}

@@ -1,0 +1,146 @@
+"""Triton kernels of the fused generalized JSD (see ``mpdistil_fast/ops/kd_jsd.py`` and ``csrc/cpu/kd_jsd.cpp``
+for the formulas).
+
+One program per row.  Forward: an online-softmax sweep over blocks of both rows (max, then one rescale of the
+running sums), then a second sweep for L_P = -beta sum P lP and L_Q = -(1 - beta) sum Q lQ, lP = log(M / P),
+lQ = log(M / Q), M = beta P + (1 - beta) Q, both logs taken from d = log P - log Q without forming M.  Backward: one
+more read, dJSD/da = g/T * P (-beta lP - L_P), dJSD/db = g/T * Q (-(1 - beta) lQ - L_Q).  a = teacher, b = student
+logits; fp32 accumulation (fp64 for fp64 inputs).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from mpdistil_fast.kernels.kd_kl_div import _block, _this_row, _unit_stride_rows
+
+STATS_PER_ROW = 6
+
+
+@triton.jit
+def _mixture_logs(a, b, max_a, log_sum_a, max_b, log_sum_b, inv_t, beta):
+    """(P, Q, log(M / P), log(M / Q)) of a block of teacher logits a and student logits b."""
+    log_p = (a - max_a) * inv_t - log_sum_a
+    log_q = (b - max_b) * inv_t - log_sum_b
+    d = (a - b) * inv_t - ((max_a - max_b) * inv_t + log_sum_a - log_sum_b)  # log P - log Q, from one rounding of a - b
+    s = tl.abs(d)
+    t = tl.exp(-s)
+    p_larger = d >= 0  # false where d is NaN (both entries -inf): those lanes are dropped by the callers
+    base = tl.log(tl.where(p_larger, beta + (1.0 - beta) * t, (1.0 - beta) + beta * t))
+    log_m_over_p = base + tl.where(p_larger, 0.0, s)
+    log_m_over_q = base + tl.where(p_larger, s, 0.0)
+    return tl.exp(log_p), tl.exp(log_q), log_m_over_p, log_m_over_q
+
+
+@triton.jit
+def _kd_jsd_fwd_kernel(a_ptr, b_ptr, jsd_ptr, stats_ptr, vocab, stride_a, stride_b, temperature, beta,
+                       BLOCK: tl.constexpr, IS_FP64: tl.constexpr):
+    acc_dtype = tl.float64 if IS_FP64 else tl.float32
+    row, a_row, b_row, inv_t = _this_row(a_ptr, b_ptr, stride_a, stride_b, temperature, IS_FP64)
+    beta = tl.zeros([], acc_dtype) + beta
+    neg_inf = float("-inf")
+    max_a = tl.full([], neg_inf, acc_dtype)
+    max_b = tl.full([], neg_inf, acc_dtype)
+    sum_a = tl.full([], 0.0, acc_dtype)
+    sum_b = tl.full([], 0.0, acc_dtype)
+    for start in range(0, vocab, BLOCK):  # sweep 1: softmax statistics of both rows
+        offsets = start + tl.arange(0, BLOCK)
+        inside = offsets < vocab
+        a = tl.load(a_row + offsets, mask=inside, other=neg_inf).to(acc_dtype)
+        b = tl.load(b_row + offsets, mask=inside, other=neg_inf).to(acc_dtype)
+        new_max_a = tl.maximum(max_a, tl.max(a, axis=0))
+        new_max_b = tl.maximum(max_b, tl.max(b, axis=0))
+        factor_a = tl.where(sum_a > 0, tl.exp((max_a - new_max_a) * inv_t), 1.0)
+        factor_b = tl.where(sum_b > 0, tl.exp((max_b - new_max_b) * inv_t), 1.0)
+        max_a, max_b = new_max_a, new_max_b
+        sum_a = sum_a * factor_a + tl.sum(tl.exp((a - tl.where(max_a > neg_inf, max_a, 0.0)) * inv_t), axis=0)
+        sum_b = sum_b * factor_b + tl.sum(tl.exp((b - tl.where(max_b > neg_inf, max_b, 0.0)) * inv_t), axis=0)
+    log_sum_a = tl.log(sum_a)
+    log_sum_b = tl.log(sum_b)
+    has_pair = (sum_a > 0) & (sum_b > 0)
+    loss_p = tl.full([], 0.0, acc_dtype)
+    loss_q = tl.full([], 0.0, acc_dtype)
+    for start in range(0, vocab, BLOCK):  # sweep 2: the two KL terms against the mixture
+        offsets = start + tl.arange(0, BLOCK)
+        inside = offsets < vocab
+        a = tl.load(a_row + offsets, mask=inside, other=neg_inf).to(acc_dtype)
+        b = tl.load(b_row + offsets, mask=inside, other=neg_inf).to(acc_dtype)
+        prob_p, prob_q, log_m_over_p, log_m_over_q = _mixture_logs(a, b, max_a, log_sum_a, max_b, log_sum_b,
+                                                                   inv_t, beta)
+        loss_p -= tl.sum(tl.where(prob_p > 0, prob_p * log_m_over_p, 0.0), axis=0)
+        loss_q -= tl.sum(tl.where(prob_q > 0, prob_q * log_m_over_q, 0.0), axis=0)
+    loss_p = tl.where(has_pair, loss_p * beta, 0.0)  # a row without both distributions counts 0
+    loss_q = tl.where(has_pair, loss_q * (1.0 - beta), 0.0)
+    tl.store(jsd_ptr + row, loss_p + loss_q)
+    stats_row = stats_ptr + row * 6
+    tl.store(stats_row + 0, tl.where(has_pair, max_a, neg_inf))  # -inf: backward writes zeros
+    tl.store(stats_row + 1, log_sum_a)
+    tl.store(stats_row + 2, max_b)
+    tl.store(stats_row + 3, log_sum_b)
+    tl.store(stats_row + 4, loss_p)
+    tl.store(stats_row + 5, loss_q)
+
+
+@triton.jit
+def _kd_jsd_bwd_kernel(grad_jsd_ptr, a_ptr, b_ptr, stats_ptr, grad_a_ptr, grad_b_ptr, vocab, stride_a, stride_b,
+                       temperature, beta, BLOCK: tl.constexpr, IS_FP64: tl.constexpr, NEED_GRAD_A: tl.constexpr,
+                       NEED_GRAD_B: tl.constexpr):
+    acc_dtype = tl.float64 if IS_FP64 else tl.float32
+    row, a_row, b_row, inv_t = _this_row(a_ptr, b_ptr, stride_a, stride_b, temperature, IS_FP64)
+    beta = tl.zeros([], acc_dtype) + beta
+    stats_row = stats_ptr + row * 6
+    max_a = tl.load(stats_row + 0).to(acc_dtype)
+    log_sum_a = tl.load(stats_row + 1).to(acc_dtype)
+    max_b = tl.load(stats_row + 2).to(acc_dtype)
+    log_sum_b = tl.load(stats_row + 3).to(acc_dtype)
+    loss_p = tl.load(stats_row + 4).to(acc_dtype)
+    loss_q = tl.load(stats_row + 5).to(acc_dtype)
+    # Masked rows (g = 0) and rows without a pair of distributions get exactly zero gradients.
+    coefficient = tl.where(max_a > float("-inf"), tl.load(grad_jsd_ptr + row).to(acc_dtype) * inv_t, 0.0)
+    for start in range(0, vocab, BLOCK):
+        offsets = start + tl.arange(0, BLOCK)
+        inside = offsets < vocab
+        a = tl.load(a_row + offsets, mask=inside, other=0.0).to(acc_dtype)
+        b = tl.load(b_row + offsets, mask=inside, other=0.0).to(acc_dtype)
+        prob_p, prob_q, log_m_over_p, log_m_over_q = _mixture_logs(a, b, max_a, log_sum_a, max_b, log_sum_b,
+                                                                   inv_t, beta)
+        if NEED_GRAD_A:
+            grad_a = coefficient * prob_p * (-beta * log_m_over_p - loss_p)
+            grad_a = tl.where(coefficient != 0, tl.where(prob_p > 0, grad_a, 0.0), 0.0)
+            tl.store(grad_a_ptr + row * vocab + offsets, grad_a.to(grad_a_ptr.dtype.element_ty), mask=inside)
+        if NEED_GRAD_B:
+            grad_b = coefficient * prob_q * (-(1.0 - beta) * log_m_over_q - loss_q)
+            grad_b = tl.where(coefficient != 0, tl.where(prob_q > 0, grad_b, 0.0), 0.0)
+            tl.store(grad_b_ptr + row * vocab + offsets, grad_b.to(grad_b_ptr.dtype.element_ty), mask=inside)
+
+
+def kd_jsd_fwd(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float,
+               beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row generalized JSD ``[N]`` and statistics ``[N, 6]`` of ``[N, V]`` logits."""
+    a, b = _unit_stride_rows(teacher_logits), _unit_stride_rows(student_logits)
+    rows, vocab = a.shape
+    is_fp64 = a.dtype == torch.float64
+    acc = torch.float64 if is_fp64 else torch.float32
+    jsd = torch.empty(rows, dtype=acc, device=a.device)
+    stats = torch.empty(rows, STATS_PER_ROW, dtype=acc, device=a.device)
+    if rows:
+        _kd_jsd_fwd_kernel[(rows,)](a, b, jsd, stats, vocab, a.stride(0), b.stride(0), temperature, beta,
+                                    BLOCK=_block(vocab), IS_FP64=is_fp64, num_warps=8)
+    return jsd, stats
+
+
+def kd_jsd_bwd(grad_jsd: torch.Tensor, teacher_logits: torch.Tensor, student_logits: torch.Tensor,
+               stats: torch.Tensor, temperature: float, beta: float, need_grad_teacher: bool,
+               need_grad_student: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of sum(grad_jsd * jsd) for the teacher and student logits (empty tensors when not needed)."""
+    a, b = _unit_stride_rows(teacher_logits), _unit_stride_rows(student_logits)
+    rows, vocab = a.shape
+    grad_a = torch.empty((rows, vocab) if need_grad_teacher else (0,), dtype=a.dtype, device=a.device)
+    grad_b = torch.empty((rows, vocab) if need_grad_student else (0,), dtype=a.dtype, device=a.device)
+    if rows and (need_grad_teacher or need_grad_student):
+        _kd_jsd_bwd_kernel[(rows,)](grad_jsd.contiguous(), a, b, stats.contiguous(), grad_a, grad_b, vocab,
+                                    a.stride(0), b.stride(0), temperature, beta, BLOCK=_block(vocab),
+                                    IS_FP64=a.dtype == torch.float64, NEED_GRAD_A=need_grad_teacher,
+                                    NEED_GRAD_B=need_grad_student, num_warps=8)
+    return grad_a, grad_b
