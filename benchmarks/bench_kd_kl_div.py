@@ -1,17 +1,23 @@
-"""Forward+backward of the KD KL loss: mpdistil_fast.kd_kl_div against torch eager and torch.compile.
+"""Forward+backward of the KD losses: mpdistil_fast.kd_kl_div (forward KL, and the generalized JSD with
+``direction="jsd"``) against torch eager and torch.compile.
 
     OMP_NUM_THREADS=2 python benchmarks/bench_kd_kl_div.py [--reps 20] [--shapes 2048x32000,512x128256]
+                                                           [--losses kl,jsd]
 
-Every provider computes the same loss, ``F.kl_div(log_softmax(s/T), log_softmax(t/T), log_target=True,
-reduction="batchmean") * T^2``, and its gradient with respect to the student logits (the teacher is frozen), timed
-interleaved (benchmarks/harness.py).  On CUDA the script also times the triton and cuda backends and, when
-installed, Liger-Kernel's LigerKLDIVLoss on the same log-softmax inputs (its whole pipeline).  GB/s is computed from
-the minimum traffic of a fused forward+backward: read both logits once and write the student gradient (3*N*V
-elements).  Results go to benchmarks/results/kd_kl_div.{csv,png}.
+For ``kl`` every provider computes ``F.kl_div(log_softmax(s/T), log_softmax(t/T), log_target=True,
+reduction="batchmean") * T^2``; for ``jsd`` (beta = 0.5) beta KL(P || M) + (1 - beta) KL(Q || M) with log M a
+logsumexp of the two log-softmaxes (as GKD's reference code in TRL writes it), batchmean, times T^2.  Each is timed
+with its gradient with respect to the student logits (the teacher is frozen), interleaved (benchmarks/harness.py).
+On CUDA the script also times the triton and cuda backends and, when installed, Liger-Kernel's LigerKLDIVLoss /
+LigerJSD on the same log-softmax inputs (their whole pipeline).  GB/s is computed from the minimum traffic of a
+fused forward+backward: read both logits once and write the student gradient (3*N*V elements; the fused JSD reads
+the logits twice in forward, so it cannot reach this figure).  Results go to benchmarks/results/kd_kl_div.{csv,png}.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
+import math
 import sys
 from pathlib import Path
 from typing import Callable
@@ -25,6 +31,8 @@ from benchmarks.harness import bar_plot, copy_bandwidth_gbps, interleaved_timing
 from mpdistil_fast import available_backends, kd_kl_div  # noqa: E402
 
 TEMPERATURE = 2.0
+BETA = 0.5
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def eager_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -33,15 +41,23 @@ def eager_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
                     reduction="batchmean", log_target=True) * TEMPERATURE ** 2
 
 
-def liger_loss() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
-    """Liger-Kernel's KL pipeline (log-softmax in torch, its fused KL kernel), when importable."""
+def eager_jsd(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """The generalized JSD written with torch ops, as GKD's reference code (TRL) does (the baseline)."""
+    log_q, log_p = F.log_softmax(student / TEMPERATURE, dim=-1), F.log_softmax(teacher / TEMPERATURE, dim=-1)
+    log_m = torch.logsumexp(torch.stack([log_p + math.log(BETA), log_q + math.log1p(-BETA)]), dim=0)
+    kl = lambda log_x: F.kl_div(log_m, log_x, reduction="batchmean", log_target=True)  # noqa: E731
+    return (BETA * kl(log_p) + (1 - BETA) * kl(log_q)) * TEMPERATURE ** 2
+
+
+def liger_loss(loss: str) -> LossFn | None:
+    """Liger-Kernel's pipeline (log-softmax in torch, then its fused KL or JSD kernel), when importable."""
     try:
-        from liger_kernel.transformers import LigerKLDIVLoss
+        from liger_kernel.transformers import LigerJSD, LigerKLDIVLoss
     except ImportError:
         return None
-    loss = LigerKLDIVLoss(reduction="batchmean", log_target=True)
-    return lambda s, t: loss(F.log_softmax(s / TEMPERATURE, dim=-1),
-                             F.log_softmax(t / TEMPERATURE, dim=-1)) * TEMPERATURE ** 2
+    fused = LigerKLDIVLoss(reduction="batchmean", log_target=True) if loss == "kl" else LigerJSD(beta=BETA)
+    return lambda s, t: fused(F.log_softmax(s / TEMPERATURE, dim=-1),
+                              F.log_softmax(t / TEMPERATURE, dim=-1)) * TEMPERATURE ** 2
 
 
 def fwd_bwd(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], student: torch.Tensor,
@@ -49,14 +65,33 @@ def fwd_bwd(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], stude
     return lambda: torch.autograd.grad(loss_fn(student, teacher), student)[0]
 
 
-def providers(device: torch.device) -> dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
-    found: dict[str, Callable] = {"torch_eager": eager_loss, "torch_compile": torch.compile(eager_loss)}
-    for name, status in available_backends("kd_kl_div", device).items():
+def providers(device: torch.device, loss: str) -> dict[str, LossFn]:
+    """Every implementation of ``loss`` ("kl" or "jsd") that runs on ``device``."""
+    eager = eager_loss if loss == "kl" else eager_jsd
+    found: dict[str, LossFn] = {"torch_eager": eager, "torch_compile": torch.compile(eager)}
+    op, options = ("kd_kl_div", {}) if loss == "kl" else ("kd_jsd", {"direction": "jsd", "beta": BETA})
+    for name, status in available_backends(op, device).items():
         if status.available and name != "torch":
-            found[f"mpdistil_{name}"] = lambda s, t, name=name: kd_kl_div(s, t, TEMPERATURE, backend=name)
-    if device.type == "cuda" and (liger := liger_loss()) is not None:
+            found[f"mpdistil_{name}"] = lambda s, t, name=name: kd_kl_div(s, t, TEMPERATURE, backend=name, **options)
+    if device.type == "cuda" and (liger := liger_loss(loss)) is not None:
         found["liger"] = liger
     return found
+
+
+def check_same_loss(losses: dict[str, LossFn], student: torch.Tensor, teacher: torch.Tensor, label: str) -> None:
+    """Every provider must compute the loss of the fp32 eager formula on the same inputs: relative 1e-4 for fp32
+    inputs, 2e-2 for 16-bit ones.  The 16-bit eager baseline itself computes in 16 bits (its JSD is off by ~15%
+    at [2048, 32000] bf16), so it is timed but not checked."""
+    eager = losses["torch_eager"]
+    tolerance = 1e-4 if student.dtype in (torch.float32, torch.float64) else 2e-2
+    with torch.no_grad():
+        reference = eager(student.float(), teacher.float()).double().item()
+        for name, fn in losses.items():
+            if name == "torch_eager" and tolerance > 1e-4:
+                continue
+            value = fn(student, teacher).double().item()
+            if abs(value - reference) > tolerance * abs(reference):
+                raise AssertionError(f"{label}: {name} computes {value}, the fp32 formula {reference}")
 
 
 def main() -> None:
@@ -64,31 +99,37 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--shapes", default="2048x32000,512x128256")
     parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--losses", default="kl,jsd", help="comma-separated: kl (forward KL), jsd (beta = 0.5)")
     args = parser.parse_args()
+    if unknown := set(args.losses.split(",")) - {"kl", "jsd"}:
+        parser.error(f"--losses takes kl and jsd, got {sorted(unknown)}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(f"device: {device}, {threads_note()}")
     rows = []
-    for shape in args.shapes.split(","):
+    for loss, shape, dtype_name in itertools.product(args.losses.split(","), args.shapes.split(","),
+                                                     args.dtypes.split(",")):
         n, v = (int(x) for x in shape.split("x"))
-        for dtype_name in args.dtypes.split(","):
-            dtype = getattr(torch, dtype_name)
-            student = torch.randn(n, v, device=device, dtype=dtype).requires_grad_()
-            teacher = torch.randn(n, v, device=device, dtype=dtype)
-            calls = {name: fwd_bwd(fn, student, teacher) for name, fn in providers(device).items()}
-            times = interleaved_timings(calls, device=device, warmup=2, reps=args.reps)
-            traffic_gb = 3 * n * v * student.element_size() / 1e9
-            copy_gbps = copy_bandwidth_gbps(int(traffic_gb * 1e9 / 2), device) if device.type == "cuda" else None
-            x = f"[{n}, {v}] {dtype_name}"
-            shape_rows = {name: make_row("kd_kl_div", name, "full", "speed", x, samples, "ms", device)
-                          for name, samples in times.items()}
-            for row in shape_rows.values():
-                speedup = {base: shape_rows[f"torch_{base}"]["p50"] / row["p50"] for base in ("eager", "compile")}
-                gbps = traffic_gb / (row["p50"] / 1e3)
-                row["extra"] = f"GB/s={gbps:.1f}; vs_eager={speedup['eager']:.2f}x; vs_compile={speedup['compile']:.2f}x"
-                if copy_gbps is not None:
-                    row["extra"] += f"; of_copy_bw={gbps / copy_gbps:.0%} (copy {copy_gbps:.0f} GB/s)"
-                rows.append(row)
-            del student, teacher
+        dtype = getattr(torch, dtype_name)
+        student = torch.randn(n, v, device=device, dtype=dtype).requires_grad_()
+        teacher = torch.randn(n, v, device=device, dtype=dtype)
+        x = f"[{n}, {v}] {dtype_name}" + (" JSD" if loss == "jsd" else "")
+        losses = providers(device, loss)
+        check_same_loss(losses, student, teacher, x)
+        calls = {name: fwd_bwd(fn, student, teacher) for name, fn in losses.items()}
+        times = interleaved_timings(calls, device=device, warmup=2, reps=args.reps)
+        traffic_gb = 3 * n * v * student.element_size() / 1e9
+        copy_gbps = copy_bandwidth_gbps(int(traffic_gb * 1e9 / 2), device) if device.type == "cuda" else None
+        kernel = "kd_kl_div" if loss == "kl" else "kd_jsd"
+        shape_rows = {name: make_row(kernel, name, "full", "speed", x, samples, "ms", device)
+                      for name, samples in times.items()}
+        for row in shape_rows.values():
+            speedup = {base: shape_rows[f"torch_{base}"]["p50"] / row["p50"] for base in ("eager", "compile")}
+            gbps = traffic_gb / (row["p50"] / 1e3)
+            row["extra"] = f"GB/s={gbps:.1f}; vs_eager={speedup['eager']:.2f}x; vs_compile={speedup['compile']:.2f}x"
+            if copy_gbps is not None:
+                row["extra"] += f"; of_copy_bw={gbps / copy_gbps:.0%} (copy {copy_gbps:.0f} GB/s)"
+            rows.append(row)
+        del student, teacher
     print_table(rows, ("x", "provider", "p50", "p20", "p80", "unit", "extra"))
     print(f"machine: {rows[0]['device']}, torch {torch.__version__}")
     print(write_csv(rows, "kd_kl_div"))

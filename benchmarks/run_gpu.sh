@@ -20,7 +20,7 @@ $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.ve
 
 step "build mpdistil_fast._C with CUDA kernels"
 $PY setup.py -q build_ext --inplace || { echo "BUILD FAILED"; exit 1; }
-$PY -c "from mpdistil_fast.backends import available_backends as a; [print(op, {k: v.available or v.reason for k, v in a(op, 'cuda').items()}) for op in ('kd_kl_div', 'hidden_mse', 'meta_teacher_loss')]"
+$PY -c "from mpdistil_fast.backends import available_backends as a; [print(op, {k: v.available or v.reason for k, v in a(op, 'cuda').items()}) for op in ('kd_kl_div', 'kd_jsd', 'hidden_mse', 'meta_teacher_loss')]"
 
 step "GPU tests (every backend on CUDA tensors)"
 $PY -m pytest -q -x -m gpu tests/test_kd_kl_div.py tests/test_hidden_mse.py tests/test_meta_teacher.py || status=1

@@ -49,6 +49,8 @@ def test_int_accepted_for_float_and_yaml11_exponents():
     ({"data": 3}, [], "data must be a mapping"),
     ({"curriculum": {"gamma": 0}}, [], "curriculum.gamma"),
     ({"distill": {"alpha": 2}}, [], "distill.alpha"),
+    ({"distill": {"direction": "jsd", "jsd_beta": 1.5}}, [], "distill.jsd_beta"),
+    ({"distill": {"direction": "symmetric"}}, [], "distill.direction"),
     ({"meta_teacher": {"training": {"epochs": 0}}}, [], "meta_teacher.training.epochs"),
     ({"curriculum": {"actions": ["cb", "qqp"]}}, [], "curriculum.actions[1]"),
     ({"runtime": {"kind": "deepspeed"}}, [], "runtime.kind must be one of ('local',)"),

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import mpdistil_fast
 from mpdistil_fast.methods import StudentObjective, cls_states
 from mpdistil_fast.models import load_tokenizer, tiny_backbone
 from mpdistil_fast.pipeline import stages
@@ -74,6 +75,11 @@ def test_objectives_match_float64_references():
     (expected_grad,) = torch.autograd.grad(expected, student)
     torch.testing.assert_close(grad.double(), expected_grad.double(), rtol=1e-4, atol=1e-6)
     assert set(kd.parts) == {"ce", "kd", "loss"}
+    jsd = StudentObjective("kd", alpha=0.3, temperature=2.5, direction="jsd", jsd_beta=0.2)(student, labels,
+                                                                                           teacher_logits=teacher)
+    expected_jsd = 0.7 * F.cross_entropy(student.double(), labels) + 0.3 * mpdistil_fast.kd_kl_div(
+        student.double(), teacher.double(), 2.5, direction="jsd", beta=0.2, backend="torch")
+    torch.testing.assert_close(jsd.loss.double(), expected_jsd, rtol=1e-5, atol=1e-6)
 
 
 def test_patient_kd_hidden_term():

@@ -4,7 +4,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include "hidden_mse.cuh"
+#include "cuda/block_reduce.cuh"
+#include "cuda/hidden_mse.cuh"
 
 namespace mpdistil::cuda {
 namespace {
@@ -18,19 +19,6 @@ __device__ __forceinline__ float to_acc(__nv_bfloat16 v, float) { return __bfloa
 template <typename T> __device__ __forceinline__ double to_acc(T v, double) { return static_cast<double>(v); }
 __device__ __forceinline__ double to_acc(__half v, double) { return __half2float(v); }
 __device__ __forceinline__ double to_acc(__nv_bfloat16 v, double) { return __bfloat162float(v); }
-
-// Sum of `value` over the block (every thread gets the result); `shared` holds one slot per warp.
-template <typename acc_t>
-__device__ acc_t block_sum(acc_t value, acc_t* shared) {
-  for (int offset = 16; offset > 0; offset >>= 1) value += __shfl_xor_sync(0xffffffffu, value, offset);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  __syncthreads();  // shared may still be read by a previous call
-  if (lane == 0) shared[warp] = value;
-  __syncthreads();
-  acc_t total = 0;
-  for (int w = 0; w < kThreads / 32; ++w) total += shared[w];
-  return total;
-}
 
 template <typename acc_t, typename y_t, typename t_t>
 struct RowPair {
@@ -49,7 +37,8 @@ struct RowPair {
       yy += a * a;
       tt += b * b;
     }
-    const acc_t norm_y = sqrt(block_sum(yy, shared)), norm_t = sqrt(block_sum(tt, shared));
+    const acc_t norm_y = sqrt(block_sum<kThreads>(yy, shared));
+    const acc_t norm_t = sqrt(block_sum<kThreads>(tt, shared));
     clamped_y = norm_y < acc_t(kNormEps);
     clamped_t = norm_t < acc_t(kNormEps);
     inv_y = acc_t(1) / (clamped_y ? acc_t(kNormEps) : norm_y);
@@ -82,7 +71,7 @@ __global__ void __launch_bounds__(kThreads) hidden_mse_fwd_kernel(HiddenMSEArgs 
       const acc_t d = row.ry(h) - row.rt(h);
       sum += d * d;
     }
-    sum = block_sum(sum, shared);
+    sum = block_sum<kThreads>(sum, shared);
     if (threadIdx.x == 0) row_sse[p * a.rows + n] = sum;
   }
 }
@@ -107,9 +96,9 @@ __global__ void __launch_bounds__(kThreads) hidden_mse_bwd_kernel(HiddenMSEArgs 
         uv += u * v;
         vv += v * v;
       }
-      uu = block_sum(uu, shared);
-      uv = block_sum(uv, shared);
-      vv = block_sum(vv, shared);
+      uu = block_sum<kThreads>(uu, shared);
+      uv = block_sum<kThreads>(uv, shared);
+      vv = block_sum<kThreads>(vv, shared);
       u_dot_gu = row.clamped_y ? acc_t(0) : two_s * (uu - uv);
       v_dot_gv = row.clamped_t ? acc_t(0) : -two_s * (uv - vv);
     }

@@ -8,11 +8,11 @@
 
 #include <cstdint>
 
+#include "cuda/logits_type.h"
+
 namespace mpdistil::cuda {
 
-enum class LogitsType { kFloat32, kFloat16, kBFloat16, kFloat64 };
-
-inline constexpr int kStatsPerRow = 5;
+inline constexpr int kKlStatsPerRow = 5;
 
 // kl [rows] and stats [rows, 5] are float64 for kFloat64 logits, float32 otherwise.  Rows of a and b have unit
 // stride along the vocabulary and row strides stride_a, stride_b (in elements).

@@ -2,7 +2,8 @@
 
 * ``finetune``: cross-entropy on the labels only.
 * ``kd`` (Hinton et al., 2015): ``(1 - alpha) CE(z_s, y) + alpha KL(softmax(z_t/T) || softmax(z_s/T))`` (the fused
-  :func:`mpdistil_fast.kd_kl_div`, which applies the ``T^2`` factor).
+  :func:`mpdistil_fast.kd_kl_div`, which applies the ``T^2`` factor); ``direction`` picks the reverse KL or the
+  generalized JSD with weight ``jsd_beta`` (GKD, Agarwal et al., 2024) instead.
 * ``pkd`` (Sun et al., 2019, "Patient Knowledge Distillation for BERT Model Compression"): ``kd`` plus
   ``beta * sum_j || h_s^j/||h_s^j|| - h_t^{m(j)}/||h_t^{m(j)}|| ||^2`` over the [CLS] states of the student's layers
   and the teacher layers they are mapped to (PKD-skip or PKD-last), via :class:`mpdistil_fast.HiddenMSELoss`.
@@ -40,7 +41,7 @@ class StudentObjective(nn.Module):
     """The student's loss for one method; holds the hidden-state loss (and its projection, when sizes differ)."""
 
     def __init__(self, method: str, *, alpha: float = 0.5, temperature: float = 2.0, direction: str = "forward",
-                 beta: float = 0.0, layer_map: str = "skip", student_hidden: int | None = None,
+                 jsd_beta: float = 0.5, beta: float = 0.0, layer_map: str = "skip", student_hidden: int | None = None,
                  teacher_hidden: int | None = None):
         super().__init__()
         if method not in ("finetune", "kd", "pkd"):
@@ -49,6 +50,7 @@ class StudentObjective(nn.Module):
         self.alpha = alpha
         self.temperature = temperature
         self.direction = direction
+        self.jsd_beta = jsd_beta if direction == "jsd" else None
         self.beta = beta
         self.hidden_loss = None
         if method == "pkd":
@@ -76,7 +78,7 @@ class StudentObjective(nn.Module):
         if teacher_logits is None:
             raise ValueError(f"teacher_logits is required for method {self.method!r}")
         kd = mpdistil_fast.kd_kl_div(student_logits, teacher_logits.to(student_logits.dtype),
-                                     temperature=self.temperature, direction=self.direction)
+                                     temperature=self.temperature, direction=self.direction, beta=self.jsd_beta)
         loss = (1.0 - self.alpha) * ce + self.alpha * kd
         parts = {"ce": ce.item(), "kd": kd.item()}
         if self.hidden_loss is not None:

@@ -68,11 +68,13 @@ class OptimConfig:
 
 @dataclass
 class DistillConfig:
-    """Student losses: (1 - alpha) CE + alpha KD(T) + beta hidden-MSE (PKD, Sun et al. 2019)."""
+    """Student losses: (1 - alpha) CE + alpha KD(T) + beta hidden-MSE (PKD, Sun et al. 2019).  KD is the forward or
+    reverse KL, or the generalized JSD with weight jsd_beta (GKD, Agarwal et al. 2024)."""
 
     alpha: float = 0.5
     temperature: float = 2.0
-    direction: Literal["forward", "reverse"] = "forward"
+    direction: Literal["forward", "reverse", "jsd"] = "forward"
+    jsd_beta: float = 0.5  #: beta of direction "jsd" (0 / 1: forward / reverse KL)
     beta: float = 10.0  #: weight of the patient hidden-state loss (pkd and mpdistil)
     layer_map: Literal["skip", "last"] = "skip"
 
@@ -333,6 +335,7 @@ def check_values(config: Config) -> None:
     d = config.distill
     _require(0.0 <= d.alpha <= 1.0, f"distill.alpha must be in [0, 1], got {d.alpha}")
     _require(d.temperature > 0, f"distill.temperature must be > 0, got {d.temperature}")
+    _require(0.0 <= d.jsd_beta <= 1.0, f"distill.jsd_beta must be in [0, 1], got {d.jsd_beta}")
     _require(d.beta >= 0, f"distill.beta must be >= 0, got {d.beta}")
     _require(config.meta_teacher.lr > 0, f"meta_teacher.lr must be > 0, got {config.meta_teacher.lr}")
     c = config.curriculum

@@ -46,8 +46,8 @@ def stages_of(config: Config) -> tuple[str, ...]:
 def objective_for(run: "Run", method: str) -> StudentObjective:
     d = run.config.distill
     teacher_hidden = run.teacher.hidden_size if run.teacher is not None else None
-    return StudentObjective(method, alpha=d.alpha, temperature=d.temperature, direction=d.direction, beta=d.beta,
-                            layer_map=d.layer_map, student_hidden=run.student.hidden_size,
+    return StudentObjective(method, alpha=d.alpha, temperature=d.temperature, direction=d.direction,
+                            jsd_beta=d.jsd_beta, beta=d.beta, layer_map=d.layer_map, student_hidden=run.student.hidden_size,
                             teacher_hidden=teacher_hidden).to(run.runtime.device)
 
 

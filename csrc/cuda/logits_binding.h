@@ -1,0 +1,43 @@
+// Host-side checks shared by the CUDA bindings of the fused temperature-softmax losses (kd_kl_div_binding.cpp,
+// kd_jsd_binding.cpp); `op` names the caller in every error.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <utility>
+
+#include "cuda/logits_type.h"
+
+namespace mpdistil::cuda {
+
+inline LogitsType logits_type(const char* op, const at::Tensor& logits) {
+  switch (logits.scalar_type()) {
+    case at::kFloat:
+      return LogitsType::kFloat32;
+    case at::kHalf:
+      return LogitsType::kFloat16;
+    case at::kBFloat16:
+      return LogitsType::kBFloat16;
+    case at::kDouble:
+      return LogitsType::kFloat64;
+    default:
+      TORCH_CHECK(false, op, ": logits must be float32, float16, bfloat16 or float64, got ", logits.scalar_type());
+  }
+}
+
+inline at::ScalarType acc_scalar_type(const at::Tensor& logits) {
+  return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// [N, V] logits with unit stride along V, on one CUDA device.
+inline std::pair<at::Tensor, at::Tensor> checked_rows(const char* op, const at::Tensor& a, const at::Tensor& b) {
+  TORCH_CHECK(a.dim() == 2 && a.sizes() == b.sizes(), op,
+              ": logits must be two equal-shaped 2-D [rows, vocab] tensors, got ", a.sizes(), " and ", b.sizes());
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), op, ": logits dtypes differ");
+  TORCH_CHECK(a.is_cuda() && b.device() == a.device(), op, ": logits must be on one CUDA device");
+  TORCH_CHECK(a.size(1) >= 1, op, ": vocabulary size must be >= 1");
+  const auto unit_stride = [](const at::Tensor& t) { return t.stride(1) == 1 ? t : t.contiguous(); };
+  return {unit_stride(a), unit_stride(b)};
+}
+
+}  // namespace mpdistil::cuda
