@@ -4,6 +4,8 @@
 #
 #   bash benchmarks/run_gpu.sh            # results in benchmarks/results/ (and copied to $OUT when set)
 #
+# Liger-Kernel (a baseline of the KD benchmarks) is installed from .whl/ when present: run
+# benchmarks/fetch_gpu_wheels.sh here first and carry .whl to a machine that cannot reach PyPI.
 # Nothing is downloaded: the extension is built in place against the machine's own torch.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -13,6 +15,14 @@ export TORCH_EXTENSIONS_DIR=$PWD/.torch_extensions TRITON_CACHE_DIR=$PWD/.triton
 PY=${PYTHON:-python3}
 status=0
 step() { echo; echo "=== $* ($(date +%T))"; }
+
+step "carried wheels (.whl/, from benchmarks/fetch_gpu_wheels.sh)"
+if compgen -G ".whl/*.whl" >/dev/null; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site:$PYTHONPATH
+else
+  echo "none: the Liger-Kernel baseline rows are skipped"
+fi
 
 step "environment"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
