@@ -16,7 +16,8 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+#: Where CSV and PNG files go: benchmarks/results, or MPDISTIL_BENCH_RESULTS (the smoke tests write elsewhere).
+RESULTS_DIR = Path(os.environ.get("MPDISTIL_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 COLUMNS = ("kernel_name", "provider", "mode", "metric", "x", "p50", "p20", "p80", "unit", "extra", "device", "version")
 
 
@@ -83,7 +84,7 @@ def make_row(kernel_name: str, provider: str, mode: str, metric: str, x: str, sa
 
 
 def write_csv(rows: Iterable[Mapping[str, object]], name: str) -> Path:
-    """Write rows to ``benchmarks/results/<name>.csv`` (replacing an older run of the same script)."""
+    """Write rows to ``RESULTS_DIR/<name>.csv`` (replacing an older run of the same script)."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"{name}.csv"
     with path.open("w", newline="") as handle:
@@ -103,7 +104,7 @@ def print_table(rows: Sequence[Mapping[str, object]], columns: Sequence[str]) ->
 
 
 def bar_plot(rows: Sequence[Mapping[str, object]], name: str, title: str, metric: str = "speed") -> Path:
-    """Grouped bar chart of p50 per provider for each x, saved as ``benchmarks/results/<name>.png``."""
+    """Grouped bar chart of p50 per provider for each x, saved as ``RESULTS_DIR/<name>.png``."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -1,0 +1,38 @@
+"""Smoke runs of the kernel benchmarks on tiny shapes, so the scripts the README's numbers come from keep working:
+each must finish, check that every provider computes the same loss, and write its CSV and plot (to a temporary
+directory: benchmarks/results keeps the committed runs)."""
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SMOKE_RUNS = {
+    "kd_kl_div": ["benchmarks/bench_kd_kl_div.py", "--reps", "1", "--shapes", "8x100", "--dtypes", "float32,bfloat16"],
+    "hidden_mse": ["benchmarks/bench_hidden_mse.py", "--quick", "--reps", "1"],
+    "meta_teacher": ["benchmarks/bench_meta_teacher.py", "--quick", "--reps", "1"],
+}
+
+
+@pytest.mark.parametrize("name", list(SMOKE_RUNS))
+def test_benchmark_script_runs(name, tmp_path):
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}  # CPU providers only
+    env.update(MPDISTIL_BENCH_RESULTS=str(tmp_path), OMP_NUM_THREADS="2")
+    result = subprocess.run([sys.executable, *SMOKE_RUNS[name]], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with (tmp_path / f"{name}.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    providers = {row["provider"] for row in rows}
+    assert {"cpp", "mpdistil_cpp"} & providers and len(providers) >= 3, providers
+    assert all(float(row["p50"]) > 0 for row in rows)
+    assert (tmp_path / f"{name}.png").stat().st_size > 0
+    if name == "kd_kl_div":  # both losses, both dtypes
+        assert {row["x"] for row in rows} == {"[8, 100] float32", "[8, 100] bfloat16", "[8, 100] float32 JSD",
+                                              "[8, 100] bfloat16 JSD"}
