@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mpdistil_fast.kernels.kd_kl_div import _block, _this_row, _unit_stride_rows
+from mpdistil_fast.kernels.kd_kl_div import _block, _online_softmax_block, _this_row, _unit_stride_rows
 
 STATS_PER_ROW = 6
 
@@ -49,13 +49,7 @@ def _kd_jsd_fwd_kernel(a_ptr, b_ptr, jsd_ptr, stats_ptr, vocab, stride_a, stride
         inside = offsets < vocab
         a = tl.load(a_row + offsets, mask=inside, other=neg_inf).to(acc_dtype)
         b = tl.load(b_row + offsets, mask=inside, other=neg_inf).to(acc_dtype)
-        new_max_a = tl.maximum(max_a, tl.max(a, axis=0))
-        new_max_b = tl.maximum(max_b, tl.max(b, axis=0))
-        factor_a = tl.where(sum_a > 0, tl.exp((max_a - new_max_a) * inv_t), 1.0)
-        factor_b = tl.where(sum_b > 0, tl.exp((max_b - new_max_b) * inv_t), 1.0)
-        max_a, max_b = new_max_a, new_max_b
-        sum_a = sum_a * factor_a + tl.sum(tl.exp((a - tl.where(max_a > neg_inf, max_a, 0.0)) * inv_t), axis=0)
-        sum_b = sum_b * factor_b + tl.sum(tl.exp((b - tl.where(max_b > neg_inf, max_b, 0.0)) * inv_t), axis=0)
+        max_a, max_b, sum_a, sum_b, _, _ = _online_softmax_block(a, b, max_a, max_b, sum_a, sum_b, inv_t)
     log_sum_a = tl.log(sum_a)
     log_sum_b = tl.log(sum_b)
     has_pair = (sum_a > 0) & (sum_b > 0)

@@ -25,6 +25,22 @@ def _this_row(a_ptr, b_ptr, stride_a, stride_b, temperature, IS_FP64: tl.constex
 
 
 @triton.jit
+def _online_softmax_block(a, b, max_a, max_b, sum_a, sum_b, inv_t):
+    """One block of the online softmax of a row pair: (raised max a, raised max b, sum_a and sum_b rescaled to the
+    new maxima plus this block's exp((x - max)/T), the factor that rescaled sum_a, this block's exp((a - max a)/T)).
+    Sums still 0 are not rescaled (their max may be -inf); -inf entries give exp 0."""
+    neg_inf = float("-inf")
+    new_max_a = tl.maximum(max_a, tl.max(a, axis=0))
+    new_max_b = tl.maximum(max_b, tl.max(b, axis=0))
+    factor_a = tl.where(sum_a > 0, tl.exp((max_a - new_max_a) * inv_t), 1.0)
+    factor_b = tl.where(sum_b > 0, tl.exp((max_b - new_max_b) * inv_t), 1.0)
+    exp_a = tl.exp((a - tl.where(new_max_a > neg_inf, new_max_a, 0.0)) * inv_t)
+    exp_b = tl.exp((b - tl.where(new_max_b > neg_inf, new_max_b, 0.0)) * inv_t)
+    return (new_max_a, new_max_b, sum_a * factor_a + tl.sum(exp_a, axis=0), sum_b * factor_b + tl.sum(exp_b, axis=0),
+            factor_a, exp_a)
+
+
+@triton.jit
 def _kd_kl_div_fwd_kernel(a_ptr, b_ptr, kl_ptr, stats_ptr, vocab, stride_a, stride_b, temperature,
                           BLOCK: tl.constexpr, IS_FP64: tl.constexpr):
     acc_dtype = tl.float64 if IS_FP64 else tl.float32
@@ -40,18 +56,7 @@ def _kd_kl_div_fwd_kernel(a_ptr, b_ptr, kl_ptr, stats_ptr, vocab, stride_a, stri
         inside = offsets < vocab
         a = tl.load(a_row + offsets, mask=inside, other=neg_inf).to(acc_dtype)
         b = tl.load(b_row + offsets, mask=inside, other=neg_inf).to(acc_dtype)
-        new_max_a = tl.maximum(max_a, tl.max(a, axis=0))
-        new_max_b = tl.maximum(max_b, tl.max(b, axis=0))
-        # Rescale the running sums to the new max (skipped while they are still 0: max may be -inf).
-        factor_a = tl.where(sum_a > 0, tl.exp((max_a - new_max_a) * inv_t), 1.0)
-        factor_b = tl.where(sum_b > 0, tl.exp((max_b - new_max_b) * inv_t), 1.0)
-        max_a, max_b = new_max_a, new_max_b
-        shift_a = tl.where(max_a > neg_inf, max_a, 0.0)
-        shift_b = tl.where(max_b > neg_inf, max_b, 0.0)
-        exp_a = tl.exp((a - shift_a) * inv_t)
-        exp_b = tl.exp((b - shift_b) * inv_t)
-        sum_a = sum_a * factor_a + tl.sum(exp_a, axis=0)
-        sum_b = sum_b * factor_b + tl.sum(exp_b, axis=0)
+        max_a, max_b, sum_a, sum_b, factor_a, exp_a = _online_softmax_block(a, b, max_a, max_b, sum_a, sum_b, inv_t)
         # Entries with P = 0 contribute 0 (also where a - b is infinite or NaN).
         cross = cross * factor_a + tl.sum(tl.where(exp_a > 0, exp_a * (a - b), 0.0), axis=0)
     log_sum_a = tl.log(sum_a)

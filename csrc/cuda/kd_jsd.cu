@@ -2,7 +2,6 @@
 // Forward: one block per row; sweep 1 merges every thread's online softmax of a and b over the block (16-byte
 // vector loads), sweep 2 sums L_P and L_Q over the row.  Backward: elementwise over a 2-D grid (rows x vocabulary
 // tiles), recomputing P, Q and the mixture logs from the per-row stats.
-#include <algorithm>
 #include <cmath>
 #include <cstdint>
 
@@ -100,29 +99,15 @@ __global__ void __launch_bounds__(kBackwardThreads)
   const A loss_p = row_stats[4], loss_q = row_stats[5];
   // Masked rows (g = 0) and rows without both distributions get exactly zero gradients.
   const A coefficient = row_stats[0] > negative_infinity<A>() ? grad_jsd[row] * inv_t : A(0);
-  const T* a_row = a + row * stride_a;
-  const T* b_row = b + row * stride_b;
-  const int64_t step = int64_t{gridDim.y} * kBackwardThreads * VEC;
-  for (int64_t i = (int64_t{blockIdx.y} * kBackwardThreads + threadIdx.x) * VEC; i < vocab; i += step) {
-    Pack<T, VEC> out_a, out_b;
-    if (coefficient == A(0)) {
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) out_a.values[k] = out_b.values[k] = narrow<T>(A(0));
-    } else {
-      const Pack<T, VEC> pa = *reinterpret_cast<const Pack<T, VEC>*>(a_row + i);
-      const Pack<T, VEC> pb = *reinterpret_cast<const Pack<T, VEC>*>(b_row + i);
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) {
-        const auto m = mixture.terms(widen(pa.values[k]), widen(pb.values[k]));
-        out_a.values[k] =
-            narrow<T>(m.prob_p > A(0) ? coefficient * m.prob_p * (-beta * m.log_m_over_p - loss_p) : A(0));
-        out_b.values[k] = narrow<T>(
-            m.prob_q > A(0) ? coefficient * m.prob_q * (-(A(1) - beta) * m.log_m_over_q - loss_q) : A(0));
-      }
-    }
-    if (grad_a) *reinterpret_cast<Pack<T, VEC>*>(grad_a + row * vocab + i) = out_a;
-    if (grad_b) *reinterpret_cast<Pack<T, VEC>*>(grad_b + row * vocab + i) = out_b;
-  }
+  T* grad_a_row = grad_a ? grad_a + row * vocab : nullptr;
+  T* grad_b_row = grad_b ? grad_b + row * vocab : nullptr;
+  backward_row_sweep<kBackwardThreads, VEC>(
+      a + row * stride_a, b + row * stride_b, grad_a_row, grad_b_row, vocab, coefficient == A(0),
+      [&](A va, A vb, A& out_a, A& out_b) {
+        const auto m = mixture.terms(va, vb);
+        out_a = m.prob_p > A(0) ? coefficient * m.prob_p * (-beta * m.log_m_over_p - loss_p) : A(0);
+        out_b = m.prob_q > A(0) ? coefficient * m.prob_q * (-(A(1) - beta) * m.log_m_over_q - loss_q) : A(0);
+      });
 }
 
 template <typename T>
@@ -151,10 +136,8 @@ cudaError_t launch_bwd_typed(const void* grad_jsd, const void* a, const void* b,
   using A = acc_t<T>;
   if (rows == 0 || (grad_a == nullptr && grad_b == nullptr)) return cudaSuccess;
   const bool vectorized = can_vectorize<T>(vocab, stride_a, stride_b, a, b);
-  const int64_t vec = vectorized ? 16 / sizeof(T) : 1;
-  const int64_t per_block = int64_t{kBackwardThreads} * vec * kBackwardPacksPerThread;
-  const dim3 grid(static_cast<unsigned>(rows),
-                  static_cast<unsigned>(std::min<int64_t>((vocab + per_block - 1) / per_block, 65535)));
+  const dim3 grid = backward_grid<kBackwardThreads>(rows, vocab, vectorized ? 16 / sizeof(T) : 1,
+                                                    kBackwardPacksPerThread);
   const auto args = [&](auto kernel) {
     kernel<<<grid, kBackwardThreads, 0, stream>>>(static_cast<const A*>(grad_jsd), static_cast<const T*>(a),
                                                   static_cast<const T*>(b), static_cast<const A*>(stats),

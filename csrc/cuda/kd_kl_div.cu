@@ -2,7 +2,6 @@
 // Forward: one block per row; every thread keeps an online softmax of its strided elements of a and b (running max,
 // rescaled sums, and sum exp((a - max a)/T) (a - b)), with 16-byte vector loads; the block then merges the states.
 // Backward: elementwise over a 2-D grid (rows x vocabulary tiles), recomputing P and Q from the per-row stats.
-#include <algorithm>
 #include <cmath>
 #include <cstdint>
 
@@ -58,29 +57,16 @@ __global__ void __launch_bounds__(kBackwardThreads)
   const A mean_gap = row_stats[4];
   // Masked rows (g = 0) and rows without a distribution P get exactly zero gradients.
   const A coefficient = max_a > negative_infinity<A>() ? grad_kl[row] * inv_t : A(0);
-  const T* a_row = a + row * stride_a;
-  const T* b_row = b + row * stride_b;
-  const int64_t step = int64_t{gridDim.y} * kBackwardThreads * VEC;
-  for (int64_t i = (int64_t{blockIdx.y} * kBackwardThreads + threadIdx.x) * VEC; i < vocab; i += step) {
-    Pack<T, VEC> out_a, out_b;
-    if (coefficient == A(0)) {
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) out_a.values[k] = out_b.values[k] = narrow<T>(A(0));
-    } else {
-      const Pack<T, VEC> pa = *reinterpret_cast<const Pack<T, VEC>*>(a_row + i);
-      const Pack<T, VEC> pb = *reinterpret_cast<const Pack<T, VEC>*>(b_row + i);
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) {
-        const A va = widen(pa.values[k]), vb = widen(pb.values[k]);
+  T* grad_a_row = grad_a ? grad_a + row * vocab : nullptr;
+  T* grad_b_row = grad_b ? grad_b + row * vocab : nullptr;
+  backward_row_sweep<kBackwardThreads, VEC>(
+      a + row * stride_a, b + row * stride_b, grad_a_row, grad_b_row, vocab, coefficient == A(0),
+      [&](A va, A vb, A& out_a, A& out_b) {
         const A prob_p = fast_exp((va - max_a) * inv_t - log_sum_a);
         const A prob_q = fast_exp((vb - max_b) * inv_t - log_sum_b);
-        out_a.values[k] = narrow<T>(prob_p > A(0) ? coefficient * prob_p * ((va - vb) * inv_t - mean_gap) : A(0));
-        out_b.values[k] = narrow<T>(coefficient * (prob_q - prob_p));
-      }
-    }
-    if (grad_a) *reinterpret_cast<Pack<T, VEC>*>(grad_a + row * vocab + i) = out_a;
-    if (grad_b) *reinterpret_cast<Pack<T, VEC>*>(grad_b + row * vocab + i) = out_b;
-  }
+        out_a = prob_p > A(0) ? coefficient * prob_p * ((va - vb) * inv_t - mean_gap) : A(0);
+        out_b = coefficient * (prob_q - prob_p);
+      });
 }
 
 template <typename T>
@@ -109,9 +95,8 @@ cudaError_t launch_bwd_typed(const void* grad_kl, const void* a, const void* b, 
   if (rows == 0 || (grad_a == nullptr && grad_b == nullptr)) return cudaSuccess;
   const A inv_t = static_cast<A>(1.0 / temperature);
   const bool vectorized = can_vectorize<T>(vocab, stride_a, stride_b, a, b);
-  const int64_t vec = vectorized ? 16 / sizeof(T) : 1;
-  const int64_t per_block = int64_t{kBackwardThreads} * vec * kBackwardPacksPerThread;
-  const dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(std::min<int64_t>((vocab + per_block - 1) / per_block, 65535)));
+  const dim3 grid = backward_grid<kBackwardThreads>(rows, vocab, vectorized ? 16 / sizeof(T) : 1,
+                                                    kBackwardPacksPerThread);
   const auto args = [&](auto kernel) {
     kernel<<<grid, kBackwardThreads, 0, stream>>>(static_cast<const A*>(grad_kl), static_cast<const T*>(a),
                                                   static_cast<const T*>(b), static_cast<const A*>(stats),

@@ -7,6 +7,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 
@@ -141,6 +142,44 @@ __device__ __forceinline__ RowState<A> block_merge(RowState<A> state, A inv_t, R
   RowState<A> total = RowState<A>::empty();
   for (int w = 0; w < kThreads / 32; ++w) total.merge(shared[w], inv_t);
   return total;
+}
+
+// The backward sweep of both losses over one row: this block's packs of the 2-D grid (rows x vocabulary tiles,
+// kThreads threads), zeros when `zero` (a masked row, or one without a distribution), otherwise
+// entry_grads(a, b, &grad_a, &grad_b) per entry in the accumulation type; grad_a_row / grad_b_row may be null.
+template <int kThreads, int VEC, typename T, typename EntryGrads>
+__device__ __forceinline__ void backward_row_sweep(const T* a_row, const T* b_row, T* grad_a_row, T* grad_b_row,
+                                                   int64_t vocab, bool zero, const EntryGrads& entry_grads) {
+  using A = acc_t<T>;
+  const int64_t step = int64_t{gridDim.y} * kThreads * VEC;
+  for (int64_t i = (int64_t{blockIdx.y} * kThreads + threadIdx.x) * VEC; i < vocab; i += step) {
+    Pack<T, VEC> out_a, out_b;
+    if (zero) {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) out_a.values[k] = out_b.values[k] = narrow<T>(A(0));
+    } else {
+      const Pack<T, VEC> pa = *reinterpret_cast<const Pack<T, VEC>*>(a_row + i);
+      const Pack<T, VEC> pb = *reinterpret_cast<const Pack<T, VEC>*>(b_row + i);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        A grad_a = 0, grad_b = 0;
+        entry_grads(widen(pa.values[k]), widen(pb.values[k]), grad_a, grad_b);
+        out_a.values[k] = narrow<T>(grad_a);
+        out_b.values[k] = narrow<T>(grad_b);
+      }
+    }
+    if (grad_a_row) *reinterpret_cast<Pack<T, VEC>*>(grad_a_row + i) = out_a;
+    if (grad_b_row) *reinterpret_cast<Pack<T, VEC>*>(grad_b_row + i) = out_b;
+  }
+}
+
+// Grid of backward_row_sweep: one row per blockIdx.x; along y, tiles of kThreads threads x `vec`-wide packs x
+// `packs_per_thread` (at most 65535 tiles; the sweep strides over the rest).
+template <int kThreads>
+inline dim3 backward_grid(int64_t rows, int64_t vocab, int64_t vec, int64_t packs_per_thread) {
+  const int64_t per_block = int64_t{kThreads} * vec * packs_per_thread;
+  return dim3(static_cast<unsigned>(rows),
+              static_cast<unsigned>(std::min<int64_t>((vocab + per_block - 1) / per_block, 65535)));
 }
 
 template <typename T>
