@@ -21,7 +21,8 @@ DEFAULT_JSD_BETA = 0.5
 def kd_kl_div(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0, *,
               reduction: str = "batchmean", scale_by_t2: bool = True, mask: Optional[Tensor] = None,
               direction: str = "forward", beta: Optional[float] = None, backend: str = "auto") -> Tensor:
-    """Knowledge-distillation KL loss between temperature-softened distributions (Hinton et al., 2015).
+    """Knowledge-distillation loss between temperature-softened distributions: forward or reverse KL (Hinton et al.,
+    2015) or the generalized Jensen-Shannon divergence (Agarwal et al., 2024).
 
     With p_s = softmax(student_logits / T) and p_t = softmax(teacher_logits / T) over the last dimension V,
     each row ``r`` of the leading dimensions ``[...]`` gives
