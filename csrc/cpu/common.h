@@ -57,6 +57,40 @@ inline Vec<float> vec_exp2(Vec<float> y) {
 // fp64 vectors: ATen's SLEEF exp2 (1 ulp); fp64 is for checks, not speed.
 inline Vec<double> vec_exp2(Vec<double> y) { return y.exp2(); }
 
+// Natural log of fp32 vectors with x >= FLT_MIN (smaller inputs are clamped to it): x = 2^e m with m in
+// [sqrt(1/2), sqrt(2)), log x = e ln 2 + log(1 + f), f = m - 1, the latter as f - f^2/2 + f^3 P(f) with Cephes'
+// logf polynomial (relative error < 1e-7).  About twice as fast as ATen's SLEEF log, which dominated the JSD.
+inline Vec<float> vec_log(Vec<float> x) {
+  const Vec<float> one(1.0f);
+  x = at::vec::clamp_min(x, Vec<float>(std::numeric_limits<float>::min()));
+  const Vec<int32_t> bits = at::vec::cast<int32_t>(x);
+  Vec<float> m = at::vec::cast<float>((bits & Vec<int32_t>(0x007fffff)) | Vec<int32_t>(0x3f800000));  // [1, 2)
+  // The biased exponent as a float without an int -> float conversion: the bits of 2^23 + e.
+  Vec<float> e = at::vec::cast<float>((bits >> Vec<int32_t>(23)) | Vec<int32_t>(0x4b000000)) -
+                 Vec<float>(8388608.0f + 127.0f);
+  const Vec<float> high = m > Vec<float>(1.41421356237f);
+  m = Vec<float>::blendv(m, m * Vec<float>(0.5f), high);
+  e = e + (high & one);
+  const Vec<float> f = m - one;
+  Vec<float> poly(7.0376836292e-2f);
+  poly = at::vec::fmadd(poly, f, Vec<float>(-1.1514610310e-1f));
+  poly = at::vec::fmadd(poly, f, Vec<float>(1.1676998740e-1f));
+  poly = at::vec::fmadd(poly, f, Vec<float>(-1.2420140846e-1f));
+  poly = at::vec::fmadd(poly, f, Vec<float>(1.4249322787e-1f));
+  poly = at::vec::fmadd(poly, f, Vec<float>(-1.6668057665e-1f));
+  poly = at::vec::fmadd(poly, f, Vec<float>(2.0000714765e-1f));
+  poly = at::vec::fmadd(poly, f, Vec<float>(-2.4999993993e-1f));
+  poly = at::vec::fmadd(poly, f, Vec<float>(3.3333331174e-1f));
+  const Vec<float> f2 = f * f;
+  Vec<float> y = at::vec::fmadd(f * f2, poly, Vec<float>(-0.5f) * f2);
+  // e ln 2 in two parts (ln 2 = 0.693359375 - 2.12194440e-4) so that e ln 2 adds no rounding of its own.
+  y = at::vec::fmadd(e, Vec<float>(-2.12194440e-4f), y);
+  return at::vec::fmadd(e, Vec<float>(0.693359375f), f + y);
+}
+
+// fp64 vectors: ATen's SLEEF log (1 ulp); fp64 is for checks, not speed.
+inline Vec<double> vec_log(Vec<double> x) { return x.log(); }
+
 // A view of `n` consecutive elements of `src` as acc_t: the pointer itself when no conversion is needed,
 // otherwise converted into `buffer` (kChunk elements).
 template <typename scalar_t, typename acc_t = acc_type_t<scalar_t>>

@@ -57,7 +57,7 @@ struct MixtureRow {
     const Vec<acc_t> p_larger = d >= zero;  // all-ones lanes where d >= 0 (false for NaN: both entries -inf)
     const Vec<acc_t> weight_t = Vec<acc_t>::blendv(beta, one_minus_beta, p_larger);
     const Vec<acc_t> weight_one = Vec<acc_t>::blendv(one_minus_beta, beta, p_larger);
-    const Vec<acc_t> base = at::vec::fmadd(weight_t, t, weight_one).log();
+    const Vec<acc_t> base = vec_log(at::vec::fmadd(weight_t, t, weight_one));
     return {prob_p, prob_q, base + Vec<acc_t>::blendv(s, zero, p_larger),
             base + Vec<acc_t>::blendv(zero, s, p_larger)};
   }
