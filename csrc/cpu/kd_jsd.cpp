@@ -17,14 +17,15 @@
 // Conventions: entries with P_i = 0 (Q_i = 0) contribute nothing to L_P (L_Q) and get a zero gradient in a (b); a
 // row whose teacher or student logits are all -inf has no pair of distributions and gives 0 and zero gradients.
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include "cpu/softmax_rows.h"
+#include "kd_jsd_checks.h"
 
 namespace mpdistil::cpu {
 namespace {
+
+using mpdistil::check_jsd_beta;
 
 constexpr int kStatsPerRow = 6;  // max_a, log_sum_a, max_b, log_sum_b, L_P, L_Q
 
@@ -150,73 +151,33 @@ void backward_row(const scalar_t* a_row, const scalar_t* b_row, int64_t vocab, a
   }
 }
 
-void check_beta(double beta) {
-  TORCH_CHECK(beta > 0.0 && beta < 1.0, "kd_jsd: beta must lie strictly between 0 and 1, got ", beta);
-}
-
 std::tuple<at::Tensor, at::Tensor> kd_jsd_fwd_cpu(const at::Tensor& teacher_logits,
                                                   const at::Tensor& student_logits, double temperature,
                                                   double beta) {
-  check_logits("kd_jsd", teacher_logits, student_logits);
-  check_beta(beta);
-  const at::Tensor a = unit_stride_rows(teacher_logits), b = unit_stride_rows(student_logits);
-  const int64_t rows = a.size(0), vocab = a.size(1);
-  const auto options = a.options().dtype(acc_scalar_type(a.scalar_type()));
-  at::Tensor jsd = at::empty({rows}, options);
-  at::Tensor stats = at::empty({rows, kStatsPerRow}, options);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scalar_type(), "kd_jsd_fwd_cpu", [&] {
-    using acc_t = acc_type_t<scalar_t>;
-    const scalar_t* a_data = a.const_data_ptr<scalar_t>();
-    const scalar_t* b_data = b.const_data_ptr<scalar_t>();
-    acc_t* jsd_data = jsd.mutable_data_ptr<acc_t>();
-    acc_t* stats_data = stats.mutable_data_ptr<acc_t>();
-    const int64_t a_stride = a.stride(0), b_stride = b.stride(0);
-    const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
-    at::parallel_for(0, rows, row_grain(vocab), [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r)
-        forward_row<scalar_t>(a_data + r * a_stride, b_data + r * b_stride, vocab, inv_t, beta, jsd_data + r,
-                              stats_data + r * kStatsPerRow);
-    });
-  });
-  return {jsd, stats};
+  check_jsd_beta(beta);
+  return rowwise_forward("kd_jsd", teacher_logits, student_logits, kStatsPerRow,
+                         [&](const auto* a_row, const auto* b_row, int64_t vocab, auto* jsd, auto* stats) {
+                           using scalar_t = row_scalar_t<decltype(a_row)>;
+                           forward_row<scalar_t>(a_row, b_row, vocab,
+                                                 static_cast<acc_type_t<scalar_t>>(1.0 / temperature), beta, jsd,
+                                                 stats);
+                         });
 }
 
 std::tuple<at::Tensor, at::Tensor> kd_jsd_bwd_cpu(const at::Tensor& grad_jsd, const at::Tensor& teacher_logits,
                                                   const at::Tensor& student_logits, const at::Tensor& stats,
                                                   double temperature, double beta, bool need_grad_teacher,
                                                   bool need_grad_student) {
-  check_logits("kd_jsd", teacher_logits, student_logits);
-  check_beta(beta);
-  const at::Tensor a = unit_stride_rows(teacher_logits), b = unit_stride_rows(student_logits);
-  const int64_t rows = a.size(0), vocab = a.size(1);
-  const auto acc = acc_scalar_type(a.scalar_type());
-  TORCH_CHECK(grad_jsd.numel() == rows && stats.numel() == rows * kStatsPerRow,
-              "kd_jsd_bwd: per-row tensors do not match ", rows, " rows");
-  const at::Tensor grad_rows = grad_jsd.to(acc).contiguous();
-  const at::Tensor stats_rows = stats.to(acc).contiguous();
+  check_jsd_beta(beta);
   static OutputCache grad_teacher_cache, grad_student_cache;
-  at::Tensor grad_teacher = need_grad_teacher ? grad_teacher_cache.take({rows, vocab}, a.options())
-                                              : at::empty({0}, a.options());
-  at::Tensor grad_student = need_grad_student ? grad_student_cache.take({rows, vocab}, a.options())
-                                              : at::empty({0}, a.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scalar_type(), "kd_jsd_bwd_cpu", [&] {
-    using acc_t = acc_type_t<scalar_t>;
-    const scalar_t* a_data = a.const_data_ptr<scalar_t>();
-    const scalar_t* b_data = b.const_data_ptr<scalar_t>();
-    const acc_t* g_data = grad_rows.const_data_ptr<acc_t>();
-    const acc_t* stats_data = stats_rows.const_data_ptr<acc_t>();
-    scalar_t* grad_a_data = need_grad_teacher ? grad_teacher.mutable_data_ptr<scalar_t>() : nullptr;
-    scalar_t* grad_b_data = need_grad_student ? grad_student.mutable_data_ptr<scalar_t>() : nullptr;
-    const int64_t a_stride = a.stride(0), b_stride = b.stride(0);
-    const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
-    at::parallel_for(0, rows, row_grain(vocab), [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r)
-        backward_row<scalar_t>(a_data + r * a_stride, b_data + r * b_stride, vocab, inv_t, beta, g_data[r],
-                               stats_data + r * kStatsPerRow, grad_a_data ? grad_a_data + r * vocab : nullptr,
-                               grad_b_data ? grad_b_data + r * vocab : nullptr);
-    });
-  });
-  return {grad_teacher, grad_student};
+  return rowwise_backward("kd_jsd", grad_jsd, teacher_logits, student_logits, stats, kStatsPerRow,
+                          need_grad_teacher, need_grad_student, grad_teacher_cache, grad_student_cache,
+                          [&](const auto* a_row, const auto* b_row, int64_t vocab, auto g, const auto* row_stats,
+                              auto* grad_a_row, auto* grad_b_row) {
+                            using scalar_t = row_scalar_t<decltype(a_row)>;
+                            backward_row<scalar_t>(a_row, b_row, vocab, static_cast<decltype(g)>(1.0 / temperature),
+                                                   beta, g, row_stats, grad_a_row, grad_b_row);
+                          });
 }
 
 }  // namespace

@@ -14,8 +14,6 @@
 // Conventions: entries with P_i = 0 (a_i = -inf) contribute exactly 0; a row whose a is all -inf has no distribution
 // and gives kl = 0 and zero gradients (like a masked row); rows with g == 0 get zero gradients without reading.
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include "cpu/softmax_rows.h"
@@ -129,64 +127,26 @@ void backward_row(const scalar_t* a_row, const scalar_t* b_row, int64_t vocab, a
 
 std::tuple<at::Tensor, at::Tensor> kd_kl_div_fwd_cpu(const at::Tensor& p_logits, const at::Tensor& q_logits,
                                                      double temperature) {
-  check_logits("kd_kl_div", p_logits, q_logits);
-  const at::Tensor a = unit_stride_rows(p_logits), b = unit_stride_rows(q_logits);
-  const int64_t rows = a.size(0), vocab = a.size(1);
-  const auto options = a.options().dtype(acc_scalar_type(a.scalar_type()));
-  at::Tensor kl = at::empty({rows}, options);
-  at::Tensor stats = at::empty({rows, kStatsPerRow}, options);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scalar_type(), "kd_kl_div_fwd_cpu", [&] {
-    using acc_t = acc_type_t<scalar_t>;
-    const scalar_t* a_data = a.const_data_ptr<scalar_t>();
-    const scalar_t* b_data = b.const_data_ptr<scalar_t>();
-    acc_t* kl_data = kl.mutable_data_ptr<acc_t>();
-    acc_t* stats_data = stats.mutable_data_ptr<acc_t>();
-    const int64_t a_stride = a.stride(0), b_stride = b.stride(0);
-    const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
-    at::parallel_for(0, rows, row_grain(vocab), [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        forward_row<scalar_t>(a_data + r * a_stride, b_data + r * b_stride, vocab, inv_t, kl_data + r,
-                              stats_data + r * kStatsPerRow);
-      }
-    });
-  });
-  return {kl, stats};
+  return rowwise_forward("kd_kl_div", p_logits, q_logits, kStatsPerRow,
+                         [&](const auto* a_row, const auto* b_row, int64_t vocab, auto* kl, auto* stats) {
+                           using scalar_t = row_scalar_t<decltype(a_row)>;
+                           forward_row<scalar_t>(a_row, b_row, vocab,
+                                                 static_cast<acc_type_t<scalar_t>>(1.0 / temperature), kl, stats);
+                         });
 }
 
 std::tuple<at::Tensor, at::Tensor> kd_kl_div_bwd_cpu(const at::Tensor& grad_kl, const at::Tensor& p_logits,
-                                                     const at::Tensor& q_logits, const at::Tensor& stats, double temperature, bool need_grad_p,
-                                                     bool need_grad_q) {
-  check_logits("kd_kl_div", p_logits, q_logits);
-  const at::Tensor a = unit_stride_rows(p_logits), b = unit_stride_rows(q_logits);
-  const int64_t rows = a.size(0), vocab = a.size(1);
-  const auto acc = acc_scalar_type(a.scalar_type());
-  TORCH_CHECK(grad_kl.numel() == rows && stats.numel() == rows * kStatsPerRow,
-              "kd_kl_div_bwd: per-row tensors do not match ", rows, " rows");
-  const at::Tensor grad_rows = grad_kl.to(acc).contiguous();
-  const at::Tensor stats_rows = stats.to(acc).contiguous();
+                                                     const at::Tensor& q_logits, const at::Tensor& stats,
+                                                     double temperature, bool need_grad_p, bool need_grad_q) {
   static OutputCache grad_p_cache, grad_q_cache;
-  at::Tensor grad_p = need_grad_p ? grad_p_cache.take({rows, vocab}, a.options()) : at::empty({0}, a.options());
-  at::Tensor grad_q = need_grad_q ? grad_q_cache.take({rows, vocab}, a.options()) : at::empty({0}, a.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scalar_type(), "kd_kl_div_bwd_cpu", [&] {
-    using acc_t = acc_type_t<scalar_t>;
-    const scalar_t* a_data = a.const_data_ptr<scalar_t>();
-    const scalar_t* b_data = b.const_data_ptr<scalar_t>();
-    const acc_t* g_data = grad_rows.const_data_ptr<acc_t>();
-    const acc_t* stats_data = stats_rows.const_data_ptr<acc_t>();
-    scalar_t* grad_p_data = need_grad_p ? grad_p.mutable_data_ptr<scalar_t>() : nullptr;
-    scalar_t* grad_q_data = need_grad_q ? grad_q.mutable_data_ptr<scalar_t>() : nullptr;
-    const int64_t a_stride = a.stride(0), b_stride = b.stride(0);
-    const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
-    at::parallel_for(0, rows, row_grain(vocab), [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        backward_row<scalar_t>(a_data + r * a_stride, b_data + r * b_stride, vocab, inv_t, g_data[r],
-                               stats_data + r * kStatsPerRow, grad_p_data ? grad_p_data + r * vocab : nullptr,
-                               grad_q_data ? grad_q_data + r * vocab : nullptr);
-      }
-      stream_fence();
-    });
-  });
-  return {grad_p, grad_q};
+  return rowwise_backward("kd_kl_div", grad_kl, p_logits, q_logits, stats, kStatsPerRow, need_grad_p, need_grad_q,
+                          grad_p_cache, grad_q_cache,
+                          [&](const auto* a_row, const auto* b_row, int64_t vocab, auto g, const auto* row_stats,
+                              auto* grad_a_row, auto* grad_b_row) {
+                            using scalar_t = row_scalar_t<decltype(a_row)>;
+                            backward_row<scalar_t>(a_row, b_row, vocab, static_cast<decltype(g)>(1.0 / temperature),
+                                                   g, row_stats, grad_a_row, grad_b_row);
+                          });
 }
 
 }  // namespace

@@ -3,9 +3,13 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 
 #include <cmath>
 #include <limits>
+#include <tuple>
+#include <type_traits>
 
 #include "cpu/common.h"
 
@@ -63,6 +67,75 @@ inline void check_logits(const char* op, const at::Tensor& a, const at::Tensor& 
 
 inline at::ScalarType acc_scalar_type(at::ScalarType input) {
   return input == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// The element type of a row pointer handed to the row functions below (const scalar_t*, or scalar_t*).
+template <typename Pointer>
+using row_scalar_t = std::remove_cv_t<std::remove_pointer_t<Pointer>>;
+
+// The host side of a fused loss's forward over pairs of logit rows a, b ([rows, vocab], any row strides):
+// checks, the [rows] loss and [rows, stats_per_row] statistics in the accumulation dtype, then, in parallel over
+// rows, forward_row(a_row, b_row, vocab, loss_out, stats_out); forward_row is generic over the dtype (row pointers
+// const scalar_t*, outputs acc_type_t<scalar_t>*).
+template <typename ForwardRow>
+std::tuple<at::Tensor, at::Tensor> rowwise_forward(const char* op, const at::Tensor& a_logits,
+                                                   const at::Tensor& b_logits, int64_t stats_per_row,
+                                                   const ForwardRow& forward_row) {
+  check_logits(op, a_logits, b_logits);
+  const at::Tensor a = unit_stride_rows(a_logits), b = unit_stride_rows(b_logits);
+  const int64_t rows = a.size(0), vocab = a.size(1), a_stride = a.stride(0), b_stride = b.stride(0);
+  const auto options = a.options().dtype(acc_scalar_type(a.scalar_type()));
+  at::Tensor loss = at::empty({rows}, options);
+  at::Tensor stats = at::empty({rows, stats_per_row}, options);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scalar_type(), "mpdistil_rowwise_forward", [&] {
+    using acc_t = acc_type_t<scalar_t>;
+    const scalar_t* a_data = a.const_data_ptr<scalar_t>();
+    const scalar_t* b_data = b.const_data_ptr<scalar_t>();
+    acc_t* loss_data = loss.mutable_data_ptr<acc_t>();
+    acc_t* stats_data = stats.mutable_data_ptr<acc_t>();
+    at::parallel_for(0, rows, row_grain(vocab), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r)
+        forward_row(a_data + r * a_stride, b_data + r * b_stride, vocab, loss_data + r, stats_data + r * stats_per_row);
+    });
+  });
+  return {loss, stats};
+}
+
+// The host side of the matching backward: checks, the gradients (reused buffers, see OutputCache; empty when not
+// needed), then, in parallel over rows, backward_row(a_row, b_row, vocab, g, stats_row, grad_a_row, grad_b_row)
+// with g the row's upstream gradient and null gradient rows when not needed; each thread fences its streaming
+// stores when done.
+template <typename BackwardRow>
+std::tuple<at::Tensor, at::Tensor> rowwise_backward(const char* op, const at::Tensor& grad_loss,
+                                                    const at::Tensor& a_logits, const at::Tensor& b_logits,
+                                                    const at::Tensor& stats, int64_t stats_per_row, bool need_grad_a,
+                                                    bool need_grad_b, OutputCache& grad_a_cache,
+                                                    OutputCache& grad_b_cache, const BackwardRow& backward_row) {
+  check_logits(op, a_logits, b_logits);
+  const at::Tensor a = unit_stride_rows(a_logits), b = unit_stride_rows(b_logits);
+  const int64_t rows = a.size(0), vocab = a.size(1), a_stride = a.stride(0), b_stride = b.stride(0);
+  TORCH_CHECK(grad_loss.numel() == rows && stats.numel() == rows * stats_per_row, op,
+              "_bwd: per-row tensors do not match ", rows, " rows");
+  const auto acc = acc_scalar_type(a.scalar_type());
+  const at::Tensor grad_rows = grad_loss.to(acc).contiguous(), stats_rows = stats.to(acc).contiguous();
+  at::Tensor grad_a = need_grad_a ? grad_a_cache.take({rows, vocab}, a.options()) : at::empty({0}, a.options());
+  at::Tensor grad_b = need_grad_b ? grad_b_cache.take({rows, vocab}, a.options()) : at::empty({0}, a.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scalar_type(), "mpdistil_rowwise_backward", [&] {
+    using acc_t = acc_type_t<scalar_t>;
+    const scalar_t* a_data = a.const_data_ptr<scalar_t>();
+    const scalar_t* b_data = b.const_data_ptr<scalar_t>();
+    const acc_t* g_data = grad_rows.const_data_ptr<acc_t>();
+    const acc_t* stats_data = stats_rows.const_data_ptr<acc_t>();
+    scalar_t* grad_a_data = need_grad_a ? grad_a.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* grad_b_data = need_grad_b ? grad_b.mutable_data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, rows, row_grain(vocab), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r)
+        backward_row(a_data + r * a_stride, b_data + r * b_stride, vocab, g_data[r], stats_data + r * stats_per_row,
+                     grad_a_data ? grad_a_data + r * vocab : nullptr, grad_b_data ? grad_b_data + r * vocab : nullptr);
+      stream_fence();
+    });
+  });
+  return {grad_a, grad_b};
 }
 
 }  // namespace mpdistil::cpu

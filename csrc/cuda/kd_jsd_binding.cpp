@@ -8,18 +8,17 @@
 
 #include "cuda/kd_jsd.cuh"
 #include "cuda/logits_binding.h"
+#include "kd_jsd_checks.h"
 
 namespace mpdistil::cuda {
 namespace {
 
-void check_beta(double beta) {
-  TORCH_CHECK(beta > 0.0 && beta < 1.0, "kd_jsd: beta must lie strictly between 0 and 1, got ", beta);
-}
+using mpdistil::check_jsd_beta;
 
 std::tuple<at::Tensor, at::Tensor> kd_jsd_fwd_cuda(const at::Tensor& teacher_logits,
                                                    const at::Tensor& student_logits, double temperature,
                                                    double beta) {
-  check_beta(beta);
+  check_jsd_beta(beta);
   const auto [a, b] = checked_rows("kd_jsd", teacher_logits, student_logits);
   const c10::cuda::CUDAGuard guard(a.device());
   const auto options = a.options().dtype(acc_scalar_type(a));
@@ -35,7 +34,7 @@ std::tuple<at::Tensor, at::Tensor> kd_jsd_bwd_cuda(const at::Tensor& grad_jsd, c
                                                    const at::Tensor& student_logits, const at::Tensor& stats,
                                                    double temperature, double beta, bool need_grad_teacher,
                                                    bool need_grad_student) {
-  check_beta(beta);
+  check_jsd_beta(beta);
   const auto [a, b] = checked_rows("kd_jsd", teacher_logits, student_logits);
   const c10::cuda::CUDAGuard guard(a.device());
   const int64_t rows = a.size(0), vocab = a.size(1);
