@@ -60,7 +60,7 @@ def liger_loss(loss: str) -> LossFn | None:
                               F.log_softmax(t / TEMPERATURE, dim=-1)) * TEMPERATURE ** 2
 
 
-def fwd_bwd(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], student: torch.Tensor,
+def fwd_bwd(loss_fn: LossFn, student: torch.Tensor,
             teacher: torch.Tensor) -> Callable[[], torch.Tensor]:
     return lambda: torch.autograd.grad(loss_fn(student, teacher), student)[0]
 
