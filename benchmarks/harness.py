@@ -47,6 +47,9 @@ def interleaved_timings(providers: Mapping[str, Callable[[], object]], *, device
     """Milliseconds per call of each provider, measured round-robin ``reps`` times after ``warmup`` rounds.
 
     Rounds continue past ``reps`` until ``min_time_s`` seconds were spent, so short kernels get many samples.
+    On CUDA each call is timed with a pair of CUDA events on the current stream (the device is synchronised
+    before every call, so a call's time never includes another's queued work, and the wall clock's
+    synchronisation cost stays out); on the CPU with ``time.perf_counter``.
     """
     device = torch.device(device)
     for _ in range(warmup):
@@ -58,13 +61,68 @@ def interleaved_timings(providers: Mapping[str, Callable[[], object]], *, device
     rounds = 0
     while rounds < reps or time.perf_counter() - start < min_time_s:
         for name, fn in providers.items():
-            _sync(device)
-            t0 = time.perf_counter()
-            fn()
-            _sync(device)
-            times[name].append((time.perf_counter() - t0) * 1e3)
+            times[name].append(_time_call(fn, device))
         rounds += 1
     return times
+
+
+def _time_call(fn: Callable[[], object], device: torch.device) -> float:
+    """Milliseconds of one call: CUDA events on a GPU, the wall clock on the CPU."""
+    _sync(device)
+    if device.type == "cuda":
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return begin.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def cuda_kernel_profile(fn: Callable[[], object], reps: int = 1) -> tuple[int, float]:
+    """(GPU kernels launched per call of ``fn``, milliseconds those kernels ran per call), from torch.profiler over
+    ``reps`` calls.  Kernel time leaves out the host's launch overhead and idle gaps, which the wall-clock (CUDA
+    event) timings include; memsets and copies are not kernels and are not counted."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    kernels = [event for event in prof.events() if event.device_type == torch.autograd.DeviceType.CUDA
+               and not event.name.startswith(("Memcpy", "Memset"))]
+    return len(kernels) // reps, sum(event.time_range.elapsed_us() for event in kernels) / 1e3 / reps
+
+
+#: Providers dropped by :func:`agreeing` in this process (a script exits non-zero when any was).
+MISMATCHES: list[str] = []
+
+
+def agreeing(values: Mapping[str, float], reference: float, rtol: float, label: str,
+             atol: float = 0.0) -> list[str]:
+    """Names of the providers whose loss matches ``reference`` within ``rtol`` (and ``atol``).
+
+    The others are reported and recorded in :data:`MISMATCHES`, so one wrong backend does not stop the timing of
+    the rest; a script ends with :func:`exit_status`.
+    """
+    kept = []
+    for name, value in values.items():
+        if abs(value - reference) <= rtol * abs(reference) + atol:
+            kept.append(name)
+        else:
+            MISMATCHES.append(f"{label}: {name} computes {value!r}, the reference {reference!r}")
+            print("MISMATCH", MISMATCHES[-1])
+    return kept
+
+
+def exit_status() -> int:
+    """1 when a provider computed a wrong loss (its rows are missing), else 0."""
+    for line in MISMATCHES:
+        print("MISMATCH", line)
+    return 1 if MISMATCHES else 0
 
 
 def quantiles(samples: Sequence[float]) -> tuple[float, float, float]:
@@ -165,4 +223,6 @@ def bench_arguments(doc: str, quick_help: str, reps: int) -> tuple["argparse.Nam
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help=quick_help)
     parser.add_argument("--reps", type=int, default=reps)
+    parser.add_argument("--no-compile", action="store_true",
+                        help="leave out the torch.compile baseline (it compiles for tens of seconds per shape)")
     return parser.parse_args(), torch.device("cuda" if torch.cuda.is_available() else "cpu")

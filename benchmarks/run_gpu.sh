@@ -2,7 +2,8 @@
 # The one device check (H100/H200 through the device tool, or any CUDA machine with torch + triton + nvcc):
 # build the CUDA kernels, run the GPU tests, time every fused kernel, print a short table, keep the CSV/PNG.
 #
-#   bash benchmarks/run_gpu.sh            # results in benchmarks/results/ (and copied to $OUT when set)
+#   bash benchmarks/run_gpu.sh [SECONDS]   # stop starting steps after SECONDS (default 540); results in
+#                                          # benchmarks/results/, logs + results as $OUT/gpu_run.tar.gz when set
 #
 # Liger-Kernel (a baseline of the KD benchmarks) is installed from .whl/ when present: run
 # benchmarks/fetch_gpu_wheels.sh here first and carry .whl to a machine that cannot reach PyPI.
@@ -13,32 +14,53 @@ export PYTHONUNBUFFERED=1 MPDISTIL_BUILD_CUDA=1
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
 export TORCH_EXTENSIONS_DIR=$PWD/.torch_extensions TRITON_CACHE_DIR=$PWD/.triton_cache PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 PY=${PYTHON:-python3}
+DEADLINE=$((SECONDS + ${1:-540}))
+LOGS=benchmarks/results/gpu_logs
+mkdir -p "$LOGS"
 status=0
-step() { echo; echo "=== $* ($(date +%T))"; }
+# step NAME CAP COMMAND...: run with a timeout of CAP seconds or what is left before the deadline (less 10 s).
+step() {
+  local name=$1 cap=$2; shift 2
+  local left=$((DEADLINE - SECONDS - 10))
+  (( left < cap )) && cap=$left
+  echo; echo "=== $name ($(date +%T), up to ${cap}s)"
+  if (( cap < 15 )); then echo "SKIPPED: no time left"; status=1; return 1; fi
+  timeout "$cap" "$@" 2>&1 | tee "$LOGS/$name.log"
+  local rc=${PIPESTATUS[0]}
+  (( rc != 0 )) && { echo "STEP $name FAILED (exit $rc)"; status=1; }
+  return "$rc"
+}
 
-step "carried wheels (.whl/, from benchmarks/fetch_gpu_wheels.sh)"
 if compgen -G ".whl/*.whl" >/dev/null; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site:$PYTHONPATH
 else
-  echo "none: the Liger-Kernel baseline rows are skipped"
+  echo "no carried wheels (.whl/): the Liger-Kernel baseline rows are skipped"
 fi
-
-step "environment"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv,noheader
 $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 
-step "build mpdistil_fast._C with CUDA kernels"
-$PY setup.py -q build_ext --inplace || { echo "BUILD FAILED"; exit 1; }
+step build 240 $PY setup.py -q build_ext --inplace || { echo "BUILD FAILED"; tar czf "${OUT:-/tmp}/gpu_run.tar.gz" "$LOGS"; exit 1; }
+# An uninstalled checkout has kernels/ but no mpdistil_fast.kernels (setup.py maps it on install): link it.
+$PY -c "import mpdistil_fast.kernels" 2>/dev/null || ln -sfn ../kernels mpdistil_fast/kernels
 $PY -c "from mpdistil_fast.backends import available_backends as a; [print(op, {k: v.available or v.reason for k, v in a(op, 'cuda').items()}) for op in ('kd_kl_div', 'kd_jsd', 'hidden_mse', 'meta_teacher_loss')]"
+[ -f scripts/probe_grid_sync.py ] && step grid_sync 60 $PY scripts/probe_grid_sync.py
+XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8")
+step tests 200 $PY -m pytest -q -m gpu $XDIST -p no:cacheprovider --tb=short -rf tests/test_kd_kl_div.py tests/test_hidden_mse.py tests/test_meta_teacher.py
+step bench_kd 200 $PY benchmarks/bench_kd_kl_div.py --reps 30 --losses kl,jsd --dtypes float32,bfloat16
+step bench_meta 90 $PY benchmarks/bench_meta_teacher.py --no-compile
+step bench_hidden 90 $PY benchmarks/bench_hidden_mse.py --no-compile --reps 20
 
-step "GPU tests (every backend on CUDA tensors)"
-$PY -m pytest -q -x -m gpu tests/test_kd_kl_div.py tests/test_hidden_mse.py tests/test_meta_teacher.py || status=1
-
-step "kernel benchmarks"
-$PY benchmarks/bench_kd_kl_div.py --reps 50 --dtypes float32,bfloat16 || status=1
-$PY benchmarks/bench_hidden_mse.py || status=1
-$PY benchmarks/bench_meta_teacher.py || status=1
-
-if [ -n "${OUT:-}" ]; then cp benchmarks/results/*.csv benchmarks/results/*.png "$OUT"/ 2>/dev/null; fi
+echo; echo "=== summary"
+grep -h "passed\|failed\|MISMATCH" "$LOGS"/tests.log "$LOGS"/bench_*.log 2>/dev/null | tail -20
+for csv in benchmarks/results/kd_kl_div.csv benchmarks/results/hidden_mse.csv benchmarks/results/meta_teacher.csv; do
+  [ -f "$csv" ] && $PY -c "
+import csv, sys
+for r in csv.DictReader(open(sys.argv[1])):
+    print(r['kernel_name'][:10], r['provider'][:16].ljust(16), r['mode'][:4], r['x'][:28].ljust(28), r['p50'].rjust(9), r['unit'], r['extra'][:70])
+" "$csv"
+done
+if [ -n "${OUT:-}" ]; then
+  tar czf "$OUT/gpu_run.tar.gz" "$LOGS" benchmarks/results/*.csv benchmarks/results/*.png 2>/dev/null
+fi
 exit $status
