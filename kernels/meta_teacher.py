@@ -1,7 +1,10 @@
 """Triton kernels of the MPDistil meta-teacher loss (same contract as ``torch.ops.mpdistil_C.meta_teacher_loss_*``).
 
-One launch computes the forward of every row, one launch the backward.  The grid is (row blocks, 2): side 0 reads
-teacher rows, side 1 student rows.  Each program runs its rows through the optional student projection, the
+One launch computes the forward of every row, one launch the backward (for float32 tensors: nothing else runs).
+Both kernels are persistent: at most one program per multiprocessor walks the (row block, side) tiles, side 0
+reading teacher rows and side 1 student rows, and a grid barrier (:mod:`.grid_sync`) separates the phases that need
+each other: forward tiles -> the deterministic sum of the per-tile losses; zeroing the parameter-gradient buffer ->
+backward tiles.  Each program runs its rows through the optional student projection, the
 discriminator (Linear, or Linear -> GELU -> Linear) and the softmax / CE / gold-probability terms, and already
 writes dL/dz (the loss is a scalar).  Backward recomputes GELU from the saved pre-activations; parameter gradients
 are accumulated with fp32 (fp64) atomics, row gradients are written directly.  Row-local scratch (projected rows,
@@ -17,6 +20,8 @@ import triton.language as tl
 from torch import Tensor
 
 from mpdistil_fast.ops.common import accumulation_dtype
+
+from .grid_sync import barrier_counters, grid_barrier, persistent_programs
 
 BLOCK_M, BLOCK_N, BLOCK_K = 16, 32, 32
 
@@ -54,12 +59,12 @@ def _linear_tile(x_ptr, x_stride, rows, n_rows, w_ptr, out_cols, n_out, width, B
 
 
 @triton.jit
-def meta_teacher_fwd_kernel(h_t_ptr, h_s_ptr, proj_w_ptr, proj_b_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, labels_ptr,
-                            projected_ptr, hidden_pre_ptr, z_ptr, dz_ptr, partial_ptr, B, H, H_S, N1, K,
-                            ce_t, gold_t, ce_s, gold_s, HAS_PROJ: tl.constexpr, HAS_HIDDEN: tl.constexpr,
-                            ACC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                            KP: tl.constexpr):
-    block, side = tl.program_id(0), tl.program_id(1)
+def _forward_tile(block, side, row_blocks, h_t_ptr, h_s_ptr, proj_w_ptr, proj_b_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
+                  labels_ptr, projected_ptr, hidden_pre_ptr, z_t_ptr, z_s_ptr, dz_ptr, partial_ptr, B, H, H_S, N1, K,
+                  ce_t, gold_t, ce_s, gold_s, HAS_PROJ: tl.constexpr, HAS_PROJ_BIAS: tl.constexpr,
+                  HAS_HIDDEN: tl.constexpr, ACC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                  BK: tl.constexpr, KP: tl.constexpr):
+    """Rows ``block`` of one side (0: teacher, 1: student): logits, dL/dz and the rows' loss sum."""
     rows = block * BM + tl.arange(0, BM)
     src_ptr = h_t_ptr
     if side == 1:
@@ -68,7 +73,8 @@ def meta_teacher_fwd_kernel(h_t_ptr, h_s_ptr, proj_w_ptr, proj_b_ptr, w1_ptr, b1
             for n0 in range(0, H, BN):
                 cols = n0 + tl.arange(0, BN)
                 out = _linear_tile(h_s_ptr, H_S, rows, B, proj_w_ptr, cols, H, H_S, BK, BM, BN, ACC)
-                out += tl.load(proj_b_ptr + cols, mask=cols < H, other=0.0)[None, :]
+                if HAS_PROJ_BIAS:
+                    out += tl.load(proj_b_ptr + cols, mask=cols < H, other=0.0)[None, :]
                 _store_tile(projected_ptr, out, rows, cols, B, H, H)
             tl.debug_barrier()
             src_ptr = projected_ptr
@@ -104,20 +110,46 @@ def meta_teacher_fwd_kernel(h_t_ptr, h_s_ptr, proj_w_ptr, proj_b_ptr, w1_ptr, b1
     p_gold = tl.exp(z_gold - lse)
     dz = a_ce * (p - onehot) + a_p * p_gold[:, None] * (onehot - p)
     row_loss = tl.where(valid_row, a_ce * (lse - z_gold) + a_p * p_gold, 0.0)
-    out_rows = side * B + rows
-    _store_tile(z_ptr, z, out_rows, classes, B + side * B, K, K)
-    _store_tile(dz_ptr, dz, out_rows, classes, B + side * B, K, K)
-    tl.store(partial_ptr + side * tl.num_programs(0) + block, tl.sum(row_loss, axis=0))
+    z_out_ptr = z_t_ptr
+    if side == 1:
+        z_out_ptr = z_s_ptr
+    _store_tile(z_out_ptr, z, rows, classes, B, K, K)
+    _store_tile(dz_ptr, dz, side * B + rows, classes, B + side * B, K, K)
+    tl.store(partial_ptr + side * row_blocks + block, tl.sum(row_loss, axis=0))
 
 
 @triton.jit
-def meta_teacher_bwd_kernel(grad_loss_ptr, dz_ptr, h_t_ptr, h_s_ptr, proj_w_ptr, w1_ptr, w2_ptr, hidden_pre_ptr,
-                            projected_ptr, grad_pre_ptr, grad_hs_proj_ptr, grad_h_t_ptr, grad_h_s_ptr,
-                            grad_proj_w_ptr, grad_proj_b_ptr, grad_w1_ptr, grad_b1_ptr, grad_w2_ptr, grad_b2_ptr,
-                            B, H, H_S, N1, K, HAS_PROJ: tl.constexpr, HAS_HIDDEN: tl.constexpr,
-                            NEED_H_T: tl.constexpr, NEED_H_S: tl.constexpr, ACC: tl.constexpr, BM: tl.constexpr,
-                            BN: tl.constexpr, BK: tl.constexpr, KP: tl.constexpr):
-    block, side = tl.program_id(0), tl.program_id(1)
+def meta_teacher_fwd_kernel(h_t_ptr, h_s_ptr, proj_w_ptr, proj_b_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, labels_ptr,
+                            projected_ptr, hidden_pre_ptr, z_t_ptr, z_s_ptr, dz_ptr, partial_ptr, loss_ptr,
+                            counters_ptr, row_blocks, B, H, H_S, N1, K, ce_t, gold_t, ce_s, gold_s,
+                            HAS_PROJ: tl.constexpr, HAS_PROJ_BIAS: tl.constexpr, HAS_HIDDEN: tl.constexpr,
+                            ACC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                            KP: tl.constexpr, SUM_BLOCK: tl.constexpr):
+    """Persistent forward: the programs share the (row block, side) tiles, meet at a grid barrier, and program 0
+    sums the per-tile losses in a fixed order (deterministic).  One launch, nothing to zero beforehand."""
+    programs = tl.num_programs(0)
+    for tile in range(tl.program_id(0), 2 * row_blocks, programs):
+        _forward_tile(tile % row_blocks, tile // row_blocks, row_blocks, h_t_ptr, h_s_ptr, proj_w_ptr, proj_b_ptr,
+                      w1_ptr, b1_ptr, w2_ptr, b2_ptr, labels_ptr, projected_ptr, hidden_pre_ptr, z_t_ptr, z_s_ptr,
+                      dz_ptr, partial_ptr, B, H, H_S, N1, K, ce_t, gold_t, ce_s, gold_s, HAS_PROJ, HAS_PROJ_BIAS,
+                      HAS_HIDDEN, ACC, BM, BN, BK, KP)
+    grid_barrier(counters_ptr, programs)
+    if tl.program_id(0) == 0:
+        total = tl.zeros((SUM_BLOCK,), dtype=ACC)
+        for start in range(0, 2 * row_blocks, SUM_BLOCK):
+            offsets = start + tl.arange(0, SUM_BLOCK)
+            total += tl.load(partial_ptr + offsets, mask=offsets < 2 * row_blocks, other=0.0, cache_modifier=".cg")
+        tl.store(loss_ptr, tl.sum(total, axis=0))
+
+
+@triton.jit
+def _backward_tile(block, side, grad_loss_ptr, dz_ptr, h_t_ptr, h_s_ptr, proj_w_ptr, w1_ptr, w2_ptr, hidden_pre_ptr,
+                   projected_ptr, grad_pre_ptr, grad_hs_proj_ptr, grad_h_t_ptr, grad_h_s_ptr, grad_proj_w_ptr,
+                   grad_proj_b_ptr, grad_w1_ptr, grad_b1_ptr, grad_w2_ptr, grad_b2_ptr, B, H, H_S, N1, K,
+                   HAS_PROJ: tl.constexpr, HAS_HIDDEN: tl.constexpr, NEED_H_T: tl.constexpr,
+                   NEED_H_S: tl.constexpr, ACC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                   KP: tl.constexpr):
+    """Rows ``block`` of one side: their row gradients (written) and parameter gradients (atomically added)."""
     rows = block * BM + tl.arange(0, BM)
     classes = tl.arange(0, KP)
     scale = tl.load(grad_loss_ptr).to(ACC)
@@ -196,71 +228,109 @@ def meta_teacher_bwd_kernel(grad_loss_ptr, dz_ptr, h_t_ptr, h_s_ptr, proj_w_ptr,
                     _store_tile(grad_h_s_ptr, grad_x, rows, ks, B, H_S, H_S)
 
 
+
+@triton.jit
+def meta_teacher_bwd_kernel(grad_loss_ptr, dz_ptr, h_t_ptr, h_s_ptr, proj_w_ptr, w1_ptr, w2_ptr, hidden_pre_ptr,
+                            projected_ptr, grad_pre_ptr, grad_hs_proj_ptr, grad_h_t_ptr, grad_h_s_ptr,
+                            grad_params_ptr, n_grad_params, grad_proj_w_ptr, grad_proj_b_ptr, grad_w1_ptr,
+                            grad_b1_ptr, grad_w2_ptr, grad_b2_ptr, counters_ptr, row_blocks, B, H, H_S, N1, K,
+                            HAS_PROJ: tl.constexpr, HAS_HIDDEN: tl.constexpr, NEED_H_T: tl.constexpr,
+                            NEED_H_S: tl.constexpr, ACC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                            BK: tl.constexpr, KP: tl.constexpr, ZERO_BLOCK: tl.constexpr):
+    """Persistent backward: the programs zero the parameter-gradient buffer (``grad_params``, which the
+    ``grad_*`` parameter pointers view), meet at a grid barrier, then share the (row block, side) tiles.
+    One launch, no separate zero-fill."""
+    programs = tl.num_programs(0)
+    for start in range(tl.program_id(0) * ZERO_BLOCK, n_grad_params, programs * ZERO_BLOCK):
+        offsets = start + tl.arange(0, ZERO_BLOCK)
+        tl.store(grad_params_ptr + offsets, tl.zeros((ZERO_BLOCK,), dtype=ACC), mask=offsets < n_grad_params)
+    grid_barrier(counters_ptr, programs)
+    for tile in range(tl.program_id(0), 2 * row_blocks, programs):
+        _backward_tile(tile % row_blocks, tile // row_blocks, grad_loss_ptr, dz_ptr, h_t_ptr, h_s_ptr, proj_w_ptr,
+                       w1_ptr, w2_ptr, hidden_pre_ptr, projected_ptr, grad_pre_ptr, grad_hs_proj_ptr, grad_h_t_ptr,
+                       grad_h_s_ptr, grad_proj_w_ptr, grad_proj_b_ptr, grad_w1_ptr, grad_b1_ptr, grad_w2_ptr,
+                       grad_b2_ptr, B, H, H_S, N1, K, HAS_PROJ, HAS_HIDDEN, NEED_H_T, NEED_H_S, ACC, BM, BN, BK, KP)
+
 def _mode_coefficients(competitive: bool) -> tuple[float, float, float, float]:
     """(a_ce, a_p) for the teacher rows, then the student rows (see mpdistil_fast.ops.meta_teacher_loss)."""
     return (1.0, -1.0, 0.0, 1.0) if competitive else (0.5, 0.0, 0.5, 0.0)
 
 
 def _common(h_teacher: Tensor, w1: Tensor, w2: Optional[Tensor]):
+    """(accumulation dtype, classes, compile-time constants, row blocks, persistent grid) of a launch."""
     acc = accumulation_dtype(h_teacher.dtype)
     classes = (w2 if w2 is not None else w1).shape[0]
     meta = dict(HAS_HIDDEN=w2 is not None, ACC=tl.float64 if acc == torch.float64 else tl.float32, BM=BLOCK_M,
                 BN=BLOCK_N, BK=BLOCK_K, KP=max(16, triton.next_power_of_2(classes)))
-    return acc, classes, meta, (triton.cdiv(h_teacher.shape[0], BLOCK_M), 2)
+    row_blocks = triton.cdiv(h_teacher.shape[0], BLOCK_M)
+    return acc, classes, meta, row_blocks, (persistent_programs(2 * row_blocks, h_teacher.device),)
+
+
+def _as(acc: torch.dtype, tensor: Tensor) -> Tensor:
+    """``tensor`` in the accumulation dtype, contiguous (no copy when it already is)."""
+    return tensor.to(acc).contiguous()
 
 
 def meta_teacher_loss_fwd(h_teacher: Tensor, h_student: Tensor, proj_weight: Optional[Tensor],
                           proj_bias: Optional[Tensor], w1: Tensor, b1: Tensor, w2: Optional[Tensor],
                           b2: Optional[Tensor], labels: Tensor, competitive: bool):
-    """(loss, z_T, z_S, dL/dz [2B, K], hidden pre-activations or empty, projected h_S or empty)."""
-    acc, classes, meta, grid = _common(h_teacher, w1, w2)
-    cast = lambda t: t.to(acc).contiguous()  # noqa: E731
+    """(loss, z_T, z_S, dL/dz [2B, K], hidden pre-activations or empty, projected h_S or empty).
+
+    One kernel launch for float32 (float64) inputs; 16-bit inputs are first converted to float32."""
+    acc, classes, meta, row_blocks, grid = _common(h_teacher, w1, w2)
     batch, width = h_teacher.shape
-    new = lambda *shape: h_teacher.new_empty(shape, dtype=acc)  # noqa: E731
+    new = lambda *shape, dtype=acc: h_teacher.new_empty(shape, dtype=dtype)  # noqa: E731
     has_proj = proj_weight is not None
     projected = new(batch, width) if has_proj else new(0)
     hidden_pre = new(2 * batch, w1.shape[0]) if w2 is not None else new(0)
-    z, dz, partial = new(2 * batch, classes), new(2 * batch, classes), new(2 * grid[0])
-    h_t, h_s = cast(h_teacher), cast(h_student)
-    proj_w = cast(proj_weight) if has_proj else h_t
-    proj_b = cast(proj_bias) if proj_bias is not None else torch.zeros(width, dtype=acc, device=h_t.device)
-    w1c, b1c = cast(w1), cast(b1)
-    w2c, b2c = (cast(w2), cast(b2)) if w2 is not None else (w1c, b1c)
+    z_t, z_s = new(batch, classes, dtype=h_teacher.dtype), new(batch, classes, dtype=h_teacher.dtype)
+    dz, partial, loss = new(2 * batch, classes), new(2 * row_blocks), new()
+    h_t, h_s = _as(acc, h_teacher), _as(acc, h_student)
+    proj_w = _as(acc, proj_weight) if has_proj else h_t
+    proj_b = _as(acc, proj_bias) if has_proj and proj_bias is not None else h_t
+    w1c, b1c = _as(acc, w1), _as(acc, b1)
+    w2c, b2c = (_as(acc, w2), _as(acc, b2)) if w2 is not None else (w1c, b1c)
     meta_teacher_fwd_kernel[grid](h_t, h_s, proj_w, proj_b, w1c, b1c, w2c, b2c, labels.contiguous(), projected,
-                                  hidden_pre, z, dz, partial, batch, width, h_student.shape[1], w1.shape[0], classes,
-                                  *_mode_coefficients(competitive), HAS_PROJ=has_proj, **meta)
-    dtype = h_teacher.dtype
-    return (partial.sum(), z[:batch].to(dtype, copy=True), z[batch:].to(dtype, copy=True), dz, hidden_pre,
-            projected)
+                                  hidden_pre, z_t, z_s, dz, partial, loss, barrier_counters(h_t.device), row_blocks,
+                                  batch, width, h_student.shape[1], w1.shape[0], classes,
+                                  *_mode_coefficients(competitive), HAS_PROJ=has_proj,
+                                  HAS_PROJ_BIAS=has_proj and proj_bias is not None, SUM_BLOCK=256, **meta)
+    return loss, z_t, z_s, dz, hidden_pre, projected
 
 
 def meta_teacher_loss_bwd(grad_loss: Tensor, dlogits: Tensor, h_teacher: Tensor, h_student: Tensor,
                           proj_weight: Optional[Tensor], proj_bias: Optional[Tensor], w1: Tensor,
                           w2: Optional[Tensor], hidden_pre: Tensor, projected: Tensor, need_h_teacher: bool,
                           need_h_student: bool) -> list[Tensor]:
-    """Gradients of (h_T, h_S, P, c, W1, b1, W2, b2); empty tensors where absent or not wanted."""
-    acc, classes, meta, grid = _common(h_teacher, w1, w2)
-    cast = lambda t: t.to(acc).contiguous()  # noqa: E731
-    zeros = lambda *shape: torch.zeros(shape, dtype=acc, device=h_teacher.device)  # noqa: E731
-    empty = lambda: h_teacher.new_empty(0, dtype=acc)  # noqa: E731
+    """Gradients of (h_T, h_S, P, c, W1, b1, W2, b2); empty tensors where absent or not wanted.
+
+    One kernel launch for float32 (float64) inputs and parameters: the parameter gradients are views of one
+    buffer that the kernel zeroes itself; 16-bit tensors are converted on the way in and out."""
+    acc, classes, meta, row_blocks, grid = _common(h_teacher, w1, w2)
+    new = lambda *shape: h_teacher.new_empty(shape, dtype=acc)  # noqa: E731
     batch, width = h_teacher.shape
     width_s, first = h_student.shape[1], w1.shape[0]
     has_proj, has_hidden = proj_weight is not None, w2 is not None
-    h_t, h_s, w1c = cast(h_teacher), cast(h_student), cast(w1)
-    w2c = cast(w2) if has_hidden else w1c
-    proj_w = cast(proj_weight) if has_proj else h_t
-    grad_h_t = zeros(batch, width) if need_h_teacher else empty()
-    grad_h_s = zeros(batch, width_s) if need_h_student else empty()
-    grad_pre = zeros(2 * batch, first) if has_hidden else empty()
-    grad_hs_proj = zeros(batch, width) if has_proj else empty()
-    grad_proj_w, grad_proj_b = (zeros(width, width_s), zeros(width)) if has_proj else (empty(), empty())
-    grad_w1, grad_b1 = zeros(first, width), zeros(first)
-    grad_w2, grad_b2 = (zeros(classes, first), zeros(classes)) if has_hidden else (empty(), empty())
-    meta_teacher_bwd_kernel[grid](grad_loss.to(acc).contiguous(), dlogits, h_t, h_s, proj_w, w1c, w2c, hidden_pre,
-                                  projected, grad_pre, grad_hs_proj, grad_h_t, grad_h_s, grad_proj_w, grad_proj_b,
-                                  grad_w1, grad_b1, grad_w2, grad_b2, batch, width, width_s, first, classes,
-                                  HAS_PROJ=has_proj, NEED_H_T=need_h_teacher, NEED_H_S=need_h_student, **meta)
+    h_t, h_s, w1c = _as(acc, h_teacher), _as(acc, h_student), _as(acc, w1)
+    w2c = _as(acc, w2) if has_hidden else w1c
+    proj_w = _as(acc, proj_weight) if has_proj else h_t
+    grad_h_t = new(batch, width) if need_h_teacher else new(0)
+    grad_h_s = new(batch, width_s) if need_h_student else new(0)
+    grad_pre = new(2 * batch, first) if has_hidden else new(0)  # row-local scratch, written before it is read
+    grad_hs_proj = new(batch, width) if has_proj else new(0)
+    shapes = [(width, width_s), (width,)] if has_proj else [(0,), (0,)]
+    shapes += [(first, width), (first,)] + ([(classes, first), (classes,)] if has_hidden else [(0,), (0,)])
+    grad_params = new(sum(torch.Size(shape).numel() for shape in shapes))
+    grad_proj_w, grad_proj_b, grad_w1, grad_b1, grad_w2, grad_b2 = (
+        chunk.view(shape) for chunk, shape in
+        zip(grad_params.split([torch.Size(shape).numel() for shape in shapes]), shapes))
+    meta_teacher_bwd_kernel[grid](_as(acc, grad_loss), dlogits, h_t, h_s, proj_w, w1c, w2c, hidden_pre, projected,
+                                  grad_pre, grad_hs_proj, grad_h_t, grad_h_s, grad_params, grad_params.numel(),
+                                  grad_proj_w, grad_proj_b, grad_w1, grad_b1, grad_w2, grad_b2,
+                                  barrier_counters(h_t.device), row_blocks, batch, width, width_s, first, classes,
+                                  HAS_PROJ=has_proj, NEED_H_T=need_h_teacher, NEED_H_S=need_h_student,
+                                  ZERO_BLOCK=1024, **meta)
     cast_like = lambda g, like: g if like is None or g.numel() == 0 else g.to(like.dtype)  # noqa: E731
     return [cast_like(grad_h_t, h_teacher), cast_like(grad_h_s, h_student), cast_like(grad_proj_w, proj_weight),
-            cast_like(grad_proj_b, proj_bias) if proj_bias is not None else empty(), cast_like(grad_w1, w1),
+            cast_like(grad_proj_b, proj_bias) if proj_bias is not None else new(0), cast_like(grad_w1, w1),
             cast_like(grad_b1, w1), cast_like(grad_w2, w2), cast_like(grad_b2, w2)]

@@ -233,3 +233,35 @@ def test_fused_kernel_checks_labels_itself():
     h = torch.randn(2, 4)
     with pytest.raises(RuntimeError, match="labels"):
         torch.ops.mpdistil_C.meta_teacher_loss_fwd(h, h, None, None, W, B_, None, None, torch.tensor([0, 5]), False)
+
+
+def cuda_kernel_names(fn):
+    """(fn's result, names of the GPU kernels it launched; memsets and copies are not kernels)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        result = fn()
+        torch.cuda.synchronize()
+    return result, [event.name for event in prof.events() if event.device_type == torch.autograd.DeviceType.CUDA
+                    and not event.name.startswith(("Memcpy", "Memset"))]
+
+
+@gpu_test
+@pytest.mark.parametrize("batch,hidden,student_width", [(32, None, None), (300, 256, 384)],
+                         ids=["linear", "mlp-proj-many-row-blocks"])
+def test_triton_is_one_launch_each_way(batch, hidden, student_width):
+    """On a GPU the fused discriminator (float32) is one kernel forward and one backward: no zero-fills, casts or
+    reductions around them.  The forward's only other kernel is the label-range check (a min/max reduction) that
+    turns a bad label into a clear ValueError."""
+    h_t, h_s, params, projection, labels = make_case(batch, 768, 3, hidden=hidden, student_width=student_width,
+                                                     device="cuda")
+    leaves = [t for t in [h_t, h_s, *params, *(projection or ())] if t is not None]
+    call = lambda: run("triton", h_t, h_s, params, projection, labels, "competitive")  # noqa: E731
+    call()  # compiles
+    out, forward = cuda_kernel_names(call)
+    grad_output = torch.ones_like(out.loss)
+    _, backward = cuda_kernel_names(lambda: torch.autograd.grad(out.loss, leaves, grad_output))
+    assert len(forward) == 2 and sum("meta_teacher_fwd_kernel" in name for name in forward) == 1, forward
+    assert len(backward) == 1 and "meta_teacher_bwd_kernel" in backward[0], backward
+    check_against_reference("triton", "competitive", h_t, h_s, params, projection, labels)
