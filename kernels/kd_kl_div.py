@@ -3,7 +3,9 @@
 One program per row.  Forward: online softmax over blocks of the row for both inputs (block max, then one rescale
 of the running sums), giving KL(P || Q) with P = softmax(a / T), Q = softmax(b / T) and the per-row statistics
 (max a, log sum exp((a - max a) / T), max b, log sum exp((b - max b) / T), E_P[(a - b) / T]).  Backward: one more
-read of a and b, dKL/da = g/T * P ((a - b)/T - E_P[(a - b)/T]), dKL/db = g/T * (Q - P).  fp32 accumulation (fp64
+read of a and b, dKL/da = g/T * P ((a - b)/T - E_P[(a - b)/T]), dKL/db = g/T * (Q - P).  ``kd_kl_div_fwd_grad``
+does both in one launch when the row weights g are known in forward (a reduced loss), so each row is read from
+memory once (its second read hits L2).  fp32 accumulation (fp64
 for fp64 inputs).
 """
 from __future__ import annotations
@@ -41,10 +43,9 @@ def _online_softmax_block(a, b, max_a, max_b, sum_a, sum_b, inv_t):
 
 
 @triton.jit
-def _kd_kl_div_fwd_kernel(a_ptr, b_ptr, kl_ptr, stats_ptr, vocab, stride_a, stride_b, temperature,
-                          BLOCK: tl.constexpr, IS_FP64: tl.constexpr):
+def _row_statistics(a_row, b_row, vocab, inv_t, BLOCK: tl.constexpr, IS_FP64: tl.constexpr):
+    """(KL of the row, max a, log sum exp((a - max a)/T), max b, log sum exp((b - max b)/T), E_P[(a - b)/T])."""
     acc_dtype = tl.float64 if IS_FP64 else tl.float32
-    row, a_row, b_row, inv_t = _this_row(a_ptr, b_ptr, stride_a, stride_b, temperature, IS_FP64)
     neg_inf = float("-inf")
     max_a = tl.full([], neg_inf, acc_dtype)
     max_b = tl.full([], neg_inf, acc_dtype)
@@ -65,6 +66,11 @@ def _kd_kl_div_fwd_kernel(a_ptr, b_ptr, kl_ptr, stats_ptr, vocab, stride_a, stri
     kl = mean_gap - (max_a - max_b) * inv_t - log_sum_a + log_sum_b
     kl = tl.where(sum_b > 0, kl, float("inf"))  # P has mass where Q has none
     kl = tl.where(sum_a > 0, kl, 0.0)  # no distribution P in this row
+    return kl, max_a, log_sum_a, max_b, log_sum_b, mean_gap
+
+
+@triton.jit
+def _store_row_statistics(kl_ptr, stats_ptr, row, kl, max_a, log_sum_a, max_b, log_sum_b, mean_gap):
     tl.store(kl_ptr + row, kl)
     stats_row = stats_ptr + row * 5
     tl.store(stats_row + 0, max_a)
@@ -75,18 +81,11 @@ def _kd_kl_div_fwd_kernel(a_ptr, b_ptr, kl_ptr, stats_ptr, vocab, stride_a, stri
 
 
 @triton.jit
-def _kd_kl_div_bwd_kernel(grad_kl_ptr, a_ptr, b_ptr, stats_ptr, grad_a_ptr, grad_b_ptr, vocab, stride_a,
-                          stride_b, temperature, BLOCK: tl.constexpr, IS_FP64: tl.constexpr,
-                          NEED_GRAD_A: tl.constexpr, NEED_GRAD_B: tl.constexpr):
+def _row_gradients(a_row, b_row, grad_a_row, grad_b_row, vocab, inv_t, grad_row, max_a, log_sum_a, max_b,
+                   log_sum_b, mean_gap, BLOCK: tl.constexpr, IS_FP64: tl.constexpr, NEED_GRAD_A: tl.constexpr,
+                   NEED_GRAD_B: tl.constexpr):
+    """Write grad_row * dKL/da and grad_row * dKL/db of one row (one more read of a and b)."""
     acc_dtype = tl.float64 if IS_FP64 else tl.float32
-    row, a_row, b_row, inv_t = _this_row(a_ptr, b_ptr, stride_a, stride_b, temperature, IS_FP64)
-    stats_row = stats_ptr + row * 5
-    max_a = tl.load(stats_row + 0).to(acc_dtype)
-    log_sum_a = tl.load(stats_row + 1).to(acc_dtype)
-    max_b = tl.load(stats_row + 2).to(acc_dtype)
-    log_sum_b = tl.load(stats_row + 3).to(acc_dtype)
-    mean_gap = tl.load(stats_row + 4).to(acc_dtype)
-    grad_row = tl.load(grad_kl_ptr + row).to(acc_dtype)
     # Masked rows (g = 0) and rows without a distribution P get exactly zero gradients.
     coefficient = tl.where(max_a > float("-inf"), grad_row * inv_t, 0.0)
     for start in range(0, vocab, BLOCK):
@@ -100,10 +99,50 @@ def _kd_kl_div_bwd_kernel(grad_kl_ptr, a_ptr, b_ptr, stats_ptr, grad_a_ptr, grad
         if NEED_GRAD_A:
             grad_a = tl.where(prob_p > 0, coefficient * prob_p * ((a - b) * inv_t - mean_gap), 0.0)
             grad_a = tl.where(coefficient != 0, grad_a, 0.0)
-            tl.store(grad_a_ptr + row * vocab + offsets, grad_a.to(grad_a_ptr.dtype.element_ty), mask=inside)
+            tl.store(grad_a_row + offsets, grad_a.to(grad_a_row.dtype.element_ty), mask=inside)
         if NEED_GRAD_B:
             grad_b = tl.where(coefficient != 0, coefficient * (tl.exp(log_q) - prob_p), 0.0)
-            tl.store(grad_b_ptr + row * vocab + offsets, grad_b.to(grad_b_ptr.dtype.element_ty), mask=inside)
+            tl.store(grad_b_row + offsets, grad_b.to(grad_b_row.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _kd_kl_div_fwd_kernel(a_ptr, b_ptr, kl_ptr, stats_ptr, vocab, stride_a, stride_b, temperature,
+                          BLOCK: tl.constexpr, IS_FP64: tl.constexpr):
+    row, a_row, b_row, inv_t = _this_row(a_ptr, b_ptr, stride_a, stride_b, temperature, IS_FP64)
+    kl, max_a, log_sum_a, max_b, log_sum_b, mean_gap = _row_statistics(a_row, b_row, vocab, inv_t, BLOCK, IS_FP64)
+    _store_row_statistics(kl_ptr, stats_ptr, row, kl, max_a, log_sum_a, max_b, log_sum_b, mean_gap)
+
+
+@triton.jit
+def _kd_kl_div_bwd_kernel(grad_kl_ptr, a_ptr, b_ptr, stats_ptr, grad_a_ptr, grad_b_ptr, vocab, stride_a,
+                          stride_b, temperature, BLOCK: tl.constexpr, IS_FP64: tl.constexpr,
+                          NEED_GRAD_A: tl.constexpr, NEED_GRAD_B: tl.constexpr):
+    acc_dtype = tl.float64 if IS_FP64 else tl.float32
+    row, a_row, b_row, inv_t = _this_row(a_ptr, b_ptr, stride_a, stride_b, temperature, IS_FP64)
+    stats_row = stats_ptr + row * 5
+    _row_gradients(a_row, b_row, grad_a_ptr + row * vocab, grad_b_ptr + row * vocab, vocab, inv_t,
+                   tl.load(grad_kl_ptr + row).to(acc_dtype), tl.load(stats_row + 0).to(acc_dtype),
+                   tl.load(stats_row + 1).to(acc_dtype), tl.load(stats_row + 2).to(acc_dtype),
+                   tl.load(stats_row + 3).to(acc_dtype), tl.load(stats_row + 4).to(acc_dtype), BLOCK, IS_FP64,
+                   NEED_GRAD_A, NEED_GRAD_B)
+
+
+@triton.jit
+def _kd_kl_div_fwd_grad_kernel(a_ptr, b_ptr, kl_ptr, stats_ptr, row_weight_ptr, weight, grad_a_ptr, grad_b_ptr,
+                               vocab, stride_a, stride_b, temperature, BLOCK: tl.constexpr, IS_FP64: tl.constexpr,
+                               HAS_ROW_WEIGHT: tl.constexpr, NEED_GRAD_A: tl.constexpr,
+                               NEED_GRAD_B: tl.constexpr):
+    """Forward and gradient in one pass over HBM: the row's statistics, then at once its gradients for the row
+    weight ``weight * row_weight[row]`` (the second read of the row comes from L2, just read)."""
+    acc_dtype = tl.float64 if IS_FP64 else tl.float32
+    row, a_row, b_row, inv_t = _this_row(a_ptr, b_ptr, stride_a, stride_b, temperature, IS_FP64)
+    kl, max_a, log_sum_a, max_b, log_sum_b, mean_gap = _row_statistics(a_row, b_row, vocab, inv_t, BLOCK, IS_FP64)
+    _store_row_statistics(kl_ptr, stats_ptr, row, kl, max_a, log_sum_a, max_b, log_sum_b, mean_gap)
+    grad_row = tl.zeros([], acc_dtype) + weight
+    if HAS_ROW_WEIGHT:
+        grad_row = grad_row * tl.load(row_weight_ptr + row).to(acc_dtype)
+    _row_gradients(a_row, b_row, grad_a_ptr + row * vocab, grad_b_ptr + row * vocab, vocab, inv_t, grad_row, max_a,
+                   log_sum_a, max_b, log_sum_b, mean_gap, BLOCK, IS_FP64, NEED_GRAD_A, NEED_GRAD_B)
 
 
 def _unit_stride_rows(logits: torch.Tensor) -> torch.Tensor:
@@ -142,3 +181,25 @@ def kd_kl_div_bwd(grad_kl: torch.Tensor, p_logits: torch.Tensor, q_logits: torch
                                        IS_FP64=a.dtype == torch.float64, NEED_GRAD_A=need_grad_p,
                                        NEED_GRAD_B=need_grad_q, num_warps=8)
     return grad_p, grad_q
+
+
+def kd_kl_div_fwd_grad(p_logits: torch.Tensor, q_logits: torch.Tensor, temperature: float,
+                       row_weight: torch.Tensor | None, weight: float, need_grad_p: bool,
+                       need_grad_q: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(per-row KL, statistics, grad_p, grad_q) in one launch: the gradients of sum_r w_r KL_r with
+    w_r = weight * row_weight[r] (``row_weight`` None: all 1), empty where not needed."""
+    a, b = _unit_stride_rows(p_logits), _unit_stride_rows(q_logits)
+    rows, vocab = a.shape
+    is_fp64 = a.dtype == torch.float64
+    acc = torch.float64 if is_fp64 else torch.float32
+    kl = torch.empty(rows, dtype=acc, device=a.device)
+    stats = torch.empty(rows, STATS_PER_ROW, dtype=acc, device=a.device)
+    grad_p = torch.empty((rows, vocab) if need_grad_p else (0,), dtype=a.dtype, device=a.device)
+    grad_q = torch.empty((rows, vocab) if need_grad_q else (0,), dtype=a.dtype, device=a.device)
+    if rows:
+        _kd_kl_div_fwd_grad_kernel[(rows,)](a, b, kl, stats, kl if row_weight is None else row_weight.contiguous(),
+                                            weight, grad_p, grad_q, vocab, a.stride(0), b.stride(0), temperature,
+                                            BLOCK=_block(vocab), IS_FP64=is_fp64,
+                                            HAS_ROW_WEIGHT=row_weight is not None, NEED_GRAD_A=need_grad_p,
+                                            NEED_GRAD_B=need_grad_q, num_warps=8)
+    return kl, stats, grad_p, grad_q

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import mpdistil_fast
 from mpdistil_fast import KDLoss, kd_kl_div
+from mpdistil_fast.ops.kd_kl_div import GRAD_IN_FORWARD_BACKENDS
 from tests.helpers import REL_TOL, assert_rel_close, backend_params, gpu_test
 
 BACKENDS = backend_params("kd_kl_div")
@@ -384,6 +385,30 @@ def test_bad_inputs(call, error, name):
         call(logits(4, 10), logits(4, 10))
 
 
+@pytest.mark.parametrize("backend", [b for b in backend_params("kd_kl_div")
+                                     if b.values[0] in GRAD_IN_FORWARD_BACKENDS])
+def test_gradient_computed_in_forward(backend):
+    """Backends that write the gradients in forward (one read of the logits for forward + backward): the path is
+    taken for reduced losses, an upstream gradient other than 1 scales them, a second backward through a retained
+    graph recomputes the same values, and create_graph gradients refuse a second differentiation."""
+    student, teacher = logits(5, 37), logits(5, 37)
+    mask = torch.tensor([True, False, True, True, False])
+    loss_fn = lambda s, t: 0.25 * kd_kl_div(s, t, 2.0, mask=mask, reduction="mean", backend=backend)  # noqa: E731
+    want = loss_and_grads(lambda s, t: 0.25 * reference(s, t, 2.0, mask=mask, reduction="mean"), student, teacher,
+                          leaf_dtype=torch.float64)
+    s, t = student.clone().requires_grad_(), teacher.clone().requires_grad_()
+    loss = loss_fn(s, t)
+    assert type(loss.grad_fn.next_functions[0][0]).__name__ == "_KlWithGradInForwardBackward"
+    first = torch.autograd.grad(loss, (s, t), retain_graph=True)
+    second = torch.autograd.grad(loss, (s, t))
+    for got in (first, second):
+        assert_rel_close(got[0], want[1], torch.float32, what="grad_student")
+        assert_rel_close(got[1], want[2], torch.float32, what="grad_teacher")
+    (grad,) = torch.autograd.grad(loss_fn(s, t), s, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(grad.square().sum(), s)
+
+
 @gpu_test
 @pytest.mark.parametrize("backend", backend_params("kd_kl_div", "cuda"))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -406,3 +431,16 @@ def test_gpu_backends_jsd(backend, dtype, shape):
     teacher[:, ::7] = float("-inf")
     check_against_reference(backend, student, teacher, 2.0, direction="jsd", beta=0.3, reduction="none",
                             factor=factor)
+
+
+@gpu_test
+@pytest.mark.parametrize("backend", backend_params("kd_kl_div", "cuda"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["batchmean", "sum"])
+def test_gpu_backends_reduced(backend, dtype, reduction):
+    """Reduced losses on CUDA tensors (the backends that compute the gradient in forward take that path here)."""
+    student, teacher = logits(67, 32001, dtype=dtype).cuda(), logits(67, 32001, dtype=dtype).cuda()
+    mask = torch.rand(67, device="cuda") > 0.3
+    teacher[:, ::5] = float("-inf")
+    check_against_reference(backend, student, teacher, 2.0, reduction=reduction, mask=mask,
+                            factor=1.0 if dtype == torch.float32 else 2.0)

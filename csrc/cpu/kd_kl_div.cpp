@@ -157,6 +157,10 @@ TORCH_LIBRARY_FRAGMENT(mpdistil_C, m) {
   m.def(
       "kd_kl_div_bwd(Tensor grad_kl, Tensor p_logits, Tensor q_logits, Tensor stats, float temperature, "
       "bool need_grad_p, bool need_grad_q) -> (Tensor grad_p, Tensor grad_q)");
+  // Forward and the gradients of sum_r weight * row_weight[r] * kl[r] in one pass (CUDA only).
+  m.def(
+      "kd_kl_div_fwd_grad(Tensor p_logits, Tensor q_logits, float temperature, Tensor? row_weight, float weight, "
+      "bool need_grad_p, bool need_grad_q) -> (Tensor kl, Tensor stats, Tensor grad_p, Tensor grad_q)");
 }
 
 TORCH_LIBRARY_IMPL(mpdistil_C, CPU, m) {

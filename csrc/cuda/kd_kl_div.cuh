@@ -20,6 +20,13 @@ cudaError_t launch_kd_kl_div_fwd(const void* a, const void* b, void* kl, void* s
                                  int64_t stride_a, int64_t stride_b, double temperature, LogitsType type,
                                  cudaStream_t stream);
 
+// Forward and gradients of sum_r g_r kl[r], g_r = weight * row_weight[r] (row_weight [rows] in the stats' type, or
+// null for all 1), in one launch; grad_a/grad_b as for the backward (either may be null).
+cudaError_t launch_kd_kl_div_fwd_grad(const void* a, const void* b, void* kl, void* stats, const void* row_weight,
+                                      double weight, void* grad_a, void* grad_b, int64_t rows, int64_t vocab,
+                                      int64_t stride_a, int64_t stride_b, double temperature, LogitsType type,
+                                      cudaStream_t stream);
+
 // grad_kl [rows] and stats are float64 for kFloat64 logits, float32 otherwise; grad_a/grad_b are contiguous
 // [rows, vocab] of the logits' type, or null when not wanted.
 cudaError_t launch_kd_kl_div_bwd(const void* grad_kl, const void* a, const void* b, const void* stats, void* grad_a,

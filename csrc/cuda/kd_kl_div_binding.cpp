@@ -1,4 +1,4 @@
-// CUDA kernels of mpdistil_C::kd_kl_div_fwd / kd_kl_div_bwd (schemas in csrc/cpu/kd_kl_div.cpp): tensor checks,
+// CUDA kernels of mpdistil_C::kd_kl_div_fwd / kd_kl_div_bwd / kd_kl_div_fwd_grad (schemas in csrc/cpu/kd_kl_div.cpp): tensor checks,
 // outputs, then the raw-pointer launchers of kd_kl_div.cu on the current stream.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -46,10 +46,37 @@ std::tuple<at::Tensor, at::Tensor> kd_kl_div_bwd_cuda(const at::Tensor& grad_kl,
   return {grad_p, grad_q};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kd_kl_div_fwd_grad_cuda(
+    const at::Tensor& p_logits, const at::Tensor& q_logits, double temperature,
+    const std::optional<at::Tensor>& row_weight, double weight, bool need_grad_p, bool need_grad_q) {
+  const auto [a, b] = checked_rows("kd_kl_div", p_logits, q_logits);
+  const c10::cuda::CUDAGuard guard(a.device());
+  const int64_t rows = a.size(0), vocab = a.size(1);
+  const auto options = a.options().dtype(acc_scalar_type(a));
+  at::Tensor kl = at::empty({rows}, options);
+  at::Tensor stats = at::empty({rows, kKlStatsPerRow}, options);
+  at::Tensor weights;
+  if (row_weight.has_value()) {
+    TORCH_CHECK(row_weight->numel() == rows, "kd_kl_div_fwd_grad: row_weight must have ", rows, " entries");
+    weights = row_weight->to(options).contiguous();
+  }
+  const auto gradient = [&](bool needed) {
+    return needed ? at::empty({rows, vocab}, a.options()) : at::empty({0}, a.options());
+  };
+  at::Tensor grad_p = gradient(need_grad_p), grad_q = gradient(need_grad_q);
+  C10_CUDA_CHECK(launch_kd_kl_div_fwd_grad(
+      a.const_data_ptr(), b.const_data_ptr(), kl.mutable_data_ptr(), stats.mutable_data_ptr(),
+      weights.defined() ? weights.const_data_ptr() : nullptr, weight,
+      need_grad_p ? grad_p.mutable_data_ptr() : nullptr, need_grad_q ? grad_q.mutable_data_ptr() : nullptr, rows,
+      vocab, a.stride(0), b.stride(0), temperature, logits_type("kd_kl_div", a), c10::cuda::getCurrentCUDAStream()));
+  return {kl, stats, grad_p, grad_q};
+}
+
 }  // namespace
 }  // namespace mpdistil::cuda
 
 TORCH_LIBRARY_IMPL(mpdistil_C, CUDA, m) {
   m.impl("kd_kl_div_fwd", &mpdistil::cuda::kd_kl_div_fwd_cuda);
   m.impl("kd_kl_div_bwd", &mpdistil::cuda::kd_kl_div_bwd_cuda);
+  m.impl("kd_kl_div_fwd_grad", &mpdistil::cuda::kd_kl_div_fwd_grad_cuda);
 }

@@ -109,11 +109,11 @@ class _EagerFused(torch.autograd.Function):
             result = ctx.op.backward(ctx, getattr(ctx.kernels, f"{ctx.op.name}_bwd"), *grads)
         anchors = [t for t in (*ctx.saved_tensors, *grads) if isinstance(t, torch.Tensor) and t.requires_grad]
         if torch.is_grad_enabled() and anchors:  # create_graph=True: the gradients refuse a second differentiation
-            result = tuple(None if g is None else _NoDoubleBackward.apply(g, ctx.op.name, *anchors) for g in result)
+            result = tuple(None if g is None else NoDoubleBackward.apply(g, ctx.op.name, *anchors) for g in result)
         return (*result, None)
 
 
-class _NoDoubleBackward(torch.autograd.Function):
+class NoDoubleBackward(torch.autograd.Function):
     """Identity on a gradient, attached to the differentiable inputs (``anchors``); differentiating it raises."""
 
     @staticmethod

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from mpdistil_fast.ops.common import FusedOp, accumulation_dtype, call_fused, fused_kernels
+from mpdistil_fast.ops.common import FusedOp, NoDoubleBackward, accumulation_dtype, call_fused, fused_kernels
 from mpdistil_fast.ops.kd_jsd import row_jsd_fused, row_jsd_torch
 
 #: Per-row statistics saved by the fused forward: max a, log sum exp((a - max a) / T), the same two for b, and
@@ -111,6 +111,68 @@ def row_kl_fused(student: torch.Tensor, teacher: torch.Tensor, temperature: floa
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Gradient in the forward pass: one read of the logits from memory for forward + backward of a reduced loss.
+# ---------------------------------------------------------------------------------------------------------------
+#: Fused backends whose kernels can compute the gradient together with the loss (``kd_kl_div_fwd_grad``).
+GRAD_IN_FORWARD_BACKENDS = frozenset({"triton", "cuda"})
+
+
+def row_weights(mask: torch.Tensor | None, reduction: str, scale: float, vocab: int,
+                rows: int) -> tuple[float, torch.Tensor | None]:
+    """(w, row weights r or None) with :func:`reduce_rows` = sum_i w r_i KL_i over valid rows (reduction not
+    "none"): the factors by which each row's KL enters the loss, known before backward."""
+    if mask is None:
+        denominator = {"sum": 1, "batchmean": max(rows, 1), "mean": max(rows, 1) * vocab}[reduction]
+        return scale / denominator, None
+    valid = mask.reshape(-1).to(torch.float32)
+    if reduction == "sum":
+        return scale, valid
+    count = valid.sum().clamp(min=1) * (vocab if reduction == "mean" else 1)
+    return scale, valid / count
+
+
+class _KlWithGradInForward(torch.autograd.Function):
+    """A reduced KL loss whose fused forward also writes the gradients (``kd_kl_div_fwd_grad``), so forward +
+    backward read each logit from memory once (Liger-Kernel computes its gradients in forward too).
+
+    Backward hands them out, scaled in place only when the incoming gradient is not 1 (which costs one host sync,
+    as in Liger); a second backward through the same graph (``retain_graph=True``) recomputes them with the
+    regular backward kernel from the saved statistics.  The precomputed gradients hold one [N, V] buffer per
+    differentiable input between forward and backward."""
+
+    @staticmethod
+    def forward(ctx, a, b, temperature, weight, row_weight, reduce, backend):
+        kernels = fused_kernels(backend, "kd_kl_div")
+        need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        row_kl, stats, grad_a, grad_b = kernels.kd_kl_div_fwd_grad(a, b, temperature, row_weight, weight, need_a,
+                                                                   need_b)
+        ctx.save_for_backward(a, b, stats, row_weight)
+        ctx.precomputed = (grad_a, grad_b)
+        ctx.kernels, ctx.temperature, ctx.weight = kernels, temperature, weight
+        return reduce(row_kl)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        a, b, stats, row_weight = ctx.saved_tensors
+        need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if ctx.precomputed is None:  # a second backward: recompute from the statistics
+            grad_rows = torch.full((a.shape[0],), ctx.weight, dtype=stats.dtype, device=a.device)
+            grad_rows = grad_rows * row_weight if row_weight is not None else grad_rows
+            grad_a, grad_b = ctx.kernels.kd_kl_div_bwd(grad_rows * grad_loss.detach(), a, b, stats,
+                                                       ctx.temperature, need_a, need_b)
+        else:
+            (grad_a, grad_b), ctx.precomputed = ctx.precomputed, None
+            if grad_loss.item() != 1.0:
+                for grad in (grad_a, grad_b):
+                    grad.mul_(grad_loss.detach().to(grad.dtype)) if grad.numel() else None
+        grads = [grad_a if need_a else None, grad_b if need_b else None]
+        anchors = [t for t in (a, b, grad_loss) if t.requires_grad]
+        if torch.is_grad_enabled() and anchors:  # create_graph=True: these gradients refuse a second differentiation
+            grads = [None if g is None else NoDoubleBackward.apply(g, "kd_kl_div", *anchors) for g in grads]
+        return (*grads, None, None, None, None, None)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Reductions (shared by every backend).
 # ---------------------------------------------------------------------------------------------------------------
 def reduce_rows(row_kl: torch.Tensor, mask: torch.Tensor | None, reduction: str, scale: float, vocab: int,
@@ -144,6 +206,7 @@ def kd_kl_div_op(student: torch.Tensor, teacher: torch.Tensor, temperature: floa
     (``"jsd"`` with ``0 < beta < 1``, :mod:`mpdistil_fast.ops.kd_jsd`), then the shared reduction."""
     vocab = student.shape[-1]
     student_rows, teacher_rows = student.reshape(-1, vocab), teacher.reshape(-1, vocab)
+    scale = temperature * temperature if scale_by_t2 else 1.0
     if backend == "torch":
         if mask is not None:  # masked rows are not read: whatever they hold (NaN) gets no gradient
             keep = mask.reshape(-1, 1)
@@ -154,7 +217,12 @@ def kd_kl_div_op(student: torch.Tensor, teacher: torch.Tensor, temperature: floa
             row_loss = row_kl_torch(student_rows, teacher_rows, temperature, direction == "reverse")
     elif direction == "jsd":
         row_loss = row_jsd_fused(student_rows, teacher_rows, temperature, beta, backend)
+    elif (backend in GRAD_IN_FORWARD_BACKENDS and reduction != "none" and torch.is_grad_enabled()
+          and (student.requires_grad or teacher.requires_grad) and not torch.compiler.is_compiling()):
+        weight, row_weight = row_weights(mask, reduction, scale, vocab, student_rows.shape[0])
+        a, b = _weighting_first(student_rows, teacher_rows, direction == "reverse")
+        reduce = lambda row_kl: reduce_rows(row_kl, mask, reduction, scale, vocab, student.shape[:-1])  # noqa: E731
+        return _KlWithGradInForward.apply(a, b, temperature, weight, row_weight, reduce, backend)
     else:
         row_loss = row_kl_fused(student_rows, teacher_rows, temperature, direction == "reverse", backend)
-    scale = temperature * temperature if scale_by_t2 else 1.0
     return reduce_rows(row_loss, mask, reduction, scale, vocab, student.shape[:-1])
