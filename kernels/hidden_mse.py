@@ -1,7 +1,8 @@
 """Triton kernels of the hidden-state MSE (same contract as ``torch.ops.mpdistil_C.hidden_mse_fwd/_bwd``).
 
-One program per row n loops over the layer pairs, reading the selected student (or projected) and teacher layers in
-place through the index tensors, so pairs sharing a layer never race.  The optional projection W s + b runs as
+The kernels read the selected student (or projected) and teacher layers in place through the index tensors.
+Forward: one program per tile of rows of one layer pair.  Backward: one program per row n loops over the layer
+pairs, so pairs sharing a layer never race.  The optional projection W s + b runs as
 one cuBLAS GEMM per pair around the kernels; the squared error, the patient-KD normalisation, the mask and all
 row gradients are fused.
 """
@@ -17,6 +18,8 @@ from torch import Tensor
 from mpdistil_fast.ops.common import accumulation_dtype
 
 NORM_EPS = 1e-12
+#: Elements of one forward program's [rows, H] tile (8 rows of H = 768 padded to 1024).
+FORWARD_TILE = 8192
 
 
 @triton.jit
@@ -52,17 +55,28 @@ def _this_row(mask_ptr, H, HAS_MASK: tl.constexpr, BLOCK_H: tl.constexpr):
 
 @triton.jit
 def hidden_mse_fwd_kernel(y_ptr, y_layer_stride, t_ptr, t_layer_stride, y_layers_ptr, t_layers_ptr, mask_ptr,
-                          row_sse_ptr, P, N, H, HAS_MASK: tl.constexpr, NORMALIZE: tl.constexpr,
-                          ACC: tl.constexpr, BLOCK_H: tl.constexpr, EPS: tl.constexpr):
-    n, cols, in_row, valid = _this_row(mask_ptr, H, HAS_MASK, BLOCK_H)
-    for p in range(P):
-        y, t, _y_offsets, _t_offsets = _pair_rows(y_ptr, y_layer_stride, t_ptr, t_layer_stride, y_layers_ptr,
-                                                  t_layers_ptr, p, n, H, cols, in_row, ACC)
-        if NORMALIZE:
-            y, _inv_y, _clamped_y = _normalized(y, EPS)
-            t, _inv_t, _clamped_t = _normalized(t, EPS)
-        d = y - t
-        tl.store(row_sse_ptr + p * N + n, tl.where(valid, tl.sum(d * d, axis=0), 0.0))
+                          row_sse_ptr, N, H, HAS_MASK: tl.constexpr, NORMALIZE: tl.constexpr, ACC: tl.constexpr,
+                          BLOCK_ROWS: tl.constexpr, BLOCK_H: tl.constexpr, EPS: tl.constexpr):
+    """Forward: program (tile, p) takes BLOCK_ROWS rows of pair p as one [BLOCK_ROWS, BLOCK_H] tile (many loads
+    in flight), and writes their squared errors (0 for masked rows)."""
+    p = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    cols = tl.arange(0, BLOCK_H)
+    in_rows = rows < N
+    valid = in_rows
+    if HAS_MASK:
+        valid = valid & (tl.load(mask_ptr + rows, mask=in_rows, other=0) != 0)
+    inside = valid[:, None] & (cols[None, :] < H)
+    offsets = rows.to(tl.int64)[:, None] * H + cols[None, :]
+    y = tl.load(y_ptr + tl.load(y_layers_ptr + p).to(tl.int64) * y_layer_stride + offsets, mask=inside,
+                other=0.0).to(ACC)
+    t = tl.load(t_ptr + tl.load(t_layers_ptr + p).to(tl.int64) * t_layer_stride + offsets, mask=inside,
+                other=0.0).to(ACC)
+    if NORMALIZE:
+        y = y / tl.maximum(tl.sqrt(tl.sum(y * y, axis=1)), EPS)[:, None]
+        t = t / tl.maximum(tl.sqrt(tl.sum(t * t, axis=1)), EPS)[:, None]
+    d = y - t
+    tl.store(row_sse_ptr + p * N + rows, tl.sum(d * d, axis=1), mask=in_rows)
 
 
 @triton.jit
@@ -129,13 +143,15 @@ def hidden_mse_fwd(student: Tensor, teacher: Tensor, student_layers: Tensor, tea
     acc = accumulation_dtype(student.dtype)
     pairs, rows, width = student_layers.numel(), student.shape[1], teacher.shape[2]
     y, y_layers, projected = _rows_source(student, student_layers, weight, bias, acc)
-    row_sse = torch.zeros((pairs, rows), dtype=acc, device=student.device)
+    row_sse = torch.empty((pairs, rows), dtype=acc, device=student.device)
     mask_arg, has_mask = _mask_arg(mask, row_sse)
     if rows > 0 and pairs > 0:
-        hidden_mse_fwd_kernel[(rows,)](y, y.stride(0), teacher, teacher.stride(0), y_layers, teacher_layers,
-                                       mask_arg, row_sse, pairs, rows, width, HAS_MASK=has_mask,
-                                       NORMALIZE=normalize, ACC=_triton_acc(student.dtype),
-                                       BLOCK_H=triton.next_power_of_2(width), EPS=NORM_EPS)
+        block_h = triton.next_power_of_2(width)
+        block_rows = max(1, min(FORWARD_TILE // block_h, triton.next_power_of_2(rows)))
+        hidden_mse_fwd_kernel[(triton.cdiv(rows, block_rows), pairs)](
+            y, y.stride(0), teacher, teacher.stride(0), y_layers, teacher_layers, mask_arg, row_sse, rows, width,
+            HAS_MASK=has_mask, NORMALIZE=normalize, ACC=_triton_acc(student.dtype), BLOCK_ROWS=block_rows,
+            BLOCK_H=block_h, EPS=NORM_EPS, num_warps=8)
     return row_sse.sum(1), projected
 
 

@@ -1,6 +1,6 @@
-// Fused hidden-state MSE CUDA kernels: one block per row n loops over the layer pairs (so pairs sharing a layer
-// never race), reading the selected layers in place; block reductions give the row's squared error and, with
-// normalize (patient KD), the norms and dot products of the L2-normalised rows.
+// Fused hidden-state MSE CUDA kernels, reading the selected layers in place.  Forward: one warp per (pair, row),
+// warp reductions.  Backward: one block per row n loops over the layer pairs (so pairs sharing a layer never race);
+// block reductions give, with normalize (patient KD), the norms and dot products of the L2-normalised rows.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -37,8 +37,11 @@ struct RowPair {
       yy += a * a;
       tt += b * b;
     }
-    const acc_t norm_y = sqrt(block_sum<kThreads>(yy, shared));
-    const acc_t norm_t = sqrt(block_sum<kThreads>(tt, shared));
+    set_norms(sqrt(block_sum<kThreads>(yy, shared)), sqrt(block_sum<kThreads>(tt, shared)));
+  }
+
+  // 1 / max(norm, eps) as torch.nn.functional.normalize; a clamped row's gradient has no projection term.
+  __device__ void set_norms(acc_t norm_y, acc_t norm_t) {
     clamped_y = norm_y < acc_t(kNormEps);
     clamped_t = norm_t < acc_t(kNormEps);
     inv_y = acc_t(1) / (clamped_y ? acc_t(kNormEps) : norm_y);
@@ -54,29 +57,41 @@ __device__ RowPair<acc_t, y_t, t_t> row_pair(const HiddenMSEArgs& a, int64_t p, 
   return row;
 }
 
+// Forward: one warp per (pair, row), kWarps rows of one pair per block (grid: row tiles x pairs), no block-wide
+// synchronisation: each lane reads the row at stride 32 (coalesced, unrolled for loads in flight), warp shuffles
+// give the norms (normalize) and the squared error.
+constexpr int kWarps = kThreads / 32;
+
 template <typename acc_t, typename y_t, typename t_t>
 __global__ void __launch_bounds__(kThreads) hidden_mse_fwd_kernel(HiddenMSEArgs a, acc_t* row_sse) {
-  __shared__ acc_t shared[kThreads / 32];
-  const int64_t n = blockIdx.x;
-  const bool valid = a.mask == nullptr || a.mask[n];
-  for (int64_t p = 0; p < a.pairs; ++p) {
-    if (!valid) {
-      if (threadIdx.x == 0) row_sse[p * a.rows + n] = 0;
-      continue;
-    }
-    auto row = row_pair<acc_t, y_t, t_t>(a, p, n);
-    if (a.normalize) row.normalise(a.width, shared);
-    acc_t sum = 0;
-    for (int64_t h = threadIdx.x; h < a.width; h += kThreads) {
-      const acc_t d = row.ry(h) - row.rt(h);
-      sum += d * d;
-    }
-    sum = block_sum<kThreads>(sum, shared);
-    if (threadIdx.x == 0) row_sse[p * a.rows + n] = sum;
+  const int lane = threadIdx.x % 32;
+  const int64_t n = int64_t{blockIdx.x} * kWarps + threadIdx.x / 32, p = blockIdx.y;
+  if (n >= a.rows) return;
+  if (a.mask != nullptr && !a.mask[n]) {
+    if (lane == 0) row_sse[p * a.rows + n] = 0;
+    return;
   }
+  auto row = row_pair<acc_t, y_t, t_t>(a, p, n);
+  if (a.normalize) {
+    acc_t yy = 0, tt = 0;
+#pragma unroll 4
+    for (int64_t h = lane; h < a.width; h += 32) {
+      const acc_t u = to_acc(row.y[h], acc_t(0)), v = to_acc(row.t[h], acc_t(0));
+      yy += u * u;
+      tt += v * v;
+    }
+    row.set_norms(sqrt(warp_sum(yy)), sqrt(warp_sum(tt)));
+  }
+  acc_t sum = 0;
+#pragma unroll 4
+  for (int64_t h = lane; h < a.width; h += 32) {
+    const acc_t d = row.ry(h) - row.rt(h);
+    sum += d * d;
+  }
+  sum = warp_sum(sum);
+  if (lane == 0) row_sse[p * a.rows + n] = sum;
 }
 
-// d/dy ||u - v||^2 with u = y / n_y: (g_u - u (u . g_u) [not clamped]) / n_y, g_u = 2 s (u - v); same for t.
 template <typename acc_t, typename y_t, typename t_t>
 __global__ void __launch_bounds__(kThreads) hidden_mse_bwd_kernel(HiddenMSEArgs a, const acc_t* scale, acc_t* grad_y,
                                                                   acc_t* grad_t) {
@@ -136,10 +151,11 @@ void dispatch(const HiddenMSEArgs& a, F&& f) {
 
 void launch_hidden_mse_fwd(const HiddenMSEArgs& args, void* row_sse, cudaStream_t stream) {
   if (args.rows == 0 || args.pairs == 0) return;
+  const dim3 grid(static_cast<unsigned>((args.rows + kWarps - 1) / kWarps), static_cast<unsigned>(args.pairs));
   dispatch(args, [&](auto acc, auto y, auto t) {
     using acc_t = decltype(acc);
     hidden_mse_fwd_kernel<acc_t, decltype(y), decltype(t)>
-        <<<args.rows, kThreads, 0, stream>>>(args, static_cast<acc_t*>(row_sse));
+        <<<grid, kThreads, 0, stream>>>(args, static_cast<acc_t*>(row_sse));
   });
 }
 
