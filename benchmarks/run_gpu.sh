@@ -44,7 +44,6 @@ step build 240 $PY setup.py -q build_ext --inplace || { echo "BUILD FAILED"; tar
 # An uninstalled checkout has kernels/ but no mpdistil_fast.kernels (setup.py maps it on install): link it.
 $PY -c "import mpdistil_fast.kernels" 2>/dev/null || ln -sfn ../kernels mpdistil_fast/kernels
 $PY -c "from mpdistil_fast.backends import available_backends as a; [print(op, {k: v.available or v.reason for k, v in a(op, 'cuda').items()}) for op in ('kd_kl_div', 'kd_jsd', 'hidden_mse', 'meta_teacher_loss')]"
-[ -f scripts/probe_grid_sync.py ] && step grid_sync 60 $PY scripts/probe_grid_sync.py
 XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8")
 step tests 200 $PY -m pytest -q -m gpu $XDIST -p no:cacheprovider --tb=short -rf tests/test_kd_kl_div.py tests/test_hidden_mse.py tests/test_meta_teacher.py tests/test_grid_sync.py
 step bench_kd 200 $PY benchmarks/bench_kd_kl_div.py --reps 30 --losses kl,jsd --dtypes float32,bfloat16
