@@ -129,36 +129,20 @@ def _kd_kl_div_bwd_kernel(grad_kl_ptr, a_ptr, b_ptr, stats_ptr, grad_a_ptr, grad
 
 @triton.jit
 def _kd_kl_div_fwd_grad_kernel(a_ptr, b_ptr, kl_ptr, stats_ptr, row_weight_ptr, weight, grad_a_ptr, grad_b_ptr,
-                               rows, vocab, stride_a, stride_b, temperature, BLOCK: tl.constexpr,
-                               IS_FP64: tl.constexpr, HAS_ROW_WEIGHT: tl.constexpr, NEED_GRAD_A: tl.constexpr,
+                               vocab, stride_a, stride_b, temperature, BLOCK: tl.constexpr, IS_FP64: tl.constexpr,
+                               HAS_ROW_WEIGHT: tl.constexpr, NEED_GRAD_A: tl.constexpr,
                                NEED_GRAD_B: tl.constexpr):
-    """Forward and gradient in one pass over memory: per row its statistics, then at once its gradients for the
-    row weight ``weight * row_weight[row]``.  The programs walk the rows (:func:`_rows_in_flight` programs) so the
-    rows being read fit in L2 and the second read of each row hits L2."""
+    """Forward and gradient in one pass over HBM: the row's statistics, then at once its gradients for the row
+    weight ``weight * row_weight[row]`` (the second read of the row comes from L2, just read)."""
     acc_dtype = tl.float64 if IS_FP64 else tl.float32
-    inv_t = 1.0 / (tl.zeros([], acc_dtype) + temperature)
-    for program_row in range(tl.program_id(0), rows, tl.num_programs(0)):
-        row = tl.full([], 0, tl.int64) + program_row  # 64-bit offsets (a Python int in the interpreter)
-        a_row, b_row = a_ptr + row * stride_a, b_ptr + row * stride_b
-        kl, max_a, log_sum_a, max_b, log_sum_b, mean_gap = _row_statistics(a_row, b_row, vocab, inv_t, BLOCK,
-                                                                           IS_FP64)
-        _store_row_statistics(kl_ptr, stats_ptr, row, kl, max_a, log_sum_a, max_b, log_sum_b, mean_gap)
-        grad_row = tl.zeros([], acc_dtype) + weight
-        if HAS_ROW_WEIGHT:
-            grad_row = grad_row * tl.load(row_weight_ptr + row).to(acc_dtype)
-        _row_gradients(a_row, b_row, grad_a_ptr + row * vocab, grad_b_ptr + row * vocab, vocab, inv_t, grad_row,
-                       max_a, log_sum_a, max_b, log_sum_b, mean_gap, BLOCK, IS_FP64, NEED_GRAD_A, NEED_GRAD_B)
-
-
-def _rows_in_flight(rows: int, row_bytes: int, device: torch.device) -> int:
-    """Programs of the forward+gradient grid: as many rows at a time as fit in 3/4 of L2 (at least one per
-    multiprocessor), so each row's second read hits L2; all rows when even one per multiprocessor does not fit
-    (and on the CPU interpreter)."""
-    if device.type != "cuda":
-        return rows
-    properties = torch.cuda.get_device_properties(device)
-    fitting = getattr(properties, "L2_cache_size", 0) * 3 // 4 // max(row_bytes, 1)
-    return rows if fitting < properties.multi_processor_count else min(rows, fitting)
+    row, a_row, b_row, inv_t = _this_row(a_ptr, b_ptr, stride_a, stride_b, temperature, IS_FP64)
+    kl, max_a, log_sum_a, max_b, log_sum_b, mean_gap = _row_statistics(a_row, b_row, vocab, inv_t, BLOCK, IS_FP64)
+    _store_row_statistics(kl_ptr, stats_ptr, row, kl, max_a, log_sum_a, max_b, log_sum_b, mean_gap)
+    grad_row = tl.zeros([], acc_dtype) + weight
+    if HAS_ROW_WEIGHT:
+        grad_row = grad_row * tl.load(row_weight_ptr + row).to(acc_dtype)
+    _row_gradients(a_row, b_row, grad_a_ptr + row * vocab, grad_b_ptr + row * vocab, vocab, inv_t, grad_row, max_a,
+                   log_sum_a, max_b, log_sum_b, mean_gap, BLOCK, IS_FP64, NEED_GRAD_A, NEED_GRAD_B)
 
 
 def _unit_stride_rows(logits: torch.Tensor) -> torch.Tensor:
@@ -213,13 +197,12 @@ def kd_kl_div_fwd_grad(p_logits: torch.Tensor, q_logits: torch.Tensor, temperatu
     grad_p = torch.empty((rows, vocab) if need_grad_p else (0,), dtype=a.dtype, device=a.device)
     grad_q = torch.empty((rows, vocab) if need_grad_q else (0,), dtype=a.dtype, device=a.device)
     if is_fp64 and weight != 1.0:  # a float argument reaches the kernel as float32: carry the weight in float64
-        row_weight = torch.full((rows,), weight, dtype=acc, device=a.device) * (
-            1.0 if row_weight is None else row_weight)
+        row_weight = torch.full((rows,), weight, dtype=acc, device=a.device) * (1.0 if row_weight is None else row_weight)
         weight = 1.0
     if rows:
-        programs = _rows_in_flight(rows, 2 * vocab * a.element_size(), a.device)
-        _kd_kl_div_fwd_grad_kernel[(programs,)](
-            a, b, kl, stats, kl if row_weight is None else row_weight.contiguous(), weight, grad_p, grad_q, rows,
-            vocab, a.stride(0), b.stride(0), temperature, BLOCK=_block(vocab), IS_FP64=is_fp64,
-            HAS_ROW_WEIGHT=row_weight is not None, NEED_GRAD_A=need_grad_p, NEED_GRAD_B=need_grad_q, num_warps=8)
+        _kd_kl_div_fwd_grad_kernel[(rows,)](a, b, kl, stats, kl if row_weight is None else row_weight.contiguous(),
+                                            weight, grad_p, grad_q, vocab, a.stride(0), b.stride(0), temperature,
+                                            BLOCK=_block(vocab), IS_FP64=is_fp64,
+                                            HAS_ROW_WEIGHT=row_weight is not None, NEED_GRAD_A=need_grad_p,
+                                            NEED_GRAD_B=need_grad_q, num_warps=8)
     return kl, stats, grad_p, grad_q

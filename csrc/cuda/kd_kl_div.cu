@@ -4,7 +4,6 @@
 // Backward: elementwise over a 2-D grid (rows x vocabulary tiles), recomputing P and Q from the per-row stats.
 // Forward+gradient (a reduced loss, whose row weights are known in forward): the forward's block sweeps its row
 // a second time right away and writes the gradients, so each logit comes from memory once.
-#include <algorithm>
 #include <cmath>
 #include <cstdint>
 
@@ -77,31 +76,27 @@ __global__ void __launch_bounds__(kForwardThreads)
 }
 
 // Forward and gradients in one launch (the loss's row weights g = weight * row_weight[row] are known in forward):
-// every thread of the row's block gets the merged state, then the block sweeps the row again and writes the
-// gradients.  The grid walks the rows (row += gridDim.x) so that the rows being read at any time fit in L2 and
-// that second sweep reads L2, not memory (launch_fwd_grad_typed sizes it).  row_weight may be null (all 1).
+// every thread of the row's block gets the merged state, then the block sweeps the row again, which it has just
+// read (mostly L2 hits), and writes the gradients.  row_weight may be null (all 1).
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kForwardThreads)
     kd_kl_div_fwd_grad_kernel(const T* __restrict__ a, const T* __restrict__ b, acc_t<T>* __restrict__ kl,
                               acc_t<T>* __restrict__ stats, const acc_t<T>* __restrict__ row_weight,
-                              acc_t<T> weight, T* __restrict__ grad_a, T* __restrict__ grad_b, int64_t rows,
-                              int64_t vocab, int64_t stride_a, int64_t stride_b, acc_t<T> inv_t) {
+                              acc_t<T> weight, T* __restrict__ grad_a, T* __restrict__ grad_b, int64_t vocab,
+                              int64_t stride_a, int64_t stride_b, acc_t<T> inv_t) {
   using A = acc_t<T>;
+  const int64_t row = blockIdx.x;
+  const T* a_row = a + row * stride_a;
+  const T* b_row = b + row * stride_b;
   __shared__ RowState<A> warp_states[kForwardThreads / 32];
-  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
-    const T* a_row = a + row * stride_a;
-    const T* b_row = b + row * stride_b;
-    const RowResult<A> result = row_result(
-        block_merge<kForwardThreads>(thread_row_state<kForwardThreads, VEC>(a_row, b_row, vocab, inv_t), inv_t,
-                                     warp_states),
-        inv_t);
-    if (threadIdx.x == 0) store_row_result(result, row, kl, stats);
-    const A grad_row = row_weight ? weight * row_weight[row] : weight;
-    row_gradients<kForwardThreads, VEC>(a_row, b_row, grad_a ? grad_a + row * vocab : nullptr,
-                                        grad_b ? grad_b + row * vocab : nullptr, vocab, grad_row, result.stats,
-                                        inv_t);
-    __syncthreads();  // warp_states is rewritten by the next row's merge
-  }
+  const RowResult<A> result = row_result(
+      block_merge<kForwardThreads>(thread_row_state<kForwardThreads, VEC>(a_row, b_row, vocab, inv_t), inv_t,
+                                   warp_states),
+      inv_t);
+  if (threadIdx.x == 0) store_row_result(result, row, kl, stats);
+  const A grad_row = row_weight ? weight * row_weight[row] : weight;
+  row_gradients<kForwardThreads, VEC>(a_row, b_row, grad_a ? grad_a + row * vocab : nullptr,
+                                      grad_b ? grad_b + row * vocab : nullptr, vocab, grad_row, result.stats, inv_t);
 }
 
 template <typename T, int VEC>
@@ -133,32 +128,17 @@ cudaError_t launch_fwd_typed(const void* a, const void* b, void* kl, void* stats
   return cudaGetLastError();
 }
 
-// Blocks of the forward+gradient grid: as many rows at a time as fit in 3/4 of L2 (at least one block per
-// multiprocessor), so each row's second sweep hits L2; all rows at once when even one per multiprocessor does not fit.
-inline int64_t rows_in_flight(int64_t rows, int64_t row_bytes) {
-  int device = 0, multiprocessors = 0, l2_bytes = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&l2_bytes, cudaDevAttrL2CacheSize, device) != cudaSuccess) {
-    return rows;
-  }
-  const int64_t fitting = int64_t{l2_bytes} * 3 / 4 / std::max<int64_t>(row_bytes, 1);
-  if (fitting < multiprocessors) return rows;
-  return std::min(rows, fitting);
-}
-
 template <typename T>
 cudaError_t launch_fwd_grad_typed(const void* a, const void* b, void* kl, void* stats, const void* row_weight,
                                   double weight, void* grad_a, void* grad_b, int64_t rows, int64_t vocab,
                                   int64_t stride_a, int64_t stride_b, double temperature, cudaStream_t stream) {
   using A = acc_t<T>;
   if (rows == 0) return cudaSuccess;
-  const int64_t blocks = rows_in_flight(rows, 2 * vocab * static_cast<int64_t>(sizeof(T)));
   const auto args = [&](auto kernel) {
-    kernel<<<blocks, kForwardThreads, 0, stream>>>(
+    kernel<<<rows, kForwardThreads, 0, stream>>>(
         static_cast<const T*>(a), static_cast<const T*>(b), static_cast<A*>(kl), static_cast<A*>(stats),
         static_cast<const A*>(row_weight), static_cast<A>(weight), static_cast<T*>(grad_a), static_cast<T*>(grad_b),
-        rows, vocab, stride_a, stride_b, static_cast<A>(1.0 / temperature));
+        vocab, stride_a, stride_b, static_cast<A>(1.0 / temperature));
   };
   if (can_vectorize<T>(vocab, stride_a, stride_b, a, b)) {
     args(kd_kl_div_fwd_grad_kernel<T, 16 / sizeof(T)>);
