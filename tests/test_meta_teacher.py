@@ -253,7 +253,7 @@ def cuda_kernel_names(fn):
 def test_triton_is_one_launch_each_way(batch, hidden, student_width):
     """On a GPU the fused discriminator (float32) is one kernel forward and one backward: no zero-fills, casts or
     reductions around them.  The forward's only other kernel is the label-range check (a min/max reduction) that
-    turns a bad label into a clear ValueError."""
+    turns a bad label into a clear ValueError; with validate_labels=False the forward is the one kernel."""
     h_t, h_s, params, projection, labels = make_case(batch, 768, 3, hidden=hidden, student_width=student_width,
                                                      device="cuda")
     leaves = [t for t in [h_t, h_s, *params, *(projection or ())] if t is not None]
@@ -264,4 +264,31 @@ def test_triton_is_one_launch_each_way(batch, hidden, student_width):
     _, backward = cuda_kernel_names(lambda: torch.autograd.grad(out.loss, leaves, grad_output))
     assert len(forward) == 2 and sum("meta_teacher_fwd_kernel" in name for name in forward) == 1, forward
     assert len(backward) == 1 and "meta_teacher_bwd_kernel" in backward[0], backward
+    w1, b1, w2, b2 = params
+    weight, bias = (w1, b1) if w2 is None else ((w1, w2), (b1, b2))
+    _, unchecked = cuda_kernel_names(lambda: mpdistil_fast.meta_teacher_loss(
+        h_t, h_s, weight, bias, labels, mode="competitive", hidden=hidden, student_projection=projection,
+        validate_labels=False, backend="triton"))
+    assert len(unchecked) == 1 and "meta_teacher_fwd_kernel" in unchecked[0], unchecked
     check_against_reference("triton", "competitive", h_t, h_s, params, projection, labels)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_label_check_can_be_skipped(backend, monkeypatch):
+    """validate_labels=False skips the range check (a reduction + host sync on a GPU); the loss is unchanged for
+    valid labels, and the module passes the switch through."""
+    import mpdistil_fast.functional.meta_teacher_loss as functional
+
+    h_t, h_s, params, projection, labels = make_case(5, 6, 3, hidden=4, student_width=5)
+    expected = run(backend, h_t, h_s, params, projection, labels, "competitive").loss
+    calls = []
+    monkeypatch.setattr(functional, "check_label_range", lambda *args: calls.append(args))
+    w1, b1, w2, b2 = params
+    loss = mpdistil_fast.meta_teacher_loss(h_t, h_s, (w1, w2), (b1, b2), labels, mode="competitive", hidden=4,
+                                           student_projection=projection, validate_labels=False, backend=backend)
+    assert calls == [] and torch.equal(loss, expected)
+    module = mpdistil_fast.MetaTeacher(6, 3, hidden=4, student_features=5, backend=backend, validate_labels=False)
+    module(h_t, h_s, labels)
+    assert calls == []
+    mpdistil_fast.MetaTeacher(6, 3, backend=backend)(h_t, h_t, labels)
+    assert len(calls) == 1

@@ -72,7 +72,7 @@ def meta_teacher_logits(h: Tensor, weight: Params, bias: Params, *, hidden: Opti
 def meta_teacher_loss(h_teacher: Tensor, h_student: Tensor, weight: Params, bias: Params, labels: Tensor, *,
                       mode: str = "collaborative", hidden: Optional[int] = None,
                       student_projection: Projection = None, return_logits: bool = False,
-                      backend: str = "auto") -> Union[Tensor, MetaTeacherOutput]:
+                      validate_labels: bool = True, backend: str = "auto") -> Union[Tensor, MetaTeacherOutput]:
     """MPDistil meta-teacher loss (Sengupta et al., ICLR 2024), fused: both discriminator passes, loss, gradients.
 
     z_T = D(h_teacher), z_S = D(h_student') with D linear (``weight [K, H]``, ``bias [K]``) or Linear -> GELU ->
@@ -86,6 +86,11 @@ def meta_teacher_loss(h_teacher: Tensor, h_student: Tensor, weight: Params, bias
     Gradients flow to the discriminator and projection parameters and to h_teacher / h_student when they require
     grad.  Returns the loss (float64 for float64 inputs, else float32), or with ``return_logits=True`` a
     :class:`MetaTeacherOutput` whose logits (dtype of h_teacher) are detached, for rewards and metrics.
+
+    ``validate_labels`` checks that every label indexes a logit (a ValueError otherwise).  On a GPU that check is a
+    min/max reduction and a host synchronisation in front of the fused kernel; a loop whose labels are known to be
+    valid can pass ``False`` (out-of-range labels then give a meaningless loss, never an out-of-bounds read), so
+    that the Triton backend's forward is a single kernel launch.  Under torch.compile the op always checks.
     """
     check_tensor("h_teacher", h_teacher)
     check_tensor("h_student", h_student)
@@ -117,7 +122,7 @@ def meta_teacher_loss(h_teacher: Tensor, h_student: Tensor, weight: Params, bias
     classes = (w2 if w2 is not None else w1).shape[0]
     device = check_same_device(h_teacher=h_teacher, h_student=h_student, labels=labels, weight=w1, bias=b1,
                                student_projection=proj_weight)
-    if not torch.compiler.is_compiling():  # when compiling, the custom op's body checks (it runs eagerly)
+    if validate_labels and not torch.compiler.is_compiling():  # when compiling, the custom op's body checks
         check_label_range(labels, classes)
     chosen = resolve_backend_traceable(backend, "meta_teacher_loss", device)
     competitive = mode == "competitive"

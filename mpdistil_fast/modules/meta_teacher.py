@@ -15,18 +15,19 @@ class MetaTeacher(nn.Module):
     num_labels)`` when ``hidden`` is given.  When ``student_features`` differs from ``in_features`` (a narrower
     student), a learned ``nn.Linear(student_features, in_features)`` maps the student state to the teacher width
     inside the fused op.  ``forward`` returns a :class:`MetaTeacherOutput` (``.loss``, ``.teacher_logits``,
-    ``.student_logits``); :meth:`logits` scores one representation differentiably.
+    ``.student_logits``); :meth:`logits` scores one representation differentiably.  ``validate_labels=False``
+    skips the label-range check (see :func:`mpdistil_fast.meta_teacher_loss`).
     """
 
     def __init__(self, in_features: int, num_labels: int, hidden: Optional[int] = None,
-                 student_features: Optional[int] = None, backend: str = "auto") -> None:
+                 student_features: Optional[int] = None, backend: str = "auto", validate_labels: bool = True) -> None:
         super().__init__()
         self.in_features, self.num_labels, self.hidden_features = in_features, num_labels, hidden
         self.hidden = nn.Linear(in_features, hidden) if hidden is not None else None
         self.classifier = nn.Linear(hidden if hidden is not None else in_features, num_labels)
         needs_projection = student_features is not None and student_features != in_features
         self.student_projection = nn.Linear(student_features, in_features) if needs_projection else None
-        self.backend = backend
+        self.backend, self.validate_labels = backend, validate_labels
 
     def _params(self) -> tuple:
         if self.hidden is None:
@@ -41,7 +42,8 @@ class MetaTeacher(nn.Module):
                 mode: str = "collaborative") -> MetaTeacherOutput:
         weight, bias = self._params()
         return meta_teacher_loss(h_teacher, h_student, weight, bias, labels, mode=mode, hidden=self.hidden_features,
-                                 student_projection=self._projection(), return_logits=True, backend=self.backend)
+                                 student_projection=self._projection(), return_logits=True,
+                                 validate_labels=self.validate_labels, backend=self.backend)
 
     def logits(self, h: Tensor) -> Tensor:
         """D(h) for one ``[B, H]`` representation; a student state of width ``student_features`` is projected."""
