@@ -149,6 +149,25 @@ std::tuple<at::Tensor, at::Tensor> kd_kl_div_bwd_cpu(const at::Tensor& grad_kl, 
                           });
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kd_kl_div_fwd_grad_cpu(
+    const at::Tensor& p_logits, const at::Tensor& q_logits, double temperature,
+    const c10::optional<at::Tensor>& row_weight, double weight, bool need_grad_p, bool need_grad_q) {
+  static OutputCache grad_p_cache, grad_q_cache;
+  return rowwise_forward_grad(
+      "kd_kl_div", p_logits, q_logits, kStatsPerRow, row_weight, weight, need_grad_p, need_grad_q, grad_p_cache,
+      grad_q_cache,
+      [&](const auto* a_row, const auto* b_row, int64_t vocab, auto* kl, auto* stats) {
+        using scalar_t = row_scalar_t<decltype(a_row)>;
+        forward_row<scalar_t>(a_row, b_row, vocab, static_cast<acc_type_t<scalar_t>>(1.0 / temperature), kl, stats);
+      },
+      [&](const auto* a_row, const auto* b_row, int64_t vocab, auto g, const auto* row_stats, auto* grad_a_row,
+          auto* grad_b_row) {
+        using scalar_t = row_scalar_t<decltype(a_row)>;
+        backward_row<scalar_t>(a_row, b_row, vocab, static_cast<decltype(g)>(1.0 / temperature), g, row_stats,
+                               grad_a_row, grad_b_row);
+      });
+}
+
 }  // namespace
 }  // namespace mpdistil::cpu
 
@@ -157,7 +176,7 @@ TORCH_LIBRARY_FRAGMENT(mpdistil_C, m) {
   m.def(
       "kd_kl_div_bwd(Tensor grad_kl, Tensor p_logits, Tensor q_logits, Tensor stats, float temperature, "
       "bool need_grad_p, bool need_grad_q) -> (Tensor grad_p, Tensor grad_q)");
-  // Forward and the gradients of sum_r weight * row_weight[r] * kl[r] in one pass (CUDA only).
+  // Forward and the gradients of sum_r weight * row_weight[r] * kl[r] in one pass over the logits.
   m.def(
       "kd_kl_div_fwd_grad(Tensor p_logits, Tensor q_logits, float temperature, Tensor? row_weight, float weight, "
       "bool need_grad_p, bool need_grad_q) -> (Tensor kl, Tensor stats, Tensor grad_p, Tensor grad_q)");
@@ -166,4 +185,5 @@ TORCH_LIBRARY_FRAGMENT(mpdistil_C, m) {
 TORCH_LIBRARY_IMPL(mpdistil_C, CPU, m) {
   m.impl("kd_kl_div_fwd", &mpdistil::cpu::kd_kl_div_fwd_cpu);
   m.impl("kd_kl_div_bwd", &mpdistil::cpu::kd_kl_div_bwd_cpu);
+  m.impl("kd_kl_div_fwd_grad", &mpdistil::cpu::kd_kl_div_fwd_grad_cpu);
 }

@@ -138,4 +138,50 @@ std::tuple<at::Tensor, at::Tensor> rowwise_backward(const char* op, const at::Te
   return {grad_a, grad_b};
 }
 
+// Forward and gradients in one pass over the rows, for a loss whose row weights g_r = weight * row_weight[r] are
+// known in forward (row_weight empty: all 1): per row, forward_row (as rowwise_forward) and at once backward_row
+// (as rowwise_backward) while the row is still in this core's cache.  Returns (loss, stats, grad_a, grad_b).
+template <typename ForwardRow, typename BackwardRow>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rowwise_forward_grad(
+    const char* op, const at::Tensor& a_logits, const at::Tensor& b_logits, int64_t stats_per_row,
+    const c10::optional<at::Tensor>& row_weight, double weight, bool need_grad_a, bool need_grad_b,
+    OutputCache& grad_a_cache, OutputCache& grad_b_cache, const ForwardRow& forward_row,
+    const BackwardRow& backward_row) {
+  check_logits(op, a_logits, b_logits);
+  const at::Tensor a = unit_stride_rows(a_logits), b = unit_stride_rows(b_logits);
+  const int64_t rows = a.size(0), vocab = a.size(1), a_stride = a.stride(0), b_stride = b.stride(0);
+  const auto acc = acc_scalar_type(a.scalar_type());
+  const auto options = a.options().dtype(acc);
+  TORCH_CHECK(!row_weight.has_value() || row_weight->numel() == rows, op, "_fwd_grad: row_weight must have ", rows,
+              " entries");
+  const at::Tensor weights = row_weight.has_value() ? row_weight->to(acc).contiguous() : at::Tensor();
+  at::Tensor loss = at::empty({rows}, options);
+  at::Tensor stats = at::empty({rows, stats_per_row}, options);
+  at::Tensor grad_a = need_grad_a ? grad_a_cache.take({rows, vocab}, a.options()) : at::empty({0}, a.options());
+  at::Tensor grad_b = need_grad_b ? grad_b_cache.take({rows, vocab}, a.options()) : at::empty({0}, a.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scalar_type(), "mpdistil_rowwise_forward_grad", [&] {
+    using acc_t = acc_type_t<scalar_t>;
+    const scalar_t* a_data = a.const_data_ptr<scalar_t>();
+    const scalar_t* b_data = b.const_data_ptr<scalar_t>();
+    const acc_t* weight_data = weights.defined() ? weights.const_data_ptr<acc_t>() : nullptr;
+    acc_t* loss_data = loss.mutable_data_ptr<acc_t>();
+    acc_t* stats_data = stats.mutable_data_ptr<acc_t>();
+    scalar_t* grad_a_data = need_grad_a ? grad_a.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* grad_b_data = need_grad_b ? grad_b.mutable_data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, rows, row_grain(vocab), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const scalar_t* a_row = a_data + r * a_stride;
+        const scalar_t* b_row = b_data + r * b_stride;
+        acc_t* row_stats = stats_data + r * stats_per_row;
+        forward_row(a_row, b_row, vocab, loss_data + r, row_stats);
+        const acc_t g = static_cast<acc_t>(weight_data ? weight * weight_data[r] : weight);
+        backward_row(a_row, b_row, vocab, g, row_stats, grad_a_data ? grad_a_data + r * vocab : nullptr,
+                     grad_b_data ? grad_b_data + r * vocab : nullptr);
+      }
+      stream_fence();
+    });
+  });
+  return {loss, stats, grad_a, grad_b};
+}
+
 }  // namespace mpdistil::cpu

@@ -12,7 +12,8 @@ Q = softmax(b / T) in one read of each input and save only per-row statistics; t
     dKL/da = P (log P - log Q - KL) / T,      dKL/db = (Q - P) / T
 
 in one more read (log P - log Q - KL = (a - b)/T - E_P[(a - b)/T]), so the teacher gradient (a trainable teacher, or the finite-difference hypergradient of
-``mpdistil_fast.bilevel``) costs no extra pass.  Conventions shared by every backend: entries with P = 0 (logits
+``mpdistil_fast.bilevel``) costs no extra pass.  For a reduced loss the row weights are known in forward, and
+``kd_kl_div_fwd_grad`` computes the statistics and these gradients in one pass (:class:`_KlWithGradInForward`).  Conventions shared by every backend: entries with P = 0 (logits
 -inf) contribute 0; a row whose P logits are all -inf has no distribution and contributes 0 loss and 0 gradient.
 """
 from __future__ import annotations
@@ -113,8 +114,10 @@ def row_kl_fused(student: torch.Tensor, teacher: torch.Tensor, temperature: floa
 # ---------------------------------------------------------------------------------------------------------------
 # Gradient in the forward pass: one read of the logits from memory for forward + backward of a reduced loss.
 # ---------------------------------------------------------------------------------------------------------------
-#: Fused backends whose kernels can compute the gradient together with the loss (``kd_kl_div_fwd_grad``).
-GRAD_IN_FORWARD_BACKENDS = frozenset({"triton", "cuda"})
+#: Fused backends whose kernels can compute the gradient together with the loss (``kd_kl_div_fwd_grad``): all
+#: three (measured: 1.0-1.1x on the 2-core CPU, where exp dominates; on H200s the cuda bf16 [2048, 32000] step
+#: went from 0.76 to 0.45 ms wall clock, two runs on two machines).
+GRAD_IN_FORWARD_BACKENDS = frozenset({"cpp", "triton", "cuda"})
 
 
 def row_weights(mask: torch.Tensor | None, reduction: str, scale: float, vocab: int,
