@@ -68,7 +68,8 @@ def main() -> None:
                                                         backend=backend)
 
             losses = {"eager": lambda: eager_hidden_mse(student, teacher, weight, bias, mask),
-                      **({} if args.no_compile else {"torch.compile": lambda: compiled_eager(student, teacher, weight, bias, mask)}),
+                      **({} if args.no_compile else
+                         {"torch.compile": lambda: compiled_eager(student, teacher, weight, bias, mask)}),
                       **{name: fused_loss(name) for name in fused}}
             values = {name: fn().item() for name, fn in losses.items()}  # every provider computes the same loss
             kept = harness.agreeing(values, values["eager"], 1e-4, label)

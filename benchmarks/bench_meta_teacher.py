@@ -76,7 +76,8 @@ def main() -> None:
                                                            hidden=hidden, backend=backend)
 
         losses = {"eager": lambda: eager_meta_teacher(h_t, h_s, w1, b1, w2, b2, labels),
-                  **({} if args.no_compile else {"torch.compile": lambda: compiled_eager(h_t, h_s, w1, b1, w2, b2, labels)}),
+                  **({} if args.no_compile else
+                     {"torch.compile": lambda: compiled_eager(h_t, h_s, w1, b1, w2, b2, labels)}),
                   **{name: fused_loss(name) for name in fused}}
         values = {name: fn().item() for name, fn in losses.items()}  # every provider computes the same loss
         kept = harness.agreeing(values, values["eager"], 1e-4, label, atol=1e-4)

@@ -197,7 +197,8 @@ def kd_kl_div_fwd_grad(p_logits: torch.Tensor, q_logits: torch.Tensor, temperatu
     grad_p = torch.empty((rows, vocab) if need_grad_p else (0,), dtype=a.dtype, device=a.device)
     grad_q = torch.empty((rows, vocab) if need_grad_q else (0,), dtype=a.dtype, device=a.device)
     if is_fp64 and weight != 1.0:  # a float argument reaches the kernel as float32: carry the weight in float64
-        row_weight = torch.full((rows,), weight, dtype=acc, device=a.device) * (1.0 if row_weight is None else row_weight)
+        row_weight = torch.full((rows,), weight, dtype=acc, device=a.device) * (
+            1.0 if row_weight is None else row_weight)
         weight = 1.0
     if rows:
         _kd_kl_div_fwd_grad_kernel[(rows,)](a, b, kl, stats, kl if row_weight is None else row_weight.contiguous(),

@@ -124,7 +124,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> hidden_mse_bwd_cuda(
     grad_weight.addmm_(grad_y[p].t(), prep.student[layers[p]].to(acc_opts.dtype()));
     grad_student[layers[p]].addmm_(grad_y[p], weight_acc);
   }
-  const at::Tensor grad_bias = bias.has_value() ? grad_y.sum(at::IntArrayRef{0, 1}).to(bias->scalar_type()) : at::empty({0}, acc_opts);
+  const at::Tensor grad_bias =
+      bias.has_value() ? grad_y.sum(at::IntArrayRef{0, 1}).to(bias->scalar_type()) : at::empty({0}, acc_opts);
   return {grad_student.to(prep.student.scalar_type()), grad_teacher, grad_weight.to(weight->scalar_type()), grad_bias};
 }
 

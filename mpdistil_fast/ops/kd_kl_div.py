@@ -11,10 +11,11 @@ Q = softmax(b / T) in one read of each input and save only per-row statistics; t
 
     dKL/da = P (log P - log Q - KL) / T,      dKL/db = (Q - P) / T
 
-in one more read (log P - log Q - KL = (a - b)/T - E_P[(a - b)/T]), so the teacher gradient (a trainable teacher, or the finite-difference hypergradient of
-``mpdistil_fast.bilevel``) costs no extra pass.  For a reduced loss the row weights are known in forward, and
-``kd_kl_div_fwd_grad`` computes the statistics and these gradients in one pass (:class:`_KlWithGradInForward`).  Conventions shared by every backend: entries with P = 0 (logits
--inf) contribute 0; a row whose P logits are all -inf has no distribution and contributes 0 loss and 0 gradient.
+in one more read (log P - log Q - KL = (a - b)/T - E_P[(a - b)/T]), so the teacher gradient (a trainable teacher,
+or the finite-difference hypergradient of ``mpdistil_fast.bilevel``) costs no extra pass.  For a reduced loss the
+row weights are known in forward, and ``kd_kl_div_fwd_grad`` computes the statistics and these gradients in one
+pass (:class:`_KlWithGradInForward`).  Conventions shared by every backend: entries with P = 0 (logits -inf)
+contribute 0; a row whose P logits are all -inf has no distribution and contributes 0 loss and 0 gradient.
 """
 from __future__ import annotations
 
@@ -120,14 +121,14 @@ def row_kl_fused(student: torch.Tensor, teacher: torch.Tensor, temperature: floa
 GRAD_IN_FORWARD_BACKENDS = frozenset({"cpp", "triton", "cuda"})
 
 
-def row_weights(mask: torch.Tensor | None, reduction: str, scale: float, vocab: int,
-                rows: int) -> tuple[float, torch.Tensor | None]:
-    """(w, row weights r or None) with :func:`reduce_rows` = sum_i w r_i KL_i over valid rows (reduction not
-    "none"): the factors by which each row's KL enters the loss, known before backward."""
+def row_weights(mask: torch.Tensor | None, reduction: str, scale: float, vocab: int, rows: int,
+                dtype: torch.dtype) -> tuple[float, torch.Tensor | None]:
+    """(w, row weights r in ``dtype`` or None) with :func:`reduce_rows` = sum_i w r_i KL_i over valid rows
+    (reduction not "none"): the factors by which each row's KL enters the loss, known before backward."""
     if mask is None:
         denominator = {"sum": 1, "batchmean": max(rows, 1), "mean": max(rows, 1) * vocab}[reduction]
         return scale / denominator, None
-    valid = mask.reshape(-1).to(torch.float32)
+    valid = mask.reshape(-1).to(dtype)
     if reduction == "sum":
         return scale, valid
     count = valid.sum().clamp(min=1) * (vocab if reduction == "mean" else 1)
@@ -167,7 +168,8 @@ class _KlWithGradInForward(torch.autograd.Function):
             (grad_a, grad_b), ctx.precomputed = ctx.precomputed, None
             if grad_loss.item() != 1.0:
                 for grad in (grad_a, grad_b):
-                    grad.mul_(grad_loss.detach().to(grad.dtype)) if grad.numel() else None
+                    if grad.numel():
+                        grad.mul_(grad_loss.detach().to(grad.dtype))
         grads = [grad_a if need_a else None, grad_b if need_b else None]
         anchors = [t for t in (a, b, grad_loss) if t.requires_grad]
         if torch.is_grad_enabled() and anchors:  # create_graph=True: these gradients refuse a second differentiation
@@ -222,7 +224,8 @@ def kd_kl_div_op(student: torch.Tensor, teacher: torch.Tensor, temperature: floa
         row_loss = row_jsd_fused(student_rows, teacher_rows, temperature, beta, backend)
     elif (backend in GRAD_IN_FORWARD_BACKENDS and reduction != "none" and torch.is_grad_enabled()
           and (student.requires_grad or teacher.requires_grad) and not torch.compiler.is_compiling()):
-        weight, row_weight = row_weights(mask, reduction, scale, vocab, student_rows.shape[0])
+        weight, row_weight = row_weights(mask, reduction, scale, vocab, student_rows.shape[0],
+                                         accumulation_dtype(student.dtype))
         a, b = _weighting_first(student_rows, teacher_rows, direction == "reverse")
         reduce = lambda row_kl: reduce_rows(row_kl, mask, reduction, scale, vocab, student.shape[:-1])  # noqa: E731
         return _KlWithGradInForward.apply(a, b, temperature, weight, row_weight, reduce, backend)
