@@ -13,7 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from mpdistil_fast.kernels.kd_kl_div import _block, _online_softmax_block, _this_row, _unit_stride_rows
+from mpdistil_fast.kernels.kd_kl_div import (_block, _gradients, _online_softmax_block, _row_outputs, _this_row,
+                                             _unit_stride_rows)
 
 STATS_PER_ROW = 6
 
@@ -114,10 +115,7 @@ def kd_jsd_fwd(teacher_logits: torch.Tensor, student_logits: torch.Tensor, tempe
     """Per-row generalized JSD ``[N]`` and statistics ``[N, 6]`` of ``[N, V]`` logits."""
     a, b = _unit_stride_rows(teacher_logits), _unit_stride_rows(student_logits)
     rows, vocab = a.shape
-    is_fp64 = a.dtype == torch.float64
-    acc = torch.float64 if is_fp64 else torch.float32
-    jsd = torch.empty(rows, dtype=acc, device=a.device)
-    stats = torch.empty(rows, STATS_PER_ROW, dtype=acc, device=a.device)
+    is_fp64, jsd, stats = _row_outputs(a, STATS_PER_ROW)
     if rows:
         _kd_jsd_fwd_kernel[(rows,)](a, b, jsd, stats, vocab, a.stride(0), b.stride(0), temperature, beta,
                                     BLOCK=_block(vocab), IS_FP64=is_fp64, num_warps=8)
@@ -130,8 +128,7 @@ def kd_jsd_bwd(grad_jsd: torch.Tensor, teacher_logits: torch.Tensor, student_log
     """Gradients of sum(grad_jsd * jsd) for the teacher and student logits (empty tensors when not needed)."""
     a, b = _unit_stride_rows(teacher_logits), _unit_stride_rows(student_logits)
     rows, vocab = a.shape
-    grad_a = torch.empty((rows, vocab) if need_grad_teacher else (0,), dtype=a.dtype, device=a.device)
-    grad_b = torch.empty((rows, vocab) if need_grad_student else (0,), dtype=a.dtype, device=a.device)
+    grad_a, grad_b = _gradients(a, need_grad_teacher, need_grad_student)
     if rows and (need_grad_teacher or need_grad_student):
         _kd_jsd_bwd_kernel[(rows,)](grad_jsd.contiguous(), a, b, stats.contiguous(), grad_a, grad_b, vocab,
                                     a.stride(0), b.stride(0), temperature, beta, BLOCK=_block(vocab),

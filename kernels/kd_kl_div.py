@@ -153,14 +153,27 @@ def _block(vocab: int) -> int:
     return min(triton.next_power_of_2(vocab), MAX_BLOCK)
 
 
-def kd_kl_div_fwd(p_logits: torch.Tensor, q_logits: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _row_outputs(a: torch.Tensor, stats_per_row: int) -> tuple[bool, torch.Tensor, torch.Tensor]:
+    """(float64 inputs?, per-row loss [N], statistics [N, stats_per_row]) for [N, V] logits ``a``, in the
+    accumulation dtype (float64 for float64 inputs, else float32)."""
+    is_fp64 = a.dtype == torch.float64
+    acc = torch.float64 if is_fp64 else torch.float32
+    return (is_fp64, torch.empty(a.shape[0], dtype=acc, device=a.device),
+            torch.empty(a.shape[0], stats_per_row, dtype=acc, device=a.device))
+
+
+def _gradients(a: torch.Tensor, need_a: bool, need_b: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradient outputs like the [N, V] logits ``a``; an empty tensor for a gradient not wanted."""
+    new = lambda needed: torch.empty(a.shape if needed else (0,), dtype=a.dtype, device=a.device)  # noqa: E731
+    return new(need_a), new(need_b)
+
+
+def kd_kl_div_fwd(p_logits: torch.Tensor, q_logits: torch.Tensor,
+                  temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row KL(softmax(p/T) || softmax(q/T)) ``[N]`` and statistics ``[N, 5]`` of ``[N, V]`` logits."""
     a, b = _unit_stride_rows(p_logits), _unit_stride_rows(q_logits)
     rows, vocab = a.shape
-    is_fp64 = a.dtype == torch.float64
-    acc = torch.float64 if is_fp64 else torch.float32
-    kl = torch.empty(rows, dtype=acc, device=a.device)
-    stats = torch.empty(rows, STATS_PER_ROW, dtype=acc, device=a.device)
+    is_fp64, kl, stats = _row_outputs(a, STATS_PER_ROW)
     if rows:
         _kd_kl_div_fwd_kernel[(rows,)](a, b, kl, stats, vocab, a.stride(0), b.stride(0), temperature,
                                        BLOCK=_block(vocab), IS_FP64=is_fp64, num_warps=8)
@@ -173,8 +186,7 @@ def kd_kl_div_bwd(grad_kl: torch.Tensor, p_logits: torch.Tensor, q_logits: torch
     """Gradients of sum(grad_kl * kl) for p and q logits (empty tensors when not needed)."""
     a, b = _unit_stride_rows(p_logits), _unit_stride_rows(q_logits)
     rows, vocab = a.shape
-    grad_p = torch.empty((rows, vocab) if need_grad_p else (0,), dtype=a.dtype, device=a.device)
-    grad_q = torch.empty((rows, vocab) if need_grad_q else (0,), dtype=a.dtype, device=a.device)
+    grad_p, grad_q = _gradients(a, need_grad_p, need_grad_q)
     if rows and (need_grad_p or need_grad_q):
         _kd_kl_div_bwd_kernel[(rows,)](grad_kl.contiguous(), a, b, stats.contiguous(), grad_p, grad_q,
                                        vocab, a.stride(0), b.stride(0), temperature, BLOCK=_block(vocab),
@@ -190,14 +202,10 @@ def kd_kl_div_fwd_grad(p_logits: torch.Tensor, q_logits: torch.Tensor, temperatu
     w_r = weight * row_weight[r] (``row_weight`` None: all 1), empty where not needed."""
     a, b = _unit_stride_rows(p_logits), _unit_stride_rows(q_logits)
     rows, vocab = a.shape
-    is_fp64 = a.dtype == torch.float64
-    acc = torch.float64 if is_fp64 else torch.float32
-    kl = torch.empty(rows, dtype=acc, device=a.device)
-    stats = torch.empty(rows, STATS_PER_ROW, dtype=acc, device=a.device)
-    grad_p = torch.empty((rows, vocab) if need_grad_p else (0,), dtype=a.dtype, device=a.device)
-    grad_q = torch.empty((rows, vocab) if need_grad_q else (0,), dtype=a.dtype, device=a.device)
+    is_fp64, kl, stats = _row_outputs(a, STATS_PER_ROW)
+    grad_p, grad_q = _gradients(a, need_grad_p, need_grad_q)
     if is_fp64 and weight != 1.0:  # a float argument reaches the kernel as float32: carry the weight in float64
-        row_weight = torch.full((rows,), weight, dtype=acc, device=a.device) * (
+        row_weight = torch.full((rows,), weight, dtype=kl.dtype, device=a.device) * (
             1.0 if row_weight is None else row_weight)
         weight = 1.0
     if rows:

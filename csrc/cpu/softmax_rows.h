@@ -10,6 +10,7 @@
 #include <limits>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 
 #include "cpu/common.h"
 
@@ -101,6 +102,15 @@ std::tuple<at::Tensor, at::Tensor> rowwise_forward(const char* op, const at::Ten
   return {loss, stats};
 }
 
+// Gradient outputs shaped like the [N, V] logits `a` (reused buffers, see OutputCache); empty when not needed.
+inline std::pair<at::Tensor, at::Tensor> gradient_outputs(const at::Tensor& a, bool need_grad_a, bool need_grad_b,
+                                                          OutputCache& grad_a_cache, OutputCache& grad_b_cache) {
+  const auto gradient = [&](bool needed, OutputCache& cache) {
+    return needed ? cache.take(a.sizes(), a.options()) : at::empty({0}, a.options());
+  };
+  return {gradient(need_grad_a, grad_a_cache), gradient(need_grad_b, grad_b_cache)};
+}
+
 // The host side of the matching backward: checks, the gradients (reused buffers, see OutputCache; empty when not
 // needed), then, in parallel over rows, backward_row(a_row, b_row, vocab, g, stats_row, grad_a_row, grad_b_row)
 // with g the row's upstream gradient and null gradient rows when not needed; each thread fences its streaming
@@ -118,8 +128,7 @@ std::tuple<at::Tensor, at::Tensor> rowwise_backward(const char* op, const at::Te
               "_bwd: per-row tensors do not match ", rows, " rows");
   const auto acc = acc_scalar_type(a.scalar_type());
   const at::Tensor grad_rows = grad_loss.to(acc).contiguous(), stats_rows = stats.to(acc).contiguous();
-  at::Tensor grad_a = need_grad_a ? grad_a_cache.take({rows, vocab}, a.options()) : at::empty({0}, a.options());
-  at::Tensor grad_b = need_grad_b ? grad_b_cache.take({rows, vocab}, a.options()) : at::empty({0}, a.options());
+  auto [grad_a, grad_b] = gradient_outputs(a, need_grad_a, need_grad_b, grad_a_cache, grad_b_cache);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scalar_type(), "mpdistil_rowwise_backward", [&] {
     using acc_t = acc_type_t<scalar_t>;
     const scalar_t* a_data = a.const_data_ptr<scalar_t>();
@@ -157,8 +166,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rowwise_forward_grad(
   const at::Tensor weights = row_weight.has_value() ? row_weight->to(acc).contiguous() : at::Tensor();
   at::Tensor loss = at::empty({rows}, options);
   at::Tensor stats = at::empty({rows, stats_per_row}, options);
-  at::Tensor grad_a = need_grad_a ? grad_a_cache.take({rows, vocab}, a.options()) : at::empty({0}, a.options());
-  at::Tensor grad_b = need_grad_b ? grad_b_cache.take({rows, vocab}, a.options()) : at::empty({0}, a.options());
+  auto [grad_a, grad_b] = gradient_outputs(a, need_grad_a, need_grad_b, grad_a_cache, grad_b_cache);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scalar_type(), "mpdistil_rowwise_forward_grad", [&] {
     using acc_t = acc_type_t<scalar_t>;
     const scalar_t* a_data = a.const_data_ptr<scalar_t>();
