@@ -89,8 +89,9 @@ def meta_teacher_loss(h_teacher: Tensor, h_student: Tensor, weight: Params, bias
 
     ``validate_labels`` checks that every label indexes a logit (a ValueError otherwise).  On a GPU that check is a
     min/max reduction and a host synchronisation in front of the fused kernel; a loop whose labels are known to be
-    valid can pass ``False`` (out-of-range labels then give a meaningless loss, never an out-of-bounds read), so
-    that the Triton backend's forward is a single kernel launch.  Under torch.compile the op always checks.
+    valid can pass ``False``, so that the Triton backend's forward is a single kernel launch.  Out-of-range labels
+    then give a meaningless loss (triton), a NaN loss (cuda) or the backend's own error (cpp, torch), never an
+    out-of-bounds read.  Under torch.compile the op always checks.
     """
     check_tensor("h_teacher", h_teacher)
     check_tensor("h_student", h_student)
