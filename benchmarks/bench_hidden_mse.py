@@ -4,12 +4,12 @@ torch.compile of the same formula, on a [6, 32, 128, 768] teacher stack, with an
 The baseline is the loss as one writes it in torch: ``((s @ W.T + b - t)^2 * mask).sum() / (valid * H * L)``.
 The mask keeps a random length between S/4 and S per sequence (about 60% of the tokens, like padded GLUE batches).
 Modes: ``forward`` (loss only) and ``full`` (loss + gradients of the student states and projection).  Rows go to
-``benchmarks/results/hidden_mse.csv`` and ``hidden_mse.png``; for the no-projection forward the table also gives
-the achieved GB/s of the minimum traffic (reading both stacks once, plus writing the student gradient in
-``full``), and on a GPU its fraction of the measured device-to-device copy bandwidth, from the wall clock and from the
-summed run time of the kernels (torch.profiler; without the host's launch overhead).
+``benchmarks/results/hidden_mse.csv`` and ``hidden_mse.png``; without projection the table also gives the
+achieved GB/s of the minimum traffic (reading both stacks once, plus writing the student gradient in ``full``),
+and on a GPU its fraction of the measured device-to-device copy bandwidth, from the wall clock and from the summed
+run time of the kernels (torch.profiler; without the host's launch overhead).
 
-    OMP_NUM_THREADS=2 python benchmarks/bench_hidden_mse.py [--quick]
+    OMP_NUM_THREADS=2 python benchmarks/bench_hidden_mse.py [--quick] [--no-compile]
 """
 from __future__ import annotations
 

@@ -5,9 +5,10 @@ The baseline is the competitive loss as one writes it in torch (two ``F.linear``
 gather).  The fused provider is the public ``mpdistil_fast.meta_teacher_loss`` (argument checks included).
 Modes: ``forward`` and ``full`` (loss + gradients of the discriminator parameters and of h_student).  D is the
 linear discriminator over K = 3 labels; ``+mlp1024`` rows use Linear(H, 1024) -> GELU -> Linear(1024, 3).
-Rows go to ``benchmarks/results/meta_teacher.csv`` and ``meta_teacher.png``.
+On a GPU each row also gives the GPU kernels one forward and one backward launch and their summed run time
+(torch.profiler).  Rows go to ``benchmarks/results/meta_teacher.csv`` and ``meta_teacher.png``.
 
-    OMP_NUM_THREADS=2 python benchmarks/bench_meta_teacher.py [--quick]
+    OMP_NUM_THREADS=2 python benchmarks/bench_meta_teacher.py [--quick] [--no-compile]
 """
 from __future__ import annotations
 
