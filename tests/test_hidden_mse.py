@@ -282,3 +282,21 @@ def test_bad_inputs(kwargs, error, needle):
     args = dict(student_hidden=S, teacher_hidden=T) | kwargs
     with pytest.raises(error, match=needle):
         mpdistil_fast.hidden_mse(args.pop("student_hidden"), args.pop("teacher_hidden"), **args)
+
+
+def test_layer_indices_made_once_and_usable_after_inference_mode():
+    """The layer index tensors are made once per (pairs, device) (a fresh one per call is a host-to-device copy
+    that waits for the GPU), also when the first call runs under inference mode and a training step follows."""
+    from mpdistil_fast.functional.hidden_mse import layer_index_tensors
+
+    layer_index_tensors.cache_clear()
+    student, teacher = torch.randn(3, 2, 4, 6), torch.randn(5, 2, 4, 6)
+    with torch.inference_mode():
+        mpdistil_fast.hidden_mse(student, teacher, layer_map=[1, 3, 4], backend="torch")
+    first = layer_index_tensors(((0, 1), (1, 3), (2, 4)), student.device)
+    assert not first[0].is_inference() and layer_index_tensors.cache_info().misses == 1
+    for backend in ("torch", "cpp"):
+        trainable = student.clone().requires_grad_()
+        mpdistil_fast.hidden_mse(trainable, teacher, layer_map=[1, 3, 4], backend=backend).backward()
+        assert trainable.grad is not None
+    assert layer_index_tensors.cache_info().misses == 1

@@ -1,6 +1,7 @@
 """Public hidden-state MSE: ``mpdistil_fast.hidden_mse`` (FitNets / patient KD / TinyBERT hint loss)."""
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence, Union
 
 import torch
@@ -64,6 +65,17 @@ def projection_parts(projection: Projection) -> tuple[Optional[Tensor], Optional
     raise TypeError(f"projection must be None, a weight tensor or a (weight, bias) tuple, got {type(projection).__name__}")
 
 
+@functools.lru_cache(maxsize=64)
+def layer_index_tensors(pairs: tuple[tuple[int, int], ...], device: torch.device) -> tuple[Tensor, Tensor]:
+    """The student and teacher layer indices of ``pairs`` as int64 tensors on ``device``, made once per (pairs,
+    device): a fresh tensor per call is a host-to-device copy from pageable memory, which waits for the GPU's queue
+    to drain.  The kernels only read them.  Made outside inference mode, so that a first call under
+    ``torch.inference_mode()`` (evaluation) does not cache tensors that a later training step could not save."""
+    with torch.inference_mode(False):
+        return (torch.tensor([s for s, _ in pairs], dtype=torch.long, device=device),
+                torch.tensor([t for _, t in pairs], dtype=torch.long, device=device))
+
+
 def hidden_mse(student_hidden: Tensor, teacher_hidden: Tensor, *, mask: Optional[Tensor] = None,
                normalize: bool = False, projection: Projection = None, layer_map: LayerMap = None,
                reduction: str = "mean", backend: str = "auto") -> Tensor:
@@ -124,8 +136,7 @@ def hidden_mse(student_hidden: Tensor, teacher_hidden: Tensor, *, mask: Optional
     student = student_hidden.reshape(depth_s, -1, width_s)
     teacher = teacher_hidden.reshape(depth_t, -1, width_t)
     flat_mask = None if mask is None else mask.reshape(-1)
-    student_layers = torch.tensor([s for s, _ in pairs], dtype=torch.long, device=device)
-    teacher_layers = torch.tensor([t for _, t in pairs], dtype=torch.long, device=device)
+    student_layers, teacher_layers = layer_index_tensors(tuple(pairs), device)
     if backend == "torch":
         sse = hidden_mse_torch(student, teacher, student_layers, teacher_layers, flat_mask, weight, bias, normalize)
     else:
