@@ -91,6 +91,44 @@ inline Vec<float> vec_log(Vec<float> x) {
 // fp64 vectors: ATen's SLEEF log (1 ulp); fp64 is for checks, not speed.
 inline Vec<double> vec_log(Vec<double> x) { return x.log(); }
 
+// Largest of `n` values (-inf for none).
+template <typename acc_t>
+inline acc_t chunk_max(const acc_t* values, int64_t n) {
+  constexpr int64_t width = Vec<acc_t>::size();
+  Vec<acc_t> best(-std::numeric_limits<acc_t>::infinity());
+  int64_t i = 0;
+  for (; i + width <= n; i += width) best = at::vec::clamp_min(Vec<acc_t>::loadu(values + i), best);
+  acc_t result = at::vec::vec_reduce_all<acc_t>([](Vec<acc_t>& a, Vec<acc_t>& b) { return at::vec::maximum(a, b); },
+                                                best);
+  for (; i < n; ++i) result = std::max(result, values[i]);
+  return result;
+}
+
+// `n` consecutive elements of `src` converted to acc_t into `buffer` (kChunk elements); with kTrackMax also their
+// largest value (-inf for none), taken while the converted values are in registers.
+template <bool kTrackMax, typename scalar_t, typename acc_t>
+inline acc_t convert_chunk(const scalar_t* src, int64_t n, acc_t* buffer) {
+  constexpr int64_t width = Vec<scalar_t>::size();
+  Vec<acc_t> best(-std::numeric_limits<acc_t>::infinity());
+  int64_t i = 0;
+  for (; i + width <= n; i += width) {
+    auto [lo, hi] = at::vec::convert_to_float<scalar_t>(Vec<scalar_t>::loadu(src + i));
+    lo.store(buffer + i);
+    hi.store(buffer + i + width / 2);
+    if constexpr (kTrackMax) best = at::vec::clamp_min(hi, at::vec::clamp_min(lo, best));
+  }
+  acc_t result = -std::numeric_limits<acc_t>::infinity();
+  if constexpr (kTrackMax) {
+    result = at::vec::vec_reduce_all<acc_t>([](Vec<acc_t>& a, Vec<acc_t>& b) { return at::vec::maximum(a, b); },
+                                            best);
+  }
+  for (; i < n; ++i) {
+    buffer[i] = static_cast<acc_t>(src[i]);
+    if constexpr (kTrackMax) result = std::max(result, buffer[i]);
+  }
+  return result;
+}
+
 // A view of `n` consecutive elements of `src` as acc_t: the pointer itself when no conversion is needed,
 // otherwise converted into `buffer` (kChunk elements).
 template <typename scalar_t, typename acc_t = acc_type_t<scalar_t>>
@@ -98,14 +136,19 @@ inline const acc_t* load_chunk(const scalar_t* src, int64_t n, acc_t* buffer) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     return src;
   } else {
-    constexpr int64_t width = Vec<scalar_t>::size();
-    int64_t i = 0;
-    for (; i + width <= n; i += width) {
-      auto [lo, hi] = at::vec::convert_to_float<scalar_t>(Vec<scalar_t>::loadu(src + i));
-      lo.store(buffer + i);
-      hi.store(buffer + i + width / 2);
-    }
-    for (; i < n; ++i) buffer[i] = static_cast<acc_t>(src[i]);
+    convert_chunk<false>(src, n, buffer);
+    return buffer;
+  }
+}
+
+// load_chunk and the largest of the `n` values (-inf for none) in one pass over a 16-bit source.
+template <typename scalar_t, typename acc_t = acc_type_t<scalar_t>>
+inline const acc_t* load_chunk_max(const scalar_t* src, int64_t n, acc_t* buffer, acc_t& largest) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    largest = chunk_max(src, n);
+    return src;
+  } else {
+    largest = convert_chunk<true>(src, n, buffer);
     return buffer;
   }
 }
@@ -126,18 +169,6 @@ inline void store_chunk(const acc_t* values, int64_t n, scalar_t* dst) {
   }
 }
 
-// Largest of `n` values (-inf for none).
-template <typename acc_t>
-inline acc_t chunk_max(const acc_t* values, int64_t n) {
-  constexpr int64_t width = Vec<acc_t>::size();
-  Vec<acc_t> best(-std::numeric_limits<acc_t>::infinity());
-  int64_t i = 0;
-  for (; i + width <= n; i += width) best = at::vec::clamp_min(Vec<acc_t>::loadu(values + i), best);
-  acc_t result = at::vec::vec_reduce_all<acc_t>([](Vec<acc_t>& a, Vec<acc_t>& b) { return at::vec::maximum(a, b); },
-                                                best);
-  for (; i < n; ++i) result = std::max(result, values[i]);
-  return result;
-}
 
 // Sum of a vector's lanes.
 template <typename acc_t>

@@ -32,10 +32,11 @@ void forward_row(const scalar_t* a_row, const scalar_t* b_row, int64_t vocab, ac
   double cross = 0.0;  // sum_i exp((a_i - max a)/T) * (a_i - b_i)
   for (int64_t start = 0; start < vocab; start += kChunk) {
     const int64_t n = std::min(kChunk, vocab - start);
-    const acc_t* a = load_chunk(a_row + start, n, a_buffer);
-    const acc_t* b = load_chunk(b_row + start, n, b_buffer);
-    cross *= p.raise_max(chunk_max(a, n), inv_t);
-    q.raise_max(chunk_max(b, n), inv_t);
+    acc_t max_a, max_b;
+    const acc_t* a = load_chunk_max(a_row + start, n, a_buffer, max_a);
+    const acc_t* b = load_chunk_max(b_row + start, n, b_buffer, max_b);
+    cross *= p.raise_max(max_a, inv_t);
+    q.raise_max(max_b, inv_t);
     const Vec<acc_t> shift_a(static_cast<acc_t>(p.shift())), shift_b(static_cast<acc_t>(q.shift()));
     const Vec<acc_t> scale_log2(inv_t * kLog2e), zero(0);
     Vec<acc_t> sum_a(0), sum_b(0), cross_ab(0);
