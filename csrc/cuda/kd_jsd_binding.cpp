@@ -21,9 +21,7 @@ std::tuple<at::Tensor, at::Tensor> kd_jsd_fwd_cuda(const at::Tensor& teacher_log
   check_jsd_beta(beta);
   const auto [a, b] = checked_rows("kd_jsd", teacher_logits, student_logits);
   const c10::cuda::CUDAGuard guard(a.device());
-  const auto options = a.options().dtype(acc_scalar_type(a));
-  at::Tensor jsd = at::empty({a.size(0)}, options);
-  at::Tensor stats = at::empty({a.size(0), kJsdStatsPerRow}, options);
+  const auto [jsd, stats] = row_outputs(a, kJsdStatsPerRow);
   C10_CUDA_CHECK(launch_kd_jsd_fwd(a.const_data_ptr(), b.const_data_ptr(), jsd.mutable_data_ptr(),
                                    stats.mutable_data_ptr(), a.size(0), a.size(1), a.stride(0), b.stride(0),
                                    temperature, beta, logits_type("kd_jsd", a), c10::cuda::getCurrentCUDAStream()));
@@ -42,10 +40,7 @@ std::tuple<at::Tensor, at::Tensor> kd_jsd_bwd_cuda(const at::Tensor& grad_jsd, c
               "kd_jsd_bwd: per-row tensors do not match ", rows, " rows");
   const auto acc = acc_scalar_type(a);
   const at::Tensor grad_rows = grad_jsd.to(acc).contiguous(), stats_rows = stats.to(acc).contiguous();
-  const auto gradient = [&](bool needed) {
-    return needed ? at::empty({rows, vocab}, a.options()) : at::empty({0}, a.options());
-  };
-  at::Tensor grad_teacher = gradient(need_grad_teacher), grad_student = gradient(need_grad_student);
+  const auto [grad_teacher, grad_student] = gradient_outputs(a, need_grad_teacher, need_grad_student);
   C10_CUDA_CHECK(launch_kd_jsd_bwd(grad_rows.const_data_ptr(), a.const_data_ptr(), b.const_data_ptr(),
                                    stats_rows.const_data_ptr(),
                                    need_grad_teacher ? grad_teacher.mutable_data_ptr() : nullptr,

@@ -16,9 +16,7 @@ std::tuple<at::Tensor, at::Tensor> kd_kl_div_fwd_cuda(const at::Tensor& p_logits
                                                       double temperature) {
   const auto [a, b] = checked_rows("kd_kl_div", p_logits, q_logits);
   const c10::cuda::CUDAGuard guard(a.device());
-  const auto options = a.options().dtype(acc_scalar_type(a));
-  at::Tensor kl = at::empty({a.size(0)}, options);
-  at::Tensor stats = at::empty({a.size(0), kKlStatsPerRow}, options);
+  const auto [kl, stats] = row_outputs(a, kKlStatsPerRow);
   C10_CUDA_CHECK(launch_kd_kl_div_fwd(a.const_data_ptr(), b.const_data_ptr(), kl.mutable_data_ptr(),
                                       stats.mutable_data_ptr(), a.size(0), a.size(1), a.stride(0), b.stride(0),
                                       temperature, logits_type("kd_kl_div", a), c10::cuda::getCurrentCUDAStream()));
@@ -35,10 +33,7 @@ std::tuple<at::Tensor, at::Tensor> kd_kl_div_bwd_cuda(const at::Tensor& grad_kl,
               "kd_kl_div_bwd: per-row tensors do not match ", rows, " rows");
   const auto acc = acc_scalar_type(a);
   const at::Tensor grad_rows = grad_kl.to(acc).contiguous(), stats_rows = stats.to(acc).contiguous();
-  const auto gradient = [&](bool needed) {
-    return needed ? at::empty({rows, vocab}, a.options()) : at::empty({0}, a.options());
-  };
-  at::Tensor grad_p = gradient(need_grad_p), grad_q = gradient(need_grad_q);
+  const auto [grad_p, grad_q] = gradient_outputs(a, need_grad_p, need_grad_q);
   C10_CUDA_CHECK(launch_kd_kl_div_bwd(grad_rows.const_data_ptr(), a.const_data_ptr(), b.const_data_ptr(),
                                       stats_rows.const_data_ptr(), need_grad_p ? grad_p.mutable_data_ptr() : nullptr,
                                       need_grad_q ? grad_q.mutable_data_ptr() : nullptr, rows, vocab, a.stride(0),
@@ -52,18 +47,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kd_kl_div_fwd_grad_cu
   const auto [a, b] = checked_rows("kd_kl_div", p_logits, q_logits);
   const c10::cuda::CUDAGuard guard(a.device());
   const int64_t rows = a.size(0), vocab = a.size(1);
-  const auto options = a.options().dtype(acc_scalar_type(a));
-  at::Tensor kl = at::empty({rows}, options);
-  at::Tensor stats = at::empty({rows, kKlStatsPerRow}, options);
+  const auto [kl, stats] = row_outputs(a, kKlStatsPerRow);
   at::Tensor weights;
   if (row_weight.has_value()) {
     TORCH_CHECK(row_weight->numel() == rows, "kd_kl_div_fwd_grad: row_weight must have ", rows, " entries");
-    weights = row_weight->to(options).contiguous();
+    weights = row_weight->to(stats.scalar_type()).contiguous();
   }
-  const auto gradient = [&](bool needed) {
-    return needed ? at::empty({rows, vocab}, a.options()) : at::empty({0}, a.options());
-  };
-  at::Tensor grad_p = gradient(need_grad_p), grad_q = gradient(need_grad_q);
+  const auto [grad_p, grad_q] = gradient_outputs(a, need_grad_p, need_grad_q);
   C10_CUDA_CHECK(launch_kd_kl_div_fwd_grad(
       a.const_data_ptr(), b.const_data_ptr(), kl.mutable_data_ptr(), stats.mutable_data_ptr(),
       weights.defined() ? weights.const_data_ptr() : nullptr, weight,

@@ -40,4 +40,18 @@ inline std::pair<at::Tensor, at::Tensor> checked_rows(const char* op, const at::
   return {unit_stride(a), unit_stride(b)};
 }
 
+// Per-row loss [N] and statistics [N, stats_per_row] in the accumulation type of the [N, V] logits `a`.
+inline std::pair<at::Tensor, at::Tensor> row_outputs(const at::Tensor& a, int64_t stats_per_row) {
+  const auto options = a.options().dtype(acc_scalar_type(a));
+  return {at::empty({a.size(0)}, options), at::empty({a.size(0), stats_per_row}, options)};
+}
+
+// Gradients shaped like the [N, V] logits `a`; an empty tensor for one not wanted.
+inline std::pair<at::Tensor, at::Tensor> gradient_outputs(const at::Tensor& a, bool need_a, bool need_b) {
+  const auto gradient = [&](bool needed) {
+    return needed ? at::empty(a.sizes(), a.options()) : at::empty({0}, a.options());
+  };
+  return {gradient(need_a), gradient(need_b)};
+}
+
 }  // namespace mpdistil::cuda
