@@ -81,19 +81,26 @@ def _time_call(fn: Callable[[], object], device: torch.device) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def cuda_kernel_profile(fn: Callable[[], object], reps: int = 1) -> tuple[int, float]:
-    """(GPU kernels launched per call of ``fn``, milliseconds those kernels ran per call), from torch.profiler over
-    ``reps`` calls.  Kernel time leaves out the host's launch overhead and idle gaps, which the wall-clock (CUDA
-    event) timings include; memsets and copies are not kernels and are not counted."""
+def cuda_kernels(fn: Callable[[], object], reps: int = 1) -> tuple[object, list]:
+    """(the last call's result, the GPU kernels that ``reps`` calls of ``fn`` launched) from torch.profiler;
+    memsets and copies are not kernels and are left out."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
+    result = None
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(reps):
-            fn()
+            result = fn()
         torch.cuda.synchronize()
-    kernels = [event for event in prof.events() if event.device_type == torch.autograd.DeviceType.CUDA
-               and not event.name.startswith(("Memcpy", "Memset"))]
+    return result, [event for event in prof.events() if event.device_type == torch.autograd.DeviceType.CUDA
+                    and not event.name.startswith(("Memcpy", "Memset"))]
+
+
+def cuda_kernel_profile(fn: Callable[[], object], reps: int = 1) -> tuple[int, float]:
+    """(GPU kernels launched per call of ``fn``, milliseconds those kernels ran per call) over ``reps`` calls.
+    Kernel time leaves out the host's launch overhead and idle gaps, which the wall-clock (CUDA event) timings
+    include."""
+    _, kernels = cuda_kernels(fn, reps)
     return len(kernels) // reps, sum(event.time_range.elapsed_us() for event in kernels) / 1e3 / reps
 
 

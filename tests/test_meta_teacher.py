@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import mpdistil_fast
+from benchmarks.harness import cuda_kernels
 from tests.helpers import assert_rel_close, backend_params, gpu_backend_params, gpu_test
 
 BACKENDS = backend_params("meta_teacher_loss")
@@ -236,15 +237,9 @@ def test_fused_kernel_checks_labels_itself():
 
 
 def cuda_kernel_names(fn):
-    """(fn's result, names of the GPU kernels it launched; memsets and copies are not kernels)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        result = fn()
-        torch.cuda.synchronize()
-    return result, [event.name for event in prof.events() if event.device_type == torch.autograd.DeviceType.CUDA
-                    and not event.name.startswith(("Memcpy", "Memset"))]
+    """(fn's result, names of the GPU kernels it launched)."""
+    result, kernels = cuda_kernels(fn)
+    return result, [event.name for event in kernels]
 
 
 @gpu_test
