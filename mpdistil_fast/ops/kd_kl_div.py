@@ -121,18 +121,23 @@ def row_kl_fused(student: torch.Tensor, teacher: torch.Tensor, temperature: floa
 GRAD_IN_FORWARD_BACKENDS = frozenset({"cpp", "triton", "cuda"})
 
 
+def _denominator(reduction: str, valid_rows, vocab: int):
+    """What a summed loss is divided by: valid rows ("batchmean"), valid rows * V ("mean"), 1 ("sum")."""
+    if reduction == "sum":
+        return 1
+    return valid_rows if reduction == "batchmean" else valid_rows * vocab
+
+
 def row_weights(mask: torch.Tensor | None, reduction: str, scale: float, vocab: int, rows: int,
                 dtype: torch.dtype) -> tuple[float, torch.Tensor | None]:
     """(w, row weights r in ``dtype`` or None) with :func:`reduce_rows` = sum_i w r_i KL_i over valid rows
     (reduction not "none"): the factors by which each row's KL enters the loss, known before backward."""
     if mask is None:
-        denominator = {"sum": 1, "batchmean": max(rows, 1), "mean": max(rows, 1) * vocab}[reduction]
-        return scale / denominator, None
+        return scale / _denominator(reduction, max(rows, 1), vocab), None
     valid = mask.reshape(-1).to(dtype)
     if reduction == "sum":
         return scale, valid
-    count = valid.sum().clamp(min=1) * (vocab if reduction == "mean" else 1)
-    return scale, valid / count
+    return scale, valid / _denominator(reduction, valid.sum().clamp(min=1), vocab)
 
 
 class _KlWithGradInForward(torch.autograd.Function):
@@ -197,11 +202,7 @@ def reduce_rows(row_kl: torch.Tensor, mask: torch.Tensor | None, reduction: str,
     if reduction == "none":
         return (row_kl * scale).reshape(leading_shape)
     total = row_kl.sum() * scale
-    if reduction == "sum":
-        return total
-    if reduction == "batchmean":
-        return total / count
-    return total / (count * vocab)  # "mean"
+    return total if reduction == "sum" else total / _denominator(reduction, count, vocab)
 
 
 def kd_kl_div_op(student: torch.Tensor, teacher: torch.Tensor, temperature: float, reduction: str, scale_by_t2: bool,
