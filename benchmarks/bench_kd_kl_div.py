@@ -9,7 +9,9 @@ reduction="batchmean") * T^2``; for ``jsd`` (beta = 0.5) beta KL(P || M) + (1 - 
 logsumexp of the two log-softmaxes (as GKD's reference code in TRL writes it), batchmean, times T^2.  Each is timed
 with its gradient with respect to the student logits (the teacher is frozen), interleaved (benchmarks/harness.py).
 On CUDA the script also times the triton and cuda backends and, when installed, Liger-Kernel's LigerKLDIVLoss /
-LigerJSD on the same log-softmax inputs (their whole pipeline).  GB/s is computed from the minimum traffic of a
+LigerJSD on the same log-softmax inputs (their whole pipeline), and for the KL the cuda backend with each
+MPDISTIL_KL_ROW_RESIDENT setting (``mpdistil_cuda_residentN``: the row-resident cluster kernel with N 16-byte packs
+per thread on sm_90+ devices; elsewhere the default kernel runs).  GB/s is computed from the minimum traffic of a
 fused forward+backward: read both logits once and write the student gradient (3*N*V elements; the fused JSD reads
 the logits twice in forward, so it cannot reach this figure).  On CUDA each row also gives the number of kernels
 one forward+backward launches and their summed run time (torch.profiler), with the bandwidth and fraction of the
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Callable
@@ -79,9 +82,28 @@ def providers(device: torch.device, loss: str, compile_baseline: bool = True) ->
     for name, status in available_backends(op, device).items():
         if status.available and name != "torch":
             found[f"mpdistil_{name}"] = lambda s, t, name=name: kd_kl_div(s, t, TEMPERATURE, backend=name, **options)
+    if loss == "kl" and "mpdistil_cuda" in found:
+        for packs in RESIDENT_PACKS:
+            found[f"mpdistil_cuda_resident{packs}"] = row_resident(found["mpdistil_cuda"], packs)
     if device.type == "cuda" and (liger := liger_loss(loss)) is not None:
         found["liger"] = liger
     return found
+
+
+#: MPDISTIL_KL_ROW_RESIDENT settings timed beside the default cuda kernel (16-byte packs per thread).
+RESIDENT_PACKS = ("1", "2", "4")
+
+
+def row_resident(loss_fn: LossFn, packs: str) -> LossFn:
+    """``loss_fn`` with MPDISTIL_KL_ROW_RESIDENT=packs (the cuda backend's row-resident cluster kernel) for the
+    duration of each call."""
+    def call(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        os.environ["MPDISTIL_KL_ROW_RESIDENT"] = packs
+        try:
+            return loss_fn(student, teacher)
+        finally:
+            del os.environ["MPDISTIL_KL_ROW_RESIDENT"]
+    return call
 
 
 def agreeing_losses(losses: dict[str, LossFn], student: torch.Tensor, teacher: torch.Tensor,

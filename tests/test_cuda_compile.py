@@ -21,11 +21,17 @@ CXX = shutil.which(os.environ.get("CXX", "c++"))
 CUDA_CMAKE_MACROS = "c10/cuda/impl/cuda_cmake_macros.h"
 
 
+#: A source with Hopper-only code (thread-block clusters) guards it with this, and is compiled for sm_90 as well.
+HOPPER_GUARD = "__CUDA_ARCH__ >= 900"
+
+
 def compile_cuda(source: Path, out_dir: Path) -> subprocess.CompletedProcess:
     includes = [f"-I{p}" for p in (str(ROOT / "csrc"), *include_paths())]
-    # The flags of the real build (setup.py + torch's CUDAExtension defaults), one architecture, light optimisation.
-    command = [NVCC, "-c", "-std=c++20", "-O1", "-arch=sm_80", "--use_fast_math", *COMMON_NVCC_FLAGS, *includes, str(source),
-               "-o", str(out_dir / f"{source.stem}.o")]
+    archs = ["80", "90"] if HOPPER_GUARD in source.read_text() else ["80"]
+    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    # The flags of the real build (setup.py + torch's CUDAExtension defaults), light optimisation.
+    command = [NVCC, "-c", "-std=c++20", "-O1", *gencode, "--use_fast_math", *COMMON_NVCC_FLAGS, *includes,
+               str(source), "-o", str(out_dir / f"{source.stem}.o")]
     return subprocess.run(command, capture_output=True, text=True, timeout=300)
 
 

@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 
 import mpdistil_fast
-from mpdistil_fast import KDLoss, kd_kl_div
+from mpdistil_fast import KDLoss, available_backends, kd_kl_div
 from mpdistil_fast.ops.kd_kl_div import GRAD_IN_FORWARD_BACKENDS
+from benchmarks.harness import cuda_kernels
 from tests.helpers import REL_TOL, assert_rel_close, backend_params, gpu_test
 
 BACKENDS = backend_params("kd_kl_div")
@@ -419,6 +420,44 @@ def test_gpu_backends(backend, dtype, shape):
     check_against_reference(backend, student, teacher, 2.0, direction="reverse", reduction="none", factor=factor)
     teacher[:, ::7] = float("-inf")  # a masked vocabulary in the teacher
     check_against_reference(backend, student, teacher, 2.0, direction="forward", reduction="none", factor=factor)
+
+
+@gpu_test
+@pytest.mark.parametrize("packs", ["1", "2", "4"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", [(5, 8), (3, 4104), (4, 32000), (2, 128256)], ids=str)
+def test_gpu_row_resident_kernel(monkeypatch, packs, dtype, shape):
+    """MPDISTIL_KL_ROW_RESIDENT: the cluster kernel that holds each row in registers (sm_90+) against the float64
+    reference, on slices that end inside a CTA (4104 = 4096 + 8), full clusters (128256 bf16: 8 CTAs) and rows it
+    cannot take (128256 fp32 would need 16 CTAs: the two-sweep kernel runs); a masked row, -inf teacher entries, a
+    row without a distribution, both directions, the teacher's gradient.  On sm_90+ the profiler must show the
+    resident kernel wherever it fits."""
+    if not available_backends("kd_kl_div", "cuda")["cuda"].available:
+        pytest.skip("the cuda backend is not built")
+    monkeypatch.setenv("MPDISTIL_KL_ROW_RESIDENT", packs)
+    rows, vocab = shape
+    student, teacher = logits(*shape, dtype=dtype).cuda(), logits(*shape, dtype=dtype).cuda()
+    mask = torch.arange(rows, device="cuda") != 0
+    factor = 1.0 if dtype == torch.float32 else 2.0
+    check_against_reference("cuda", student, teacher, 2.0, mask=mask, factor=factor, direction="reverse")
+    teacher[:, ::7] = float("-inf")
+    teacher[-1] = float("-inf")  # forward KL: no distribution in this row
+    check_against_reference("cuda", student, teacher, 2.0, mask=mask, factor=factor, direction="forward")
+    slice_per_cta = 512 * 4 * 16 // student.element_size()  # the largest variant's slice
+    fits = math.ceil(vocab / slice_per_cta) <= 8 and torch.cuda.get_device_capability()[0] >= 9
+    _, kernels = cuda_kernels(lambda: kd_kl_div(student.requires_grad_(), teacher, backend="cuda").backward())
+    assert any("resident" in k.name for k in kernels) == fits, [k.name for k in kernels]
+
+
+@gpu_test
+def test_gpu_row_resident_setting_is_checked(monkeypatch):
+    """A bad MPDISTIL_KL_ROW_RESIDENT fails loudly (the CPU kernels do not read it)."""
+    if not available_backends("kd_kl_div", "cuda")["cuda"].available:
+        pytest.skip("the cuda backend is not built")
+    monkeypatch.setenv("MPDISTIL_KL_ROW_RESIDENT", "3")
+    student = logits(2, 64).cuda().requires_grad_()
+    with pytest.raises(RuntimeError, match="MPDISTIL_KL_ROW_RESIDENT must be 0, 1, 2 or 4"):
+        kd_kl_div(student, logits(2, 64).cuda(), backend="cuda")
 
 
 @gpu_test

@@ -3,9 +3,14 @@
 // rescaled sums, and sum exp((a - max a)/T) (a - b)), with 16-byte vector loads; the block then merges the states.
 // Backward: elementwise over a 2-D grid (rows x vocabulary tiles), recomputing P and Q from the per-row stats.
 // Forward+gradient (a reduced loss, whose row weights are known in forward): the forward's block sweeps its row
-// a second time right away and writes the gradients, so each logit comes from memory once.
+// a second time right away and writes the gradients (mostly L2 hits).  With MPDISTIL_KL_ROW_RESIDENT set (sm_90+,
+// 16-byte aligned rows) a thread-block cluster holds the row in registers instead, so each logit crosses the memory
+// bus exactly once (kd_kl_div_fwd_grad_resident_kernel).
+#include <cooperative_groups.h>
+
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "cuda/kd_kl_div.cuh"
 #include "cuda/softmax_rows.cuh"
@@ -43,22 +48,33 @@ __device__ __forceinline__ void store_row_result(const RowResult<A>& result, int
   for (int k = 0; k < kKlStatsPerRow; ++k) stats[row * kKlStatsPerRow + k] = result.stats[k];
 }
 
-// grad_a = g/T P ((a - b)/T - E_P[(a - b)/T]) and grad_b = g/T (Q - P) of one row from its statistics; zeros
-// for a masked row (g = 0) and a row without a distribution P.  Sweeps this block's tiles (backward_row_sweep).
+// grad_a = g/T P ((a - b)/T - E_P[(a - b)/T]) and grad_b = g/T (Q - P) per entry of one row, from the row's
+// statistics and weight g; `zero` (g = 0: a masked row, or a row without a distribution P) means all zeros.
+template <typename A>
+struct EntryGradients {
+  A max_a, log_sum_a, max_b, log_sum_b, mean_gap, coefficient, inv_t;
+
+  __device__ __forceinline__ EntryGradients(const A* stats, A grad_row, A inv_t)
+      : max_a(stats[0]), log_sum_a(stats[1]), max_b(stats[2]), log_sum_b(stats[3]), mean_gap(stats[4]),
+        coefficient(stats[0] > negative_infinity<A>() ? grad_row * inv_t : A(0)), inv_t(inv_t) {}
+
+  __device__ __forceinline__ bool zero() const { return coefficient == A(0); }
+
+  __device__ __forceinline__ void operator()(A va, A vb, A& out_a, A& out_b) const {
+    const A prob_p = fast_exp((va - max_a) * inv_t - log_sum_a);
+    const A prob_q = fast_exp((vb - max_b) * inv_t - log_sum_b);
+    out_a = prob_p > A(0) ? coefficient * prob_p * ((va - vb) * inv_t - mean_gap) : A(0);
+    out_b = coefficient * (prob_q - prob_p);
+  }
+};
+
+// EntryGradients over this block's tiles of one row (backward_row_sweep).
 template <int kThreads, int VEC, typename T>
 __device__ __forceinline__ void row_gradients(const T* a_row, const T* b_row, T* grad_a_row, T* grad_b_row,
                                               int64_t vocab, acc_t<T> grad_row, const acc_t<T>* stats,
                                               acc_t<T> inv_t) {
-  using A = acc_t<T>;
-  const A max_a = stats[0], log_sum_a = stats[1], max_b = stats[2], log_sum_b = stats[3], mean_gap = stats[4];
-  const A coefficient = max_a > negative_infinity<A>() ? grad_row * inv_t : A(0);
-  backward_row_sweep<kThreads, VEC>(
-      a_row, b_row, grad_a_row, grad_b_row, vocab, coefficient == A(0), [&](A va, A vb, A& out_a, A& out_b) {
-        const A prob_p = fast_exp((va - max_a) * inv_t - log_sum_a);
-        const A prob_q = fast_exp((vb - max_b) * inv_t - log_sum_b);
-        out_a = prob_p > A(0) ? coefficient * prob_p * ((va - vb) * inv_t - mean_gap) : A(0);
-        out_b = coefficient * (prob_q - prob_p);
-      });
+  const EntryGradients<acc_t<T>> entry_grads(stats, grad_row, inv_t);
+  backward_row_sweep<kThreads, VEC>(a_row, b_row, grad_a_row, grad_b_row, vocab, entry_grads.zero(), entry_grads);
 }
 
 template <typename T, int VEC>
@@ -99,6 +115,88 @@ __global__ void __launch_bounds__(kForwardThreads)
                                       grad_b ? grad_b + row * vocab : nullptr, vocab, grad_row, result.stats, inv_t);
 }
 
+// Row-resident forward+gradient (sm_90+): a cluster of gridDim.x / rows CTAs per row, CTA `rank` holding the
+// slice [rank * kSlice, (rank + 1) * kSlice) of a and b in registers (PACKS 16-byte packs of each per thread).
+// Each CTA merges its online-softmax state, the cluster exchanges the CTA states through distributed shared
+// memory (one warp per CTA merges them in the same order everywhere, so all agree bit for bit), and the gradients
+// are written from the registers: each logit is read from memory once and nothing is read twice.  Rows need
+// 16-byte packs (can_vectorize); the launcher keeps the cluster at most kMaxClusterSize CTAs (portable size).
+// Two CTAs per multiprocessor (at most 64 registers a thread), so one CTA's loads overlap the other's merges.
+constexpr int kResidentThreads = 512;
+constexpr int kMaxClusterSize = 8;
+
+template <typename T, int PACKS>
+__global__ void __launch_bounds__(kResidentThreads, 2)
+    kd_kl_div_fwd_grad_resident_kernel(const T* __restrict__ a, const T* __restrict__ b, acc_t<T>* __restrict__ kl,
+                                       acc_t<T>* __restrict__ stats, const acc_t<T>* __restrict__ row_weight,
+                                       acc_t<T> weight, T* __restrict__ grad_a, T* __restrict__ grad_b, int64_t vocab,
+                                       int64_t stride_a, int64_t stride_b, acc_t<T> inv_t) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  using A = acc_t<T>;
+  constexpr int VEC = 16 / sizeof(T);
+  constexpr int64_t kSlice = int64_t{kResidentThreads} * PACKS * VEC;
+  namespace cg = cooperative_groups;
+  const cg::cluster_group cluster = cg::this_cluster();
+  const unsigned rank = cluster.block_rank(), ranks = cluster.num_blocks();
+  const int64_t row = blockIdx.x / ranks;
+  const T* a_row = a + row * stride_a;
+  const T* b_row = b + row * stride_b;
+  const auto entry = [&](int p) { return rank * kSlice + (int64_t{p} * kResidentThreads + threadIdx.x) * VEC; };
+
+  Pack<T, VEC> packs_a[PACKS], packs_b[PACKS];
+#pragma unroll
+  for (int p = 0; p < PACKS; ++p) {  // every load in flight before the first use
+    if (entry(p) < vocab) {
+      packs_a[p] = *reinterpret_cast<const Pack<T, VEC>*>(a_row + entry(p));
+      packs_b[p] = *reinterpret_cast<const Pack<T, VEC>*>(b_row + entry(p));
+    }
+  }
+  RowState<A> state = RowState<A>::empty();
+#pragma unroll
+  for (int p = 0; p < PACKS; ++p) {
+    if (entry(p) < vocab) {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) state.add(widen(packs_a[p].values[k]), widen(packs_b[p].values[k]), inv_t);
+    }
+  }
+  __shared__ RowState<A> warp_states[kResidentThreads / 32];
+  __shared__ RowState<A> cta_state, row_state;
+  state = block_merge<kResidentThreads>(state, inv_t, warp_states);
+  if (threadIdx.x == 0) cta_state = state;
+  cluster.sync();  // release this CTA's state, acquire the others'
+  if (threadIdx.x < 32) {  // lane r fetches CTA r's state; the warp merges them (same order in every CTA)
+    state = threadIdx.x < ranks ? *cluster.map_shared_rank(&cta_state, threadIdx.x) : RowState<A>::empty();
+    state = warp_merge(state, inv_t);
+    if (threadIdx.x == 0) row_state = state;
+  }
+  __syncthreads();
+  const RowState<A> total = row_state;
+  const RowResult<A> result = row_result(total, inv_t);
+  if (rank == 0 && threadIdx.x == 0) store_row_result(result, row, kl, stats);
+
+  const EntryGradients<A> entry_grads(result.stats, row_weight ? weight * row_weight[row] : weight, inv_t);
+  T* grad_a_row = grad_a ? grad_a + row * vocab : nullptr;
+  T* grad_b_row = grad_b ? grad_b + row * vocab : nullptr;
+#pragma unroll
+  for (int p = 0; p < PACKS; ++p) {
+    if (entry(p) >= vocab) continue;
+    Pack<T, VEC> out_a, out_b;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      A value_a = 0, value_b = 0;
+      if (!entry_grads.zero()) entry_grads(widen(packs_a[p].values[k]), widen(packs_b[p].values[k]), value_a, value_b);
+      out_a.values[k] = narrow<T>(value_a);
+      out_b.values[k] = narrow<T>(value_b);
+    }
+    if (grad_a_row) *reinterpret_cast<Pack<T, VEC>*>(grad_a_row + entry(p)) = out_a;
+    if (grad_b_row) *reinterpret_cast<Pack<T, VEC>*>(grad_b_row + entry(p)) = out_b;
+  }
+  cluster.sync();  // cta_state stays alive until every CTA of the cluster has read it
+#elif defined(__CUDA_ARCH__)
+  __trap();  // never launched: the launcher checks that the loaded binary is sm_90+
+#endif
+}
+
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kBackwardThreads)
     kd_kl_div_bwd_kernel(const acc_t<T>* __restrict__ grad_kl, const T* __restrict__ a, const T* __restrict__ b,
@@ -128,24 +226,107 @@ cudaError_t launch_fwd_typed(const void* a, const void* b, void* kl, void* stats
   return cudaGetLastError();
 }
 
+// The arguments of both forward+gradient kernels.
+template <typename T>
+struct FwdGradArgs {
+  const T* a;
+  const T* b;
+  acc_t<T>* kl;
+  acc_t<T>* stats;
+  const acc_t<T>* row_weight;
+  acc_t<T> weight;
+  T* grad_a;
+  T* grad_b;
+  int64_t vocab, stride_a, stride_b;
+  acc_t<T> inv_t;
+};
+
+// Launches `kernel` on `blocks` CTAs of `threads`, in clusters of `cluster` CTAs when cluster > 0.
+template <typename T, typename Kernel>
+cudaError_t launch_fwd_grad_kernel(Kernel kernel, int64_t blocks, int threads, unsigned cluster,
+                                   const FwdGradArgs<T>& x, cudaStream_t stream) {
+  cudaLaunchAttribute attribute = {};
+  attribute.id = cudaLaunchAttributeClusterDimension;
+  attribute.val.clusterDim.x = cluster;
+  attribute.val.clusterDim.y = 1;
+  attribute.val.clusterDim.z = 1;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(static_cast<unsigned>(blocks));
+  config.blockDim = dim3(threads);
+  config.stream = stream;
+  config.attrs = &attribute;
+  config.numAttrs = cluster > 0 ? 1 : 0;
+  return cudaLaunchKernelEx(&config, kernel, x.a, x.b, x.kl, x.stats, x.row_weight, x.weight, x.grad_a, x.grad_b,
+                            x.vocab, x.stride_a, x.stride_b, x.inv_t);
+}
+
+// Whether the code loaded for the current device is sm_90+ code (the resident kernel's body; a build for older
+// architectures alone holds only a trap there).
+template <typename Kernel>
+bool loads_sm90_code(Kernel kernel) {
+  cudaFuncAttributes attributes;
+  if (cudaFuncGetAttributes(&attributes, kernel) != cudaSuccess) {
+    (void)cudaGetLastError();  // not an error of this launch: fall back to the two-sweep kernel
+    return false;
+  }
+  return attributes.binaryVersion >= 90 && attributes.ptxVersion >= 90;
+}
+
+// The row-resident kernel with PACKS (or, when its cluster would exceed kMaxClusterSize CTAs, more) packs per
+// thread; false when no variant fits the row or this device cannot run it (nothing launched then).
+template <typename T, int PACKS>
+bool launch_resident(const FwdGradArgs<T>& x, int64_t rows, cudaStream_t stream, cudaError_t& error) {
+  constexpr int64_t kSlice = int64_t{kResidentThreads} * PACKS * (16 / sizeof(T));
+  const int64_t ranks = (x.vocab + kSlice - 1) / kSlice;
+  if (ranks > kMaxClusterSize) {
+    if constexpr (PACKS < 4) {
+      return launch_resident<T, PACKS * 2>(x, rows, stream, error);
+    } else {
+      return false;
+    }
+  }
+  const auto kernel = kd_kl_div_fwd_grad_resident_kernel<T, PACKS>;
+  if (rows * ranks > INT32_MAX || !loads_sm90_code(kernel)) return false;
+  error = launch_fwd_grad_kernel(kernel, rows * ranks, kResidentThreads, static_cast<unsigned>(ranks), x, stream);
+  if (error != cudaSuccess) {  // a cluster this device cannot schedule (e.g. a partitioned GPU)
+    (void)cudaGetLastError();
+    return false;
+  }
+  return true;
+}
+
 template <typename T>
 cudaError_t launch_fwd_grad_typed(const void* a, const void* b, void* kl, void* stats, const void* row_weight,
                                   double weight, void* grad_a, void* grad_b, int64_t rows, int64_t vocab,
-                                  int64_t stride_a, int64_t stride_b, double temperature, cudaStream_t stream) {
+                                  int64_t stride_a, int64_t stride_b, double temperature, int resident_packs,
+                                  cudaStream_t stream) {
   using A = acc_t<T>;
   if (rows == 0) return cudaSuccess;
-  const auto args = [&](auto kernel) {
-    kernel<<<rows, kForwardThreads, 0, stream>>>(
-        static_cast<const T*>(a), static_cast<const T*>(b), static_cast<A*>(kl), static_cast<A*>(stats),
-        static_cast<const A*>(row_weight), static_cast<A>(weight), static_cast<T*>(grad_a), static_cast<T*>(grad_b),
-        vocab, stride_a, stride_b, static_cast<A>(1.0 / temperature));
-  };
-  if (can_vectorize<T>(vocab, stride_a, stride_b, a, b)) {
-    args(kd_kl_div_fwd_grad_kernel<T, 16 / sizeof(T)>);
-  } else {
-    args(kd_kl_div_fwd_grad_kernel<T, 1>);
+  const FwdGradArgs<T> x{static_cast<const T*>(a), static_cast<const T*>(b), static_cast<A*>(kl),
+                         static_cast<A*>(stats), static_cast<const A*>(row_weight), static_cast<A>(weight),
+                         static_cast<T*>(grad_a), static_cast<T*>(grad_b), vocab, stride_a, stride_b,
+                         static_cast<A>(1.0 / temperature)};
+  const bool vectorized = can_vectorize<T>(vocab, stride_a, stride_b, a, b);
+  if constexpr (!std::is_same_v<T, double>) {
+    cudaError_t error = cudaSuccess;
+    const auto resident = [&] {
+      switch (resident_packs) {
+        case 1:
+          return launch_resident<T, 1>(x, rows, stream, error);
+        case 2:
+          return launch_resident<T, 2>(x, rows, stream, error);
+        case 4:
+          return launch_resident<T, 4>(x, rows, stream, error);
+        default:
+          return false;
+      }
+    };
+    if (vectorized && resident()) return error;
   }
-  return cudaGetLastError();
+  if (vectorized) {
+    return launch_fwd_grad_kernel(kd_kl_div_fwd_grad_kernel<T, 16 / sizeof(T)>, rows, kForwardThreads, 0, x, stream);
+  }
+  return launch_fwd_grad_kernel(kd_kl_div_fwd_grad_kernel<T, 1>, rows, kForwardThreads, 0, x, stream);
 }
 
 template <typename T>
@@ -185,12 +366,12 @@ cudaError_t launch_kd_kl_div_fwd(const void* a, const void* b, void* kl, void* s
 
 cudaError_t launch_kd_kl_div_fwd_grad(const void* a, const void* b, void* kl, void* stats, const void* row_weight,
                                       double weight, void* grad_a, void* grad_b, int64_t rows, int64_t vocab,
-                                      int64_t stride_a, int64_t stride_b, double temperature, LogitsType type,
-                                      cudaStream_t stream) {
+                                      int64_t stride_a, int64_t stride_b, double temperature, int resident_packs,
+                                      LogitsType type, cudaStream_t stream) {
   return dispatch_logits_type(type, [&](auto tag) {
     using T = typename decltype(tag)::type;
     return launch_fwd_grad_typed<T>(a, b, kl, stats, row_weight, weight, grad_a, grad_b, rows, vocab, stride_a,
-                                    stride_b, temperature, stream);
+                                    stride_b, temperature, resident_packs, stream);
   });
 }
 

@@ -21,11 +21,14 @@ cudaError_t launch_kd_kl_div_fwd(const void* a, const void* b, void* kl, void* s
                                  cudaStream_t stream);
 
 // Forward and gradients of sum_r g_r kl[r], g_r = weight * row_weight[r] (row_weight [rows] in the stats' type, or
-// null for all 1), in one launch; grad_a/grad_b as for the backward (either may be null).
+// null for all 1), in one launch; grad_a/grad_b as for the backward (either may be null).  resident_packs 1, 2 or 4
+// asks for the row-resident kernel (a thread-block cluster per row holding it in registers, that many 16-byte packs
+// of each input per thread, more when the row needs them), which runs on sm_90+ devices for 16-byte aligned
+// float32/16-bit rows of up to 8 CTAs' worth; 0, or a row or device it cannot take, gives the two-sweep kernel.
 cudaError_t launch_kd_kl_div_fwd_grad(const void* a, const void* b, void* kl, void* stats, const void* row_weight,
                                       double weight, void* grad_a, void* grad_b, int64_t rows, int64_t vocab,
-                                      int64_t stride_a, int64_t stride_b, double temperature, LogitsType type,
-                                      cudaStream_t stream);
+                                      int64_t stride_a, int64_t stride_b, double temperature, int resident_packs,
+                                      LogitsType type, cudaStream_t stream);
 
 // grad_kl [rows] and stats are float64 for kFloat64 logits, float32 otherwise; grad_a/grad_b are contiguous
 // [rows, vocab] of the logits' type, or null when not wanted.

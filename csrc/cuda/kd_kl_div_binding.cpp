@@ -6,6 +6,9 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <string_view>
+
 #include "cuda/kd_kl_div.cuh"
 #include "cuda/logits_binding.h"
 
@@ -41,6 +44,17 @@ std::tuple<at::Tensor, at::Tensor> kd_kl_div_bwd_cuda(const at::Tensor& grad_kl,
   return {grad_p, grad_q};
 }
 
+// Packs per thread asked of the row-resident forward+gradient kernel by MPDISTIL_KL_ROW_RESIDENT: "1", "2" or "4";
+// unset, empty or "0" for the two-sweep kernel (see launch_kd_kl_div_fwd_grad).
+int row_resident_packs() {
+  const char* value = std::getenv("MPDISTIL_KL_ROW_RESIDENT");
+  const std::string_view text = value == nullptr ? "" : value;
+  if (text.empty() || text == "0") return 0;
+  TORCH_CHECK(text == "1" || text == "2" || text == "4",
+              "MPDISTIL_KL_ROW_RESIDENT must be 0, 1, 2 or 4 (16-byte packs per thread), got '", text, "'");
+  return text[0] - '0';
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kd_kl_div_fwd_grad_cuda(
     const at::Tensor& p_logits, const at::Tensor& q_logits, double temperature,
     const std::optional<at::Tensor>& row_weight, double weight, bool need_grad_p, bool need_grad_q) {
@@ -58,7 +72,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kd_kl_div_fwd_grad_cu
       a.const_data_ptr(), b.const_data_ptr(), kl.mutable_data_ptr(), stats.mutable_data_ptr(),
       weights.defined() ? weights.const_data_ptr() : nullptr, weight,
       need_grad_p ? grad_p.mutable_data_ptr() : nullptr, need_grad_q ? grad_q.mutable_data_ptr() : nullptr, rows,
-      vocab, a.stride(0), b.stride(0), temperature, logits_type("kd_kl_div", a), c10::cuda::getCurrentCUDAStream()));
+      vocab, a.stride(0), b.stride(0), temperature, row_resident_packs(), logits_type("kd_kl_div", a),
+      c10::cuda::getCurrentCUDAStream()));
   return {kl, stats, grad_p, grad_q};
 }
 
