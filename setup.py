@@ -5,7 +5,8 @@ Environment switches
 MPDISTIL_BUILD_CUDA   "auto" (default): build the CUDA kernels when torch is a CUDA build and nvcc is found;
                       "1": require them (fail loudly otherwise); "0": skip them.
 MPDISTIL_CPU_ARCH     "avx2" (default on x86-64): AVX2+FMA vectorized CPU kernels (every x86-64 CPU since 2013);
-                      "native": ``-march=native`` (fastest on the build machine, not portable);
+                      "native": ``-march=native`` with ATen's matching AVX512/AVX2 at::vec code (fastest on the
+                      build machine, not portable);
                       "generic": no ISA flags (portable, slower).
 MPDISTIL_CUDA_ARCHS   semicolon list for TORCH_CUDA_ARCH_LIST when it is unset (default "8.0;9.0").
 """
@@ -15,6 +16,7 @@ import glob
 import os
 import platform
 import shutil
+import subprocess
 
 from setuptools import find_packages, setup
 
@@ -35,10 +37,24 @@ def _cpu_arch_flags() -> list[str]:
         # CPU_CAPABILITY selects ATen's AVX2 at::vec::Vectorized specialisation in our translation units.
         return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
     if arch == "native":
-        return ["-march=native"]
+        return ["-march=native", *_native_capability()]
     if arch == "generic":
         return []
     raise ValueError(f"MPDISTIL_CPU_ARCH must be avx2, native or generic, got {arch!r}")
+
+
+def _native_capability() -> list[str]:
+    """The CPU_CAPABILITY defines of the widest ATen at::vec specialisation that ``-march=native`` enables (AVX512
+    or AVX2); without them at::vec compiles its generic (scalar-loop) code even where the ISA is there."""
+    compiler = os.environ.get("CXX", "c++")
+    macros = subprocess.run([compiler, "-march=native", "-dM", "-E", "-x", "c++", os.devnull], capture_output=True,
+                            text=True, check=True).stdout
+    enabled = lambda *names: all(f"#define {name} " in macros for name in names)  # noqa: E731
+    if enabled("__AVX512F__", "__AVX512BW__", "__AVX512VL__", "__AVX512DQ__"):
+        return ["-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512"]
+    if enabled("__AVX2__", "__FMA__"):
+        return ["-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
+    return []
 
 
 def _want_cuda() -> bool:
