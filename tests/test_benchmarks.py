@@ -1,6 +1,6 @@
 """Smoke runs of the kernel benchmarks on tiny shapes, so the scripts the README's numbers come from keep working:
-each must finish, check that every provider computes the same loss, and write its CSV and plot (to a temporary
-directory: benchmarks/results keeps the committed runs)."""
+each must finish, check that every provider computes the same loss (the KD one: and gradient), and write its
+CSV and plot (to a temporary directory: benchmarks/results keeps the committed runs)."""
 from __future__ import annotations
 
 import csv
@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,3 +37,18 @@ def test_benchmark_script_runs(name, tmp_path):
     if name == "kd_kl_div":  # both losses, both dtypes
         assert {row["x"] for row in rows} == {"[8, 100] float32", "[8, 100] bfloat16", "[8, 100] float32 JSD",
                                               "[8, 100] bfloat16 JSD"}
+
+
+def test_kd_benchmark_drops_a_provider_with_a_wrong_gradient(monkeypatch):
+    """The KD benchmark checks the gradient each provider times, not only its loss: a provider whose loss is right
+    but whose student gradient is off is reported and left out."""
+    from benchmarks import harness
+    from benchmarks.bench_kd_kl_div import agreeing_losses, eager_loss
+
+    monkeypatch.setattr(harness, "MISMATCHES", [])
+    same_loss_wrong_grad = lambda s, t: eager_loss(s, t) - (s.sum() - s.sum().detach()) * 1e-3  # noqa: E731
+    student, teacher = torch.randn(4, 50, dtype=torch.float32), torch.randn(4, 50, dtype=torch.float32)
+    kept = agreeing_losses({"torch_eager": eager_loss, "right": eager_loss, "wrong": same_loss_wrong_grad},
+                           student, teacher, "[4, 50] float32")
+    assert set(kept) == {"torch_eager", "right"}
+    assert len(harness.MISMATCHES) == 1 and "wrong" in harness.MISMATCHES[0] and "gradient" in harness.MISMATCHES[0]
