@@ -48,6 +48,20 @@ def test_report_with_missing_parts_still_writes(tmp_path):
         write_report(tmp_path, [("tasks", {})])
 
 
+def tensorboard_events(output_dir):
+    """The TensorBoard event files that MetricsLogger wrote under ``output_dir``, loaded."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(output_dir / "tensorboard"))
+    events.Reload()
+    return events
+
+
+def tensorboard_scalars(output_dir) -> dict[str, list[tuple[int, float]]]:
+    events = tensorboard_events(output_dir)
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
 def test_metrics_logger_writes_jsonl_and_tensorboard(tmp_path):
     with MetricsLogger(tmp_path) as logger:
         logger.log("stage2", 1, {"loss": 0.5, "quiz_accuracy": torch.tensor(0.75)})
@@ -55,10 +69,7 @@ def test_metrics_logger_writes_jsonl_and_tensorboard(tmp_path):
     records = read_metrics(tmp_path)
     assert [(r["stage"], r["step"]) for r in records] == [("stage2", 1), ("stage4", 3)]
     assert records[0]["quiz_accuracy"] == 0.75 and records[1]["reward"] == 1.0
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(tmp_path / "tensorboard"))
-    events.Reload()
+    events = tensorboard_events(tmp_path)
     assert set(events.Tags()["scalars"]) == {"stage2/loss", "stage2/quiz_accuracy", "stage4/reward"}
     assert events.Scalars("stage2/quiz_accuracy")[0].value == pytest.approx(0.75)
 
@@ -84,6 +95,25 @@ def test_resume_drops_records_written_after_the_checkpoint(tmp_path):
     resumed.close()
     assert [(r["step"], r["loss"]) for r in read_metrics(tmp_path)] == [(0, 1.0), (1, 0.9), (2, 0.7)]
     assert MetricsLogger(tmp_path, tensorboard=False).records_written == 3
+
+
+def test_resume_rewrites_tensorboard_without_the_dropped_records(tmp_path):
+    """TensorBoard after a resume shows the kept records and the new ones, each step once, at its logged time."""
+    logger = MetricsLogger(tmp_path)
+    logger.log("stage1", 0, {"loss": 1.0, "acc": 0.5})
+    logger.log("stage2", 0, {"loss": 0.9, "diverged": float("nan")})
+    at_checkpoint = logger.records_written
+    logger.log("stage2", 1, {"loss": 0.8})  # dropped by the resume
+    logger.close()
+    resumed = MetricsLogger(tmp_path, keep_records=at_checkpoint)
+    resumed.log("stage2", 1, {"loss": 0.7})
+    resumed.close()
+    assert tensorboard_scalars(tmp_path) == {"stage1/loss": [(0, 1.0)], "stage1/acc": [(0, 0.5)],
+                                             "stage2/loss": [(0, pytest.approx(0.9)), (1, pytest.approx(0.7))]}
+    events = tensorboard_events(tmp_path)
+    assert events.Scalars("stage1/loss")[0].wall_time == pytest.approx(read_metrics(tmp_path)[0]["time"])
+    MetricsLogger(tmp_path).close()  # a fresh (not resumed) logger appends: nothing is rewritten
+    assert tensorboard_scalars(tmp_path)["stage2/loss"] == [(0, pytest.approx(0.9)), (1, pytest.approx(0.7))]
 
 
 def test_logger_errors_name_the_argument(tmp_path):

@@ -4,8 +4,9 @@ Rank-aware: only the main process (``is_main``) opens files; other ranks' logger
 callers never branch on the rank.  Each JSON line is ``{"stage", "step", "time", <metric>: value, ...}`` and is
 flushed as written, so a killed run keeps every record logged before the kill.  For an exact resume, store
 :attr:`MetricsLogger.records_written` in the checkpoint and pass it back as ``keep_records``: the records a killed run
-wrote after its last checkpoint are dropped, so the resumed run does not log them twice.  (TensorBoard event files are
-append-only; TensorBoard itself shows the later value of a repeated step.)
+wrote after its last checkpoint are dropped, so the resumed run does not log them twice.  TensorBoard event files are
+append-only, so a resume rewrites them from the kept records (metrics.jsonl holds every scalar TensorBoard shows, with
+its wall time): the resumed run's curves have no repeated steps either.
 """
 from __future__ import annotations
 
@@ -19,6 +20,14 @@ import torch
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_SUBDIR = "tensorboard"
+EVENTS_PATTERN = "events.out.tfevents.*"
+#: Fields of a metrics.jsonl record that are not metrics.
+RECORD_FIELDS = ("stage", "step", "time")
+
+
+def _record_metrics(record: dict[str, Any]) -> dict[str, float]:
+    """The metrics of a metrics.jsonl record (JSON writes non-finite floats as NaN/Infinity and reads them back)."""
+    return {name: float(value) for name, value in record.items() if name not in RECORD_FIELDS}
 
 
 def _scalar(name: str, value: Any) -> float:
@@ -57,7 +66,19 @@ class MetricsLogger:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(log_dir=str(self.output_dir / TENSORBOARD_SUBDIR))
+            log_dir = self.output_dir / TENSORBOARD_SUBDIR
+            if keep_records is not None:  # drop the killed run's events; the kept records are replayed below
+                for events_file in log_dir.glob(EVENTS_PATTERN):
+                    events_file.unlink()
+            self._writer = SummaryWriter(log_dir=str(log_dir))
+            if keep_records is not None:
+                for record in read_metrics(self.output_dir):
+                    self._add_scalars(record["stage"], record["step"], _record_metrics(record), record["time"])
+
+    def _add_scalars(self, stage: str, step: int, values: dict[str, float], wall_time: float) -> None:
+        for name, value in values.items():
+            if math.isfinite(value):
+                self._writer.add_scalar(f"{stage}/{name}", value, step, walltime=wall_time)
 
     def log(self, stage: str, step: int, metrics: dict[str, float]) -> None:
         """Record ``metrics`` (name -> real number or 1-element tensor) of ``stage`` at ``step``."""
@@ -73,9 +94,7 @@ class MetricsLogger:
         self._file.flush()
         self.records_written += 1
         if self._writer is not None:
-            for name, value in values.items():
-                if math.isfinite(value):
-                    self._writer.add_scalar(f"{stage}/{name}", value, step)
+            self._add_scalars(stage, step, values, record["time"])
 
     def close(self) -> None:
         """Flush and close the files (idempotent)."""
