@@ -119,6 +119,8 @@ def test_pilot_non_finite_quiz_loss_applies_no_update() -> None:
     ({"method": "implicit"}, ValueError, "method"),
     ({"max_grad_norm": 0.0}, ValueError, "max_grad_norm"),
     ({"autocast_dtype": "bf16"}, TypeError, "autocast_dtype"),
+    ({"autocast_dtype": torch.float16}, ValueError, "float16 needs loss scaling"),
+    ({"autocast_dtype": torch.float64}, ValueError, "autocast_dtype must be torch.bfloat16 or None"),
 ])
 def test_pilot_bad_arguments(kwargs, error, match) -> None:
     student, teacher, _, _ = problem(torch.float64)

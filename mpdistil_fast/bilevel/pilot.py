@@ -75,7 +75,8 @@ class PilotUpdate:
                 SGD, Adam or AdamW); ``"sgd"`` gives MetaDistil's plain step.
             inner_lr: experimental learning rate (default: the optimizer's current one, read every step).
             max_grad_norm: clip norm for the teacher's hypergradient and the student's real gradient.
-            autocast_dtype: run the losses under ``torch.autocast`` with this dtype (e.g. ``torch.bfloat16``).
+            autocast_dtype: ``torch.bfloat16`` runs the losses under ``torch.autocast`` (float16 is refused: it would
+                need loss scaling).
             epsilon: finite-difference step c (see :func:`~mpdistil_fast.bilevel.hypergradient`).
             reuse_student_forward: share the student's forward on the train batch between the pilot and the real
                 step (first-order methods): saves one student forward (0.96x -> 0.92x exact's step time in the
@@ -91,6 +92,11 @@ class PilotUpdate:
             max_grad_norm = check_positive_finite("max_grad_norm", max_grad_norm)
         if autocast_dtype is not None and not isinstance(autocast_dtype, torch.dtype):
             raise TypeError(f"autocast_dtype must be a torch.dtype or None, got {type(autocast_dtype).__name__}")
+        if autocast_dtype == torch.float16:
+            raise ValueError("autocast_dtype=torch.float16 needs loss scaling (its gradients underflow), which the "
+                             "pilot update's finite differences do not do: use torch.bfloat16")
+        if autocast_dtype not in (None, torch.bfloat16):
+            raise ValueError(f"autocast_dtype must be torch.bfloat16 or None, got {autocast_dtype}")
         self.student, self.teacher = student, teacher
         self.student_parameters = trainable_parameters(student, "student")
         self.teacher_parameters = trainable_parameters(teacher, "teacher")
