@@ -425,13 +425,13 @@ def test_gpu_backends(backend, dtype, shape):
 @gpu_test
 @pytest.mark.parametrize("packs", ["1", "2", "4"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("shape", [(5, 8), (3, 4104), (4, 32000), (2, 128256)], ids=str)
+@pytest.mark.parametrize("shape", [(5, 8), (3, 4104), (3, 4101), (4, 32000), (2, 128256)], ids=str)
 def test_gpu_row_resident_kernel(monkeypatch, packs, dtype, shape):
     """MPDISTIL_KL_ROW_RESIDENT: the cluster kernel that holds each row in registers (sm_90+) against the float64
     reference, on slices that end inside a CTA (4104 = 4096 + 8), full clusters (128256 bf16: 8 CTAs) and rows it
-    cannot take (128256 fp32 would need 16 CTAs: the two-sweep kernel runs); a masked row, -inf teacher entries, a
-    row without a distribution, both directions, the teacher's gradient.  On sm_90+ the profiler must show the
-    resident kernel wherever it fits."""
+    cannot take (4101: no 16-byte packs; 128256 fp32 would need 16 CTAs: the two-sweep kernel runs); a masked row,
+    -inf teacher entries, a row without a distribution, both directions, the teacher's gradient.  On sm_90+ the
+    profiler must show the resident kernel exactly where it fits."""
     if not available_backends("kd_kl_div", "cuda")["cuda"].available:
         pytest.skip("the cuda backend is not built")
     monkeypatch.setenv("MPDISTIL_KL_ROW_RESIDENT", packs)
@@ -444,7 +444,8 @@ def test_gpu_row_resident_kernel(monkeypatch, packs, dtype, shape):
     teacher[-1] = float("-inf")  # forward KL: no distribution in this row
     check_against_reference("cuda", student, teacher, 2.0, mask=mask, factor=factor, direction="forward")
     slice_per_cta = 512 * 4 * 16 // student.element_size()  # the largest variant's slice
-    fits = math.ceil(vocab / slice_per_cta) <= 8 and torch.cuda.get_device_capability()[0] >= 9
+    fits = (math.ceil(vocab / slice_per_cta) <= 8 and vocab % (16 // student.element_size()) == 0
+            and torch.cuda.get_device_capability()[0] >= 9)
     _, kernels = cuda_kernels(lambda: kd_kl_div(student.requires_grad_(), teacher, backend="cuda").backward())
     assert any("resident" in k.name for k in kernels) == fits, [k.name for k in kernels]
 
