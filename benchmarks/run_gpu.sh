@@ -56,7 +56,10 @@ for csv in benchmarks/results/kd_kl_div.csv benchmarks/results/hidden_mse.csv be
   [ -f "$csv" ] && $PY -c "
 import csv, sys
 for r in csv.DictReader(open(sys.argv[1])):
-    print(r['kernel_name'][:10], r['provider'][:16].ljust(16), r['mode'][:4], r['x'][:28].ljust(28), r['p50'].rjust(9), r['unit'], r['extra'][:70])
+    extra = r['extra']
+    kernels = extra.find('kernels=')  # the kernel count and time, with the fraction of copy bandwidth, when there
+    print(r['kernel_name'][:10], r['provider'][:24].ljust(24), r['mode'][:4], r['x'][:28].ljust(28), r['p50'].rjust(9), r['unit'],
+          extra[kernels:] if kernels >= 0 else extra[:70])
 " "$csv"
 done
 if [ -n "${OUT:-}" ]; then
