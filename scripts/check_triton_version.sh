@@ -16,3 +16,4 @@ python3 -m venv --system-site-packages "$VENV"
 "$VENV/bin/python" -c "import triton; print('triton', triton.__version__, 'from', triton.__file__)"
 TRITON_INTERPRET=1 "$VENV/bin/python" -m pytest -q -k triton -p no:cacheprovider \
   tests/test_kd_kl_div.py tests/test_hidden_mse.py tests/test_meta_teacher.py
+TRITON_INTERPRET=1 "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/test_grid_sync.py  # all Triton
