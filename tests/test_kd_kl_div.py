@@ -124,10 +124,13 @@ def test_jsd_every_reduction_matches_float64(backend, beta, temperature):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 def test_dtypes(backend, dtype):
+    """Per-row losses (forward kernel, then backward kernel) and a reduced loss (the gradient-in-forward kernels
+    where a backend has them) in every dtype."""
     shape = small_shape(backend)
     student, teacher = logits(*shape, dtype=dtype), logits(*shape, dtype=dtype)
     for direction in DIRECTIONS:
-        check_against_reference(backend, student, teacher, 2.0, direction=direction, reduction="none")
+        for reduction in ("none", "batchmean"):
+            check_against_reference(backend, student, teacher, 2.0, direction=direction, reduction=reduction)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -386,20 +389,32 @@ def test_bad_inputs(call, error, name):
         call(logits(4, 10), logits(4, 10))
 
 
-@pytest.mark.parametrize("backend", [b for b in backend_params("kd_kl_div")
-                                     if b.values[0] in GRAD_IN_FORWARD_BACKENDS])
-def test_gradient_computed_in_forward(backend):
+@pytest.mark.parametrize("backend, direction", [
+    pytest.param(*b.values, direction, marks=b.marks, id=f"{b.values[0]}-{direction}")
+    for direction, op in (("forward", "kd_kl_div"), ("reverse", "kd_kl_div"), ("jsd", "kd_jsd"))
+    for b in backend_params(op) if b.values[0] in GRAD_IN_FORWARD_BACKENDS[op]])
+def test_gradient_computed_in_forward(backend, direction):
     """Backends that write the gradients in forward (one read of the logits for forward + backward): the path is
     taken for reduced losses, an upstream gradient other than 1 scales them, a second backward through a retained
-    graph recomputes the same values, and create_graph gradients refuse a second differentiation."""
+    graph recomputes the same values, and create_graph gradients refuse a second differentiation.  Masked rows hold
+    NaN (they must get zero gradients), and the weighting distribution (both for the JSD, which is finite whatever
+    the supports) has zeros in part of the vocabulary."""
     student, teacher = logits(5, 37), logits(5, 37)
+    if direction != "reverse":
+        teacher[2, ::3] = float("-inf")
+    if direction != "forward":
+        student[3, 1::4] = float("-inf")
     mask = torch.tensor([True, False, True, True, False])
-    loss_fn = lambda s, t: 0.25 * kd_kl_div(s, t, 2.0, mask=mask, reduction="mean", backend=backend)  # noqa: E731
-    want = loss_and_grads(lambda s, t: 0.25 * reference(s, t, 2.0, mask=mask, reduction="mean"), student, teacher,
-                          leaf_dtype=torch.float64)
+    student[1], teacher[4] = float("nan"), float("nan")
+    options = {"beta": 0.3} if direction == "jsd" else {}
+    loss_fn = lambda s, t: 0.25 * kd_kl_div(s, t, 2.0, mask=mask, reduction="mean", direction=direction,  # noqa: E731
+                                            backend=backend, **options)
+    want = loss_and_grads(lambda s, t: 0.25 * reference(s, t, 2.0, mask=mask, reduction="mean", direction=direction,
+                                                        **options), student, teacher, leaf_dtype=torch.float64)
     s, t = student.clone().requires_grad_(), teacher.clone().requires_grad_()
     loss = loss_fn(s, t)
-    assert type(loss.grad_fn.next_functions[0][0]).__name__ == "_KlWithGradInForwardBackward"
+    assert type(loss.grad_fn.next_functions[0][0]).__name__ == "GradInForwardBackward"
+    assert_rel_close(loss, want[0], torch.float32, what="loss")
     first = torch.autograd.grad(loss, (s, t), retain_graph=True)
     second = torch.autograd.grad(loss, (s, t))
     for got in (first, second):

@@ -14,10 +14,17 @@
 //   backward: since dL/dP_i = -beta lP_i and dL/dQ_i = -(1 - beta) lQ_i, through the two softmaxes
 //             dL/da_i = g/T * P_i (-beta lP_i - L_P),   dL/db_i = g/T * Q_i (-(1 - beta) lQ_i - L_Q),
 //             in one read of each input, recomputing P, Q and the logs from the saved stats.
+//   forward+gradient (a reduced loss: g known in forward): pass 2 also keeps, in a per-thread row buffer,
+//             g/T P_i (-beta lP_i) and P_i (the same for b); once L_P, L_Q are summed, a last sweep over that buffer
+//             subtracts g/T L_P P_i and writes the gradients: the exps and logs are computed once, not twice.
 // Conventions: entries with P_i = 0 (Q_i = 0) contribute nothing to L_P (L_Q) and get a zero gradient in a (b); a
 // row whose teacher or student logits are all -inf has no pair of distributions and gives 0 and zero gradients.
 #include <ATen/ATen.h>
 #include <torch/library.h>
+
+#include <tuple>
+#include <utility>
+#include <vector>
 
 #include "cpu/softmax_rows.h"
 #include "kd_jsd_checks.h"
@@ -64,13 +71,14 @@ struct MixtureRow {
   }
 };
 
+// Pass 1: the online softmax statistics (max, sum exp((x - max)/T)) of both rows.
 template <typename scalar_t>
-void forward_row(const scalar_t* a_row, const scalar_t* b_row, int64_t vocab, acc_type_t<scalar_t> inv_t,
-                 double beta, acc_type_t<scalar_t>* jsd, acc_type_t<scalar_t>* stats) {
+std::pair<RunningSoftmax, RunningSoftmax> softmax_statistics(const scalar_t* a_row, const scalar_t* b_row,
+                                                             int64_t vocab, acc_type_t<scalar_t> inv_t) {
   using acc_t = acc_type_t<scalar_t>;
   acc_t a_buffer[kChunk], b_buffer[kChunk];
   RunningSoftmax p, q;
-  for (int64_t start = 0; start < vocab; start += kChunk) {  // pass 1: softmax statistics of both rows
+  for (int64_t start = 0; start < vocab; start += kChunk) {
     const int64_t n = std::min(kChunk, vocab - start);
     acc_t max_a, max_b;
     const acc_t* a = load_chunk_max(a_row + start, n, a_buffer, max_a);
@@ -87,35 +95,135 @@ void forward_row(const scalar_t* a_row, const scalar_t* b_row, int64_t vocab, ac
     p.sum += lane_sum(sum_a);
     q.sum += lane_sum(sum_b);
   }
-  const double log_sum_a = std::log(p.sum), log_sum_b = std::log(q.sum);
+  return {p, q};
+}
+
+// Pass 2 of a row with a pair of distributions: calls chunk_terms(start, n, terms_of_vector) per chunk, where
+// terms_of_vector(lane_op) applies lane_op(MixtureTerms, offset, count) to the chunk's vectors, and returns
+// (L_P, L_Q) = (-beta sum P lP, -(1 - beta) sum Q lQ).
+template <typename scalar_t, typename ChunkTerms>
+std::pair<double, double> mixture_losses(const scalar_t* a_row, const scalar_t* b_row, int64_t vocab,
+                                         const MixtureRow<acc_type_t<scalar_t>>& row, double beta,
+                                         const ChunkTerms& chunk_terms) {
+  using acc_t = acc_type_t<scalar_t>;
+  acc_t a_buffer[kChunk], b_buffer[kChunk];
+  const Vec<acc_t> zero(0);
   double loss_p = 0.0, loss_q = 0.0;
-  if (p.sum > 0.0 && q.sum > 0.0) {  // pass 2: the two KL terms against the mixture
-    const MixtureRow<acc_t> row(p.max, log_sum_a, q.max, log_sum_b, inv_t, beta);
-    const Vec<acc_t> zero(0);
-    for (int64_t start = 0; start < vocab; start += kChunk) {
-      const int64_t n = std::min(kChunk, vocab - start);
-      const acc_t* a = load_chunk(a_row + start, n, a_buffer);
-      const acc_t* b = load_chunk(b_row + start, n, b_buffer);
-      Vec<acc_t> sum_p(0), sum_q(0);
-      for_each_vector(a, b, n, [&](Vec<acc_t> va, Vec<acc_t> vb, int64_t, int64_t) {
+  for (int64_t start = 0; start < vocab; start += kChunk) {
+    const int64_t n = std::min(kChunk, vocab - start);
+    const acc_t* a = load_chunk(a_row + start, n, a_buffer);
+    const acc_t* b = load_chunk(b_row + start, n, b_buffer);
+    Vec<acc_t> sum_p(0), sum_q(0);
+    chunk_terms(start, n, [&](const auto& lane_op) {
+      for_each_vector(a, b, n, [&](Vec<acc_t> va, Vec<acc_t> vb, int64_t offset, int64_t count) {
         const MixtureTerms<acc_t> m = row.terms(va, vb);
         sum_p += Vec<acc_t>::blendv(m.prob_p * m.log_m_over_p, zero, m.prob_p == zero);
         sum_q += Vec<acc_t>::blendv(m.prob_q * m.log_m_over_q, zero, m.prob_q == zero);
+        lane_op(m, offset, count);
       });
-      loss_p -= lane_sum(sum_p);
-      loss_q -= lane_sum(sum_q);
-    }
-    loss_p *= beta;
-    loss_q *= 1.0 - beta;
+    });
+    loss_p -= lane_sum(sum_p);
+    loss_q -= lane_sum(sum_q);
+  }
+  return {loss_p * beta, loss_q * (1.0 - beta)};
+}
+
+// Pass 2 with no other output.
+constexpr auto kLossesOnly = [](int64_t, int64_t, const auto& sweep) { sweep([](const auto&, int64_t, int64_t) {}); };
+
+// Pass 2 (when the row has a pair of distributions; else L_P = L_Q = 0) after pass 1's statistics p, q: stores the
+// row's JSD and statistics (module comment) and returns (L_P, L_Q); chunk_terms as for mixture_losses.
+template <typename scalar_t, typename ChunkTerms>
+std::pair<double, double> losses_and_statistics(const scalar_t* a_row, const scalar_t* b_row, int64_t vocab,
+                                                acc_type_t<scalar_t> inv_t, double beta, const RunningSoftmax& p,
+                                                const RunningSoftmax& q, acc_type_t<scalar_t>* jsd,
+                                                acc_type_t<scalar_t>* stats, const ChunkTerms& chunk_terms) {
+  using acc_t = acc_type_t<scalar_t>;
+  const bool has_pair = p.sum > 0.0 && q.sum > 0.0;  // otherwise max a = -inf tells backward to write zeros
+  double loss_p = 0.0, loss_q = 0.0;
+  if (has_pair) {
+    const MixtureRow<acc_t> row(p.max, std::log(p.sum), q.max, std::log(q.sum), inv_t, beta);
+    std::tie(loss_p, loss_q) = mixture_losses(a_row, b_row, vocab, row, beta, chunk_terms);
   }
   *jsd = static_cast<acc_t>(loss_p + loss_q);
-  const bool has_pair = p.sum > 0.0 && q.sum > 0.0;  // otherwise max a = -inf tells backward to write zeros
   stats[0] = has_pair ? static_cast<acc_t>(p.max) : kNegInf<acc_t>;
-  stats[1] = static_cast<acc_t>(log_sum_a);
+  stats[1] = static_cast<acc_t>(std::log(p.sum));
   stats[2] = static_cast<acc_t>(q.max);
-  stats[3] = static_cast<acc_t>(log_sum_b);
+  stats[3] = static_cast<acc_t>(std::log(q.sum));
   stats[4] = static_cast<acc_t>(loss_p);
   stats[5] = static_cast<acc_t>(loss_q);
+  return {loss_p, loss_q};
+}
+
+template <typename scalar_t>
+void forward_row(const scalar_t* a_row, const scalar_t* b_row, int64_t vocab, acc_type_t<scalar_t> inv_t,
+                 double beta, acc_type_t<scalar_t>* jsd, acc_type_t<scalar_t>* stats) {
+  const auto [p, q] = softmax_statistics(a_row, b_row, vocab, inv_t);
+  losses_and_statistics(a_row, b_row, vocab, inv_t, beta, p, q, jsd, stats, kLossesOnly);
+}
+
+// grad[i] = partial[i] - shift * prob[i] over a row, stored as scalar_t (fp32: streamed past the cache).
+template <typename scalar_t, typename acc_t>
+void finish_gradient(acc_t* partial, const acc_t* prob, acc_t shift, int64_t vocab, scalar_t* grad_row) {
+  constexpr int64_t width = Vec<acc_t>::size();
+  const Vec<acc_t> shift_vec(shift);
+  for (int64_t start = 0; start < vocab; start += kChunk) {
+    const int64_t end = std::min(start + kChunk, vocab);
+    for (int64_t i = start; i < end; i += width) {
+      const int64_t count = std::min(width, end - i);
+      const Vec<acc_t> value = Vec<acc_t>::loadu(partial + i, count) - shift_vec * Vec<acc_t>::loadu(prob + i, count);
+      if constexpr (std::is_same_v<scalar_t, acc_t>) {
+        store_streaming(value, grad_row + i, count);
+      } else {
+        value.store(partial + i, count);
+      }
+    }
+    if constexpr (!std::is_same_v<scalar_t, acc_t>) store_chunk(partial + start, end - start, grad_row + start);
+  }
+}
+
+// Forward and gradients of one row of weight g (module comment): pass 1; pass 2 keeps g/T P (-beta lP) and P (and
+// g/T Q (-(1 - beta) lQ) and Q) in this thread's row buffer; then the gradients from it.  A masked row (g = 0) or
+// one without a pair of distributions gets its loss and zero gradients.
+template <typename scalar_t>
+void forward_grad_row(const scalar_t* a_row, const scalar_t* b_row, int64_t vocab, acc_type_t<scalar_t> inv_t,
+                      double beta, acc_type_t<scalar_t> grad_row, acc_type_t<scalar_t>* jsd,
+                      acc_type_t<scalar_t>* stats, scalar_t* grad_a_row, scalar_t* grad_b_row) {
+  using acc_t = acc_type_t<scalar_t>;
+  const auto [p, q] = softmax_statistics(a_row, b_row, vocab, inv_t);
+  if (grad_row == 0 || !(p.sum > 0.0 && q.sum > 0.0)) {
+    losses_and_statistics(a_row, b_row, vocab, inv_t, beta, p, q, jsd, stats, kLossesOnly);
+    if (grad_a_row) std::fill(grad_a_row, grad_a_row + vocab, scalar_t(0));
+    if (grad_b_row) std::fill(grad_b_row, grad_b_row + vocab, scalar_t(0));
+    return;
+  }
+  thread_local std::vector<acc_t> row_buffer;
+  row_buffer.resize(4 * vocab);
+  acc_t* const partial_a = row_buffer.data();
+  acc_t* const prob_a = partial_a + vocab;
+  acc_t* const partial_b = prob_a + vocab;
+  acc_t* const prob_b = partial_b + vocab;
+  const Vec<acc_t> zero(0);
+  const Vec<acc_t> weight_a(static_cast<acc_t>(-beta) * grad_row * inv_t);
+  const Vec<acc_t> weight_b(static_cast<acc_t>(beta - 1.0) * grad_row * inv_t);
+  const auto [loss_p, loss_q] = losses_and_statistics(
+      a_row, b_row, vocab, inv_t, beta, p, q, jsd, stats, [&](int64_t start, int64_t, const auto& sweep) {
+        sweep([&](const MixtureTerms<acc_t>& m, int64_t offset, int64_t count) {
+          if (grad_a_row) {
+            Vec<acc_t>::blendv(weight_a * m.prob_p * m.log_m_over_p, zero, m.prob_p == zero)
+                .store(partial_a + start + offset, count);
+            m.prob_p.store(prob_a + start + offset, count);
+          }
+          if (grad_b_row) {
+            Vec<acc_t>::blendv(weight_b * m.prob_q * m.log_m_over_q, zero, m.prob_q == zero)
+                .store(partial_b + start + offset, count);
+            m.prob_q.store(prob_b + start + offset, count);
+          }
+        });
+      });
+  const acc_t c = grad_row * inv_t;
+  if (grad_a_row) finish_gradient(partial_a, prob_a, static_cast<acc_t>(c * loss_p), vocab, grad_a_row);
+  if (grad_b_row) finish_gradient(partial_b, prob_b, static_cast<acc_t>(c * loss_q), vocab, grad_b_row);
 }
 
 template <typename scalar_t>
@@ -165,6 +273,22 @@ std::tuple<at::Tensor, at::Tensor> kd_jsd_fwd_cpu(const at::Tensor& teacher_logi
                          });
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kd_jsd_fwd_grad_cpu(
+    const at::Tensor& teacher_logits, const at::Tensor& student_logits, double temperature, double beta,
+    const c10::optional<at::Tensor>& row_weight, double weight, bool need_grad_teacher, bool need_grad_student) {
+  check_jsd_beta(beta);
+  static OutputCache grad_teacher_cache, grad_student_cache;
+  return rowwise_forward_grad(
+      "kd_jsd", teacher_logits, student_logits, kStatsPerRow, row_weight, weight, need_grad_teacher,
+      need_grad_student, grad_teacher_cache, grad_student_cache,
+      [&](const auto* a_row, const auto* b_row, int64_t vocab, auto g, auto* jsd, auto* stats, auto* grad_a_row,
+          auto* grad_b_row) {
+        using scalar_t = row_scalar_t<decltype(a_row)>;
+        forward_grad_row<scalar_t>(a_row, b_row, vocab, static_cast<decltype(g)>(1.0 / temperature), beta, g, jsd,
+                                   stats, grad_a_row, grad_b_row);
+      });
+}
+
 std::tuple<at::Tensor, at::Tensor> kd_jsd_bwd_cpu(const at::Tensor& grad_jsd, const at::Tensor& teacher_logits,
                                                   const at::Tensor& student_logits, const at::Tensor& stats,
                                                   double temperature, double beta, bool need_grad_teacher,
@@ -190,9 +314,15 @@ TORCH_LIBRARY_FRAGMENT(mpdistil_C, m) {
   m.def(
       "kd_jsd_bwd(Tensor grad_jsd, Tensor teacher_logits, Tensor student_logits, Tensor stats, float temperature, "
       "float beta, bool need_grad_teacher, bool need_grad_student) -> (Tensor grad_teacher, Tensor grad_student)");
+  // Forward and the gradients of sum_r weight * row_weight[r] * jsd[r] in one pass over the logits.
+  m.def(
+      "kd_jsd_fwd_grad(Tensor teacher_logits, Tensor student_logits, float temperature, float beta, "
+      "Tensor? row_weight, float weight, bool need_grad_teacher, bool need_grad_student) "
+      "-> (Tensor jsd, Tensor stats, Tensor grad_teacher, Tensor grad_student)");
 }
 
 TORCH_LIBRARY_IMPL(mpdistil_C, CPU, m) {
   m.impl("kd_jsd_fwd", &mpdistil::cpu::kd_jsd_fwd_cpu);
   m.impl("kd_jsd_bwd", &mpdistil::cpu::kd_jsd_bwd_cpu);
+  m.impl("kd_jsd_fwd_grad", &mpdistil::cpu::kd_jsd_fwd_grad_cpu);
 }

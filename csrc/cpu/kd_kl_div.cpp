@@ -157,15 +157,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kd_kl_div_fwd_grad_cp
   return rowwise_forward_grad(
       "kd_kl_div", p_logits, q_logits, kStatsPerRow, row_weight, weight, need_grad_p, need_grad_q, grad_p_cache,
       grad_q_cache,
-      [&](const auto* a_row, const auto* b_row, int64_t vocab, auto* kl, auto* stats) {
+      [&](const auto* a_row, const auto* b_row, int64_t vocab, auto g, auto* kl, auto* stats, auto* grad_a_row,
+          auto* grad_b_row) {  // the forward, then the backward while the row is in cache
         using scalar_t = row_scalar_t<decltype(a_row)>;
-        forward_row<scalar_t>(a_row, b_row, vocab, static_cast<acc_type_t<scalar_t>>(1.0 / temperature), kl, stats);
-      },
-      [&](const auto* a_row, const auto* b_row, int64_t vocab, auto g, const auto* row_stats, auto* grad_a_row,
-          auto* grad_b_row) {
-        using scalar_t = row_scalar_t<decltype(a_row)>;
-        backward_row<scalar_t>(a_row, b_row, vocab, static_cast<decltype(g)>(1.0 / temperature), g, row_stats,
-                               grad_a_row, grad_b_row);
+        const auto inv_t = static_cast<decltype(g)>(1.0 / temperature);
+        forward_row<scalar_t>(a_row, b_row, vocab, inv_t, kl, stats);
+        backward_row<scalar_t>(a_row, b_row, vocab, inv_t, g, stats, grad_a_row, grad_b_row);
       });
 }
 

@@ -148,14 +148,14 @@ std::tuple<at::Tensor, at::Tensor> rowwise_backward(const char* op, const at::Te
 }
 
 // Forward and gradients in one pass over the rows, for a loss whose row weights g_r = weight * row_weight[r] are
-// known in forward (row_weight empty: all 1): per row, forward_row (as rowwise_forward) and at once backward_row
-// (as rowwise_backward) while the row is still in this core's cache.  Returns (loss, stats, grad_a, grad_b).
-template <typename ForwardRow, typename BackwardRow>
+// known in forward (row_weight empty: all 1): in parallel over rows, forward_grad_row(a_row, b_row, vocab, g_r,
+// loss_out, stats_out, grad_a_row, grad_b_row) (arguments as for rowwise_forward and rowwise_backward), which works
+// on the row while it is in this core's cache.  Returns (loss, stats, grad_a, grad_b).
+template <typename ForwardGradRow>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rowwise_forward_grad(
     const char* op, const at::Tensor& a_logits, const at::Tensor& b_logits, int64_t stats_per_row,
     const c10::optional<at::Tensor>& row_weight, double weight, bool need_grad_a, bool need_grad_b,
-    OutputCache& grad_a_cache, OutputCache& grad_b_cache, const ForwardRow& forward_row,
-    const BackwardRow& backward_row) {
+    OutputCache& grad_a_cache, OutputCache& grad_b_cache, const ForwardGradRow& forward_grad_row) {
   check_logits(op, a_logits, b_logits);
   const at::Tensor a = unit_stride_rows(a_logits), b = unit_stride_rows(b_logits);
   const int64_t rows = a.size(0), vocab = a.size(1), a_stride = a.stride(0), b_stride = b.stride(0);
@@ -178,13 +178,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rowwise_forward_grad(
     scalar_t* grad_b_data = need_grad_b ? grad_b.mutable_data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, rows, row_grain(vocab), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
-        const scalar_t* a_row = a_data + r * a_stride;
-        const scalar_t* b_row = b_data + r * b_stride;
-        acc_t* row_stats = stats_data + r * stats_per_row;
-        forward_row(a_row, b_row, vocab, loss_data + r, row_stats);
         const acc_t g = static_cast<acc_t>(weight_data ? weight * weight_data[r] : weight);
-        backward_row(a_row, b_row, vocab, g, row_stats, grad_a_data ? grad_a_data + r * vocab : nullptr,
-                     grad_b_data ? grad_b_data + r * vocab : nullptr);
+        forward_grad_row(a_data + r * a_stride, b_data + r * b_stride, vocab, g, loss_data + r,
+                         stats_data + r * stats_per_row, grad_a_data ? grad_a_data + r * vocab : nullptr,
+                         grad_b_data ? grad_b_data + r * vocab : nullptr);
       }
       stream_fence();
     });

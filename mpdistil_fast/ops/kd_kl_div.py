@@ -14,14 +14,14 @@ Q = softmax(b / T) in one read of each input and save only per-row statistics; t
 in one more read (log P - log Q - KL = (a - b)/T - E_P[(a - b)/T]), so the teacher gradient (a trainable teacher,
 or the finite-difference hypergradient of ``mpdistil_fast.bilevel``) costs no extra pass.  For a reduced loss the
 row weights are known in forward, and ``kd_kl_div_fwd_grad`` computes the statistics and these gradients in one
-pass (:class:`_KlWithGradInForward`).  Conventions shared by every backend: entries with P = 0 (logits -inf)
+pass (:class:`~mpdistil_fast.ops.common.GradInForward`).  Conventions shared by every backend: entries with P = 0 (logits -inf)
 contribute 0; a row whose P logits are all -inf has no distribution and contributes 0 loss and 0 gradient.
 """
 from __future__ import annotations
 
 import torch
 
-from mpdistil_fast.ops.common import FusedOp, NoDoubleBackward, accumulation_dtype, call_fused, fused_kernels
+from mpdistil_fast.ops.common import FusedOp, GradInForward, accumulation_dtype, call_fused, fused_kernels
 from mpdistil_fast.ops.kd_jsd import row_jsd_fused, row_jsd_torch
 
 #: Per-row statistics saved by the fused forward: max a, log sum exp((a - max a) / T), the same two for b, and
@@ -115,10 +115,13 @@ def row_kl_fused(student: torch.Tensor, teacher: torch.Tensor, temperature: floa
 # ---------------------------------------------------------------------------------------------------------------
 # Gradient in the forward pass: one read of the logits from memory for forward + backward of a reduced loss.
 # ---------------------------------------------------------------------------------------------------------------
-#: Fused backends whose kernels can compute the gradient together with the loss (``kd_kl_div_fwd_grad``): all
-#: three (measured: 1.0-1.1x on the 2-core CPU, where exp dominates; on H200s the cuda bf16 [2048, 32000] step
-#: went from 0.76 to 0.45 ms wall clock, two runs on two machines).
-GRAD_IN_FORWARD_BACKENDS = frozenset({"cpp", "triton", "cuda"})
+#: Per fused op, the backends whose kernels compute the gradient together with the loss (``<op>_fwd_grad``, used
+#: through :class:`~mpdistil_fast.ops.common.GradInForward`).  KL: all three (measured: 1.0-1.1x on the 2-core
+#: CPU, where exp dominates; on H200s the cuda bf16 [2048, 32000] step went from 0.76 to 0.45 ms wall clock, two
+#: runs on two machines).  JSD: cpp, whose forward keeps the per-entry terms of the gradient in a row buffer so the
+#: exps and logs are computed once instead of twice.
+GRAD_IN_FORWARD_BACKENDS: dict[str, frozenset[str]] = {"kd_kl_div": frozenset({"cpp", "triton", "cuda"}),
+                                                       "kd_jsd": frozenset({"cpp"})}
 
 
 def _denominator(reduction: str, valid_rows, vocab: int):
@@ -138,48 +141,6 @@ def row_weights(mask: torch.Tensor | None, reduction: str, scale: float, vocab: 
     if reduction == "sum":
         return scale, valid
     return scale, valid / _denominator(reduction, valid.sum().clamp(min=1), vocab)
-
-
-class _KlWithGradInForward(torch.autograd.Function):
-    """A reduced KL loss whose fused forward also writes the gradients (``kd_kl_div_fwd_grad``), so forward +
-    backward read each logit from memory once (Liger-Kernel computes its gradients in forward too).
-
-    Backward hands them out, scaled in place only when the incoming gradient is not 1 (which costs one host sync,
-    as in Liger); a second backward through the same graph (``retain_graph=True``) recomputes them with the
-    regular backward kernel from the saved statistics.  The precomputed gradients hold one [N, V] buffer per
-    differentiable input between forward and backward."""
-
-    @staticmethod
-    def forward(ctx, a, b, temperature, weight, row_weight, reduce, backend):
-        kernels = fused_kernels(backend, "kd_kl_div")
-        need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        row_kl, stats, grad_a, grad_b = kernels.kd_kl_div_fwd_grad(a, b, temperature, row_weight, weight, need_a,
-                                                                   need_b)
-        ctx.save_for_backward(a, b, stats, row_weight)
-        ctx.precomputed = (grad_a, grad_b)
-        ctx.kernels, ctx.temperature, ctx.weight = kernels, temperature, weight
-        return reduce(row_kl)
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        a, b, stats, row_weight = ctx.saved_tensors
-        need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if ctx.precomputed is None:  # a second backward: recompute from the statistics
-            grad_rows = torch.full((a.shape[0],), ctx.weight, dtype=stats.dtype, device=a.device)
-            grad_rows = grad_rows * row_weight if row_weight is not None else grad_rows
-            grad_a, grad_b = ctx.kernels.kd_kl_div_bwd(grad_rows * grad_loss.detach(), a, b, stats,
-                                                       ctx.temperature, need_a, need_b)
-        else:
-            (grad_a, grad_b), ctx.precomputed = ctx.precomputed, None
-            if grad_loss.item() != 1.0:
-                for grad in (grad_a, grad_b):
-                    if grad.numel():
-                        grad.mul_(grad_loss.detach().to(grad.dtype))
-        grads = [grad_a if need_a else None, grad_b if need_b else None]
-        anchors = [t for t in (a, b, grad_loss) if t.requires_grad]
-        if torch.is_grad_enabled() and anchors:  # create_graph=True: these gradients refuse a second differentiation
-            grads = [None if g is None else NoDoubleBackward.apply(g, "kd_kl_div", *anchors) for g in grads]
-        return (*grads, None, None, None, None, None)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -213,6 +174,7 @@ def kd_kl_div_op(student: torch.Tensor, teacher: torch.Tensor, temperature: floa
     vocab = student.shape[-1]
     student_rows, teacher_rows = student.reshape(-1, vocab), teacher.reshape(-1, vocab)
     scale = temperature * temperature if scale_by_t2 else 1.0
+    op = "kd_jsd" if direction == "jsd" else "kd_kl_div"
     if backend == "torch":
         if mask is not None:  # masked rows are not read: whatever they hold (NaN) gets no gradient
             keep = mask.reshape(-1, 1)
@@ -221,15 +183,18 @@ def kd_kl_div_op(student: torch.Tensor, teacher: torch.Tensor, temperature: floa
             row_loss = row_jsd_torch(student_rows, teacher_rows, temperature, beta)
         else:
             row_loss = row_kl_torch(student_rows, teacher_rows, temperature, direction == "reverse")
-    elif direction == "jsd":
-        row_loss = row_jsd_fused(student_rows, teacher_rows, temperature, beta, backend)
-    elif (backend in GRAD_IN_FORWARD_BACKENDS and reduction != "none" and torch.is_grad_enabled()
+    elif (backend in GRAD_IN_FORWARD_BACKENDS[op] and reduction != "none" and torch.is_grad_enabled()
           and (student.requires_grad or teacher.requires_grad) and not torch.compiler.is_compiling()):
         weight, row_weight = row_weights(mask, reduction, scale, vocab, student_rows.shape[0],
                                          accumulation_dtype(student.dtype))
-        a, b = _weighting_first(student_rows, teacher_rows, direction == "reverse")
-        reduce = lambda row_kl: reduce_rows(row_kl, mask, reduction, scale, vocab, student.shape[:-1])  # noqa: E731
-        return _KlWithGradInForward.apply(a, b, temperature, weight, row_weight, reduce, backend)
+        if direction == "jsd":  # the kernels' argument order: teacher, student, then (T, beta)
+            a, b, loss_args = teacher_rows, student_rows, (temperature, beta)
+        else:
+            (a, b), loss_args = _weighting_first(student_rows, teacher_rows, direction == "reverse"), (temperature,)
+        reduce = lambda row_loss: reduce_rows(row_loss, mask, reduction, scale, vocab, student.shape[:-1])  # noqa: E731
+        return GradInForward.apply(a, b, op, loss_args, weight, row_weight, reduce, backend)
+    elif direction == "jsd":
+        row_loss = row_jsd_fused(student_rows, teacher_rows, temperature, beta, backend)
     else:
         row_loss = row_kl_fused(student_rows, teacher_rows, temperature, direction == "reverse", backend)
     return reduce_rows(row_loss, mask, reduction, scale, vocab, student.shape[:-1])
