@@ -4,8 +4,9 @@ for the formulas).
 One program per row.  Forward: an online-softmax sweep over blocks of both rows (max, then one rescale of the
 running sums), then a second sweep for L_P = -beta sum P lP and L_Q = -(1 - beta) sum Q lQ, lP = log(M / P),
 lQ = log(M / Q), M = beta P + (1 - beta) Q, both logs taken from d = log P - log Q without forming M.  Backward: one
-more read, dJSD/da = g/T * P (-beta lP - L_P), dJSD/db = g/T * Q (-(1 - beta) lQ - L_Q).  a = teacher, b = student
-logits; fp32 accumulation (fp64 for fp64 inputs).
+more read, dJSD/da = g/T * P (-beta lP - L_P), dJSD/db = g/T * Q (-(1 - beta) lQ - L_Q).  ``kd_jsd_fwd_grad`` does
+both in one launch when the row weights g are known in forward (a reduced loss).  a = teacher, b = student logits;
+fp32 accumulation (fp64 for fp64 inputs).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import triton
 import triton.language as tl
 
 from mpdistil_fast.kernels.kd_kl_div import (_block, _gradients, _online_softmax_block, _row_outputs, _this_row,
-                                             _unit_stride_rows)
+                                             _unit_stride_rows, launch_forward_grad)
 
 STATS_PER_ROW = 6
 
@@ -35,17 +36,16 @@ def _mixture_logs(a, b, max_a, log_sum_a, max_b, log_sum_b, inv_t, beta):
 
 
 @triton.jit
-def _kd_jsd_fwd_kernel(a_ptr, b_ptr, jsd_ptr, stats_ptr, vocab, stride_a, stride_b, temperature, beta,
-                       BLOCK: tl.constexpr, IS_FP64: tl.constexpr):
+def _jsd_row_statistics(a_row, b_row, vocab, inv_t, beta, BLOCK: tl.constexpr, IS_FP64: tl.constexpr):
+    """(L_P, L_Q, max a, log_sum_a, max b, log_sum_b, has_pair) of one row: sweep 1 (softmax statistics of both
+    rows), sweep 2 (the two KL terms against the mixture); L_P = L_Q = 0 for a row without both distributions."""
     acc_dtype = tl.float64 if IS_FP64 else tl.float32
-    row, a_row, b_row, inv_t = _this_row(a_ptr, b_ptr, stride_a, stride_b, temperature, IS_FP64)
-    beta = tl.zeros([], acc_dtype) + beta
     neg_inf = float("-inf")
     max_a = tl.full([], neg_inf, acc_dtype)
     max_b = tl.full([], neg_inf, acc_dtype)
     sum_a = tl.full([], 0.0, acc_dtype)
     sum_b = tl.full([], 0.0, acc_dtype)
-    for start in range(0, vocab, BLOCK):  # sweep 1: softmax statistics of both rows
+    for start in range(0, vocab, BLOCK):
         offsets = start + tl.arange(0, BLOCK)
         inside = offsets < vocab
         a = tl.load(a_row + offsets, mask=inside, other=neg_inf).to(acc_dtype)
@@ -56,7 +56,7 @@ def _kd_jsd_fwd_kernel(a_ptr, b_ptr, jsd_ptr, stats_ptr, vocab, stride_a, stride
     has_pair = (sum_a > 0) & (sum_b > 0)
     loss_p = tl.full([], 0.0, acc_dtype)
     loss_q = tl.full([], 0.0, acc_dtype)
-    for start in range(0, vocab, BLOCK):  # sweep 2: the two KL terms against the mixture
+    for start in range(0, vocab, BLOCK):
         offsets = start + tl.arange(0, BLOCK)
         inside = offsets < vocab
         a = tl.load(a_row + offsets, mask=inside, other=neg_inf).to(acc_dtype)
@@ -65,11 +65,16 @@ def _kd_jsd_fwd_kernel(a_ptr, b_ptr, jsd_ptr, stats_ptr, vocab, stride_a, stride
                                                                    inv_t, beta)
         loss_p -= tl.sum(tl.where(prob_p > 0, prob_p * log_m_over_p, 0.0), axis=0)
         loss_q -= tl.sum(tl.where(prob_q > 0, prob_q * log_m_over_q, 0.0), axis=0)
-    loss_p = tl.where(has_pair, loss_p * beta, 0.0)  # a row without both distributions counts 0
+    loss_p = tl.where(has_pair, loss_p * beta, 0.0)
     loss_q = tl.where(has_pair, loss_q * (1.0 - beta), 0.0)
+    return loss_p, loss_q, max_a, log_sum_a, max_b, log_sum_b, has_pair
+
+
+@triton.jit
+def _store_jsd_row(jsd_ptr, stats_ptr, row, loss_p, loss_q, max_a, log_sum_a, max_b, log_sum_b, has_pair):
     tl.store(jsd_ptr + row, loss_p + loss_q)
     stats_row = stats_ptr + row * 6
-    tl.store(stats_row + 0, tl.where(has_pair, max_a, neg_inf))  # -inf: backward writes zeros
+    tl.store(stats_row + 0, tl.where(has_pair, max_a, float("-inf")))  # -inf: the gradients are zeros
     tl.store(stats_row + 1, log_sum_a)
     tl.store(stats_row + 2, max_b)
     tl.store(stats_row + 3, log_sum_b)
@@ -78,21 +83,14 @@ def _kd_jsd_fwd_kernel(a_ptr, b_ptr, jsd_ptr, stats_ptr, vocab, stride_a, stride
 
 
 @triton.jit
-def _kd_jsd_bwd_kernel(grad_jsd_ptr, a_ptr, b_ptr, stats_ptr, grad_a_ptr, grad_b_ptr, vocab, stride_a, stride_b,
-                       temperature, beta, BLOCK: tl.constexpr, IS_FP64: tl.constexpr, NEED_GRAD_A: tl.constexpr,
-                       NEED_GRAD_B: tl.constexpr):
+def _jsd_row_gradients(a_row, b_row, grad_a_row, grad_b_row, vocab, inv_t, beta, grad_row, max_a, log_sum_a, max_b,
+                       log_sum_b, loss_p, loss_q, BLOCK: tl.constexpr, IS_FP64: tl.constexpr,
+                       NEED_GRAD_A: tl.constexpr, NEED_GRAD_B: tl.constexpr):
+    """Write grad_row * dJSD/da and grad_row * dJSD/db of one row (one more read of a and b); max_a = -inf marks a
+    row without both distributions."""
     acc_dtype = tl.float64 if IS_FP64 else tl.float32
-    row, a_row, b_row, inv_t = _this_row(a_ptr, b_ptr, stride_a, stride_b, temperature, IS_FP64)
-    beta = tl.zeros([], acc_dtype) + beta
-    stats_row = stats_ptr + row * 6
-    max_a = tl.load(stats_row + 0).to(acc_dtype)
-    log_sum_a = tl.load(stats_row + 1).to(acc_dtype)
-    max_b = tl.load(stats_row + 2).to(acc_dtype)
-    log_sum_b = tl.load(stats_row + 3).to(acc_dtype)
-    loss_p = tl.load(stats_row + 4).to(acc_dtype)
-    loss_q = tl.load(stats_row + 5).to(acc_dtype)
     # Masked rows (g = 0) and rows without a pair of distributions get exactly zero gradients.
-    coefficient = tl.where(max_a > float("-inf"), tl.load(grad_jsd_ptr + row).to(acc_dtype) * inv_t, 0.0)
+    coefficient = tl.where(max_a > float("-inf"), grad_row * inv_t, 0.0)
     for start in range(0, vocab, BLOCK):
         offsets = start + tl.arange(0, BLOCK)
         inside = offsets < vocab
@@ -103,11 +101,56 @@ def _kd_jsd_bwd_kernel(grad_jsd_ptr, a_ptr, b_ptr, stats_ptr, grad_a_ptr, grad_b
         if NEED_GRAD_A:
             grad_a = coefficient * prob_p * (-beta * log_m_over_p - loss_p)
             grad_a = tl.where(coefficient != 0, tl.where(prob_p > 0, grad_a, 0.0), 0.0)
-            tl.store(grad_a_ptr + row * vocab + offsets, grad_a.to(grad_a_ptr.dtype.element_ty), mask=inside)
+            tl.store(grad_a_row + offsets, grad_a.to(grad_a_row.dtype.element_ty), mask=inside)
         if NEED_GRAD_B:
             grad_b = coefficient * prob_q * (-(1.0 - beta) * log_m_over_q - loss_q)
             grad_b = tl.where(coefficient != 0, tl.where(prob_q > 0, grad_b, 0.0), 0.0)
-            tl.store(grad_b_ptr + row * vocab + offsets, grad_b.to(grad_b_ptr.dtype.element_ty), mask=inside)
+            tl.store(grad_b_row + offsets, grad_b.to(grad_b_row.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _kd_jsd_fwd_kernel(a_ptr, b_ptr, jsd_ptr, stats_ptr, vocab, stride_a, stride_b, temperature, beta,
+                       BLOCK: tl.constexpr, IS_FP64: tl.constexpr):
+    row, a_row, b_row, inv_t = _this_row(a_ptr, b_ptr, stride_a, stride_b, temperature, IS_FP64)
+    beta = tl.zeros([], tl.float64 if IS_FP64 else tl.float32) + beta
+    loss_p, loss_q, max_a, log_sum_a, max_b, log_sum_b, has_pair = _jsd_row_statistics(a_row, b_row, vocab, inv_t,
+                                                                                       beta, BLOCK, IS_FP64)
+    _store_jsd_row(jsd_ptr, stats_ptr, row, loss_p, loss_q, max_a, log_sum_a, max_b, log_sum_b, has_pair)
+
+
+@triton.jit
+def _kd_jsd_bwd_kernel(grad_jsd_ptr, a_ptr, b_ptr, stats_ptr, grad_a_ptr, grad_b_ptr, vocab, stride_a, stride_b,
+                       temperature, beta, BLOCK: tl.constexpr, IS_FP64: tl.constexpr, NEED_GRAD_A: tl.constexpr,
+                       NEED_GRAD_B: tl.constexpr):
+    acc_dtype = tl.float64 if IS_FP64 else tl.float32
+    row, a_row, b_row, inv_t = _this_row(a_ptr, b_ptr, stride_a, stride_b, temperature, IS_FP64)
+    beta = tl.zeros([], acc_dtype) + beta
+    stats_row = stats_ptr + row * 6
+    _jsd_row_gradients(a_row, b_row, grad_a_ptr + row * vocab, grad_b_ptr + row * vocab, vocab, inv_t, beta,
+                       tl.load(grad_jsd_ptr + row).to(acc_dtype), tl.load(stats_row + 0).to(acc_dtype),
+                       tl.load(stats_row + 1).to(acc_dtype), tl.load(stats_row + 2).to(acc_dtype),
+                       tl.load(stats_row + 3).to(acc_dtype), tl.load(stats_row + 4).to(acc_dtype),
+                       tl.load(stats_row + 5).to(acc_dtype), BLOCK, IS_FP64, NEED_GRAD_A, NEED_GRAD_B)
+
+
+@triton.jit
+def _kd_jsd_fwd_grad_kernel(a_ptr, b_ptr, jsd_ptr, stats_ptr, row_weight_ptr, weight, grad_a_ptr, grad_b_ptr, vocab,
+                            stride_a, stride_b, temperature, beta, BLOCK: tl.constexpr, IS_FP64: tl.constexpr,
+                            HAS_ROW_WEIGHT: tl.constexpr, NEED_GRAD_A: tl.constexpr, NEED_GRAD_B: tl.constexpr):
+    """Forward and gradients in one launch for the row weight ``weight * row_weight[row]``: the row's statistics,
+    then at once its gradients (the row's later reads come from L2, just read)."""
+    acc_dtype = tl.float64 if IS_FP64 else tl.float32
+    row, a_row, b_row, inv_t = _this_row(a_ptr, b_ptr, stride_a, stride_b, temperature, IS_FP64)
+    beta = tl.zeros([], acc_dtype) + beta
+    loss_p, loss_q, max_a, log_sum_a, max_b, log_sum_b, has_pair = _jsd_row_statistics(a_row, b_row, vocab, inv_t,
+                                                                                       beta, BLOCK, IS_FP64)
+    _store_jsd_row(jsd_ptr, stats_ptr, row, loss_p, loss_q, max_a, log_sum_a, max_b, log_sum_b, has_pair)
+    grad_row = tl.zeros([], acc_dtype) + weight
+    if HAS_ROW_WEIGHT:
+        grad_row = grad_row * tl.load(row_weight_ptr + row).to(acc_dtype)
+    _jsd_row_gradients(a_row, b_row, grad_a_ptr + row * vocab, grad_b_ptr + row * vocab, vocab, inv_t, beta,
+                       grad_row, tl.where(has_pair, max_a, float("-inf")), log_sum_a, max_b, log_sum_b, loss_p,
+                       loss_q, BLOCK, IS_FP64, NEED_GRAD_A, NEED_GRAD_B)
 
 
 def kd_jsd_fwd(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float,
@@ -135,3 +178,12 @@ def kd_jsd_bwd(grad_jsd: torch.Tensor, teacher_logits: torch.Tensor, student_log
                                     IS_FP64=a.dtype == torch.float64, NEED_GRAD_A=need_grad_teacher,
                                     NEED_GRAD_B=need_grad_student, num_warps=8)
     return grad_a, grad_b
+
+
+def kd_jsd_fwd_grad(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float, beta: float,
+                    row_weight: torch.Tensor | None, weight: float, need_grad_teacher: bool,
+                    need_grad_student: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(per-row JSD, statistics, grad_teacher, grad_student) in one launch: the gradients of sum_r w_r JSD_r with
+    w_r = weight * row_weight[r] (``row_weight`` None: all 1), empty where not needed."""
+    return launch_forward_grad(_kd_jsd_fwd_grad_kernel, teacher_logits, student_logits, STATS_PER_ROW,
+                               (temperature, beta), row_weight, weight, need_grad_teacher, need_grad_student)

@@ -200,18 +200,26 @@ def kd_kl_div_fwd_grad(p_logits: torch.Tensor, q_logits: torch.Tensor, temperatu
                        need_grad_q: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(per-row KL, statistics, grad_p, grad_q) in one launch: the gradients of sum_r w_r KL_r with
     w_r = weight * row_weight[r] (``row_weight`` None: all 1), empty where not needed."""
-    a, b = _unit_stride_rows(p_logits), _unit_stride_rows(q_logits)
+    return launch_forward_grad(_kd_kl_div_fwd_grad_kernel, p_logits, q_logits, STATS_PER_ROW, (temperature,),
+                               row_weight, weight, need_grad_p, need_grad_q)
+
+
+def launch_forward_grad(kernel, a_logits: torch.Tensor, b_logits: torch.Tensor, stats_per_row: int,
+                        loss_args: tuple, row_weight: torch.Tensor | None, weight: float, need_grad_a: bool,
+                        need_grad_b: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run a forward+gradient ``kernel`` (KL or JSD: arguments a, b, loss, stats, row_weight, weight, grad_a,
+    grad_b, vocab, stride_a, stride_b, *loss_args, then the constexprs) with one program per row; returns (per-row
+    loss, statistics, grad_a, grad_b).  A float argument reaches a kernel as float32, so for float64 logits a
+    weight other than 1 travels in float64 row weights instead."""
+    a, b = _unit_stride_rows(a_logits), _unit_stride_rows(b_logits)
     rows, vocab = a.shape
-    is_fp64, kl, stats = _row_outputs(a, STATS_PER_ROW)
-    grad_p, grad_q = _gradients(a, need_grad_p, need_grad_q)
-    if is_fp64 and weight != 1.0:  # a float argument reaches the kernel as float32: carry the weight in float64
-        row_weight = torch.full((rows,), weight, dtype=kl.dtype, device=a.device) * (
-            1.0 if row_weight is None else row_weight)
-        weight = 1.0
+    is_fp64, loss, stats = _row_outputs(a, stats_per_row)
+    grad_a, grad_b = _gradients(a, need_grad_a, need_grad_b)
+    if is_fp64 and weight != 1.0:
+        row_weight, weight = torch.full_like(loss, weight) * (1.0 if row_weight is None else row_weight), 1.0
     if rows:
-        _kd_kl_div_fwd_grad_kernel[(rows,)](a, b, kl, stats, kl if row_weight is None else row_weight.contiguous(),
-                                            weight, grad_p, grad_q, vocab, a.stride(0), b.stride(0), temperature,
-                                            BLOCK=_block(vocab), IS_FP64=is_fp64,
-                                            HAS_ROW_WEIGHT=row_weight is not None, NEED_GRAD_A=need_grad_p,
-                                            NEED_GRAD_B=need_grad_q, num_warps=8)
-    return kl, stats, grad_p, grad_q
+        kernel[(rows,)](a, b, loss, stats, loss if row_weight is None else row_weight.contiguous(), weight, grad_a,
+                        grad_b, vocab, a.stride(0), b.stride(0), *loss_args, BLOCK=_block(vocab), IS_FP64=is_fp64,
+                        HAS_ROW_WEIGHT=row_weight is not None, NEED_GRAD_A=need_grad_a, NEED_GRAD_B=need_grad_b,
+                        num_warps=8)
+    return loss, stats, grad_a, grad_b

@@ -119,9 +119,10 @@ def row_kl_fused(student: torch.Tensor, teacher: torch.Tensor, temperature: floa
 #: through :class:`~mpdistil_fast.ops.common.GradInForward`).  KL: all three (measured: 1.0-1.1x on the 2-core
 #: CPU, where exp dominates; on H200s the cuda bf16 [2048, 32000] step went from 0.76 to 0.45 ms wall clock, two
 #: runs on two machines).  JSD: cpp, whose forward keeps the per-entry terms of the gradient in a row buffer so the
-#: exps and logs are computed once instead of twice.
+#: exps and logs are computed once instead of twice (2x on the 2-core CPU), and triton (one launch; not yet timed
+#: on a GPU).
 GRAD_IN_FORWARD_BACKENDS: dict[str, frozenset[str]] = {"kd_kl_div": frozenset({"cpp", "triton", "cuda"}),
-                                                       "kd_jsd": frozenset({"cpp"})}
+                                                       "kd_jsd": frozenset({"cpp", "triton"})}
 
 
 def _denominator(reduction: str, valid_rows, vocab: int):
