@@ -81,8 +81,10 @@ def main() -> None:
                      {"torch.compile": lambda: compiled_eager(h_t, h_s, w1, b1, w2, b2, labels)}),
                   **{name: fused_loss(name) for name in fused}}
         values = {name: fn().item() for name, fn in losses.items()}  # every provider computes the same loss
-        kept = harness.agreeing(values, values["eager"], 1e-4, label, atol=1e-4)
-        losses = {name: losses[name] for name in kept}
+        errors = harness.gradient_errors(losses, leaves, "eager")  # ... and the same gradients
+        kept = (set(harness.agreeing(values, values["eager"], 1e-4, label, atol=1e-4))
+                & set(harness.agreeing(errors, 0.0, 0.0, f"{label} gradient error", atol=1e-4)))
+        losses = {name: fn for name, fn in losses.items() if name in kept}
         profiles = {name: kernel_profile(fn, leaves) for name, fn in losses.items()} if device.type == "cuda" else {}
         for mode in ("forward", "full"):
             providers = {name: (fn if mode == "forward" else (lambda fn=fn: torch.autograd.grad(fn(), leaves)))

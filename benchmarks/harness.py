@@ -125,6 +125,17 @@ def agreeing(values: Mapping[str, float], reference: float, rtol: float, label: 
     return kept
 
 
+def gradient_errors(losses: Mapping[str, Callable[[], torch.Tensor]], leaves: Sequence[torch.Tensor],
+                    reference: str) -> dict[str, float]:
+    """Relative norm error of each provider's gradient with respect to ``leaves`` (all of them, concatenated)
+    against the ``reference`` provider's: what :func:`agreeing` checks next to the loss (with ``atol``)."""
+    def flat_gradient(loss_fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+        return torch.cat([g.reshape(-1).double() for g in torch.autograd.grad(loss_fn(), leaves)])
+
+    want = flat_gradient(losses[reference])
+    return {name: ((flat_gradient(fn) - want).norm() / want.norm()).item() for name, fn in losses.items()}
+
+
 def exit_status() -> int:
     """1 when a provider computed a wrong loss (its rows are missing), else 0."""
     for line in MISMATCHES:

@@ -52,3 +52,15 @@ def test_kd_benchmark_drops_a_provider_with_a_wrong_gradient(monkeypatch):
                            student, teacher, "[4, 50] float32")
     assert set(kept) == {"torch_eager", "right"}
     assert len(harness.MISMATCHES) == 1 and "wrong" in harness.MISMATCHES[0] and "gradient" in harness.MISMATCHES[0]
+
+
+def test_gradient_errors_flag_a_provider_whose_gradient_is_off():
+    """harness.gradient_errors (the hidden-MSE and meta-teacher benchmarks' gradient check) compares every leaf."""
+    from benchmarks import harness
+
+    x, w = torch.randn(6, requires_grad=True), torch.randn(6, requires_grad=True)
+    losses = {"eager": lambda: (x * w).sum(),
+              "same": lambda: (w * x).sum(),
+              "w_off": lambda: (x * w).sum() + 1e-2 * (w.sum() - w.sum().detach())}
+    errors = harness.gradient_errors(losses, [x, w], "eager")
+    assert errors["eager"] == 0.0 and errors["same"] < 1e-12 and errors["w_off"] > 1e-3
