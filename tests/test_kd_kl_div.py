@@ -492,10 +492,11 @@ def test_gpu_backends_jsd(backend, dtype, shape):
 @pytest.mark.parametrize("backend", backend_params("kd_kl_div", "cuda"))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("reduction", ["batchmean", "sum"])
-def test_gpu_backends_reduced(backend, dtype, reduction):
+@pytest.mark.parametrize("direction", ["forward", "jsd"])
+def test_gpu_backends_reduced(backend, dtype, reduction, direction):
     """Reduced losses on CUDA tensors (the backends that compute the gradient in forward take that path here)."""
     student, teacher = logits(67, 32001, dtype=dtype).cuda(), logits(67, 32001, dtype=dtype).cuda()
     mask = torch.rand(67, device="cuda") > 0.3
     teacher[:, ::5] = float("-inf")
-    check_against_reference(backend, student, teacher, 2.0, reduction=reduction, mask=mask,
-                            factor=1.0 if dtype == torch.float32 else 2.0)
+    check_against_reference(backend, student, teacher, 2.0, reduction=reduction, mask=mask, direction=direction,
+                            factor=1.0 if dtype == torch.float32 else 2.0, **({"beta": 0.3} if direction == "jsd" else {}))
