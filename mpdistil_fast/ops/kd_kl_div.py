@@ -14,8 +14,9 @@ Q = softmax(b / T) in one read of each input and save only per-row statistics; t
 in one more read (log P - log Q - KL = (a - b)/T - E_P[(a - b)/T]), so the teacher gradient (a trainable teacher,
 or the finite-difference hypergradient of ``mpdistil_fast.bilevel``) costs no extra pass.  For a reduced loss the
 row weights are known in forward, and ``kd_kl_div_fwd_grad`` computes the statistics and these gradients in one
-pass (:class:`~mpdistil_fast.ops.common.GradInForward`).  Conventions shared by every backend: entries with P = 0 (logits -inf)
-contribute 0; a row whose P logits are all -inf has no distribution and contributes 0 loss and 0 gradient.
+pass (:class:`~mpdistil_fast.ops.common.GradInForward`).  Conventions shared by every backend: entries with P = 0
+(logits -inf) contribute 0; a row whose P logits are all -inf has no distribution and contributes 0 loss and 0
+gradient.
 """
 from __future__ import annotations
 
