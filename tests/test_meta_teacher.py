@@ -13,8 +13,9 @@ from tests.helpers import assert_rel_close, backend_params, gpu_backend_params, 
 BACKENDS = backend_params("meta_teacher_loss")
 
 
-def reference(h_t, h_s, params, labels, mode, projection):
-    """Float64 loss written out with explicit softmax, log-sum-exp and the erf GELU."""
+def reference(h_t, h_s, params, labels, mode, projection, choices=None):
+    """Float64 loss written out with explicit softmax, log-sum-exp and the erf GELU; with ``choices`` the rows are
+    the choices of consecutive examples, each scored by D's single output."""
     w1, b1, w2, b2 = params
     if projection is not None:
         h_s = h_s @ projection[0].T + projection[1]
@@ -32,6 +33,8 @@ def reference(h_t, h_s, params, labels, mode, projection):
         return (lse - z_y).mean(), (z_y - lse).exp().mean()
 
     z_t, z_s = discriminator(h_t), discriminator(h_s)
+    if choices is not None:
+        z_t, z_s = z_t.reshape(-1, choices), z_s.reshape(-1, choices)
     (ce_t, p_t), (ce_s, p_s) = ce_and_gold(z_t), ce_and_gold(z_s)
     loss = 0.5 * ce_t + 0.5 * ce_s if mode == "collaborative" else ce_t - p_t + p_s
     return loss, z_t, z_s
@@ -155,6 +158,40 @@ def test_module_interface(backend):
     assert torch.allclose(mt.logits(h_t), out.teacher_logits, atol=1e-5)
     assert mt.logits(h_t).requires_grad
     assert mpdistil_fast.MetaTeacher(8, 2, student_features=8).student_projection is None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["collaborative", "competitive"])
+@pytest.mark.parametrize("hidden,student_width", [(None, None), (6, 8)])
+def test_multiple_choice_scores_each_choice(backend, mode, hidden, student_width):
+    """MetaTeacher(multiple_choice=True) on [B, C, H] (COPA): D scores every choice with its one output (block-
+    diagonal copies inside the fused op); loss, logits and every parameter's gradient as the float64 per-choice
+    reference."""
+    torch.manual_seed(3)
+    batch, choices, width = 5, 3, 12
+    mt = mpdistil_fast.MetaTeacher(width, choices, hidden=hidden, student_features=student_width, backend=backend,
+                                   multiple_choice=True)
+    h_t, h_s = torch.randn(batch, choices, width), torch.randn(batch, choices, student_width or width)
+    labels = torch.tensor([0, 2, 1, 1, 0])
+    out = mt(h_t, h_s, labels, mode=mode)
+    names = [name for name, _ in mt.named_parameters()]
+    grads = dict(zip(names, torch.autograd.grad(out.loss, list(mt.parameters()))))
+    p64 = {name: p.detach().double().requires_grad_() for name, p in mt.named_parameters()}
+    no_bias = torch.zeros(1, dtype=torch.float64)  # the scorer has no output bias
+    params = ([p64["hidden.weight"], p64["hidden.bias"], p64["classifier.weight"], no_bias] if hidden
+              else [p64["classifier.weight"], no_bias, None, None])
+    projection = (p64["student_projection.weight"], p64["student_projection.bias"]) if student_width else None
+    loss, z_t, z_s = reference(h_t.double().reshape(batch * choices, -1), h_s.double().reshape(batch * choices, -1),
+                               params, labels, mode, projection, choices=choices)
+    want = dict(zip(names, torch.autograd.grad(loss, [p64[name] for name in names])))
+    assert out.teacher_logits.shape == (batch, choices) and mt.logits(h_t).shape == (batch, choices)
+    assert_rel_close(out.loss, loss, torch.float32, what="loss")
+    assert_rel_close(out.teacher_logits, z_t, torch.float32, what="teacher logits")
+    assert_rel_close(mt.logits(h_s), z_s, torch.float32, what="student logits")
+    for name in names:
+        assert_rel_close(grads[name], want[name], torch.float32, what=name)
+    with pytest.raises(ValueError, match=r"h_teacher must be \[B, 3, H\]"):
+        mt(h_t[:, :2], h_s[:, :2], labels)
 
 
 def test_hidden_states_without_grad_get_none():

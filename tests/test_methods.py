@@ -161,8 +161,9 @@ def test_meta_teacher_and_curriculum_stages(tmp_path, teacher_dir, data_dir):
     run.teacher.eval().requires_grad_(False)
     run.begin_stage("meta_teacher")
     stages.meta_teacher_stage(run)
-    assert set(run.meta_teachers) == {"cb", "rte"}  # COPA (multiple choice) has no meta-teacher
-    assert "meta_teacher" in run.state["results"]["cb"] and "copa" not in run.state["results"]
+    assert set(run.meta_teachers) == {"cb", "copa", "rte"}  # COPA's scores each choice
+    assert run.meta_teachers["copa"].multiple_choice and not run.meta_teachers["cb"].multiple_choice
+    assert all("meta_teacher" in run.state["results"][task] for task in ("cb", "copa"))
     run.end_stage("meta_teacher")
 
     steps = []

@@ -11,8 +11,8 @@ Stage 4, curriculum: see :mod:`.curriculum`; the reward compares the student wit
 
     binary: r = 1[acc_quiz(student) > acc_quiz(meta-teacher)],     real: r = acc_quiz(student) - acc_quiz(meta-teacher)
 
-Multiple-choice tasks (COPA) have no meta-teacher (a choice scorer has no class logits to discriminate); their
-student steps distil from the teacher's logits.
+Multiple-choice tasks (COPA) get a meta-teacher that scores each choice's pooled representation
+(``MetaTeacher(multiple_choice=True)``); its logits over the choices play the role of the class logits.
 """
 from __future__ import annotations
 
@@ -26,12 +26,13 @@ from mpdistil_fast.data import task_spec
 
 
 def build_meta_teachers(config, tasks: Iterable[str], teacher_hidden: int, student_hidden: int) -> nn.ModuleDict:
-    """One :class:`mpdistil_fast.MetaTeacher` per classification task (module docstring)."""
+    """One :class:`mpdistil_fast.MetaTeacher` per task (a choice scorer for multiple-choice tasks)."""
     project = student_hidden != teacher_hidden
     return nn.ModuleDict({
         task: mpdistil_fast.MetaTeacher(teacher_hidden, task_spec(task).num_labels, hidden=config.meta_teacher.hidden,
-                                        student_features=student_hidden if project else None)
-        for task in tasks if not task_spec(task).multiple_choice})
+                                        student_features=student_hidden if project else None,
+                                        multiple_choice=task_spec(task).multiple_choice)
+        for task in tasks})
 
 
 def reward(student_accuracy: float, meta_teacher_accuracy: float, kind: str) -> float:

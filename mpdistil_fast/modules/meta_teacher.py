@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from torch import Tensor, nn
 
 from mpdistil_fast.functional.meta_teacher_loss import MetaTeacherOutput, meta_teacher_logits, meta_teacher_loss
@@ -17,37 +18,72 @@ class MetaTeacher(nn.Module):
     inside the fused op.  ``forward`` returns a :class:`MetaTeacherOutput` (``.loss``, ``.teacher_logits``,
     ``.student_logits``); :meth:`logits` scores one representation differentiably.  ``validate_labels=False``
     skips the label-range check (see :func:`mpdistil_fast.meta_teacher_loss`).
+
+    ``multiple_choice=True`` (a task such as COPA, whose ``num_labels`` choices each have their own pooled
+    representation, inputs ``[B, num_labels, H]``): D scores each choice with one output and no output bias,
+    ``z_c = D(h_c)``, and the logits over an example's choices are ``[B, num_labels]``.  The fused op runs unchanged on the choices
+    concatenated, ``[B, C * H]``, with block-diagonal copies of D's layers (``I_C kron W``; GELU is elementwise, so
+    this is D applied to each choice), and its gradients flow back to the one shared D.
     """
 
     def __init__(self, in_features: int, num_labels: int, hidden: Optional[int] = None,
-                 student_features: Optional[int] = None, backend: str = "auto", validate_labels: bool = True) -> None:
+                 student_features: Optional[int] = None, backend: str = "auto", validate_labels: bool = True,
+                 multiple_choice: bool = False) -> None:
         super().__init__()
         self.in_features, self.num_labels, self.hidden_features = in_features, num_labels, hidden
+        self.multiple_choice = multiple_choice
         self.hidden = nn.Linear(in_features, hidden) if hidden is not None else None
-        self.classifier = nn.Linear(hidden if hidden is not None else in_features, num_labels)
+        # A choice scorer has one output and no bias (adding one score to every choice changes no softmax).
+        self.classifier = nn.Linear(hidden if hidden is not None else in_features, 1 if multiple_choice else num_labels,
+                                    bias=not multiple_choice)
         needs_projection = student_features is not None and student_features != in_features
         self.student_projection = nn.Linear(student_features, in_features) if needs_projection else None
         self.backend, self.validate_labels = backend, validate_labels
 
+    def _per_example(self, layer: nn.Linear) -> tuple[Tensor, Tensor]:
+        """(weight, bias) of ``layer``, for multiple choice as one block per choice (``I_C kron W``, b repeated;
+        zeros for the scorer's missing bias)."""
+        if not self.multiple_choice:
+            return layer.weight, layer.bias
+        weight = layer.weight
+        eye = torch.eye(self.num_labels, dtype=weight.dtype, device=weight.device)
+        bias = layer.bias if layer.bias is not None else weight.new_zeros(weight.shape[0])
+        return torch.kron(eye, weight), bias.repeat(self.num_labels)
+
     def _params(self) -> tuple:
         if self.hidden is None:
-            return self.classifier.weight, self.classifier.bias
-        return (self.hidden.weight, self.classifier.weight), (self.hidden.bias, self.classifier.bias)
+            return self._per_example(self.classifier)
+        (w1, b1), (w2, b2) = self._per_example(self.hidden), self._per_example(self.classifier)
+        return (w1, w2), (b1, b2)
+
+    def _hidden_width(self) -> Optional[int]:
+        if self.hidden_features is None:
+            return None
+        return self.hidden_features * (self.num_labels if self.multiple_choice else 1)
 
     def _projection(self) -> Optional[tuple[Tensor, Tensor]]:
-        proj = self.student_projection
-        return None if proj is None else (proj.weight, proj.bias)
+        return None if self.student_projection is None else self._per_example(self.student_projection)
+
+    def _rows(self, name: str, h: Tensor) -> Tensor:
+        """``h`` as the fused op's rows: for multiple choice ``[B, C, H]`` -> ``[B, C * H]``."""
+        if not self.multiple_choice:
+            return h
+        if h.dim() != 3 or h.shape[1] != self.num_labels:
+            raise ValueError(f"{name} must be [B, {self.num_labels}, H] (one representation per choice), got shape "
+                             f"{tuple(h.shape)}")
+        return h.reshape(h.shape[0], -1)
 
     def forward(self, h_teacher: Tensor, h_student: Tensor, labels: Tensor,
                 mode: str = "collaborative") -> MetaTeacherOutput:
         weight, bias = self._params()
-        return meta_teacher_loss(h_teacher, h_student, weight, bias, labels, mode=mode, hidden=self.hidden_features,
-                                 student_projection=self._projection(), return_logits=True,
-                                 validate_labels=self.validate_labels, backend=self.backend)
+        return meta_teacher_loss(self._rows("h_teacher", h_teacher), self._rows("h_student", h_student), weight, bias,
+                                 labels, mode=mode, hidden=self._hidden_width(), student_projection=self._projection(),
+                                 return_logits=True, validate_labels=self.validate_labels, backend=self.backend)
 
     def logits(self, h: Tensor) -> Tensor:
-        """D(h) for one ``[B, H]`` representation; a student state of width ``student_features`` is projected."""
+        """D(h) for one ``[B, H]`` representation (multiple choice: ``[B, C, H]`` -> ``[B, C]``); a student state of
+        width ``student_features`` is projected."""
         projection = self._projection() if self.student_projection is not None and \
             h.shape[-1] == self.student_projection.in_features else None
         weight, bias = self._params()
-        return meta_teacher_logits(h, weight, bias, hidden=self.hidden_features, projection=projection)
+        return meta_teacher_logits(self._rows("h", h), weight, bias, hidden=self._hidden_width(), projection=projection)
