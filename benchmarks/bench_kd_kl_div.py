@@ -96,13 +96,17 @@ RESIDENT_PACKS = ("1", "2", "4")
 
 def row_resident(loss_fn: LossFn, packs: str) -> LossFn:
     """``loss_fn`` with MPDISTIL_KL_ROW_RESIDENT=packs (the cuda backend's row-resident cluster kernel) for the
-    duration of each call."""
+    duration of each call (the setting before it is restored after)."""
     def call(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        before = os.environ.get("MPDISTIL_KL_ROW_RESIDENT")
         os.environ["MPDISTIL_KL_ROW_RESIDENT"] = packs
         try:
             return loss_fn(student, teacher)
         finally:
-            del os.environ["MPDISTIL_KL_ROW_RESIDENT"]
+            if before is None:
+                del os.environ["MPDISTIL_KL_ROW_RESIDENT"]
+            else:
+                os.environ["MPDISTIL_KL_ROW_RESIDENT"] = before
     return call
 
 
