@@ -7,14 +7,17 @@
 //             One read of each input: chunks of kChunk elements, online max/rescale between chunks, vectorised exp.
 //   backward: with g the row's upstream coefficient, since log P_i - log Q_i - kl = (a_i - b_i)/T - E_P[(a - b)/T],
 //             dkl/da_i = g/T * P_i ((a_i - b_i)/T - E_P[(a - b)/T]),   dkl/db_i = g/T * (Q_i - P_i),
-//             both in one read of each input, recomputing P and Q from the saved stats.  Keeping E_P[(a - b)/T]
-//             (not kl) avoids cancelling two large numbers: with one-hot P the teacher gradient is exactly 0 even
-//             for logits of size 1e4.
+//             both in one read of each input, recomputing P and Q from the saved stats (the forward+gradient of a
+//             reduced loss instead keeps the forward's exps in a per-thread row buffer: no exp in its gradient sweep).
+//             Keeping E_P[(a - b)/T] (not kl) avoids cancelling two large numbers: with one-hot P the teacher
+//             gradient is exactly 0 even for logits of size 1e4.
 // The caller maps student/teacher to (a, b): forward KL(p_t || p_s) has a = teacher, b = student; reverse swaps them.
 // Conventions: entries with P_i = 0 (a_i = -inf) contribute exactly 0; a row whose a is all -inf has no distribution
 // and gives kl = 0 and zero gradients (like a masked row); rows with g == 0 get zero gradients without reading.
 #include <ATen/ATen.h>
 #include <torch/library.h>
+
+#include <vector>
 
 #include "cpu/softmax_rows.h"
 
@@ -23,9 +26,31 @@ namespace {
 
 constexpr int kStatsPerRow = 5;  // max_a, log_sum_a, max_b, log_sum_b, mean_gap = E_P[(a - b)/T]
 
+// What the forward+gradient keeps of a row's forward (in a per-thread buffer) so that its gradient sweep computes
+// no exponential: e_i = exp((x_i - s_c)/T) of both rows, and per chunk c the running max s_c it used (-inf: every
+// entry so far was -inf, so the chunk's e_i are 0).  Then P_i = e_i * exp((s_c - max a)/T - log_sum_a), same for Q.
+template <typename acc_t>
+struct RowExps {
+  std::vector<acc_t> exp_a, exp_b;
+  std::vector<double> shift_a, shift_b;
+
+  // This thread's buffers, sized for rows of `vocab` entries.
+  static RowExps& for_row(int64_t vocab) {
+    thread_local RowExps buffers;
+    const int64_t chunks = (vocab + kChunk - 1) / kChunk;
+    buffers.exp_a.resize(vocab);
+    buffers.exp_b.resize(vocab);
+    buffers.shift_a.resize(chunks);
+    buffers.shift_b.resize(chunks);
+    return buffers;
+  }
+};
+
+// The forward of one row (module comment); keeps its exps in `exps` when not null.
 template <typename scalar_t>
 void forward_row(const scalar_t* a_row, const scalar_t* b_row, int64_t vocab, acc_type_t<scalar_t> inv_t,
-                 acc_type_t<scalar_t>* kl, acc_type_t<scalar_t>* stats) {
+                 acc_type_t<scalar_t>* kl, acc_type_t<scalar_t>* stats,
+                 RowExps<acc_type_t<scalar_t>>* exps = nullptr) {
   using acc_t = acc_type_t<scalar_t>;
   acc_t a_buffer[kChunk], b_buffer[kChunk];
   RunningSoftmax p, q;
@@ -40,12 +65,21 @@ void forward_row(const scalar_t* a_row, const scalar_t* b_row, int64_t vocab, ac
     const Vec<acc_t> shift_a(static_cast<acc_t>(p.shift())), shift_b(static_cast<acc_t>(q.shift()));
     const Vec<acc_t> scale_log2(inv_t * kLog2e), zero(0);
     Vec<acc_t> sum_a(0), sum_b(0), cross_ab(0);
-    for_each_vector(a, b, n, [&](Vec<acc_t> va, Vec<acc_t> vb, int64_t, int64_t) {
+    if (exps) {
+      exps->shift_a[start / kChunk] = p.max;
+      exps->shift_b[start / kChunk] = q.max;
+    }
+    for_each_vector(a, b, n, [&](Vec<acc_t> va, Vec<acc_t> vb, int64_t offset, int64_t count) {
       const Vec<acc_t> ea = vec_exp2((va - shift_a) * scale_log2);  // exp((a - max a) / T)
+      const Vec<acc_t> eb = vec_exp2((vb - shift_b) * scale_log2);
       sum_a += ea;
-      sum_b += vec_exp2((vb - shift_b) * scale_log2);
+      sum_b += eb;
       // P_i = 0 contributes 0 (also when a_i - b_i is infinite or NaN from -inf - -inf).
       cross_ab += Vec<acc_t>::blendv(ea * (va - vb), zero, ea == zero);
+      if (exps) {
+        ea.store(exps->exp_a.data() + start + offset, count);
+        eb.store(exps->exp_b.data() + start + offset, count);
+      }
     });
     p.sum += lane_sum(sum_a);
     q.sum += lane_sum(sum_b);
@@ -70,10 +104,12 @@ void forward_row(const scalar_t* a_row, const scalar_t* b_row, int64_t vocab, ac
   stats[4] = static_cast<acc_t>(mean_gap);
 }
 
+// The gradients of one row (module comment); P and Q from the forward's kept exps when `exps` is not null, else
+// recomputed from the statistics.
 template <typename scalar_t>
 void backward_row(const scalar_t* a_row, const scalar_t* b_row, int64_t vocab, acc_type_t<scalar_t> inv_t,
                   acc_type_t<scalar_t> grad_row, const acc_type_t<scalar_t>* stats,
-                  scalar_t* grad_a_row, scalar_t* grad_b_row) {
+                  scalar_t* grad_a_row, scalar_t* grad_b_row, const RowExps<acc_type_t<scalar_t>>* exps = nullptr) {
   using acc_t = acc_type_t<scalar_t>;
   constexpr bool kConvertOut = !std::is_same_v<scalar_t, acc_t>;
   if (grad_row == 0 || !std::isfinite(stats[0])) {  // masked row, or no distribution P: zero gradients
@@ -108,14 +144,25 @@ void backward_row(const scalar_t* a_row, const scalar_t* b_row, int64_t vocab, a
         store_streaming(v, dst, count);
       }
     };
+    // P = e * exp((s_c - max a)/T - log_sum_a) from the kept exps (0 for a chunk whose entries were all -inf).
+    const auto chunk_factor = [&](const std::vector<double>& shifts, int stat) {
+      const double shift = shifts[start / kChunk];
+      return Vec<acc_t>(std::isfinite(shift) ? static_cast<acc_t>(std::exp((shift - stats[stat]) * inv_t -
+                                                                            stats[stat + 1]))
+                                             : acc_t(0));
+    };
+    const Vec<acc_t> factor_a = exps ? chunk_factor(exps->shift_a, 0) : zero;
+    const Vec<acc_t> factor_b = exps ? chunk_factor(exps->shift_b, 2) : zero;
     for_each_vector(a, b, n, [&](Vec<acc_t> va, Vec<acc_t> vb, int64_t offset, int64_t count) {
-      const Vec<acc_t> prob_p = vec_exp2(at::vec::fmsub(va - max_a, scale_log2, log2_sum_a));
+      const Vec<acc_t> prob_p = exps ? Vec<acc_t>::loadu(exps->exp_a.data() + start + offset, count) * factor_a
+                                     : vec_exp2(at::vec::fmsub(va - max_a, scale_log2, log2_sum_a));
       if (grad_a) {
         const Vec<acc_t> da = coefficient * prob_p * ((va - vb) * scale - mean_gap);
         store(Vec<acc_t>::blendv(da, zero, prob_p == zero), grad_a + offset, count);
       }
       if (grad_b) {
-        const Vec<acc_t> prob_q = vec_exp2(at::vec::fmsub(vb - max_b, scale_log2, log2_sum_b));
+        const Vec<acc_t> prob_q = exps ? Vec<acc_t>::loadu(exps->exp_b.data() + start + offset, count) * factor_b
+                                       : vec_exp2(at::vec::fmsub(vb - max_b, scale_log2, log2_sum_b));
         store(coefficient * (prob_q - prob_p), grad_b + offset, count);
       }
     });
@@ -158,11 +205,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kd_kl_div_fwd_grad_cp
       "kd_kl_div", p_logits, q_logits, kStatsPerRow, row_weight, weight, need_grad_p, need_grad_q, grad_p_cache,
       grad_q_cache,
       [&](const auto* a_row, const auto* b_row, int64_t vocab, auto g, auto* kl, auto* stats, auto* grad_a_row,
-          auto* grad_b_row) {  // the forward, then the backward while the row is in cache
+          auto* grad_b_row) {  // the forward, then the gradients from its kept exps while the row is in cache
         using scalar_t = row_scalar_t<decltype(a_row)>;
         const auto inv_t = static_cast<decltype(g)>(1.0 / temperature);
-        forward_row<scalar_t>(a_row, b_row, vocab, inv_t, kl, stats);
-        backward_row<scalar_t>(a_row, b_row, vocab, inv_t, g, stats, grad_a_row, grad_b_row);
+        auto& exps = RowExps<decltype(g)>::for_row(vocab);
+        forward_row<scalar_t>(a_row, b_row, vocab, inv_t, kl, stats, &exps);
+        backward_row<scalar_t>(a_row, b_row, vocab, inv_t, g, stats, grad_a_row, grad_b_row, &exps);
       });
 }
 
