@@ -37,8 +37,9 @@ def _mixture_logs(a, b, max_a, log_sum_a, max_b, log_sum_b, inv_t, beta):
 
 @triton.jit
 def _jsd_row_statistics(a_row, b_row, vocab, inv_t, beta, BLOCK: tl.constexpr, IS_FP64: tl.constexpr):
-    """(L_P, L_Q, max a, log_sum_a, max b, log_sum_b, has_pair) of one row: sweep 1 (softmax statistics of both
-    rows), sweep 2 (the two KL terms against the mixture); L_P = L_Q = 0 for a row without both distributions."""
+    """(L_P, L_Q, max a, log_sum_a, max b, log_sum_b) of one row: sweep 1 (softmax statistics of both rows), sweep 2
+    (the two KL terms against the mixture).  A row without both distributions gives L_P = L_Q = 0 and max a = -inf,
+    which tells the gradients to be zeros."""
     acc_dtype = tl.float64 if IS_FP64 else tl.float32
     neg_inf = float("-inf")
     max_a = tl.full([], neg_inf, acc_dtype)
@@ -67,14 +68,14 @@ def _jsd_row_statistics(a_row, b_row, vocab, inv_t, beta, BLOCK: tl.constexpr, I
         loss_q -= tl.sum(tl.where(prob_q > 0, prob_q * log_m_over_q, 0.0), axis=0)
     loss_p = tl.where(has_pair, loss_p * beta, 0.0)
     loss_q = tl.where(has_pair, loss_q * (1.0 - beta), 0.0)
-    return loss_p, loss_q, max_a, log_sum_a, max_b, log_sum_b, has_pair
+    return loss_p, loss_q, tl.where(has_pair, max_a, neg_inf), log_sum_a, max_b, log_sum_b
 
 
 @triton.jit
-def _store_jsd_row(jsd_ptr, stats_ptr, row, loss_p, loss_q, max_a, log_sum_a, max_b, log_sum_b, has_pair):
+def _store_jsd_row(jsd_ptr, stats_ptr, row, loss_p, loss_q, max_a, log_sum_a, max_b, log_sum_b):
     tl.store(jsd_ptr + row, loss_p + loss_q)
     stats_row = stats_ptr + row * 6
-    tl.store(stats_row + 0, tl.where(has_pair, max_a, float("-inf")))  # -inf: the gradients are zeros
+    tl.store(stats_row + 0, max_a)
     tl.store(stats_row + 1, log_sum_a)
     tl.store(stats_row + 2, max_b)
     tl.store(stats_row + 3, log_sum_b)
@@ -113,9 +114,9 @@ def _kd_jsd_fwd_kernel(a_ptr, b_ptr, jsd_ptr, stats_ptr, vocab, stride_a, stride
                        BLOCK: tl.constexpr, IS_FP64: tl.constexpr):
     row, a_row, b_row, inv_t = _this_row(a_ptr, b_ptr, stride_a, stride_b, temperature, IS_FP64)
     beta = tl.zeros([], tl.float64 if IS_FP64 else tl.float32) + beta
-    loss_p, loss_q, max_a, log_sum_a, max_b, log_sum_b, has_pair = _jsd_row_statistics(a_row, b_row, vocab, inv_t,
-                                                                                       beta, BLOCK, IS_FP64)
-    _store_jsd_row(jsd_ptr, stats_ptr, row, loss_p, loss_q, max_a, log_sum_a, max_b, log_sum_b, has_pair)
+    loss_p, loss_q, max_a, log_sum_a, max_b, log_sum_b = _jsd_row_statistics(a_row, b_row, vocab, inv_t, beta,
+                                                                             BLOCK, IS_FP64)
+    _store_jsd_row(jsd_ptr, stats_ptr, row, loss_p, loss_q, max_a, log_sum_a, max_b, log_sum_b)
 
 
 @triton.jit
@@ -142,15 +143,15 @@ def _kd_jsd_fwd_grad_kernel(a_ptr, b_ptr, jsd_ptr, stats_ptr, row_weight_ptr, we
     acc_dtype = tl.float64 if IS_FP64 else tl.float32
     row, a_row, b_row, inv_t = _this_row(a_ptr, b_ptr, stride_a, stride_b, temperature, IS_FP64)
     beta = tl.zeros([], acc_dtype) + beta
-    loss_p, loss_q, max_a, log_sum_a, max_b, log_sum_b, has_pair = _jsd_row_statistics(a_row, b_row, vocab, inv_t,
-                                                                                       beta, BLOCK, IS_FP64)
-    _store_jsd_row(jsd_ptr, stats_ptr, row, loss_p, loss_q, max_a, log_sum_a, max_b, log_sum_b, has_pair)
+    loss_p, loss_q, max_a, log_sum_a, max_b, log_sum_b = _jsd_row_statistics(a_row, b_row, vocab, inv_t, beta,
+                                                                             BLOCK, IS_FP64)
+    _store_jsd_row(jsd_ptr, stats_ptr, row, loss_p, loss_q, max_a, log_sum_a, max_b, log_sum_b)
     grad_row = tl.zeros([], acc_dtype) + weight
     if HAS_ROW_WEIGHT:
         grad_row = grad_row * tl.load(row_weight_ptr + row).to(acc_dtype)
     _jsd_row_gradients(a_row, b_row, grad_a_ptr + row * vocab, grad_b_ptr + row * vocab, vocab, inv_t, beta,
-                       grad_row, tl.where(has_pair, max_a, float("-inf")), log_sum_a, max_b, log_sum_b, loss_p,
-                       loss_q, BLOCK, IS_FP64, NEED_GRAD_A, NEED_GRAD_B)
+                       grad_row, max_a, log_sum_a, max_b, log_sum_b, loss_p, loss_q, BLOCK, IS_FP64, NEED_GRAD_A,
+                       NEED_GRAD_B)
 
 
 def kd_jsd_fwd(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float,

@@ -14,6 +14,7 @@
 #include <limits>
 #include <mutex>
 #include <type_traits>
+#include <vector>
 
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
 #include <immintrin.h>
@@ -169,6 +170,15 @@ inline void store_chunk(const acc_t* values, int64_t n, scalar_t* dst) {
   }
 }
 
+
+// This thread's scratch array of at least `n` elements of T in slot kSlot, kept between calls (a row loop allocates
+// once): the row buffers of the forward+gradient kernels.
+template <typename T, int kSlot = 0>
+inline T* thread_scratch(int64_t n) {
+  thread_local std::vector<T> buffer;
+  if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(n);
+  return buffer.data();
+}
 
 // Sum of a vector's lanes.
 template <typename acc_t>

@@ -24,7 +24,6 @@
 
 #include <tuple>
 #include <utility>
-#include <vector>
 
 #include "cpu/softmax_rows.h"
 #include "kd_jsd_checks.h"
@@ -140,16 +139,17 @@ std::pair<double, double> losses_and_statistics(const scalar_t* a_row, const sca
                                                 acc_type_t<scalar_t>* stats, const ChunkTerms& chunk_terms) {
   using acc_t = acc_type_t<scalar_t>;
   const bool has_pair = p.sum > 0.0 && q.sum > 0.0;  // otherwise max a = -inf tells backward to write zeros
+  const double log_sum_a = std::log(p.sum), log_sum_b = std::log(q.sum);
   double loss_p = 0.0, loss_q = 0.0;
   if (has_pair) {
-    const MixtureRow<acc_t> row(p.max, std::log(p.sum), q.max, std::log(q.sum), inv_t, beta);
+    const MixtureRow<acc_t> row(p.max, log_sum_a, q.max, log_sum_b, inv_t, beta);
     std::tie(loss_p, loss_q) = mixture_losses(a_row, b_row, vocab, row, beta, chunk_terms);
   }
   *jsd = static_cast<acc_t>(loss_p + loss_q);
   stats[0] = has_pair ? static_cast<acc_t>(p.max) : kNegInf<acc_t>;
-  stats[1] = static_cast<acc_t>(std::log(p.sum));
+  stats[1] = static_cast<acc_t>(log_sum_a);
   stats[2] = static_cast<acc_t>(q.max);
-  stats[3] = static_cast<acc_t>(std::log(q.sum));
+  stats[3] = static_cast<acc_t>(log_sum_b);
   stats[4] = static_cast<acc_t>(loss_p);
   stats[5] = static_cast<acc_t>(loss_q);
   return {loss_p, loss_q};
@@ -197,9 +197,7 @@ void forward_grad_row(const scalar_t* a_row, const scalar_t* b_row, int64_t voca
     if (grad_b_row) std::fill(grad_b_row, grad_b_row + vocab, scalar_t(0));
     return;
   }
-  thread_local std::vector<acc_t> row_buffer;
-  row_buffer.resize(4 * vocab);
-  acc_t* const partial_a = row_buffer.data();
+  acc_t* const partial_a = thread_scratch<acc_t>(4 * vocab);
   acc_t* const prob_a = partial_a + vocab;
   acc_t* const partial_b = prob_a + vocab;
   acc_t* const prob_b = partial_b + vocab;

@@ -17,8 +17,6 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
-#include <vector>
-
 #include "cpu/softmax_rows.h"
 
 namespace mpdistil::cpu {
@@ -31,18 +29,15 @@ constexpr int kStatsPerRow = 5;  // max_a, log_sum_a, max_b, log_sum_b, mean_gap
 // entry so far was -inf, so the chunk's e_i are 0).  Then P_i = e_i * exp((s_c - max a)/T - log_sum_a), same for Q.
 template <typename acc_t>
 struct RowExps {
-  std::vector<acc_t> exp_a, exp_b;
-  std::vector<double> shift_a, shift_b;
+  acc_t *exp_a, *exp_b;
+  double *shift_a, *shift_b;
 
-  // This thread's buffers, sized for rows of `vocab` entries.
-  static RowExps& for_row(int64_t vocab) {
-    thread_local RowExps buffers;
+  // This thread's buffers (thread_scratch) for rows of `vocab` entries.
+  static RowExps for_row(int64_t vocab) {
     const int64_t chunks = (vocab + kChunk - 1) / kChunk;
-    buffers.exp_a.resize(vocab);
-    buffers.exp_b.resize(vocab);
-    buffers.shift_a.resize(chunks);
-    buffers.shift_b.resize(chunks);
-    return buffers;
+    acc_t* exps = thread_scratch<acc_t>(2 * vocab);
+    double* shifts = thread_scratch<double, 1>(2 * chunks);
+    return {exps, exps + vocab, shifts, shifts + chunks};
   }
 };
 
@@ -77,8 +72,8 @@ void forward_row(const scalar_t* a_row, const scalar_t* b_row, int64_t vocab, ac
       // P_i = 0 contributes 0 (also when a_i - b_i is infinite or NaN from -inf - -inf).
       cross_ab += Vec<acc_t>::blendv(ea * (va - vb), zero, ea == zero);
       if (exps) {
-        ea.store(exps->exp_a.data() + start + offset, count);
-        eb.store(exps->exp_b.data() + start + offset, count);
+        ea.store(exps->exp_a + start + offset, count);
+        eb.store(exps->exp_b + start + offset, count);
       }
     });
     p.sum += lane_sum(sum_a);
@@ -145,7 +140,7 @@ void backward_row(const scalar_t* a_row, const scalar_t* b_row, int64_t vocab, a
       }
     };
     // P = e * exp((s_c - max a)/T - log_sum_a) from the kept exps (0 for a chunk whose entries were all -inf).
-    const auto chunk_factor = [&](const std::vector<double>& shifts, int stat) {
+    const auto chunk_factor = [&](const double* shifts, int stat) {
       const double shift = shifts[start / kChunk];
       return Vec<acc_t>(std::isfinite(shift) ? static_cast<acc_t>(std::exp((shift - stats[stat]) * inv_t -
                                                                             stats[stat + 1]))
@@ -154,14 +149,14 @@ void backward_row(const scalar_t* a_row, const scalar_t* b_row, int64_t vocab, a
     const Vec<acc_t> factor_a = exps ? chunk_factor(exps->shift_a, 0) : zero;
     const Vec<acc_t> factor_b = exps ? chunk_factor(exps->shift_b, 2) : zero;
     for_each_vector(a, b, n, [&](Vec<acc_t> va, Vec<acc_t> vb, int64_t offset, int64_t count) {
-      const Vec<acc_t> prob_p = exps ? Vec<acc_t>::loadu(exps->exp_a.data() + start + offset, count) * factor_a
+      const Vec<acc_t> prob_p = exps ? Vec<acc_t>::loadu(exps->exp_a + start + offset, count) * factor_a
                                      : vec_exp2(at::vec::fmsub(va - max_a, scale_log2, log2_sum_a));
       if (grad_a) {
         const Vec<acc_t> da = coefficient * prob_p * ((va - vb) * scale - mean_gap);
         store(Vec<acc_t>::blendv(da, zero, prob_p == zero), grad_a + offset, count);
       }
       if (grad_b) {
-        const Vec<acc_t> prob_q = exps ? Vec<acc_t>::loadu(exps->exp_b.data() + start + offset, count) * factor_b
+        const Vec<acc_t> prob_q = exps ? Vec<acc_t>::loadu(exps->exp_b + start + offset, count) * factor_b
                                        : vec_exp2(at::vec::fmsub(vb - max_b, scale_log2, log2_sum_b));
         store(coefficient * (prob_q - prob_p), grad_b + offset, count);
       }
@@ -208,7 +203,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kd_kl_div_fwd_grad_cp
           auto* grad_b_row) {  // the forward, then the gradients from its kept exps while the row is in cache
         using scalar_t = row_scalar_t<decltype(a_row)>;
         const auto inv_t = static_cast<decltype(g)>(1.0 / temperature);
-        auto& exps = RowExps<decltype(g)>::for_row(vocab);
+        auto exps = RowExps<decltype(g)>::for_row(vocab);
         forward_row<scalar_t>(a_row, b_row, vocab, inv_t, kl, stats, &exps);
         backward_row<scalar_t>(a_row, b_row, vocab, inv_t, g, stats, grad_a_row, grad_b_row, &exps);
       });
