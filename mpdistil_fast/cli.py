@@ -1,6 +1,9 @@
 """Command line: ``mpdistil-fast distill --config FILE [--set key=value ...] [--resume]`` and
 ``mpdistil-fast evaluate --checkpoint DIR``.
 
+Several processes (``runtime.kind: deepspeed``): ``torchrun --nproc_per_node=N -m mpdistil_fast.cli distill ...``
+or ``deepspeed --num_gpus N --module mpdistil_fast.cli distill ...``; ranks other than 0 log warnings only.
+
 The config is validated (unknown keys, types, values, data files) before any model is loaded; a problem exits with
 status 2 and one line naming the key.
 """
@@ -26,6 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     distill.add_argument("--output-dir", help="where outputs and checkpoints go (= output_dir)")
     distill.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
     distill.add_argument("--quiet", action="store_true", help="no progress bars, warnings only")
+    # the deepspeed launcher appends --local_rank=N (torchrun sets LOCAL_RANK, which the runtime reads)
+    distill.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     evaluate = commands.add_parser("evaluate", help="evaluate a checkpoint on the validation split")
     evaluate.add_argument("--checkpoint", required=True,
                           help="a checkpoint folder, or a run's output_dir (its newest checkpoint)")
@@ -59,12 +64,14 @@ def distill(args: argparse.Namespace) -> int:
     config = load_config(args.config, overrides)
     from mpdistil_fast.pipeline.trainer import Run
 
-    report = Run(config, resume=args.resume).run()
-    output_dir = Path(config.output_dir)
-    table = output_dir / "report.md"
-    if table.is_file():
-        print(table.read_text())
-    print(f"outputs in {output_dir}: report.json, report.md, curves.png, metrics.jsonl, checkpoints/")
+    run = Run(config, resume=args.resume)
+    report = run.run()
+    if run.is_main:
+        output_dir = Path(config.output_dir)
+        table = output_dir / "report.md"
+        if table.is_file():
+            print(table.read_text())
+        print(f"outputs in {output_dir}: report.json, report.md, curves.png, metrics.jsonl, checkpoints/")
     return 0 if report["tasks"] else 1
 
 
@@ -79,7 +86,7 @@ def evaluate(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    _setup_logging(getattr(args, "quiet", False))
+    _setup_logging(getattr(args, "quiet", False) or os.environ.get("RANK", "0") != "0")
     try:
         return {"distill": distill, "evaluate": evaluate}[args.command](args)
     except ConfigError as exc:

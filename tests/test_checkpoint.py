@@ -126,6 +126,23 @@ def test_failed_write_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatc
     assert load_checkpoint(target)[1] == {"step": 2}
 
 
+def test_folders_move_into_the_checkpoint(tmp_path):
+    """What every rank wrote (a folder beside the run) becomes part of the checkpoint in the same atomic step."""
+    staging = tmp_path / "staging"
+    (staging / "trained").mkdir(parents=True)
+    (staging / "trained" / "rank_1.pt").write_bytes(b"partition")
+    target = checkpoint_dir(tmp_path / "run", 4)
+    save_checkpoint(target, {"model": {"w": torch.ones(2)}}, {"step": 4}, folders={"shards": staging})
+    assert (target / "shards" / "trained" / "rank_1.pt").read_bytes() == b"partition"
+    assert not staging.exists()
+    tensors, state = load_checkpoint(target)
+    assert set(tensors) == {"model"} and state == {"step": 4}
+    (tmp_path / "other").mkdir()
+    with pytest.raises(ValueError, match="component names"):
+        save_checkpoint(checkpoint_dir(tmp_path / "run", 5), {}, {}, folders={"..": tmp_path / "other"})
+    assert latest_checkpoint(tmp_path / "run") == target  # the refused write left no checkpoint behind
+
+
 def test_checkpoint_listing_pruning_and_errors(tmp_path):
     assert latest_checkpoint(tmp_path) is None
     for step in (2, 10, 7):

@@ -3,8 +3,10 @@
 The loop never calls ``loss.backward()`` or ``optimizer.step()`` itself: it asks a :class:`Runtime` to build its
 models (``build_model``: where a ZeRO-3 runtime would construct them inside ``HfDeepSpeedConfig``) and a
 :class:`TrainedModel` (module + optimizer + scheduler), and drives that with ``backward`` / ``step``, so a
-DeepSpeed engine can stand behind the same methods.  ``is_main`` gates logging and saving (rank 0 only).
-:class:`LocalRuntime` (one process, one device) is the implementation that exists today.
+DeepSpeed engine can stand behind the same methods.  ``is_main`` gates logging and saving (rank 0 only); ``local_rows`` gives each data-parallel rank its slice of a
+global batch and ``average`` averages logged metrics over ranks.  :class:`LocalRuntime` is one process on one
+device; :class:`~mpdistil_fast.distributed.deepspeed_runtime.DeepSpeedRuntime` is data parallel over DeepSpeed
+engines (``runtime.kind: deepspeed``).
 """
 from __future__ import annotations
 
@@ -97,6 +99,10 @@ class Runtime(Protocol):
 
     def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
 
+    def local_rows(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
+
+    def average(self, metrics: dict[str, float]) -> dict[str, float]: ...
+
     def barrier(self) -> None: ...
 
 
@@ -107,6 +113,27 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("runtime.device is 'cuda' but no CUDA device is available")
     return torch.device(name)
+
+
+def place_model(module: nn.Module, device: torch.device, trainable: bool) -> nn.Module:
+    """``module`` on ``device``; a model that is not trained is put in eval mode with its gradients off."""
+    module = module.to(device)
+    if not trainable:
+        module.eval().requires_grad_(False)
+    return module
+
+
+def build_optimizer(module: nn.Module, spec: OptimizerSpec, params: Iterable[nn.Parameter] | None = None
+                    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over ``params`` (default: :func:`parameter_groups` of ``module``) and its :func:`linear_schedule`."""
+    groups = parameter_groups(module, spec.weight_decay) if params is None else [
+        {"params": list(params), "weight_decay": spec.weight_decay}]
+    optimizer = torch.optim.AdamW(groups, lr=spec.lr)
+    return optimizer, linear_schedule(optimizer, spec)
+
+
+def batch_to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 class LocalRuntime:
@@ -125,27 +152,34 @@ class LocalRuntime:
         return True
 
     def build_model(self, build: Callable[[], nn.Module], *, role: str, trainable: bool) -> nn.Module:
-        module = build().to(self.device)
-        if not trainable:
-            module.eval().requires_grad_(False)
-        return module
+        return place_model(build(), self.device, trainable)
 
     def train(self, module: nn.Module, spec: OptimizerSpec, *, role: str,
               params: Iterable[nn.Parameter] | None = None) -> TrainedModel:
-        groups = parameter_groups(module, spec.weight_decay) if params is None else [
-            {"params": list(params), "weight_decay": spec.weight_decay}]
-        optimizer = torch.optim.AdamW(groups, lr=spec.lr)
-        return TrainedModel(module, optimizer, linear_schedule(optimizer, spec), spec.max_grad_norm)
+        optimizer, scheduler = build_optimizer(module, spec, params)
+        return TrainedModel(module, optimizer, scheduler, spec.max_grad_norm)
 
     def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        return batch_to_device(batch, self.device)
+
+    def local_rows(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return batch
+
+    def average(self, metrics: dict[str, float]) -> dict[str, float]:
+        return metrics
 
     def barrier(self) -> None:
         return None
 
 
-def make_runtime(kind: str, *, device: str = "auto", num_threads: int | None = None) -> Runtime:
-    """The runtime named by ``runtime.kind`` in the config."""
+def make_runtime(kind: str, *, device: str = "auto", num_threads: int | None = None,
+                 deepspeed_configs: dict[str, str] | None = None, batch_size: int = 1) -> Runtime:
+    """The runtime named by ``runtime.kind`` in the config (``deepspeed_configs``/``batch_size``: DeepSpeed only)."""
     if kind == "local":
         return LocalRuntime(device, num_threads)
-    raise ValueError(f"runtime.kind must be 'local', got {kind!r}")
+    if kind == "deepspeed":
+        from mpdistil_fast.distributed.deepspeed_runtime import DeepSpeedRuntime
+
+        return DeepSpeedRuntime(deepspeed_configs or {}, device=device, num_threads=num_threads,
+                                batch_size=batch_size)
+    raise ValueError(f"runtime.kind must be 'local' or 'deepspeed', got {kind!r}")

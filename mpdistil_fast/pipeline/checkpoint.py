@@ -139,9 +139,11 @@ def _component_path(directory: Path, component: str) -> Path:
     return directory.joinpath(*parts).with_name(parts[-1] + ".safetensors")
 
 
-def save_checkpoint(directory: Path | str, tensors: dict[str, dict[str, torch.Tensor]], state: dict) -> None:
+def save_checkpoint(directory: Path | str, tensors: dict[str, dict[str, torch.Tensor]], state: dict, *,
+                    folders: dict[str, Path] | None = None) -> None:
     """Write ``tensors`` (component -> name -> tensor) and the JSON ``state`` to ``directory`` atomically,
-    replacing an existing checkpoint there."""
+    replacing an existing checkpoint there.  ``folders`` (name -> folder on the same filesystem, e.g. what every
+    rank of a distributed run wrote) are moved into the checkpoint under their names, inside the same atomic step."""
     directory = Path(directory)
     if not isinstance(state, dict):
         raise TypeError(f"state must be a dict, got {type(state).__name__}")
@@ -160,6 +162,12 @@ def save_checkpoint(directory: Path | str, tensors: dict[str, dict[str, torch.Te
             safetensors.torch.save_file({name: t.detach().cpu().contiguous().clone() for name, t in named.items()},
                                         str(path))
             _fsync(path)
+        for name, folder in (folders or {}).items():
+            _component_path(temporary, name)  # the same name rules as components
+            os.replace(folder, temporary / name)
+            for path in (temporary / name).rglob("*"):
+                if path.is_file():
+                    _fsync(path)
         (temporary / STATE_FILE).write_text(state_text)
         _fsync(temporary / STATE_FILE)
         for folder in sorted({p.parent for p in temporary.rglob("*")} | {temporary}, reverse=True):

@@ -119,9 +119,12 @@ class MetaDistilConfig:
 
 @dataclass
 class RuntimeConfig:
-    #: the execution backend behind :class:`mpdistil_fast.distributed.Runtime`; only the single-process one exists
-    #: so far (a DeepSpeed one would read configs/deepspeed/*.json)
-    kind: Literal["local"] = "local"
+    #: the execution backend behind :class:`mpdistil_fast.distributed.Runtime`: one process ("local"), or data
+    #: parallel over DeepSpeed engines ("deepspeed", launched by torchrun or the deepspeed launcher)
+    kind: Literal["local", "deepspeed"] = "local"
+    #: DeepSpeed JSON of the engines that train the teacher / the student (runtime.kind deepspeed; ZeRO stage 0-2)
+    deepspeed_teacher: str = "configs/deepspeed/zero2.json"
+    deepspeed_student: str = "configs/deepspeed/zero2.json"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_threads: int | None = None
     checkpoint_every: int = 50  #: optimizer steps between checkpoints (and at every stage end)
@@ -352,6 +355,17 @@ def check_values(config: Config) -> None:
     for key in ("checkpoint_every", "keep_checkpoints", "log_every"):
         _require(getattr(r, key) > 0, f"runtime.{key} must be > 0, got {getattr(r, key)}")
     _require(r.num_threads is None or r.num_threads > 0, f"runtime.num_threads must be > 0, got {r.num_threads}")
+    if r.kind == "deepspeed":
+        _require(config.method in DEEPSPEED_METHODS,
+                 f"runtime.kind 'deepspeed' runs the methods {DEEPSPEED_METHODS} so far, not {config.method!r} (it "
+                 "trains one model in several stages or steps Adam functionally, not yet wired to DeepSpeed engines)")
+        from mpdistil_fast.distributed.deepspeed_runtime import load_deepspeed_config
+
+        for name in ("teacher", "student"):
+            try:
+                load_deepspeed_config(getattr(r, f"deepspeed_{name}"), name=name)
+            except (OSError, ValueError) as error:
+                raise ConfigError(str(error)) from None
     if config.method == "metadistil" or config.meta_teacher.bilevel:
         from mpdistil_fast.bilevel import METHODS as HYPERGRADIENT_METHODS
 
@@ -369,6 +383,10 @@ def _check_optim(section: str, optim: OptimConfig) -> None:
     _require(optim.max_grad_norm > 0, f"{section}.max_grad_norm must be > 0, got {optim.max_grad_norm}")
     _require(optim.max_steps is None or optim.max_steps > 0,
              f"{section}.max_steps must be > 0 or null, got {optim.max_steps}")
+
+
+#: The methods ``runtime.kind: deepspeed`` runs (each of their models is trained by one engine, one stage).
+DEEPSPEED_METHODS = ("finetune", "kd", "pkd")
 
 
 def curriculum_tasks(config: Config) -> list[str]:

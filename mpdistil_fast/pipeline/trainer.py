@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import logging
 import random
+import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,6 +38,9 @@ from mpdistil_fast.pipeline.streams import Batch, MultiTaskSchedule
 
 LOG = logging.getLogger("mpdistil_fast")
 STATE_VERSION = 1
+#: Where every rank writes its part of a checkpoint before the main process moves it in (``SHARDS_FOLDER``).
+SHARD_STAGING = ".checkpoint-shards"
+SHARDS_FOLDER = "shards"
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
@@ -84,8 +88,11 @@ class Run:
         """``resume``: continue from the newest checkpoint in ``output_dir``; ``checkpoint``: load that one."""
         self.config = config
         self.output_dir = Path(config.output_dir)
-        self.runtime = runtime or make_runtime(config.runtime.kind, device=config.runtime.device,
-                                               num_threads=config.runtime.num_threads)
+        self.runtime = runtime or make_runtime(
+            config.runtime.kind, device=config.runtime.device, num_threads=config.runtime.num_threads,
+            deepspeed_configs={"teacher": config.runtime.deepspeed_teacher,
+                               "student": config.runtime.deepspeed_student},
+            batch_size=config.data.batch_size)
         self.is_main = self.runtime.is_main
         self.tasks = curriculum_tasks(config)
         self.targets = list(config.data.tasks)
@@ -95,6 +102,7 @@ class Run:
             "global_step": 0, "results": {}, "curves": {"quiz": [], "reward": [], "actions": []}, "timings": {},
             "dropout_off": False, "stage_state": {}, "meta": {}}
         self._pending: tuple[dict, dict] | None = None
+        self._pending_path: Path | None = None
         self._clock = time.perf_counter()
         seed_everything(config.seed)
 
@@ -185,17 +193,33 @@ class Run:
         return models
 
     def save(self, stateful: dict[str, Any] | None = None) -> None:
-        """Checkpoint everything at the current step boundary (main process writes; all wait)."""
+        """Checkpoint everything at the current step boundary (main process writes; all wait).
+
+        Objects with ``save_sharded`` (a DeepSpeed engine's partitioned optimizer) are written by every rank into a
+        staging folder first, which the main process moves into the checkpoint under ``shards/`` before the
+        checkpoint's atomic rename."""
         self._account_time()
+        stateful = stateful or {}
+        sharded = {name: obj for name, obj in stateful.items() if hasattr(obj, "save_sharded")}
+        staging = self.output_dir / SHARD_STAGING
+        if sharded:
+            if self.is_main:
+                shutil.rmtree(staging, ignore_errors=True)
+            self.runtime.barrier()
+            for name, obj in sharded.items():
+                obj.save_sharded(staging / name)
+            self.runtime.barrier()
         if self.is_main:
             tensors: dict[str, dict[str, torch.Tensor]] = {}
             meta: dict[str, Any] = {}
-            for name, obj in {**self._models(), **(stateful or {})}.items():
-                tensors[name], meta[name] = flatten_state_dict(obj.state_dict())
+            for name, obj in {**self._models(), **stateful}.items():
+                if name not in sharded:
+                    tensors[name], meta[name] = flatten_state_dict(obj.state_dict())
             self.state["meta"] = meta
             self.state["rng"] = capture_rng_state()
             self.state["metrics_records"] = self.metrics.records_written
-            save_checkpoint(checkpoint_dir(self.output_dir, self.state["global_step"]), tensors, self.state)
+            save_checkpoint(checkpoint_dir(self.output_dir, self.state["global_step"]), tensors, self.state,
+                            folders={SHARDS_FOLDER: staging} if sharded else None)
             prune_checkpoints(self.output_dir, self.config.runtime.keep_checkpoints)
         self.runtime.barrier()
 
@@ -206,6 +230,7 @@ class Run:
             return
         tensors, state = load_checkpoint(path)
         self.resumed = True
+        self._pending_path = path
         if state.get("config") != self.config.to_dict():
             LOG.warning("--resume: the config differs from the checkpoint's; continuing with the new config")
         if "meta_teachers" in tensors:
@@ -230,7 +255,10 @@ class Run:
         tensors, state = self._pending
         self._pending = None
         for name, obj in stateful.items():
-            obj.load_state_dict(unflatten_state_dict(tensors[name], state["meta"][name]))
+            if hasattr(obj, "load_sharded"):
+                obj.load_sharded(self._pending_path / SHARDS_FOLDER / name)
+            else:
+                obj.load_state_dict(unflatten_state_dict(tensors[name], state["meta"][name]))
         restore_rng_state(state["rng"])
 
     # ------------------------------------------------------------------------------------------- loop
@@ -288,7 +316,7 @@ class Run:
                 if "loss" in metrics:
                     bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
                 if (step + 1) % runtime_config.log_every == 0 or step + 1 == total_steps or "quiz" in metrics:
-                    self.metrics.log(stage, self.state["global_step"], metrics)
+                    self.metrics.log(stage, self.state["global_step"], self.runtime.average(metrics))
                 if (step + 1) % runtime_config.checkpoint_every == 0 and step + 1 < total_steps \
                         and can_checkpoint(step + 1):
                     self.save(stateful)
@@ -324,7 +352,8 @@ class Run:
             if batches is None or position == 0:
                 batches = schedule.batches(epoch, position)
             task, batch = next(batches)
-            metrics = step_fn(trained, task, self.runtime.to_device(trim_padding(batch)), extra)
+            batch = self.runtime.to_device(trim_padding(self.runtime.local_rows(batch)))
+            metrics = step_fn(trained, task, batch, extra)
             if (i + 1) % per_epoch == 0 or i + 1 == total:
                 metrics["quiz"] = self.select(selected, best, self.tasks)
                 self.train_mode(trainable)
@@ -375,7 +404,11 @@ class Run:
     def teacher_cache(self) -> TeacherCache:
         """The frozen teacher's outputs, computed once per (task, split)."""
         if self.cache is None:
-            directory = self.output_dir / "teacher_cache" if self.config.runtime.teacher_cache == "disk" else None
+            directory = None
+            if self.config.runtime.teacher_cache == "disk":  # one folder per rank: ranks compute their own copy
+                directory = self.output_dir / "teacher_cache"
+                if self.runtime.world_size > 1:
+                    directory = directory / f"rank-{self.runtime.rank}"
             self.teacher.eval().requires_grad_(False)
             self.cache = TeacherCache(self.teacher, directory, batch_size=self.config.data.eval_batch_size)
         return self.cache

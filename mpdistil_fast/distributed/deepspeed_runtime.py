@@ -1,0 +1,196 @@
+"""Data-parallel training over DeepSpeed engines (``runtime.kind: deepspeed``), launched by ``torchrun`` or the
+``deepspeed`` launcher.
+
+Every rank holds the whole model (ZeRO stages 0-2: optimizer states, and from stage 2 gradients, are partitioned
+over the ranks; parameters are not).  The training loop is the one :class:`~mpdistil_fast.distributed.LocalRuntime`
+drives: every rank walks the same deterministic batch stream and takes its contiguous slice of each global batch
+(:meth:`DeepSpeedRuntime.local_rows`), so with ``data.batch_size`` divisible by the world size an optimizer step sees
+the same rows, and averages the same gradient, as a one-process run of that batch size (Li et al., "PyTorch
+Distributed", VLDB 2020; Rajbhandari et al., "ZeRO", SC 2020).  Evaluation runs on every rank (ranks hold identical
+weights, so they agree); rank 0 alone logs, reports and writes checkpoints, except each engine's partitioned
+optimizer state, which every rank writes with DeepSpeed's own ``save_checkpoint`` (a shared filesystem is assumed
+on several nodes).
+
+The YAML stays the source of truth for the optimisation: the AdamW, its linear schedule and ``max_grad_norm`` come
+from the config (a DeepSpeed JSON must not name an ``optimizer`` or ``scheduler``); the JSON gives the ZeRO stage,
+precision (``bf16``/``fp16``) and communication settings.  ZeRO-3 (parameters partitioned, models built inside
+``transformers``' ``HfDeepSpeedConfig``) is not wired yet and is refused with the reason.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from mpdistil_fast.distributed.runtime import (OptimizerSpec, TrainedModel, batch_to_device, build_optimizer,
+                                               place_model, resolve_device)
+
+#: Roles whose engines read the teacher's DeepSpeed JSON; every other role (the student's stages) reads the student's.
+TEACHER_ROLES = ("teacher",)
+#: Keys of a DeepSpeed JSON that the YAML owns; the runtime refuses a JSON that sets them.
+YAML_OWNED_KEYS = ("optimizer", "scheduler")
+
+
+def load_deepspeed_config(source: str | dict[str, Any], *, name: str) -> dict[str, Any]:
+    """A DeepSpeed config from a JSON file path (or a dict), checked for what this runtime supports."""
+    if isinstance(source, dict):
+        config = copy.deepcopy(source)
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"runtime.deepspeed_{name} names {str(path)!r}, which is not a file")
+        config = json.loads(path.read_text())
+    if not isinstance(config, dict):
+        raise ValueError(f"runtime.deepspeed_{name} must hold a JSON object, got {type(config).__name__}")
+    owned = [key for key in YAML_OWNED_KEYS if key in config]
+    if owned:
+        raise ValueError(f"runtime.deepspeed_{name} sets {owned}: the optimizer and its schedule come from the YAML "
+                         "(teacher_training / student_training); remove them from the JSON")
+    stage = int(config.get("zero_optimization", {}).get("stage", 0))
+    if stage not in (0, 1, 2):
+        raise ValueError(f"runtime.deepspeed_{name} asks for ZeRO stage {stage}; this runtime runs stages 0-2 "
+                         "(ZeRO-3, with the model built inside HfDeepSpeedConfig, is not wired yet)")
+    if int(config.get("gradient_accumulation_steps", 1)) != 1:
+        raise ValueError(f"runtime.deepspeed_{name} sets gradient_accumulation_steps="
+                         f"{config['gradient_accumulation_steps']}; every loop step is one optimizer step here, "
+                         "so it must be 1 (raise data.batch_size instead)")
+    return config
+
+
+@dataclass
+class DeepSpeedTrainedModel(TrainedModel):
+    """A :class:`TrainedModel` whose ``backward``/``step`` go through a DeepSpeed engine (gradient all-reduce or
+    reduce-scatter, clipping, the ZeRO optimizer step, the schedule)."""
+
+    engine: Any = None
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+
+    def step(self) -> None:
+        self.engine.step()  # clips to gradient_clipping, steps the optimizer and the schedule, zeroes the gradients
+
+    def zero_grad(self) -> None:
+        self.engine.zero_grad()
+
+    def state_dict(self) -> dict[str, Any]:
+        raise TypeError("a DeepSpeed engine's optimizer state is partitioned over the ranks: save it with "
+                        "save_sharded(directory) on every rank")
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        raise TypeError("a DeepSpeed engine's optimizer state is partitioned over the ranks: load it with "
+                        "load_sharded(directory) on every rank")
+
+    def save_sharded(self, directory: Path) -> None:
+        """Every rank: the engine's checkpoint (each rank's optimizer partition, rank 0 the module and schedule)."""
+        self.engine.save_checkpoint(str(directory.parent), tag=directory.name, save_latest=False)
+
+    def load_sharded(self, directory: Path) -> None:
+        """Every rank: restore what :meth:`save_sharded` wrote (same world size)."""
+        if not directory.is_dir():
+            raise FileNotFoundError(f"checkpoint has no DeepSpeed engine state at {str(directory)!r}")
+        loaded, _ = self.engine.load_checkpoint(str(directory.parent), tag=directory.name, load_module_strict=True,
+                                                load_optimizer_states=True, load_lr_scheduler_states=True)
+        if loaded is None:
+            raise RuntimeError(f"DeepSpeed could not load the engine state in {str(directory)!r}")
+
+
+class DeepSpeedRuntime:
+    """One process per device, data parallel over DeepSpeed engines (ZeRO stages 0-2).
+
+    ``configs`` maps ``"teacher"``/``"student"`` to a DeepSpeed JSON path (or dict); ``batch_size`` is the global
+    batch, split over the ranks by :meth:`local_rows`.
+    """
+
+    def __init__(self, configs: dict[str, str | dict[str, Any]], *, device: str = "auto",
+                 num_threads: int | None = None, batch_size: int = 1):
+        try:
+            import deepspeed
+            from deepspeed.accelerator import get_accelerator
+        except ImportError as error:
+            raise ImportError("runtime.kind 'deepspeed' needs DeepSpeed: pip install 'mpdistil_fast[deepspeed]'"
+                              ) from error
+        missing = {"teacher", "student"} - set(configs)
+        if missing:
+            raise ValueError(f"DeepSpeedRuntime needs a DeepSpeed config for {sorted(missing)}")
+        self.configs = {name: load_deepspeed_config(source, name=name) for name, source in configs.items()}
+        if num_threads is not None:
+            torch.set_num_threads(num_threads)
+        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+        self._deepspeed = deepspeed
+        self.rank = torch.distributed.get_rank()
+        self.world_size = torch.distributed.get_world_size()
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        accelerator = torch.device(get_accelerator().device_name(local_rank))
+        requested = resolve_device(device) if device != "auto" else accelerator
+        if requested.type != accelerator.type:
+            raise ValueError(f"runtime.device is {device!r} but DeepSpeed's accelerator is {accelerator.type!r} "
+                             "(set DS_ACCELERATOR=cpu to train on CPUs)")
+        self.device = accelerator
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.batch_size = batch_size
+        self._engines: dict[int, str] = {}
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def build_model(self, build: Callable[[], nn.Module], *, role: str, trainable: bool) -> nn.Module:
+        return place_model(build(), self.device, trainable)
+
+    def train(self, module: nn.Module, spec: OptimizerSpec, *, role: str,
+              params: Iterable[nn.Parameter] | None = None) -> DeepSpeedTrainedModel:
+        """A DeepSpeed engine over ``module`` with the YAML's AdamW, schedule and clipping.
+
+        A module gets one engine for its lifetime: a second engine would register a second set of ZeRO gradient
+        hooks on the same parameters, so training one model in two stages is refused here."""
+        if id(module) in self._engines:
+            raise RuntimeError(f"{role}: this model is already trained by the DeepSpeed engine of stage "
+                               f"{self._engines[id(module)]!r}; one model gets one engine (methods that train a "
+                               "model in several stages are not wired to DeepSpeed yet)")
+        config = copy.deepcopy(self.configs["teacher" if role in TEACHER_ROLES else "student"])
+        config["train_micro_batch_size_per_gpu"] = math.ceil(self.batch_size / self.world_size)
+        config["gradient_accumulation_steps"] = 1
+        config.pop("train_batch_size", None)
+        config["gradient_clipping"] = spec.max_grad_norm or 0.0
+        config["zero_allow_untested_optimizer"] = True  # torch's AdamW, stepped by the ZeRO optimizer wrapper
+        optimizer, scheduler = build_optimizer(module, spec, params)
+        engine, engine_optimizer, _, _ = self._deepspeed.initialize(
+            model=module, optimizer=optimizer, lr_scheduler=scheduler, config=config, dist_init_required=False)
+        self._engines[id(module)] = role
+        return DeepSpeedTrainedModel(module, engine_optimizer, scheduler, spec.max_grad_norm, engine=engine)
+
+    def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return batch_to_device(batch, self.device)
+
+    def local_rows(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This rank's contiguous slice of a global batch.  A batch with fewer rows than ranks is first padded by
+        repeating its rows (as ``torch.utils.data.DistributedSampler`` pads), so no rank steps on an empty slice."""
+        rows = len(batch["input_ids"])
+        if rows < self.world_size:
+            repeat = torch.arange(self.world_size) % rows
+            batch = {k: v[repeat] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            rows = self.world_size
+        bounds = [rows * r // self.world_size for r in range(self.world_size + 1)]
+        start, stop = bounds[self.rank], bounds[self.rank + 1]
+        return {k: v[start:stop] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    def average(self, metrics: dict[str, float]) -> dict[str, float]:
+        """The mean of each metric over the ranks (every rank calls this with the same keys)."""
+        if self.world_size == 1 or not metrics:
+            return metrics
+        keys = sorted(metrics)
+        values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(values)
+        return {k: v / self.world_size for k, v in zip(keys, values.tolist())}
+
+    def barrier(self) -> None:
+        torch.distributed.barrier()

@@ -1,0 +1,208 @@
+"""runtime.kind deepspeed: config checks, the data-parallel batch split, and real two-rank runs (torchrun, gloo on
+CPU) that must match the one-process run step for step and resume exactly from a mid-stage checkpoint."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mpdistil_fast.distributed import LocalRuntime
+from mpdistil_fast.distributed.deepspeed_runtime import DeepSpeedRuntime, load_deepspeed_config
+from mpdistil_fast.models import default_teacher_path, load_tokenizer, tiny_backbone
+from mpdistil_fast.pipeline.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from mpdistil_fast.pipeline.config import ConfigError, load_config
+from pipeline_helpers import make_tiny_teacher, restore_torch_threads, write_config  # noqa: F401 (fixture)
+
+ROOT = Path(__file__).resolve().parents[1]
+ZERO2_FP32 = {"zero_optimization": {"stage": 2}}
+
+
+# ----------------------------------------------------------------------------------------------- config checks
+
+@pytest.mark.parametrize("config, message", [
+    ({"optimizer": {"type": "AdamW"}}, "optimizer and its schedule come from the YAML"),
+    ({"scheduler": {"type": "WarmupLR"}}, "optimizer and its schedule come from the YAML"),
+    ({"zero_optimization": {"stage": 3}}, "ZeRO stage 3"),
+    ({"gradient_accumulation_steps": 4}, "gradient_accumulation_steps=4"),
+])
+def test_deepspeed_config_refusals(config, message):
+    with pytest.raises(ValueError, match=message):
+        load_deepspeed_config(config, name="student")
+
+
+def test_deepspeed_config_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="runtime.deepspeed_teacher names"):
+        load_deepspeed_config(str(tmp_path / "missing.json"), name="teacher")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="must hold a JSON object"):
+        load_deepspeed_config(str(tmp_path / "list.json"), name="teacher")
+    for shipped in ("zero2.json",):
+        assert load_deepspeed_config(str(ROOT / "configs" / "deepspeed" / shipped), name="student")[
+            "zero_optimization"]["stage"] == 2
+
+
+def test_config_validation_for_deepspeed(tmp_path, data_dir):
+    teacher = tmp_path / "unused-teacher"
+    path = write_config(tmp_path / "c.yaml", teacher, data_dir, tmp_path / "run", "mpdistil")
+    with pytest.raises(ConfigError, match="runs the methods .* not 'mpdistil'"):
+        load_config(path, ["runtime.kind=deepspeed"])
+    path = write_config(tmp_path / "k.yaml", teacher, data_dir, tmp_path / "run", "kd")
+    with pytest.raises(ConfigError, match="runtime.deepspeed_student names"):
+        load_config(path, ["runtime.kind=deepspeed", f"runtime.deepspeed_student={tmp_path / 'none.json'}"])
+    (tmp_path / "z3.json").write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    with pytest.raises(ConfigError, match="ZeRO stage 3"):
+        load_config(path, ["runtime.kind=deepspeed", f"runtime.deepspeed_teacher={tmp_path / 'z3.json'}"])
+
+
+def test_cli_accepts_the_deepspeed_launcher_s_local_rank():
+    from mpdistil_fast.cli import _parser
+
+    for flag in ("--local_rank=1", "--local-rank=1"):
+        assert _parser().parse_args(["distill", "--config", "c.yaml", flag]).local_rank == 1
+
+
+# ----------------------------------------------------------------------------------------------- the batch split
+
+def _ranks(world_size: int) -> list[DeepSpeedRuntime]:
+    """Runtimes of every rank, without a process group (local_rows reads only rank and world_size)."""
+    runtimes = []
+    for rank in range(world_size):
+        runtime = object.__new__(DeepSpeedRuntime)
+        runtime.rank, runtime.world_size = rank, world_size
+        runtimes.append(runtime)
+    return runtimes
+
+
+@pytest.mark.parametrize("rows, world_size", [(8, 2), (7, 2), (10, 4), (3, 3), (2, 4), (1, 3)])
+def test_local_rows_split_a_batch_over_the_ranks(rows, world_size):
+    batch = {"input_ids": torch.arange(rows * 5).reshape(rows, 5), "labels": torch.arange(rows), "task": "cb"}
+    slices = [runtime.local_rows(batch) for runtime in _ranks(world_size)]
+    sizes = [len(s["labels"]) for s in slices]
+    assert min(sizes) >= 1 and max(sizes) - min(sizes) <= 1  # balanced, never empty
+    assert all(s["task"] == "cb" for s in slices)
+    labels = torch.cat([s["labels"] for s in slices])
+    ids = torch.cat([s["input_ids"] for s in slices])
+    assert torch.equal(ids, batch["input_ids"][labels])  # rows stay aligned across keys
+    if rows >= world_size:
+        assert torch.equal(labels, batch["labels"])  # contiguous, in order, each row once
+    else:
+        assert torch.equal(labels, torch.arange(world_size) % rows)  # padded by repetition
+
+
+class HalvingRuntime(LocalRuntime):
+    """A one-process runtime that plays rank 0 of two: it keeps the first half of every training batch."""
+
+    def __init__(self):
+        super().__init__("cpu")
+        self.seen: list[tuple[int, int]] = []
+
+    def local_rows(self, batch):
+        kept = _ranks(2)[0].local_rows(batch)
+        self.seen.append((len(batch["labels"]), len(kept["labels"])))
+        return kept
+
+
+def test_training_steps_take_the_rank_s_rows(tmp_path, data_dir):
+    from mpdistil_fast.pipeline.trainer import Run
+
+    teacher = make_tiny_teacher(tmp_path / "teacher")
+    path = write_config(tmp_path / "c.yaml", teacher, data_dir, tmp_path / "run", "finetune",
+                        student_training={"max_steps": 3})
+    runtime = HalvingRuntime()
+    Run(load_config(path), runtime=runtime).run()
+    assert runtime.seen == [(8, 4)] * 3  # every training step, on the global batch; evaluation is not split
+
+
+# ----------------------------------------------------------------------------------------------- two ranks
+
+def _teacher_without_dropout(folder: Path) -> Path:
+    """A tiny random BERT with dropout off: one-process and two-rank runs then differ only by reduction order."""
+    model = tiny_backbone("bert", hidden_size=32, num_layers=4, seed=0)
+    model.config.hidden_dropout_prob = model.config.attention_probs_dropout_prob = 0.0
+    model.save_pretrained(folder)
+    load_tokenizer(str(default_teacher_path())).save_pretrained(folder)
+    return folder
+
+
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _torchrun(config: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "mpdistil_fast.cli", "distill", "--config", str(config), "--quiet", *extra]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def two_rank_kd(tmp_path_factory, data_dir):
+    """The same one-task KD run (teacher fine-tuning, then the student) on one process and on two ranks."""
+    pytest.importorskip("deepspeed")
+    tmp = tmp_path_factory.mktemp("ds")
+    teacher = _teacher_without_dropout(tmp / "teacher")
+    (tmp / "zero2.json").write_text(json.dumps(ZERO2_FP32))
+    common = {"data": {"tasks": ["rte"]}, "teacher_training": {"max_steps": 3}, "student_training": {"max_steps": 3},
+              "runtime": {"checkpoint_every": 2, "keep_checkpoints": 10}}
+    local = write_config(tmp / "local.yaml", teacher, data_dir, tmp / "local", "kd", **common)
+    runtime = {**common["runtime"], "kind": "deepspeed", "deepspeed_teacher": str(tmp / "zero2.json"),
+               "deepspeed_student": str(tmp / "zero2.json")}
+    distributed = write_config(tmp / "ds.yaml", teacher, data_dir, tmp / "ds", "kd", **{**common, "runtime": runtime})
+    from mpdistil_fast.pipeline.trainer import Run
+
+    Run(load_config(local)).run()
+    result = _torchrun(distributed)
+    return tmp, result
+
+
+@pytest.mark.slow
+def test_two_ranks_match_one_process_step_for_step(two_rank_kd):
+    tmp, result = two_rank_kd
+    local, distributed = _records(tmp / "local"), _records(tmp / "ds")
+    assert [(r["stage"], r["step"]) for r in local] == [(r["stage"], r["step"]) for r in distributed]
+    assert {r["stage"] for r in local} == {"teacher", "student"}
+    for one, two in zip(local, distributed):
+        for key in ("loss", "ce", "kd", "quiz"):
+            if key in one:
+                assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-7), (one, two)
+    ours, theirs = load_checkpoint(latest_checkpoint(tmp / "local"))[0], load_checkpoint(latest_checkpoint(tmp / "ds"))[0]
+    for model in ("teacher", "student"):
+        for name, tensor in ours[model].items():
+            torch.testing.assert_close(theirs[model][name], tensor, rtol=1e-4, atol=1e-5)
+    # rank 0 alone prints the report; every rank wrote its optimizer partition into the checkpoint
+    assert result.stdout.count("outputs in") == 1
+    mid_stage = [c for c in list_checkpoints(tmp / "ds") if json.loads((c / "state.json").read_text())["stage"]]
+    assert mid_stage
+    shards = mid_stage[-1] / "shards" / "trained"
+    assert sorted(p.name for p in shards.glob("zero_pp_rank_*_optim_states.pt")) == [
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+    assert not (tmp / "ds" / ".checkpoint-shards").exists()
+
+
+@pytest.mark.slow
+def test_two_ranks_resume_from_a_mid_stage_checkpoint(two_rank_kd):
+    tmp, _ = two_rank_kd
+    resumed = tmp / "resumed"
+    shutil.copytree(tmp / "ds", resumed)
+    checkpoints = list_checkpoints(resumed)
+    mid_student = [c for c in checkpoints if json.loads((c / "state.json").read_text())["stage"] == "student"]
+    assert mid_student, [c.name for c in checkpoints]
+    for later in checkpoints[checkpoints.index(mid_student[-1]) + 1:]:
+        shutil.rmtree(later)
+    (resumed / "report.json").unlink()
+    config = tmp / "resumed.yaml"
+    config.write_text((tmp / "ds.yaml").read_text().replace(str(tmp / "ds"), str(resumed)))
+    _torchrun(config, "--resume")
+    final, reference = load_checkpoint(latest_checkpoint(resumed)), load_checkpoint(latest_checkpoint(tmp / "ds"))
+    assert final[1]["global_step"] == reference[1]["global_step"]
+    for model in ("teacher", "student"):
+        for name, tensor in reference[0][model].items():
+            assert torch.equal(final[0][model][name], tensor), (model, name)
