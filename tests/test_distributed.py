@@ -3,6 +3,7 @@ CPU) that must match the one-process run step for step and resume exactly from a
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -20,7 +21,6 @@ from mpdistil_fast.pipeline.config import ConfigError, load_config
 from pipeline_helpers import make_tiny_teacher, restore_torch_threads, write_config  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
-ZERO2_FP32 = {"zero_optimization": {"stage": 2}}
 
 
 # ----------------------------------------------------------------------------------------------- config checks
@@ -28,7 +28,7 @@ ZERO2_FP32 = {"zero_optimization": {"stage": 2}}
 @pytest.mark.parametrize("config, message", [
     ({"optimizer": {"type": "AdamW"}}, "optimizer and its schedule come from the YAML"),
     ({"scheduler": {"type": "WarmupLR"}}, "optimizer and its schedule come from the YAML"),
-    ({"zero_optimization": {"stage": 3}}, "ZeRO stage 3"),
+    ({"zero_optimization": {"stage": 3}}, "ZeRO stage 3; the student runs stages 0-2"),
     ({"gradient_accumulation_steps": 4}, "gradient_accumulation_steps=4"),
 ])
 def test_deepspeed_config_refusals(config, message):
@@ -42,9 +42,9 @@ def test_deepspeed_config_files(tmp_path):
     (tmp_path / "list.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="must hold a JSON object"):
         load_deepspeed_config(str(tmp_path / "list.json"), name="teacher")
-    for shipped in ("zero2.json",):
-        assert load_deepspeed_config(str(ROOT / "configs" / "deepspeed" / shipped), name="student")[
-            "zero_optimization"]["stage"] == 2
+    shipped = ROOT / "configs" / "deepspeed"
+    assert load_deepspeed_config(str(shipped / "zero2.json"), name="student")["zero_optimization"]["stage"] == 2
+    assert load_deepspeed_config(str(shipped / "zero3.json"), name="teacher")["zero_optimization"]["stage"] == 3
 
 
 def test_config_validation_for_deepspeed(tmp_path, data_dir):
@@ -56,8 +56,13 @@ def test_config_validation_for_deepspeed(tmp_path, data_dir):
     with pytest.raises(ConfigError, match="runtime.deepspeed_student names"):
         load_config(path, ["runtime.kind=deepspeed", f"runtime.deepspeed_student={tmp_path / 'none.json'}"])
     (tmp_path / "z3.json").write_text(json.dumps({"zero_optimization": {"stage": 3}}))
-    with pytest.raises(ConfigError, match="ZeRO stage 3"):
-        load_config(path, ["runtime.kind=deepspeed", f"runtime.deepspeed_teacher={tmp_path / 'z3.json'}"])
+    with pytest.raises(ConfigError, match="ZeRO stage 3; the student"):
+        load_config(path, ["runtime.kind=deepspeed", f"runtime.deepspeed_student={tmp_path / 'z3.json'}"])
+    with pytest.raises(ConfigError, match="teacher_cache 'disk' fingerprints"):
+        load_config(path, ["runtime.kind=deepspeed", f"runtime.deepspeed_teacher={tmp_path / 'z3.json'}",
+                           "runtime.teacher_cache=disk"])
+    config = load_config(path, ["runtime.kind=deepspeed", f"runtime.deepspeed_teacher={tmp_path / 'z3.json'}"])
+    assert config.runtime.deepspeed_teacher.endswith("z3.json")
 
 
 def test_cli_accepts_the_deepspeed_launcher_s_local_rank():
@@ -135,25 +140,29 @@ def _records(run_dir: Path) -> list[dict]:
 
 
 def _torchrun(config: Path, *extra: str) -> subprocess.CompletedProcess:
+    """``mpdistil-fast distill`` on two CPU ranks, from the repository root (where the default JSON paths point)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                "-m", "mpdistil_fast.cli", "distill", "--config", str(config), "--quiet", *extra]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-4000:]
     return result
 
 
-@pytest.fixture(scope="module")
-def two_rank_kd(tmp_path_factory, data_dir):
-    """The same one-task KD run (teacher fine-tuning, then the student) on one process and on two ranks."""
+@pytest.fixture(scope="module", params=[2, 3], ids=["zero2-teacher", "zero3-teacher"])
+def two_rank_kd(request, tmp_path_factory, data_dir):
+    """The same one-task KD run (teacher fine-tuning, then the student) on one process and on two ranks (a ZeRO-2
+    student; a ZeRO-2 or ZeRO-3 teacher, fp32)."""
     pytest.importorskip("deepspeed")
-    tmp = tmp_path_factory.mktemp("ds")
+    pytest.importorskip("accelerate")  # transformers' HfDeepSpeedConfig needs it
+    tmp = tmp_path_factory.mktemp(f"ds{request.param}")
     teacher = _teacher_without_dropout(tmp / "teacher")
-    (tmp / "zero2.json").write_text(json.dumps(ZERO2_FP32))
+    for stage in (2, 3):
+        (tmp / f"zero{stage}.json").write_text(json.dumps({"zero_optimization": {"stage": stage}}))
     common = {"data": {"tasks": ["rte"]}, "teacher_training": {"max_steps": 3}, "student_training": {"max_steps": 3},
               "runtime": {"checkpoint_every": 2, "keep_checkpoints": 10}}
     local = write_config(tmp / "local.yaml", teacher, data_dir, tmp / "local", "kd", **common)
-    runtime = {**common["runtime"], "kind": "deepspeed", "deepspeed_teacher": str(tmp / "zero2.json"),
+    runtime = {**common["runtime"], "kind": "deepspeed", "deepspeed_teacher": str(tmp / f"zero{request.param}.json"),
                "deepspeed_student": str(tmp / "zero2.json")}
     distributed = write_config(tmp / "ds.yaml", teacher, data_dir, tmp / "ds", "kd", **{**common, "runtime": runtime})
     from mpdistil_fast.pipeline.trainer import Run
@@ -188,17 +197,20 @@ def test_two_ranks_match_one_process_step_for_step(two_rank_kd):
 
 
 @pytest.mark.slow
-def test_two_ranks_resume_from_a_mid_stage_checkpoint(two_rank_kd):
+@pytest.mark.parametrize("stage", ["teacher", "student"])
+def test_two_ranks_resume_from_a_mid_stage_checkpoint(two_rank_kd, stage):
+    """Resumed inside the teacher's fine-tuning (its engine state, ZeRO-3 partitions included, comes back) or inside
+    the student's stage (the teacher's weights are loaded into its partitions; it is never trained again)."""
     tmp, _ = two_rank_kd
-    resumed = tmp / "resumed"
+    resumed = tmp / f"resumed-{stage}"
     shutil.copytree(tmp / "ds", resumed)
     checkpoints = list_checkpoints(resumed)
-    mid_student = [c for c in checkpoints if json.loads((c / "state.json").read_text())["stage"] == "student"]
-    assert mid_student, [c.name for c in checkpoints]
-    for later in checkpoints[checkpoints.index(mid_student[-1]) + 1:]:
+    mid_stage = [c for c in checkpoints if json.loads((c / "state.json").read_text())["stage"] == stage]
+    assert mid_stage, [c.name for c in checkpoints]
+    for later in checkpoints[checkpoints.index(mid_stage[-1]) + 1:]:
         shutil.rmtree(later)
     (resumed / "report.json").unlink()
-    config = tmp / "resumed.yaml"
+    config = tmp / f"resumed-{stage}.yaml"
     config.write_text((tmp / "ds.yaml").read_text().replace(str(tmp / "ds"), str(resumed)))
     _torchrun(config, "--resume")
     final, reference = load_checkpoint(latest_checkpoint(resumed)), load_checkpoint(latest_checkpoint(tmp / "ds"))
@@ -206,3 +218,21 @@ def test_two_ranks_resume_from_a_mid_stage_checkpoint(two_rank_kd):
     for model in ("teacher", "student"):
         for name, tensor in reference[0][model].items():
             assert torch.equal(final[0][model][name], tensor), (model, name)
+
+
+@pytest.mark.slow
+def test_two_ranks_with_the_shipped_configs(tmp_path, data_dir):
+    """The README's launch: the default JSONs (ZeRO-3 bf16 teacher, ZeRO-2 bf16 student), two tasks (so a step
+    leaves a head unused), a PKD student reading live teacher hidden states through the ZeRO-3 hooks."""
+    pytest.importorskip("deepspeed")
+    pytest.importorskip("accelerate")
+    teacher = make_tiny_teacher(tmp_path / "teacher")
+    config = write_config(tmp_path / "c.yaml", teacher, data_dir, tmp_path / "run", "pkd",
+                          runtime={"kind": "deepspeed", "device": "auto"})
+    result = _torchrun(config)
+    assert "| rte |" in result.stdout and result.stdout.count("outputs in") == 1
+    records = _records(tmp_path / "run")
+    assert {r["stage"] for r in records} == {"teacher", "student"}
+    assert all(math.isfinite(r["loss"]) for r in records)
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert set(report["tasks"]) == {"cb", "rte"}

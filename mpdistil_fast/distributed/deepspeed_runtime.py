@@ -1,20 +1,23 @@
 """Data-parallel training over DeepSpeed engines (``runtime.kind: deepspeed``), launched by ``torchrun`` or the
 ``deepspeed`` launcher.
 
-Every rank holds the whole model (ZeRO stages 0-2: optimizer states, and from stage 2 gradients, are partitioned
-over the ranks; parameters are not).  The training loop is the one :class:`~mpdistil_fast.distributed.LocalRuntime`
-drives: every rank walks the same deterministic batch stream and takes its contiguous slice of each global batch
-(:meth:`DeepSpeedRuntime.local_rows`), so with ``data.batch_size`` divisible by the world size an optimizer step sees
-the same rows, and averages the same gradient, as a one-process run of that batch size (Li et al., "PyTorch
-Distributed", VLDB 2020; Rajbhandari et al., "ZeRO", SC 2020).  Evaluation runs on every rank (ranks hold identical
-weights, so they agree); rank 0 alone logs, reports and writes checkpoints, except each engine's partitioned
-optimizer state, which every rank writes with DeepSpeed's own ``save_checkpoint`` (a shared filesystem is assumed
-on several nodes).
+Each model gets the ZeRO stage of its JSON (Rajbhandari et al., "ZeRO", SC 2020): stages 0-2 keep the whole model on
+every rank (optimizer states, and from stage 2 gradients, are partitioned); stage 3, for the teacher, also
+partitions the parameters: the teacher is built inside ``transformers``' ``HfDeepSpeedConfig`` (``from_pretrained``
+loads straight into partitions), an inference engine installs the hooks that gather each layer's parameters for its
+forward, and the training engine of the teacher's fine-tuning replaces it. Reading or writing a ZeRO-3 model's
+weights (checkpoints, the best-so-far snapshot) goes through :meth:`DeepSpeedRuntime.gathered`. The training loop is
+the one :class:`~mpdistil_fast.distributed.LocalRuntime` drives: every rank walks the same deterministic batch
+stream and takes its contiguous slice of each global batch (:meth:`DeepSpeedRuntime.local_rows`), so with
+``data.batch_size`` divisible by the world size an optimizer step sees the same rows, and averages the same
+gradient, as a one-process run of that batch size (Li et al., "PyTorch Distributed", VLDB 2020). Evaluation runs on
+every rank (ranks hold identical weights, so they agree); rank 0 alone logs, reports and writes checkpoints, except
+each engine's partitioned optimizer state, which every rank writes with DeepSpeed's own ``save_checkpoint`` (a
+shared filesystem is assumed on several nodes).
 
 The YAML stays the source of truth for the optimisation: the AdamW, its linear schedule and ``max_grad_norm`` come
 from the config (a DeepSpeed JSON must not name an ``optimizer`` or ``scheduler``); the JSON gives the ZeRO stage,
-precision (``bf16``/``fp16``) and communication settings.  ZeRO-3 (parameters partitioned, models built inside
-``transformers``' ``HfDeepSpeedConfig``) is not wired yet and is refused with the reason.
+precision (``bf16``/``fp16``) and communication settings.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ import copy
 import json
 import math
 import os
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -30,7 +34,7 @@ import torch
 from torch import nn
 
 from mpdistil_fast.distributed.runtime import (OptimizerSpec, TrainedModel, batch_to_device, build_optimizer,
-                                               place_model, resolve_device)
+                                               is_partitioned, linear_schedule, place_model, resolve_device)
 
 #: Roles whose engines read the teacher's DeepSpeed JSON; every other role (the student's stages) reads the student's.
 TEACHER_ROLES = ("teacher",)
@@ -53,15 +57,28 @@ def load_deepspeed_config(source: str | dict[str, Any], *, name: str) -> dict[st
     if owned:
         raise ValueError(f"runtime.deepspeed_{name} sets {owned}: the optimizer and its schedule come from the YAML "
                          "(teacher_training / student_training); remove them from the JSON")
-    stage = int(config.get("zero_optimization", {}).get("stage", 0))
-    if stage not in (0, 1, 2):
-        raise ValueError(f"runtime.deepspeed_{name} asks for ZeRO stage {stage}; this runtime runs stages 0-2 "
-                         "(ZeRO-3, with the model built inside HfDeepSpeedConfig, is not wired yet)")
+    stage = zero_stage(config)
+    if stage not in ((0, 1, 2, 3) if name == "teacher" else (0, 1, 2)):
+        raise ValueError(f"runtime.deepspeed_{name} asks for ZeRO stage {stage}; the {name} runs stages "
+                         + ("0-3" if name == "teacher" else "0-2 (the student is built as a truncated copy of whole "
+                            "teacher layers; ZeRO-3 is for the teacher)"))
     if int(config.get("gradient_accumulation_steps", 1)) != 1:
         raise ValueError(f"runtime.deepspeed_{name} sets gradient_accumulation_steps="
                          f"{config['gradient_accumulation_steps']}; every loop step is one optimizer step here, "
                          "so it must be 1 (raise data.batch_size instead)")
     return config
+
+
+def zero_stage(config: dict[str, Any]) -> int:
+    return int(config.get("zero_optimization", {}).get("stage", 0))
+
+
+def engine_dtype(config: dict[str, Any]) -> torch.dtype:
+    """The dtype a DeepSpeed engine keeps the model's parameters in (``bf16`` / ``fp16`` sections, else fp32)."""
+    for key, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        if config.get(key, {}).get("enabled", False):
+            return dtype
+    return torch.float32
 
 
 @dataclass
@@ -138,13 +155,47 @@ class DeepSpeedRuntime:
             torch.cuda.set_device(self.device)
         self.batch_size = batch_size
         self._engines: dict[int, str] = {}
+        self._inference_engines: dict[int, Any] = {}
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def _config_for(self, role: str) -> dict[str, Any]:
+        return self.configs["teacher" if role in TEACHER_ROLES else "student"]
+
+    def _engine_config(self, role: str, spec: OptimizerSpec | None) -> dict[str, Any]:
+        """The role's JSON completed for one engine: one loop step = one optimizer step of the rank's slice."""
+        config = copy.deepcopy(self._config_for(role))
+        config["train_micro_batch_size_per_gpu"] = math.ceil(self.batch_size / self.world_size)
+        config["gradient_accumulation_steps"] = 1
+        config.pop("train_batch_size", None)
+        if spec is not None:
+            config["gradient_clipping"] = spec.max_grad_norm or 0.0
+            config["zero_allow_untested_optimizer"] = True  # torch's AdamW, stepped by the ZeRO optimizer wrapper
+        return config
+
     def build_model(self, build: Callable[[], nn.Module], *, role: str, trainable: bool) -> nn.Module:
-        return place_model(build(), self.device, trainable)
+        """``build()`` on this rank's device; under ZeRO-3, built partitioned and given an inference engine."""
+        if zero_stage(self._config_for(role)) != 3:
+            return place_model(build(), self.device, trainable)
+        from transformers.integrations import HfDeepSpeedConfig
+
+        zero3 = HfDeepSpeedConfig(self._engine_config(role, None))  # from_pretrained now loads into partitions
+        try:
+            module = build()
+        finally:
+            del zero3  # transformers holds it weakly: models built later (the student) are whole again
+        dtype = engine_dtype(self._config_for(role))
+        for param in module.parameters():  # what from_pretrained did not build (the task heads) joins its dtype
+            if not hasattr(param, "ds_id"):
+                param.data = param.data.to(self.device, dtype)
+        if not trainable:
+            module.eval().requires_grad_(False)
+        engine, *_ = self._deepspeed.initialize(model=module, config=self._engine_config(role, None),
+                                                dist_init_required=False)
+        self._inference_engines[id(module)] = engine
+        return module
 
     def train(self, module: nn.Module, spec: OptimizerSpec, *, role: str,
               params: Iterable[nn.Parameter] | None = None) -> DeepSpeedTrainedModel:
@@ -156,15 +207,14 @@ class DeepSpeedRuntime:
             raise RuntimeError(f"{role}: this model is already trained by the DeepSpeed engine of stage "
                                f"{self._engines[id(module)]!r}; one model gets one engine (methods that train a "
                                "model in several stages are not wired to DeepSpeed yet)")
-        config = copy.deepcopy(self.configs["teacher" if role in TEACHER_ROLES else "student"])
-        config["train_micro_batch_size_per_gpu"] = math.ceil(self.batch_size / self.world_size)
-        config["gradient_accumulation_steps"] = 1
-        config.pop("train_batch_size", None)
-        config["gradient_clipping"] = spec.max_grad_norm or 0.0
-        config["zero_allow_untested_optimizer"] = True  # torch's AdamW, stepped by the ZeRO optimizer wrapper
-        optimizer, scheduler = build_optimizer(module, spec, params)
-        engine, engine_optimizer, _, _ = self._deepspeed.initialize(
-            model=module, optimizer=optimizer, lr_scheduler=scheduler, config=config, dist_init_required=False)
+        inference = self._inference_engines.pop(id(module), None)
+        if inference is not None:  # a ZeRO-3 model: the training engine installs its own hooks
+            inference.destroy()
+        # the schedule is built by the engine on the optimizer as ZeRO regrouped it (ZeRO-3 changes its groups)
+        engine, engine_optimizer, _, scheduler = self._deepspeed.initialize(
+            model=module, optimizer=build_optimizer(module, spec, params),
+            lr_scheduler=lambda optimizer: linear_schedule(optimizer, spec), config=self._engine_config(role, spec),
+            dist_init_required=False)
         self._engines[id(module)] = role
         return DeepSpeedTrainedModel(module, engine_optimizer, scheduler, spec.max_grad_norm, engine=engine)
 
@@ -191,6 +241,13 @@ class DeepSpeedRuntime:
         values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=self.device)
         torch.distributed.all_reduce(values)
         return {k: v / self.world_size for k, v in zip(keys, values.tolist())}
+
+    def gathered(self, module: nn.Module, *, modify: bool = False) -> AbstractContextManager:
+        """Every rank: inside it a ZeRO-3 ``module``'s parameters are whole; with ``modify`` rank 0's changes are
+        partitioned back on exit (other ranks' are dropped).  Other models are whole anyway."""
+        if not is_partitioned(module):
+            return nullcontext()
+        return self._deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=0 if modify else None)
 
     def barrier(self) -> None:
         torch.distributed.barrier()

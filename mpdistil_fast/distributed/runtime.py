@@ -4,12 +4,14 @@ The loop never calls ``loss.backward()`` or ``optimizer.step()`` itself: it asks
 models (``build_model``: where a ZeRO-3 runtime would construct them inside ``HfDeepSpeedConfig``) and a
 :class:`TrainedModel` (module + optimizer + scheduler), and drives that with ``backward`` / ``step``, so a
 DeepSpeed engine can stand behind the same methods.  ``is_main`` gates logging and saving (rank 0 only); ``local_rows`` gives each data-parallel rank its slice of a
-global batch and ``average`` averages logged metrics over ranks.  :class:`LocalRuntime` is one process on one
+global batch, ``average`` averages logged metrics over ranks and ``gathered(module)`` makes a ZeRO-3 model's
+partitioned parameters whole for reading or writing its weights (every rank enters it).  :class:`LocalRuntime` is one process on one
 device; :class:`~mpdistil_fast.distributed.deepspeed_runtime.DeepSpeedRuntime` is data parallel over DeepSpeed
 engines (``runtime.kind: deepspeed``).
 """
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Protocol
 
@@ -103,6 +105,8 @@ class Runtime(Protocol):
 
     def average(self, metrics: dict[str, float]) -> dict[str, float]: ...
 
+    def gathered(self, module: nn.Module, *, modify: bool = False) -> AbstractContextManager: ...
+
     def barrier(self) -> None: ...
 
 
@@ -115,6 +119,11 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def is_partitioned(module: nn.Module) -> bool:
+    """Whether ``module``'s parameters are partitioned over ranks by ZeRO-3 (DeepSpeed marks them with ``ds_id``)."""
+    return any(hasattr(param, "ds_id") for param in module.parameters())
+
+
 def place_model(module: nn.Module, device: torch.device, trainable: bool) -> nn.Module:
     """``module`` on ``device``; a model that is not trained is put in eval mode with its gradients off."""
     module = module.to(device)
@@ -124,12 +133,11 @@ def place_model(module: nn.Module, device: torch.device, trainable: bool) -> nn.
 
 
 def build_optimizer(module: nn.Module, spec: OptimizerSpec, params: Iterable[nn.Parameter] | None = None
-                    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW over ``params`` (default: :func:`parameter_groups` of ``module``) and its :func:`linear_schedule`."""
+                    ) -> torch.optim.AdamW:
+    """AdamW over ``params`` (default: :func:`parameter_groups` of ``module``)."""
     groups = parameter_groups(module, spec.weight_decay) if params is None else [
         {"params": list(params), "weight_decay": spec.weight_decay}]
-    optimizer = torch.optim.AdamW(groups, lr=spec.lr)
-    return optimizer, linear_schedule(optimizer, spec)
+    return torch.optim.AdamW(groups, lr=spec.lr)
 
 
 def batch_to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -156,8 +164,8 @@ class LocalRuntime:
 
     def train(self, module: nn.Module, spec: OptimizerSpec, *, role: str,
               params: Iterable[nn.Parameter] | None = None) -> TrainedModel:
-        optimizer, scheduler = build_optimizer(module, spec, params)
-        return TrainedModel(module, optimizer, scheduler, spec.max_grad_norm)
+        optimizer = build_optimizer(module, spec, params)
+        return TrainedModel(module, optimizer, linear_schedule(optimizer, spec), spec.max_grad_norm)
 
     def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return batch_to_device(batch, self.device)
@@ -167,6 +175,10 @@ class LocalRuntime:
 
     def average(self, metrics: dict[str, float]) -> dict[str, float]:
         return metrics
+
+    def gathered(self, module: nn.Module, *, modify: bool = False) -> AbstractContextManager:
+        """Inside it ``module``'s parameters are whole (they always are in one process)."""
+        return nullcontext()
 
     def barrier(self) -> None:
         return None

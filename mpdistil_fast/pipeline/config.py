@@ -123,7 +123,7 @@ class RuntimeConfig:
     #: parallel over DeepSpeed engines ("deepspeed", launched by torchrun or the deepspeed launcher)
     kind: Literal["local", "deepspeed"] = "local"
     #: DeepSpeed JSON of the engines that train the teacher / the student (runtime.kind deepspeed; ZeRO stage 0-2)
-    deepspeed_teacher: str = "configs/deepspeed/zero2.json"
+    deepspeed_teacher: str = "configs/deepspeed/zero3.json"
     deepspeed_student: str = "configs/deepspeed/zero2.json"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_threads: int | None = None
@@ -359,13 +359,16 @@ def check_values(config: Config) -> None:
         _require(config.method in DEEPSPEED_METHODS,
                  f"runtime.kind 'deepspeed' runs the methods {DEEPSPEED_METHODS} so far, not {config.method!r} (it "
                  "trains one model in several stages or steps Adam functionally, not yet wired to DeepSpeed engines)")
-        from mpdistil_fast.distributed.deepspeed_runtime import load_deepspeed_config
+        from mpdistil_fast.distributed.deepspeed_runtime import load_deepspeed_config, zero_stage
 
         for name in ("teacher", "student"):
             try:
-                load_deepspeed_config(getattr(r, f"deepspeed_{name}"), name=name)
+                loaded = load_deepspeed_config(getattr(r, f"deepspeed_{name}"), name=name)
             except (OSError, ValueError) as error:
                 raise ConfigError(str(error)) from None
+            _require(not (name == "teacher" and zero_stage(loaded) == 3 and r.teacher_cache == "disk"),
+                     "runtime.teacher_cache 'disk' fingerprints the teacher's weights, which ZeRO-3 partitions; use "
+                     "'memory' or 'off' with a ZeRO-3 teacher")
     if config.method == "metadistil" or config.meta_teacher.bilevel:
         from mpdistil_fast.bilevel import METHODS as HYPERGRADIENT_METHODS
 

@@ -16,7 +16,7 @@ import logging
 import random
 import shutil
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from mpdistil_fast.data import (EncodedSplit, TeacherCache, compute_metrics, encode_examples, iterate_batches,
                                 load_task_splits, trim_padding)
-from mpdistil_fast.distributed.runtime import OptimizerSpec, Runtime, TrainedModel, make_runtime
+from mpdistil_fast.distributed.runtime import OptimizerSpec, Runtime, TrainedModel, is_partitioned, make_runtime
 from mpdistil_fast.models import (TaskModel, default_teacher_path, load_backbone, load_tokenizer, truncated_copy)
 from mpdistil_fast.pipeline.checkpoint import (capture_rng_state, checkpoint_dir, flatten_state_dict,
                                                latest_checkpoint, load_checkpoint, prune_checkpoints,
@@ -55,9 +55,11 @@ def seed_everything(seed: int) -> None:
 
 
 class BestSnapshot:
-    """The best weights of the model a stage trains, by the quiz score (higher is better)."""
+    """The best weights of the model a stage trains, by the quiz score (higher is better).  Every rank offers and
+    restores (a ZeRO-3 model's weights are gathered through ``runtime.gathered``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
         self.score: float | None = None
         self.step = -1
         self.weights: dict[str, torch.Tensor] = {}
@@ -66,12 +68,14 @@ class BestSnapshot:
         if self.score is not None and score <= self.score:
             return False
         self.score, self.step = score, step
-        self.weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        with self.runtime.gathered(model):
+            self.weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         return True
 
     def restore_into(self, model: nn.Module) -> None:
         if self.weights:
-            model.load_state_dict(self.weights)
+            with self.runtime.gathered(model, modify=True):
+                model.load_state_dict(self.weights)
 
     def state_dict(self) -> dict[str, Any]:
         return {"score": self.score, "step": self.step, "weights": self.weights}
@@ -159,10 +163,13 @@ class Run:
         def build_student() -> TaskModel:
             if c.student.model is not None:
                 backbone = load_backbone(c.student.model, attn_implementation=c.student.attn_implementation)
-            else:
-                source = teacher.backbone if teacher is not None else load_backbone(
-                    self.teacher_path, attn_implementation=c.student.attn_implementation)
-                backbone = truncated_copy(source, c.student.num_layers)
+            elif teacher is not None and not is_partitioned(teacher):
+                backbone = truncated_copy(teacher.backbone, c.student.num_layers)
+            else:  # no teacher, or a ZeRO-3 teacher whose parameters are partitioned: load the layers afresh
+                with torch.random.fork_rng(devices=[]) if teacher is not None else nullcontext():
+                    backbone = truncated_copy(load_backbone(self.teacher_path,
+                                                            attn_implementation=c.student.attn_implementation),
+                                              c.student.num_layers)
             return TaskModel(backbone, self.tasks, c.student.pooling)
 
         student = self.runtime.build_model(build_student, role="student", trainable=True)
@@ -209,10 +216,14 @@ class Run:
             for name, obj in sharded.items():
                 obj.save_sharded(staging / name)
             self.runtime.barrier()
+        tensors: dict[str, dict[str, torch.Tensor]] = {}
+        meta: dict[str, Any] = {}
+        for name, model in self._models().items():
+            with self.runtime.gathered(model):  # every rank: a ZeRO-3 model's weights are gathered
+                if self.is_main:
+                    tensors[name], meta[name] = flatten_state_dict(model.state_dict())
         if self.is_main:
-            tensors: dict[str, dict[str, torch.Tensor]] = {}
-            meta: dict[str, Any] = {}
-            for name, obj in {**self._models(), **stateful}.items():
+            for name, obj in stateful.items():
                 if name not in sharded:
                     tensors[name], meta[name] = flatten_state_dict(obj.state_dict())
             self.state["meta"] = meta
@@ -236,7 +247,8 @@ class Run:
         if "meta_teachers" in tensors:
             self.build_meta_teachers()
         for name, model in self._models().items():
-            model.load_state_dict(unflatten_state_dict(tensors[name], state["meta"][name]))
+            with self.runtime.gathered(model, modify=True):
+                model.load_state_dict(unflatten_state_dict(tensors[name], state["meta"][name]))
         timings = self.state["timings"]
         self.state = state
         self.state["timings"].update({k: v for k, v in timings.items() if k in ("data", "models")})
@@ -340,7 +352,7 @@ class Run:
             total = min(total, optim.max_steps)
         trained = self.trainer(trainable, optim, total, role=stage, lr=lr)
         extra = companions(total) if companions is not None else {}
-        best = BestSnapshot()
+        best = BestSnapshot(self.runtime)
         stateful = {"trained": trained, "best": best, **extra}
         self.restore_stage(stateful)
         self.train_mode(trainable)
