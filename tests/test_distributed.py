@@ -1,5 +1,6 @@
-"""runtime.kind deepspeed: config checks, the data-parallel batch split, and real two-rank runs (torchrun, gloo on
-CPU) that must match the one-process run step for step and resume exactly from a mid-stage checkpoint."""
+"""runtime.kind deepspeed: config checks, the data-parallel batch split, and real two-rank MPDistil runs (torchrun,
+gloo on CPU) that must match the one-process run step for step and resume exactly from a checkpoint inside any of
+its four stages."""
 from __future__ import annotations
 
 import json
@@ -21,6 +22,7 @@ from mpdistil_fast.pipeline.config import ConfigError, load_config
 from pipeline_helpers import make_tiny_teacher, restore_torch_threads, write_config  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
+STAGES = ("teacher", "student", "meta_teacher", "curriculum")
 
 
 # ----------------------------------------------------------------------------------------------- config checks
@@ -50,8 +52,12 @@ def test_deepspeed_config_files(tmp_path):
 def test_config_validation_for_deepspeed(tmp_path, data_dir):
     teacher = tmp_path / "unused-teacher"
     path = write_config(tmp_path / "c.yaml", teacher, data_dir, tmp_path / "run", "mpdistil")
-    with pytest.raises(ConfigError, match="runs the methods .* not 'mpdistil'"):
-        load_config(path, ["runtime.kind=deepspeed"])
+    assert load_config(path, ["runtime.kind=deepspeed"]).runtime.kind == "deepspeed"
+    for overrides, message in ((["method=metadistil"], "does not run 'metadistil'"),
+                               (["meta_teacher.bilevel=true"], "does not run meta_teacher.bilevel"),
+                               (["reference_compat=true"], "does not run reference_compat")):
+        with pytest.raises(ConfigError, match=message):
+            load_config(path, ["runtime.kind=deepspeed", *overrides])
     path = write_config(tmp_path / "k.yaml", teacher, data_dir, tmp_path / "run", "kd")
     with pytest.raises(ConfigError, match="runtime.deepspeed_student names"):
         load_config(path, ["runtime.kind=deepspeed", f"runtime.deepspeed_student={tmp_path / 'none.json'}"])
@@ -84,20 +90,18 @@ def _ranks(world_size: int) -> list[DeepSpeedRuntime]:
     return runtimes
 
 
-@pytest.mark.parametrize("rows, world_size", [(8, 2), (7, 2), (10, 4), (3, 3), (2, 4), (1, 3)])
+@pytest.mark.parametrize("rows, world_size", [(8, 2), (7, 2), (10, 4), (3, 3), (2, 4), (1, 3), (9, 4)])
 def test_local_rows_split_a_batch_over_the_ranks(rows, world_size):
     batch = {"input_ids": torch.arange(rows * 5).reshape(rows, 5), "labels": torch.arange(rows), "task": "cb"}
     slices = [runtime.local_rows(batch) for runtime in _ranks(world_size)]
-    sizes = [len(s["labels"]) for s in slices]
-    assert min(sizes) >= 1 and max(sizes) - min(sizes) <= 1  # balanced, never empty
+    padded = -(-rows // world_size) * world_size
+    assert [len(s["labels"]) for s in slices] == [padded // world_size] * world_size  # equal, never empty
     assert all(s["task"] == "cb" for s in slices)
     labels = torch.cat([s["labels"] for s in slices])
     ids = torch.cat([s["input_ids"] for s in slices])
     assert torch.equal(ids, batch["input_ids"][labels])  # rows stay aligned across keys
-    if rows >= world_size:
-        assert torch.equal(labels, batch["labels"])  # contiguous, in order, each row once
-    else:
-        assert torch.equal(labels, torch.arange(world_size) % rows)  # padded by repetition
+    # contiguous and in order; a batch that does not divide is padded by repeating its first rows
+    assert torch.equal(labels, torch.arange(padded) % rows)
 
 
 class HalvingRuntime(LocalRuntime):
@@ -150,21 +154,23 @@ def _torchrun(config: Path, *extra: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["zero2-teacher", "zero3-teacher"])
-def two_rank_kd(request, tmp_path_factory, data_dir):
-    """The same one-task KD run (teacher fine-tuning, then the student) on one process and on two ranks (a ZeRO-2
-    student; a ZeRO-2 or ZeRO-3 teacher, fp32)."""
+def two_rank_run(request, tmp_path_factory, data_dir):
+    """The same one-task MPDistil run (teacher, PKD student, meta-teacher, curriculum) on one process and on two ranks
+    (a ZeRO-2 student and meta-teacher; a ZeRO-2 or ZeRO-3 teacher; fp32)."""
     pytest.importorskip("deepspeed")
     pytest.importorskip("accelerate")  # transformers' HfDeepSpeedConfig needs it
     tmp = tmp_path_factory.mktemp(f"ds{request.param}")
     teacher = _teacher_without_dropout(tmp / "teacher")
     for stage in (2, 3):
         (tmp / f"zero{stage}.json").write_text(json.dumps({"zero_optimization": {"stage": stage}}))
-    common = {"data": {"tasks": ["rte"]}, "teacher_training": {"max_steps": 3}, "student_training": {"max_steps": 3},
-              "runtime": {"checkpoint_every": 2, "keep_checkpoints": 10}}
-    local = write_config(tmp / "local.yaml", teacher, data_dir, tmp / "local", "kd", **common)
+    common = {"data": {"tasks": ["rte"]}, "curriculum": {"actions": ["rte"]}, "teacher_training": {"max_steps": 3},
+              "student_training": {"max_steps": 3}, "meta_teacher": {"training": {"max_steps": 3}},
+              "runtime": {"checkpoint_every": 2, "keep_checkpoints": 20}}
+    local = write_config(tmp / "local.yaml", teacher, data_dir, tmp / "local", "mpdistil", **common)
     runtime = {**common["runtime"], "kind": "deepspeed", "deepspeed_teacher": str(tmp / f"zero{request.param}.json"),
                "deepspeed_student": str(tmp / "zero2.json")}
-    distributed = write_config(tmp / "ds.yaml", teacher, data_dir, tmp / "ds", "kd", **{**common, "runtime": runtime})
+    distributed = write_config(tmp / "ds.yaml", teacher, data_dir, tmp / "ds", "mpdistil",
+                               **{**common, "runtime": runtime})
     from mpdistil_fast.pipeline.trainer import Run
 
     Run(load_config(local)).run()
@@ -173,19 +179,20 @@ def two_rank_kd(request, tmp_path_factory, data_dir):
 
 
 @pytest.mark.slow
-def test_two_ranks_match_one_process_step_for_step(two_rank_kd):
-    tmp, result = two_rank_kd
+def test_two_ranks_match_one_process_step_for_step(two_rank_run):
+    tmp, result = two_rank_run
     local, distributed = _records(tmp / "local"), _records(tmp / "ds")
     assert [(r["stage"], r["step"]) for r in local] == [(r["stage"], r["step"]) for r in distributed]
-    assert {r["stage"] for r in local} == {"teacher", "student"}
+    assert {r["stage"] for r in local} == set(STAGES)
     for one, two in zip(local, distributed):
-        for key in ("loss", "ce", "kd", "quiz"):
-            if key in one:
-                assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-7), (one, two)
+        assert set(one) - {"time"} == set(two) - {"time"}
+        for key in set(one) - {"stage", "step", "time"}:
+            assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-7), (key, one, two)
     ours, theirs = load_checkpoint(latest_checkpoint(tmp / "local"))[0], load_checkpoint(latest_checkpoint(tmp / "ds"))[0]
-    for model in ("teacher", "student"):
+    for model in ("teacher", "student", "meta_teachers"):
         for name, tensor in ours[model].items():
-            torch.testing.assert_close(theirs[model][name], tensor, rtol=1e-4, atol=1e-5)
+            # Adam turns reduction-order noise in near-zero gradients into ~1e-5 weight differences
+            torch.testing.assert_close(theirs[model][name], tensor, rtol=1e-3, atol=1e-4)
     # rank 0 alone prints the report; every rank wrote its optimizer partition into the checkpoint
     assert result.stdout.count("outputs in") == 1
     mid_stage = [c for c in list_checkpoints(tmp / "ds") if json.loads((c / "state.json").read_text())["stage"]]
@@ -197,11 +204,13 @@ def test_two_ranks_match_one_process_step_for_step(two_rank_kd):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["teacher", "student"])
-def test_two_ranks_resume_from_a_mid_stage_checkpoint(two_rank_kd, stage):
+@pytest.mark.parametrize("two_rank_run", [3], ids=["zero3-teacher"], indirect=True)  # it runs ZeRO-2 engines too
+@pytest.mark.parametrize("stage", STAGES)
+def test_two_ranks_resume_from_a_mid_stage_checkpoint(two_rank_run, stage):
     """Resumed inside the teacher's fine-tuning (its engine state, ZeRO-3 partitions included, comes back) or inside
-    the student's stage (the teacher's weights are loaded into its partitions; it is never trained again)."""
-    tmp, _ = two_rank_kd
+    a later stage (the teacher's weights are loaded into its partitions; the student's engine of that stage and the
+    meta-teachers' or the policy's state come back)."""
+    tmp, _ = two_rank_run
     resumed = tmp / f"resumed-{stage}"
     shutil.copytree(tmp / "ds", resumed)
     checkpoints = list_checkpoints(resumed)
@@ -215,24 +224,25 @@ def test_two_ranks_resume_from_a_mid_stage_checkpoint(two_rank_kd, stage):
     _torchrun(config, "--resume")
     final, reference = load_checkpoint(latest_checkpoint(resumed)), load_checkpoint(latest_checkpoint(tmp / "ds"))
     assert final[1]["global_step"] == reference[1]["global_step"]
-    for model in ("teacher", "student"):
+    for model in ("teacher", "student", "meta_teachers"):
         for name, tensor in reference[0][model].items():
             assert torch.equal(final[0][model][name], tensor), (model, name)
 
 
 @pytest.mark.slow
-def test_two_ranks_with_the_shipped_configs(tmp_path, data_dir):
-    """The README's launch: the default JSONs (ZeRO-3 bf16 teacher, ZeRO-2 bf16 student), two tasks (so a step
-    leaves a head unused), a PKD student reading live teacher hidden states through the ZeRO-3 hooks."""
+def test_two_ranks_run_mpdistil_with_the_shipped_configs(tmp_path, data_dir):
+    """The README's launch: the default JSONs (ZeRO-3 bf16 teacher, ZeRO-2 bf16 student and meta-teachers), all four
+    MPDistil stages on two tasks (a step leaves a head unused; PKD reads live teacher hidden states through the
+    ZeRO-3 hooks; the curriculum's actions come from rank 0)."""
     pytest.importorskip("deepspeed")
     pytest.importorskip("accelerate")
     teacher = make_tiny_teacher(tmp_path / "teacher")
-    config = write_config(tmp_path / "c.yaml", teacher, data_dir, tmp_path / "run", "pkd",
+    config = write_config(tmp_path / "c.yaml", teacher, data_dir, tmp_path / "run", "mpdistil",
                           runtime={"kind": "deepspeed", "device": "auto"})
     result = _torchrun(config)
     assert "| rte |" in result.stdout and result.stdout.count("outputs in") == 1
     records = _records(tmp_path / "run")
-    assert {r["stage"] for r in records} == {"teacher", "student"}
+    assert {r["stage"] for r in records} == {"teacher", "student", "meta_teacher", "curriculum"}
     assert all(math.isfinite(r["loss"]) for r in records)
     report = json.loads((tmp_path / "run" / "report.json").read_text())
-    assert set(report["tasks"]) == {"cb", "rte"}
+    assert set(report["tasks"]) == {"cb", "rte"} and "meta_teacher" in report["tasks"]["rte"]

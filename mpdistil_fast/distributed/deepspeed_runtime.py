@@ -81,6 +81,17 @@ def engine_dtype(config: dict[str, Any]) -> torch.dtype:
     return torch.float32
 
 
+def retire(engine: Any) -> None:
+    """Remove ``engine``'s hooks from its module and free its optimizer state (DeepSpeed's ``destroy`` releases the
+    ZeRO gradient and parameter hooks; the engine's own forward hooks are removed here)."""
+    engine.destroy()
+    for name in ("module_forward_pre_hook", "module_forward_post_hook"):
+        hook = getattr(engine, name, None)
+        if hook is not None:
+            hook.remove()
+            setattr(engine, name, None)
+
+
 @dataclass
 class DeepSpeedTrainedModel(TrainedModel):
     """A :class:`TrainedModel` whose ``backward``/``step`` go through a DeepSpeed engine (gradient all-reduce or
@@ -154,8 +165,7 @@ class DeepSpeedRuntime:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.batch_size = batch_size
-        self._engines: dict[int, str] = {}
-        self._inference_engines: dict[int, Any] = {}
+        self._engines: dict[int, Any] = {}  # id(module) -> the engine that hooks its parameters now
 
     @property
     def is_main(self) -> bool:
@@ -194,44 +204,42 @@ class DeepSpeedRuntime:
             module.eval().requires_grad_(False)
         engine, *_ = self._deepspeed.initialize(model=module, config=self._engine_config(role, None),
                                                 dist_init_required=False)
-        self._inference_engines[id(module)] = engine
+        self._engines[id(module)] = engine
         return module
 
     def train(self, module: nn.Module, spec: OptimizerSpec, *, role: str,
               params: Iterable[nn.Parameter] | None = None) -> DeepSpeedTrainedModel:
         """A DeepSpeed engine over ``module`` with the YAML's AdamW, schedule and clipping.
 
-        A module gets one engine for its lifetime: a second engine would register a second set of ZeRO gradient
-        hooks on the same parameters, so training one model in two stages is refused here."""
-        if id(module) in self._engines:
-            raise RuntimeError(f"{role}: this model is already trained by the DeepSpeed engine of stage "
-                               f"{self._engines[id(module)]!r}; one model gets one engine (methods that train a "
-                               "model in several stages are not wired to DeepSpeed yet)")
-        inference = self._inference_engines.pop(id(module), None)
-        if inference is not None:  # a ZeRO-3 model: the training engine installs its own hooks
-            inference.destroy()
+        Each stage trains with a fresh optimizer (as in one process): an engine that hooks ``module`` already (a
+        ZeRO-3 inference engine, or an earlier stage's) is retired first, so no parameter carries two engines'
+        hooks."""
+        previous = self._engines.pop(id(module), None)
+        if previous is not None:
+            retire(previous)
         # the schedule is built by the engine on the optimizer as ZeRO regrouped it (ZeRO-3 changes its groups)
         engine, engine_optimizer, _, scheduler = self._deepspeed.initialize(
             model=module, optimizer=build_optimizer(module, spec, params),
             lr_scheduler=lambda optimizer: linear_schedule(optimizer, spec), config=self._engine_config(role, spec),
             dist_init_required=False)
-        self._engines[id(module)] = role
+        self._engines[id(module)] = engine
         return DeepSpeedTrainedModel(module, engine_optimizer, scheduler, spec.max_grad_norm, engine=engine)
 
     def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return batch_to_device(batch, self.device)
 
     def local_rows(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """This rank's contiguous slice of a global batch.  A batch with fewer rows than ranks is first padded by
-        repeating its rows (as ``torch.utils.data.DistributedSampler`` pads), so no rank steps on an empty slice."""
+        """This rank's contiguous slice of a global batch.  A batch whose rows do not divide by the world size is
+        first padded by repeating its first rows (as ``torch.utils.data.DistributedSampler`` pads), so every rank
+        steps on a slice of the same shape: no rank is empty, and dropout draws alike on every rank."""
         rows = len(batch["input_ids"])
-        if rows < self.world_size:
-            repeat = torch.arange(self.world_size) % rows
+        padded = math.ceil(rows / self.world_size) * self.world_size
+        if padded != rows:
+            repeat = torch.arange(padded) % rows
             batch = {k: v[repeat] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-            rows = self.world_size
-        bounds = [rows * r // self.world_size for r in range(self.world_size + 1)]
-        start, stop = bounds[self.rank], bounds[self.rank + 1]
-        return {k: v[start:stop] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        share = padded // self.world_size
+        start = self.rank * share
+        return {k: v[start:start + share] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
     def average(self, metrics: dict[str, float]) -> dict[str, float]:
         """The mean of each metric over the ranks (every rank calls this with the same keys)."""
@@ -248,6 +256,12 @@ class DeepSpeedRuntime:
         if not is_partitioned(module):
             return nullcontext()
         return self._deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=0 if modify else None)
+
+    def from_main(self, value: int) -> int:
+        """Rank 0's ``value`` on every rank (a broadcast)."""
+        tensor = torch.tensor([value], dtype=torch.int64, device=self.device)
+        torch.distributed.broadcast(tensor, src=0)
+        return int(tensor.item())
 
     def barrier(self) -> None:
         torch.distributed.barrier()

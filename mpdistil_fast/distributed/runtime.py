@@ -5,7 +5,8 @@ models (``build_model``: where a ZeRO-3 runtime would construct them inside ``Hf
 :class:`TrainedModel` (module + optimizer + scheduler), and drives that with ``backward`` / ``step``, so a
 DeepSpeed engine can stand behind the same methods.  ``is_main`` gates logging and saving (rank 0 only); ``local_rows`` gives each data-parallel rank its slice of a
 global batch, ``average`` averages logged metrics over ranks and ``gathered(module)`` makes a ZeRO-3 model's
-partitioned parameters whole for reading or writing its weights (every rank enters it).  :class:`LocalRuntime` is one process on one
+partitioned parameters whole for reading or writing its weights (every rank enters it); ``from_main`` hands every
+rank rank 0's decision.  :class:`LocalRuntime` is one process on one
 device; :class:`~mpdistil_fast.distributed.deepspeed_runtime.DeepSpeedRuntime` is data parallel over DeepSpeed
 engines (``runtime.kind: deepspeed``).
 """
@@ -107,6 +108,8 @@ class Runtime(Protocol):
 
     def gathered(self, module: nn.Module, *, modify: bool = False) -> AbstractContextManager: ...
 
+    def from_main(self, value: int) -> int: ...
+
     def barrier(self) -> None: ...
 
 
@@ -179,6 +182,10 @@ class LocalRuntime:
     def gathered(self, module: nn.Module, *, modify: bool = False) -> AbstractContextManager:
         """Inside it ``module``'s parameters are whole (they always are in one process)."""
         return nullcontext()
+
+    def from_main(self, value: int) -> int:
+        """Rank 0's ``value`` (a decision every rank must share, such as a curriculum action)."""
+        return value
 
     def barrier(self) -> None:
         return None

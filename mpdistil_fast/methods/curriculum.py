@@ -15,6 +15,7 @@ end: an episode in progress is plain data (states, actions, rewards) and can be 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
@@ -97,14 +98,18 @@ class Reinforce:
         self.baseline: float | None = None
         self.episode = Episode()
 
-    def act(self, state: torch.Tensor, *, keep_graph: bool = False) -> int:
+    def act(self, state: torch.Tensor, *, keep_graph: bool = False,
+            agree: Callable[[int], int] | None = None) -> int:
         """Sample an action for ``state`` (recorded in the current episode); uses the global torch RNG.
 
         ``keep_graph`` (the released code's choice, ``reference_compat``) keeps ``state`` attached to the student,
         so the policy loss also back-propagates into the student; such an episode cannot be checkpointed midway.
+        ``agree`` maps the sampled action to the one every rank records (data parallel: rank 0's).
         """
         with torch.no_grad():
             action = int(self.policy.distribution(state.detach()).sample())
+        if agree is not None:
+            action = agree(action)
         if keep_graph:
             self.episode.attached_states.append(state.float())
         self.episode.states.append(state.detach().float())

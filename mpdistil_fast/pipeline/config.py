@@ -356,9 +356,15 @@ def check_values(config: Config) -> None:
         _require(getattr(r, key) > 0, f"runtime.{key} must be > 0, got {getattr(r, key)}")
     _require(r.num_threads is None or r.num_threads > 0, f"runtime.num_threads must be > 0, got {r.num_threads}")
     if r.kind == "deepspeed":
-        _require(config.method in DEEPSPEED_METHODS,
-                 f"runtime.kind 'deepspeed' runs the methods {DEEPSPEED_METHODS} so far, not {config.method!r} (it "
-                 "trains one model in several stages or steps Adam functionally, not yet wired to DeepSpeed engines)")
+        _require(config.method != "metadistil",
+                 "runtime.kind 'deepspeed' does not run 'metadistil' yet: its pilot update steps Adam functionally "
+                 "from the optimizer's state, which ZeRO partitions")
+        _require(not (config.method == "mpdistil" and config.meta_teacher.bilevel),
+                 "runtime.kind 'deepspeed' does not run meta_teacher.bilevel yet: its hypergradient is added to the "
+                 "meta-teacher's gradients after the engine has reduced them")
+        _require(not (config.method == "mpdistil" and config.reference_compat),
+                 "runtime.kind 'deepspeed' does not run reference_compat: it accumulates a whole episode's backward "
+                 "passes into one step, which the engines (one step per backward) do not")
         from mpdistil_fast.distributed.deepspeed_runtime import load_deepspeed_config, zero_stage
 
         for name in ("teacher", "student"):
@@ -386,10 +392,6 @@ def _check_optim(section: str, optim: OptimConfig) -> None:
     _require(optim.max_grad_norm > 0, f"{section}.max_grad_norm must be > 0, got {optim.max_grad_norm}")
     _require(optim.max_steps is None or optim.max_steps > 0,
              f"{section}.max_steps must be > 0 or null, got {optim.max_steps}")
-
-
-#: The methods ``runtime.kind: deepspeed`` runs (each of their models is trained by one engine, one stage).
-DEEPSPEED_METHODS = ("finetune", "kd", "pkd")
 
 
 def curriculum_tasks(config: Config) -> list[str]:

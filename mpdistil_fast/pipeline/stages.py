@@ -162,15 +162,17 @@ class LogitsOf(nn.Module):
         return self.model(**inputs, task=task).logits
 
 
-def next_batch(run: "Run", state: dict, split: str, task: str, *, salt: int) -> Batch:
-    """The next batch of an endless per-task stream whose position lives in the checkpointed stage state."""
+def next_batch(run: "Run", state: dict, split: str, task: str, *, salt: int, local: bool = False) -> Batch:
+    """The next batch of an endless per-task stream whose position lives in the checkpointed stage state
+    (``local``: this rank's slice of it, for a training step; otherwise whole on every rank)."""
     key = f"{split}_cursors"
     epoch, position = state.setdefault(key, {}).get(task, [0, 0])
     cursor = TaskCursor(run.splits[task][split], run.config.data.batch_size, seed=run.config.seed, salt=salt,
                         epoch=epoch, batch=position)
     batch = cursor.next()
     state[key][task] = cursor.position()
-    return run.runtime.to_device(trim_padding(batch))
+    batch = trim_padding(batch)
+    return run.runtime.to_device(run.runtime.local_rows(batch) if local else batch)
 
 
 # ----------------------------------------------------------------------------------------------- MPDistil stage 3
@@ -306,9 +308,10 @@ def curriculum_stage(run: "Run") -> None:
                 _, _, pooled = quiz_accuracies(targets[0], keep_graph=True)
                 action = reinforce.act(pooled, keep_graph=True)
             else:
-                action = reinforce.act(performance_state(state["summary"], targets, position / steps))
+                action = reinforce.act(performance_state(state["summary"], targets, position / steps),
+                                       agree=run.runtime.from_main)
             task = actions[action]
-            batch = next_batch(run, state, "train", task, salt=101)
+            batch = next_batch(run, state, "train", task, salt=101, local=True)
             out = student(**model_inputs(batch), task=task)
             result = objective(out.logits, batch["labels"], teacher_logits=meta_teacher_logits(
                 meta_teachers, task, teacher_outputs(task, "train", batch, False)))

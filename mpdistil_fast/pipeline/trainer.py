@@ -364,7 +364,8 @@ class Run:
             if batches is None or position == 0:
                 batches = schedule.batches(epoch, position)
             task, batch = next(batches)
-            batch = self.runtime.to_device(trim_padding(self.runtime.local_rows(batch)))
+            # trimmed before the split, so every rank's slice has the same shape
+            batch = self.runtime.to_device(self.runtime.local_rows(trim_padding(batch)))
             metrics = step_fn(trained, task, batch, extra)
             if (i + 1) % per_epoch == 0 or i + 1 == total:
                 metrics["quiz"] = self.select(selected, best, self.tasks)
