@@ -246,3 +246,20 @@ def test_two_ranks_run_mpdistil_with_the_shipped_configs(tmp_path, data_dir):
     assert all(math.isfinite(r["loss"]) for r in records)
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert set(report["tasks"]) == {"cb", "rte"} and "meta_teacher" in report["tasks"]["rte"]
+
+
+@pytest.mark.slow
+def test_without_a_launcher_the_runtime_is_one_rank(tmp_path, data_dir):
+    """``mpdistil-fast distill`` with runtime.kind deepspeed and no torchrun: one rank (e.g. ZeRO-3 on one GPU)."""
+    pytest.importorskip("deepspeed")
+    pytest.importorskip("accelerate")
+    teacher = make_tiny_teacher(tmp_path / "teacher")
+    config = write_config(tmp_path / "c.yaml", teacher, data_dir, tmp_path / "run", "kd",
+                          runtime={"kind": "deepspeed", "device": "auto"})
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env.update(PYTHONPATH=str(ROOT), DS_ACCELERATOR="cpu")
+    result = subprocess.run([sys.executable, "-m", "mpdistil_fast.cli", "distill", "--config", str(config), "--quiet"],
+                            env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.count("outputs in") == 1
+    assert {r["stage"] for r in _records(tmp_path / "run")} == {"teacher", "student"}

@@ -25,6 +25,7 @@ import copy
 import json
 import math
 import os
+import socket
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +68,13 @@ def load_deepspeed_config(source: str | dict[str, Any], *, name: str) -> dict[st
                          f"{config['gradient_accumulation_steps']}; every loop step is one optimizer step here, "
                          "so it must be 1 (raise data.batch_size instead)")
     return config
+
+
+def free_port() -> int:
+    """A TCP port free on this host now (for a one-rank process group started without a launcher)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def zero_stage(config: dict[str, Any]) -> int:
@@ -151,7 +159,11 @@ class DeepSpeedRuntime:
         self.configs = {name: load_deepspeed_config(source, name=name) for name, source in configs.items()}
         if num_threads is not None:
             torch.set_num_threads(num_threads)
-        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+        if "WORLD_SIZE" not in os.environ:  # not started by a launcher: one rank, on a free local port
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=os.environ.get("MASTER_PORT") or str(free_port()))
+        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
+                                   auto_mpi_discovery=False)
         self._deepspeed = deepspeed
         self.rank = torch.distributed.get_rank()
         self.world_size = torch.distributed.get_world_size()
