@@ -128,6 +128,18 @@ def test_training_steps_take_the_rank_s_rows(tmp_path, data_dir):
     assert runtime.seen == [(8, 4)] * 3  # every training step, on the global batch; evaluation is not split
 
 
+@pytest.mark.slow
+def test_collectives_on_two_ranks():
+    """eval_rows/gather_rows give back every row in order (odd counts padded), from_main is rank 0's, average means."""
+    pytest.importorskip("deepspeed")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(ROOT / "tests" / "distributed_worker.py")],
+                            env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.count("collectives ok") == 2
+
+
 # ----------------------------------------------------------------------------------------------- two ranks
 
 def _teacher_without_dropout(folder: Path) -> Path:

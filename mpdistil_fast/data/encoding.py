@@ -30,6 +30,11 @@ class EncodedSplit:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
+    def select(self, rows: torch.Tensor) -> "EncodedSplit":
+        """The split of rows ``rows`` (in that order; row ``i`` of the result is row ``rows[i]`` here)."""
+        return EncodedSplit(self.task, self.input_ids[rows], self.attention_mask[rows], self.token_type_ids[rows],
+                            self.labels[rows])
+
 
 def _separator(tokenizer) -> str:
     for token in (tokenizer.sep_token, tokenizer.eos_token):

@@ -18,7 +18,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
@@ -29,6 +29,14 @@ if TYPE_CHECKING:
     from mpdistil_fast.models.task_model import TaskModel, TaskModelOutput
 
 _ARRAYS = ("logits", "pooled", "hidden")
+
+
+class RowSharding(Protocol):
+    """How data-parallel ranks share a pass over ``n`` rows (:class:`mpdistil_fast.distributed.Runtime` is one)."""
+
+    def eval_rows(self, n: int) -> torch.Tensor: ...
+
+    def gather_rows(self, local: torch.Tensor, n: int) -> torch.Tensor: ...
 #: ``keep_hidden`` values and what they store.
 HIDDEN_MODES: dict[bool | str, str | None] = {False: None, True: "all", "all": "all", "first_token": "first_token"}
 
@@ -93,9 +101,12 @@ class TeacherCache:
     (Sun et al., 2019): ``N (L+1) H`` floats, served as ``[B, 1, H]`` per layer."""
 
     def __init__(self, teacher: "TaskModel", directory: Path | str | None = None, *, batch_size: int = 64,
-                 keep_hidden: bool | str = False) -> None:
+                 keep_hidden: bool | str = False, sharding: RowSharding | None = None) -> None:
+        """``sharding``: in memory, each data-parallel rank runs the teacher on its share of a split's rows and the
+        ranks exchange the outputs (a run of ``W`` ranks does ``1/W`` of the teacher work per rank)."""
         _check_batch_size(batch_size)
         self.teacher = teacher
+        self.sharding = sharding
         self.directory = Path(directory) if directory is not None else None
         self.batch_size = batch_size
         if keep_hidden not in HIDDEN_MODES:
@@ -128,7 +139,11 @@ class TeacherCache:
             print_key = fingerprint(self.teacher, split, self.keep_hidden) if folder is not None else ""
             arrays, compute_seconds = self._load(folder, print_key) if folder is not None else (None, 0.0)
             if arrays is None:
-                arrays = self._compute(split, folder)
+                if folder is None and self.sharding is not None:
+                    share = self._compute(split.select(self.sharding.eval_rows(len(split))), None)
+                    arrays = tuple(None if a is None else self.sharding.gather_rows(a, len(split)) for a in share)
+                else:
+                    arrays = self._compute(split, folder)
                 compute_seconds = time.perf_counter() - start
                 if folder is not None:
                     self._write_meta(folder, print_key, compute_seconds)

@@ -10,10 +10,11 @@ weights (checkpoints, the best-so-far snapshot) goes through :meth:`DeepSpeedRun
 the one :class:`~mpdistil_fast.distributed.LocalRuntime` drives: every rank walks the same deterministic batch
 stream and takes its contiguous slice of each global batch (:meth:`DeepSpeedRuntime.local_rows`), so with
 ``data.batch_size`` divisible by the world size an optimizer step sees the same rows, and averages the same
-gradient, as a one-process run of that batch size (Li et al., "PyTorch Distributed", VLDB 2020). Evaluation runs on
-every rank (ranks hold identical weights, so they agree); rank 0 alone logs, reports and writes checkpoints, except
-each engine's partitioned optimizer state, which every rank writes with DeepSpeed's own ``save_checkpoint`` (a
-shared filesystem is assumed on several nodes).
+gradient, as a one-process run of that batch size (Li et al., "PyTorch Distributed", VLDB 2020). Evaluation passes
+(predictions, the in-memory teacher-output cache) are shared out: each rank computes its share of the rows and the
+ranks all-gather them (:meth:`DeepSpeedRuntime.eval_rows`, :meth:`DeepSpeedRuntime.gather_rows`); rank 0 alone logs,
+reports and writes checkpoints, except each engine's partitioned optimizer state, which every rank writes with
+DeepSpeed's own ``save_checkpoint`` (a shared filesystem is assumed on several nodes).
 
 The YAML stays the source of truth for the optimisation: the AdamW, its linear schedule and ``max_grad_norm`` come
 from the config (a DeepSpeed JSON must not name an ``optimizer`` or ``scheduler``); the JSON gives the ZeRO stage,
@@ -268,6 +269,19 @@ class DeepSpeedRuntime:
         if not is_partitioned(module):
             return nullcontext()
         return self._deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=0 if modify else None)
+
+    def eval_rows(self, n: int) -> torch.Tensor:
+        """This rank's contiguous share of ``n`` rows, padded by repeating the first rows so that every rank gets the
+        same count (a ZeRO-3 model's forward is a collective: every rank must run the same number of batches)."""
+        share = math.ceil(n / self.world_size)
+        return torch.arange(self.rank * share, (self.rank + 1) * share) % n
+
+    def gather_rows(self, local: torch.Tensor, n: int) -> torch.Tensor:
+        """The ``n`` rows in order from every rank's results on its :meth:`eval_rows` (an all-gather)."""
+        local_on_device = local.to(self.device).contiguous()
+        parts = [torch.empty_like(local_on_device) for _ in range(self.world_size)]
+        torch.distributed.all_gather(parts, local_on_device)
+        return torch.cat(parts)[:n].to(local.device)
 
     def from_main(self, value: int) -> int:
         """Rank 0's ``value`` on every rank (a broadcast)."""

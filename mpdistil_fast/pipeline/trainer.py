@@ -383,12 +383,13 @@ class Run:
         model.eval()
         predictions = []
         data = self.splits[task][split]
-        for batch in iterate_batches(data, self.config.data.eval_batch_size, shuffle=False, seed=0):
+        share = data.select(self.runtime.eval_rows(len(data)))  # data parallel: each rank predicts its share
+        for batch in iterate_batches(share, self.config.data.eval_batch_size, shuffle=False, seed=0):
             batch = self.runtime.to_device(trim_padding(batch))
             predictions.append(model(**model_inputs(batch), task=task).logits.argmax(-1).cpu())
         if self.compat:
             self.state["dropout_off"] = True
-        return torch.cat(predictions)
+        return self.runtime.gather_rows(torch.cat(predictions), len(data))
 
     def evaluate(self, model: TaskModel, task: str, split: str) -> dict[str, float]:
         return compute_metrics(task, self.predict(model, task, split), self.splits[task][split].labels)
@@ -423,7 +424,8 @@ class Run:
                 if self.runtime.world_size > 1:
                     directory = directory / f"rank-{self.runtime.rank}"
             self.teacher.eval().requires_grad_(False)
-            self.cache = TeacherCache(self.teacher, directory, batch_size=self.config.data.eval_batch_size)
+            self.cache = TeacherCache(self.teacher, directory, batch_size=self.config.data.eval_batch_size,
+                                      sharding=self.runtime if self.runtime.world_size > 1 else None)
         return self.cache
 
     @contextmanager
