@@ -9,7 +9,7 @@ from mpdistil_fast.distributed.deepspeed_runtime import DeepSpeedRuntime
 def main() -> None:
     runtime = DeepSpeedRuntime({"teacher": {}, "student": {}}, device="cpu", batch_size=4)
     for n in (1, 2, 3, 5, 8):
-        rows = runtime.eval_rows(n)
+        rows = runtime.rank_rows(n)
         local = torch.stack([rows * 10, rows * 10 + 1], dim=1).float()  # a result that names its row
         gathered = runtime.gather_rows(local, n)
         expected = torch.stack([torch.arange(n) * 10, torch.arange(n) * 10 + 1], dim=1).float()

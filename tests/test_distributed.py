@@ -130,7 +130,7 @@ def test_training_steps_take_the_rank_s_rows(tmp_path, data_dir):
 
 @pytest.mark.slow
 def test_collectives_on_two_ranks():
-    """eval_rows/gather_rows give back every row in order (odd counts padded), from_main is rank 0's, average means."""
+    """rank_rows/gather_rows give back every row in order (odd counts padded), from_main is rank 0's, average means."""
     pytest.importorskip("deepspeed")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

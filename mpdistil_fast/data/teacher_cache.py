@@ -34,9 +34,11 @@ _ARRAYS = ("logits", "pooled", "hidden")
 class RowSharding(Protocol):
     """How data-parallel ranks share a pass over ``n`` rows (:class:`mpdistil_fast.distributed.Runtime` is one)."""
 
-    def eval_rows(self, n: int) -> torch.Tensor: ...
+    def rank_rows(self, n: int) -> torch.Tensor: ...
 
     def gather_rows(self, local: torch.Tensor, n: int) -> torch.Tensor: ...
+
+
 #: ``keep_hidden`` values and what they store.
 HIDDEN_MODES: dict[bool | str, str | None] = {False: None, True: "all", "all": "all", "first_token": "first_token"}
 
@@ -140,7 +142,7 @@ class TeacherCache:
             arrays, compute_seconds = self._load(folder, print_key) if folder is not None else (None, 0.0)
             if arrays is None:
                 if folder is None and self.sharding is not None:
-                    share = self._compute(split.select(self.sharding.eval_rows(len(split))), None)
+                    share = self._compute(split.select(self.sharding.rank_rows(len(split))), None)
                     arrays = tuple(None if a is None else self.sharding.gather_rows(a, len(split)) for a in share)
                 else:
                     arrays = self._compute(split, folder)

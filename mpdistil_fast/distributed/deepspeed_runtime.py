@@ -12,7 +12,7 @@ stream and takes its contiguous slice of each global batch (:meth:`DeepSpeedRunt
 ``data.batch_size`` divisible by the world size an optimizer step sees the same rows, and averages the same
 gradient, as a one-process run of that batch size (Li et al., "PyTorch Distributed", VLDB 2020). Evaluation passes
 (predictions, the in-memory teacher-output cache) are shared out: each rank computes its share of the rows and the
-ranks all-gather them (:meth:`DeepSpeedRuntime.eval_rows`, :meth:`DeepSpeedRuntime.gather_rows`); rank 0 alone logs,
+ranks all-gather them (:meth:`DeepSpeedRuntime.rank_rows`, :meth:`DeepSpeedRuntime.gather_rows`); rank 0 alone logs,
 reports and writes checkpoints, except each engine's partitioned optimizer state, which every rank writes with
 DeepSpeed's own ``save_checkpoint`` (a shared filesystem is assumed on several nodes).
 
@@ -140,7 +140,7 @@ class DeepSpeedTrainedModel(TrainedModel):
 
 
 class DeepSpeedRuntime:
-    """One process per device, data parallel over DeepSpeed engines (ZeRO stages 0-2).
+    """One process per device, data parallel over DeepSpeed engines (ZeRO-3 teacher, ZeRO 0-2 student).
 
     ``configs`` maps ``"teacher"``/``"student"`` to a DeepSpeed JSON path (or dict); ``batch_size`` is the global
     batch, split over the ranks by :meth:`local_rows`.
@@ -242,17 +242,12 @@ class DeepSpeedRuntime:
         return batch_to_device(batch, self.device)
 
     def local_rows(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """This rank's contiguous slice of a global batch.  A batch whose rows do not divide by the world size is
-        first padded by repeating its first rows (as ``torch.utils.data.DistributedSampler`` pads), so every rank
-        steps on a slice of the same shape: no rank is empty, and dropout draws alike on every rank."""
-        rows = len(batch["input_ids"])
-        padded = math.ceil(rows / self.world_size) * self.world_size
-        if padded != rows:
-            repeat = torch.arange(padded) % rows
-            batch = {k: v[repeat] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        share = padded // self.world_size
-        start = self.rank * share
-        return {k: v[start:start + share] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        """This rank's :meth:`rank_rows` of a global batch: every rank steps on a slice of the same shape (none is
+        empty, and dropout draws alike on every rank)."""
+        if self.world_size == 1:
+            return batch
+        rows = self.rank_rows(len(batch["input_ids"]))
+        return {k: v[rows] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
     def average(self, metrics: dict[str, float]) -> dict[str, float]:
         """The mean of each metric over the ranks (every rank calls this with the same keys)."""
@@ -270,14 +265,15 @@ class DeepSpeedRuntime:
             return nullcontext()
         return self._deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=0 if modify else None)
 
-    def eval_rows(self, n: int) -> torch.Tensor:
-        """This rank's contiguous share of ``n`` rows, padded by repeating the first rows so that every rank gets the
-        same count (a ZeRO-3 model's forward is a collective: every rank must run the same number of batches)."""
+    def rank_rows(self, n: int) -> torch.Tensor:
+        """This rank's contiguous share of ``n`` rows, padded by repeating the first rows (as
+        ``torch.utils.data.DistributedSampler`` pads) so that every rank gets the same count: a ZeRO-3 model's
+        forward is a collective, every rank must run the same number of batches."""
         share = math.ceil(n / self.world_size)
         return torch.arange(self.rank * share, (self.rank + 1) * share) % n
 
     def gather_rows(self, local: torch.Tensor, n: int) -> torch.Tensor:
-        """The ``n`` rows in order from every rank's results on its :meth:`eval_rows` (an all-gather)."""
+        """The ``n`` rows in order from every rank's results on its :meth:`rank_rows` (an all-gather)."""
         local_on_device = local.to(self.device).contiguous()
         parts = [torch.empty_like(local_on_device) for _ in range(self.world_size)]
         torch.distributed.all_gather(parts, local_on_device)

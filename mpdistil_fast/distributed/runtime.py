@@ -1,14 +1,15 @@
 """The runtime interface the training loop gets models, optimizers and devices through.
 
 The loop never calls ``loss.backward()`` or ``optimizer.step()`` itself: it asks a :class:`Runtime` to build its
-models (``build_model``: where a ZeRO-3 runtime would construct them inside ``HfDeepSpeedConfig``) and a
-:class:`TrainedModel` (module + optimizer + scheduler), and drives that with ``backward`` / ``step``, so a
-DeepSpeed engine can stand behind the same methods.  ``is_main`` gates logging and saving (rank 0 only); ``local_rows`` gives each data-parallel rank its slice of a
-global batch, ``average`` averages logged metrics over ranks and ``gathered(module)`` makes a ZeRO-3 model's
-partitioned parameters whole for reading or writing its weights (every rank enters it); ``from_main`` hands every
-rank rank 0's decision; ``eval_rows``/``gather_rows`` share an evaluation pass over the ranks.  :class:`LocalRuntime` is one process on one
-device; :class:`~mpdistil_fast.distributed.deepspeed_runtime.DeepSpeedRuntime` is data parallel over DeepSpeed
-engines (``runtime.kind: deepspeed``).
+models (``build_model``: the DeepSpeed runtime builds a ZeRO-3 model inside ``HfDeepSpeedConfig``) and a
+:class:`TrainedModel` (module + optimizer + scheduler), and drives that with ``backward`` / ``step``, so a DeepSpeed
+engine can stand behind the same methods. ``is_main`` gates logging and saving (rank 0 only); ``local_rows`` gives
+each data-parallel rank its slice of a global batch, ``average`` averages logged metrics over ranks and
+``gathered(module)`` makes a ZeRO-3 model's partitioned parameters whole for reading or writing its weights (every
+rank enters it); ``from_main`` hands every rank rank 0's decision; ``rank_rows``/``gather_rows`` share an evaluation
+pass over the ranks. :class:`LocalRuntime` is one process on one device;
+:class:`~mpdistil_fast.distributed.deepspeed_runtime.DeepSpeedRuntime` is data parallel over DeepSpeed engines
+(``runtime.kind: deepspeed``).
 """
 from __future__ import annotations
 
@@ -110,7 +111,7 @@ class Runtime(Protocol):
 
     def from_main(self, value: int) -> int: ...
 
-    def eval_rows(self, n: int) -> torch.Tensor: ...
+    def rank_rows(self, n: int) -> torch.Tensor: ...
 
     def gather_rows(self, local: torch.Tensor, n: int) -> torch.Tensor: ...
 
@@ -191,12 +192,12 @@ class LocalRuntime:
         """Rank 0's ``value`` (a decision every rank must share, such as a curriculum action)."""
         return value
 
-    def eval_rows(self, n: int) -> torch.Tensor:
-        """The rows of an ``n``-row evaluation pass this rank computes (all of them)."""
+    def rank_rows(self, n: int) -> torch.Tensor:
+        """The rows of an ``n``-row pass this rank computes (all of them)."""
         return torch.arange(n)
 
     def gather_rows(self, local: torch.Tensor, n: int) -> torch.Tensor:
-        """Every rank's results of :meth:`eval_rows`, as the ``n`` rows in order (here: ``local`` itself)."""
+        """Every rank's results on its :meth:`rank_rows`, as the ``n`` rows in order (here: ``local`` itself)."""
         return local
 
     def barrier(self) -> None:

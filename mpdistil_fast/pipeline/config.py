@@ -122,7 +122,7 @@ class RuntimeConfig:
     #: the execution backend behind :class:`mpdistil_fast.distributed.Runtime`: one process ("local"), or data
     #: parallel over DeepSpeed engines ("deepspeed", launched by torchrun or the deepspeed launcher)
     kind: Literal["local", "deepspeed"] = "local"
-    #: DeepSpeed JSON of the engines that train the teacher / the student (runtime.kind deepspeed; ZeRO stage 0-2)
+    #: DeepSpeed JSON of the teacher's / the student's engines (runtime.kind deepspeed; ZeRO 0-3 / 0-2)
     deepspeed_teacher: str = "configs/deepspeed/zero3.json"
     deepspeed_student: str = "configs/deepspeed/zero2.json"
     device: Literal["auto", "cpu", "cuda"] = "auto"

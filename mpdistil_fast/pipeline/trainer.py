@@ -105,8 +105,7 @@ class Run:
             "version": STATE_VERSION, "config": config.to_dict(), "completed": [], "stage": None, "step": 0,
             "global_step": 0, "results": {}, "curves": {"quiz": [], "reward": [], "actions": []}, "timings": {},
             "dropout_off": False, "stage_state": {}, "meta": {}}
-        self._pending: tuple[dict, dict] | None = None
-        self._pending_path: Path | None = None
+        self._pending: tuple[dict, dict, Path] | None = None  # (tensors, state, folder) of a mid-stage checkpoint
         self._clock = time.perf_counter()
         seed_everything(config.seed)
 
@@ -241,7 +240,6 @@ class Run:
             return
         tensors, state = load_checkpoint(path)
         self.resumed = True
-        self._pending_path = path
         if state.get("config") != self.config.to_dict():
             LOG.warning("--resume: the config differs from the checkpoint's; continuing with the new config")
         if "meta_teachers" in tensors:
@@ -257,18 +255,18 @@ class Run:
         if state["stage"] is None:
             restore_rng_state(state["rng"])
         else:
-            self._pending = (tensors, state)
+            self._pending = (tensors, state, path)
         LOG.info("loaded checkpoint %s (stage %s, step %d)", path, state["stage"] or "-", state["step"])
 
     def restore_stage(self, stateful: dict[str, Any]) -> None:
         """Load the current stage's objects from the checkpoint being resumed (if any), then its RNG state."""
         if self._pending is None:
             return
-        tensors, state = self._pending
+        tensors, state, path = self._pending
         self._pending = None
         for name, obj in stateful.items():
             if hasattr(obj, "load_sharded"):
-                obj.load_sharded(self._pending_path / SHARDS_FOLDER / name)
+                obj.load_sharded(path / SHARDS_FOLDER / name)
             else:
                 obj.load_state_dict(unflatten_state_dict(tensors[name], state["meta"][name]))
         restore_rng_state(state["rng"])
@@ -383,7 +381,7 @@ class Run:
         model.eval()
         predictions = []
         data = self.splits[task][split]
-        share = data.select(self.runtime.eval_rows(len(data)))  # data parallel: each rank predicts its share
+        share = data.select(self.runtime.rank_rows(len(data)))  # data parallel: each rank predicts its share
         for batch in iterate_batches(share, self.config.data.eval_batch_size, shuffle=False, seed=0):
             batch = self.runtime.to_device(trim_padding(batch))
             predictions.append(model(**model_inputs(batch), task=task).logits.argmax(-1).cpu())
