@@ -20,6 +20,8 @@ from mpdistil_fast.pipeline.config import ConfigError
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mpdistil-fast", description=__doc__.split("\n\n")[0])
+    # the deepspeed launcher puts --local_rank=N before the command (torchrun sets LOCAL_RANK, which the runtime reads)
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True)
     distill = commands.add_parser("distill", help="run a distillation method end to end")
     distill.add_argument("--config", required=True, help="YAML config file (see configs/)")
@@ -29,8 +31,6 @@ def _parser() -> argparse.ArgumentParser:
     distill.add_argument("--output-dir", help="where outputs and checkpoints go (= output_dir)")
     distill.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
     distill.add_argument("--quiet", action="store_true", help="no progress bars, warnings only")
-    # the deepspeed launcher appends --local_rank=N (torchrun sets LOCAL_RANK, which the runtime reads)
-    distill.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     evaluate = commands.add_parser("evaluate", help="evaluate a checkpoint on the validation split")
     evaluate.add_argument("--checkpoint", required=True,
                           help="a checkpoint folder, or a run's output_dir (its newest checkpoint)")

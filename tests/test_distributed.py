@@ -74,8 +74,9 @@ def test_config_validation_for_deepspeed(tmp_path, data_dir):
 def test_cli_accepts_the_deepspeed_launcher_s_local_rank():
     from mpdistil_fast.cli import _parser
 
-    for flag in ("--local_rank=1", "--local-rank=1"):
-        assert _parser().parse_args(["distill", "--config", "c.yaml", flag]).local_rank == 1
+    for flag in ("--local_rank=1", "--local-rank=1"):  # where `deepspeed --module` puts it: before the command
+        args = _parser().parse_args([flag, "distill", "--config", "c.yaml"])
+        assert (args.local_rank, args.command, args.config) == (1, "distill", "c.yaml")
 
 
 # ----------------------------------------------------------------------------------------------- the batch split
