@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers.utils import ModelOutput
 
 from mpdistil_fast._validation import check_choice, check_tensor
 from mpdistil_fast.data.tasks import TaskSpec, task_spec
@@ -26,13 +27,14 @@ POOLING_METHODS = ("pooler", "cls", "mean", "last")
 
 
 @dataclass
-class TaskModelOutput:
+class TaskModelOutput(ModelOutput):
     """``logits`` ``[B, num_labels]`` (multiple choice ``[B, C]``); ``pooled`` ``[B, H]`` (multiple choice
     ``[B, C, H]``); ``hidden_states`` (embeddings, layer 1, ..., layer L), each ``[B, S, H]`` (multiple choice
-    ``[B*C, S, H]``), or None unless asked for."""
+    ``[B*C, S, H]``), or None unless asked for.  A ``transformers`` ``ModelOutput`` (a dict as well), so that
+    DeepSpeed's ZeRO-3 hooks find the tensors in it."""
 
     logits: torch.Tensor
-    pooled: torch.Tensor
+    pooled: torch.Tensor | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
 
 
