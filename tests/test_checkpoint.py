@@ -208,3 +208,20 @@ def test_sigkill_mid_write_leaves_only_complete_checkpoints(tmp_path):
         assert torch.equal(tensors["student"]["w"], torch.full((64, 1024), float(state["step"])))
         if path.name != "step-000000000":
             assert torch.equal(tensors["optimizer/student"]["m"], tensors["student"]["w"])
+
+
+def test_linked_components_share_the_earlier_file(tmp_path):
+    """A component linked from an earlier checkpoint (a frozen teacher) is the same file, and survives pruning."""
+    first = checkpoint_dir(tmp_path, 1)
+    weights = {"w": torch.randn(3, 4), "b": torch.randn(4)}
+    save_checkpoint(first, {"teacher": weights, "student": {"w": torch.zeros(2)}}, {"step": 1})
+    second = checkpoint_dir(tmp_path, 2)
+    save_checkpoint(second, {"student": {"w": torch.ones(2)}}, {"step": 2},
+                    linked={"teacher": first / "teacher.safetensors"})
+    assert (second / "teacher.safetensors").stat().st_ino == (first / "teacher.safetensors").stat().st_ino
+    prune_checkpoints(tmp_path, 1)
+    assert list_checkpoints(tmp_path) == [second]
+    tensors, state = load_checkpoint(second)
+    assert state == {"step": 2} and torch.equal(tensors["student"]["w"], torch.ones(2))
+    for name, tensor in weights.items():
+        assert torch.equal(tensors["teacher"][name], tensor)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ import mpdistil_fast
 from mpdistil_fast.methods import StudentObjective, cls_states
 from mpdistil_fast.models import load_tokenizer, tiny_backbone
 from mpdistil_fast.pipeline import stages
-from mpdistil_fast.pipeline.checkpoint import latest_checkpoint, load_checkpoint
+from mpdistil_fast.pipeline.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from mpdistil_fast.pipeline.config import load_config
 from mpdistil_fast.pipeline.trainer import Run
 from pipeline_helpers import make_tiny_teacher, restore_torch_threads, write_config  # noqa: F401 (fixture)
@@ -133,6 +134,20 @@ def test_teacher_and_kd_student_stages(tmp_path, teacher_dir, data_dir):
     assert selected_on.count("quiz") >= 2 and selected_on.count("validation") == 2  # selection never on validation
     assert run.cache is not None and sum(e.rows_served for e in run.cache.entries.values()) > 0
     assert "student_stage2" in run.state["results"]["rte"]
+
+
+def test_the_frozen_teacher_is_written_once_then_linked(tmp_path, teacher_dir, data_dir):
+    run = make_run(tmp_path, teacher_dir, data_dir, "kd", runtime={"keep_checkpoints": 5})
+    run.run()
+    checkpoints = list_checkpoints(tmp_path / "kd")
+    stages_of = [json.loads((c / "state.json").read_text())["stage"] for c in checkpoints]
+    frozen = checkpoints[stages_of.index("student") - 1:]  # from the teacher stage's end on
+    assert len(frozen) >= 3 and stages_of[stages_of.index("student") - 1] is None
+    assert len({(c / "teacher.safetensors").stat().st_ino for c in frozen}) == 1  # one file, linked
+    assert len({(c / "student.safetensors").stat().st_ino for c in frozen}) == len(frozen)  # the student trains
+    assert len({(c / "teacher.safetensors").stat().st_ino for c in checkpoints}) > 1  # written while it trained
+    final = load_checkpoint(checkpoints[-1])[0]["teacher"]
+    assert all(torch.equal(final[name], value) for name, value in run.teacher.state_dict().items())
 
 
 def test_pkd_student_stage_uses_hidden_states(tmp_path, teacher_dir, data_dir):

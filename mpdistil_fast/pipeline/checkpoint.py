@@ -140,10 +140,12 @@ def _component_path(directory: Path, component: str) -> Path:
 
 
 def save_checkpoint(directory: Path | str, tensors: dict[str, dict[str, torch.Tensor]], state: dict, *,
-                    folders: dict[str, Path] | None = None) -> None:
+                    folders: dict[str, Path] | None = None, linked: dict[str, Path] | None = None) -> None:
     """Write ``tensors`` (component -> name -> tensor) and the JSON ``state`` to ``directory`` atomically,
     replacing an existing checkpoint there.  ``folders`` (name -> folder on the same filesystem, e.g. what every
-    rank of a distributed run wrote) are moved into the checkpoint under their names, inside the same atomic step."""
+    rank of a distributed run wrote) are moved into the checkpoint under their names, inside the same atomic step.
+    ``linked`` (component -> a component file of an earlier checkpoint, e.g. a frozen teacher's) is hard-linked in
+    (copied where the filesystem cannot link) instead of written again."""
     directory = Path(directory)
     if not isinstance(state, dict):
         raise TypeError(f"state must be a dict, got {type(state).__name__}")
@@ -162,6 +164,14 @@ def save_checkpoint(directory: Path | str, tensors: dict[str, dict[str, torch.Te
             safetensors.torch.save_file({name: t.detach().cpu().contiguous().clone() for name, t in named.items()},
                                         str(path))
             _fsync(path)
+        for component, source in (linked or {}).items():
+            path = _component_path(temporary, component)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(source, path)
+            except OSError:
+                shutil.copyfile(source, path)
+                _fsync(path)
         for name, folder in (folders or {}).items():
             _component_path(temporary, name)  # the same name rules as components
             os.replace(folder, temporary / name)

@@ -106,6 +106,10 @@ class Run:
             "global_step": 0, "results": {}, "curves": {"quiz": [], "reward": [], "actions": []}, "timings": {},
             "dropout_off": False, "stage_state": {}, "meta": {}}
         self._pending: tuple[dict, dict, Path] | None = None  # (tensors, state, folder) of a mid-stage checkpoint
+        #: model name -> (its file in the newest checkpoint, its state skeleton) while the model is frozen (no
+        #: parameter requires grad: nothing in the pipeline changes a frozen model's weights), so later checkpoints
+        #: link that file instead of gathering and writing the same weights again
+        self._frozen_files: dict[str, tuple[Path, Any]] = {}
         self._clock = time.perf_counter()
         seed_everything(config.seed)
 
@@ -203,7 +207,8 @@ class Run:
 
         Objects with ``save_sharded`` (a DeepSpeed engine's partitioned optimizer) are written by every rank into a
         staging folder first, which the main process moves into the checkpoint under ``shards/`` before the
-        checkpoint's atomic rename."""
+        checkpoint's atomic rename.  A frozen model (the teacher after its stage) is written once and hard-linked
+        into later checkpoints."""
         self._account_time()
         stateful = stateful or {}
         sharded = {name: obj for name, obj in stateful.items() if hasattr(obj, "save_sharded")}
@@ -217,10 +222,22 @@ class Run:
             self.runtime.barrier()
         tensors: dict[str, dict[str, torch.Tensor]] = {}
         meta: dict[str, Any] = {}
+        linked: dict[str, Path] = {}
+        target = checkpoint_dir(self.output_dir, self.state["global_step"])
         for name, model in self._models().items():
-            with self.runtime.gathered(model):  # every rank: a ZeRO-3 model's weights are gathered
-                if self.is_main:
-                    tensors[name], meta[name] = flatten_state_dict(model.state_dict())
+            frozen = not any(param.requires_grad for param in model.parameters())
+            earlier = self._frozen_files.get(name) if frozen else None
+            # rank 0 decides (it writes the files), so every rank takes the same branch around the gather
+            if earlier is not None and self.runtime.from_main(int(self.is_main and earlier[0].is_file())):
+                linked[name], meta[name] = earlier  # unchanged since that file was written: link it
+            else:
+                with self.runtime.gathered(model):  # every rank: a ZeRO-3 model's weights are gathered
+                    if self.is_main:
+                        tensors[name], meta[name] = flatten_state_dict(model.state_dict())
+            if frozen:
+                self._frozen_files[name] = (target / f"{name}.safetensors", meta.get(name))
+            else:
+                self._frozen_files.pop(name, None)
         if self.is_main:
             for name, obj in stateful.items():
                 if name not in sharded:
@@ -228,8 +245,8 @@ class Run:
             self.state["meta"] = meta
             self.state["rng"] = capture_rng_state()
             self.state["metrics_records"] = self.metrics.records_written
-            save_checkpoint(checkpoint_dir(self.output_dir, self.state["global_step"]), tensors, self.state,
-                            folders={SHARDS_FOLDER: staging} if sharded else None)
+            save_checkpoint(target, tensors, self.state, folders={SHARDS_FOLDER: staging} if sharded else None,
+                            linked=linked)
             prune_checkpoints(self.output_dir, self.config.runtime.keep_checkpoints)
         self.runtime.barrier()
 
