@@ -19,6 +19,7 @@ from mpdistil_fast.distributed.deepspeed_runtime import DeepSpeedRuntime, load_d
 from mpdistil_fast.models import default_teacher_path, load_tokenizer, tiny_backbone
 from mpdistil_fast.pipeline.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from mpdistil_fast.pipeline.config import ConfigError, load_config
+from mpdistil_fast.pipeline.evaluation import evaluate_checkpoint
 from pipeline_helpers import make_tiny_teacher, restore_torch_threads, write_config  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -214,6 +215,12 @@ def test_two_ranks_match_one_process_step_for_step(two_rank_run):
     assert sorted(p.name for p in shards.glob("zero_pp_rank_*_optim_states.pt")) == [
         "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
     assert not (tmp / "ds" / ".checkpoint-shards").exists()
+    # `mpdistil-fast evaluate` reads a DeepSpeed run's checkpoint in one process, with the run's final numbers
+    evaluated = evaluate_checkpoint(tmp / "ds")
+    reported = json.loads((tmp / "ds" / "report.json").read_text())["tasks"]
+    for task, roles in evaluated["tasks"].items():
+        assert roles["student_final"] == reported[task]["student_final"]
+    assert not torch.distributed.is_initialized()  # it did not start a DeepSpeed runtime in this process
 
 
 @pytest.mark.slow

@@ -21,7 +21,8 @@ def evaluate_checkpoint(path: Path, *, data_dir: str | None = None) -> dict:
                               "output_dir)")
         path = newest
     state = json.loads((path / STATE_FILE).read_text())  # only the config: Run loads the tensors once
-    overrides = [f"data.data_dir={data_dir}"] if data_dir else []
+    # one process: a checkpoint holds whole weights, whichever runtime (one process, DeepSpeed ranks) wrote it
+    overrides = ["runtime.kind=local"] + ([f"data.data_dir={data_dir}"] if data_dir else [])
     config = config_from_dict(state["config"], overrides)
     run = Run(config, checkpoint=path)
     results: dict[str, dict[str, dict[str, float]]] = {}
