@@ -440,7 +440,7 @@ class Run:
                     directory = directory / f"rank-{self.runtime.rank}"
             self.teacher.eval().requires_grad_(False)
             self.cache = TeacherCache(self.teacher, directory, batch_size=self.config.data.eval_batch_size,
-                                      sharding=self.runtime if self.runtime.world_size > 1 else None)
+                                      sharding=self.runtime)
         return self.cache
 
     @contextmanager
