@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import threading
 from types import SimpleNamespace
 
 import pytest
@@ -13,7 +14,7 @@ from torch import nn
 from transformers import BertConfig, BertForSequenceClassification
 
 from helpers import rel_error
-from mpdistil_fast.bilevel import METHODS, hypergradient
+from mpdistil_fast.bilevel import METHODS, hypergradient, meta_gradient
 from mpdistil_fast.bilevel.functional import RandomStateReplay
 from mpdistil_fast.bilevel.inner_update import experimental_step, make_inner_update
 
@@ -494,6 +495,7 @@ def test_non_finite_quiz_loss(method: str) -> None:
     ({"inner_lr": 0.1, "inner_steps": 2}, ValueError, "inner_steps"),
     ({"inner_lr": 0.1, "inner_steps": 0, "method": "exact"}, ValueError, "inner_steps"),
     ({"inner_lr": 0.1, "epsilon": 0.0}, ValueError, "epsilon"),
+    ({"inner_lr": 0.1, "method": "exact", "average": lambda tensors: None}, ValueError, "one process only"),
 ])
 def test_bad_arguments(kwargs, error, match) -> None:
     student, teacher, train, quiz = problem(torch.float64)
@@ -508,3 +510,102 @@ def test_bad_losses() -> None:
     with pytest.raises(TypeError, match="inner_loss must return a floating scalar"):
         hypergradient(student, teacher, lambda s, t, b: s(**model_inputs(b)).logits, quiz_loss, train, quiz,
                       inner_lr=INNER_LR)
+
+
+# ----------------------------------------------------------------------------------------------- data parallel
+
+@pytest.mark.parametrize("method", METHODS)
+def test_surrogate_loss_carries_the_hypergradient(method: str) -> None:
+    """``surrogate=True`` leaves the teacher's backward to the caller (a DeepSpeed engine's): the gradient of the
+    returned loss is the hypergradient the dictionary holds."""
+    student, teacher, train, quiz = problem(torch.float64)
+    expected = hypergradient(student, teacher, inner_loss, quiz_loss, train, quiz, inner_lr=INNER_LR, method=method)
+    result = meta_gradient(student, teacher, inner_loss, quiz_loss, train, quiz, inner_lr=INNER_LR, method=method,
+                           inner_optimizer="sgd", surrogate=True)
+    assert result.teacher_grads is None
+    phi = {name: p for name, p in teacher.named_parameters() if p.requires_grad}
+    grads = torch.autograd.grad(result.teacher_surrogate, list(phi.values()), allow_unused=True)
+    delivered = {name: torch.zeros_like(p) if g is None else g for (name, p), g in zip(phi.items(), grads)}
+    assert rel_error(flat(delivered), flat(expected)) <= 1e-12
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_surrogate_of_a_flat_quiz_loss_is_zero() -> None:
+    """eps = 0 (the quiz loss does not move with theta'): a zero loss that still reaches the teacher, so that every
+    data-parallel rank runs the same backward."""
+    student, teacher, train, quiz = problem(torch.float64)
+    result = meta_gradient(student, teacher, inner_loss, lambda s, b: s(**model_inputs(b)).logits.sum() * 0.0,
+                           train, quiz, inner_lr=INNER_LR, method="finite_difference", inner_optimizer="sgd",
+                           surrogate=True)
+    assert result.teacher_surrogate.requires_grad and float(result.teacher_surrogate) == 0.0
+    result.teacher_surrogate.backward()
+    assert all(torch.count_nonzero(p.grad) == 0 for p in teacher.parameters() if p.grad is not None)
+
+
+class ThreadRanks:
+    """``average`` for threads standing in for data-parallel ranks (each posts its tensors, all take the mean)."""
+
+    def __init__(self, world_size: int) -> None:
+        self.world_size, self.barrier, self.posted = world_size, threading.Barrier(world_size), [None] * world_size
+
+    def average_for(self, rank: int):
+        def average(tensors: list[torch.Tensor]) -> None:
+            self.posted[rank] = [t.clone() for t in tensors]
+            self.barrier.wait()
+            means = [sum(posted[i] for posted in self.posted) / self.world_size for i in range(len(tensors))]
+            self.barrier.wait()
+            for tensor, mean in zip(tensors, means):
+                tensor.copy_(mean)
+        return average
+
+
+@pytest.mark.parametrize("method", ["finite_difference", "first_order"])  # forward-mode AD levels are not per thread
+@pytest.mark.parametrize("inner_optimizer", ["sgd", "adamw"])
+def test_ranks_averaging_their_shares_get_the_whole_batch_hypergradient(method: str, inner_optimizer: str) -> None:
+    """Two ranks, each with half of the training and quiz batches and ``average``, both obtain the hypergradient of
+    the whole batches (float64; the AdamW preconditioner is a warmed optimizer's state, the same on every rank)."""
+    student, teacher, _, _ = problem(torch.float64)
+    train, quiz, warm_up = make_batch(size=6), make_batch(size=4, length=6, pad=1), make_batch()
+
+    def optimizer_for(model):
+        if inner_optimizer == "sgd":
+            return "sgd"
+        optimizer = torch.optim.AdamW(model.parameters(), lr=INNER_LR, weight_decay=0.01)
+        inner_loss(model, copy.deepcopy(teacher), warm_up).backward()
+        optimizer.step()
+        with torch.no_grad():  # same weights as before, warmed state
+            for p, original in zip(model.parameters(), student.parameters()):
+                p.copy_(original)
+        return optimizer
+
+    whole_student = copy.deepcopy(student)
+    expected = hypergradient(whole_student, teacher, inner_loss, quiz_loss, train, quiz, inner_lr=INNER_LR,
+                             method=method, inner_optimizer=optimizer_for(whole_student))
+    ranks, results, errors = ThreadRanks(2), [None, None], []
+
+    def run(rank: int) -> None:
+        try:
+            share = lambda batch: {k: v.chunk(2)[rank] for k, v in batch.items()}  # noqa: E731
+            local_student = copy.deepcopy(student)
+            results[rank] = hypergradient(local_student, copy.deepcopy(teacher), inner_loss, quiz_loss, share(train),
+                                          share(quiz), inner_lr=INNER_LR, method=method,
+                                          inner_optimizer=optimizer_for(local_student),
+                                          average=ranks.average_for(rank))
+        except BaseException as error:  # noqa: BLE001 (reported in the main thread)
+            errors.append(error)
+            ranks.barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(rank,)) for rank in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    alone_student = copy.deepcopy(student)
+    alone = hypergradient(alone_student, teacher, inner_loss, quiz_loss,
+                          {k: v.chunk(2)[0] for k, v in train.items()}, {k: v.chunk(2)[0] for k, v in quiz.items()},
+                          inner_lr=INNER_LR, method=method, inner_optimizer=optimizer_for(alone_student))
+    assert rel_error(flat(alone), flat(expected)) > 1e-2  # one share alone is not the answer
+    for result in results:
+        error = rel_error(flat(result), flat(expected))
+        assert error <= 1e-8, error  # rounding of the two summation orders, divided by the difference step

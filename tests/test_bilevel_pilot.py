@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from helpers import rel_error
-from mpdistil_fast.bilevel import PilotUpdate, hypergradient
+from mpdistil_fast.bilevel import OptimizerStepper, PilotUpdate, hypergradient
 from test_bilevel import INNER_LR, flat, inner_loss, make_batch, problem, quiz_loss, single_thread  # noqa: F401
 
 
@@ -55,7 +55,7 @@ def test_pilot_update_is_algorithm_1(method: str, kind: str, reuse: bool) -> Non
     loss.backward()
     ref_student_optimizer.step()
     assert rel_error(state(student), state(ref_student)) <= 1e-12
-    assert stats["student_loss"] == pytest.approx(float(loss), rel=1e-12)
+    assert stats["student_loss"] == pytest.approx(float(loss.detach()), rel=1e-12)
     assert set(stats) == {"inner_loss", "quiz_loss", "student_loss", "teacher_grad_norm", "student_grad_norm",
                           "inner_lr"}
     assert all(isinstance(v, float) for v in stats.values())
@@ -129,6 +129,26 @@ def test_pilot_bad_arguments(kwargs, error, match) -> None:
         PilotUpdate(student, teacher, student_optimizer, teacher_optimizer, inner_loss, quiz_loss, **kwargs)
     with pytest.raises(TypeError, match="teacher_optimizer"):
         PilotUpdate(student, teacher, student_optimizer, "adam", inner_loss, quiz_loss)
+
+
+def test_pilot_with_steppers() -> None:
+    """Steppers (what a training runtime or a DeepSpeed engine hands over) own their clipping and schedule; the
+    pilot's own are refused beside them; the experimental step follows the student stepper's optimizer."""
+    student, teacher, train, quiz = problem(torch.float64)
+    student_optimizer, teacher_optimizer = make_optimizers("adamw", student, teacher)
+    steppers = OptimizerStepper(student_optimizer, max_grad_norm=0.5), OptimizerStepper(teacher_optimizer)
+    with pytest.raises(ValueError, match="owns its schedule and clipping"):
+        PilotUpdate(student, teacher, *steppers, inner_loss, quiz_loss, max_grad_norm=1.0)
+    with pytest.raises(ValueError, match="one process only"):
+        PilotUpdate(student, teacher, *steppers, inner_loss, quiz_loss, method="exact", average=lambda tensors: None)
+    reference = copy.deepcopy((student, teacher, student_optimizer, teacher_optimizer))
+    PilotUpdate(student, teacher, *steppers, inner_loss, quiz_loss).step(train, quiz)
+    ref_student, ref_teacher, ref_student_optimizer, ref_teacher_optimizer = reference
+    stats = PilotUpdate(ref_student, ref_teacher, ref_student_optimizer, ref_teacher_optimizer, inner_loss,
+                        quiz_loss).step(train, quiz)
+    assert stats["student_grad_norm"] > 0.5  # so the stepper's clipping made a difference
+    assert rel_error(state(teacher), state(ref_teacher)) <= 1e-12  # the teacher's step comes first, unclipped
+    assert rel_error(state(student), state(ref_student)) > 1e-6
 
 
 def test_pilot_with_a_plain_sgd_experimental_step() -> None:

@@ -137,17 +137,28 @@ class RecordedCalls:
         return [leaf for _, _, _, handed in filter(None, self._records) for leaf in pytree.tree_leaves(handed)
                 if isinstance(leaf, torch.Tensor) and leaf.requires_grad and leaf.grad_fn is None]
 
+    def _originals(self) -> list[torch.Tensor]:
+        """The recorded outputs, with their graph, that :meth:`leaves` stand for (same order)."""
+        return [orig for _, _, outputs, handed in filter(None, self._records)
+                for orig, leaf in zip(pytree.tree_leaves(outputs), pytree.tree_leaves(handed))
+                if isinstance(leaf, torch.Tensor) and leaf.requires_grad and leaf.grad_fn is None]
+
     def backward_to(self, parameters: list[torch.Tensor], leaf_grads: list[torch.Tensor | None]
                     ) -> tuple[torch.Tensor | None, ...]:
         """One backward through the recorded forwards: d <outputs, leaf_grads> / d parameters (None: unused)."""
-        originals = [orig for _, _, outputs, handed in filter(None, self._records)
-                     for orig, leaf in zip(pytree.tree_leaves(outputs), pytree.tree_leaves(handed))
-                     if isinstance(leaf, torch.Tensor) and leaf.requires_grad and leaf.grad_fn is None]
-        pairs = [(o, g.to(o.dtype)) for o, g in zip(originals, leaf_grads) if g is not None]
+        pairs = [(o, g.to(o.dtype)) for o, g in zip(self._originals(), leaf_grads) if g is not None]
         if not pairs:
             return (None,) * len(parameters)
         outs, grads = zip(*pairs)
         return torch.autograd.grad(outs, parameters, grads, allow_unused=True)
+
+    def surrogate(self, leaf_grads: list[torch.Tensor | None]) -> torch.Tensor:
+        """sum <outputs, leaf_grads> over the recorded forwards: its backward is :meth:`backward_to`'s, run by the
+        caller (an optimizer's or a DeepSpeed engine's backward).  A zero without graph when nothing is recorded."""
+        terms = [(o * g.detach().to(o.dtype)).sum(dtype=torch.float32 if o.dtype in (torch.float16, torch.bfloat16)
+                                                       else o.dtype)
+                 for o, g in zip(self._originals(), leaf_grads) if g is not None]
+        return torch.stack(terms).sum() if terms else torch.zeros(())
 
 
 def _generator_state(device: torch.device) -> torch.Tensor:

@@ -33,7 +33,15 @@ Methods (:data:`METHODS`):
 
 The teacher's forward does not depend on theta, so in the three first-order methods the teacher runs once: its
 outputs enter the loss as leaves (:class:`~.functional.RecordedCalls`), every evaluation at a shifted theta gives
-d L / d(teacher outputs), and one teacher backward with the combined output gradient yields h.
+d L / d(teacher outputs), and one teacher backward with the combined output gradient yields h.  That backward can
+also be left to the caller as a *surrogate* loss, sum <teacher outputs, combined output gradient>, whose gradient
+in phi is h: a DeepSpeed engine then runs it through its own backward (ZeRO-3 gathers the teacher's partitioned
+parameters there and reduces h over the ranks).
+
+Data parallel (``average``): each rank evaluates L on its share of the training batch and Q on its share of the quiz
+batch; the inner gradient and the quiz gradient are averaged over the ranks before they are used, so theta', w and
+eps are those of the whole batches on every rank, and since h is linear in L the ranks' hypergradients average to
+the whole batch's (the engine's backward averages the surrogate's gradient; the dictionary is averaged here).
 """
 from __future__ import annotations
 
@@ -56,22 +64,36 @@ METHODS: tuple[str, ...] = ("exact", "finite_difference", "forward_mode", "first
 
 InnerLoss = Callable[[Any, Any, Any], torch.Tensor]
 OuterLoss = Callable[[Any, Any], torch.Tensor]
+#: Averages a list of tensors over the data-parallel ranks, in place (a runtime's ``average_tensors``).
+Average = Callable[[list[torch.Tensor]], None]
 
 
 @dataclass
 class MetaGradient:
-    """Everything one hypergradient computation produced (the pilot update reuses ``student_calls``)."""
+    """Everything one hypergradient computation produced (the pilot update reuses ``student_calls``).
 
-    teacher_grads: dict[str, torch.Tensor]
+    Exactly one of ``teacher_grads`` (``{name: h}``) and ``teacher_surrogate`` (a scalar whose gradient in the
+    teacher's parameters is h, for the caller's backward) is set, as :func:`meta_gradient` was asked."""
+
+    teacher_grads: dict[str, torch.Tensor] | None
     inner_loss: float
     outer_loss: float
     student_calls: RecordedCalls | None = None
+    teacher_surrogate: torch.Tensor | None = None
+
+
+def hypergradient_surrogate(parameters: dict[str, torch.Tensor], grads: dict[str, torch.Tensor]) -> torch.Tensor:
+    """sum_p <p, g_p>: a loss whose gradient in each parameter p is ``grads[name]`` (treated as a constant), for
+    handing a computed gradient to a backward that an optimizer or a DeepSpeed engine owns."""
+    terms = [(parameters[name] * grad.detach().to(parameters[name].dtype)).sum() for name, grad in grads.items()]
+    return torch.stack(terms).sum() if terms else torch.zeros(())
 
 
 def hypergradient(student: nn.Module, teacher: nn.Module, inner_loss: InnerLoss, outer_loss: OuterLoss,
                   train_batch: Any, quiz_batch: Any, *, inner_lr: float | None = None,
                   method: str = "finite_difference", inner_optimizer: InnerOptimizer = "sgd",
-                  inner_steps: int = 1, epsilon: float | None = None) -> dict[str, torch.Tensor]:
+                  inner_steps: int = 1, epsilon: float | None = None, average: Average | None = None
+                  ) -> dict[str, torch.Tensor]:
     """d outer_loss(theta') / d phi for every teacher parameter that requires grad (see the module docstring).
 
     Args:
@@ -86,6 +108,9 @@ def hypergradient(student: nn.Module, teacher: nn.Module, inner_loss: InnerLoss,
             AdamW, whose frozen state preconditions the direction (SAMA).
         inner_steps: experimental steps on the train batch; only ``"exact"`` takes more than one.
         epsilon: the finite-difference step c in eps = c / ||w|| (default: cube root of the machine epsilon).
+        average: data parallel: averages a list of tensors over the ranks in place (every rank calls with the same
+            shapes); the batches are then this rank's shares, and the result is the whole batches' hypergradient
+            on every rank.  Not with ``"exact"``.
 
     Returns:
         ``{name: gradient}`` keyed as ``teacher.named_parameters()``, zeros where a parameter does not influence
@@ -96,20 +121,29 @@ def hypergradient(student: nn.Module, teacher: nn.Module, inner_loss: InnerLoss,
         or the hypergradient is not finite; ``RuntimeError`` when ``"exact"`` or ``"forward_mode"`` meets an op
         without double-backward / forward-mode support (the message names the first-order alternative).
     """
-    return meta_gradient(student, teacher, inner_loss, outer_loss, train_batch, quiz_batch, inner_lr=inner_lr,
-                         method=method, inner_optimizer=inner_optimizer, inner_steps=inner_steps,
-                         epsilon=epsilon).teacher_grads
+    grads = meta_gradient(student, teacher, inner_loss, outer_loss, train_batch, quiz_batch, inner_lr=inner_lr,
+                          method=method, inner_optimizer=inner_optimizer, inner_steps=inner_steps,
+                          epsilon=epsilon, average=average).teacher_grads
+    if average is not None:
+        average(list(grads.values()))
+    return grads
 
 
 def meta_gradient(student: nn.Module, teacher: nn.Module, inner_loss: InnerLoss, outer_loss: OuterLoss,
                   train_batch: Any, quiz_batch: Any, *, inner_lr: float | None, method: str,
                   inner_optimizer: InnerOptimizer, inner_steps: int = 1, epsilon: float | None = None,
-                  keep_student_forward: bool = False, random_state: RandomStateReplay | None = None
-                  ) -> MetaGradient:
+                  keep_student_forward: bool = False, random_state: RandomStateReplay | None = None,
+                  average: Average | None = None, surrogate: bool = False) -> MetaGradient:
     """:func:`hypergradient` plus the losses and, with ``keep_student_forward`` (first-order methods only), the
     student's recorded forward at theta, graph retained, for a real step on the same batch.  ``random_state``
-    (fresh by default) lets that real step replay the dropout masks recorded here."""
+    (fresh by default) lets that real step replay the dropout masks recorded here.  ``surrogate``: return h as
+    :attr:`MetaGradient.teacher_surrogate` instead of a dictionary (no teacher backward is run here).  With
+    ``average`` (see :func:`hypergradient`) the hypergradient returned is this rank's share of the batches; the
+    caller's backward or :func:`hypergradient` averages it."""
     check_choice("method", method, METHODS)
+    if average is not None and method == "exact":
+        raise ValueError("method='exact' runs in one process only (its double backward cannot be averaged over "
+                         "ranks); use method='finite_difference'")
     for name, fn in (("inner_loss", inner_loss), ("outer_loss", outer_loss)):
         if not callable(fn):
             raise TypeError(f"{name} must be callable, got {type(fn).__name__}")
@@ -126,21 +160,30 @@ def meta_gradient(student: nn.Module, teacher: nn.Module, inner_loss: InnerLoss,
     if method == "exact":
         result = _exact(student, teacher, inner_loss, outer_loss, train_batch, quiz_batch, theta, phi,
                         random_state, inner_optimizer, inner_lr, inner_steps)
-    else:
-        result = _first_order_passes(student, teacher, inner_loss, outer_loss, train_batch, quiz_batch, theta,
-                                     phi, random_state, inner_optimizer, inner_lr, method, epsilon,
-                                     keep_student_forward)
-    return result
+        if surrogate:
+            result.teacher_surrogate, result.teacher_grads = hypergradient_surrogate(phi, result.teacher_grads), None
+        return result
+    return _first_order_passes(student, teacher, inner_loss, outer_loss, train_batch, quiz_batch, theta, phi,
+                               random_state, inner_optimizer, inner_lr, method, epsilon, keep_student_forward,
+                               average, surrogate)
+
+
+def _warn_if_unused(grads: list[torch.Tensor | None]) -> None:
+    if all(g is None for g in grads):
+        warnings.warn("no teacher parameter influences inner_loss: the hypergradient is zero "
+                      "(does inner_loss call the teacher?)", UserWarning, stacklevel=5)
+
+
+def _check_finite(grads: list[torch.Tensor | None]) -> None:
+    if not all(torch.isfinite(g).all() for g in grads if g is not None):
+        raise FloatingPointError("the teacher hypergradient is not finite; no update was applied")
 
 
 def _zeros_for_unused(grads: dict[str, torch.Tensor | None], phi: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
-    if all(g is None for g in grads.values()):
-        warnings.warn("no teacher parameter influences inner_loss: the hypergradient is zero "
-                      "(does inner_loss call the teacher?)", UserWarning, stacklevel=4)
+    _warn_if_unused(list(grads.values()))
     out = {name: (torch.zeros_like(phi[name]) if g is None else g.to(phi[name].dtype).detach())
            for name, g in grads.items()}
-    if not all(torch.isfinite(g).all() for g in out.values()):
-        raise FloatingPointError("the teacher hypergradient is not finite; no update was applied")
+    _check_finite(list(out.values()))
     return out
 
 
@@ -234,7 +277,8 @@ def _first_order_passes(student: nn.Module, teacher: nn.Module, inner_loss: Inne
                         train_batch: Any, quiz_batch: Any, theta: dict[str, nn.Parameter],
                         phi: dict[str, nn.Parameter], random_state: RandomStateReplay,
                         inner_optimizer: InnerOptimizer, inner_lr: float | None, method: str,
-                        epsilon: float | None, keep_student_forward: bool) -> MetaGradient:
+                        epsilon: float | None, keep_student_forward: bool, average: Average | None,
+                        surrogate: bool) -> MetaGradient:
     teacher_calls = RecordedCalls(teacher, detach_outputs=True)
     student_calls = RecordedCalls(student, detach_outputs=False) if keep_student_forward else None
     with random_state.replay():
@@ -250,6 +294,8 @@ def _first_order_passes(student: nn.Module, teacher: nn.Module, inner_loss: Inne
     reference_grads = grads[len(theta):]
     inner_grads = {name: torch.zeros_like(p) if g is None else g for (name, p), g in zip(theta.items(), grads)}
     del grads
+    if average is not None:
+        average(list(inner_grads.values()))
     base = {name: p.detach() for name, p in theta.items()}
     inactive = _inactive_coordinates(inner_grads)
     # parameter-sized copies dominate the memory: the step consumes the gradients as it goes and keeps only scale
@@ -257,13 +303,18 @@ def _first_order_passes(student: nn.Module, teacher: nn.Module, inner_loss: Inne
     experimental = {name: value.requires_grad_(True) for name, value in experimental.items()}
     quiz = call_loss(outer_loss, "outer_loss", FunctionalView(student, experimental), quiz_batch)
     outer = check_finite_loss("outer_loss", quiz)
-    direction = precondition_(_grad_dict(quiz, experimental), scale)
-    del quiz, experimental, scale
+    quiz_grads = _grad_dict(quiz, experimental)
+    if average is not None:
+        average(list(quiz_grads.values()))
+    direction = precondition_(quiz_grads, scale)
+    del quiz, quiz_grads, experimental, scale
     eps = _finite_difference_step(direction, epsilon, inactive)
     del inactive
     if eps == 0.0:  # the quiz loss is flat in theta': nothing to propagate
-        zeros = {name: torch.zeros_like(p) for name, p in phi.items()}
-        return MetaGradient(zeros, inner, outer, student_calls)
+        if surrogate:  # a zero loss still runs the teacher's backward, as data-parallel engines need on every rank
+            zeros = teacher_calls.surrogate([torch.zeros_like(leaf) for leaf in leaves])
+            return MetaGradient(None, inner, outer, student_calls, zeros)
+        return MetaGradient({name: torch.zeros_like(p) for name, p in phi.items()}, inner, outer, student_calls)
 
     shifted: TensorDict = {}  # one buffer for every shift, made on first use
 
@@ -288,6 +339,12 @@ def _first_order_passes(student: nn.Module, teacher: nn.Module, inner_loss: Inne
         terms = [(-1.0, _directional_derivative_grads(student, inner_loss, train_batch, teacher_calls.replay(),
                                                       base, direction, targets, random_state))]
     combined = _combine(terms)
+    if surrogate:
+        _warn_if_unused(combined)
+        _check_finite(combined)
+        loss = teacher_calls.surrogate(combined[:len(leaves)]) + hypergradient_surrogate(
+            phi, {name: g for name, g in zip(phi, combined[len(leaves):]) if g is not None})
+        return MetaGradient(None, inner, outer, student_calls, loss)
     through_outputs = teacher_calls.backward_to(list(phi.values()), combined[:len(leaves)])
     teacher_grads = {}
     for (name, p), via_outputs, direct in zip(phi.items(), through_outputs, combined[len(leaves):]):

@@ -10,21 +10,70 @@ lr (1 - beta1) / ((1 - beta1^t) (sqrt(v_hat) + eps)) with v_hat the second momen
 theta and then held fixed.  ``offset`` (momentum buffer, Adam's first moment) and ``decay`` do not depend on the
 teacher.  The teacher hypergradient therefore needs only the preconditioned direction w = scale * v
 (:func:`precondition_`), and the exact method differentiates :meth:`InnerUpdate.step` itself.
+
+The optimizer's rule and state are read through :class:`OptimizerState`: :class:`TorchOptimizerState` for a torch
+optimizer; a ZeRO-partitioned optimizer gives its own view, whose :meth:`~OptimizerState.state` assembles each
+parameter's state whole (see :mod:`mpdistil_fast.distributed.deepspeed_runtime`).  The terms are computed one
+parameter at a time, in the order of the student's parameters, so such a view may run collectives.
 """
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, Protocol, runtime_checkable
 
 import torch
 
 from mpdistil_fast._validation import check_positive_finite
 
 TensorDict = dict[str, torch.Tensor]
-InnerOptimizer = str | torch.optim.Optimizer
 INNER_OPTIMIZERS = ("sgd", "adam")
+#: The rules :class:`OptimizerState` can describe (AdamW: decoupled weight decay).
+OPTIMIZER_KINDS = ("sgd", "adam", "adamw")
+
+
+@runtime_checkable
+class OptimizerState(Protocol):
+    """Read-only view of the optimizer behind the student's parameters: its rule and, per parameter, its group's
+    hyperparameters and its state."""
+
+    #: ``"sgd"``, ``"adam"`` or ``"adamw"`` (one of :data:`OPTIMIZER_KINDS`)
+    kind: str
+
+    def group(self, parameter: torch.Tensor) -> dict[str, Any]:
+        """The hyperparameters of ``parameter``'s group (``lr``, ``betas``, ``eps``, ``weight_decay``, ...)."""
+        ...
+
+    def state(self, parameter: torch.Tensor) -> dict[str, Any]:
+        """``parameter``'s state as torch keeps it (``step``, ``exp_avg``, ``exp_avg_sq`` / ``momentum_buffer``, each
+        shaped like the parameter); empty before the first step."""
+        ...
+
+
+class TorchOptimizerState:
+    """:class:`OptimizerState` of a ``torch.optim`` SGD, Adam or AdamW."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        # AdamW subclasses Adam in recent torch, and Adam(decoupled_weight_decay=True) is AdamW's rule
+        kind = ("adamw" if isinstance(optimizer, torch.optim.AdamW) else
+                "adam" if isinstance(optimizer, torch.optim.Adam) else
+                "sgd" if isinstance(optimizer, torch.optim.SGD) else None)
+        if kind is None:
+            raise ValueError(f"inner_optimizer must be 'sgd', 'adam' or a torch.optim SGD/Adam/AdamW, "
+                             f"got {type(optimizer).__name__}")
+        self.optimizer, self.kind = optimizer, kind
+
+    def group(self, parameter: torch.Tensor) -> dict[str, Any]:
+        for group in self.optimizer.param_groups:
+            if any(p is parameter for p in group["params"]):
+                return group
+        raise ValueError("inner_optimizer does not hold every trainable student parameter")
+
+    def state(self, parameter: torch.Tensor) -> dict[str, Any]:
+        return self.optimizer.state.get(parameter, {})
+
+
+InnerOptimizer = str | torch.optim.Optimizer | OptimizerState
 
 
 @dataclass(frozen=True)
@@ -69,13 +118,6 @@ def precondition_(vector: TensorDict, scale: dict[str, torch.Tensor | float]) ->
     return {name: value.mul_(scale[name]) for name, value in vector.items()}
 
 
-def _group_of(optimizer: torch.optim.Optimizer, parameter: torch.Tensor) -> dict:
-    for group in optimizer.param_groups:
-        if any(p is parameter for p in group["params"]):
-            return group
-    raise ValueError("inner_optimizer does not hold every trainable student parameter")
-
-
 def _sgd_terms(group: dict, state: dict, lr: float) -> tuple[float, object, float]:
     momentum, dampening = group.get("momentum", 0.0), group.get("dampening", 0.0)
     nesterov, weight_decay = group.get("nesterov", False), group.get("weight_decay", 0.0)
@@ -116,37 +158,39 @@ def _adam_terms(group: dict, state: dict, lr: float, grad: torch.Tensor, *, thet
 def _inner_terms(inner_optimizer: InnerOptimizer, inner_lr: float | None, theta: TensorDict
                  ) -> list[tuple[str, Callable[[torch.Tensor], tuple[Term, Term, Term]]]]:
     """Per parameter tensor, a function of its inner gradient computing its (scale, offset, decay); arguments are
-    checked at once, the parameter-sized terms are built only when called (one tensor at a time if the caller
-    wants)."""
+    checked at once, the state is read and the parameter-sized terms are built only when called (one tensor at a
+    time if the caller wants)."""
+    view: OptimizerState | None
     if isinstance(inner_optimizer, torch.optim.Optimizer):
-        optimizer: torch.optim.Optimizer | None = inner_optimizer
-        # AdamW subclasses Adam in recent torch, and Adam(decoupled_weight_decay=True) is AdamW's rule
-        kind = ("adamw" if isinstance(inner_optimizer, torch.optim.AdamW) else
-                "adam" if isinstance(inner_optimizer, torch.optim.Adam) else
-                "sgd" if isinstance(inner_optimizer, torch.optim.SGD) else None)
-        if kind is None:
-            raise ValueError(f"inner_optimizer must be 'sgd', 'adam' or a torch.optim SGD/Adam/AdamW, "
-                             f"got {type(inner_optimizer).__name__}")
+        view = TorchOptimizerState(inner_optimizer)
     elif isinstance(inner_optimizer, str) and inner_optimizer in INNER_OPTIMIZERS:
-        optimizer, kind = None, inner_optimizer
+        view = None
         if inner_lr is None:
             raise ValueError("inner_lr is required when inner_optimizer is a name")
+    elif isinstance(inner_optimizer, OptimizerState) and not isinstance(inner_optimizer, str):
+        view = inner_optimizer
+        if view.kind not in OPTIMIZER_KINDS:
+            raise ValueError(f"inner_optimizer.kind must be one of {OPTIMIZER_KINDS}, got {view.kind!r}")
     else:
-        raise ValueError(f"inner_optimizer must be one of {INNER_OPTIMIZERS} or a torch.optim SGD/Adam/AdamW, "
-                         f"got {inner_optimizer!r}")
+        raise ValueError(f"inner_optimizer must be one of {INNER_OPTIMIZERS}, a torch.optim SGD/Adam/AdamW or an "
+                         f"OptimizerState, got {inner_optimizer!r}")
+    kind = view.kind if view is not None else inner_optimizer
     if inner_lr is not None:
         inner_lr = check_positive_finite("inner_lr", inner_lr)
     terms = []
     for name, value in theta.items():
-        group = _group_of(optimizer, value) if optimizer is not None else {}
-        state = optimizer.state.get(value, {}) if optimizer is not None else {}
+        group = view.group(value) if view is not None else {}
         lr = inner_lr if inner_lr is not None else float(group["lr"])
+
+        def state(value: torch.Tensor = value) -> dict[str, Any]:
+            return view.state(value) if view is not None else {}
+
         if kind == "sgd":
-            terms.append((name, lambda grad, group=group, state=state, lr=lr: _sgd_terms(group, state, lr)))
+            terms.append((name, lambda grad, group=group, state=state, lr=lr: _sgd_terms(group, state(), lr)))
         else:
-            terms.append((name, functools.partial(_adam_terms, group, state, lr, theta=value,
-                                                  decoupled=kind == "adamw"
-                                                  or bool(group.get("decoupled_weight_decay", False)))))
+            decoupled = kind == "adamw" or bool(group.get("decoupled_weight_decay", False))
+            terms.append((name, lambda grad, group=group, state=state, lr=lr, value=value, decoupled=decoupled:
+                          _adam_terms(group, state(), lr, grad, theta=value, decoupled=decoupled)))
     return terms
 
 
@@ -155,9 +199,10 @@ def make_inner_update(inner_optimizer: InnerOptimizer, inner_lr: float | None, t
     """The frozen-state inner update at ``theta`` with inner gradient ``grads``, every term stored (the exact
     method applies it, differentiably, for several steps).
 
-    ``inner_optimizer`` is ``"sgd"``, ``"adam"`` (fresh state, torch's default betas and eps) or a
-    ``torch.optim.SGD`` / ``Adam`` / ``AdamW`` holding the student's parameters, whose hyperparameters and
-    state are read (never changed).  ``inner_lr`` overrides the learning rate; it is required with a string.
+    ``inner_optimizer`` is ``"sgd"``, ``"adam"`` (fresh state, torch's default betas and eps), a
+    ``torch.optim.SGD`` / ``Adam`` / ``AdamW`` holding the student's parameters, or an :class:`OptimizerState`
+    view of one; its hyperparameters and state are read (never changed).  ``inner_lr`` overrides the learning
+    rate; it is required with a string.
     """
     scale, offset, decay = {}, {}, {}
     for name, compute in _inner_terms(inner_optimizer, inner_lr, theta):

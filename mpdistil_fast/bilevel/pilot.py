@@ -38,7 +38,11 @@ What the helper takes care of:
 * the real step runs the updated teacher without building its graph; with ``reuse_student_forward=True`` (first-
   order methods) it also reuses the student's forward on x at theta recorded by the pilot (one forward fewer, at
   the cost of keeping those activations alive);
-* a non-finite inner or quiz loss or hypergradient raises ``FloatingPointError`` before anything is updated.
+* a non-finite inner or quiz loss or hypergradient raises ``FloatingPointError`` before anything is updated;
+* the hypergradient reaches the teacher through ``teacher_optimizer``'s backward, as a surrogate loss (see
+  :func:`~mpdistil_fast.bilevel.meta_gradient`): pass :class:`~.stepper.Stepper` s (a DeepSpeed engine's backward
+  and step, a ZeRO-partitioned optimizer's state through :meth:`~.stepper.Stepper.optimizer_state`) and
+  ``average`` (each rank's batches are its shares) and the same step runs data parallel, ZeRO-3 teacher included.
 """
 from __future__ import annotations
 
@@ -51,27 +55,30 @@ from torch import nn
 from mpdistil_fast._validation import check_positive_finite
 from mpdistil_fast.bilevel.functional import (RandomStateReplay, call_loss, check_finite_loss,
                                               trainable_parameters, without_parameter_grads)
-from mpdistil_fast.bilevel.hypergradient import METHODS, InnerLoss, OuterLoss, meta_gradient
-from mpdistil_fast.bilevel.inner_update import InnerOptimizer
+from mpdistil_fast.bilevel.hypergradient import METHODS, Average, InnerLoss, OuterLoss, meta_gradient
+from mpdistil_fast.bilevel.inner_update import InnerOptimizer, OptimizerState, TorchOptimizerState
+from mpdistil_fast.bilevel.stepper import OptimizerStepper, Stepper
 
 
 class PilotUpdate:
     """MetaDistil's Algorithm 1 as a training-loop step (see the module docstring)."""
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, student_optimizer: torch.optim.Optimizer,
-                 teacher_optimizer: torch.optim.Optimizer, inner_loss: InnerLoss, outer_loss: OuterLoss, *,
+    def __init__(self, student: nn.Module, teacher: nn.Module, student_optimizer: torch.optim.Optimizer | Stepper,
+                 teacher_optimizer: torch.optim.Optimizer | Stepper, inner_loss: InnerLoss, outer_loss: OuterLoss, *,
                  method: str = "finite_difference", inner_optimizer: InnerOptimizer | None = None,
                  inner_lr: float | None = None, max_grad_norm: float | None = None,
                  student_scheduler: Any = None, teacher_scheduler: Any = None,
                  autocast_dtype: torch.dtype | None = None, epsilon: float | None = None,
-                 reuse_student_forward: bool = False) -> None:
+                 reuse_student_forward: bool = False, average: Average | None = None) -> None:
         """
         Args:
             student, teacher: the modules (``teacher`` is whatever module the meta-learner trains).
-            student_optimizer, teacher_optimizer: any torch optimizers over their parameters.
+            student_optimizer, teacher_optimizer: torch optimizers over their parameters, or :class:`~.Stepper` s
+                (a training runtime's models: a DeepSpeed engine's ``backward``/``step``), which own their
+                schedule and clipping (``max_grad_norm`` and the schedulers must then be left out).
             inner_loss, outer_loss: ``inner_loss(student, teacher, batch)``, ``outer_loss(student, batch)``.
             method: hypergradient method, one of :data:`~mpdistil_fast.bilevel.METHODS`.
-            inner_optimizer: rule of the experimental step (default: ``student_optimizer``, which must then be
+            inner_optimizer: rule of the experimental step (default: the student optimizer's, which must then be
                 SGD, Adam or AdamW); ``"sgd"`` gives MetaDistil's plain step.
             inner_lr: experimental learning rate (default: the optimizer's current one, read every step).
             max_grad_norm: clip norm for the teacher's hypergradient and the student's real gradient.
@@ -82,14 +89,16 @@ class PilotUpdate:
                 step (first-order methods): saves one student forward (0.96x -> 0.92x exact's step time in the
                 meta-step benchmark) but keeps its activations alive during the hypergradient (0.60x -> 0.73x
                 exact's peak extra memory), hence off by default.
+            average: data parallel (every rank steps on its share of the batches): averages tensors over the
+                ranks in place, see :func:`~mpdistil_fast.bilevel.hypergradient`; the steppers' backward must
+                average the gradients too (a DeepSpeed engine's does).
         """
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        for name, optimizer in (("student_optimizer", student_optimizer), ("teacher_optimizer", teacher_optimizer)):
-            if not isinstance(optimizer, torch.optim.Optimizer):
-                raise TypeError(f"{name} must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if max_grad_norm is not None:
             max_grad_norm = check_positive_finite("max_grad_norm", max_grad_norm)
+        self.student_stepper = _stepper("student_optimizer", student_optimizer, student_scheduler, max_grad_norm)
+        self.teacher_stepper = _stepper("teacher_optimizer", teacher_optimizer, teacher_scheduler, max_grad_norm)
         if autocast_dtype is not None and not isinstance(autocast_dtype, torch.dtype):
             raise TypeError(f"autocast_dtype must be a torch.dtype or None, got {type(autocast_dtype).__name__}")
         if autocast_dtype == torch.float16:
@@ -97,15 +106,19 @@ class PilotUpdate:
                              "pilot update's finite differences do not do: use torch.bfloat16")
         if autocast_dtype not in (None, torch.bfloat16):
             raise ValueError(f"autocast_dtype must be torch.bfloat16 or None, got {autocast_dtype}")
+        if average is not None and method == "exact":
+            raise ValueError("method='exact' runs in one process only; use a first-order method with average")
         self.student, self.teacher = student, teacher
         self.student_parameters = trainable_parameters(student, "student")
         self.teacher_parameters = trainable_parameters(teacher, "teacher")
-        self.student_optimizer, self.teacher_optimizer = student_optimizer, teacher_optimizer
         self.inner_loss, self.outer_loss = inner_loss, outer_loss
-        self.method, self.epsilon, self.max_grad_norm = method, epsilon, max_grad_norm
-        self.inner_optimizer = student_optimizer if inner_optimizer is None else inner_optimizer
+        self.method, self.epsilon, self.average = method, epsilon, average
+        if inner_optimizer is None:
+            inner_optimizer = self.student_stepper.optimizer_state()
+        elif isinstance(inner_optimizer, torch.optim.Optimizer):
+            inner_optimizer = TorchOptimizerState(inner_optimizer)
+        self.inner_optimizer: str | OptimizerState = inner_optimizer
         self.inner_lr = inner_lr
-        self.student_scheduler, self.teacher_scheduler = student_scheduler, teacher_scheduler
         self.autocast_dtype = autocast_dtype
         self.reuse_student_forward = reuse_student_forward and method != "exact"
 
@@ -115,49 +128,50 @@ class PilotUpdate:
         device_type = next(iter(self.student_parameters.values())).device.type
         return torch.autocast(device_type, dtype=self.autocast_dtype)
 
-    def _clip(self, parameters: list[nn.Parameter]) -> float:
-        grads = [p for p in parameters if p.grad is not None]
-        if not grads:
-            return 0.0
-        if self.max_grad_norm is None:
-            return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in grads])))
-        return float(torch.nn.utils.clip_grad_norm_(grads, self.max_grad_norm))
-
     def step(self, train_batch: Any, quiz_batch: Any) -> dict[str, float]:
         """One pilot update; returns the losses, gradient norms (before clipping) and the inner learning rate."""
         inner_lr = self.inner_lr
         if inner_lr is None and isinstance(self.inner_optimizer, str):
-            inner_lr = float(self.student_optimizer.param_groups[0]["lr"])
-        reported_lr = inner_lr if inner_lr is not None else float(self.student_optimizer.param_groups[0]["lr"])
+            raise ValueError("inner_lr is required when inner_optimizer is a name")
+        reported_lr = inner_lr if inner_lr is not None else float(
+            self.inner_optimizer.group(next(iter(self.student_parameters.values())))["lr"])
         random_state = RandomStateReplay([p.device for p in (*self.student_parameters.values(),
                                                              *self.teacher_parameters.values())],
                                          (self.student, self.teacher))
-        self.teacher_optimizer.zero_grad(set_to_none=True)  # old gradients would only hold memory meanwhile
-        self.student_optimizer.zero_grad(set_to_none=True)
+        self.teacher_stepper.zero_grad()  # old gradients would only hold memory meanwhile
+        self.student_stepper.zero_grad()
         with self._autocast():
             result = meta_gradient(self.student, self.teacher, self.inner_loss, self.outer_loss, train_batch,
                                    quiz_batch, inner_lr=inner_lr, method=self.method,
                                    inner_optimizer=self.inner_optimizer, epsilon=self.epsilon,
-                                   keep_student_forward=self.reuse_student_forward, random_state=random_state)
-        # 2. teacher update with the hypergradient
-        for name, parameter in self.teacher_parameters.items():
-            parameter.grad = result.teacher_grads[name]
-        teacher_grad_norm = self._clip(list(self.teacher_parameters.values()))
-        self.teacher_optimizer.step()
-        if self.teacher_scheduler is not None:
-            self.teacher_scheduler.step()
+                                   keep_student_forward=self.reuse_student_forward, random_state=random_state,
+                                   average=self.average, surrogate=True)
+        # 2. teacher update with the hypergradient, through the teacher's own backward
+        if result.teacher_surrogate.requires_grad:
+            self.teacher_stepper.backward(result.teacher_surrogate)
+        teacher_grad_norm = self.teacher_stepper.step()
         # 3. real student step on the same batch with the updated teacher
         student = result.student_calls.replay() if result.student_calls is not None else self.student
         with self._autocast(), random_state.replay():
             loss = call_loss(self.inner_loss, "inner_loss", student, without_parameter_grads(self.teacher),
                              train_batch)
         student_loss = check_finite_loss("inner_loss with the updated teacher", loss)
-        student_params = list(self.student_parameters.values())
-        loss.backward(inputs=student_params)
-        student_grad_norm = self._clip(student_params)
-        self.student_optimizer.step()
-        if self.student_scheduler is not None:
-            self.student_scheduler.step()
-        return {"inner_loss": result.inner_loss, "quiz_loss": result.outer_loss, "student_loss": student_loss,
-                "teacher_grad_norm": teacher_grad_norm, "student_grad_norm": student_grad_norm,
-                "inner_lr": reported_lr}
+        self.student_stepper.backward(loss)
+        student_grad_norm = self.student_stepper.step()
+        stats = {"inner_loss": result.inner_loss, "quiz_loss": result.outer_loss, "student_loss": student_loss,
+                 "teacher_grad_norm": teacher_grad_norm, "student_grad_norm": student_grad_norm,
+                 "inner_lr": reported_lr}
+        return {name: value for name, value in stats.items() if value is not None}
+
+
+def _stepper(name: str, optimizer: torch.optim.Optimizer | Stepper, scheduler: Any,
+             max_grad_norm: float | None) -> Stepper:
+    """``optimizer`` as a :class:`~.Stepper` (a torch optimizer gets its schedule and clipping here)."""
+    if isinstance(optimizer, torch.optim.Optimizer):
+        return OptimizerStepper(optimizer, scheduler, max_grad_norm)
+    if not isinstance(optimizer, Stepper):
+        raise TypeError(f"{name} must be a torch.optim.Optimizer or a Stepper, got {type(optimizer).__name__}")
+    if scheduler is not None or max_grad_norm is not None:
+        raise ValueError(f"{name} is a Stepper, which owns its schedule and clipping: leave out the scheduler "
+                         "and max_grad_norm")
+    return optimizer
