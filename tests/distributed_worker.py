@@ -1,9 +1,46 @@
-"""Run by ``torchrun`` from tests/test_distributed.py: the DeepSpeed runtime's collectives on real ranks."""
+"""Run by ``torchrun`` from tests/test_distributed.py: the DeepSpeed runtime's collectives on real ranks, and the
+student optimizer's state as ZeRO partitions it, assembled whole for the pilot step."""
 from __future__ import annotations
 
 import torch
+from torch import nn
 
-from mpdistil_fast.distributed.deepspeed_runtime import DeepSpeedRuntime
+from mpdistil_fast.distributed import LocalRuntime
+from mpdistil_fast.distributed.deepspeed_runtime import DeepSpeedRuntime, load_deepspeed_config
+from mpdistil_fast.distributed.runtime import OptimizerSpec
+
+
+def small_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 7), nn.LayerNorm(7), nn.Linear(7, 3))
+
+
+def check_optimizer_state(runtime: DeepSpeedRuntime, config: dict, tolerance: float) -> None:
+    """Each rank steps its half of the batch through a ZeRO engine; the state it assembles for every parameter is
+    the one a torch AdamW reaches on the whole batch in one process (step, moments, the group's hyperparameters)."""
+    runtime.configs["student"] = load_deepspeed_config(config, name="student")
+    spec = OptimizerSpec(lr=1e-2, total_steps=10, weight_decay=0.1)
+    model, reference = small_model(), small_model()
+    trained = runtime.train(model, spec, role="student")
+    expected = LocalRuntime("cpu").train(reference, spec, role="student")
+    view, expected_view = trained.optimizer_state(), expected.optimizer_state()
+    assert view.kind == "adamw"
+    assert all(view.state(p) == {} for p in model.parameters())  # no state before the first step, as in torch
+    inputs = torch.randn(4, 5, generator=torch.Generator().manual_seed(1))
+    for _ in range(2):
+        dtype = next(model.parameters()).dtype
+        trained.backward(model(runtime.local_rows({"input_ids": inputs})["input_ids"].to(dtype)).float().pow(2)
+                         .sum(1).mean())
+        trained.step()
+        expected.backward(reference(inputs).pow(2).sum(1).mean())
+        expected.step()
+    for (name, param), ref in zip(model.named_parameters(), reference.parameters()):
+        state, ref_state = view.state(param), expected_view.state(ref)
+        assert int(state["step"]) == int(ref_state["step"]) == 2, name
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(state[key], ref_state[key], rtol=tolerance, atol=tolerance * 1e-3)
+        for key in ("lr", "betas", "eps", "weight_decay"):
+            assert view.group(param)[key] == expected_view.group(ref)[key], (name, key)
 
 
 def main() -> None:
@@ -16,6 +53,14 @@ def main() -> None:
         assert torch.equal(gathered, expected), (runtime.rank, n, gathered)
     assert runtime.from_main(runtime.rank + 5) == 5
     assert runtime.average({"loss": float(runtime.rank), "quiz": 1.0}) == {"loss": 0.5, "quiz": 1.0}
+    tensors = [torch.full((2, 3), float(runtime.rank)), torch.full((4,), 2.0 * runtime.rank, dtype=torch.float64),
+               torch.full((3,), 4.0 * runtime.rank, dtype=torch.bfloat16)]
+    runtime.average_tensors(tensors)
+    for tensor, mean in zip(tensors, (0.5, 1.0, 2.0)):
+        assert torch.equal(tensor, torch.full_like(tensor, mean)), tensor
+    for stage in (1, 2):
+        check_optimizer_state(runtime, {"zero_optimization": {"stage": stage}}, 1e-5)
+    check_optimizer_state(runtime, {"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}}, 5e-2)
     runtime.barrier()
     print(f"rank {runtime.rank} of {runtime.world_size}: collectives ok")
 

@@ -54,11 +54,19 @@ def test_config_validation_for_deepspeed(tmp_path, data_dir):
     teacher = tmp_path / "unused-teacher"
     path = write_config(tmp_path / "c.yaml", teacher, data_dir, tmp_path / "run", "mpdistil")
     assert load_config(path, ["runtime.kind=deepspeed"]).runtime.kind == "deepspeed"
-    for overrides, message in ((["method=metadistil"], "does not run 'metadistil'"),
-                               (["meta_teacher.bilevel=true"], "does not run meta_teacher.bilevel"),
+    (tmp_path / "z0-bf16.json").write_text(json.dumps({"zero_optimization": {"stage": 0}, "bf16": {"enabled": True}}))
+    for overrides, message in ((["method=metadistil", "metadistil.hypergradient=exact"],
+                                "metadistil.hypergradient 'exact' differentiates through the inner gradient"),
+                               (["meta_teacher.bilevel=true", "meta_teacher.hypergradient=exact"],
+                                "meta_teacher.hypergradient 'exact'"),
+                               (["method=metadistil", f"runtime.deepspeed_student={tmp_path / 'z0-bf16.json'}"],
+                                "ZeRO-0 bf16/fp16 optimizer does not expose"),
                                (["reference_compat=true"], "does not run reference_compat")):
         with pytest.raises(ConfigError, match=message):
             load_config(path, ["runtime.kind=deepspeed", *overrides])
+    # the first-order hypergradients run under DeepSpeed (ZeRO-0 fp32, 1 and 2 students expose their AdamW state)
+    assert load_config(path, ["runtime.kind=deepspeed", "method=metadistil"]).method == "metadistil"
+    assert load_config(path, ["runtime.kind=deepspeed", "meta_teacher.bilevel=true"]).meta_teacher.bilevel
     path = write_config(tmp_path / "k.yaml", teacher, data_dir, tmp_path / "run", "kd")
     with pytest.raises(ConfigError, match="runtime.deepspeed_student names"):
         load_config(path, ["runtime.kind=deepspeed", f"runtime.deepspeed_student={tmp_path / 'none.json'}"])
@@ -132,7 +140,9 @@ def test_training_steps_take_the_rank_s_rows(tmp_path, data_dir):
 
 @pytest.mark.slow
 def test_collectives_on_two_ranks():
-    """rank_rows/gather_rows give back every row in order (odd counts padded), from_main is rank 0's, average means."""
+    """rank_rows/gather_rows give back every row in order (odd counts padded), from_main is rank 0's, average and
+    average_tensors mean, and a ZeRO-1/2 engine's partitioned AdamW state comes back whole
+    (tests/distributed_worker.py)."""
     pytest.importorskip("deepspeed")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -169,8 +179,8 @@ def _torchrun(config: Path, *extra: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["zero2-teacher", "zero3-teacher"])
 def two_rank_run(request, tmp_path_factory, data_dir):
-    """The same one-task MPDistil run (teacher, PKD student, meta-teacher, curriculum) on one process and on two ranks
-    (a ZeRO-2 student and meta-teacher; a ZeRO-2 or ZeRO-3 teacher; fp32)."""
+    """The same one-task MPDistil run (teacher, PKD student, bi-level meta-teacher, curriculum) on one process and on
+    two ranks (a ZeRO-2 student and meta-teacher; a ZeRO-2 or ZeRO-3 teacher; fp32)."""
     pytest.importorskip("deepspeed")
     pytest.importorskip("accelerate")  # transformers' HfDeepSpeedConfig needs it
     tmp = tmp_path_factory.mktemp(f"ds{request.param}")
@@ -178,7 +188,8 @@ def two_rank_run(request, tmp_path_factory, data_dir):
     for stage in (2, 3):
         (tmp / f"zero{stage}.json").write_text(json.dumps({"zero_optimization": {"stage": stage}}))
     common = {"data": {"tasks": ["rte"]}, "curriculum": {"actions": ["rte"]}, "teacher_training": {"max_steps": 3},
-              "student_training": {"max_steps": 3}, "meta_teacher": {"training": {"max_steps": 3}},
+              "student_training": {"max_steps": 3},
+              "meta_teacher": {"bilevel": True, "training": {"max_steps": 3}},
               "runtime": {"checkpoint_every": 2, "keep_checkpoints": 20}}
     local = write_config(tmp / "local.yaml", teacher, data_dir, tmp / "local", "mpdistil", **common)
     runtime = {**common["runtime"], "kind": "deepspeed", "deepspeed_teacher": str(tmp / f"zero{request.param}.json"),
@@ -192,21 +203,50 @@ def two_rank_run(request, tmp_path_factory, data_dir):
     return tmp, result
 
 
-@pytest.mark.slow
-def test_two_ranks_match_one_process_step_for_step(two_rank_run):
-    tmp, result = two_rank_run
-    local, distributed = _records(tmp / "local"), _records(tmp / "ds")
+def _assert_same_run(local_dir: Path, distributed_dir: Path, models: tuple[str, ...]) -> None:
+    """Every logged metric of the two runs agrees to 1e-5 and the final weights to 1e-3 (reduction order)."""
+    local, distributed = _records(local_dir), _records(distributed_dir)
     assert [(r["stage"], r["step"]) for r in local] == [(r["stage"], r["step"]) for r in distributed]
-    assert {r["stage"] for r in local} == set(STAGES)
     for one, two in zip(local, distributed):
         assert set(one) - {"time"} == set(two) - {"time"}
         for key in set(one) - {"stage", "step", "time"}:
             assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-7), (key, one, two)
-    ours, theirs = load_checkpoint(latest_checkpoint(tmp / "local"))[0], load_checkpoint(latest_checkpoint(tmp / "ds"))[0]
-    for model in ("teacher", "student", "meta_teachers"):
+    ours = load_checkpoint(latest_checkpoint(local_dir))[0]
+    theirs = load_checkpoint(latest_checkpoint(distributed_dir))[0]
+    for model in models:
         for name, tensor in ours[model].items():
             # Adam turns reduction-order noise in near-zero gradients into ~1e-5 weight differences
             torch.testing.assert_close(theirs[model][name], tensor, rtol=1e-3, atol=1e-4)
+
+
+def _resume_inside(run_dir: Path, config: Path, stage: str, models: tuple[str, ...]) -> None:
+    """A copy of the two-rank run ``run_dir``, cut back to its last checkpoint inside ``stage`` and resumed on two
+    ranks, ends bit-identical to the uninterrupted run."""
+    resumed = run_dir.parent / f"{run_dir.name}-resumed-{stage}"
+    shutil.copytree(run_dir, resumed)
+    checkpoints = list_checkpoints(resumed)
+    mid_stage = [c for c in checkpoints if json.loads((c / "state.json").read_text())["stage"] == stage]
+    assert mid_stage, [c.name for c in checkpoints]
+    for later in checkpoints[checkpoints.index(mid_stage[-1]) + 1:]:
+        shutil.rmtree(later)
+    (resumed / "report.json").unlink()
+    resumed_config = config.parent / f"{resumed.name}.yaml"
+    resumed_config.write_text(config.read_text().replace(str(run_dir), str(resumed)))
+    _torchrun(resumed_config, "--resume")
+    final, reference = load_checkpoint(latest_checkpoint(resumed)), load_checkpoint(latest_checkpoint(run_dir))
+    assert final[1]["global_step"] == reference[1]["global_step"]
+    for model in models:
+        for name, tensor in reference[0][model].items():
+            assert torch.equal(final[0][model][name], tensor), (model, name)
+
+
+@pytest.mark.slow
+def test_two_ranks_match_one_process_step_for_step(two_rank_run):
+    tmp, result = two_rank_run
+    local = _records(tmp / "local")
+    assert {r["stage"] for r in local} == set(STAGES)
+    assert any("meta_hypergradient_norm" in r for r in local)
+    _assert_same_run(tmp / "local", tmp / "ds", ("teacher", "student", "meta_teachers"))
     # rank 0 alone prints the report; every rank wrote its optimizer partition into the checkpoint
     assert result.stdout.count("outputs in") == 1
     mid_stage = [c for c in list_checkpoints(tmp / "ds") if json.loads((c / "state.json").read_text())["stage"]]
@@ -231,41 +271,62 @@ def test_two_ranks_resume_from_a_mid_stage_checkpoint(two_rank_run, stage):
     a later stage (the teacher's weights are loaded into its partitions; the student's engine of that stage and the
     meta-teachers' or the policy's state come back)."""
     tmp, _ = two_rank_run
-    resumed = tmp / f"resumed-{stage}"
-    shutil.copytree(tmp / "ds", resumed)
-    checkpoints = list_checkpoints(resumed)
-    mid_stage = [c for c in checkpoints if json.loads((c / "state.json").read_text())["stage"] == stage]
-    assert mid_stage, [c.name for c in checkpoints]
-    for later in checkpoints[checkpoints.index(mid_stage[-1]) + 1:]:
-        shutil.rmtree(later)
-    (resumed / "report.json").unlink()
-    config = tmp / f"resumed-{stage}.yaml"
-    config.write_text((tmp / "ds.yaml").read_text().replace(str(tmp / "ds"), str(resumed)))
-    _torchrun(config, "--resume")
-    final, reference = load_checkpoint(latest_checkpoint(resumed)), load_checkpoint(latest_checkpoint(tmp / "ds"))
-    assert final[1]["global_step"] == reference[1]["global_step"]
-    for model in ("teacher", "student", "meta_teachers"):
-        for name, tensor in reference[0][model].items():
-            assert torch.equal(final[0][model][name], tensor), (model, name)
+    _resume_inside(tmp / "ds", tmp / "ds.yaml", stage, ("teacher", "student", "meta_teachers"))
 
 
 @pytest.mark.slow
-def test_two_ranks_run_mpdistil_with_the_shipped_configs(tmp_path, data_dir):
-    """The README's launch: the default JSONs (ZeRO-3 bf16 teacher, ZeRO-2 bf16 student and meta-teachers), all four
-    MPDistil stages on two tasks (a step leaves a head unused; PKD reads live teacher hidden states through the
-    ZeRO-3 hooks; the curriculum's actions come from rank 0)."""
+def test_two_ranks_run_metadistil_like_one_process(tmp_path, data_dir):
+    """MetaDistil's pilot update data parallel: the ZeRO-3 teacher learns through its engine's backward (the
+    hypergradient as a surrogate loss), the ZeRO-2 student's partitioned AdamW state preconditions the experimental
+    step, the inner and quiz gradients are averaged over the ranks. Every logged number (losses, both gradient
+    norms) matches the one-process run step for step, and a resume inside the stage is exact."""
+    pytest.importorskip("deepspeed")
+    pytest.importorskip("accelerate")
+    teacher = _teacher_without_dropout(tmp_path / "teacher")
+    for stage in (2, 3):
+        (tmp_path / f"zero{stage}.json").write_text(json.dumps({"zero_optimization": {"stage": stage}}))
+    common = {"data": {"tasks": ["rte"]}, "teacher_training": {"max_steps": 2}, "student_training": {"max_steps": 4},
+              "runtime": {"checkpoint_every": 2, "keep_checkpoints": 20}}
+    local = write_config(tmp_path / "local.yaml", teacher, data_dir, tmp_path / "local", "metadistil", **common)
+    runtime = {**common["runtime"], "kind": "deepspeed", "deepspeed_teacher": str(tmp_path / "zero3.json"),
+               "deepspeed_student": str(tmp_path / "zero2.json")}
+    distributed = write_config(tmp_path / "ds.yaml", teacher, data_dir, tmp_path / "ds", "metadistil",
+                               **{**common, "runtime": runtime})
+    from mpdistil_fast.pipeline.trainer import Run
+
+    Run(load_config(local)).run()
+    _torchrun(distributed)
+    records = [r for r in _records(tmp_path / "local") if r["stage"] == "metadistil"]
+    assert records and all({"quiz_loss", "teacher_grad_norm", "student_grad_norm"} <= set(r) for r in records)
+    _assert_same_run(tmp_path / "local", tmp_path / "ds", ("teacher", "student"))
+    _resume_inside(tmp_path / "ds", distributed, "metadistil", ("teacher", "student"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method, stages", [("mpdistil", {"teacher", "student", "meta_teacher", "curriculum"}),
+                                            ("metadistil", {"teacher", "metadistil"})])
+def test_two_ranks_run_with_the_shipped_configs(tmp_path, data_dir, method, stages):
+    """The README's launch: the default JSONs (ZeRO-3 bf16 teacher, ZeRO-2 bf16 student and meta-teachers) on two
+    tasks: all four MPDistil stages with the bi-level meta-teacher (a step leaves a head unused; PKD reads live
+    teacher hidden states through the ZeRO-3 hooks; the curriculum's actions come from rank 0), or MetaDistil (the
+    bf16 ZeRO-3 teacher learns from the hypergradient through its engine)."""
     pytest.importorskip("deepspeed")
     pytest.importorskip("accelerate")
     teacher = make_tiny_teacher(tmp_path / "teacher")
-    config = write_config(tmp_path / "c.yaml", teacher, data_dir, tmp_path / "run", "mpdistil",
-                          runtime={"kind": "deepspeed", "device": "auto"})
+    config = write_config(tmp_path / "c.yaml", teacher, data_dir, tmp_path / "run", method,
+                          meta_teacher={"bilevel": True}, runtime={"kind": "deepspeed", "device": "auto"})
     result = _torchrun(config)
     assert "| rte |" in result.stdout and result.stdout.count("outputs in") == 1
     records = _records(tmp_path / "run")
-    assert {r["stage"] for r in records} == {"teacher", "student", "meta_teacher", "curriculum"}
-    assert all(math.isfinite(r["loss"]) for r in records)
+    assert {r["stage"] for r in records} == stages
+    assert all(math.isfinite(value) for r in records for key, value in r.items() if key.endswith(("loss", "norm")))
+    if method == "metadistil":
+        assert all(r["teacher_grad_norm"] > 0 for r in records if r["stage"] == "metadistil")
+    else:
+        assert any(r.get("meta_hypergradient_norm", 0) > 0 for r in records)
     report = json.loads((tmp_path / "run" / "report.json").read_text())
-    assert set(report["tasks"]) == {"cb", "rte"} and "meta_teacher" in report["tasks"]["rte"]
+    assert set(report["tasks"]) == {"cb", "rte"}
+    assert ("meta_teacher" if method == "mpdistil" else "teacher_final") in report["tasks"]["rte"]
 
 
 @pytest.mark.slow

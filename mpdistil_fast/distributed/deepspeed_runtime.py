@@ -35,6 +35,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
+from mpdistil_fast.bilevel.inner_update import OptimizerState, TorchOptimizerState
 from mpdistil_fast.distributed.runtime import (OptimizerSpec, TrainedModel, batch_to_device, build_optimizer,
                                                is_partitioned, linear_schedule, place_model, resolve_device)
 
@@ -101,6 +102,52 @@ def retire(engine: Any) -> None:
             setattr(engine, name, None)
 
 
+class ZeroOptimizerState:
+    """:class:`~mpdistil_fast.bilevel.inner_update.OptimizerState` of a DeepSpeed engine's optimizer: the torch
+    optimizer the YAML asked for, whose state ZeRO 1/2 (or the bf16 optimizer) partitions over the ranks as flat
+    fp32 fragments; :meth:`state` assembles one parameter's state whole with DeepSpeed's tensor-fragment API (an
+    all-reduce per state tensor, so every rank calls it for the same parameters in the same order)."""
+
+    def __init__(self, engine: Any) -> None:
+        self.optimizer = engine.optimizer
+        groups = getattr(self.optimizer, "bit16_groups", None) or getattr(self.optimizer, "bf16_groups", None)
+        flat = (getattr(self.optimizer, "single_partition_of_fp32_groups", None)
+                or getattr(self.optimizer, "fp32_groups_flat_partition", None))
+        if groups is None or flat is None:
+            raise TypeError(f"the student's DeepSpeed optimizer ({type(self.optimizer).__name__}) does not expose "
+                            "its state to the pilot step's experimental update: train the student with ZeRO stage "
+                            "1 or 2 (or stage 0 in fp32)")
+        self.kind = TorchOptimizerState(self.optimizer.optimizer).kind
+        self._flat = flat
+        self._group_index = {id(p): i for i, group in enumerate(groups) for p in group}
+
+    def _index(self, parameter: torch.Tensor) -> int:
+        index = self._group_index.get(id(parameter))
+        if index is None:
+            raise ValueError("inner_optimizer does not hold every trainable student parameter")
+        return index
+
+    def group(self, parameter: torch.Tensor) -> dict[str, Any]:
+        return self.optimizer.param_groups[self._index(parameter)]
+
+    def state(self, parameter: torch.Tensor) -> dict[str, Any]:
+        from deepspeed.utils import safe_get_full_optimizer_state
+        from deepspeed.utils.mixed_precision_linkage import lazy_init_hp_params_optimizer_state
+
+        states = self.optimizer.optimizer.state
+        flat = self._flat[self._index(parameter)]
+        if flat not in states:  # before the first step the state does not exist yet (as in torch)
+            return {}
+        # (re)link the parameter's fragment to its group's state: DeepSpeed links them once, after the first
+        # group's first step (later groups stay unlinked), and a checkpoint load replaces the state's tensors
+        lazy_init_hp_params_optimizer_state([parameter], flat, states)
+        state = {"step": states[flat]["step"]}
+        for key in ("exp_avg", "exp_avg_sq", "momentum_buffer"):
+            if key in states[flat]:
+                state[key] = safe_get_full_optimizer_state(parameter, key)
+        return state
+
+
 @dataclass
 class DeepSpeedTrainedModel(TrainedModel):
     """A :class:`TrainedModel` whose ``backward``/``step`` go through a DeepSpeed engine (gradient all-reduce or
@@ -111,11 +158,21 @@ class DeepSpeedTrainedModel(TrainedModel):
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
 
-    def step(self) -> None:
-        self.engine.step()  # clips to gradient_clipping, steps the optimizer and the schedule, zeroes the gradients
+    def step(self) -> float | None:
+        """The engine's step (clips to gradient_clipping, steps the optimizer and the schedule, zeroes the
+        gradients); returns the global gradient norm before clipping when the engine computed it."""
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return None if norm is None else float(norm)
 
     def zero_grad(self) -> None:
         self.engine.zero_grad()
+
+    def optimizer_state(self) -> OptimizerState:
+        if isinstance(self.engine.optimizer, torch.optim.Optimizer) and not hasattr(self.engine.optimizer,
+                                                                                     "optimizer"):
+            return TorchOptimizerState(self.engine.optimizer)  # ZeRO stage 0 in fp32: torch's optimizer itself
+        return ZeroOptimizerState(self.engine)
 
     def state_dict(self) -> dict[str, Any]:
         raise TypeError("a DeepSpeed engine's optimizer state is partitioned over the ranks: save it with "
@@ -236,7 +293,7 @@ class DeepSpeedRuntime:
             lr_scheduler=lambda optimizer: linear_schedule(optimizer, spec), config=self._engine_config(role, spec),
             dist_init_required=False)
         self._engines[id(module)] = engine
-        return DeepSpeedTrainedModel(module, engine_optimizer, scheduler, spec.max_grad_norm, engine=engine)
+        return DeepSpeedTrainedModel(engine_optimizer, scheduler, spec.max_grad_norm, engine=engine)
 
     def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return batch_to_device(batch, self.device)
@@ -278,6 +335,23 @@ class DeepSpeedRuntime:
         parts = [torch.empty_like(local_on_device) for _ in range(self.world_size)]
         torch.distributed.all_gather(parts, local_on_device)
         return torch.cat(parts)[:n].to(local.device)
+
+    def average_tensors(self, tensors: list[torch.Tensor]) -> None:
+        """Average ``tensors`` over the ranks in place: one all-reduce per dtype of a flat fp32-or-wider copy."""
+        if self.world_size == 1 or not tensors:
+            return
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for tensor in tensors:
+            by_dtype.setdefault(tensor.dtype, []).append(tensor)
+        for dtype, group in by_dtype.items():
+            flat = torch.cat([t.reshape(-1).to(self.device, torch.promote_types(dtype, torch.float32))
+                              for t in group])
+            torch.distributed.all_reduce(flat)
+            flat.div_(self.world_size)
+            offset = 0
+            for tensor in group:
+                tensor.copy_(flat[offset:offset + tensor.numel()].view_as(tensor))
+                offset += tensor.numel()
 
     def from_main(self, value: int) -> int:
         """Rank 0's ``value`` on every rank (a broadcast)."""

@@ -2,12 +2,13 @@
 
 The loop never calls ``loss.backward()`` or ``optimizer.step()`` itself: it asks a :class:`Runtime` to build its
 models (``build_model``: the DeepSpeed runtime builds a ZeRO-3 model inside ``HfDeepSpeedConfig``) and a
-:class:`TrainedModel` (module + optimizer + scheduler), and drives that with ``backward`` / ``step``, so a DeepSpeed
-engine can stand behind the same methods. ``is_main`` gates logging and saving (rank 0 only); ``local_rows`` gives
-each data-parallel rank its slice of a global batch, ``average`` averages logged metrics over ranks and
-``gathered(module)`` makes a ZeRO-3 model's partitioned parameters whole for reading or writing its weights (every
-rank enters it); ``from_main`` hands every rank rank 0's decision; ``rank_rows``/``gather_rows`` share an evaluation
-pass over the ranks. :class:`LocalRuntime` is one process on one device;
+:class:`TrainedModel` (optimizer + schedule + clipping), and drives that with ``backward`` / ``step``, so a
+DeepSpeed engine can stand behind the same methods (the bi-level engine's ``Stepper``). ``is_main`` gates logging
+and saving (rank 0 only); ``local_rows`` gives each data-parallel rank its slice of a global batch, ``average``
+averages logged metrics over ranks, ``average_tensors`` averages tensors in place (the bi-level engine's
+gradients), and ``gathered(module)`` makes a ZeRO-3 model's partitioned parameters whole for reading or writing its
+weights (every rank enters it); ``from_main`` hands every rank rank 0's decision; ``rank_rows``/``gather_rows``
+share an evaluation pass over the ranks. :class:`LocalRuntime` is one process on one device;
 :class:`~mpdistil_fast.distributed.deepspeed_runtime.DeepSpeedRuntime` is data parallel over DeepSpeed engines
 (``runtime.kind: deepspeed``).
 """
@@ -19,6 +20,8 @@ from typing import Any, Callable, Iterable, Protocol
 
 import torch
 from torch import nn
+
+from mpdistil_fast.bilevel.stepper import OptimizerStepper
 
 
 @dataclass
@@ -55,27 +58,9 @@ def linear_schedule(optimizer: torch.optim.Optimizer, spec: OptimizerSpec) -> to
 
 
 @dataclass
-class TrainedModel:
-    """A module with its optimizer and scheduler; the loop calls ``backward`` then ``step``."""
-
-    module: nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    max_grad_norm: float | None = None
-
-    def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
-
-    def step(self) -> None:
-        if self.max_grad_norm is not None:
-            params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-            torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def zero_grad(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
+class TrainedModel(OptimizerStepper):
+    """A model's optimizer, schedule and clipping (a :class:`~mpdistil_fast.bilevel.stepper.Stepper`); the loop
+    calls ``backward`` then ``step``, and checkpoints :meth:`state_dict`."""
 
     def state_dict(self) -> dict[str, Any]:
         """Optimizer and scheduler state (the module's weights are checkpointed with the models)."""
@@ -106,6 +91,8 @@ class Runtime(Protocol):
     def local_rows(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
 
     def average(self, metrics: dict[str, float]) -> dict[str, float]: ...
+
+    def average_tensors(self, tensors: list[torch.Tensor]) -> None: ...
 
     def gathered(self, module: nn.Module, *, modify: bool = False) -> AbstractContextManager: ...
 
@@ -173,7 +160,7 @@ class LocalRuntime:
     def train(self, module: nn.Module, spec: OptimizerSpec, *, role: str,
               params: Iterable[nn.Parameter] | None = None) -> TrainedModel:
         optimizer = build_optimizer(module, spec, params)
-        return TrainedModel(module, optimizer, linear_schedule(optimizer, spec), spec.max_grad_norm)
+        return TrainedModel(optimizer, linear_schedule(optimizer, spec), spec.max_grad_norm)
 
     def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return batch_to_device(batch, self.device)
@@ -183,6 +170,9 @@ class LocalRuntime:
 
     def average(self, metrics: dict[str, float]) -> dict[str, float]:
         return metrics
+
+    def average_tensors(self, tensors: list[torch.Tensor]) -> None:
+        """Average ``tensors`` over the ranks in place (one rank: nothing to do)."""
 
     def gathered(self, module: nn.Module, *, modify: bool = False) -> AbstractContextManager:
         """Inside it ``module``'s parameters are whole (they always are in one process)."""

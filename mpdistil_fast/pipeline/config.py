@@ -356,16 +356,21 @@ def check_values(config: Config) -> None:
         _require(getattr(r, key) > 0, f"runtime.{key} must be > 0, got {getattr(r, key)}")
     _require(r.num_threads is None or r.num_threads > 0, f"runtime.num_threads must be > 0, got {r.num_threads}")
     if r.kind == "deepspeed":
-        _require(config.method != "metadistil",
-                 "runtime.kind 'deepspeed' does not run 'metadistil' yet: its pilot update steps Adam functionally "
-                 "from the optimizer's state, which ZeRO partitions")
-        _require(not (config.method == "mpdistil" and config.meta_teacher.bilevel),
-                 "runtime.kind 'deepspeed' does not run meta_teacher.bilevel yet: its hypergradient is added to the "
-                 "meta-teacher's gradients after the engine has reduced them")
+        hypergradients = {"metadistil.hypergradient": config.metadistil.hypergradient} \
+            if config.method == "metadistil" else {}
+        if config.method == "mpdistil" and config.meta_teacher.bilevel:
+            hypergradients["meta_teacher.hypergradient"] = config.meta_teacher.hypergradient
+        for key, method in hypergradients.items():
+            _require(method != "exact",
+                     f"{key} 'exact' differentiates through the inner gradient (double backward), which DeepSpeed's "
+                     "engines (ZeRO-3 above all) and a data-parallel average do not support: use "
+                     "'finite_difference' (first-order backward passes only)")
         _require(not (config.method == "mpdistil" and config.reference_compat),
                  "runtime.kind 'deepspeed' does not run reference_compat: it accumulates a whole episode's backward "
                  "passes into one step, which the engines (one step per backward) do not")
-        from mpdistil_fast.distributed.deepspeed_runtime import load_deepspeed_config, zero_stage
+        import torch
+
+        from mpdistil_fast.distributed.deepspeed_runtime import engine_dtype, load_deepspeed_config, zero_stage
 
         for name in ("teacher", "student"):
             try:
@@ -375,6 +380,10 @@ def check_values(config: Config) -> None:
             _require(not (name == "teacher" and zero_stage(loaded) == 3 and r.teacher_cache == "disk"),
                      "runtime.teacher_cache 'disk' fingerprints the teacher's weights, which ZeRO-3 partitions; use "
                      "'memory' or 'off' with a ZeRO-3 teacher")
+            _require(not (name == "student" and config.method == "metadistil" and zero_stage(loaded) == 0
+                          and engine_dtype(loaded) is not torch.float32),
+                     "runtime.deepspeed_student: MetaDistil's pilot step reads the student's AdamW state, which "
+                     "DeepSpeed's ZeRO-0 bf16/fp16 optimizer does not expose: use ZeRO stage 1 or 2 (or fp32)")
     if config.method == "metadistil" or config.meta_teacher.bilevel:
         from mpdistil_fast.bilevel import METHODS as HYPERGRADIENT_METHODS
 

@@ -47,7 +47,8 @@ def objective_for(run: "Run", method: str) -> StudentObjective:
     d = run.config.distill
     teacher_hidden = run.teacher.hidden_size if run.teacher is not None else None
     return StudentObjective(method, alpha=d.alpha, temperature=d.temperature, direction=d.direction,
-                            jsd_beta=d.jsd_beta, beta=d.beta, layer_map=d.layer_map, student_hidden=run.student.hidden_size,
+                            jsd_beta=d.jsd_beta, beta=d.beta, layer_map=d.layer_map,
+                            student_hidden=run.student.hidden_size,
                             teacher_hidden=teacher_hidden).to(run.runtime.device)
 
 
@@ -111,7 +112,10 @@ def student_stage(run: "Run") -> None:
 
 def metadistil_stage(run: "Run") -> None:
     """MetaDistil (Zhou et al., ACL 2022), Algorithm 1, through :class:`mpdistil_fast.bilevel.PilotUpdate`: the
-    teacher learns from the student's quiz loss after a pilot step, then the student takes its real step."""
+    teacher learns from the student's quiz loss after a pilot step, then the student takes its real step.  The
+    pilot drives the runtime's trained models (their backward, clipping, schedule; the teacher's clipping is
+    ``teacher_training.max_grad_norm``) and averages its gradients over the ranks, so it runs data parallel under
+    DeepSpeed too (ZeRO-3 teacher: the hypergradient reaches it through its engine's backward)."""
     from mpdistil_fast.bilevel import PilotUpdate
 
     c = run.config
@@ -137,12 +141,10 @@ def metadistil_stage(run: "Run") -> None:
 
     def step(trained, task: str, batch: Batch, extra: dict) -> dict[str, float]:
         if not pilots:
-            teacher_trained = extra["teacher_trained"]
-            pilots[0] = PilotUpdate(LogitsOf(student), LogitsOf(teacher), trained.optimizer, teacher_trained.optimizer, inner_loss,
-                                    quiz_loss, method=c.metadistil.hypergradient, inner_lr=c.metadistil.inner_lr,
-                                    max_grad_norm=c.student_training.max_grad_norm,
-                                    student_scheduler=trained.scheduler, teacher_scheduler=teacher_trained.scheduler)
-        quiz_batch = next_batch(run, state, "quiz", task, salt=17)
+            pilots[0] = PilotUpdate(LogitsOf(student), LogitsOf(teacher), trained, extra["teacher_trained"],
+                                    inner_loss, quiz_loss, method=c.metadistil.hypergradient,
+                                    inner_lr=c.metadistil.inner_lr, average=run.runtime.average_tensors)
+        quiz_batch = next_batch(run, state, "quiz", task, salt=17, local=True)
         stats = pilots[0].step({**batch, "task": task}, {**quiz_batch, "task": task})
         return {"loss": stats["student_loss"], **stats}
 
@@ -193,20 +195,21 @@ def meta_teacher_stage(run: "Run") -> None:
     def quiz_loss(student_module, batch: Batch) -> torch.Tensor:
         return cross_entropy(student_module(batch["task"], **model_inputs(batch)), batch["labels"])
 
-    def meta_gradient(meta_teacher: nn.Module, task: str, batch: Batch, teacher_pooled: torch.Tensor) -> float:
-        """Add d quiz_loss(student after a pilot step on the meta-teacher's KD loss) / d meta-teacher to its
-        gradient: the meta-teacher learns to teach (``meta_teacher.bilevel``).  Returns the added norm."""
-        from mpdistil_fast.bilevel import hypergradient
+    def meta_hypergradient(meta_teacher: nn.Module, task: str, batch: Batch, teacher_pooled: torch.Tensor
+                           ) -> tuple[torch.Tensor, float]:
+        """d quiz_loss(student after a pilot step on the meta-teacher's KD loss) / d meta-teacher, averaged over
+        the ranks (``meta_teacher.bilevel``: the meta-teacher learns to teach), as a loss for its backward;
+        returns that loss and the hypergradient's norm."""
+        from mpdistil_fast.bilevel import hypergradient, hypergradient_surrogate
 
         scorer = MetaTeacherScorer(meta_teacher)
-        quiz_batch = next_batch(run, state, "quiz", task, salt=23)
+        quiz_batch = next_batch(run, state, "quiz", task, salt=23, local=True)
         grads = hypergradient(LogitsOf(student), scorer, inner_loss, quiz_loss,
                               {**batch, "task": task, "teacher_pooled": teacher_pooled}, {**quiz_batch, "task": task},
-                              inner_lr=c.meta_teacher.training.lr, method=c.meta_teacher.hypergradient)
-        for name, parameter in scorer.named_parameters():
-            if name in grads:
-                parameter.grad = grads[name] if parameter.grad is None else parameter.grad + grads[name]
-        return float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads.values()])))
+                              inner_lr=c.meta_teacher.training.lr, method=c.meta_teacher.hypergradient,
+                              average=run.runtime.average_tensors)
+        norm = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads.values()])))
+        return hypergradient_surrogate(dict(scorer.named_parameters()), grads), norm
 
     def companions(total: int) -> dict:
         return {"meta_trained": run.trainer(meta_teachers, c.meta_teacher.training, total, role="meta_teacher",
@@ -220,9 +223,12 @@ def meta_teacher_stage(run: "Run") -> None:
             if task in meta_teachers:
                 meta_teacher, meta_trained = meta_teachers[task], extra["meta_trained"]
                 meta_out = meta_teacher(t.pooled, out.pooled.detach(), batch["labels"], mode=c.meta_teacher.loss)
-                meta_trained.backward(meta_out.loss)
-                if c.meta_teacher.bilevel:
-                    parts["meta_hypergradient_norm"] = meta_gradient(meta_teacher, task, batch, t.pooled)
+                meta_loss = meta_out.loss
+                if c.meta_teacher.bilevel:  # its gradient joins the meta-teacher's own in one backward
+                    surrogate, parts["meta_hypergradient_norm"] = meta_hypergradient(meta_teacher, task, batch,
+                                                                                     t.pooled)
+                    meta_loss = meta_loss + surrogate
+                meta_trained.backward(meta_loss)
                 meta_trained.step()
                 parts["meta_loss"] = meta_out.loss.item()
             result = objective(out.logits, batch["labels"], teacher_logits=meta_teacher_logits(
