@@ -546,7 +546,9 @@ class ThreadRanks:
     """``average`` for threads standing in for data-parallel ranks (each posts its tensors, all take the mean)."""
 
     def __init__(self, world_size: int) -> None:
-        self.world_size, self.barrier, self.posted = world_size, threading.Barrier(world_size), [None] * world_size
+        # a rank that fails alone leaves the others waiting: they give up after the timeout (BrokenBarrierError)
+        self.world_size, self.posted = world_size, [None] * world_size
+        self.barrier = threading.Barrier(world_size, timeout=20)
 
     def average_for(self, rank: int):
         def average(tensors: list[torch.Tensor]) -> None:
@@ -557,6 +559,25 @@ class ThreadRanks:
             for tensor, mean in zip(tensors, means):
                 tensor.copy_(mean)
         return average
+
+
+def run_on_thread_ranks(fn, world_size: int = 2) -> tuple[list, list]:
+    """``fn(rank, average)`` on ``world_size`` threads; each rank's result and exception (``None`` if none)."""
+    ranks = ThreadRanks(world_size)
+    results, errors = [None] * world_size, [None] * world_size
+
+    def run(rank: int) -> None:
+        try:
+            results[rank] = fn(rank, ranks.average_for(rank))
+        except BaseException as error:  # noqa: BLE001 (reported to the caller)
+            errors[rank] = error
+
+    threads = [threading.Thread(target=run, args=(rank,)) for rank in range(world_size)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results, errors
 
 
 @pytest.mark.parametrize("method", ["finite_difference", "first_order"])  # forward-mode AD levels are not per thread
@@ -581,26 +602,15 @@ def test_ranks_averaging_their_shares_get_the_whole_batch_hypergradient(method: 
     whole_student = copy.deepcopy(student)
     expected = hypergradient(whole_student, teacher, inner_loss, quiz_loss, train, quiz, inner_lr=INNER_LR,
                              method=method, inner_optimizer=optimizer_for(whole_student))
-    ranks, results, errors = ThreadRanks(2), [None, None], []
+    def rank_hypergradient(rank: int, average) -> dict[str, torch.Tensor]:
+        share = lambda batch: {k: v.chunk(2)[rank] for k, v in batch.items()}  # noqa: E731
+        local_student = copy.deepcopy(student)
+        return hypergradient(local_student, copy.deepcopy(teacher), inner_loss, quiz_loss, share(train), share(quiz),
+                             inner_lr=INNER_LR, method=method, inner_optimizer=optimizer_for(local_student),
+                             average=average)
 
-    def run(rank: int) -> None:
-        try:
-            share = lambda batch: {k: v.chunk(2)[rank] for k, v in batch.items()}  # noqa: E731
-            local_student = copy.deepcopy(student)
-            results[rank] = hypergradient(local_student, copy.deepcopy(teacher), inner_loss, quiz_loss, share(train),
-                                          share(quiz), inner_lr=INNER_LR, method=method,
-                                          inner_optimizer=optimizer_for(local_student),
-                                          average=ranks.average_for(rank))
-        except BaseException as error:  # noqa: BLE001 (reported in the main thread)
-            errors.append(error)
-            ranks.barrier.abort()
-
-    threads = [threading.Thread(target=run, args=(rank,)) for rank in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert not errors, errors
+    results, errors = run_on_thread_ranks(rank_hypergradient)
+    assert not any(errors), errors
     alone_student = copy.deepcopy(student)
     alone = hypergradient(alone_student, teacher, inner_loss, quiz_loss,
                           {k: v.chunk(2)[0] for k, v in train.items()}, {k: v.chunk(2)[0] for k, v in quiz.items()},
@@ -609,3 +619,21 @@ def test_ranks_averaging_their_shares_get_the_whole_batch_hypergradient(method: 
     for result in results:
         error = rel_error(flat(result), flat(expected))
         assert error <= 1e-8, error  # rounding of the two summation orders, divided by the difference step
+
+
+@pytest.mark.parametrize("bad", ["inner", "quiz"])
+def test_a_non_finite_loss_on_one_rank_stops_every_rank(bad: str) -> None:
+    """With ``average`` the finiteness checks are collective: every rank raises at the same point (a rank raising
+    alone would leave the others waiting in the next all-reduce until the process group times out)."""
+    student, teacher, train, quiz = problem(torch.float64)
+
+    def rank_hypergradient(rank: int, average) -> dict[str, torch.Tensor]:
+        poison = float("nan") if rank == 1 else 1.0
+        inner = (lambda s, t, b: inner_loss(s, t, b) * poison) if bad == "inner" else inner_loss
+        quiz_fn = (lambda s, b: quiz_loss(s, b) * poison) if bad == "quiz" else quiz_loss
+        return hypergradient(copy.deepcopy(student), copy.deepcopy(teacher), inner, quiz_fn, train, quiz,
+                             inner_lr=INNER_LR, average=average)
+
+    _, errors = run_on_thread_ranks(rank_hypergradient)
+    assert all(isinstance(error, FloatingPointError) for error in errors), errors
+    assert all(f"{bad}_loss" in str(error) or (bad == "quiz" and "outer_loss" in str(error)) for error in errors)

@@ -26,6 +26,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 TensorDict = dict[str, torch.Tensor]
+#: Averages a list of tensors over the data-parallel ranks, in place (a runtime's ``average_tensors``).
+Average = Callable[[list[torch.Tensor]], None]
 
 
 def trainable_parameters(module: nn.Module, name: str) -> dict[str, nn.Parameter]:
@@ -274,8 +276,15 @@ def call_loss(loss_fn: Callable[..., torch.Tensor], name: str, *args: Any) -> to
     return value.reshape(())
 
 
-def check_finite_loss(name: str, value: torch.Tensor) -> float:
-    """The loss as a float; raises ``FloatingPointError`` naming ``name`` when it is NaN or infinite."""
+def check_finite_loss(name: str, value: torch.Tensor, average: Average | None = None) -> float:
+    """The loss as a float; raises ``FloatingPointError`` naming ``name`` when it is NaN or infinite.
+
+    With ``average`` (data parallel) the number is the mean over the ranks: a non-finite loss on any rank then
+    stops every rank at the same point, instead of leaving the others waiting in the next collective."""
+    if average is not None:
+        mean = value.detach().reshape(1).to(torch.promote_types(value.dtype, torch.float32)).clone()
+        average([mean])
+        value = mean
     number = float(value.detach())
     if not math.isfinite(number):
         raise FloatingPointError(f"{name} is not finite ({number}); no update was applied")

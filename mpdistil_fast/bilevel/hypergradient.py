@@ -55,8 +55,8 @@ import torch.autograd.forward_ad as fwAD
 from torch import nn
 
 from mpdistil_fast._validation import check_choice, check_positive_finite
-from mpdistil_fast.bilevel.functional import (FunctionalView, RandomStateReplay, RecordedCalls, TensorDict,
-                                              call_loss, check_finite_loss, trainable_parameters)
+from mpdistil_fast.bilevel.functional import (Average, FunctionalView, RandomStateReplay, RecordedCalls,
+                                              TensorDict, call_loss, check_finite_loss, trainable_parameters)
 from mpdistil_fast.bilevel.inner_update import (InnerOptimizer, InnerUpdate, experimental_step, make_inner_update,
                                                  precondition_)
 
@@ -64,8 +64,6 @@ METHODS: tuple[str, ...] = ("exact", "finite_difference", "forward_mode", "first
 
 InnerLoss = Callable[[Any, Any, Any], torch.Tensor]
 OuterLoss = Callable[[Any, Any], torch.Tensor]
-#: Averages a list of tensors over the data-parallel ranks, in place (a runtime's ``average_tensors``).
-Average = Callable[[list[torch.Tensor]], None]
 
 
 @dataclass
@@ -284,7 +282,7 @@ def _first_order_passes(student: nn.Module, teacher: nn.Module, inner_loss: Inne
     with random_state.replay():
         loss = call_loss(inner_loss, "inner_loss", student_calls if student_calls is not None else student,
                          teacher_calls, train_batch)
-    inner = check_finite_loss("inner_loss", loss)
+    inner = check_finite_loss("inner_loss", loss, average)
     leaves = teacher_calls.leaves()
     targets = leaves + list(phi.values())  # d L / d(teacher outputs) and d L / d phi directly
     reference_wrt = targets if method == "first_order" else []
@@ -302,7 +300,7 @@ def _first_order_passes(student: nn.Module, teacher: nn.Module, inner_loss: Inne
     experimental, scale = experimental_step(inner_optimizer, inner_lr, theta, inner_grads)
     experimental = {name: value.requires_grad_(True) for name, value in experimental.items()}
     quiz = call_loss(outer_loss, "outer_loss", FunctionalView(student, experimental), quiz_batch)
-    outer = check_finite_loss("outer_loss", quiz)
+    outer = check_finite_loss("outer_loss", quiz, average)
     quiz_grads = _grad_dict(quiz, experimental)
     if average is not None:
         average(list(quiz_grads.values()))

@@ -53,9 +53,9 @@ import torch
 from torch import nn
 
 from mpdistil_fast._validation import check_positive_finite
-from mpdistil_fast.bilevel.functional import (RandomStateReplay, call_loss, check_finite_loss,
+from mpdistil_fast.bilevel.functional import (Average, RandomStateReplay, call_loss, check_finite_loss,
                                               trainable_parameters, without_parameter_grads)
-from mpdistil_fast.bilevel.hypergradient import METHODS, Average, InnerLoss, OuterLoss, meta_gradient
+from mpdistil_fast.bilevel.hypergradient import METHODS, InnerLoss, OuterLoss, meta_gradient
 from mpdistil_fast.bilevel.inner_update import InnerOptimizer, OptimizerState, TorchOptimizerState
 from mpdistil_fast.bilevel.stepper import OptimizerStepper, Stepper
 
@@ -155,7 +155,7 @@ class PilotUpdate:
         with self._autocast(), random_state.replay():
             loss = call_loss(self.inner_loss, "inner_loss", student, without_parameter_grads(self.teacher),
                              train_batch)
-        student_loss = check_finite_loss("inner_loss with the updated teacher", loss)
+        student_loss = check_finite_loss("inner_loss with the updated teacher", loss, self.average)
         self.student_stepper.backward(loss)
         student_grad_norm = self.student_stepper.step()
         stats = {"inner_loss": result.inner_loss, "quiz_loss": result.outer_loss, "student_loss": student_loss,
