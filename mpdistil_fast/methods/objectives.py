@@ -42,7 +42,9 @@ class StudentObjective(nn.Module):
 
     def __init__(self, method: str, *, alpha: float = 0.5, temperature: float = 2.0, direction: str = "forward",
                  jsd_beta: float = 0.5, beta: float = 0.0, layer_map: str = "skip", student_hidden: int | None = None,
-                 teacher_hidden: int | None = None):
+                 teacher_hidden: int | None = None, backend: str = "auto"):
+        """``backend``: of the KD loss (``"torch"`` where a hypergradient differentiates it twice or in forward
+        mode, which the fused kernels do not support)."""
         super().__init__()
         if method not in ("finetune", "kd", "pkd"):
             raise ValueError(f"method must be one of ('finetune', 'kd', 'pkd'), got {method!r}")
@@ -52,6 +54,7 @@ class StudentObjective(nn.Module):
         self.direction = direction
         self.jsd_beta = jsd_beta if direction == "jsd" else None
         self.beta = beta
+        self.backend = backend
         self.hidden_loss = None
         if method == "pkd":
             project = student_hidden is not None and student_hidden != teacher_hidden
@@ -78,7 +81,8 @@ class StudentObjective(nn.Module):
         if teacher_logits is None:
             raise ValueError(f"teacher_logits is required for method {self.method!r}")
         kd = mpdistil_fast.kd_kl_div(student_logits, teacher_logits.to(student_logits.dtype),
-                                     temperature=self.temperature, direction=self.direction, beta=self.jsd_beta)
+                                     temperature=self.temperature, direction=self.direction, beta=self.jsd_beta,
+                                     backend=self.backend)
         loss = (1.0 - self.alpha) * ce + self.alpha * kd
         parts = {"ce": ce.item(), "kd": kd.item()}
         if self.hidden_loss is not None:

@@ -356,15 +356,11 @@ def check_values(config: Config) -> None:
         _require(getattr(r, key) > 0, f"runtime.{key} must be > 0, got {getattr(r, key)}")
     _require(r.num_threads is None or r.num_threads > 0, f"runtime.num_threads must be > 0, got {r.num_threads}")
     if r.kind == "deepspeed":
-        hypergradients = {"metadistil.hypergradient": config.metadistil.hypergradient} \
-            if config.method == "metadistil" else {}
-        if config.method == "mpdistil" and config.meta_teacher.bilevel:
-            hypergradients["meta_teacher.hypergradient"] = config.meta_teacher.hypergradient
-        for key, method in hypergradients.items():
-            _require(method != "exact",
-                     f"{key} 'exact' differentiates through the inner gradient (double backward), which DeepSpeed's "
-                     "engines (ZeRO-3 above all) and a data-parallel average do not support: use "
-                     "'finite_difference' (first-order backward passes only)")
+        key, method = bilevel_hypergradient(config) or ("", None)
+        _require(method != "exact",
+                 f"{key} 'exact' differentiates through the inner gradient (double backward), which DeepSpeed's "
+                 "engines (ZeRO-3 above all) and a data-parallel average do not support: use 'finite_difference' "
+                 "(first-order backward passes only)")
         _require(not (config.method == "mpdistil" and config.reference_compat),
                  "runtime.kind 'deepspeed' does not run reference_compat: it accumulates a whole episode's backward "
                  "passes into one step, which the engines (one step per backward) do not")
@@ -391,6 +387,20 @@ def check_values(config: Config) -> None:
                            ("meta_teacher.hypergradient", config.meta_teacher.hypergradient)):
             _require(value in HYPERGRADIENT_METHODS,
                      f"{key} must be one of {tuple(HYPERGRADIENT_METHODS)}, got {value!r}")
+        key, method = bilevel_hypergradient(config) or ("", None)
+        _require(method not in ("exact", "forward_mode") or config.student.attn_implementation == "eager",
+                 f"{key} {method!r} differentiates through the student's attention (twice, or in forward mode), "
+                 f"which student.attn_implementation {config.student.attn_implementation!r} does not support: set "
+                 "it to 'eager' or use 'finite_difference'")
+
+
+def bilevel_hypergradient(config: Config) -> tuple[str, str] | None:
+    """(config key, method) of the hypergradient the run computes: MetaDistil's, or the bi-level meta-teacher's."""
+    if config.method == "metadistil":
+        return "metadistil.hypergradient", config.metadistil.hypergradient
+    if config.method == "mpdistil" and config.meta_teacher.bilevel:
+        return "meta_teacher.hypergradient", config.meta_teacher.hypergradient
+    return None
 
 
 def _check_optim(section: str, optim: OptimConfig) -> None:

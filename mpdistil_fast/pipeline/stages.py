@@ -20,7 +20,7 @@ from mpdistil_fast.data import compute_metrics, trim_padding
 from mpdistil_fast.methods.curriculum import CurriculumPolicy, Reinforce
 from mpdistil_fast.methods.mpdistil import performance_state, reward, state_size, update_summary
 from mpdistil_fast.methods.objectives import StudentObjective, cls_states
-from mpdistil_fast.pipeline.config import Config
+from mpdistil_fast.pipeline.config import Config, bilevel_hypergradient
 from mpdistil_fast.pipeline.streams import Batch, TaskCursor
 from mpdistil_fast.pipeline.trainer import LOG, BestSnapshot, model_inputs
 
@@ -43,13 +43,18 @@ def stages_of(config: Config) -> tuple[str, ...]:
     return stages
 
 
-def objective_for(run: "Run", method: str) -> StudentObjective:
+def objective_for(run: "Run", method: str, *, bilevel: bool = False) -> StudentObjective:
+    """The stage's student objective; ``bilevel``: the run's hypergradient differentiates it (``exact`` needs its
+    double backward, ``forward_mode`` its forward-mode derivative: the plain-torch KD loss has both, the fused
+    kernels neither)."""
     d = run.config.distill
+    _, hypergradient = bilevel_hypergradient(run.config) if bilevel else (None, None)
     teacher_hidden = run.teacher.hidden_size if run.teacher is not None else None
     return StudentObjective(method, alpha=d.alpha, temperature=d.temperature, direction=d.direction,
                             jsd_beta=d.jsd_beta, beta=d.beta, layer_map=d.layer_map,
-                            student_hidden=run.student.hidden_size,
-                            teacher_hidden=teacher_hidden).to(run.runtime.device)
+                            student_hidden=run.student.hidden_size, teacher_hidden=teacher_hidden,
+                            backend="torch" if hypergradient in ("exact", "forward_mode") else "auto",
+                            ).to(run.runtime.device)
 
 
 def with_objective(student: nn.Module, objective: StudentObjective) -> nn.Module:
@@ -57,6 +62,11 @@ def with_objective(student: nn.Module, objective: StudentObjective) -> nn.Module
     if any(True for _ in objective.parameters()):
         return nn.ModuleDict({"student": student, "objective": objective})
     return student
+
+
+def data_parallel_average(run: "Run") -> Callable[[list[torch.Tensor]], None] | None:
+    """The bi-level engine's ``average`` when several ranks share each batch (None in one process)."""
+    return run.runtime.average_tensors if run.runtime.world_size > 1 else None
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -119,7 +129,7 @@ def metadistil_stage(run: "Run") -> None:
     from mpdistil_fast.bilevel import PilotUpdate
 
     c = run.config
-    objective = objective_for(run, "kd")
+    objective = objective_for(run, "kd", bilevel=True)
     student, teacher = run.student, run.teacher
     teacher.requires_grad_(True)
     run.train_mode(teacher)
@@ -143,7 +153,7 @@ def metadistil_stage(run: "Run") -> None:
         if not pilots:
             pilots[0] = PilotUpdate(LogitsOf(student), LogitsOf(teacher), trained, extra["teacher_trained"],
                                     inner_loss, quiz_loss, method=c.metadistil.hypergradient,
-                                    inner_lr=c.metadistil.inner_lr, average=run.runtime.average_tensors)
+                                    inner_lr=c.metadistil.inner_lr, average=data_parallel_average(run))
         quiz_batch = next_batch(run, state, "quiz", task, salt=17, local=True)
         stats = pilots[0].step({**batch, "task": task}, {**quiz_batch, "task": task})
         return {"loss": stats["student_loss"], **stats}
@@ -183,7 +193,7 @@ def meta_teacher_stage(run: "Run") -> None:
     """Meta-teacher learning (:mod:`mpdistil_fast.methods.mpdistil`); the student distils from the meta-teacher."""
     c = run.config
     meta_teachers = run.build_meta_teachers()
-    objective = objective_for(run, "kd")
+    objective = objective_for(run, "kd", bilevel=c.meta_teacher.bilevel)
     student = run.student
     state = run.state["stage_state"]
 
@@ -207,7 +217,7 @@ def meta_teacher_stage(run: "Run") -> None:
         grads = hypergradient(LogitsOf(student), scorer, inner_loss, quiz_loss,
                               {**batch, "task": task, "teacher_pooled": teacher_pooled}, {**quiz_batch, "task": task},
                               inner_lr=c.meta_teacher.training.lr, method=c.meta_teacher.hypergradient,
-                              average=run.runtime.average_tensors)
+                              average=data_parallel_average(run))
         norm = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads.values()])))
         return hypergradient_surrogate(dict(scorer.named_parameters()), grads), norm
 
