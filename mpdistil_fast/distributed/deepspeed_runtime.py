@@ -250,6 +250,11 @@ class DeepSpeedRuntime:
         config["train_micro_batch_size_per_gpu"] = math.ceil(self.batch_size / self.world_size)
         config["gradient_accumulation_steps"] = 1
         config.pop("train_batch_size", None)
+        if zero_stage(config) == 3:
+            # ZeRO-3's memory-efficient linear replaces torch.nn.functional.linear for the whole process, and for
+            # good: the student's layers too would then run DeepSpeed's autograd Function, which has no
+            # forward-mode derivative (the forward_mode hypergradient).  Off unless the JSON asks for it.
+            config["zero_optimization"].setdefault("memory_efficient_linear", False)
         if spec is not None:
             config["gradient_clipping"] = spec.max_grad_norm or 0.0
             config["zero_allow_untested_optimizer"] = True  # torch's AdamW, stepped by the ZeRO optimizer wrapper
