@@ -6,6 +6,7 @@ all of them alike; reported numbers are the median and the 20th/80th percentiles
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import os
 import platform
@@ -234,10 +235,8 @@ def print_speedups(rows: Sequence[Mapping[str, object]], fused: Sequence[str],
             print(f"{mode:8s} {x:24s} fused speed-up {ratios}")
 
 
-def bench_arguments(doc: str, quick_help: str, reps: int) -> tuple["argparse.Namespace", torch.device]:
+def bench_arguments(doc: str, quick_help: str, reps: int) -> tuple[argparse.Namespace, torch.device]:
     """Command line of a benchmark script (``--quick``, ``--reps``) and the device it runs on (CUDA when present)."""
-    import argparse
-
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help=quick_help)
     parser.add_argument("--reps", type=int, default=reps)

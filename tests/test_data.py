@@ -10,7 +10,6 @@ import torch
 
 from mpdistil_fast.data import (TASKS, check_task_data, compute_metrics, encode_examples, iterate_batches,
                                 load_examples, load_task_splits, num_batches, resolve_data_dir, trim_padding)
-from mpdistil_fast.data import loading
 from mpdistil_fast.data.tasks import format_row
 from mpdistil_fast.models import default_teacher_path, load_tokenizer
 

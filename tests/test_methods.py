@@ -1,7 +1,6 @@
 """Every stage and student objective on tiny random models and small slices of the real data."""
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mpdistil_fast.models import (POOLING_METHODS, TaskModel, default_teacher_path, load_backbone, pool,
+from mpdistil_fast.models import (TaskModel, default_teacher_path, load_backbone, pool,
                                   tiny_backbone, truncated_copy)
 from mpdistil_fast.models.backbones import TINY_KINDS, transformer_layers
 

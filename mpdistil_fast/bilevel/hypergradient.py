@@ -345,7 +345,7 @@ def _first_order_passes(student: nn.Module, teacher: nn.Module, inner_loss: Inne
         return MetaGradient(None, inner, outer, student_calls, loss)
     through_outputs = teacher_calls.backward_to(list(phi.values()), combined[:len(leaves)])
     teacher_grads = {}
-    for (name, p), via_outputs, direct in zip(phi.items(), through_outputs, combined[len(leaves):]):
+    for name, via_outputs, direct in zip(phi, through_outputs, combined[len(leaves):]):
         parts = [g for g in (via_outputs, direct) if g is not None]
         teacher_grads[name] = sum(parts[1:], parts[0]) if parts else None
     return MetaGradient(_zeros_for_unused(teacher_grads, phi), inner, outer, student_calls)
