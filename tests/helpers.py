@@ -1,5 +1,11 @@
-"""Shared test utilities: error metrics with dtype-aware tolerances and backend parametrisation."""
+"""Shared test utilities: error metrics with dtype-aware tolerances, backend parametrisation, and threads standing
+in for data-parallel ranks."""
 from __future__ import annotations
+
+import math
+import threading
+from contextlib import nullcontext
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -49,3 +55,78 @@ def gpu_test(test):
                                  reason="needs a CUDA device (run `pytest -m gpu` on a GPU machine: "
                                         "benchmarks/run_gpu.sh)")
     return pytest.mark.gpu(no_cuda(test))
+
+
+class ThreadRanks:
+    """The collectives of data-parallel ranks for threads standing in for them: ``average`` (the bi-level engine's)
+    and, per rank, the runtime's row sharing, ``from_main`` and ``barrier`` (:meth:`rank`)."""
+
+    def __init__(self, world_size: int) -> None:
+        # a rank that fails alone leaves the others waiting: they give up after the timeout (BrokenBarrierError)
+        self.world_size, self.posted = world_size, [None] * world_size
+        self.barrier = threading.Barrier(world_size, timeout=20)
+
+    def exchange(self, rank: int, value: Any) -> list:
+        """Every rank's ``value``, in rank order (an all-gather)."""
+        self.posted[rank] = value
+        self.barrier.wait()
+        values = list(self.posted)
+        self.barrier.wait()
+        return values
+
+    def average_for(self, rank: int) -> Callable[[list[torch.Tensor]], None]:
+        def average(tensors: list[torch.Tensor]) -> None:
+            posted = self.exchange(rank, [t.clone() for t in tensors])
+            for i, tensor in enumerate(tensors):
+                tensor.copy_(sum(p[i] for p in posted) / self.world_size)
+        return average
+
+    def rank(self, rank: int) -> "ThreadRank":
+        return ThreadRank(self, rank)
+
+
+class ThreadRank:
+    """One thread's view of :class:`ThreadRanks`, shaped like a runtime (contiguous row shares padded like
+    DeepSpeedRuntime's, whole models)."""
+
+    def __init__(self, group: ThreadRanks, rank: int) -> None:
+        self.group, self.rank = group, rank
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def rank_rows(self, n: int) -> torch.Tensor:
+        share = math.ceil(n / self.group.world_size)
+        return torch.arange(self.rank * share, (self.rank + 1) * share) % n
+
+    def gather_rows(self, local: torch.Tensor, n: int) -> torch.Tensor:
+        return torch.cat(self.group.exchange(self.rank, local))[:n]
+
+    def gathered(self, module: torch.nn.Module) -> nullcontext:
+        return nullcontext()
+
+    def from_main(self, value: int) -> int:
+        return self.group.exchange(self.rank, value)[0]
+
+    def barrier(self) -> None:
+        self.group.barrier.wait()
+
+
+def run_on_thread_ranks(fn: Callable[[ThreadRank, Callable], Any], world_size: int = 2) -> tuple[list, list]:
+    """``fn(rank, average)`` on ``world_size`` threads; each rank's result and exception (``None`` if none)."""
+    group = ThreadRanks(world_size)
+    results, errors = [None] * world_size, [None] * world_size
+
+    def run(rank: int) -> None:
+        try:
+            results[rank] = fn(group.rank(rank), group.average_for(rank))
+        except BaseException as error:  # noqa: BLE001 (reported to the caller)
+            errors[rank] = error
+
+    threads = [threading.Thread(target=run, args=(rank,)) for rank in range(world_size)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results, errors

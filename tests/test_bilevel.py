@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import threading
 from types import SimpleNamespace
 
 import pytest
@@ -13,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import BertConfig, BertForSequenceClassification
 
-from helpers import rel_error
+from helpers import rel_error, run_on_thread_ranks
 from mpdistil_fast.bilevel import METHODS, hypergradient, meta_gradient
 from mpdistil_fast.bilevel.functional import RandomStateReplay
 from mpdistil_fast.bilevel.inner_update import experimental_step, make_inner_update
@@ -542,44 +541,6 @@ def test_surrogate_of_a_flat_quiz_loss_is_zero() -> None:
     assert all(torch.count_nonzero(p.grad) == 0 for p in teacher.parameters() if p.grad is not None)
 
 
-class ThreadRanks:
-    """``average`` for threads standing in for data-parallel ranks (each posts its tensors, all take the mean)."""
-
-    def __init__(self, world_size: int) -> None:
-        # a rank that fails alone leaves the others waiting: they give up after the timeout (BrokenBarrierError)
-        self.world_size, self.posted = world_size, [None] * world_size
-        self.barrier = threading.Barrier(world_size, timeout=20)
-
-    def average_for(self, rank: int):
-        def average(tensors: list[torch.Tensor]) -> None:
-            self.posted[rank] = [t.clone() for t in tensors]
-            self.barrier.wait()
-            means = [sum(posted[i] for posted in self.posted) / self.world_size for i in range(len(tensors))]
-            self.barrier.wait()
-            for tensor, mean in zip(tensors, means):
-                tensor.copy_(mean)
-        return average
-
-
-def run_on_thread_ranks(fn, world_size: int = 2) -> tuple[list, list]:
-    """``fn(rank, average)`` on ``world_size`` threads; each rank's result and exception (``None`` if none)."""
-    ranks = ThreadRanks(world_size)
-    results, errors = [None] * world_size, [None] * world_size
-
-    def run(rank: int) -> None:
-        try:
-            results[rank] = fn(rank, ranks.average_for(rank))
-        except BaseException as error:  # noqa: BLE001 (reported to the caller)
-            errors[rank] = error
-
-    threads = [threading.Thread(target=run, args=(rank,)) for rank in range(world_size)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return results, errors
-
-
 @pytest.mark.parametrize("method", ["finite_difference", "first_order"])  # forward-mode AD levels are not per thread
 @pytest.mark.parametrize("inner_optimizer", ["sgd", "adamw"])
 def test_ranks_averaging_their_shares_get_the_whole_batch_hypergradient(method: str, inner_optimizer: str) -> None:
@@ -602,8 +563,9 @@ def test_ranks_averaging_their_shares_get_the_whole_batch_hypergradient(method: 
     whole_student = copy.deepcopy(student)
     expected = hypergradient(whole_student, teacher, inner_loss, quiz_loss, train, quiz, inner_lr=INNER_LR,
                              method=method, inner_optimizer=optimizer_for(whole_student))
-    def rank_hypergradient(rank: int, average) -> dict[str, torch.Tensor]:
-        share = lambda batch: {k: v.chunk(2)[rank] for k, v in batch.items()}  # noqa: E731
+
+    def rank_hypergradient(me, average) -> dict[str, torch.Tensor]:
+        share = lambda batch: {k: v.chunk(2)[me.rank] for k, v in batch.items()}  # noqa: E731
         local_student = copy.deepcopy(student)
         return hypergradient(local_student, copy.deepcopy(teacher), inner_loss, quiz_loss, share(train), share(quiz),
                              inner_lr=INNER_LR, method=method, inner_optimizer=optimizer_for(local_student),
@@ -627,8 +589,8 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank(bad: str) -> None:
     alone would leave the others waiting in the next all-reduce until the process group times out)."""
     student, teacher, train, quiz = problem(torch.float64)
 
-    def rank_hypergradient(rank: int, average) -> dict[str, torch.Tensor]:
-        poison = float("nan") if rank == 1 else 1.0
+    def rank_hypergradient(me, average) -> dict[str, torch.Tensor]:
+        poison = float("nan") if me.rank == 1 else 1.0
         inner = (lambda s, t, b: inner_loss(s, t, b) * poison) if bad == "inner" else inner_loss
         quiz_fn = (lambda s, b: quiz_loss(s, b) * poison) if bad == "quiz" else quiz_loss
         return hypergradient(copy.deepcopy(student), copy.deepcopy(teacher), inner, quiz_fn, train, quiz,

@@ -73,10 +73,8 @@ def test_config_validation_for_deepspeed(tmp_path, data_dir):
     (tmp_path / "z3.json").write_text(json.dumps({"zero_optimization": {"stage": 3}}))
     with pytest.raises(ConfigError, match="ZeRO stage 3; the student"):
         load_config(path, ["runtime.kind=deepspeed", f"runtime.deepspeed_student={tmp_path / 'z3.json'}"])
-    with pytest.raises(ConfigError, match="teacher_cache 'disk' fingerprints"):
-        load_config(path, ["runtime.kind=deepspeed", f"runtime.deepspeed_teacher={tmp_path / 'z3.json'}",
-                           "runtime.teacher_cache=disk"])
-    config = load_config(path, ["runtime.kind=deepspeed", f"runtime.deepspeed_teacher={tmp_path / 'z3.json'}"])
+    config = load_config(path, ["runtime.kind=deepspeed", f"runtime.deepspeed_teacher={tmp_path / 'z3.json'}",
+                                "runtime.teacher_cache=disk"])  # the ranks share the cache's folder
     assert config.runtime.deepspeed_teacher.endswith("z3.json")
 
 
@@ -180,7 +178,8 @@ def _torchrun(config: Path, *extra: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module", params=[2, 3], ids=["zero2-teacher", "zero3-teacher"])
 def two_rank_run(request, tmp_path_factory, data_dir):
     """The same one-task MPDistil run (teacher, PKD student, bi-level meta-teacher, curriculum) on one process and on
-    two ranks (a ZeRO-2 student and meta-teacher; a ZeRO-2 or ZeRO-3 teacher; fp32)."""
+    two ranks (a ZeRO-2 student and meta-teacher; a ZeRO-2 or ZeRO-3 teacher; fp32; the teacher's outputs cached
+    in memory in one process and on disk on two ranks)."""
     pytest.importorskip("deepspeed")
     pytest.importorskip("accelerate")  # transformers' HfDeepSpeedConfig needs it
     tmp = tmp_path_factory.mktemp(f"ds{request.param}")
@@ -192,8 +191,9 @@ def two_rank_run(request, tmp_path_factory, data_dir):
               "meta_teacher": {"bilevel": True, "training": {"max_steps": 3}},
               "runtime": {"checkpoint_every": 2, "keep_checkpoints": 20}}
     local = write_config(tmp / "local.yaml", teacher, data_dir, tmp / "local", "mpdistil", **common)
+    # the disk cache: computed shared out, written by rank 0, read back by a resumed run
     runtime = {**common["runtime"], "kind": "deepspeed", "deepspeed_teacher": str(tmp / f"zero{request.param}.json"),
-               "deepspeed_student": str(tmp / "zero2.json")}
+               "deepspeed_student": str(tmp / "zero2.json"), "teacher_cache": "disk"}
     distributed = write_config(tmp / "ds.yaml", teacher, data_dir, tmp / "ds", "mpdistil",
                                **{**common, "runtime": runtime})
     from mpdistil_fast.pipeline.trainer import Run
@@ -255,6 +255,9 @@ def test_two_ranks_match_one_process_step_for_step(two_rank_run):
     assert sorted(p.name for p in shards.glob("zero_pp_rank_*_optim_states.pt")) == [
         "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
     assert not (tmp / "ds" / ".checkpoint-shards").exists()
+    # one teacher cache for both ranks, complete (meta.json is written last)
+    cached = sorted(p.parent.name for p in (tmp / "ds" / "teacher_cache").glob("*/meta.json"))
+    assert cached and "rte-train" in cached and not list((tmp / "ds" / "teacher_cache").glob("rank-*"))
     # `mpdistil-fast evaluate` reads a DeepSpeed run's checkpoint in one process, with the run's final numbers
     evaluated = evaluate_checkpoint(tmp / "ds")
     reported = json.loads((tmp / "ds" / "report.json").read_text())["tasks"]

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import run_on_thread_ranks
 from mpdistil_fast.data import TeacherCache, encode_examples, iterate_batches, load_examples
 from mpdistil_fast.models import TaskModel, default_teacher_path, load_tokenizer, tiny_backbone
 
@@ -97,3 +98,33 @@ def test_cache_errors_name_the_argument(splits):
     cached = TeacherCache(_teacher()).outputs(splits["cb"], "train")
     with pytest.raises(ValueError, match="example_index"):
         cached.gather(torch.tensor([13]))
+
+
+def test_ranks_share_the_pass_and_one_folder(splits, tmp_path, monkeypatch):
+    """Two ranks (threads): each runs the teacher on its half of the rows (13 rows: 7 each, the last padded), both
+    get every row, rank 0 alone writes the shared folder; a second run's ranks load it and run no teacher at all."""
+    ran: dict[int, int] = {}
+    teachers = [_teacher(), _teacher()]  # built here: the threads would race for the global RNG
+
+    def rank_cache(me, _):
+        teacher = teachers[me.rank]
+        forward = teacher.forward
+
+        def counted(input_ids, *args, **kwargs):
+            ran[me.rank] = ran.get(me.rank, 0) + len(input_ids)
+            return forward(input_ids, *args, **kwargs)
+
+        monkeypatch.setattr(teacher, "forward", counted)
+        return TeacherCache(teacher, tmp_path, batch_size=4, sharding=me).outputs(splits["cb"], "train")
+
+    results, errors = run_on_thread_ranks(rank_cache)
+    assert not any(errors), errors
+    assert ran == {0: 7, 1: 7}
+    expected = TeacherCache(_teacher()).outputs(splits["cb"], "train")
+    for cached in results:
+        torch.testing.assert_close(cached.logits, expected.logits, rtol=1e-6, atol=1e-6)
+    assert sorted(p.name for p in (tmp_path / "cb-train").iterdir()) == ["logits.npy", "meta.json", "pooled.npy"]
+    ran.clear()
+    again, errors = run_on_thread_ranks(rank_cache)
+    assert not any(errors) and ran == {}, (errors, ran)
+    assert all(torch.equal(cached.logits, results[0].logits) for cached in again)

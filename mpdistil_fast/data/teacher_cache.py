@@ -4,7 +4,8 @@ When the teacher no longer trains (plain KD, MPDistil stages 3 and 4) its logits
 states for a split are fixed, so each epoch's teacher forward pass is wasted work.  :class:`TeacherCache` runs the
 teacher once (eval mode, no dropout, no autograd graph) and serves rows by ``example_index``.  With a ``directory``
 the arrays are ``.npy`` files opened as memory maps, and a later run whose teacher weights and inputs are identical
-(same SHA-256 fingerprint) reuses them without running the teacher at all.
+(same SHA-256 fingerprint) reuses them without running the teacher at all.  Data parallel (``sharding``), every rank
+computes its share of the rows and the ranks all-gather them; on disk they share one folder, which rank 0 writes.
 
 Time accounting: an entry whose teacher pass cost ``c`` seconds for ``N`` rows and took ``s`` seconds to obtain in this
 run (computing, or loading from disk) and that served ``r`` rows through :meth:`CachedOutputs.gather` saved
@@ -16,6 +17,7 @@ import hashlib
 import json
 import os
 import time
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -32,11 +34,21 @@ _ARRAYS = ("logits", "pooled", "hidden")
 
 
 class RowSharding(Protocol):
-    """How data-parallel ranks share a pass over ``n`` rows (:class:`mpdistil_fast.distributed.Runtime` is one)."""
+    """How data-parallel ranks share a pass over ``n`` rows and a cache folder (a
+    :class:`mpdistil_fast.distributed.Runtime` is one)."""
+
+    @property
+    def is_main(self) -> bool: ...
 
     def rank_rows(self, n: int) -> torch.Tensor: ...
 
     def gather_rows(self, local: torch.Tensor, n: int) -> torch.Tensor: ...
+
+    def gathered(self, module: torch.nn.Module) -> AbstractContextManager: ...
+
+    def from_main(self, value: int) -> int: ...
+
+    def barrier(self) -> None: ...
 
 
 #: ``keep_hidden`` values and what they store.
@@ -104,8 +116,10 @@ class TeacherCache:
 
     def __init__(self, teacher: "TaskModel", directory: Path | str | None = None, *, batch_size: int = 64,
                  keep_hidden: bool | str = False, sharding: RowSharding | None = None) -> None:
-        """``sharding``: in memory, each data-parallel rank runs the teacher on its share of a split's rows and the
-        ranks exchange the outputs (a run of ``W`` ranks does ``1/W`` of the teacher work per rank)."""
+        """``sharding``: each data-parallel rank runs the teacher on its share of a split's rows and the ranks
+        exchange the outputs (a run of ``W`` ranks does ``1/W`` of the teacher work per rank).  On disk the ranks
+        share one ``directory`` (a filesystem every node sees): rank 0 decides whether its files are valid and
+        writes them, every rank maps them; the fingerprint reads a ZeRO-3 teacher's weights gathered."""
         _check_batch_size(batch_size)
         self.teacher = teacher
         self.sharding = sharding
@@ -138,20 +152,43 @@ class TeacherCache:
         if key not in self.entries:
             start = time.perf_counter()
             folder = self.directory / f"{split.task}-{split_name}" if self.directory is not None else None
-            print_key = fingerprint(self.teacher, split, self.keep_hidden) if folder is not None else ""
-            arrays, compute_seconds = self._load(folder, print_key) if folder is not None else (None, 0.0)
+            arrays, compute_seconds, print_key = None, 0.0, ""
+            if folder is not None:
+                with self.sharding.gathered(self.teacher) if self.sharding is not None else nullcontext():
+                    print_key = fingerprint(self.teacher, split, self.keep_hidden)
+                arrays, compute_seconds = self._load(folder, print_key)
             if arrays is None:
-                if folder is None and self.sharding is not None:
+                if self.sharding is None:
+                    arrays = self._compute(split, folder)  # on disk: straight into the memory-mapped files
+                else:
                     share = self._compute(split.select(self.sharding.rank_rows(len(split))), None)
                     arrays = tuple(None if a is None else self.sharding.gather_rows(a, len(split)) for a in share)
-                else:
-                    arrays = self._compute(split, folder)
+                    if folder is not None:
+                        arrays = self._store(folder, arrays)
                 compute_seconds = time.perf_counter() - start
-                if folder is not None:
+                if folder is not None and self._is_main:
                     self._write_meta(folder, print_key, compute_seconds)
             self.entries[key] = CachedOutputs(*arrays, compute_seconds=compute_seconds,
                                               obtain_seconds=time.perf_counter() - start)
         return self.entries[key]
+
+    @property
+    def _is_main(self) -> bool:
+        return self.sharding is None or self.sharding.is_main
+
+    def _store(self, folder: Path, arrays: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Rank 0 writes the gathered ``arrays`` as ``.npy`` files; then every rank maps them (the memory the
+        gathered copies held is released)."""
+        if self._is_main:
+            folder.mkdir(parents=True, exist_ok=True)
+            for name, array in zip(_ARRAYS, arrays):
+                if array is not None:
+                    with open(folder / f"{name}.npy.tmp", "wb") as file:
+                        np.save(file, array.float().numpy())
+                    os.replace(folder / f"{name}.npy.tmp", folder / f"{name}.npy")
+        self.sharding.barrier()
+        return self._load_arrays(folder, self.keep_hidden)
 
     @torch.no_grad()
     def _compute(self, split: EncodedSplit, folder: Path | None
@@ -202,14 +239,19 @@ class TeacherCache:
         return tensors[0], tensors[1], tensors[2]
 
     def _load(self, folder: Path, print_key: str) -> tuple[tuple | None, float]:
+        """The arrays in ``folder`` and what computing them cost, when its files hold ``print_key``'s outputs
+        (rank 0 decides, every rank follows); otherwise ``(None, 0.0)``."""
         meta_path = folder / "meta.json"
-        if not meta_path.is_file():
+        valid = False
+        if self._is_main and meta_path.is_file():
+            valid = json.loads(meta_path.read_text()).get("fingerprint") == print_key
+            if not valid:  # other teacher or inputs: recompute, stale arrays are overwritten
+                meta_path.unlink()
+        if self.sharding is not None:
+            valid = bool(self.sharding.from_main(int(valid)))
+        if not valid:
             return None, 0.0
-        meta = json.loads(meta_path.read_text())
-        if meta.get("fingerprint") != print_key:  # other teacher or inputs: recompute, stale arrays are overwritten
-            meta_path.unlink()
-            return None, 0.0
-        return self._load_arrays(folder, self.keep_hidden), float(meta["compute_seconds"])
+        return self._load_arrays(folder, self.keep_hidden), float(json.loads(meta_path.read_text())["compute_seconds"])
 
     @staticmethod
     def _write_meta(folder: Path, print_key: str, compute_seconds: float) -> None:

@@ -373,9 +373,6 @@ def check_values(config: Config) -> None:
                 loaded = load_deepspeed_config(getattr(r, f"deepspeed_{name}"), name=name)
             except (OSError, ValueError) as error:
                 raise ConfigError(str(error)) from None
-            _require(not (name == "teacher" and zero_stage(loaded) == 3 and r.teacher_cache == "disk"),
-                     "runtime.teacher_cache 'disk' fingerprints the teacher's weights, which ZeRO-3 partitions; use "
-                     "'memory' or 'off' with a ZeRO-3 teacher")
             _require(not (name == "student" and config.method == "metadistil" and zero_stage(loaded) == 0
                           and engine_dtype(loaded) is not torch.float32),
                      "runtime.deepspeed_student: MetaDistil's pilot step reads the student's AdamW state, which "

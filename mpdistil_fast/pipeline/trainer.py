@@ -433,11 +433,7 @@ class Run:
     def teacher_cache(self) -> TeacherCache:
         """The frozen teacher's outputs, computed once per (task, split)."""
         if self.cache is None:
-            directory = None
-            if self.config.runtime.teacher_cache == "disk":  # one folder per rank: ranks compute their own copy
-                directory = self.output_dir / "teacher_cache"
-                if self.runtime.world_size > 1:
-                    directory = directory / f"rank-{self.runtime.rank}"
+            directory = self.output_dir / "teacher_cache" if self.config.runtime.teacher_cache == "disk" else None
             self.teacher.eval().requires_grad_(False)
             self.cache = TeacherCache(self.teacher, directory, batch_size=self.config.data.eval_batch_size,
                                       sharding=self.runtime)
