@@ -166,3 +166,7 @@ def test_pilot_with_a_plain_sgd_experimental_step() -> None:
     ref_optimizer.step()
     pilot.step(train, quiz)
     assert rel_error(state(teacher), state(ref_teacher)) <= 1e-12
+    # without inner_lr the plain step takes the student optimizer's current learning rate
+    default_lr = PilotUpdate(student, teacher, student_optimizer, teacher_optimizer, inner_loss, quiz_loss,
+                             inner_optimizer="sgd")
+    assert default_lr.step(train, quiz)["inner_lr"] == student_optimizer.param_groups[0]["lr"] == 1e-3

@@ -131,10 +131,13 @@ class PilotUpdate:
     def step(self, train_batch: Any, quiz_batch: Any) -> dict[str, float]:
         """One pilot update; returns the losses, gradient norms (before clipping) and the inner learning rate."""
         inner_lr = self.inner_lr
+        if inner_lr is None:  # the student optimizer's current learning rate (its schedule is followed)
+            rule = self.student_stepper.optimizer_state() if isinstance(self.inner_optimizer, str) \
+                else self.inner_optimizer
+            current_lr = float(rule.group(next(iter(self.student_parameters.values())))["lr"])
+        reported_lr = inner_lr if inner_lr is not None else current_lr
         if inner_lr is None and isinstance(self.inner_optimizer, str):
-            raise ValueError("inner_lr is required when inner_optimizer is a name")
-        reported_lr = inner_lr if inner_lr is not None else float(
-            self.inner_optimizer.group(next(iter(self.student_parameters.values())))["lr"])
+            inner_lr = current_lr
         random_state = RandomStateReplay([p.device for p in (*self.student_parameters.values(),
                                                              *self.teacher_parameters.values())],
                                          (self.student, self.teacher))
