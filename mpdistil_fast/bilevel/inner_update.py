@@ -73,6 +73,20 @@ class TorchOptimizerState:
         return self.optimizer.state.get(parameter, {})
 
 
+class _FreshState:
+    """:class:`OptimizerState` of an optimizer named ``"sgd"`` or ``"adam"``: torch's default hyperparameters and
+    no state yet."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+
+    def group(self, parameter: torch.Tensor) -> dict[str, Any]:
+        return {}
+
+    def state(self, parameter: torch.Tensor) -> dict[str, Any]:
+        return {}
+
+
 InnerOptimizer = str | torch.optim.Optimizer | OptimizerState
 
 
@@ -160,37 +174,33 @@ def _inner_terms(inner_optimizer: InnerOptimizer, inner_lr: float | None, theta:
     """Per parameter tensor, a function of its inner gradient computing its (scale, offset, decay); arguments are
     checked at once, the state is read and the parameter-sized terms are built only when called (one tensor at a
     time if the caller wants)."""
-    view: OptimizerState | None
+    view: OptimizerState
     if isinstance(inner_optimizer, torch.optim.Optimizer):
         view = TorchOptimizerState(inner_optimizer)
     elif isinstance(inner_optimizer, str) and inner_optimizer in INNER_OPTIMIZERS:
-        view = None
+        view = _FreshState(inner_optimizer)
         if inner_lr is None:
             raise ValueError("inner_lr is required when inner_optimizer is a name")
-    elif isinstance(inner_optimizer, OptimizerState) and not isinstance(inner_optimizer, str):
+    elif isinstance(inner_optimizer, OptimizerState):
         view = inner_optimizer
         if view.kind not in OPTIMIZER_KINDS:
             raise ValueError(f"inner_optimizer.kind must be one of {OPTIMIZER_KINDS}, got {view.kind!r}")
     else:
         raise ValueError(f"inner_optimizer must be one of {INNER_OPTIMIZERS}, a torch.optim SGD/Adam/AdamW or an "
                          f"OptimizerState, got {inner_optimizer!r}")
-    kind = view.kind if view is not None else inner_optimizer
     if inner_lr is not None:
         inner_lr = check_positive_finite("inner_lr", inner_lr)
     terms = []
     for name, value in theta.items():
-        group = view.group(value) if view is not None else {}
+        group = view.group(value)
         lr = inner_lr if inner_lr is not None else float(group["lr"])
-
-        def state(value: torch.Tensor = value) -> dict[str, Any]:
-            return view.state(value) if view is not None else {}
-
-        if kind == "sgd":
-            terms.append((name, lambda grad, group=group, state=state, lr=lr: _sgd_terms(group, state(), lr)))
+        if view.kind == "sgd":
+            terms.append((name, lambda grad, group=group, value=value, lr=lr:
+                          _sgd_terms(group, view.state(value), lr)))
         else:
-            decoupled = kind == "adamw" or bool(group.get("decoupled_weight_decay", False))
-            terms.append((name, lambda grad, group=group, state=state, lr=lr, value=value, decoupled=decoupled:
-                          _adam_terms(group, state(), lr, grad, theta=value, decoupled=decoupled)))
+            decoupled = view.kind == "adamw" or bool(group.get("decoupled_weight_decay", False))
+            terms.append((name, lambda grad, group=group, value=value, lr=lr, decoupled=decoupled:
+                          _adam_terms(group, view.state(value), lr, grad, theta=value, decoupled=decoupled)))
     return terms
 
 
