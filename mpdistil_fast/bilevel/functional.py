@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -155,12 +155,16 @@ class RecordedCalls:
         return torch.autograd.grad(outs, parameters, grads, allow_unused=True)
 
     def surrogate(self, leaf_grads: list[torch.Tensor | None]) -> torch.Tensor:
-        """sum <outputs, leaf_grads> over the recorded forwards: its backward is :meth:`backward_to`'s, run by the
-        caller (an optimizer's or a DeepSpeed engine's backward).  A zero without graph when nothing is recorded."""
-        terms = [(o * g.detach().to(o.dtype)).sum(dtype=torch.float32 if o.dtype in (torch.float16, torch.bfloat16)
-                                                       else o.dtype)
-                 for o, g in zip(self._originals(), leaf_grads) if g is not None]
-        return torch.stack(terms).sum() if terms else torch.zeros(())
+        """sum <outputs, leaf_grads> over the recorded forwards (:func:`gradient_loss`): its backward is
+        :meth:`backward_to`'s, run by the caller (an optimizer's or a DeepSpeed engine's backward)."""
+        return gradient_loss((o, g) for o, g in zip(self._originals(), leaf_grads) if g is not None)
+
+
+def gradient_loss(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """sum <x, g> over ``(x, g)`` pairs with ``g`` held constant: a loss whose gradient in each ``x`` is its ``g``,
+    for handing a computed gradient to a backward someone else owns; a zero without graph for no pairs."""
+    terms = [(x * g.detach().to(x.dtype)).sum() for x, g in pairs]
+    return sum(terms[1:], terms[0]) if terms else torch.zeros(())
 
 
 def _generator_state(device: torch.device) -> torch.Tensor:

@@ -56,7 +56,8 @@ from torch import nn
 
 from mpdistil_fast._validation import check_choice, check_positive_finite
 from mpdistil_fast.bilevel.functional import (Average, FunctionalView, RandomStateReplay, RecordedCalls,
-                                              TensorDict, call_loss, check_finite_loss, trainable_parameters)
+                                              TensorDict, call_loss, check_finite_loss, gradient_loss,
+                                              trainable_parameters)
 from mpdistil_fast.bilevel.inner_update import (InnerOptimizer, InnerUpdate, experimental_step, make_inner_update,
                                                  precondition_)
 
@@ -83,8 +84,7 @@ class MetaGradient:
 def hypergradient_surrogate(parameters: dict[str, torch.Tensor], grads: dict[str, torch.Tensor]) -> torch.Tensor:
     """sum_p <p, g_p>: a loss whose gradient in each parameter p is ``grads[name]`` (treated as a constant), for
     handing a computed gradient to a backward that an optimizer or a DeepSpeed engine owns."""
-    terms = [(parameters[name] * grad.detach().to(parameters[name].dtype)).sum() for name, grad in grads.items()]
-    return torch.stack(terms).sum() if terms else torch.zeros(())
+    return gradient_loss((parameters[name], grad) for name, grad in grads.items())
 
 
 def hypergradient(student: nn.Module, teacher: nn.Module, inner_loss: InnerLoss, outer_loss: OuterLoss,
