@@ -1,4 +1,4 @@
-"""Command line: ``mpdistil-fast distill --config FILE [--set key=value ...] [--resume]`` and
+"""Command line: ``mpdistil-fast distill --config FILE [--set key=value [key=value ...]] [--resume]`` and
 ``mpdistil-fast evaluate --checkpoint DIR``.
 
 Several processes (``runtime.kind: deepspeed``): ``torchrun --nproc_per_node=N -m mpdistil_fast.cli distill ...``
@@ -25,8 +25,9 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     distill = commands.add_parser("distill", help="run a distillation method end to end")
     distill.add_argument("--config", required=True, help="YAML config file (see configs/)")
-    distill.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                         help="override a config key, e.g. --set curriculum.reward=real (repeatable)")
+    distill.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                         help="override config keys, e.g. --set curriculum.reward=real data.batch_size=16 "
+                              "(repeatable)")
     distill.add_argument("--data-dir", help="folder of the official SuperGLUE/GLUE files (= data.data_dir)")
     distill.add_argument("--output-dir", help="where outputs and checkpoints go (= output_dir)")
     distill.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")

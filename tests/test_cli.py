@@ -27,14 +27,19 @@ def teacher_dir(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("method", sorted(STAGE_ROLES))
 def test_distill_smoke_every_method(method, tmp_path, teacher_dir, data_dir, capsys):
     config = write_config(tmp_path / "c.yaml", teacher_dir, data_dir, tmp_path / "run", method,
-                          student_training={"max_steps": 2}, runtime={"tensorboard": True})
-    assert main(["distill", "--config", str(config), "--set", "teacher_training.max_steps=2"]) == 0
+                          runtime={"tensorboard": True})
+    # --set takes several overrides at once, and repeats
+    assert main(["distill", "--config", str(config), "--set", "teacher_training.max_steps=2",
+                 "student_training.max_steps=2", "--set", "meta_teacher.training.max_steps=2"]) == 0
     out = capsys.readouterr().out
     assert "| cb |" in out and "| rte |" in out  # the final table is printed
     run = tmp_path / "run"
     report = json.loads((run / "report.json").read_text())
     assert set(report["tasks"]) == {"cb", "rte"}
     assert set(report["tasks"]["cb"]) == STAGE_ROLES[method]
+    used = report["config"]
+    assert used["teacher_training"]["max_steps"] == used["student_training"]["max_steps"] == \
+        used["meta_teacher"]["training"]["max_steps"] == 2
     assert {"accuracy", "macro_f1", "main"} <= set(report["tasks"]["cb"]["student_final"])
     for name in ("report.md", "curves.png", "metrics.jsonl"):
         assert (run / name).is_file(), name
