@@ -35,6 +35,7 @@ def test_write_report_outputs(tmp_path):
     assert "| rte | acc 62.5 | - | - | acc 56.2 |" in markdown
     assert "| average (main) | 73.4 | - | - | 56.2 |" in markdown
     assert "| stage1_teacher | 12.5 |" in markdown and "local ../shared/data" in markdown
+    assert markdown.startswith("# mpdistil run report")
     png = (tmp_path / "out" / "curves.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["curves.png", "report.json", "report.md"]
@@ -43,7 +44,14 @@ def test_write_report_outputs(tmp_path):
 def test_report_with_missing_parts_still_writes(tmp_path):
     write_report(tmp_path, {"tasks": {"rte": {"student_final": {"accuracy": 0.5, "main": 0.5}}}})
     assert (tmp_path / "curves.png").stat().st_size > 0
-    assert format_results_table({"tasks": {}}).endswith("| average (main) | - | - | - | - |")
+    assert format_results_table({"tasks": {}}).splitlines() == ["| task |", "|---|", "| average (main) |"]
+    # a column per model the run reports: MetaDistil's meta-learned teacher, no meta-teacher or stage-2 student
+    metadistil = {"tasks": {"rte": {"teacher": {"accuracy": 0.5, "main": 0.5},
+                                    "teacher_final": {"accuracy": 0.75, "main": 0.75},
+                                    "student_final": {"accuracy": 0.625, "main": 0.625}}}}
+    assert format_results_table(metadistil).splitlines() == [
+        "| task | Teacher | Teacher (final) | Student (final) |", "|---|---|---|---|",
+        "| rte | acc 50.0 | acc 75.0 | acc 62.5 |", "| average (main) | 50.0 | 75.0 | 62.5 |"]
     with pytest.raises(TypeError, match="report"):
         write_report(tmp_path, [("tasks", {})])
 

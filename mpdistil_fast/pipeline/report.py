@@ -18,8 +18,9 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-MODEL_COLUMNS = (("teacher", "Teacher"), ("meta_teacher", "Meta-teacher"), ("student_stage2", "Student (stage 2)"),
-                 ("student_final", "Student (final)"))
+#: Every model a run can report, in table order (MetaDistil's meta-learned teacher is ``teacher_final``).
+MODEL_COLUMNS = (("teacher", "Teacher"), ("teacher_final", "Teacher (final)"), ("meta_teacher", "Meta-teacher"),
+                 ("student_stage2", "Student (stage 2)"), ("student_final", "Student (final)"))
 METRIC_LABELS = {"accuracy": "acc", "macro_f1": "F1"}
 
 
@@ -39,23 +40,25 @@ def _cell(metrics: dict[str, float] | None) -> str:
 
 
 def format_results_table(report: dict[str, Any]) -> str:
-    """The Markdown table of per-task metrics (percent) of every model, with an average row of the main metric."""
+    """The Markdown table of per-task metrics (percent) of every model the run reports (a column per model that some
+    task has), with an average row of the main metric."""
     tasks = report.get("tasks", {})
-    lines = ["| task | " + " | ".join(title for _, title in MODEL_COLUMNS) + " |",
-             "|---|" + "---|" * len(MODEL_COLUMNS)]
+    columns = [(key, title) for key, title in MODEL_COLUMNS if any(key in models for models in tasks.values())]
+    lines = ["| task |" + "".join(f" {title} |" for _, title in columns), "|---|" + "---|" * len(columns)]
     for task, models in tasks.items():
-        lines.append(f"| {task} | " + " | ".join(_cell(models.get(key)) for key, _ in MODEL_COLUMNS) + " |")
+        lines.append(f"| {task} |" + "".join(f" {_cell(models.get(key))} |" for key, _ in columns))
     averages = []
-    for key, _ in MODEL_COLUMNS:
+    for key, _ in columns:
         mains = [models[key]["main"] for models in tasks.values() if models.get(key) and "main" in models[key]]
         averages.append(f"{100 * sum(mains) / len(mains):.1f}" if len(mains) == len(tasks) and mains else "-")
-    lines.append("| average (main) | " + " | ".join(averages) + " |")
+    lines.append("| average (main) |" + "".join(f" {average} |" for average in averages))
     return "\n".join(lines)
 
 
 def format_report_markdown(report: dict[str, Any]) -> str:
     """``report.md``: results table, timings and data provenance."""
-    parts = ["# MPDistil run report", "",
+    method = (report.get("config") or {}).get("method")
+    parts = [f"# {method} run report" if method else "# Run report", "",
              "Metrics on each task's validation split (the reported split; never used for model selection), "
              "in percent. CB shows accuracy / macro-F1.", "", format_results_table(report)]
     timings = report.get("timings") or {}
