@@ -88,6 +88,16 @@ def test_missing_file_and_bad_yaml(tmp_path):
         load_config(bad)
 
 
+def test_a_launched_rank_refuses_the_local_runtime(monkeypatch):
+    """Under torchrun with runtime.kind local every rank would train the whole run into the same output_dir."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="one of 2 ranks .* runtime.kind is 'local'"):
+        config_from_dict({})
+    assert config_from_dict({"runtime": {"kind": "deepspeed"}}).runtime.kind == "deepspeed"
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert config_from_dict({}).runtime.kind == "local"
+
+
 def test_missing_data_is_reported_before_models(tmp_path, data_dir, monkeypatch):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"data": {"tasks": ["cb"], "data_dir": str(tmp_path / "absent")}}))

@@ -355,6 +355,11 @@ def check_values(config: Config) -> None:
     for key in ("checkpoint_every", "keep_checkpoints", "log_every"):
         _require(getattr(r, key) > 0, f"runtime.{key} must be > 0, got {getattr(r, key)}")
     _require(r.num_threads is None or r.num_threads > 0, f"runtime.num_threads must be > 0, got {r.num_threads}")
+    launched_ranks = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    _require(r.kind != "local" or launched_ranks == 1,
+             f"this process is one of {launched_ranks} ranks (WORLD_SIZE, set by torchrun or the deepspeed launcher) "
+             "but runtime.kind is 'local': every rank would train the whole run into the same output_dir; set "
+             "runtime.kind=deepspeed, or start one process without a launcher")
     if r.kind == "deepspeed":
         key, method = bilevel_hypergradient(config) or ("", None)
         _require(method != "exact",
