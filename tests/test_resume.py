@@ -61,7 +61,8 @@ def test_killed_run_resumes_to_the_uninterrupted_state(tmp_path, data_dir):
     killed_at = json.loads((latest_checkpoint(tmp_path / "killed") / "state.json").read_text())
     assert killed_at["stage"] is not None or stage  # it died inside the run, after a mid-stage checkpoint
 
-    resumed = subprocess.run(command[:-1] + ["--set", "runtime.progress=false", "--resume"], env=env, capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(command[:-1] + ["--set", "runtime.progress=false", "--resume"], env=env,
+                             capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "loaded checkpoint" in resumed.stderr
 
