@@ -91,6 +91,7 @@ class ThreadRank:
 
     def __init__(self, group: ThreadRanks, rank: int) -> None:
         self.group, self.rank = group, rank
+        self.world_size = group.world_size
 
     @property
     def is_main(self) -> bool:

@@ -37,6 +37,8 @@ class RowSharding(Protocol):
     """How data-parallel ranks share a pass over ``n`` rows and a cache folder (a
     :class:`mpdistil_fast.distributed.Runtime` is one)."""
 
+    world_size: int
+
     @property
     def is_main(self) -> bool: ...
 
@@ -123,6 +125,8 @@ class TeacherCache:
         _check_batch_size(batch_size)
         self.teacher = teacher
         self.sharding = sharding
+        # one process computes straight into the files (or memory), with no gather and no copy of the split
+        self._shared_pass = sharding is not None and sharding.world_size > 1
         self.directory = Path(directory) if directory is not None else None
         self.batch_size = batch_size
         if keep_hidden not in HIDDEN_MODES:
@@ -158,7 +162,7 @@ class TeacherCache:
                     print_key = fingerprint(self.teacher, split, self.keep_hidden)
                 arrays, compute_seconds = self._load(folder, print_key)
             if arrays is None:
-                if self.sharding is None:
+                if not self._shared_pass:
                     arrays = self._compute(split, folder)  # on disk: straight into the memory-mapped files
                 else:
                     share = self._compute(split.select(self.sharding.rank_rows(len(split))), None)
