@@ -10,7 +10,9 @@
 # Nothing is downloaded: the extension is built in place against the machine's own torch.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONUNBUFFERED=1 MPDISTIL_BUILD_CUDA=1
+# One CPU kernel build (avx2) beside the CUDA kernels: extensions build one after the other, and the GPU run needs
+# no more CPU code than a working `cpp` backend.
+export PYTHONUNBUFFERED=1 MPDISTIL_BUILD_CUDA=1 MPDISTIL_CPU_ARCH=${MPDISTIL_CPU_ARCH:-avx2}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
 export TORCH_EXTENSIONS_DIR=$PWD/.torch_extensions TRITON_CACHE_DIR=$PWD/.triton_cache PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 PY=${PYTHON:-python3}
@@ -40,7 +42,7 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv,noheader
 $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 
-step build 240 $PY setup.py -q build_ext --inplace || { echo "BUILD FAILED"; tar czf "${OUT:-/tmp}/gpu_run.tar.gz" "$LOGS"; exit 1; }
+step build 270 $PY setup.py -q build_ext --inplace || { echo "BUILD FAILED"; tar czf "${OUT:-/tmp}/gpu_run.tar.gz" "$LOGS"; exit 1; }
 # An uninstalled checkout has kernels/ but no mpdistil_fast.kernels (setup.py maps it on install): link it.
 $PY -c "import mpdistil_fast.kernels" 2>/dev/null || ln -sfn ../kernels mpdistil_fast/kernels
 $PY -c "from mpdistil_fast.backends import available_backends as a; [print(op, {k: v.available or v.reason for k, v in a(op, 'cuda').items()}) for op in ('kd_kl_div', 'kd_jsd', 'hidden_mse', 'meta_teacher_loss')]"
