@@ -1,6 +1,8 @@
 // Python module stub for mpdistil_fast._C and the one TORCH_LIBRARY block of the `mpdistil_C` namespace.
-// Each op lives in its own file and adds its schema with TORCH_LIBRARY_FRAGMENT(mpdistil_C, m) and its
-// kernels with TORCH_LIBRARY_IMPL(mpdistil_C, CPU|CUDA, m); importing this module runs those registrations.
+// _C holds the op schemas (csrc/schemas/, one file per op, TORCH_LIBRARY_FRAGMENT) and the CUDA kernels
+// (csrc/cuda/, TORCH_LIBRARY_IMPL(mpdistil_C, CUDA, m)).  The CPU kernels (csrc/cpu/) are built once per
+// instruction set into separate libraries mpdistil_fast._cpu_<isa>; mpdistil_fast.backends loads exactly one of
+// them after this module, the widest that torch's CPU capability allows.
 #include <Python.h>
 #include <torch/library.h>
 

@@ -3,7 +3,8 @@
 Every fused op has up to four implementations:
 
 ``torch``   the composite plain-torch reference (always available, supports double backward);
-``cpp``     the fused C++ CPU kernel in ``mpdistil_fast._C`` (CPU tensors);
+``cpp``     the fused C++ CPU kernel (CPU tensors), from one of the libraries ``mpdistil_fast._cpu_<isa>``: the
+            widest instruction set built that torch's CPU capability allows (:func:`cpu_kernel_build`);
 ``triton``  the Triton kernel (CUDA tensors; CPU tensors only under ``TRITON_INTERPRET=1``, for tests);
 ``cuda``    the CUDA C++ kernel in ``mpdistil_fast._C`` (CUDA tensors, when built with CUDA).
 
@@ -15,8 +16,10 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.machinery
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -29,11 +32,13 @@ ENV_OVERRIDE = "MPDISTIL_BACKEND"
 
 @dataclass(frozen=True)
 class BackendStatus:
-    """Whether ``name`` can run an op on a device; ``reason`` says why not (empty when available)."""
+    """Whether ``name`` can run an op on a device; ``reason`` says why not (empty when available), ``detail`` which
+    build runs (the CPU kernels' instruction set for ``cpp``)."""
 
     name: str
     available: bool
     reason: str = ""
+    detail: str = ""
 
 
 @functools.lru_cache(maxsize=None)
@@ -45,6 +50,58 @@ def extension_import_error() -> str | None:
         return (f"the C++ extension mpdistil_fast._C could not be imported ({exc}); build it with "
                 "`pip install --no-build-isolation -e .`")
     return None
+
+
+#: The CPU kernel builds setup.py can make (MPDISTIL_CPU_ARCH), most preferred first, with the torch CPU
+#: capabilities each runs on (None: any; "native" was built for this machine on purpose).
+CPU_KERNEL_BUILDS: tuple[tuple[str, frozenset[str] | None], ...] = (
+    ("native", None),
+    ("avx512", frozenset({"AVX512"})),
+    ("avx2", frozenset({"AVX2", "AVX512"})),
+    ("generic", None),
+)
+
+
+@dataclass(frozen=True)
+class CpuKernelBuild:
+    """The CPU kernel library loaded into this process (``isa`` empty and ``error`` set when none is)."""
+
+    isa: str
+    capability: str
+    error: str = ""
+
+
+def built_cpu_kernels() -> dict[str, Path]:
+    """The CPU kernel libraries built beside this package, {isa: path}, in :data:`CPU_KERNEL_BUILDS` order."""
+    package = Path(__file__).resolve().parent
+    return {isa: path for isa, _ in CPU_KERNEL_BUILDS for suffix in importlib.machinery.EXTENSION_SUFFIXES
+            if (path := package / f"_cpu_{isa}{suffix}").is_file()}
+
+
+def runnable_cpu_kernels(capability: str | None = None) -> list[str]:
+    """The built CPU kernel libraries a process with torch CPU capability ``capability`` (default: this one's) can
+    load, most preferred first."""
+    capability = capability or torch.backends.cpu.get_cpu_capability()
+    built = built_cpu_kernels()
+    return [isa for isa, runs_on in CPU_KERNEL_BUILDS if isa in built and (runs_on is None or capability in runs_on)]
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_kernel_build() -> CpuKernelBuild:
+    """Load the fused CPU kernels once: the first of :func:`runnable_cpu_kernels` for torch's CPU capability
+    (``torch.backends.cpu.get_cpu_capability()``; the environment variable ``ATEN_CPU_CAPABILITY=avx2|avx512|default``
+    lowers it, for torch's kernels and these alike).  Exactly one is loaded: every build registers the same
+    ``mpdistil_C`` CPU kernels."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    if (err := extension_import_error()) is not None:
+        return CpuKernelBuild("", capability, err)
+    if runnable := runnable_cpu_kernels(capability):
+        torch.ops.load_library(str(built_cpu_kernels()[runnable[0]]))
+        return CpuKernelBuild(runnable[0], capability)
+    found = ", ".join(built_cpu_kernels()) or "none"
+    return CpuKernelBuild("", capability, f"no CPU kernel build runs with torch's CPU capability {capability} "
+                                          f"(built: {found}; ATEN_CPU_CAPABILITY lowers the capability); CPUs "
+                                          "without AVX2 need a MPDISTIL_CPU_ARCH=generic build")
 
 
 @functools.lru_cache(maxsize=None)
@@ -91,11 +148,17 @@ def backend_status(name: str, op: str, device: torch.device | str | None = None)
             return unavailable(f"{name} runs on {want} tensors, these are on {device.type}")
         if (err := extension_import_error()) is not None:
             return unavailable(err)
+        detail = ""
+        if name == "cpp":
+            build = cpu_kernel_build()
+            if build.error:
+                return unavailable(build.error)
+            detail = f"{build.isa} build of the CPU kernels (torch CPU capability {build.capability})"
         key = "CPU" if name == "cpp" else "CUDA"
         if not _has_kernel(f"mpdistil_C::{op}_fwd", key):
             hint = " (rebuild with a CUDA torch and nvcc, MPDISTIL_BUILD_CUDA=1)" if name == "cuda" else ""
-            return unavailable(f"mpdistil_fast._C has no {key} kernel for {op}{hint}")
-        return BackendStatus(name, True)
+            return unavailable(f"mpdistil_fast has no {key} kernel for {op}{hint}")
+        return BackendStatus(name, True, detail=detail)
     # triton
     if (err := triton_import_error()) is not None:
         return unavailable(err)

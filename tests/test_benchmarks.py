@@ -64,3 +64,21 @@ def test_gradient_errors_flag_a_provider_whose_gradient_is_off():
               "w_off": lambda: (x * w).sum() + 1e-2 * (w.sum() - w.sum().detach())}
     errors = harness.gradient_errors(losses, [x, w], "eager")
     assert errors["eager"] == 0.0 and errors["same"] < 1e-12 and errors["w_off"] > 1e-3
+
+
+def test_cpu_build_benchmark_times_every_build_that_runs_here(tmp_path):
+    """bench_cpu_builds.py: one row per case and CPU kernel build this CPU runs (each timed in its own worker)."""
+    from mpdistil_fast import backends
+
+    runnable = set(backends.runnable_cpu_kernels()) & {"avx2", "avx512"}
+    if not runnable:
+        pytest.skip("no avx2/avx512 CPU kernel build here")
+    env = {**os.environ, "MPDISTIL_BENCH_RESULTS": str(tmp_path), "OMP_NUM_THREADS": "2"}
+    result = subprocess.run([sys.executable, "benchmarks/bench_cpu_builds.py", "--quick", "--rounds", "2", "--reps",
+                             "1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    with (tmp_path / "cpu_builds.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    cases = {row["x"] for row in rows}
+    assert len(cases) == 6 and {row["provider"] for row in rows} == runnable
+    assert len(rows) == len(cases) * len(runnable) and all(float(row["p50"]) > 0 for row in rows)

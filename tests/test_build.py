@@ -1,22 +1,29 @@
-"""setup.py's compiler flags: the CPU ISA switch (MPDISTIL_CPU_ARCH) and the ATen at::vec capability it defines
-(without a CPU_CAPABILITY define, at::vec compiles its generic code even where the ISA is enabled)."""
+"""setup.py's CPU kernel builds (MPDISTIL_CPU_ARCH), the ATen at::vec capability each defines (without a
+CPU_CAPABILITY define at::vec compiles its generic code even where the ISA is enabled), and which build the backend
+registry loads."""
 from __future__ import annotations
 
+import os
 import platform
 import runpy
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import setuptools
+import torch
+
+from mpdistil_fast import backends
 
 ROOT = Path(__file__).resolve().parents[1]
 X86 = platform.machine() in ("x86_64", "AMD64")
 
 
-def cxx_flags(monkeypatch, arch: str | None) -> list[str]:
-    """The C++ flags setup.py gives the extension for MPDISTIL_CPU_ARCH=arch (None: unset), without building."""
+def extensions(monkeypatch, arch: str | None) -> dict[str, list[str]]:
+    """{extension name: its C++ flags} that setup.py builds for MPDISTIL_CPU_ARCH=arch (None: unset), without
+    building."""
     if arch is None:
         monkeypatch.delenv("MPDISTIL_CPU_ARCH", raising=False)
     else:
@@ -25,14 +32,31 @@ def cxx_flags(monkeypatch, arch: str | None) -> list[str]:
     captured: dict = {}
     monkeypatch.setattr(setuptools, "setup", lambda **kwargs: captured.update(kwargs))
     runpy.run_path(str(ROOT / "setup.py"))
-    (extension,) = captured["ext_modules"]
-    return extension.extra_compile_args["cxx"]
+    return {ext.name: ext.extra_compile_args["cxx"] for ext in captured["ext_modules"]}
 
 
-@pytest.mark.skipif(not X86, reason="the AVX2 default is for x86-64")
-def test_default_is_avx2_with_its_aten_capability(monkeypatch):
-    flags = cxx_flags(monkeypatch, None)
-    assert {"-mavx2", "-mfma", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"} <= set(flags)
+def cpu_builds(monkeypatch, arch: str | None) -> dict[str, list[str]]:
+    """{isa: C++ flags} of the CPU kernel libraries; checks that _C (schemas, module) gets no ISA flags."""
+    flags = extensions(monkeypatch, arch)
+    assert not [f for f in flags.pop("mpdistil_fast._C") if f.startswith(("-m", "-DCPU_CAPABILITY"))]
+    prefix = "mpdistil_fast._cpu_"
+    assert all(name.startswith(prefix) and "-fvisibility=hidden" in f for name, f in flags.items())
+    return {name.removeprefix(prefix): f for name, f in flags.items()}
+
+
+@pytest.mark.skipif(not X86, reason="the avx2 + avx512 default is for x86-64")
+def test_default_builds_avx2_and_avx512_each_with_its_aten_capability(monkeypatch):
+    builds = cpu_builds(monkeypatch, None)
+    assert set(builds) == {"avx2", "avx512"}
+    assert {"-mavx2", "-mfma", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"} <= set(builds["avx2"])
+    assert not [f for f in builds["avx2"] if f.startswith("-mavx512")]
+    # The ISA torch's "AVX512" capability checks for, so that the build loads exactly where it runs.
+    assert {"-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-DCPU_CAPABILITY_AVX512",
+            "-DCPU_CAPABILITY=AVX512"} <= set(builds["avx512"])
+
+
+def test_avx2_alone(monkeypatch):
+    assert set(cpu_builds(monkeypatch, "avx2")) == {"avx2"}
 
 
 @pytest.mark.skipif(not X86 or shutil.which("c++") is None, reason="needs an x86-64 C++ compiler")
@@ -40,7 +64,7 @@ def test_native_defines_the_widest_aten_capability_it_enables(monkeypatch):
     monkeypatch.delenv("CXX", raising=False)
     macros = subprocess.run(["c++", "-march=native", "-dM", "-E", "-x", "c++", "/dev/null"], capture_output=True,
                             text=True, check=True).stdout
-    flags = cxx_flags(monkeypatch, "native")
+    (flags,) = cpu_builds(monkeypatch, "native").values()
     assert "-march=native" in flags
     capabilities = [f for f in flags if f.startswith("-DCPU_CAPABILITY=")]
     if "#define __AVX512BW__ " in macros and "#define __AVX512VL__ " in macros:
@@ -52,10 +76,46 @@ def test_native_defines_the_widest_aten_capability_it_enables(monkeypatch):
 
 
 def test_generic_has_no_isa_flags(monkeypatch):
-    flags = cxx_flags(monkeypatch, "generic")
+    (flags,) = cpu_builds(monkeypatch, "generic").values()
     assert not [f for f in flags if f.startswith(("-m", "-DCPU_CAPABILITY"))]
 
 
 def test_unknown_arch_is_refused(monkeypatch):
-    with pytest.raises(ValueError, match="MPDISTIL_CPU_ARCH must be avx2, native or generic"):
-        cxx_flags(monkeypatch, "avx9")
+    with pytest.raises(ValueError, match="MPDISTIL_CPU_ARCH must be dispatch, avx2, native or generic"):
+        extensions(monkeypatch, "avx9")
+
+
+def loaded_build_with(capability: str) -> str:
+    """The CPU kernel build a fresh process loads with ATEN_CPU_CAPABILITY=capability."""
+    code = "from mpdistil_fast import backends; build = backends.cpu_kernel_build(); print(build.isa or build.error)"
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability}
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def test_the_widest_build_the_capability_allows_is_loaded():
+    build = backends.cpu_kernel_build()
+    assert not build.error and build.capability == torch.backends.cpu.get_cpu_capability()
+    built = backends.built_cpu_kernels()
+    if "native" in built:
+        assert build.isa == "native" and loaded_build_with("avx2") == "native"  # built for this machine on purpose
+        return
+    expected = "avx512" if build.capability == "AVX512" and "avx512" in built else "avx2"
+    assert build.isa == expected
+    if build.capability in ("AVX2", "AVX512") and "avx2" in built:
+        assert loaded_build_with("avx2") == "avx2"
+    if "generic" not in built:
+        assert "no CPU kernel build runs with" in loaded_build_with("default")
+
+
+def test_the_other_cpu_build_passes_the_kernel_tests():
+    """Every process loads one CPU build; the suite tests that one, this test the AVX2 build beside AVX512."""
+    if backends.cpu_kernel_build().isa != "avx512" or "avx2" not in backends.built_cpu_kernels():
+        pytest.skip("only one CPU kernel build can run here")
+    code = ("import sys, pytest; from mpdistil_fast import backends; assert backends.cpu_kernel_build().isa == 'avx2';"
+            "sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '-k', 'cpp', 'tests/test_kd_kl_div.py', "
+            "'tests/test_hidden_mse.py', 'tests/test_meta_teacher.py']))")
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert " passed" in run.stdout and " failed" not in run.stdout

@@ -340,6 +340,7 @@ def test_jsd_end_points_symmetry_and_disjoint_supports(backend):
 
 def test_fused_jsd_op_rejects_beta_outside_the_open_interval():
     """The kernels' own check (the public API maps beta 0 / 1 to the KLs before calling them)."""
+    assert not mpdistil_fast.backends.cpu_kernel_build().error
     with pytest.raises(RuntimeError, match="beta"):
         torch.ops.mpdistil_C.kd_jsd_fwd(logits(2, 5), logits(2, 5), 1.0, 1.0)
 

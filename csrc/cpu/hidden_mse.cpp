@@ -320,14 +320,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> hidden_mse_bwd_cpu(
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(mpdistil_C, m) {
-  m.def("hidden_mse_fwd(Tensor student, Tensor teacher, Tensor student_layers, Tensor teacher_layers, Tensor? mask, "
-        "Tensor? weight, Tensor? bias, bool normalize) -> (Tensor, Tensor)");
-  m.def("hidden_mse_bwd(Tensor grad_sse, Tensor student, Tensor teacher, Tensor student_layers, "
-        "Tensor teacher_layers, Tensor? mask, Tensor? weight, Tensor? bias, Tensor projected, bool normalize, "
-        "bool need_teacher_grad) -> (Tensor, Tensor, Tensor, Tensor)");
-}
-
 TORCH_LIBRARY_IMPL(mpdistil_C, CPU, m) {
   m.impl("hidden_mse_fwd", &hidden_mse_fwd_cpu);
   m.impl("hidden_mse_bwd", &hidden_mse_bwd_cpu);

@@ -306,19 +306,6 @@ std::tuple<at::Tensor, at::Tensor> kd_jsd_bwd_cpu(const at::Tensor& grad_jsd, co
 }  // namespace
 }  // namespace mpdistil::cpu
 
-TORCH_LIBRARY_FRAGMENT(mpdistil_C, m) {
-  m.def("kd_jsd_fwd(Tensor teacher_logits, Tensor student_logits, float temperature, float beta) "
-        "-> (Tensor jsd, Tensor stats)");
-  m.def(
-      "kd_jsd_bwd(Tensor grad_jsd, Tensor teacher_logits, Tensor student_logits, Tensor stats, float temperature, "
-      "float beta, bool need_grad_teacher, bool need_grad_student) -> (Tensor grad_teacher, Tensor grad_student)");
-  // Forward and the gradients of sum_r weight * row_weight[r] * jsd[r] in one pass over the logits.
-  m.def(
-      "kd_jsd_fwd_grad(Tensor teacher_logits, Tensor student_logits, float temperature, float beta, "
-      "Tensor? row_weight, float weight, bool need_grad_teacher, bool need_grad_student) "
-      "-> (Tensor jsd, Tensor stats, Tensor grad_teacher, Tensor grad_student)");
-}
-
 TORCH_LIBRARY_IMPL(mpdistil_C, CPU, m) {
   m.impl("kd_jsd_fwd", &mpdistil::cpu::kd_jsd_fwd_cpu);
   m.impl("kd_jsd_bwd", &mpdistil::cpu::kd_jsd_bwd_cpu);

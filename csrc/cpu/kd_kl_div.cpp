@@ -212,17 +212,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kd_kl_div_fwd_grad_cp
 }  // namespace
 }  // namespace mpdistil::cpu
 
-TORCH_LIBRARY_FRAGMENT(mpdistil_C, m) {
-  m.def("kd_kl_div_fwd(Tensor p_logits, Tensor q_logits, float temperature) -> (Tensor kl, Tensor stats)");
-  m.def(
-      "kd_kl_div_bwd(Tensor grad_kl, Tensor p_logits, Tensor q_logits, Tensor stats, float temperature, "
-      "bool need_grad_p, bool need_grad_q) -> (Tensor grad_p, Tensor grad_q)");
-  // Forward and the gradients of sum_r weight * row_weight[r] * kl[r] in one pass over the logits.
-  m.def(
-      "kd_kl_div_fwd_grad(Tensor p_logits, Tensor q_logits, float temperature, Tensor? row_weight, float weight, "
-      "bool need_grad_p, bool need_grad_q) -> (Tensor kl, Tensor stats, Tensor grad_p, Tensor grad_q)");
-}
-
 TORCH_LIBRARY_IMPL(mpdistil_C, CPU, m) {
   m.impl("kd_kl_div_fwd", &mpdistil::cpu::kd_kl_div_fwd_cpu);
   m.impl("kd_kl_div_bwd", &mpdistil::cpu::kd_kl_div_bwd_cpu);

@@ -289,15 +289,6 @@ std::vector<at::Tensor> meta_teacher_loss_bwd_cpu(
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(mpdistil_C, m) {
-  m.def("meta_teacher_loss_fwd(Tensor h_teacher, Tensor h_student, Tensor? proj_weight, Tensor? proj_bias, "
-        "Tensor w1, Tensor b1, Tensor? w2, Tensor? b2, Tensor labels, bool competitive) "
-        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def("meta_teacher_loss_bwd(Tensor grad_loss, Tensor dlogits, Tensor h_teacher, Tensor h_student, "
-        "Tensor? proj_weight, Tensor? proj_bias, Tensor w1, Tensor? w2, Tensor hidden_pre, Tensor projected, "
-        "bool need_h_teacher, bool need_h_student) -> Tensor[]");
-}
-
 TORCH_LIBRARY_IMPL(mpdistil_C, CPU, m) {
   m.impl("meta_teacher_loss_fwd", &meta_teacher_loss_fwd_cpu);
   m.impl("meta_teacher_loss_bwd", &meta_teacher_loss_bwd_cpu);

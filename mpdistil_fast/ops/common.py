@@ -9,7 +9,7 @@ from typing import Callable, NamedTuple, NoReturn
 
 import torch
 
-from mpdistil_fast.backends import ENV_OVERRIDE, resolve_backend
+from mpdistil_fast.backends import ENV_OVERRIDE, cpu_kernel_build, resolve_backend
 
 
 @functools.lru_cache(maxsize=256)
@@ -49,6 +49,8 @@ def fused_kernels(backend: str, triton_module: str) -> ModuleType | object:
     """Where a fused backend's ``<op>_fwd`` / ``<op>_bwd`` live: ``torch.ops.mpdistil_C`` for cpp and cuda (the
     dispatcher picks the CPU or CUDA kernel by device) or the Triton module ``mpdistil_fast.kernels.<name>``."""
     if backend in ("cpp", "cuda"):
+        if backend == "cpp":
+            cpu_kernel_build()  # the CPU kernels are a library of their own, loaded once
         return torch.ops.mpdistil_C
     if backend == "triton":
         return importlib.import_module(f"mpdistil_fast.kernels.{triton_module}")
