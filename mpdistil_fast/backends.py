@@ -96,7 +96,12 @@ def cpu_kernel_build() -> CpuKernelBuild:
     if (err := extension_import_error()) is not None:
         return CpuKernelBuild("", capability, err)
     if runnable := runnable_cpu_kernels(capability):
-        torch.ops.load_library(str(built_cpu_kernels()[runnable[0]]))
+        library = built_cpu_kernels()[runnable[0]]
+        try:
+            torch.ops.load_library(str(library))
+        except OSError as exc:  # built against another torch, or damaged
+            return CpuKernelBuild("", capability, f"the CPU kernels {library.name} could not be loaded ({exc}); "
+                                                  "rebuild with `pip install --no-build-isolation -e .`")
         return CpuKernelBuild(runnable[0], capability)
     found = ", ".join(built_cpu_kernels()) or "none"
     return CpuKernelBuild("", capability, f"no CPU kernel build runs with torch's CPU capability {capability} "

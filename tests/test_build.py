@@ -119,3 +119,17 @@ def test_the_other_cpu_build_passes_the_kernel_tests():
     run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert " passed" in run.stdout and " failed" not in run.stdout
+
+
+def test_a_cpu_kernel_library_that_does_not_load_is_explained(monkeypatch, tmp_path):
+    """A damaged (or other-torch) library makes `cpp` unavailable with the reason, not an import-time crash."""
+    broken = tmp_path / "_cpu_avx2.so"
+    broken.write_bytes(b"not a shared object")
+    monkeypatch.setattr(backends, "built_cpu_kernels", lambda: {"avx2": broken})
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    backends.cpu_kernel_build.cache_clear()
+    try:
+        build = backends.cpu_kernel_build()
+        assert not build.isa and "_cpu_avx2.so could not be loaded" in build.error and "rebuild" in build.error
+    finally:
+        backends.cpu_kernel_build.cache_clear()

@@ -8,9 +8,13 @@
 // The selected layers are read in place through the index tensors (no gathered copy of the teacher).  The
 // projection GEMMs go through ATen (MKL) on the valid rows only; everything elementwise is one fused pass per row.
 // Forward saves the projected rows (when projecting); backward recomputes norms in one pass per row.
-#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <cmath>

@@ -19,7 +19,6 @@
 //             subtracts g/T L_P P_i and writes the gradients: the exps and logs are computed once, not twice.
 // Conventions: entries with P_i = 0 (Q_i = 0) contribute nothing to L_P (L_Q) and get a zero gradient in a (b); a
 // row whose teacher or student logits are all -inf has no pair of distributions and gives 0 and zero gradients.
-#include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include <tuple>

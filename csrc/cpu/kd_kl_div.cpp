@@ -14,7 +14,6 @@
 // The caller maps student/teacher to (a, b): forward KL(p_t || p_s) has a = teacher, b = student; reverse swaps them.
 // Conventions: entries with P_i = 0 (a_i = -inf) contribute exactly 0; a row whose a is all -inf has no distribution
 // and gives kl = 0 and zero gradients (like a masked row); rows with g == 0 get zero gradients without reading.
-#include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include "cpu/softmax_rows.h"

@@ -1,8 +1,12 @@
 // CPU registration of the fused MPDistil meta-teacher loss (formulas in csrc/meta_teacher.h): the row passes
 // (softmax / CE / gold probability / dL/dz, exact GELU and GELU') as parallel loops; GEMMs through MKL.
-#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/scalar_tensor.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 
 #include <cmath>

@@ -2,9 +2,10 @@
 // over a pair of logit rows, the online-softmax state of one row, and the checks of [rows, vocab] logits.
 #pragma once
 
-#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 
 #include <cmath>
 #include <limits>
