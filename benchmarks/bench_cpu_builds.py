@@ -125,7 +125,7 @@ def main() -> None:
             samples = [s for report in reports[isa] for s in report["samples"][label]]
             extra = f"{widest}/{isa} speed: {medians[isa] / medians[widest]:.2f}x" if isa != widest else ""
             rows.append(harness.make_row(NAME, isa, "full", "speed", label, samples, "ms", extra=extra))
-    print(f"machine: {harness.device_name('cpu')}, torch {torch.__version__}, capability {capability}; "
+    print(f"machine: {harness.machine_name('cpu')}, torch {torch.__version__}, capability {capability}; "
           f"{args.rounds} alternating workers per build x {args.reps} timed calls")
     harness.print_table(rows, ["x", "provider", "p50", "p20", "p80", "unit", "extra"])
     print(harness.write_csv(rows, NAME))

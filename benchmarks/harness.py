@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -17,25 +16,11 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 
+from mpdistil_fast.backends import machine_name
+
 #: Where CSV and PNG files go: benchmarks/results, or MPDISTIL_BENCH_RESULTS (the smoke tests write elsewhere).
 RESULTS_DIR = Path(os.environ.get("MPDISTIL_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 COLUMNS = ("kernel_name", "provider", "mode", "metric", "x", "p50", "p20", "p80", "unit", "extra", "device", "version")
-
-
-def device_name(device: torch.device | str = "cpu") -> str:
-    """Human name of the machine a number came from (GPU name, or CPU model and core count)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model} ({torch.get_num_threads()} threads)"
 
 
 def _sync(device: torch.device) -> None:
@@ -157,7 +142,7 @@ def make_row(kernel_name: str, provider: str, mode: str, metric: str, x: str, sa
     p50, p20, p80 = quantiles(samples)
     return {"kernel_name": kernel_name, "provider": provider, "mode": mode, "metric": metric, "x": x,
             "p50": round(p50, 5), "p20": round(p20, 5), "p80": round(p80, 5), "unit": unit, "extra": extra,
-            "device": device_name(device), "version": torch.__version__}
+            "device": machine_name(device), "version": torch.__version__}
 
 
 def write_csv(rows: Iterable[Mapping[str, object]], name: str) -> Path:

@@ -18,6 +18,7 @@ import functools
 import importlib
 import importlib.machinery
 import os
+import platform
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -25,6 +26,8 @@ from typing import Sequence
 import torch
 
 BACKENDS: tuple[str, ...] = ("torch", "cpp", "triton", "cuda")
+#: The fused ops, by the names the registry knows them under.
+FUSED_OPS: tuple[str, ...] = ("kd_kl_div", "kd_jsd", "hidden_mse", "meta_teacher_loss")
 #: Preference of ``"auto"`` per device type, fastest first.
 DEFAULT_AUTO_ORDER: dict[str, tuple[str, ...]] = {"cpu": ("cpp", "torch"), "cuda": ("cuda", "triton", "torch")}
 ENV_OVERRIDE = "MPDISTIL_BACKEND"
@@ -158,7 +161,7 @@ def backend_status(name: str, op: str, device: torch.device | str | None = None)
             build = cpu_kernel_build()
             if build.error:
                 return unavailable(build.error)
-            detail = f"{build.isa} build of the CPU kernels (torch CPU capability {build.capability})"
+            detail = f"{build.isa} build, torch CPU capability {build.capability}"
         key = "CPU" if name == "cpp" else "CUDA"
         if not _has_kernel(f"mpdistil_C::{op}_fwd", key):
             hint = " (rebuild with a CUDA torch and nvcc, MPDISTIL_BUILD_CUDA=1)" if name == "cuda" else ""
@@ -206,3 +209,31 @@ def resolve_backend(requested: str, op: str, device: torch.device,
     if not status.available:
         raise ValueError(f"backend {requested!r} cannot run {op} here: {status.reason}")
     return requested
+
+
+def auto_backends(device: torch.device | str) -> dict[str, str]:
+    """What ``backend="auto"`` (or ``MPDISTIL_BACKEND``) runs for each of :data:`FUSED_OPS` on ``device``, with the
+    build where it matters, e.g. ``{"kd_kl_div": "cpp (avx512 build of the CPU kernels ...)", ...}``."""
+    device = torch.device(device)
+    chosen = {}
+    for op in FUSED_OPS:
+        name = resolve_backend("auto", op, device)
+        detail = backend_status(name, op, device).detail
+        chosen[op] = f"{name} ({detail})" if detail else name
+    return chosen
+
+
+def machine_name(device: torch.device | str = "cpu") -> str:
+    """Human name of the machine a number came from: the GPU's name, or the CPU model and torch's thread count."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model} ({torch.get_num_threads()} threads)"

@@ -43,6 +43,11 @@ def test_distill_smoke_every_method(method, tmp_path, teacher_dir, data_dir, cap
     assert {"accuracy", "macro_f1", "main"} <= set(report["tasks"]["cb"]["student_final"])
     for name in ("report.md", "curves.png", "metrics.jsonl"):
         assert (run / name).is_file(), name
+    # what ran where: one CPU process, the fused C++ kernels for every op ("auto" on CPU)
+    environment = report["environment"]
+    assert environment["device"] == "cpu" and environment["world_size"] == 1 and environment["runtime"] == "local"
+    assert all(backend.startswith("cpp (") for backend in environment["fused_kernels"].values())
+    assert "## Environment" in (run / "report.md").read_text()
     assert list((run / "checkpoints").iterdir())
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert lines and all("stage" in line for line in lines)

@@ -334,6 +334,7 @@ def test_two_ranks_run_with_the_shipped_configs(tmp_path, data_dir, method, stag
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert set(report["tasks"]) == {"cb", "rte"}
     assert ("meta_teacher" if method == "mpdistil" else "teacher_final") in report["tasks"]["rte"]
+    assert report["environment"]["world_size"] == 2 and report["environment"]["runtime"] == "deepspeed"
 
 
 @pytest.mark.slow

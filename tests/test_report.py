@@ -23,6 +23,9 @@ REPORT = {
                "actions": [(0, {"cb": 3, "rte": 1}), (1, {"cb": 1, "rte": 3}), (2, {"rte": 4})]},
     "config": {"method": "mpdistil"},
     "data_source": {"cb": "local ../shared/data"},
+    "environment": {"torch": "2.13.0+cpu", "machine": "AMD EPYC (2 threads)", "device": "cpu", "runtime": "local",
+                    "world_size": 1, "fused_kernels": {"kd_kl_div": "cpp (avx512 build, torch CPU capability AVX512)",
+                                                       "hidden_mse": "torch"}},
 }
 
 
@@ -36,6 +39,9 @@ def test_write_report_outputs(tmp_path):
     assert "| average (main) | 73.4 | - | - | 56.2 |" in markdown
     assert "| stage1_teacher | 12.5 |" in markdown and "local ../shared/data" in markdown
     assert markdown.startswith("# mpdistil run report")
+    assert markdown.endswith("## Environment\n\n- torch 2.13.0+cpu on AMD EPYC (2 threads), device cpu, 1 process "
+                             "(local runtime)\n- kd_kl_div kernels: cpp (avx512 build, torch CPU capability AVX512)\n"
+                             "- hidden_mse kernels: torch\n")
     png = (tmp_path / "out" / "curves.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["curves.png", "report.json", "report.md"]

@@ -8,7 +8,9 @@
      "curves":  {"quiz":    [(step, task, value), ...],      # quiz metric over curriculum / training steps
                  "reward":  [(episode, value), ...],         # MPDistil's episode reward
                  "actions": [(episode, {task: count}), ...]},  # the policy's action distribution per episode
-     "config":  {...}, "data_source": {task: str}}     # further keys are kept in report.json
+     "config":  {...}, "data_source": {task: str},
+     "environment": {"torch", "machine", "device", "runtime", "world_size",
+                     "fused_kernels": {op: backend "auto" chose}}}    # further keys are kept in report.json
 """
 from __future__ import annotations
 
@@ -56,7 +58,7 @@ def format_results_table(report: dict[str, Any]) -> str:
 
 
 def format_report_markdown(report: dict[str, Any]) -> str:
-    """``report.md``: results table, timings and data provenance."""
+    """``report.md``: results table, timings, data provenance and the environment."""
     method = (report.get("config") or {}).get("method")
     parts = [f"# {method} run report" if method else "# Run report", "",
              "Metrics on each task's validation split (the reported split; never used for model selection), "
@@ -68,6 +70,14 @@ def format_report_markdown(report: dict[str, Any]) -> str:
     sources = report.get("data_source") or {}
     if sources:
         parts += ["", "## Data", ""] + [f"- {task}: {source}" for task, source in sources.items()]
+    environment = report.get("environment") or {}
+    if environment:
+        processes = environment.get("world_size", 1)
+        parts += ["", "## Environment", "",
+                  f"- torch {environment.get('torch', '?')} on {environment.get('machine', '?')}, device "
+                  f"{environment.get('device', '?')}, {processes} process{'es' if processes != 1 else ''} "
+                  f"({environment.get('runtime', '?')} runtime)"]
+        parts += [f"- {op} kernels: {backend}" for op, backend in (environment.get("fused_kernels") or {}).items()]
     return "\n".join(parts) + "\n"
 
 

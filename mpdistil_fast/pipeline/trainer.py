@@ -496,4 +496,13 @@ class Run:
             timings["teacher_cache_saved"] = round(self.cache.seconds_saved, 3)
         return {"tasks": copy.deepcopy(self.state["results"]), "timings": timings,
                 "curves": copy.deepcopy(self.state["curves"]), "config": self.config.to_dict(),
-                "data_source": dict(self.data_source)}
+                "data_source": dict(self.data_source), "environment": self.environment()}
+
+    def environment(self) -> dict[str, Any]:
+        """What the run ran on: torch, the machine, the processes, and the fused kernels ``"auto"`` chose."""
+        from mpdistil_fast.backends import auto_backends, machine_name
+
+        device = self.runtime.device
+        return {"torch": torch.__version__, "machine": machine_name(device), "device": str(device),
+                "runtime": self.config.runtime.kind, "world_size": self.runtime.world_size,
+                "fused_kernels": auto_backends(device)}
