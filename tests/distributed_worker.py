@@ -2,11 +2,13 @@
 student optimizer's state as ZeRO partitions it, assembled whole for the pilot step."""
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
 from mpdistil_fast.distributed import LocalRuntime
-from mpdistil_fast.distributed.deepspeed_runtime import DeepSpeedRuntime, load_deepspeed_config
+from mpdistil_fast.distributed.deepspeed_runtime import DeepSpeedRuntime, ZeroOptimizerState, load_deepspeed_config
 from mpdistil_fast.distributed.runtime import OptimizerSpec
 
 
@@ -34,13 +36,40 @@ def check_optimizer_state(runtime: DeepSpeedRuntime, config: dict, tolerance: fl
         trained.step()
         expected.backward(reference(inputs).pow(2).sum(1).mean())
         expected.step()
-    for (name, param), ref in zip(model.named_parameters(), reference.parameters()):
-        state, ref_state = view.state(param), expected_view.state(ref)
-        assert int(state["step"]) == int(ref_state["step"]) == 2, name
-        for key in ("exp_avg", "exp_avg_sq"):
-            torch.testing.assert_close(state[key], ref_state[key], rtol=tolerance, atol=tolerance * 1e-3)
-        for key in ("lr", "betas", "eps", "weight_decay"):
-            assert view.group(param)[key] == expected_view.group(ref)[key], (name, key)
+    views = [view]
+    if isinstance(view, ZeroOptimizerState):  # ZeRO 1/2: one all-reduce per bucket of parameters, any bucket size
+        views.append(ZeroOptimizerState(trained.engine, bucket_elements=30))
+    for view in views:
+        with counted_all_reduces() as count:
+            for (name, param), ref in zip(model.named_parameters(), reference.parameters()):
+                state, ref_state = view.state(param), expected_view.state(ref)
+                assert int(state["step"]) == int(ref_state["step"]) == 2, name
+                for key in ("exp_avg", "exp_avg_sq"):
+                    torch.testing.assert_close(state[key], ref_state[key], rtol=tolerance, atol=tolerance * 1e-3)
+                for key in ("lr", "betas", "eps", "weight_decay"):
+                    assert view.group(param)[key] == expected_view.group(ref)[key], (name, key)
+        if isinstance(view, ZeroOptimizerState):
+            # 35 + 7 + 7 + 7 + 21 + 3 elements: the default bucket holds them all; buckets of 30 split them as
+            # [35], [7, 7, 7], [21, 3]
+            assert count == [1 if view is views[0] else 3], count
+
+
+@contextmanager
+def counted_all_reduces():
+    """[number of deepspeed.comm.all_reduce calls] made inside the block."""
+    from deepspeed import comm
+
+    count, original = [0], comm.all_reduce
+
+    def counting(*args, **kwargs):
+        count[0] += 1
+        return original(*args, **kwargs)
+
+    comm.all_reduce = counting
+    try:
+        yield count
+    finally:
+        comm.all_reduce = original
 
 
 def main() -> None:

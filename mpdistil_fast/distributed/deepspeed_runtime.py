@@ -105,10 +105,17 @@ def retire(engine: Any) -> None:
 class ZeroOptimizerState:
     """:class:`~mpdistil_fast.bilevel.inner_update.OptimizerState` of a DeepSpeed engine's optimizer: the torch
     optimizer the YAML asked for, whose state ZeRO 1/2 (or the bf16 optimizer) partitions over the ranks as flat
-    fp32 fragments; :meth:`state` assembles one parameter's state whole with DeepSpeed's tensor-fragment API (an
-    all-reduce per state tensor, so every rank calls it for the same parameters in the same order)."""
+    fp32 fragments.  :meth:`state` assembles parameters' states whole from those fragments (DeepSpeed's
+    tensor-fragment mapping) a bucket at a time: the parameter asked for and the ones after it in the module's
+    order, up to ``bucket_elements`` elements, in one all-reduce for all their state tensors (DeepSpeed's
+    ``safe_get_full_optimizer_state`` takes one per tensor and key: two per student tensor for AdamW).  So every rank
+    must ask for the same parameters in the same order, as the pilot step does; a bucket is held until each of its
+    parameters was asked for once, or another bucket is needed."""
 
-    def __init__(self, engine: Any) -> None:
+    #: The per-parameter state tensors of torch's SGD / Adam / AdamW.
+    STATE_KEYS = ("exp_avg", "exp_avg_sq", "momentum_buffer")
+
+    def __init__(self, engine: Any, bucket_elements: int = 1 << 25) -> None:
         self.optimizer = engine.optimizer
         groups = getattr(self.optimizer, "bit16_groups", None) or getattr(self.optimizer, "bf16_groups", None)
         flat = (getattr(self.optimizer, "single_partition_of_fp32_groups", None)
@@ -117,9 +124,16 @@ class ZeroOptimizerState:
             raise TypeError(f"the student's DeepSpeed optimizer ({type(self.optimizer).__name__}) does not expose "
                             "its state to the pilot step's experimental update: train the student with ZeRO stage "
                             "1 or 2 (or stage 0 in fp32)")
+        if bucket_elements < 1:
+            raise ValueError(f"bucket_elements must be at least 1, got {bucket_elements}")
         self.kind = TorchOptimizerState(self.optimizer.optimizer).kind
         self._flat = flat
         self._group_index = {id(p): i for i, group in enumerate(groups) for p in group}
+        # the module's order, which the pilot step reads the student's parameters in
+        self._order = [p for p in engine.module.parameters() if id(p) in self._group_index]
+        self._position = {id(p): i for i, p in enumerate(self._order)}
+        self._bucket_elements = bucket_elements
+        self._assembled: dict[int, dict[str, torch.Tensor]] = {}
 
     def _index(self, parameter: torch.Tensor) -> int:
         index = self._group_index.get(id(parameter))
@@ -131,21 +145,47 @@ class ZeroOptimizerState:
         return self.optimizer.param_groups[self._index(parameter)]
 
     def state(self, parameter: torch.Tensor) -> dict[str, Any]:
-        from deepspeed.utils import safe_get_full_optimizer_state
-        from deepspeed.utils.mixed_precision_linkage import lazy_init_hp_params_optimizer_state
-
         states = self.optimizer.optimizer.state
         flat = self._flat[self._index(parameter)]
         if flat not in states:  # before the first step the state does not exist yet (as in torch)
             return {}
-        # (re)link the parameter's fragment to its group's state: DeepSpeed links them once, after the first
-        # group's first step (later groups stay unlinked), and a checkpoint load replaces the state's tensors
-        lazy_init_hp_params_optimizer_state([parameter], flat, states)
-        state = {"step": states[flat]["step"]}
-        for key in ("exp_avg", "exp_avg_sq", "momentum_buffer"):
-            if key in states[flat]:
-                state[key] = safe_get_full_optimizer_state(parameter, key)
-        return state
+        if id(parameter) not in self._assembled:
+            self._assemble_bucket(parameter)
+        return {"step": states[flat]["step"], **self._assembled.pop(id(parameter))}
+
+    def _assemble_bucket(self, first: torch.Tensor) -> None:
+        """The whole state of ``first`` and the parameters after it, in one all-reduce of their fragments."""
+        from deepspeed import comm
+        from deepspeed.utils.mixed_precision_linkage import lazy_init_hp_params_optimizer_state
+
+        states = self.optimizer.optimizer.state
+        keys = [key for key in self.STATE_KEYS if key in states[self._flat[self._index(first)]]]
+        bucket, elements = [], 0
+        for parameter in self._order[self._position[id(first)]:]:
+            if bucket and elements + parameter.numel() > self._bucket_elements:
+                break
+            flat = self._flat[self._index(parameter)]
+            # (re)link the parameter's fragment to its group's state: DeepSpeed links them once, after the first
+            # group's first step (later groups stay unlinked), and a checkpoint load replaces the state's tensors
+            lazy_init_hp_params_optimizer_state([parameter], flat, states)
+            bucket.append(parameter)
+            elements += parameter.numel()
+        buffer = torch.zeros(len(keys), elements, dtype=torch.float32, device=first.device)
+        offset = 0
+        for parameter in bucket:  # this rank's fragment of each, zeros elsewhere: the sum over ranks is the whole
+            mapping = parameter._hp_mapping
+            if mapping is not None:
+                address = mapping.lp_fragment_address
+                for row, key in enumerate(keys):
+                    buffer[row].narrow(0, offset + address.start, address.numel).copy_(mapping.get_hp_fragment(key))
+            offset += parameter.numel()
+        comm.all_reduce(buffer, group=first._dp_group)
+        self._assembled.clear()
+        offset = 0
+        for parameter in bucket:
+            self._assembled[id(parameter)] = {key: buffer[row].narrow(0, offset, parameter.numel()).view(parameter.shape)
+                                              for row, key in enumerate(keys)}
+            offset += parameter.numel()
 
 
 @dataclass
