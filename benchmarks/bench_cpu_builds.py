@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import harness  # noqa: E402
@@ -105,10 +106,9 @@ def main() -> None:
         raise SystemExit(f"no avx2/avx512 CPU kernel build runs here (capability {capability}, built: "
                          f"{', '.join(backends.built_cpu_kernels()) or 'none'})")
     reports: dict[str, list[dict]] = {isa: [] for isa in runnable}
-    for round_index in range(args.rounds):
-        order = runnable if round_index % 2 == 0 else runnable[::-1]
-        for isa in order:
-            reports[isa].append(run_worker(isa, args.quick, args.reps))
+    schedule = [isa for round_index in range(args.rounds) for isa in (runnable[::-1] if round_index % 2 else runnable)]
+    for isa in tqdm(schedule, desc="workers", unit="worker"):
+        reports[isa].append(run_worker(isa, args.quick, args.reps))
     labels = list(reports[runnable[0]][0]["samples"])
     widest = runnable[0]
     rows = []
