@@ -133,3 +133,9 @@ def test_a_cpu_kernel_library_that_does_not_load_is_explained(monkeypatch, tmp_p
         assert not build.isa and "_cpu_avx2.so could not be loaded" in build.error and "rebuild" in build.error
     finally:
         backends.cpu_kernel_build.cache_clear()
+
+
+def test_debug_information_only_when_asked(monkeypatch):
+    assert all("-g0" in flags for flags in extensions(monkeypatch, None).values())
+    monkeypatch.setenv("MPDISTIL_DEBUG_INFO", "1")
+    assert not any("-g0" in flags for flags in extensions(monkeypatch, None).values())
