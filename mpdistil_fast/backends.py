@@ -237,3 +237,33 @@ def machine_name(device: torch.device | str = "cpu") -> str:
     except OSError:
         pass
     return f"{model} ({torch.get_num_threads()} threads)"
+
+
+def environment_lines(device: torch.device | str) -> list[str]:
+    """What can run here, for ``mpdistil-fast env`` and bug reports (after xformers' ``python -m xformers.info``):
+    torch and the machine, the CPU kernel builds, the related packages, and every backend of every fused op with
+    the reason when it cannot run."""
+    from importlib import metadata
+
+    device = torch.device(device)
+    build = cpu_kernel_build()
+    built = ", ".join(built_cpu_kernels()) or "none"
+
+    def version(package: str) -> str:
+        try:
+            return metadata.version(package)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    lines = [f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'}) on {machine_name(device)}; "
+             f"device {device}",
+             f"CPU kernels: built {built}; loaded {build.isa or 'none'} (torch CPU capability {build.capability})"
+             + (f": {build.error}" if build.error else ""),
+             "packages: " + ", ".join(f"{name} {version(name)}" for name in ("triton", "deepspeed", "transformers"))]
+    for op in FUSED_OPS:
+        lines.append(f"{op}: auto -> {resolve_backend('auto', op, device)}")
+        for name, status in available_backends(op, device).items():
+            state = (f"available ({status.detail})" if status.detail else "available") if status.available \
+                else f"unavailable: {status.reason}"
+            lines.append(f"  {name}: {state}")
+    return lines

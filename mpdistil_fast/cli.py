@@ -1,5 +1,5 @@
-"""Command line: ``mpdistil-fast distill --config FILE [--set key=value [key=value ...]] [--resume]`` and
-``mpdistil-fast evaluate --checkpoint DIR``.
+"""Command line: ``mpdistil-fast distill --config FILE [--set key=value [key=value ...]] [--resume]``,
+``mpdistil-fast evaluate --checkpoint DIR`` and ``mpdistil-fast env [--device cpu|cuda]`` (what can run here).
 
 Several processes (``runtime.kind: deepspeed``): ``torchrun --nproc_per_node=N -m mpdistil_fast.cli distill ...``
 or ``deepspeed --num_gpus N --module mpdistil_fast.cli distill ...``; ranks other than 0 log warnings only.
@@ -36,6 +36,9 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--checkpoint", required=True,
                           help="a checkpoint folder, or a run's output_dir (its newest checkpoint)")
     evaluate.add_argument("--data-dir", help="folder of the official data files (default: the checkpoint's)")
+    env = commands.add_parser("env", help="torch, the machine, the kernel builds and which backend of each fused "
+                                          "op can run here (and why not)")
+    env.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
     return parser
 
 
@@ -85,11 +88,24 @@ def evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def env(args: argparse.Namespace) -> int:
+    import torch
+
+    from mpdistil_fast.backends import environment_lines
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        print("mpdistil-fast: --device cuda, but torch sees no CUDA device", file=sys.stderr)
+        return 2
+    print("\n".join(environment_lines(device)))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _setup_logging(getattr(args, "quiet", False) or os.environ.get("RANK", "0") != "0")
     try:
-        return {"distill": distill, "evaluate": evaluate}[args.command](args)
+        return {"distill": distill, "evaluate": evaluate, "env": env}[args.command](args)
     except ConfigError as exc:
         print(f"mpdistil-fast: config error: {exc}", file=sys.stderr)
         return 2

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from mpdistil_fast.cli import main
 from pipeline_helpers import make_tiny_teacher, restore_torch_threads, write_config  # noqa: F401 (fixture)
@@ -79,3 +80,18 @@ def test_console_script_is_installed():
     result = subprocess.run([sys.executable, "-m", "mpdistil_fast.cli", "distill", "--help"], env=env,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "--resume" in result.stdout and "--set" in result.stdout
+
+
+def test_env_says_what_runs_here_and_why_not(capsys):
+    from mpdistil_fast import backends
+
+    assert main(["env", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    build = backends.cpu_kernel_build()
+    assert f"loaded {build.isa} (torch CPU capability {build.capability})" in out
+    for op in backends.FUSED_OPS:
+        assert f"{op}: auto -> cpp\n  torch: available\n  cpp: available ({build.isa} build" in out
+    assert "  cuda: unavailable: cuda runs on cuda tensors" in out
+    if not torch.cuda.is_available():
+        assert main(["env", "--device", "cuda"]) == 2
+        assert "no CUDA device" in capsys.readouterr().err
