@@ -236,7 +236,8 @@ def machine_name(device: torch.device | str = "cpu") -> str:
                 break
     except OSError:
         pass
-    return f"{model} ({torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    return f"{model} ({threads} thread{'' if threads == 1 else 's'})"
 
 
 def environment_lines(device: torch.device | str) -> list[str]:

@@ -139,3 +139,9 @@ def test_debug_information_only_when_asked(monkeypatch):
     assert all("-g0" in flags for flags in extensions(monkeypatch, None).values())
     monkeypatch.setenv("MPDISTIL_DEBUG_INFO", "1")
     assert not any("-g0" in flags for flags in extensions(monkeypatch, None).values())
+
+
+@pytest.mark.parametrize("threads, words", [(1, "(1 thread)"), (2, "(2 threads)")])
+def test_machine_name_says_the_threads(monkeypatch, threads, words):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    assert backends.machine_name("cpu").endswith(words)
