@@ -110,7 +110,7 @@ class ZeroOptimizerState:
     order, up to ``bucket_elements`` elements, in one all-reduce for all their state tensors (DeepSpeed's
     ``safe_get_full_optimizer_state`` takes one per tensor and key: two per student tensor for AdamW).  So every rank
     must ask for the same parameters in the same order, as the pilot step does; a bucket is held until each of its
-    parameters was asked for once, or another bucket is needed."""
+    parameters was asked for once, another bucket is needed, or the optimizer stepped."""
 
     #: The per-parameter state tensors of torch's SGD / Adam / AdamW.
     STATE_KEYS = ("exp_avg", "exp_avg_sq", "momentum_buffer")
@@ -134,6 +134,7 @@ class ZeroOptimizerState:
         self._position = {id(p): i for i, p in enumerate(self._order)}
         self._bucket_elements = bucket_elements
         self._assembled: dict[int, dict[str, torch.Tensor]] = {}
+        self._assembled_at: float | None = None  # the optimizer step the bucket was assembled at
 
     def _index(self, parameter: torch.Tensor) -> int:
         index = self._group_index.get(id(parameter))
@@ -149,9 +150,11 @@ class ZeroOptimizerState:
         flat = self._flat[self._index(parameter)]
         if flat not in states:  # before the first step the state does not exist yet (as in torch)
             return {}
-        if id(parameter) not in self._assembled:
+        step = states[flat]["step"]
+        if id(parameter) not in self._assembled or self._assembled_at != float(step):  # a bucket of an older step
             self._assemble_bucket(parameter)
-        return {"step": states[flat]["step"], **self._assembled.pop(id(parameter))}
+            self._assembled_at = float(step)
+        return {"step": step, **self._assembled.pop(id(parameter))}
 
     def _assemble_bucket(self, first: torch.Tensor) -> None:
         """The whole state of ``first`` and the parameters after it, in one all-reduce of their fragments."""
