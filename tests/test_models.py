@@ -1,6 +1,8 @@
 """Backbones (BERT, DeBERTa-v2, OPT, Llama, the packaged MiniLM), pooling, multi-task heads and truncated students."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -91,6 +93,33 @@ def test_task_model_uses_token_types_and_pooler_for_bert():
         TaskModel(tiny_backbone("llama", hidden_size=16, vocab_size=VOCAB), ["rte"], pooling="pooler")
     with pytest.raises(ValueError, match="pooling"):
         TaskModel(tiny_backbone("bert", hidden_size=16, vocab_size=VOCAB), ["rte"], pooling="first")
+
+
+def test_task_model_drops_the_pooler_it_does_not_pool_with():
+    """With ``cls`` pooling BERT's pooler reaches no loss: it is removed (no dead parameters for an optimizer to
+    decay), and the outputs are those of the backbone with its pooler."""
+    backbone = tiny_backbone("bert", hidden_size=16, vocab_size=VOCAB)
+    with_pooler = copy.deepcopy(backbone)
+    model = TaskModel(backbone, ["rte"], pooling="cls").eval()
+    assert model.backbone.pooler is None and not [n for n, _ in model.named_parameters() if "pooler" in n]
+    ids, mask = _inputs(2, 6, [6, 4])
+    states = with_pooler.eval()(input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(model(ids, mask, task="rte").pooled, states[:, 0], rtol=0, atol=0)
+
+
+def test_a_pooler_student_of_a_cls_teacher_loads_its_pooler(tmp_path, data_dir):
+    """The teacher dropped its pooler (it pools the CLS state); a student that pools with the pooler gets the
+    pretrained one, loaded afresh with the layers it keeps."""
+    from mpdistil_fast.pipeline.config import load_config
+    from mpdistil_fast.pipeline.trainer import Run
+    from pipeline_helpers import make_tiny_teacher, write_config
+
+    path = write_config(tmp_path / "c.yaml", make_tiny_teacher(tmp_path / "teacher"), data_dir, tmp_path / "run", "kd",
+                        student={"pooling": "pooler"})
+    run = Run(load_config(path))
+    assert run.teacher.backbone.pooler is None and run.student.backbone.pooler is not None
+    pretrained = tiny_backbone("bert", hidden_size=32, num_layers=4, seed=0).pooler.dense.weight
+    assert torch.equal(run.student.backbone.pooler.dense.weight, pretrained)
 
 
 @pytest.mark.parametrize("kind", ["bert", "deberta-v2", "opt", "llama"])

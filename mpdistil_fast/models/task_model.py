@@ -72,7 +72,11 @@ def _head_dropout(config) -> float:
 
 
 class TaskModel(nn.Module):
-    """``backbone`` (a Hugging Face ``AutoModel``) + pooling + one head per task."""
+    """``backbone`` (a Hugging Face ``AutoModel``) + pooling + one head per task.
+
+    Unless ``pooling`` is ``"pooler"``, the backbone's own pooler (BERT's, RoBERTa's) is removed from it: no loss
+    reaches its parameters, and dead weights would still cost its forward, and be decayed by an optimizer that hands
+    every parameter a gradient (DeepSpeed's, see :mod:`mpdistil_fast.distributed.unused_groups`)."""
 
     def __init__(self, backbone: nn.Module, tasks: dict[str, TaskSpec] | list[str] | tuple[str, ...],
                  pooling: str = "cls") -> None:
@@ -84,6 +88,8 @@ class TaskModel(nn.Module):
         if pooling == "pooler" and getattr(backbone, "pooler", None) is None:
             raise ValueError(f"pooling 'pooler' needs a backbone with a pooler; {type(backbone).__name__} has none "
                              "(use 'cls', 'mean' or 'last')")
+        if pooling != "pooler" and getattr(backbone, "pooler", None) is not None:
+            backbone.pooler = None
         self.backbone = backbone
         self.specs = specs
         self.hidden_size = int(backbone.config.hidden_size)

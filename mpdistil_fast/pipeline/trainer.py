@@ -166,9 +166,11 @@ class Run:
         def build_student() -> TaskModel:
             if c.student.model is not None:
                 backbone = load_backbone(c.student.model, attn_implementation=c.student.attn_implementation)
-            elif teacher is not None and not is_partitioned(teacher):
+            elif teacher is not None and not is_partitioned(teacher) and (
+                    c.student.pooling != "pooler" or teacher.backbone.pooler is not None):
                 backbone = truncated_copy(teacher.backbone, c.student.num_layers)
-            else:  # no teacher, or a ZeRO-3 teacher whose parameters are partitioned: load the layers afresh
+            else:  # no teacher, a ZeRO-3 teacher whose parameters are partitioned, or a student that pools with the
+                # pooler the teacher dropped (it pools otherwise): load the layers afresh
                 with torch.random.fork_rng(devices=[]) if teacher is not None else nullcontext():
                     backbone = truncated_copy(load_backbone(self.teacher_path,
                                                             attn_implementation=c.student.attn_implementation),
