@@ -1,5 +1,6 @@
-"""Run by ``torchrun`` from tests/test_distributed.py: the DeepSpeed runtime's collectives on real ranks, and the
-student optimizer's state as ZeRO partitions it, assembled whole for the pilot step."""
+"""Run by ``torchrun`` from tests/test_distributed.py: the DeepSpeed runtime's collectives on real ranks, the
+student optimizer's state as ZeRO partitions it, assembled whole for the pilot step, and task heads that a step does
+not use left alone by every ZeRO stage, as torch's AdamW leaves them."""
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -67,6 +68,64 @@ def check_optimizer_state(runtime: DeepSpeedRuntime, config: dict, tolerance: fl
                 torch.testing.assert_close(state[key], ref_state[key], rtol=tolerance, atol=tolerance * 1e-3)
 
 
+class TwoHeads(nn.Module):
+    """A trunk and one head per task (like :class:`~mpdistil_fast.models.TaskModel`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.trunk = nn.Sequential(nn.Linear(5, 7), nn.LayerNorm(7))
+        self.heads = nn.ModuleDict({"a": nn.Linear(7, 3), "b": nn.Linear(7, 2)})
+
+    def forward(self, inputs: torch.Tensor, task: str) -> torch.Tensor:
+        return self.heads[task](self.trunk(inputs))
+
+
+def group_steps(trained) -> list[int]:
+    """The step count of each parameter group of the torch AdamW inside a DeepSpeed engine."""
+    inner = trained.guard.optimizer
+    flats = (getattr(trained.engine.optimizer, "fp32_partitioned_groups_flat", None)  # ZeRO-3 swaps them in
+             or [group["params"][0] for group in inner.param_groups])
+    return [int(inner.state[flat]["step"]) if flat in inner.state else 0 for flat in flats]
+
+
+def check_unused_heads(runtime: DeepSpeedRuntime, config: dict, role: str, tolerance: tuple[float, float]) -> None:
+    """Steps on task a, a, b, a: head b stays exactly as built through the first two (no momentum, no weight decay),
+    each group counts only the steps that used it, and every weight follows a torch AdamW in one process, whose
+    state is per parameter (ZeRO-3 would also clip with a norm that counts head a's stale gradient in step 3, and
+    head b's in step 4)."""
+    runtime.configs[role] = load_deepspeed_config(config, name=role)
+    spec = OptimizerSpec(lr=1e-2, total_steps=10, weight_decay=0.1)
+    model, reference = TwoHeads(), TwoHeads()
+    trained = runtime.train(model, spec, role=role)
+    expected = LocalRuntime("cpu").train(reference, spec, role=role)
+    inputs = torch.randn(4, 5, generator=torch.Generator().manual_seed(2))
+    # groups: trunk (decayed, not decayed), head a (weight, bias), head b (weight, bias)
+    steps = [[1, 1, 1, 1, 0, 0], [2, 2, 2, 2, 0, 0], [3, 3, 2, 2, 1, 1], [4, 4, 3, 3, 1, 1]]
+    for step, task in enumerate("aaba"):
+        with runtime.gathered(model):
+            dtype = next(model.parameters()).dtype
+        trained.backward(model(runtime.local_rows({"input_ids": inputs})["input_ids"].to(dtype), task).float()
+                         .pow(2).sum(1).mean())
+        trained.step()
+        expected.backward(reference(inputs, task).pow(2).sum(1).mean())
+        expected.step()
+        assert group_steps(trained) == steps[step], (config, step, group_steps(trained))
+        with runtime.gathered(model):
+            for (name, param), ref in zip(model.named_parameters(), reference.parameters()):
+                if step < 2 and name.startswith("heads.b."):
+                    assert torch.equal(param, TwoHeads().get_parameter(name).to(param.dtype)), (config, name)
+                torch.testing.assert_close(param.float(), ref, rtol=tolerance[0], atol=tolerance[1],
+                                           msg=lambda text, name=name: f"{config} step {step} {name}: {text}")
+    if role == "student":  # the pilot step's view of the state: each head's own step count and moments
+        view, expected_view = trained.optimizer_state(), expected.optimizer_state()
+        for (name, param), ref in zip(model.named_parameters(), reference.parameters()):
+            state, ref_state = view.state(param), expected_view.state(ref)
+            assert int(state["step"]) == int(ref_state["step"]), (config, name)
+            for key in ("exp_avg", "exp_avg_sq"):
+                torch.testing.assert_close(state[key], ref_state[key], rtol=tolerance[0] * 10, atol=tolerance[1])
+
+
 @contextmanager
 def counted_all_reduces():
     """[number of deepspeed.comm.all_reduce calls] made inside the block."""
@@ -104,6 +163,12 @@ def main() -> None:
         check_optimizer_state(runtime, {"zero_optimization": {"stage": stage}}, 1e-5)
     for stage in (1, 2):
         check_optimizer_state(runtime, {"zero_optimization": {"stage": stage}, "bf16": {"enabled": True}}, 5e-2)
+    for stage in (0, 1, 2, 3):
+        role = "teacher" if stage == 3 else "student"
+        check_unused_heads(runtime, {"zero_optimization": {"stage": stage}}, role, (1e-5, 1e-6))
+        if stage:  # (ZeRO-0's bf16 optimizer counts one step more than torch from its construction on)
+            check_unused_heads(runtime, {"zero_optimization": {"stage": stage}, "bf16": {"enabled": True}}, role,
+                               (5e-2, 2e-2))
     runtime.barrier()
     print(f"rank {runtime.rank} of {runtime.world_size}: collectives ok")
 

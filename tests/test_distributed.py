@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -84,6 +85,123 @@ def test_cli_accepts_the_deepspeed_launcher_s_local_rank():
     for flag in ("--local_rank=1", "--local-rank=1"):  # where `deepspeed --module` puts it: before the command
         args = _parser().parse_args([flag, "distill", "--config", "c.yaml"])
         assert (args.local_rank, args.command, args.config) == (1, "distill", "c.yaml")
+
+
+# ----------------------------------------------------------------------------------------------- unused task heads
+
+class Heads(torch.nn.Module):
+    """A trunk (nested in a ModuleDict, like the student inside its objective) and one head per task."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.parts = torch.nn.ModuleDict({"trunk": torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.LayerNorm(6)),
+                                          "heads": torch.nn.ModuleDict({"a": torch.nn.Linear(6, 3),
+                                                                        "b": torch.nn.Linear(6, 2)})})
+
+    def forward(self, x, task):
+        return self.parts["heads"][task](self.parts["trunk"](x))
+
+
+def test_parameter_groups_give_each_module_dict_entry_its_own():
+    from mpdistil_fast.distributed.runtime import parameter_groups
+
+    model = Heads()
+    groups = parameter_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert [([names[id(p)] for p in g["params"]], g["weight_decay"]) for g in groups] == [
+        (["parts.trunk.0.weight"], 0.1), (["parts.trunk.0.bias", "parts.trunk.1.weight", "parts.trunk.1.bias"], 0.0),
+        (["parts.heads.a.weight"], 0.1), (["parts.heads.a.bias"], 0.0),
+        (["parts.heads.b.weight"], 0.1), (["parts.heads.b.bias"], 0.0)]
+    model.parts["trunk"][0].requires_grad_(False)  # frozen parameters are left out, and so are empty groups
+    assert [len(g["params"]) for g in parameter_groups(model, 0.1)] == [2, 1, 1, 1, 1]
+
+
+def _zero_filled_step(optimizer: torch.optim.Optimizer) -> None:
+    """A step the way a DeepSpeed engine takes it: every parameter gets a gradient, zeros where none arrived."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def test_unused_group_guard_keeps_torch_s_rule_under_zero_gradients():
+    """Steps on a, a, b, a (then a checkpoint round trip and two more): with the guard, an optimizer handed zero
+    gradients for the idle head ends bit-identical to torch's AdamW that skips it; without, the idle head moves."""
+    from mpdistil_fast.distributed.runtime import OptimizerSpec, build_optimizer
+    from mpdistil_fast.distributed.unused_groups import UnusedGroupGuard
+
+    spec = OptimizerSpec(lr=1e-2, total_steps=10, weight_decay=0.1)
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(1))
+    reference, guarded, unguarded = Heads(), Heads(), Heads()
+    optimizers = [build_optimizer(m, spec) for m in (reference, guarded, unguarded)]
+    guard = UnusedGroupGuard(optimizers[1], [g["params"] for g in optimizers[1].param_groups])
+    for task in "aaba":
+        for model in (reference, guarded, unguarded):
+            model(x, task).pow(2).sum().backward()
+        optimizers[0].step()
+        optimizers[0].zero_grad(set_to_none=True)
+        with guard.step() as skipped:
+            _zero_filled_step(optimizers[1])
+        assert skipped == ([4, 5] if task == "a" else [2, 3])
+        _zero_filled_step(optimizers[2])
+    for (name, ours), theirs in zip(guarded.named_parameters(), reference.parameters()):
+        assert torch.equal(ours, theirs), name
+    assert not torch.equal(unguarded.parts["heads"]["b"].weight, reference.parts["heads"]["b"].weight)
+    # a head that no step used yet keeps AdamW's fresh state (zeros, step 0), so checkpoints hold every group
+    fresh = Heads()
+    fresh_optimizer = build_optimizer(fresh, spec)
+    fresh_guard = UnusedGroupGuard(fresh_optimizer, [g["params"] for g in fresh_optimizer.param_groups])
+    fresh(x, "a").sum().backward()
+    with fresh_guard.step():
+        _zero_filled_step(fresh_optimizer)
+    idle = fresh_optimizer.state[fresh.parts["heads"]["b"].weight]
+    assert int(idle["step"]) == 0 and not idle["exp_avg"].any() and not idle["exp_avg_sq"].any()
+    restored = Heads()
+    restored_optimizer = build_optimizer(restored, spec)
+    restored.load_state_dict(guarded.state_dict())
+    restored_optimizer.load_state_dict(optimizers[1].state_dict())
+    restored_guard = UnusedGroupGuard(restored_optimizer, [g["params"] for g in restored_optimizer.param_groups])
+    for task in "bb":
+        for model in (reference, restored):
+            model(x, task).pow(2).sum().backward()
+        optimizers[0].step()
+        optimizers[0].zero_grad(set_to_none=True)
+        with restored_guard.step():
+            _zero_filled_step(restored_optimizer)
+    for (name, ours), theirs in zip(restored.named_parameters(), reference.parameters()):
+        assert torch.equal(ours, theirs), name
+    guard.remove()
+    guarded(x, "a").sum().backward()  # removed: nothing is recorded any more
+    with guard.step() as skipped:
+        assert skipped == list(range(6))
+    with pytest.raises(ValueError, match="groups has 1 entries for an optimizer with 6"):
+        UnusedGroupGuard(optimizers[0], [list(reference.parameters())])
+
+
+def test_unused_group_guard_warns_once_about_a_group_used_in_part():
+    from mpdistil_fast.distributed.runtime import OptimizerSpec, build_optimizer
+    from mpdistil_fast.distributed.unused_groups import UnusedGroupGuard
+
+    model = Heads()
+    model.parts["trunk"].append(torch.nn.Linear(6, 6))  # in the trunk's groups, but the forward below skips it
+    optimizer = build_optimizer(model, OptimizerSpec(lr=1e-2, total_steps=4))
+    guard = UnusedGroupGuard(optimizer, [g["params"] for g in optimizer.param_groups],
+                             names={id(p): n for n, p in model.named_parameters()})
+    x = torch.randn(3, 4)
+    for first in (True, False):
+        model.parts["heads"]["a"](model.parts["trunk"][1](model.parts["trunk"][0](x))).sum().backward()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with guard.step() as skipped:
+                _zero_filled_step(optimizer)
+        assert skipped == [4, 5]
+        assert [str(w.message).split(" in a step")[0] for w in caught] == ([
+            "no gradient reached ['parts.trunk.2.weight']", "no gradient reached ['parts.trunk.2.bias']"]
+            if first else [])
+        assert all("give them a group of their own" in str(w.message) for w in caught)
 
 
 # ----------------------------------------------------------------------------------------------- the batch split
@@ -177,17 +295,17 @@ def _torchrun(config: Path, *extra: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["zero2-teacher", "zero3-teacher"])
 def two_rank_run(request, tmp_path_factory, data_dir):
-    """The same one-task MPDistil run (teacher, PKD student, bi-level meta-teacher, curriculum) on one process and on
+    """The same two-task MPDistil run (teacher, PKD student, bi-level meta-teacher, curriculum) on one process and on
     two ranks (a ZeRO-2 student and meta-teacher; a ZeRO-2 or ZeRO-3 teacher; fp32; the teacher's outputs cached
-    in memory in one process and on disk on two ranks)."""
+    in memory in one process and on disk on two ranks).  Each step trains one task, so the other task's head (and
+    meta-teacher) must be left alone as torch's AdamW leaves it."""
     pytest.importorskip("deepspeed")
     pytest.importorskip("accelerate")  # transformers' HfDeepSpeedConfig needs it
     tmp = tmp_path_factory.mktemp(f"ds{request.param}")
     teacher = _teacher_without_dropout(tmp / "teacher")
     for stage in (2, 3):
         (tmp / f"zero{stage}.json").write_text(json.dumps({"zero_optimization": {"stage": stage}}))
-    common = {"data": {"tasks": ["rte"]}, "curriculum": {"actions": ["rte"]}, "teacher_training": {"max_steps": 3},
-              "student_training": {"max_steps": 3},
+    common = {"teacher_training": {"max_steps": 3}, "student_training": {"max_steps": 3},
               "meta_teacher": {"bilevel": True, "training": {"max_steps": 3}},
               "runtime": {"checkpoint_every": 2, "keep_checkpoints": 20}}
     local = write_config(tmp / "local.yaml", teacher, data_dir, tmp / "local", "mpdistil", **common)
@@ -204,13 +322,17 @@ def two_rank_run(request, tmp_path_factory, data_dir):
 
 
 def _assert_same_run(local_dir: Path, distributed_dir: Path, models: tuple[str, ...]) -> None:
-    """Every logged metric of the two runs agrees to 1e-5 and the final weights to 1e-3 (reduction order)."""
+    """Every logged metric of the two runs agrees to 1e-5 relative or 1e-6 absolute (the KD loss of a student close
+    to its teacher is small, and moves relatively more with the teacher logits' rounding), MetaDistil's
+    finite-difference teacher gradient norm to 1e-4 (a difference of two gradients, divided by a small step), and
+    the final weights to 1e-3 (reduction order)."""
     local, distributed = _records(local_dir), _records(distributed_dir)
     assert [(r["stage"], r["step"]) for r in local] == [(r["stage"], r["step"]) for r in distributed]
     for one, two in zip(local, distributed):
         assert set(one) - {"time"} == set(two) - {"time"}
         for key in set(one) - {"stage", "step", "time"}:
-            assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-7), (key, one, two)
+            rel = 1e-4 if key == "teacher_grad_norm" else 1e-5
+            assert two[key] == pytest.approx(one[key], rel=rel, abs=1e-6), (key, one, two)
     ours = load_checkpoint(latest_checkpoint(local_dir))[0]
     theirs = load_checkpoint(latest_checkpoint(distributed_dir))[0]
     for model in models:

@@ -38,6 +38,7 @@ from torch import nn
 from mpdistil_fast.bilevel.inner_update import OptimizerState, TorchOptimizerState
 from mpdistil_fast.distributed.runtime import (OptimizerSpec, TrainedModel, batch_to_device, build_optimizer,
                                                is_partitioned, linear_schedule, place_model, resolve_device)
+from mpdistil_fast.distributed.unused_groups import UnusedGroupGuard
 
 #: Roles whose engines read the teacher's DeepSpeed JSON; every other role (the student's stages) reads the student's.
 TEACHER_ROLES = ("teacher",)
@@ -102,6 +103,16 @@ def retire(engine: Any) -> None:
             setattr(engine, name, None)
 
 
+def clear_zero3_gradients(params: list[nn.Parameter]) -> None:
+    """Zero the local gradient partitions of ZeRO-3 parameters (which keep their last gradient through a step whose
+    backward pass did not reach them; every rank skips the same parameters, since a ZeRO-3 backward is collective)."""
+    from deepspeed.utils import safe_set_local_grad
+
+    for param in params:
+        safe_set_local_grad(param, torch.zeros(param.ds_tensor.numel(), dtype=torch.float32,
+                                               device=param.ds_tensor.device))
+
+
 class ZeroOptimizerState:
     """:class:`~mpdistil_fast.bilevel.inner_update.OptimizerState` of a DeepSpeed engine's optimizer: the torch
     optimizer the YAML asked for, whose state ZeRO 1/2 (or the bf16 optimizer) partitions over the ranks as flat
@@ -116,7 +127,7 @@ class ZeroOptimizerState:
     STATE_KEYS = ("exp_avg", "exp_avg_sq", "momentum_buffer")
 
     def __init__(self, engine: Any, bucket_elements: int = 1 << 25) -> None:
-        self.optimizer = engine.optimizer
+        self.engine, self.optimizer = engine, engine.optimizer
         groups = getattr(self.optimizer, "bit16_groups", None) or getattr(self.optimizer, "bf16_groups", None)
         flat = (getattr(self.optimizer, "single_partition_of_fp32_groups", None)
                 or getattr(self.optimizer, "fp32_groups_flat_partition", None))
@@ -134,7 +145,7 @@ class ZeroOptimizerState:
         self._position = {id(p): i for i, p in enumerate(self._order)}
         self._bucket_elements = bucket_elements
         self._assembled: dict[int, dict[str, torch.Tensor]] = {}
-        self._assembled_at: float | None = None  # the optimizer step the bucket was assembled at
+        self._assembled_at: int | None = None  # the engine's step count when the bucket was assembled
 
     def _index(self, parameter: torch.Tensor) -> int:
         index = self._group_index.get(id(parameter))
@@ -150,11 +161,11 @@ class ZeroOptimizerState:
         flat = self._flat[self._index(parameter)]
         if flat not in states:  # before the first step the state does not exist yet (as in torch)
             return {}
-        step = states[flat]["step"]
-        if id(parameter) not in self._assembled or self._assembled_at != float(step):  # a bucket of an older step
-            self._assemble_bucket(parameter)
-            self._assembled_at = float(step)
-        return {"step": step, **self._assembled.pop(id(parameter))}
+        # (the engine's count, not the group's: groups left alone by a step keep theirs, see UnusedGroupGuard)
+        if id(parameter) not in self._assembled or self._assembled_at != self.engine.global_steps:
+            self._assemble_bucket(parameter)  # not assembled yet, or before the optimizer's last step
+            self._assembled_at = self.engine.global_steps
+        return {"step": states[flat]["step"], **self._assembled.pop(id(parameter))}
 
     def _assemble_bucket(self, first: torch.Tensor) -> None:
         """The whole state of ``first`` and the parameters after it, in one all-reduce of their fragments."""
@@ -194,9 +205,11 @@ class ZeroOptimizerState:
 @dataclass
 class DeepSpeedTrainedModel(TrainedModel):
     """A :class:`TrainedModel` whose ``backward``/``step`` go through a DeepSpeed engine (gradient all-reduce or
-    reduce-scatter, clipping, the ZeRO optimizer step, the schedule)."""
+    reduce-scatter, clipping, the ZeRO optimizer step, the schedule); ``guard`` leaves the parameter groups that a
+    step did not use as torch's optimizer would (the engine hands them zero gradients)."""
 
     engine: Any = None
+    guard: UnusedGroupGuard | None = None
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
@@ -204,7 +217,8 @@ class DeepSpeedTrainedModel(TrainedModel):
     def step(self) -> float | None:
         """The engine's step (clips to gradient_clipping, steps the optimizer and the schedule, zeroes the
         gradients); returns the global gradient norm before clipping when the engine computed it."""
-        self.engine.step()
+        with self.guard.step() if self.guard is not None else nullcontext():
+            self.engine.step()
         norm = self.engine.get_global_grad_norm()
         return None if norm is None else float(norm)
 
@@ -279,6 +293,7 @@ class DeepSpeedRuntime:
             torch.cuda.set_device(self.device)
         self.batch_size = batch_size
         self._engines: dict[int, Any] = {}  # id(module) -> the engine that hooks its parameters now
+        self._guards: dict[int, UnusedGroupGuard] = {}  # id(module) -> the guard of its training engine
 
     @property
     def is_main(self) -> bool:
@@ -335,13 +350,27 @@ class DeepSpeedRuntime:
         previous = self._engines.pop(id(module), None)
         if previous is not None:
             retire(previous)
+        previous_guard = self._guards.pop(id(module), None)
+        if previous_guard is not None:
+            previous_guard.remove()
+        optimizer = build_optimizer(module, spec, params)
+        groups = [list(group["params"]) for group in optimizer.param_groups]  # before ZeRO flattens them
         # the schedule is built by the engine on the optimizer as ZeRO regrouped it (ZeRO-3 changes its groups)
         engine, engine_optimizer, _, scheduler = self._deepspeed.initialize(
-            model=module, optimizer=build_optimizer(module, spec, params),
-            lr_scheduler=lambda optimizer: linear_schedule(optimizer, spec), config=self._engine_config(role, spec),
-            dist_init_required=False)
+            model=module, optimizer=optimizer, lr_scheduler=lambda optimizer: linear_schedule(optimizer, spec),
+            config=self._engine_config(role, spec), dist_init_required=False)
         self._engines[id(module)] = engine
-        return DeepSpeedTrainedModel(engine_optimizer, scheduler, spec.max_grad_norm, engine=engine)
+        guard = UnusedGroupGuard(optimizer, groups, self._reduce_max if self.world_size > 1 else None,
+                                 clear_zero3_gradients if zero_stage(self._config_for(role)) == 3 else None,
+                                 names={id(p): name for name, p in module.named_parameters()})
+        self._guards[id(module)] = guard
+        return DeepSpeedTrainedModel(engine_optimizer, scheduler, spec.max_grad_norm, engine=engine, guard=guard)
+
+    def _reduce_max(self, tensor: torch.Tensor) -> None:
+        """``tensor`` becomes its maximum over the ranks."""
+        on_device = tensor.to(self.device)
+        torch.distributed.all_reduce(on_device, op=torch.distributed.ReduceOp.MAX)
+        tensor.copy_(on_device)
 
     def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return batch_to_device(batch, self.device)

@@ -36,13 +36,27 @@ class OptimizerSpec:
 
 
 def parameter_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Trainable parameters split so that biases and LayerNorm weights are not decayed."""
-    decay, no_decay = [], []
+    """Trainable parameters in AdamW groups: biases and LayerNorm weights are not decayed, and each entry of an
+    ``nn.ModuleDict`` (a task head, a task's meta-teacher: alternatives one step picks among) gets groups of its own,
+    apart from the rest of the model (a parameter belongs to the deepest entry it lies in).  Groups are in the
+    module's order, decayed before not decayed; empty ones are left out.
+
+    For a torch optimizer the split changes nothing (its state is per parameter); an optimizer wrapper that keeps one
+    flat state per group (DeepSpeed's ZeRO) can then leave a whole group alone on a step that did not use it
+    (:class:`~mpdistil_fast.distributed.unused_groups.UnusedGroupGuard`)."""
+    entries = [f"{name}.{key}." if name else f"{key}."
+               for name, child in module.named_modules() if isinstance(child, nn.ModuleDict) for key in child]
+    groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
     for name, param in module.named_parameters():
         if not param.requires_grad:
             continue
-        (no_decay if param.ndim < 2 or "LayerNorm" in name or "norm" in name.lower() else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        entry = max((e for e in entries if name.startswith(e)), key=len, default="")
+        decayed = not (param.ndim < 2 or "LayerNorm" in name or "norm" in name.lower())
+        groups.setdefault((entry, True), [])
+        groups.setdefault((entry, False), [])
+        groups[(entry, decayed)].append(param)
+    return [{"params": params, "weight_decay": weight_decay if decayed else 0.0}
+            for (_, decayed), params in groups.items() if params]
 
 
 def linear_schedule(optimizer: torch.optim.Optimizer, spec: OptimizerSpec) -> torch.optim.lr_scheduler.LambdaLR:
