@@ -103,20 +103,18 @@ def check_unused_heads(runtime: DeepSpeedRuntime, config: dict, role: str, toler
     # groups: trunk (decayed, not decayed), head a (weight, bias), head b (weight, bias)
     steps = [[1, 1, 1, 1, 0, 0], [2, 2, 2, 2, 0, 0], [3, 3, 2, 2, 1, 1], [4, 4, 3, 3, 1, 1]]
     for step, task in enumerate("aaba"):
-        with runtime.gathered(model):
-            dtype = next(model.parameters()).dtype
+        dtype = next(model.parameters()).dtype
         trained.backward(model(runtime.local_rows({"input_ids": inputs})["input_ids"].to(dtype), task).float()
                          .pow(2).sum(1).mean())
         trained.step()
         expected.backward(reference(inputs, task).pow(2).sum(1).mean())
         expected.step()
         assert group_steps(trained) == steps[step], (config, step, group_steps(trained))
-        with runtime.gathered(model):
-            for (name, param), ref in zip(model.named_parameters(), reference.parameters()):
-                if step < 2 and name.startswith("heads.b."):
-                    assert torch.equal(param, TwoHeads().get_parameter(name).to(param.dtype)), (config, name)
-                torch.testing.assert_close(param.float(), ref, rtol=tolerance[0], atol=tolerance[1],
-                                           msg=lambda text, name=name: f"{config} step {step} {name}: {text}")
+        for (name, param), ref in zip(runtime.read_weights(model), reference.parameters()):
+            if step < 2 and name.startswith("heads.b."):
+                assert torch.equal(param, TwoHeads().get_parameter(name).to(param.dtype)), (config, name)
+            torch.testing.assert_close(param.float(), ref, rtol=tolerance[0], atol=tolerance[1],
+                                       msg=lambda text, name=name: f"{config} step {step} {name}: {text}")
     if role == "student":  # the pilot step's view of the state: each head's own step count and moments
         view, expected_view = trained.optimizer_state(), expected.optimizer_state()
         for (name, param), ref in zip(model.named_parameters(), reference.parameters()):
@@ -124,6 +122,42 @@ def check_unused_heads(runtime: DeepSpeedRuntime, config: dict, role: str, toler
             assert int(state["step"]) == int(ref_state["step"]), (config, name)
             for key in ("exp_avg", "exp_avg_sq"):
                 torch.testing.assert_close(state[key], ref_state[key], rtol=tolerance[0] * 10, atol=tolerance[1])
+
+
+def check_weights_in_chunks(runtime: DeepSpeedRuntime) -> None:
+    """A ZeRO-3 model's weights read and written a few parameters at a time: never more than gather_elements
+    (or one larger parameter) gathered at once, the values and names of state_dict(), rank 0's writes kept."""
+    import deepspeed
+
+    runtime.configs["teacher"] = load_deepspeed_config({"zero_optimization": {"stage": 3}}, name="teacher")
+    model, reference = TwoHeads(), TwoHeads()
+    runtime.train(model, OptimizerSpec(lr=1e-2, total_steps=10), role="teacher")
+    runtime.gather_elements = 40  # in order: 35, 7 | 7, 7 | 21, 3 | 14, 2 elements
+    gathered, original = [], deepspeed.zero.GatheredParameters
+
+    def recording(params, *args, **kwargs):
+        gathered.append(sorted(p.ds_numel for p in params))
+        return original(params, *args, **kwargs)
+
+    deepspeed.zero.GatheredParameters = recording
+    try:
+        weights = {name: tensor.clone() for name, tensor in runtime.read_weights(model)}
+        assert gathered == [[35], [7, 7, 7], [2, 3, 14, 21]], gathered
+        assert list(weights) == list(reference.state_dict())
+        for name, tensor in reference.state_dict().items():
+            assert torch.equal(weights[name], tensor), name
+        changed = {name: tensor + (runtime.rank + 1) for name, tensor in weights.items()}  # rank 0's count
+        runtime.write_weights(model, changed)
+        for name, tensor in runtime.read_weights(model):
+            assert torch.equal(tensor, weights[name] + 1), name
+        try:
+            runtime.write_weights(model, {k: v for k, v in changed.items() if k != "heads.b.bias"})
+        except RuntimeError as error:
+            assert "missing ['heads.b.bias']" in str(error), error
+        else:
+            raise AssertionError("a state without heads.b.bias was written")
+    finally:
+        deepspeed.zero.GatheredParameters = original
 
 
 @contextmanager
@@ -169,6 +203,7 @@ def main() -> None:
         if stage:  # (ZeRO-0's bf16 optimizer counts one step more than torch from its construction on)
             check_unused_heads(runtime, {"zero_optimization": {"stage": stage}, "bf16": {"enabled": True}}, role,
                                (5e-2, 2e-2))
+    check_weights_in_chunks(runtime)
     runtime.barrier()
     print(f"rank {runtime.rank} of {runtime.world_size}: collectives ok")
 

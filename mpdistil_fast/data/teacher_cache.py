@@ -14,13 +14,13 @@ run (computing, or loading from disk) and that served ``r`` rows through :meth:`
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import time
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Iterable, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -46,7 +46,7 @@ class RowSharding(Protocol):
 
     def gather_rows(self, local: torch.Tensor, n: int) -> torch.Tensor: ...
 
-    def gathered(self, module: torch.nn.Module) -> AbstractContextManager: ...
+    def read_weights(self, module: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]: ...
 
     def from_main(self, value: int) -> int: ...
 
@@ -97,13 +97,16 @@ class CachedOutputs:
         return self.rows_served / len(self) * self.compute_seconds - self.obtain_seconds
 
 
-def fingerprint(teacher: torch.nn.Module, split: EncodedSplit, keep_hidden: str | None) -> str:
-    """SHA-256 of the teacher's weights, pooling and the split's tensors: equal fingerprints give equal outputs."""
+def fingerprint(teacher: torch.nn.Module, split: EncodedSplit, keep_hidden: str | None,
+                weights: Iterable[tuple[str, torch.Tensor]] | None = None) -> str:
+    """SHA-256 of the teacher's weights (``weights``: its state dict's entries, default ``teacher.state_dict()``),
+    pooling and the split's tensors: equal fingerprints give equal outputs."""
     digest = hashlib.sha256()
     digest.update(f"{split.task}|{keep_hidden}|{getattr(teacher, 'pooling', '')}".encode())
-    for name, tensor in list(teacher.state_dict().items()) + [("input_ids", split.input_ids),
-                                                              ("attention_mask", split.attention_mask),
-                                                              ("token_type_ids", split.token_type_ids)]:
+    weights = teacher.state_dict().items() if weights is None else weights
+    for name, tensor in itertools.chain(weights, [("input_ids", split.input_ids),
+                                                  ("attention_mask", split.attention_mask),
+                                                  ("token_type_ids", split.token_type_ids)]):
         digest.update(name.encode())
         digest.update(str(tuple(tensor.shape)).encode() + str(tensor.dtype).encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
@@ -121,7 +124,8 @@ class TeacherCache:
         """``sharding``: each data-parallel rank runs the teacher on its share of a split's rows and the ranks
         exchange the outputs (a run of ``W`` ranks does ``1/W`` of the teacher work per rank).  On disk the ranks
         share one ``directory`` (a filesystem every node sees): rank 0 decides whether its files are valid and
-        writes them, every rank maps them; the fingerprint reads a ZeRO-3 teacher's weights gathered."""
+        writes them, every rank maps them; the fingerprint reads a ZeRO-3 teacher's weights gathered (every rank takes
+        part)."""
         _check_batch_size(batch_size)
         self.teacher = teacher
         self.sharding = sharding
@@ -158,8 +162,8 @@ class TeacherCache:
             folder = self.directory / f"{split.task}-{split_name}" if self.directory is not None else None
             arrays, compute_seconds, print_key = None, 0.0, ""
             if folder is not None:
-                with self.sharding.gathered(self.teacher) if self.sharding is not None else nullcontext():
-                    print_key = fingerprint(self.teacher, split, self.keep_hidden)
+                print_key = fingerprint(self.teacher, split, self.keep_hidden,
+                                        None if self.sharding is None else self.sharding.read_weights(self.teacher))
                 arrays, compute_seconds = self._load(folder, print_key)
             if arrays is None:
                 if not self._shared_pass:

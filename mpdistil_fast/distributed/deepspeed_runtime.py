@@ -6,7 +6,8 @@ every rank (optimizer states, and from stage 2 gradients, are partitioned); stag
 partitions the parameters: the teacher is built inside ``transformers``' ``HfDeepSpeedConfig`` (``from_pretrained``
 loads straight into partitions), an inference engine installs the hooks that gather each layer's parameters for its
 forward, and the training engine of the teacher's fine-tuning replaces it. Reading or writing a ZeRO-3 model's
-weights (checkpoints, the best-so-far snapshot) goes through :meth:`DeepSpeedRuntime.gathered`. The training loop is
+weights (checkpoints, the best-so-far snapshot) goes through :meth:`DeepSpeedRuntime.read_weights` and
+:meth:`DeepSpeedRuntime.write_weights`, which gather its parameters a chunk at a time. The training loop is
 the one :class:`~mpdistil_fast.distributed.LocalRuntime` drives: every rank walks the same deterministic batch
 stream and takes its contiguous slice of each global batch (:meth:`DeepSpeedRuntime.local_rows`), so with
 ``data.batch_size`` divisible by the world size an optimizer step sees the same rows, and averages the same
@@ -27,10 +28,10 @@ import json
 import math
 import os
 import socket
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -294,6 +295,8 @@ class DeepSpeedRuntime:
         self.batch_size = batch_size
         self._engines: dict[int, Any] = {}  # id(module) -> the engine that hooks its parameters now
         self._guards: dict[int, UnusedGroupGuard] = {}  # id(module) -> the guard of its training engine
+        #: At most this many elements of a ZeRO-3 model's parameters are gathered at once to read or write them.
+        self.gather_elements = 1 << 27
 
     @property
     def is_main(self) -> bool:
@@ -392,12 +395,53 @@ class DeepSpeedRuntime:
         torch.distributed.all_reduce(values)
         return {k: v / self.world_size for k, v in zip(keys, values.tolist())}
 
-    def gathered(self, module: nn.Module, *, modify: bool = False) -> AbstractContextManager:
-        """Every rank: inside it a ZeRO-3 ``module``'s parameters are whole; with ``modify`` rank 0's changes are
-        partitioned back on exit (other ranks' are dropped).  Other models are whole anyway."""
+    def _gathered_chunks(self, module: nn.Module, modify: bool
+                         ) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        """A ZeRO-3 ``module``'s ``state_dict(keep_vars=True)`` entries in order, a chunk at a time: the parameters
+        in a chunk (up to ``gather_elements`` elements, or one larger parameter) are whole while it is out, and with
+        ``modify`` rank 0's writes to them are partitioned back after it.  Every rank walks every chunk."""
+        entries = list(module.state_dict(keep_vars=True).items())
+        chunk: list[tuple[str, torch.Tensor]] = []
+        elements = 0
+        for index, (name, tensor) in enumerate(entries):
+            chunk.append((name, tensor))
+            elements += getattr(tensor, "ds_numel", 0)
+            following = entries[index + 1][1] if index + 1 < len(entries) else None
+            if following is not None and elements + getattr(following, "ds_numel", 0) <= self.gather_elements:
+                continue
+            partitioned = list({id(t): t for _, t in chunk if hasattr(t, "ds_id")}.values())
+            with self._deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0 if modify else None) \
+                    if partitioned else nullcontext():
+                yield chunk
+            chunk, elements = [], 0
+
+    def read_weights(self, module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every rank: ``module.state_dict()``'s entries, whole (each valid until the next is yielded; copy what you
+        keep).  A ZeRO-3 model's parameters are gathered ``gather_elements`` at a time, not all at once (as
+        DeepSpeed gathers its 16-bit state dict a module at a time), so reading the weights of a model too large
+        for one device whole still works."""
         if not is_partitioned(module):
-            return nullcontext()
-        return self._deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=0 if modify else None)
+            yield from module.state_dict().items()
+            return
+        for chunk in self._gathered_chunks(module, modify=False):
+            for name, tensor in chunk:
+                yield name, tensor.detach()
+
+    def write_weights(self, module: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+        """Every rank: ``module.load_state_dict(state)``, strict; into a ZeRO-3 model's partitions a chunk of
+        parameters at a time (rank 0's ``state`` is the one partitioned back)."""
+        if not is_partitioned(module):
+            module.load_state_dict(state)
+            return
+        names = set(module.state_dict(keep_vars=True))
+        missing, unexpected = sorted(names - set(state)), sorted(set(state) - names)
+        if missing or unexpected:
+            raise RuntimeError(f"weights for {type(module).__name__} do not match it: missing {missing}, "
+                               f"unexpected {unexpected}")
+        with torch.no_grad():
+            for chunk in self._gathered_chunks(module, modify=True):
+                for name, tensor in chunk:
+                    tensor.copy_(state[name])
 
     def rank_rows(self, n: int) -> torch.Tensor:
         """This rank's contiguous share of ``n`` rows, padded by repeating the first rows (as

@@ -6,17 +6,17 @@ models (``build_model``: the DeepSpeed runtime builds a ZeRO-3 model inside ``Hf
 DeepSpeed engine can stand behind the same methods (the bi-level engine's ``Stepper``). ``is_main`` gates logging
 and saving (rank 0 only); ``local_rows`` gives each data-parallel rank its slice of a global batch, ``average``
 averages logged metrics over ranks, ``average_tensors`` averages tensors in place (the bi-level engine's
-gradients), and ``gathered(module)`` makes a ZeRO-3 model's partitioned parameters whole for reading or writing its
-weights (every rank enters it); ``from_main`` hands every rank rank 0's decision; ``rank_rows``/``gather_rows``
+gradients), ``read_weights(module)`` / ``write_weights(module, state)`` read and load a model's whole weights (a
+ZeRO-3 model's partitioned parameters gathered a few at a time; every rank takes part); ``from_main`` hands every
+rank rank 0's decision; ``rank_rows``/``gather_rows``
 share an evaluation pass over the ranks. :class:`LocalRuntime` is one process on one device;
 :class:`~mpdistil_fast.distributed.deepspeed_runtime.DeepSpeedRuntime` is data parallel over DeepSpeed engines
 (``runtime.kind: deepspeed``).
 """
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol
 
 import torch
 from torch import nn
@@ -108,7 +108,9 @@ class Runtime(Protocol):
 
     def average_tensors(self, tensors: list[torch.Tensor]) -> None: ...
 
-    def gathered(self, module: nn.Module, *, modify: bool = False) -> AbstractContextManager: ...
+    def read_weights(self, module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]: ...
+
+    def write_weights(self, module: nn.Module, state: Mapping[str, torch.Tensor]) -> None: ...
 
     def from_main(self, value: int) -> int: ...
 
@@ -188,9 +190,13 @@ class LocalRuntime:
     def average_tensors(self, tensors: list[torch.Tensor]) -> None:
         """Average ``tensors`` over the ranks in place (one rank: nothing to do)."""
 
-    def gathered(self, module: nn.Module, *, modify: bool = False) -> AbstractContextManager:
-        """Inside it ``module``'s parameters are whole (they always are in one process)."""
-        return nullcontext()
+    def read_weights(self, module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+        """``module.state_dict()``'s entries (each valid until the next is yielded; copy what you keep)."""
+        yield from module.state_dict().items()
+
+    def write_weights(self, module: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+        """``module.load_state_dict(state)``, strict."""
+        module.load_state_dict(state)
 
     def from_main(self, value: int) -> int:
         """Rank 0's ``value`` (a decision every rank must share, such as a curriculum action)."""

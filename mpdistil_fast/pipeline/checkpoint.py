@@ -40,9 +40,10 @@ _ASIDE_NAME = re.compile(r"^\.(step-\d+)\.old-[0-9a-f]+$")
 _TAGS = ("__tensor__", "__tuple__", "__dict__")
 
 
-def flatten_state_dict(obj: Any) -> tuple[dict[str, torch.Tensor], Any]:
+def flatten_state_dict(obj: Any, *, copy: bool = True) -> tuple[dict[str, torch.Tensor], Any]:
     """Split a nested state (dicts with any scalar keys, lists, tuples, tensors, numpy arrays, JSON scalars) into
-    ``(tensors, meta)``: CPU tensors keyed by their path, and a JSON-serialisable skeleton referring to them."""
+    ``(tensors, meta)``: CPU tensors keyed by their path (copies; ``copy=False`` takes tensors that are private CPU
+    copies already as they are), and a JSON-serialisable skeleton referring to them."""
     tensors: dict[str, torch.Tensor] = {}
 
     def encode(value: Any, path: str) -> Any:
@@ -52,7 +53,7 @@ def flatten_state_dict(obj: Any) -> tuple[dict[str, torch.Tensor], Any]:
             key = path or "value"
             while key in tensors:
                 key += "'"
-            tensors[key] = value.detach().cpu().contiguous().clone()
+            tensors[key] = value.detach().to("cpu", copy=copy).contiguous()
             return {"__tensor__": key}
         if isinstance(value, np.generic):
             return value.item()

@@ -56,7 +56,7 @@ def seed_everything(seed: int) -> None:
 
 class BestSnapshot:
     """The best weights of the model a stage trains, by the quiz score (higher is better).  Every rank offers and
-    restores (a ZeRO-3 model's weights are gathered through ``runtime.gathered``)."""
+    restores (a ZeRO-3 model's weights are gathered through ``runtime.read_weights`` / ``write_weights``)."""
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
@@ -68,14 +68,12 @@ class BestSnapshot:
         if self.score is not None and score <= self.score:
             return False
         self.score, self.step = score, step
-        with self.runtime.gathered(model):
-            self.weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        self.weights = {k: v.to("cpu", copy=True) for k, v in self.runtime.read_weights(model)}
         return True
 
     def restore_into(self, model: nn.Module) -> None:
         if self.weights:
-            with self.runtime.gathered(model, modify=True):
-                model.load_state_dict(self.weights)
+            self.runtime.write_weights(model, self.weights)
 
     def state_dict(self) -> dict[str, Any]:
         return {"score": self.score, "step": self.step, "weights": self.weights}
@@ -233,9 +231,10 @@ class Run:
             if earlier is not None and self.runtime.from_main(int(self.is_main and earlier[0].is_file())):
                 linked[name], meta[name] = earlier  # unchanged since that file was written: link it
             else:
-                with self.runtime.gathered(model):  # every rank: a ZeRO-3 model's weights are gathered
-                    if self.is_main:
-                        tensors[name], meta[name] = flatten_state_dict(model.state_dict())
+                # every rank reads (a ZeRO-3 model's weights are gathered a chunk at a time), rank 0 keeps copies
+                weights = {k: v.to("cpu", copy=True) for k, v in self.runtime.read_weights(model) if self.is_main}
+                if self.is_main:
+                    tensors[name], meta[name] = flatten_state_dict(weights, copy=False)
             if frozen:
                 self._frozen_files[name] = (target / f"{name}.safetensors", meta.get(name))
             else:
@@ -264,8 +263,7 @@ class Run:
         if "meta_teachers" in tensors:
             self.build_meta_teachers()
         for name, model in self._models().items():
-            with self.runtime.gathered(model, modify=True):
-                model.load_state_dict(unflatten_state_dict(tensors[name], state["meta"][name]))
+            self.runtime.write_weights(model, unflatten_state_dict(tensors[name], state["meta"][name]))
         timings = self.state["timings"]
         self.state = state
         self.state["timings"].update({k: v for k, v in timings.items() if k in ("data", "models")})
