@@ -86,7 +86,8 @@ def test_flatten_round_trips_nested_python_and_tensor_state():
     assert not torch.equal(restored[0]["exp_avg"], state[0]["exp_avg"]), "flattened tensors must be copies"
     owned = {"w": torch.randn(2, 3), "t": torch.randn(3, 2).t()}  # copy=False: private CPU copies taken as they are
     taken, _ = flatten_state_dict(owned, copy=False)
-    assert taken["w"].data_ptr() == owned["w"].data_ptr() and taken["t"].is_contiguous() and torch.equal(taken["t"], owned["t"])
+    assert taken["w"].data_ptr() == owned["w"].data_ptr()
+    assert taken["t"].is_contiguous() and torch.equal(taken["t"], owned["t"])
     with pytest.raises(TypeError, match="opt.fn"):
         flatten_state_dict({"opt": {"fn": print}})
     with pytest.raises(KeyError, match="missing"):

@@ -105,6 +105,14 @@ def test_task_model_drops_the_pooler_it_does_not_pool_with():
     ids, mask = _inputs(2, 6, [6, 4])
     states = with_pooler.eval()(input_ids=ids, attention_mask=mask).last_hidden_state
     torch.testing.assert_close(model(ids, mask, task="rte").pooled, states[:, 0], rtol=0, atol=0)
+    # a state dict written while the pooler was kept (older checkpoints) still loads, strictly otherwise
+    pooler = {f"backbone.pooler.{k}": v for k, v in with_pooler.pooler.state_dict().items()}
+    old_state = {**model.state_dict(), **pooler}
+    model.load_state_dict(old_state)
+    wrapped = torch.nn.ModuleDict({"student": model})
+    wrapped.load_state_dict({f"student.{k}": v for k, v in old_state.items()})
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        model.load_state_dict({**old_state, "backbone.extra": torch.zeros(1)})
 
 
 def test_a_pooler_student_of_a_cls_teacher_loads_its_pooler(tmp_path, data_dir):

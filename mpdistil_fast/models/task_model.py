@@ -71,6 +71,12 @@ def _head_dropout(config) -> float:
     return 0.1
 
 
+def _ignore_dropped_pooler(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """load_state_dict pre-hook: drop the weights of the backbone pooler that :class:`TaskModel` removed."""
+    for key in [k for k in state_dict if k.startswith(f"{prefix}backbone.pooler.")]:
+        del state_dict[key]
+
+
 class TaskModel(nn.Module):
     """``backbone`` (a Hugging Face ``AutoModel``) + pooling + one head per task.
 
@@ -90,6 +96,8 @@ class TaskModel(nn.Module):
                              "(use 'cls', 'mean' or 'last')")
         if pooling != "pooler" and getattr(backbone, "pooler", None) is not None:
             backbone.pooler = None
+            # checkpoints written while TaskModel kept the pooler still load (its weights are dropped)
+            self.register_load_state_dict_pre_hook(_ignore_dropped_pooler)
         self.backbone = backbone
         self.specs = specs
         self.hidden_size = int(backbone.config.hidden_size)
