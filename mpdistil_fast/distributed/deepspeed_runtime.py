@@ -114,6 +114,30 @@ def clear_zero3_gradients(params: list[nn.Parameter]) -> None:
                                                device=param.ds_tensor.device))
 
 
+class MasterCopyOptimizerState:
+    """:class:`~mpdistil_fast.bilevel.inner_update.OptimizerState` of DeepSpeed's ZeRO-0 bf16/fp16 wrapper
+    (``FP16_UnfusedOptimizer``): the torch optimizer steps an fp32 master copy of each parameter, whole on every
+    rank, so a parameter's state is its copy's."""
+
+    def __init__(self, wrapper: Any) -> None:
+        self._view = TorchOptimizerState(wrapper.optimizer)
+        self.kind = self._view.kind
+        self._copies = {id(p): copy for low, high in zip(wrapper.fp16_groups, wrapper.fp32_groups)
+                        for p, copy in zip(low, high)}
+
+    def _copy(self, parameter: torch.Tensor) -> torch.Tensor:
+        copy = self._copies.get(id(parameter))
+        if copy is None:
+            raise ValueError("inner_optimizer does not hold every trainable student parameter")
+        return copy
+
+    def group(self, parameter: torch.Tensor) -> dict[str, Any]:
+        return self._view.group(self._copy(parameter))
+
+    def state(self, parameter: torch.Tensor) -> dict[str, Any]:
+        return self._view.state(self._copy(parameter))
+
+
 class ZeroOptimizerState:
     """:class:`~mpdistil_fast.bilevel.inner_update.OptimizerState` of a DeepSpeed engine's optimizer: the torch
     optimizer the YAML asked for, whose state ZeRO 1/2 (or the bf16 optimizer) partitions over the ranks as flat
@@ -133,9 +157,8 @@ class ZeroOptimizerState:
         flat = (getattr(self.optimizer, "single_partition_of_fp32_groups", None)
                 or getattr(self.optimizer, "fp32_groups_flat_partition", None))
         if groups is None or flat is None:
-            raise TypeError(f"the student's DeepSpeed optimizer ({type(self.optimizer).__name__}) does not expose "
-                            "its state to the pilot step's experimental update: train the student with ZeRO stage "
-                            "1 or 2 (or stage 0 in fp32)")
+            raise TypeError(f"the student's DeepSpeed optimizer ({type(self.optimizer).__name__}) keeps no "
+                            "flat fp32 partitions; use MasterCopyOptimizerState for ZeRO-0 bf16/fp16")
         if bucket_elements < 1:
             raise ValueError(f"bucket_elements must be at least 1, got {bucket_elements}")
         self.kind = TorchOptimizerState(self.optimizer.optimizer).kind
@@ -227,9 +250,11 @@ class DeepSpeedTrainedModel(TrainedModel):
         self.engine.zero_grad()
 
     def optimizer_state(self) -> OptimizerState:
-        if isinstance(self.engine.optimizer, torch.optim.Optimizer) and not hasattr(self.engine.optimizer,
-                                                                                     "optimizer"):
-            return TorchOptimizerState(self.engine.optimizer)  # ZeRO stage 0 in fp32: torch's optimizer itself
+        wrapper = self.engine.optimizer
+        if isinstance(wrapper, torch.optim.Optimizer) and not hasattr(wrapper, "optimizer"):
+            return TorchOptimizerState(wrapper)  # ZeRO stage 0 in fp32: torch's optimizer itself
+        if hasattr(wrapper, "fp32_groups") and hasattr(wrapper, "fp16_groups"):
+            return MasterCopyOptimizerState(wrapper)  # ZeRO stage 0 in bf16/fp16
         return ZeroOptimizerState(self.engine)
 
     def state_dict(self) -> dict[str, Any]:
@@ -357,15 +382,17 @@ class DeepSpeedRuntime:
         if previous_guard is not None:
             previous_guard.remove()
         optimizer = build_optimizer(module, spec, params)
-        groups = [list(group["params"]) for group in optimizer.param_groups]  # before ZeRO flattens them
-        # the schedule is built by the engine on the optimizer as ZeRO regrouped it (ZeRO-3 changes its groups)
-        engine, engine_optimizer, _, scheduler = self._deepspeed.initialize(
-            model=module, optimizer=optimizer, lr_scheduler=lambda optimizer: linear_schedule(optimizer, spec),
-            config=self._engine_config(role, spec), dist_init_required=False)
-        self._engines[id(module)] = engine
-        guard = UnusedGroupGuard(optimizer, groups, self._reduce_max if self.world_size > 1 else None,
+        guard = UnusedGroupGuard(optimizer, [list(group["params"]) for group in optimizer.param_groups],
+                                 self._reduce_max if self.world_size > 1 else None,
                                  clear_zero3_gradients if zero_stage(self._config_for(role)) == 3 else None,
                                  names={id(p): name for name, p in module.named_parameters()})
+        # the schedule is built by the engine on the optimizer as ZeRO regrouped it (ZeRO-3 changes its groups);
+        # a step the engine's optimizer takes while it is built is undone
+        with guard.untouched():
+            engine, engine_optimizer, _, scheduler = self._deepspeed.initialize(
+                model=module, optimizer=optimizer, lr_scheduler=lambda optimizer: linear_schedule(optimizer, spec),
+                config=self._engine_config(role, spec), dist_init_required=False)
+        self._engines[id(module)] = engine
         self._guards[id(module)] = guard
         return DeepSpeedTrainedModel(engine_optimizer, scheduler, spec.max_grad_norm, engine=engine, guard=guard)
 

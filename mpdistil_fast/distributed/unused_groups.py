@@ -89,9 +89,22 @@ class UnusedGroupGuard:
         unreached = [p for p, flag in zip(params, flags) if not flag]
         if unreached and self._clear_gradients is not None:
             self._clear_gradients(unreached)
-        self._skipped = {id(self.optimizer.param_groups[i]) for i in skipped}
-        try:
+        with self._leaving_alone(skipped):
             yield skipped
+
+    @contextmanager
+    def untouched(self) -> Iterator[None]:
+        """Around code that may step the optimizer but must leave it as it is: DeepSpeed's ZeRO-0 bf16/fp16
+        wrapper (``FP16_UnfusedOptimizer``) takes a step with zero gradients while it is built, to allocate the
+        state, which would weight-decay every parameter once and count one step more than torch."""
+        with self._leaving_alone(list(range(len(self._groups)))):
+            yield
+
+    @contextmanager
+    def _leaving_alone(self, groups: list[int]) -> Iterator[None]:
+        self._skipped = {id(self.optimizer.param_groups[i]) for i in groups}
+        try:
+            yield
         finally:
             self._skipped = set()
             self._saved.clear()
