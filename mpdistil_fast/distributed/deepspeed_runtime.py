@@ -427,20 +427,22 @@ class DeepSpeedRuntime:
         """A ZeRO-3 ``module``'s ``state_dict(keep_vars=True)`` entries in order, a chunk at a time: the parameters
         in a chunk (up to ``gather_elements`` elements, or one larger parameter) are whole while it is out, and with
         ``modify`` rank 0's writes to them are partitioned back after it.  Every rank walks every chunk."""
-        entries = list(module.state_dict(keep_vars=True).items())
+        def whole(chunk: list[tuple[str, torch.Tensor]]) -> Iterator[list[tuple[str, torch.Tensor]]]:
+            # (DeepSpeed gathers only the partitioned tensors among them, each once)
+            with self._deepspeed.zero.GatheredParameters([t for _, t in chunk], modifier_rank=0 if modify else None):
+                yield chunk
+
         chunk: list[tuple[str, torch.Tensor]] = []
         elements = 0
-        for index, (name, tensor) in enumerate(entries):
+        for name, tensor in module.state_dict(keep_vars=True).items():
+            size = getattr(tensor, "ds_numel", 0)  # buffers are not partitioned
+            if chunk and elements + size > self.gather_elements:
+                yield from whole(chunk)
+                chunk, elements = [], 0
             chunk.append((name, tensor))
-            elements += getattr(tensor, "ds_numel", 0)
-            following = entries[index + 1][1] if index + 1 < len(entries) else None
-            if following is not None and elements + getattr(following, "ds_numel", 0) <= self.gather_elements:
-                continue
-            partitioned = list({id(t): t for _, t in chunk if hasattr(t, "ds_id")}.values())
-            with self._deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0 if modify else None) \
-                    if partitioned else nullcontext():
-                yield chunk
-            chunk, elements = [], 0
+            elements += size
+        if chunk:
+            yield from whole(chunk)
 
     def read_weights(self, module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
         """Every rank: ``module.state_dict()``'s entries, whole (each valid until the next is yielded; copy what you

@@ -165,7 +165,7 @@ class Run:
             if c.student.model is not None:
                 backbone = load_backbone(c.student.model, attn_implementation=c.student.attn_implementation)
             elif teacher is not None and not is_partitioned(teacher) and (
-                    c.student.pooling != "pooler" or teacher.backbone.pooler is not None):
+                    c.student.pooling != "pooler" or getattr(teacher.backbone, "pooler", None) is not None):
                 backbone = truncated_copy(teacher.backbone, c.student.num_layers)
             else:  # no teacher, a ZeRO-3 teacher whose parameters are partitioned, or a student that pools with the
                 # pooler the teacher dropped (it pools otherwise): load the layers afresh
