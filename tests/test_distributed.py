@@ -159,6 +159,12 @@ def test_unused_group_guard_keeps_torch_s_rule_under_zero_gradients():
         _zero_filled_step(fresh_optimizer)
     idle = fresh_optimizer.state[fresh.parts["heads"]["b"].weight]
     assert int(idle["step"]) == 0 and not idle["exp_avg"].any() and not idle["exp_avg_sq"].any()
+    # untouched(): a step taken inside (DeepSpeed's ZeRO-0 bf16 wrapper takes one while it is built) is undone
+    before = {n: p.clone() for n, p in fresh.named_parameters()}
+    with fresh_guard.untouched():
+        _zero_filled_step(fresh_optimizer)
+    assert all(torch.equal(p, before[n]) for n, p in fresh.named_parameters())
+    assert int(fresh_optimizer.state[fresh.parts["trunk"][0].weight]["step"]) == 1  # as after its one real step
     restored = Heads()
     restored_optimizer = build_optimizer(restored, spec)
     restored.load_state_dict(guarded.state_dict())
