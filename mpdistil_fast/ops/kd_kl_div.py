@@ -157,15 +157,18 @@ def reduce_rows(row_kl: torch.Tensor, mask: torch.Tensor | None, reduction: str,
     ``where`` (so even a NaN in a masked row cannot leak) and get exactly zero gradient; with no valid row the
     loss is exactly 0.
     """
-    count: torch.Tensor | int = max(row_kl.numel(), 1)
-    if mask is not None:
-        valid = mask.reshape(-1)
-        row_kl = torch.where(valid, row_kl, torch.zeros_like(row_kl))
-        count = valid.sum().clamp(min=1).to(row_kl.dtype)
+    if mask is None:
+        if reduction == "none":
+            return (row_kl * scale).reshape(leading_shape)
+        # one factor known on the host: two small ops (launches, on a GPU) instead of three
+        return row_kl.sum() * (scale / _denominator(reduction, max(row_kl.numel(), 1), vocab))
+    valid = mask.reshape(-1)
+    row_kl = torch.where(valid, row_kl, torch.zeros_like(row_kl))
     if reduction == "none":
         return (row_kl * scale).reshape(leading_shape)
     total = row_kl.sum() * scale
-    return total if reduction == "sum" else total / _denominator(reduction, count, vocab)
+    return total if reduction == "sum" else total / _denominator(reduction, valid.sum().clamp(min=1).to(row_kl.dtype),
+                                                                 vocab)
 
 
 def kd_kl_div_op(student: torch.Tensor, teacher: torch.Tensor, temperature: float, reduction: str, scale_by_t2: bool,
