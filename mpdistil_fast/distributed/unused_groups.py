@@ -57,6 +57,7 @@ class UnusedGroupGuard:
         self._reached: set[int] = set()  # ids of the parameters a backward pass reached since the last step
         self._skipped: set[int] = set()  # ids of the optimizer's group dicts to leave alone in this step
         self._saved: list[tuple[torch.Tensor, torch.Tensor, dict[str, Any] | None]] = []
+        self._keep_on: torch.device | None = None  # where the values of the skipped groups are kept meanwhile
         self._handles = [param.register_post_accumulate_grad_hook(self._mark_reached)
                          for params in groups for param in params]
         self._handles += [optimizer.register_step_pre_hook(self._save_skipped),
@@ -96,13 +97,17 @@ class UnusedGroupGuard:
     def untouched(self) -> Iterator[None]:
         """Around code that may step the optimizer but must leave it as it is: DeepSpeed's ZeRO-0 bf16/fp16
         wrapper (``FP16_UnfusedOptimizer``) takes a step with zero gradients while it is built, to allocate the
-        state, which would weight-decay every parameter once and count one step more than torch."""
-        with self._leaving_alone(list(range(len(self._groups)))):
+        state, which would weight-decay every parameter once and count one step more than torch.  What the step
+        would change is kept in host memory meanwhile (a whole model's fp32 copy must not double on the device)."""
+        with self._leaving_alone(list(range(len(self._groups))), keep_on=torch.device("cpu")):
             yield
 
     @contextmanager
-    def _leaving_alone(self, groups: list[int]) -> Iterator[None]:
+    def _leaving_alone(self, groups: list[int], keep_on: torch.device | None = None) -> Iterator[None]:
+        """Steps inside leave ``groups`` as they were; their values are kept on ``keep_on`` (default: where they
+        are) in the meantime."""
         self._skipped = {id(self.optimizer.param_groups[i]) for i in groups}
+        self._keep_on = keep_on
         try:
             yield
         finally:
@@ -116,9 +121,12 @@ class UnusedGroupGuard:
                 continue
             for param in group["params"]:
                 state = optimizer.state.get(param)
-                saved = None if not state else {key: value.clone() if torch.is_tensor(value) else value
+                saved = None if not state else {key: self._kept(value) if torch.is_tensor(value) else value
                                                 for key, value in state.items()}
-                self._saved.append((param, param.detach().clone(), saved))
+                self._saved.append((param, self._kept(param.detach()), saved))
+
+    def _kept(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(self._keep_on or tensor.device, copy=True)
 
     @torch.no_grad()
     def _restore_skipped(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
