@@ -117,14 +117,13 @@ def main() -> None:
         tolerance = 1e-2 if "bf16" in label else 1e-5
         values = {isa: reports[isa][0]["losses"][label] for isa in runnable}
         agree = set(harness.agreeing(values, reference, tolerance, label, atol=1e-6))
-        medians = {isa: harness.quantiles([s for r in reports[isa] for s in r["samples"][label]])[0]
-                   for isa in runnable}
+        pooled = {isa: [s for report in reports[isa] for s in report["samples"][label]] for isa in runnable}
+        medians = {isa: harness.quantiles(samples)[0] for isa, samples in pooled.items()}
         for isa in runnable:
             if isa not in agree:
                 continue
-            samples = [s for report in reports[isa] for s in report["samples"][label]]
             extra = f"{widest}/{isa} speed: {medians[isa] / medians[widest]:.2f}x" if isa != widest else ""
-            rows.append(harness.make_row(NAME, isa, "full", "speed", label, samples, "ms", extra=extra))
+            rows.append(harness.make_row(NAME, isa, "full", "speed", label, pooled[isa], "ms", extra=extra))
     print(f"machine: {harness.machine_name('cpu')}, torch {torch.__version__}, capability {capability}; "
           f"{args.rounds} alternating workers per build x {args.reps} timed calls")
     harness.print_table(rows, ["x", "provider", "p50", "p20", "p80", "unit", "extra"])

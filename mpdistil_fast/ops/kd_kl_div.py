@@ -157,15 +157,13 @@ def reduce_rows(row_kl: torch.Tensor, mask: torch.Tensor | None, reduction: str,
     ``where`` (so even a NaN in a masked row cannot leak) and get exactly zero gradient; with no valid row the
     loss is exactly 0.
     """
-    if mask is None:
-        if reduction == "none":
-            return (row_kl * scale).reshape(leading_shape)
-        # one factor known on the host: two small ops (launches, on a GPU) instead of three
-        return row_kl.sum() * (scale / _denominator(reduction, max(row_kl.numel(), 1), vocab))
-    valid = mask.reshape(-1)
-    row_kl = torch.where(valid, row_kl, torch.zeros_like(row_kl))
+    if mask is not None:
+        valid = mask.reshape(-1)
+        row_kl = torch.where(valid, row_kl, torch.zeros_like(row_kl))
     if reduction == "none":
         return (row_kl * scale).reshape(leading_shape)
+    if mask is None:  # the divisor is known on the host: one sum and one multiply (launches, on a GPU)
+        return row_kl.sum() * (scale / _denominator(reduction, max(row_kl.numel(), 1), vocab))
     total = row_kl.sum() * scale
     return total if reduction == "sum" else total / _denominator(reduction, valid.sum().clamp(min=1).to(row_kl.dtype),
                                                                  vocab)
