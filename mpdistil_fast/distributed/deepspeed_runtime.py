@@ -279,6 +279,21 @@ class DeepSpeedTrainedModel(TrainedModel):
             raise RuntimeError(f"DeepSpeed could not load the engine state in {str(directory)!r}")
 
 
+def load_state_dict_pre_hooks_applied(module: nn.Module, state: Mapping[str, torch.Tensor]
+                                      ) -> dict[str, torch.Tensor]:
+    """A copy of ``state`` after the load_state_dict pre-hooks of ``module`` and its submodules (parents first, each
+    with its own key prefix, as ``load_state_dict`` runs them) have renamed or dropped keys in it, for example
+    :class:`~mpdistil_fast.models.TaskModel`'s, which drops a removed pooler's weights.  A ZeRO-3 model's weights
+    are written without ``load_state_dict`` (its parameters are empty partitions), so its hooks run here."""
+    state, errors = dict(state), []
+    for name, submodule in module.named_modules():
+        for hook in submodule._load_state_dict_pre_hooks.values():
+            hook(state, f"{name}." if name else "", {}, True, [], [], errors)
+    if errors:
+        raise RuntimeError(f"weights for {type(module).__name__} do not load: " + "; ".join(errors))
+    return state
+
+
 class DeepSpeedRuntime:
     """One process per device, data parallel over DeepSpeed engines (ZeRO-3 teacher, ZeRO 0-2 student).
 
@@ -458,10 +473,12 @@ class DeepSpeedRuntime:
 
     def write_weights(self, module: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
         """Every rank: ``module.load_state_dict(state)``, strict; into a ZeRO-3 model's partitions a chunk of
-        parameters at a time (rank 0's ``state`` is the one partitioned back)."""
+        parameters at a time (rank 0's ``state`` is the one partitioned back), after the module's load_state_dict
+        pre-hooks have seen ``state`` as ``load_state_dict`` would show it to them."""
         if not is_partitioned(module):
             module.load_state_dict(state)
             return
+        state = load_state_dict_pre_hooks_applied(module, state)
         names = set(module.state_dict(keep_vars=True))
         missing, unexpected = sorted(names - set(state)), sorted(set(state) - names)
         if missing or unexpected:
