@@ -45,7 +45,9 @@ def reference(student: torch.Tensor, teacher: torch.Tensor, temperature: float, 
     def kl_rows(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:  # sum_v p log(p / q); p = 0 gives 0
         positive = log_p.exp() > 0  # (entries below float64's range, p < 1e-308, count as 0 too)
         zero = torch.zeros_like(log_p)
-        return torch.where(positive, log_p.exp() * (torch.where(positive, log_p, zero) - log_q), zero).sum(-1)
+        return torch.where(positive, log_p.exp() * (torch.where(positive, log_p, zero) - torch.where(positive, log_q,
+                                                                                                       zero)),
+                           zero).sum(-1)
 
     if direction == "jsd":
         beta = 0.5 if beta is None else beta
@@ -180,14 +182,17 @@ def test_masks(backend):
 @pytest.mark.parametrize("direction", DIRECTIONS)
 def test_minus_inf_logits(backend, direction):
     """-inf in the weighting distribution (teacher for forward KL and the JSD) contributes 0; an all -inf row
-    contributes 0.  For the JSD the student also has -inf entries, some where the teacher has them too."""
+    contributes 0.  The other distribution has -inf entries among the weighting one's (one vocabulary mask on both
+    models: no 0 * inf, in the value or the gradients).  For the JSD the student also has -inf entries where the
+    teacher has finite ones."""
     shape = small_shape(backend)
     student, teacher = logits(*shape), logits(*shape)
-    weighting = student if direction == "reverse" else teacher
+    weighting, other = (student, teacher) if direction == "reverse" else (teacher, student)
     weighting[..., ::3] = float("-inf")  # a masked vocabulary
     weighting[0, 0] = float("-inf")  # a row without any entry
+    other[..., ::6] = float("-inf")  # the same mask, on part of it
     if direction == "jsd":
-        student[..., ::2] = float("-inf")  # disjoint from, and shared with, the teacher's -inf entries
+        student[..., 1::4] = float("-inf")  # where the teacher has mass
         student[1, 1] = float("-inf")  # a row where only the student has no entry
     check_against_reference(backend, student, teacher, 2.0, direction=direction, reduction="none")
     loss, grad_s, grad_t = loss_and_grads(
@@ -195,6 +200,21 @@ def test_minus_inf_logits(backend, direction):
     assert loss[0, 0] == 0 and not grad_s[0, 0].any() and not grad_t[0, 0].any()
     if direction == "jsd":
         assert loss[1, 1] == 0 and not grad_s[1, 1].any() and not grad_t[1, 1].any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_mass_where_the_other_distribution_has_none_is_infinite(backend, direction):
+    """KL(P || Q) = +inf where P has mass and Q has none: one entry, or a whole row of Q logits at -inf (which
+    log_softmax alone would turn into NaN); the other rows are unaffected."""
+    student, teacher = logits(3, 37), logits(3, 37)
+    other = student if direction == "forward" else teacher
+    other[0] = float("-inf")
+    other[1, 4] = float("-inf")
+    loss = kd_kl_div(student, teacher, 2.0, direction=direction, reduction="none", backend=backend)
+    assert loss[0] == math.inf and loss[1] == math.inf, loss
+    assert_rel_close(loss[2], reference(student[2:], teacher[2:], 2.0, direction=direction, reduction="sum"),
+                     torch.float32, what="loss")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -54,7 +54,8 @@ def kd_kl_div(student_logits: Tensor, teacher_logits: Tensor, temperature: float
             comes from the same pass); double backward needs ``backend="torch"``.
 
     Teacher entries of -inf (masked vocabulary) have p_t = 0 and contribute 0 in forward KL; a row whose weighting
-    logits (teacher for forward, student for reverse) are all -inf has no distribution and contributes 0.  The JSD
+    logits (teacher for forward, student for reverse) are all -inf has no distribution and contributes 0; mass where
+    the other distribution has none (its logits -inf there, or in the whole row) gives +inf.  The JSD
     is finite whatever the supports (p = 0 entries leave their KL term); a row whose teacher or student logits are
     all -inf contributes 0.
     """

@@ -38,7 +38,8 @@ def _weighting_first(student: torch.Tensor, teacher: torch.Tensor, reverse: bool
 def row_kl_torch(student: torch.Tensor, teacher: torch.Tensor, temperature: float, reverse: bool) -> torch.Tensor:
     """Per-row KL of ``[N, V]`` logits with plain torch ops (accumulated in fp32, or fp64 for fp64 inputs).
 
-    Differentiable to any order.  Rows whose weighting logits are all -inf give 0 (and zero gradients).
+    Differentiable to any order.  Rows whose weighting logits are all -inf give 0 (and zero gradients); P > 0
+    where Q = 0 gives +inf, as in the fused kernels (also for a row whose Q logits are all -inf).
     """
     acc = accumulation_dtype(student.dtype)
     a, b = _weighting_first(student.to(acc), teacher.to(acc), reverse)
@@ -46,11 +47,14 @@ def row_kl_torch(student: torch.Tensor, teacher: torch.Tensor, temperature: floa
     a = torch.where(has_mass, a, torch.zeros_like(a))  # keep empty rows out of log_softmax (it would give NaN)
     log_p = torch.log_softmax(a / temperature, dim=-1)
     log_q = torch.log_softmax(b / temperature, dim=-1)
+    log_q = torch.where(torch.isfinite(b.amax(dim=-1, keepdim=True)), log_q, float("-inf"))  # not log_softmax's NaN
     positive = log_p > float("-inf")
-    # where() before the product: P = 0 entries must not produce 0 * inf in the value or in the gradient.
-    terms = log_p.exp() * (torch.where(positive, log_p, torch.zeros_like(log_p)) - log_q)
-    terms = torch.where(positive, terms, torch.zeros_like(terms))
-    return torch.where(has_mass.squeeze(-1), terms.sum(dim=-1), torch.zeros_like(terms[..., 0]))
+    # where() before the product: P = 0 entries (Q may be 0 there too) must not produce 0 * inf in the value or in
+    # the gradient.
+    zero = torch.zeros_like(log_p)
+    terms = log_p.exp() * (torch.where(positive, log_p, zero) - torch.where(positive, log_q, zero))
+    terms = torch.where(positive, terms, zero)
+    return torch.where(has_mass.squeeze(-1), terms.sum(dim=-1), zero[..., 0])
 
 
 # ---------------------------------------------------------------------------------------------------------------
