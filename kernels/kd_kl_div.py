@@ -2,8 +2,8 @@
 
 One program per row.  Forward: online softmax over blocks of the row for both inputs (block max, then one rescale
 of the running sums), giving KL(P || Q) with P = softmax(a / T), Q = softmax(b / T) and the per-row statistics
-(max a, log sum exp((a - max a) / T), max b, log sum exp((b - max b) / T), E_P[(a - b) / T]).  Backward: one more
-read of a and b, dKL/da = g/T * P ((a - b)/T - E_P[(a - b)/T]), dKL/db = g/T * (Q - P).  ``kd_kl_div_fwd_grad``
+(max a, log sum exp((a - max a) / T), max b, log sum exp((b - max b) / T), E_P[a - b]).  Backward: one more
+read of a and b, dKL/da = g/T * P (a - b - E_P[a - b])/T, dKL/db = g/T * (Q - P).  ``kd_kl_div_fwd_grad``
 does both in one launch when the row weights g are known in forward (a reduced loss), so each row is read from
 memory once (its second read hits L2).  fp32 accumulation (fp64
 for fp64 inputs).
@@ -44,7 +44,7 @@ def _online_softmax_block(a, b, max_a, max_b, sum_a, sum_b, inv_t):
 
 @triton.jit
 def _row_statistics(a_row, b_row, vocab, inv_t, BLOCK: tl.constexpr, IS_FP64: tl.constexpr):
-    """(KL of the row, max a, log sum exp((a - max a)/T), max b, log sum exp((b - max b)/T), E_P[(a - b)/T])."""
+    """(KL of the row, max a, log sum exp((a - max a)/T), max b, log sum exp((b - max b)/T), E_P[a - b])."""
     acc_dtype = tl.float64 if IS_FP64 else tl.float32
     neg_inf = float("-inf")
     max_a = tl.full([], neg_inf, acc_dtype)
@@ -62,27 +62,27 @@ def _row_statistics(a_row, b_row, vocab, inv_t, BLOCK: tl.constexpr, IS_FP64: tl
         cross = cross * factor_a + tl.sum(tl.where(exp_a > 0, exp_a * (a - b), 0.0), axis=0)
     log_sum_a = tl.log(sum_a)
     log_sum_b = tl.log(sum_b)
-    mean_gap = tl.where(sum_a > 0, cross / sum_a * inv_t, 0.0)
-    kl = mean_gap - (max_a - max_b) * inv_t - log_sum_a + log_sum_b
+    mean_diff = tl.where(sum_a > 0, cross / sum_a, 0.0)
+    kl = (mean_diff - (max_a - max_b)) * inv_t - log_sum_a + log_sum_b
     kl = tl.where(sum_b > 0, kl, float("inf"))  # P has mass where Q has none
     kl = tl.where(sum_a > 0, kl, 0.0)  # no distribution P in this row
-    return kl, max_a, log_sum_a, max_b, log_sum_b, mean_gap
+    return kl, max_a, log_sum_a, max_b, log_sum_b, mean_diff
 
 
 @triton.jit
-def _store_row_statistics(kl_ptr, stats_ptr, row, kl, max_a, log_sum_a, max_b, log_sum_b, mean_gap):
+def _store_row_statistics(kl_ptr, stats_ptr, row, kl, max_a, log_sum_a, max_b, log_sum_b, mean_diff):
     tl.store(kl_ptr + row, kl)
     stats_row = stats_ptr + row * 5
     tl.store(stats_row + 0, max_a)
     tl.store(stats_row + 1, log_sum_a)
     tl.store(stats_row + 2, max_b)
     tl.store(stats_row + 3, log_sum_b)
-    tl.store(stats_row + 4, mean_gap)
+    tl.store(stats_row + 4, mean_diff)
 
 
 @triton.jit
 def _row_gradients(a_row, b_row, grad_a_row, grad_b_row, vocab, inv_t, grad_row, max_a, log_sum_a, max_b,
-                   log_sum_b, mean_gap, BLOCK: tl.constexpr, IS_FP64: tl.constexpr, NEED_GRAD_A: tl.constexpr,
+                   log_sum_b, mean_diff, BLOCK: tl.constexpr, IS_FP64: tl.constexpr, NEED_GRAD_A: tl.constexpr,
                    NEED_GRAD_B: tl.constexpr):
     """Write grad_row * dKL/da and grad_row * dKL/db of one row (one more read of a and b)."""
     acc_dtype = tl.float64 if IS_FP64 else tl.float32
@@ -97,7 +97,8 @@ def _row_gradients(a_row, b_row, grad_a_row, grad_b_row, vocab, inv_t, grad_row,
         log_q = (b - max_b) * inv_t - log_sum_b
         prob_p = tl.exp(log_p)
         if NEED_GRAD_A:
-            grad_a = tl.where(prob_p > 0, coefficient * prob_p * ((a - b) * inv_t - mean_gap), 0.0)
+            # (the difference before the division by T: no product minus a number for an FMA to contract)
+            grad_a = tl.where(prob_p > 0, coefficient * prob_p * ((a - b - mean_diff) * inv_t), 0.0)
             grad_a = tl.where(coefficient != 0, grad_a, 0.0)
             tl.store(grad_a_row + offsets, grad_a.to(grad_a_row.dtype.element_ty), mask=inside)
         if NEED_GRAD_B:
@@ -109,8 +110,8 @@ def _row_gradients(a_row, b_row, grad_a_row, grad_b_row, vocab, inv_t, grad_row,
 def _kd_kl_div_fwd_kernel(a_ptr, b_ptr, kl_ptr, stats_ptr, vocab, stride_a, stride_b, temperature,
                           BLOCK: tl.constexpr, IS_FP64: tl.constexpr):
     row, a_row, b_row, inv_t = _this_row(a_ptr, b_ptr, stride_a, stride_b, temperature, IS_FP64)
-    kl, max_a, log_sum_a, max_b, log_sum_b, mean_gap = _row_statistics(a_row, b_row, vocab, inv_t, BLOCK, IS_FP64)
-    _store_row_statistics(kl_ptr, stats_ptr, row, kl, max_a, log_sum_a, max_b, log_sum_b, mean_gap)
+    kl, max_a, log_sum_a, max_b, log_sum_b, mean_diff = _row_statistics(a_row, b_row, vocab, inv_t, BLOCK, IS_FP64)
+    _store_row_statistics(kl_ptr, stats_ptr, row, kl, max_a, log_sum_a, max_b, log_sum_b, mean_diff)
 
 
 @triton.jit
@@ -136,13 +137,13 @@ def _kd_kl_div_fwd_grad_kernel(a_ptr, b_ptr, kl_ptr, stats_ptr, row_weight_ptr, 
     weight ``weight * row_weight[row]`` (the second read of the row comes from L2, just read)."""
     acc_dtype = tl.float64 if IS_FP64 else tl.float32
     row, a_row, b_row, inv_t = _this_row(a_ptr, b_ptr, stride_a, stride_b, temperature, IS_FP64)
-    kl, max_a, log_sum_a, max_b, log_sum_b, mean_gap = _row_statistics(a_row, b_row, vocab, inv_t, BLOCK, IS_FP64)
-    _store_row_statistics(kl_ptr, stats_ptr, row, kl, max_a, log_sum_a, max_b, log_sum_b, mean_gap)
+    kl, max_a, log_sum_a, max_b, log_sum_b, mean_diff = _row_statistics(a_row, b_row, vocab, inv_t, BLOCK, IS_FP64)
+    _store_row_statistics(kl_ptr, stats_ptr, row, kl, max_a, log_sum_a, max_b, log_sum_b, mean_diff)
     grad_row = tl.zeros([], acc_dtype) + weight
     if HAS_ROW_WEIGHT:
         grad_row = grad_row * tl.load(row_weight_ptr + row).to(acc_dtype)
     _row_gradients(a_row, b_row, grad_a_ptr + row * vocab, grad_b_ptr + row * vocab, vocab, inv_t, grad_row, max_a,
-                   log_sum_a, max_b, log_sum_b, mean_gap, BLOCK, IS_FP64, NEED_GRAD_A, NEED_GRAD_B)
+                   log_sum_a, max_b, log_sum_b, mean_diff, BLOCK, IS_FP64, NEED_GRAD_A, NEED_GRAD_B)
 
 
 def _unit_stride_rows(logits: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ constexpr int kBackwardThreads = 256;
 constexpr int kBackwardPacksPerThread = 4;
 
 // The merged online-softmax state of one row as its KL and statistics (max a, log sum a, max b, log sum b,
-// E_P[(a - b)/T]).
+// E_P[a - b]).
 template <typename A>
 struct RowResult {
   A kl, stats[kKlStatsPerRow];
@@ -32,13 +32,13 @@ struct RowResult {
 template <typename A>
 __device__ __forceinline__ RowResult<A> row_result(const RowState<A>& state, A inv_t) {
   const A log_sum_a = log(state.sum_a), log_sum_b = log(state.sum_b);
-  A mean_gap = 0, row_kl = 0;  // a row without any P entry has no distribution: 0
+  A mean_diff = 0, row_kl = 0;  // a row without any P entry has no distribution: 0
   if (state.sum_a > A(0)) {
-    mean_gap = state.cross / state.sum_a * inv_t;
-    row_kl = state.sum_b > A(0) ? mean_gap - (state.max_a - state.max_b) * inv_t - log_sum_a + log_sum_b
+    mean_diff = state.cross / state.sum_a;
+    row_kl = state.sum_b > A(0) ? (mean_diff - (state.max_a - state.max_b)) * inv_t - log_sum_a + log_sum_b
                                 : static_cast<A>(INFINITY);
   }
-  return {row_kl, {state.max_a, log_sum_a, state.max_b, log_sum_b, mean_gap}};
+  return {row_kl, {state.max_a, log_sum_a, state.max_b, log_sum_b, mean_diff}};
 }
 
 template <typename A>
@@ -48,14 +48,14 @@ __device__ __forceinline__ void store_row_result(const RowResult<A>& result, int
   for (int k = 0; k < kKlStatsPerRow; ++k) stats[row * kKlStatsPerRow + k] = result.stats[k];
 }
 
-// grad_a = g/T P ((a - b)/T - E_P[(a - b)/T]) and grad_b = g/T (Q - P) per entry of one row, from the row's
+// grad_a = g/T P (a - b - E_P[a - b])/T and grad_b = g/T (Q - P) per entry of one row, from the row's
 // statistics and weight g; `zero` (g = 0: a masked row, or a row without a distribution P) means all zeros.
 template <typename A>
 struct EntryGradients {
-  A max_a, log_sum_a, max_b, log_sum_b, mean_gap, coefficient, inv_t;
+  A max_a, log_sum_a, max_b, log_sum_b, mean_diff, coefficient, inv_t;
 
   __device__ __forceinline__ EntryGradients(const A* stats, A grad_row, A inv_t)
-      : max_a(stats[0]), log_sum_a(stats[1]), max_b(stats[2]), log_sum_b(stats[3]), mean_gap(stats[4]),
+      : max_a(stats[0]), log_sum_a(stats[1]), max_b(stats[2]), log_sum_b(stats[3]), mean_diff(stats[4]),
         coefficient(stats[0] > negative_infinity<A>() ? grad_row * inv_t : A(0)), inv_t(inv_t) {}
 
   __device__ __forceinline__ bool zero() const { return coefficient == A(0); }
@@ -63,7 +63,8 @@ struct EntryGradients {
   __device__ __forceinline__ void operator()(A va, A vb, A& out_a, A& out_b) const {
     const A prob_p = fast_exp((va - max_a) * inv_t - log_sum_a);
     const A prob_q = fast_exp((vb - max_b) * inv_t - log_sum_b);
-    out_a = prob_p > A(0) ? coefficient * prob_p * ((va - vb) * inv_t - mean_gap) : A(0);
+    // (the difference before the division by T: no product minus a number for nvcc to contract into an FMA)
+    out_a = prob_p > A(0) ? coefficient * prob_p * ((va - vb - mean_diff) * inv_t) : A(0);
     out_b = coefficient * (prob_q - prob_p);
   }
 };

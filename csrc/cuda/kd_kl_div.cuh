@@ -1,7 +1,7 @@
 // Launchers of the fused temperature-softmax KL CUDA kernels (kd_kl_div.cu); raw pointers, no torch headers.
 // Per row of logits a (weighting P = softmax(a/T)) and b (Q = softmax(b/T)), see csrc/cpu/kd_kl_div.cpp:
-//   forward : kl[row] and stats[row] = (max a, log_sum_a, max b, log_sum_b, E_P[(a - b)/T])
-//   backward: grad_a = g/T * P ((a - b)/T - E_P[(a - b)/T]),  grad_b = g/T * (Q - P)   (either may be null)
+//   forward : kl[row] and stats[row] = (max a, log_sum_a, max b, log_sum_b, E_P[a - b])
+//   backward: grad_a = g/T * P (a - b - E_P[a - b])/T,  grad_b = g/T * (Q - P)   (either may be null)
 #pragma once
 
 #include <cuda_runtime.h>

@@ -11,7 +11,7 @@ Q = softmax(b / T) in one read of each input and save only per-row statistics; t
 
     dKL/da = P (log P - log Q - KL) / T,      dKL/db = (Q - P) / T
 
-in one more read (log P - log Q - KL = (a - b)/T - E_P[(a - b)/T]), so the teacher gradient (a trainable teacher,
+in one more read (log P - log Q - KL = (a - b - E_P[a - b])/T), so the teacher gradient (a trainable teacher,
 or the finite-difference hypergradient of ``mpdistil_fast.bilevel``) costs no extra pass.  For a reduced loss the
 row weights are known in forward, and ``kd_kl_div_fwd_grad`` computes the statistics and these gradients in one
 pass (:class:`~mpdistil_fast.ops.common.GradInForward`).  Conventions shared by every backend: entries with P = 0
@@ -26,7 +26,9 @@ from mpdistil_fast.ops.common import FusedOp, GradInForward, accumulation_dtype,
 from mpdistil_fast.ops.kd_jsd import row_jsd_fused, row_jsd_torch
 
 #: Per-row statistics saved by the fused forward: max a, log sum exp((a - max a) / T), the same two for b, and
-#: E_P[(a - b) / T] (with which the backward's log P - log Q - KL = (a - b) / T - E_P[(a - b) / T] cancels nothing).
+#: E_P[a - b], with which the backward's log P - log Q - KL = (a - b - E_P[a - b]) / T cancels nothing and, as the
+#: difference is taken before the division by T, leaves an FMA-contracting compiler no product to subtract from (a
+#: one-hot P row's gradient is exactly 0 for any T).
 STATS_PER_ROW = 5
 
 
