@@ -137,6 +137,17 @@ def test_all_masked_is_zero(backend, reduction):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_no_rows_is_zero(backend, reduction):
+    """An empty batch (no mask) gives 0 and empty gradients, as an all-False mask does (not 0 / 0)."""
+    student = torch.randn(2, 0, 3, 4, requires_grad=True)
+    teacher = torch.randn(2, 0, 3, 4)
+    loss = mpdistil_fast.hidden_mse(student, teacher, reduction=reduction, backend=backend)
+    assert torch.equal(loss, torch.zeros_like(loss))
+    assert torch.autograd.grad(loss.sum(), student)[0].shape == student.shape
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("layer_map, read", [("last", [0, 1, 2]), ([(0, 1), (2, 1), (0, 2)], [0, 2])])
 def test_unread_layers_and_padding_get_exact_zeros(backend, layer_map, read):
     """Student layers no pair reads and padding rows get exactly zero gradient, also when the allocator hands out
@@ -272,6 +283,9 @@ BAD_INPUTS = [
     (dict(layer_map=[0, 5]), ValueError, "layer_map"),
     (dict(layer_map=[0]), ValueError, "layer_map"),
     (dict(layer_map=[0.5, 1]), TypeError, "layer_map"),
+    (dict(layer_map=[(True, 1), (1, 1)]), TypeError, "layer_map"),
+    (dict(student_hidden=torch.randn(2, 2, 3, 0), teacher_hidden=torch.randn(2, 2, 3, 0)), ValueError, "hidden"),
+    (dict(student_hidden=torch.randn(0, 2, 3, 4), teacher_hidden=torch.randn(0, 2, 3, 4)), ValueError, "one layer"),
     (dict(teacher_hidden=torch.randn(3, 2, 3, 4)), ValueError, "layer_map"),
     (dict(backend="fortran"), ValueError, "backend"),
 ]

@@ -46,7 +46,8 @@ def layer_pairs(layer_map: LayerMap, student_layers: int, teacher_layers: int) -
             raise ValueError(f"layer_map must name one teacher layer per student layer ({student_layers}), "
                              f"got {len(layer_map)}")
         pairs = list(enumerate(layer_map))
-    elif all(isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(i, int) for i in p) for p in layer_map):
+    elif all(isinstance(p, (list, tuple)) and len(p) == 2
+             and all(isinstance(i, int) and not isinstance(i, bool) for i in p) for p in layer_map):
         pairs = [(int(s), int(t)) for s, t in layer_map]
     else:
         raise TypeError(f"layer_map must hold ints or (student, teacher) int pairs, got {layer_map!r}")
@@ -89,9 +90,9 @@ def hidden_mse(student_hidden: Tensor, teacher_hidden: Tensor, *, mask: Optional
         sse_l = sum_{valid} || f(y) - f(t) ||^2
         "sum": sum_l sse_l;   "mean": sum_l sse_l / (valid * H_t * pairs);   "none": sse_l / (valid * H_t) per pair
 
-    (``"none"`` on an unstacked input is a 0-d tensor).  All positions masked gives 0.  The result is float64 for
-    float64 inputs and float32 otherwise; gradients flow to the student states, the projection and, when it
-    requires grad, the teacher states.
+    (``"none"`` on an unstacked input is a 0-d tensor).  No valid position (all masked, or no row) gives 0.  The
+    result is float64 for float64 inputs and float32 otherwise; gradients flow to the student states, the projection
+    and, when it requires grad, the teacher states.
     """
     check_tensor("student_hidden", student_hidden)
     check_tensor("teacher_hidden", teacher_hidden)
@@ -118,6 +119,12 @@ def hidden_mse(student_hidden: Tensor, teacher_hidden: Tensor, *, mask: Optional
         raise ValueError(f"student_hidden and teacher_hidden must have the same batch dimensions, got "
                          f"{tuple(row_shape)} and {tuple(teacher_row_shape)}")
     width_s, width_t = student_hidden.shape[-1], teacher_hidden.shape[-1]
+    if width_s == 0 or width_t == 0:
+        raise ValueError(f"student_hidden and teacher_hidden must have a non-empty last (hidden) dimension, got "
+                         f"shapes {tuple(student_hidden.shape)} and {tuple(teacher_hidden.shape)}")
+    if stacked and (student_hidden.shape[0] == 0 or teacher_hidden.shape[0] == 0):
+        raise ValueError(f"student_hidden and teacher_hidden stacks must hold at least one layer, got shapes "
+                         f"{tuple(student_hidden.shape)} and {tuple(teacher_hidden.shape)}")
     if weight is None:
         if width_s != width_t:
             raise ValueError(f"student_hidden width {width_s} != teacher_hidden width {width_t}: pass a projection")
@@ -144,7 +151,7 @@ def hidden_mse(student_hidden: Tensor, teacher_hidden: Tensor, *, mask: Optional
                          normalize, backend)[0]
     if reduction == "sum":
         return sse.sum()
-    valid = student.shape[1] if flat_mask is None else flat_mask.sum().clamp_min(1)
+    valid = max(student.shape[1], 1) if flat_mask is None else flat_mask.sum().clamp_min(1)  # no row: exactly 0
     per_layer = sse / (valid * width_t)
     if reduction == "mean":
         return per_layer.mean()
