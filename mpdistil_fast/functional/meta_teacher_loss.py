@@ -32,6 +32,15 @@ def _check_shape(name: str, value: object, shape: tuple[int, ...]) -> Tensor:
     return value
 
 
+def _check_bias(name: str, value: object, weight_name: str, weight: Tensor) -> Tensor:
+    """``value`` must be a floating ``[rows of weight]`` tensor of ``weight``'s dtype (the fused kernels compute a
+    layer's gradients together and return them in its weight's dtype)."""
+    _check_shape(name, value, (weight.shape[0],))
+    if value.dtype != weight.dtype:
+        raise TypeError(f"{name} must have the dtype of {weight_name}, {weight.dtype}, got {value.dtype}")
+    return value
+
+
 def discriminator_parts(weight: Params, bias: Params, hidden: Optional[int],
                         in_features: int) -> tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
     """(W1, b1, W2, b2) of the discriminator after checking shapes: ``weight [K, H]`` and ``bias [K]`` for a linear
@@ -41,7 +50,7 @@ def discriminator_parts(weight: Params, bias: Params, hidden: Optional[int],
         if weight.dim() != 2 or weight.shape[1] != in_features or weight.shape[0] < 1:
             raise ValueError(f"weight must be [num_labels, {in_features}] (the representation width), got "
                              f"{tuple(weight.shape)}")
-        return weight, _check_shape("bias", bias, (weight.shape[0],)), None, None
+        return weight, _check_bias("bias", bias, "weight", weight), None, None
     if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
         raise ValueError(f"hidden must be None or a positive int, got {hidden!r}")
     if not (isinstance(weight, (tuple, list)) and len(weight) == 2 and isinstance(bias, (tuple, list))
@@ -51,8 +60,8 @@ def discriminator_parts(weight: Params, bias: Params, hidden: Optional[int],
     check_tensor("weight[1]", weight[1])
     if weight[1].dim() != 2 or weight[1].shape[1] != hidden or weight[1].shape[0] < 1:
         raise ValueError(f"weight[1] must be [num_labels, {hidden}], got {tuple(weight[1].shape)}")
-    classes = weight[1].shape[0]
-    return w1, _check_shape("bias[0]", bias[0], (hidden,)), weight[1], _check_shape("bias[1]", bias[1], (classes,))
+    return w1, _check_bias("bias[0]", bias[0], "weight[0]", w1), weight[1], _check_bias("bias[1]", bias[1],
+                                                                                        "weight[1]", weight[1])
 
 
 def meta_teacher_logits(h: Tensor, weight: Params, bias: Params, *, hidden: Optional[int] = None,
@@ -118,7 +127,7 @@ def meta_teacher_loss(h_teacher: Tensor, h_student: Tensor, weight: Params, bias
     else:
         _check_shape("student_projection weight", proj_weight, (width, h_student.shape[1]))
         if proj_bias is not None:
-            _check_shape("student_projection bias", proj_bias, (width,))
+            _check_bias("student_projection bias", proj_bias, "student_projection weight", proj_weight)
     w1, b1, w2, b2 = discriminator_parts(weight, bias, hidden, width)
     classes = (w2 if w2 is not None else w1).shape[0]
     device = check_same_device(h_teacher=h_teacher, h_student=h_student, labels=labels, weight=w1, bias=b1,
