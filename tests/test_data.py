@@ -285,6 +285,9 @@ def test_batches_are_deterministic_complete_and_resumable(data_dir, tokenizer):
     first = epoch0[0]
     assert torch.equal(first["input_ids"], split.input_ids[first["example_index"]])
     assert torch.equal(first["labels"], split.labels[first["example_index"]])
+    for seed in (20240101, 2 ** 62 - 1, 2 ** 63 - 1):  # date-like and stream-mixed seeds overflowed manual_seed
+        big = torch.cat([b["example_index"] for b in iterate_batches(split, 10, shuffle=True, seed=seed)])
+        assert sorted(big.tolist()) == list(range(56))
     plain = torch.cat([b["example_index"] for b in iterate_batches(split, 10, shuffle=False, seed=7)])
     assert plain.tolist() == list(range(56))
     with pytest.raises(ValueError, match="start_batch"):

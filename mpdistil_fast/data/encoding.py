@@ -95,10 +95,11 @@ def num_batches(split: EncodedSplit, batch_size: int) -> int:
 
 def epoch_order(num_rows: int, *, shuffle: bool, seed: int, epoch: int) -> torch.Tensor:
     """Row order of one epoch: a permutation drawn from a generator seeded by ``(seed, epoch)`` only, so it does not
-    depend on (or disturb) the global RNG, and a resumed run sees the same order."""
+    depend on (or disturb) the global RNG, and a resumed run sees the same order.  Any int seed works (the generator
+    takes seeds below 2^63)."""
     if not shuffle:
         return torch.arange(num_rows)
-    generator = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
+    generator = torch.Generator().manual_seed((int(seed) * 1_000_003 + int(epoch)) % 2 ** 63)
     return torch.randperm(num_rows, generator=generator)
 
 
