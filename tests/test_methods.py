@@ -228,6 +228,22 @@ def test_meta_teacher_bilevel_meta_gradient(tmp_path, teacher_dir, data_dir):
     assert len(logged) == 2 and all(m["meta_hypergradient_norm"] > 0 for m in logged)
 
 
+def test_meta_teacher_stage_scores_with_a_live_teacher(tmp_path, teacher_dir, data_dir):
+    """With ``runtime.teacher_cache: off`` the meta-teacher's validation score runs the teacher on real batches
+    (the cached path's index-only batch had no input_ids), and gives the cached path's predictions."""
+    scores = {}
+    for cache in ("off", "memory"):
+        (tmp_path / cache).mkdir()
+        run = make_run(tmp_path / cache, teacher_dir, data_dir, "mpdistil", data={"tasks": ["cb"]},
+                       runtime={"teacher_cache": cache}, meta_teacher={"training": {"max_steps": 2}},
+                       curriculum={"actions": ["cb"]})
+        run.teacher.eval().requires_grad_(False)
+        run.begin_stage("meta_teacher")
+        stages.meta_teacher_stage(run)
+        scores[cache] = run.state["results"]["cb"]["meta_teacher"]
+    assert scores["off"] == pytest.approx(scores["memory"])
+
+
 def test_reference_compat_curriculum(tmp_path, teacher_dir, data_dir):
     run = make_run(tmp_path, teacher_dir, data_dir, "mpdistil", reference_compat=True,
                    curriculum={"episodes": 2, "steps_per_episode": 2, "reward": "real"})

@@ -251,9 +251,10 @@ def meta_teacher_stage(run: "Run") -> None:
         run.supervised_stage("meta_teacher", student, student, c.meta_teacher.training, step, companions=companions)
         meta_teachers.eval()
         for task in meta_teachers:
-            everything = {"example_index": torch.arange(len(run.splits[task]["validation"]))}
-            predictions = meta_teacher_logits(meta_teachers, task, teacher_outputs(task, "validation", everything,
-                                                                                   False)).argmax(-1).cpu()
+            predictions = run.predict_with(
+                lambda batch, task=task: meta_teacher_logits(meta_teachers, task,
+                                                             teacher_outputs(task, "validation", batch, False)),
+                task, "validation")
             run.state["results"].setdefault(task, {})["meta_teacher"] = compute_metrics(
                 task, predictions, run.splits[task]["validation"].labels)
 

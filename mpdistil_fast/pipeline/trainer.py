@@ -393,18 +393,25 @@ class Run:
     # ------------------------------------------------------------------------------------------- evaluation
 
     @torch.no_grad()
+    def predict_with(self, logits: Callable[[Batch], torch.Tensor], task: str, split: str) -> torch.Tensor:
+        """Predicted labels, the argmax of ``logits(batch)``, on ``split`` of ``task``: data parallel, each rank
+        predicts its share of the rows (its batches' ``example_index`` still names rows of the whole split, as the
+        teacher cache needs) and the ranks gather them."""
+        data = self.splits[task][split]
+        rows = self.runtime.rank_rows(len(data))
+        predictions = []
+        for batch in iterate_batches(data.select(rows), self.config.data.eval_batch_size, shuffle=False, seed=0):
+            batch["example_index"] = rows[batch["example_index"]]
+            predictions.append(logits(self.runtime.to_device(trim_padding(batch))).argmax(-1).cpu())
+        return self.runtime.gather_rows(torch.cat(predictions), len(data))
+
     def predict(self, model: TaskModel, task: str, split: str) -> torch.Tensor:
         """Predicted labels of ``model`` on ``split`` of ``task`` (eval mode)."""
         model.eval()
-        predictions = []
-        data = self.splits[task][split]
-        share = data.select(self.runtime.rank_rows(len(data)))  # data parallel: each rank predicts its share
-        for batch in iterate_batches(share, self.config.data.eval_batch_size, shuffle=False, seed=0):
-            batch = self.runtime.to_device(trim_padding(batch))
-            predictions.append(model(**model_inputs(batch), task=task).logits.argmax(-1).cpu())
+        predictions = self.predict_with(lambda batch: model(**model_inputs(batch), task=task).logits, task, split)
         if self.compat:
             self.state["dropout_off"] = True
-        return self.runtime.gather_rows(torch.cat(predictions), len(data))
+        return predictions
 
     def evaluate(self, model: TaskModel, task: str, split: str) -> dict[str, float]:
         return compute_metrics(task, self.predict(model, task, split), self.splits[task][split].labels)
