@@ -118,3 +118,26 @@ def test_resume_drops_metrics_logged_after_the_checkpoint(tmp_path, data_dir):
 
     Run(config, resume=True).run()
     assert _metric_records(tmp_path / "run") == reference
+
+
+def test_resume_restores_each_module_s_train_or_eval_mode(tmp_path, data_dir):
+    """``reference_compat`` keeps dropout off after the first evaluation, so the run's modules are in modes a fresh
+    build does not give (``from_pretrained`` eval, new heads train): resumed inside the meta-teacher stage, the
+    run must still end in the uninterrupted run's state (43 tensors differed when the modes were not saved)."""
+    teacher = make_tiny_teacher(tmp_path / "teacher")
+    settings = {**LONGER, "runtime": {"checkpoint_every": 1, "keep_checkpoints": 100}}
+    config = load_config(write_config(tmp_path / "c.yaml", teacher, data_dir, tmp_path / "reference", "mpdistil",
+                                      reference_compat=True, **settings))
+    Run(config).run()
+    reference, _ = _final_state(tmp_path / "reference")
+    mid = next(c for c in list_checkpoints(tmp_path / "reference")
+               if json.loads((c / "state.json").read_text())["stage"] == "meta_teacher")
+    shutil.copytree(mid, tmp_path / "resumed" / "checkpoints" / mid.name)
+    shutil.copy(tmp_path / "reference" / "metrics.jsonl", tmp_path / "resumed" / "metrics.jsonl")
+    config.output_dir = str(tmp_path / "resumed")
+    Run(config, resume=True).run()
+    resumed, _ = _final_state(tmp_path / "resumed")
+    differing = [f"{component}/{name}" for component, values in reference.items() for name, value in values.items()
+                 if not torch.equal(value, resumed[component][name])]
+    assert not differing, differing
+    assert _metric_records(tmp_path / "resumed") == _metric_records(tmp_path / "reference")

@@ -44,6 +44,23 @@ SHARDS_FOLDER = "shards"
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
+def training_modes(model: nn.Module) -> str:
+    """Each submodule's train (1) / eval (0) flag in ``model.modules()`` order: a checkpoint keeps them, because a
+    resumed process builds its models fresh (``from_pretrained`` in eval mode, new heads in train mode) while the
+    run may have left them otherwise (``reference_compat`` never turns dropout back on)."""
+    return "".join("1" if module.training else "0" for module in model.modules())
+
+
+def set_training_modes(model: nn.Module, modes: str) -> None:
+    """Restore :func:`training_modes`."""
+    modules = list(model.modules())
+    if len(modules) != len(modes):
+        raise ValueError(f"the checkpoint's train/eval modes are for {len(modes)} modules, "
+                         f"{type(model).__name__} has {len(modules)}")
+    for module, mode in zip(modules, modes):
+        module.training = mode == "1"
+
+
 def model_inputs(batch: Batch) -> dict[str, torch.Tensor]:
     return {k: batch[k] for k in MODEL_INPUTS}
 
@@ -244,6 +261,7 @@ class Run:
                 if name not in sharded:
                     tensors[name], meta[name] = flatten_state_dict(obj.state_dict())
             self.state["meta"] = meta
+            self.state["modes"] = {name: training_modes(model) for name, model in self._models().items()}
             self.state["rng"] = capture_rng_state()
             self.state["metrics_records"] = self.metrics.records_written
             save_checkpoint(target, tensors, self.state, folders={SHARDS_FOLDER: staging} if sharded else None,
@@ -264,6 +282,8 @@ class Run:
             self.build_meta_teachers()
         for name, model in self._models().items():
             self.runtime.write_weights(model, unflatten_state_dict(tensors[name], state["meta"][name]))
+            if name in state.get("modes", {}):
+                set_training_modes(model, state["modes"][name])
         timings = self.state["timings"]
         self.state = state
         self.state["timings"].update({k: v for k, v in timings.items() if k in ("data", "models")})
