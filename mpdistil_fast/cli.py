@@ -1,11 +1,12 @@
-"""Command line: ``mpdistil-fast distill --config FILE [--set key=value [key=value ...]] [--resume]``,
+"""Command line: ``mpdistil-fast distill --config FILE [--set key=value [key=value ...]] [--resume | --overwrite]``,
 ``mpdistil-fast evaluate --checkpoint DIR`` and ``mpdistil-fast env [--device cpu|cuda]`` (what can run here).
 
 Several processes (``runtime.kind: deepspeed``): ``torchrun --nproc_per_node=N -m mpdistil_fast.cli distill ...``
 or ``deepspeed --num_gpus N --module mpdistil_fast.cli distill ...``; ranks other than 0 log warnings only.
 
 The config is validated (unknown keys, types, values, data files) before any model is loaded; a problem exits with
-status 2 and one line naming the key.
+status 2 and one line naming the key.  So does a new run into an output_dir that holds an earlier run's outputs
+(``--resume`` continues that run, ``--overwrite`` replaces it).
 """
 from __future__ import annotations
 
@@ -30,7 +31,11 @@ def _parser() -> argparse.ArgumentParser:
                               "(repeatable)")
     distill.add_argument("--data-dir", help="folder of the official SuperGLUE/GLUE files (= data.data_dir)")
     distill.add_argument("--output-dir", help="where outputs and checkpoints go (= output_dir)")
-    distill.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    earlier = distill.add_mutually_exclusive_group()
+    earlier.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    earlier.add_argument("--overwrite", action="store_true",
+                         help="delete an earlier run's checkpoints, metrics and report in output_dir first (a new "
+                              "run refuses to mix its outputs with them otherwise)")
     distill.add_argument("--quiet", action="store_true", help="no progress bars, warnings only")
     evaluate = commands.add_parser("evaluate", help="evaluate a checkpoint on the validation split")
     evaluate.add_argument("--checkpoint", required=True,
@@ -68,7 +73,7 @@ def distill(args: argparse.Namespace) -> int:
     config = load_config(args.config, overrides)
     from mpdistil_fast.pipeline.trainer import Run
 
-    run = Run(config, resume=args.resume)
+    run = Run(config, resume=args.resume, overwrite=args.overwrite)
     report = run.run()
     if run.is_main:
         output_dir = Path(config.output_dir)

@@ -60,6 +60,16 @@ def test_distill_smoke_every_method(method, tmp_path, teacher_dir, data_dir, cap
         row = next(line for line in table.splitlines() if line.startswith("| rte |"))
         assert f"acc {100 * report['tasks']['rte']['student_final']['accuracy']:.1f} |" in row
         assert f"acc {100 * report['tasks']['rte']['teacher']['accuracy']:.1f} |" in row
+        # a new run into this output_dir would mix its checkpoints and metrics with these: refused, or replaced
+        assert main(["distill", "--config", str(config)]) == 2
+        assert "holds an earlier run (checkpoints, metrics.jsonl" in capsys.readouterr().err
+        (run / "checkpoints" / "left-over").touch()
+        assert main(["distill", "--config", str(config), "--overwrite", "--quiet", "--set",
+                     "teacher_training.max_steps=1", "student_training.max_steps=1"]) == 0
+        assert not (run / "checkpoints" / "left-over").exists()
+        assert len((run / "metrics.jsonl").read_text().splitlines()) < len(lines)
+        with pytest.raises(SystemExit):
+            main(["distill", "--config", str(config), "--overwrite", "--resume"])
 
 
 def test_config_errors_exit_before_loading_models(tmp_path, data_dir, capsys):

@@ -115,6 +115,10 @@ def plot_curves(curves: dict[str, Any], path: Path) -> None:
     plt.close(figure)
 
 
+#: The files :func:`write_report` writes into a run's output_dir.
+REPORT_FILES = ("report.json", "report.md", "curves.png")
+
+
 def write_report(output_dir: Path | str, report: dict[str, Any]) -> None:
     """Write ``report.json``, ``report.md`` and ``curves.png`` into ``output_dir`` (each replaced atomically)."""
     if not isinstance(report, dict):

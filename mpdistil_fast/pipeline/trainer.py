@@ -29,11 +29,13 @@ from mpdistil_fast.data import (EncodedSplit, TeacherCache, compute_metrics, enc
                                 load_task_splits, trim_padding)
 from mpdistil_fast.distributed.runtime import OptimizerSpec, Runtime, TrainedModel, is_partitioned, make_runtime
 from mpdistil_fast.models import (TaskModel, default_teacher_path, load_backbone, load_tokenizer, truncated_copy)
-from mpdistil_fast.pipeline.checkpoint import (capture_rng_state, checkpoint_dir, flatten_state_dict,
-                                               latest_checkpoint, load_checkpoint, prune_checkpoints,
-                                               restore_rng_state, save_checkpoint, unflatten_state_dict)
-from mpdistil_fast.pipeline.config import Config, OptimConfig, curriculum_tasks
-from mpdistil_fast.pipeline.metrics_log import MetricsLogger
+from mpdistil_fast.pipeline.checkpoint import (CHECKPOINTS_SUBDIR, capture_rng_state, checkpoint_dir,
+                                               flatten_state_dict, latest_checkpoint, load_checkpoint,
+                                               prune_checkpoints, restore_rng_state, save_checkpoint,
+                                               unflatten_state_dict)
+from mpdistil_fast.pipeline.config import Config, ConfigError, OptimConfig, curriculum_tasks
+from mpdistil_fast.pipeline.metrics_log import METRICS_FILE, TENSORBOARD_SUBDIR, MetricsLogger
+from mpdistil_fast.pipeline.report import REPORT_FILES, write_report
 from mpdistil_fast.pipeline.streams import Batch, MultiTaskSchedule
 
 LOG = logging.getLogger("mpdistil_fast")
@@ -41,6 +43,8 @@ STATE_VERSION = 1
 #: Where every rank writes its part of a checkpoint before the main process moves it in (``SHARDS_FOLDER``).
 SHARD_STAGING = ".checkpoint-shards"
 SHARDS_FOLDER = "shards"
+#: What a run writes into its output_dir (a new run refuses to mix its own with an earlier run's).
+RUN_OUTPUTS = (CHECKPOINTS_SUBDIR, SHARD_STAGING, METRICS_FILE, TENSORBOARD_SUBDIR, *REPORT_FILES)
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
@@ -103,8 +107,11 @@ class Run:
     """One distillation run: builds everything from a :class:`Config`, runs its stages, writes its outputs."""
 
     def __init__(self, config: Config, *, resume: bool = False, checkpoint: Path | None = None,
-                 runtime: Runtime | None = None):
-        """``resume``: continue from the newest checkpoint in ``output_dir``; ``checkpoint``: load that one."""
+                 overwrite: bool = False, runtime: Runtime | None = None):
+        """``resume``: continue from the newest checkpoint in ``output_dir``; ``checkpoint``: load that one.  A new
+        run (neither) refuses an ``output_dir`` that holds an earlier run's outputs (their checkpoints and metrics
+        would mix with its own), unless ``overwrite``, which deletes them first (a disk teacher cache stays: its
+        entries are keyed by the teacher's weights)."""
         self.config = config
         self.output_dir = Path(config.output_dir)
         self.runtime = runtime or make_runtime(
@@ -113,6 +120,8 @@ class Run:
                                "student": config.runtime.deepspeed_student},
             batch_size=config.data.batch_size)
         self.is_main = self.runtime.is_main
+        if checkpoint is None and not resume:
+            self._claim_output_dir(overwrite)
         self.tasks = curriculum_tasks(config)
         self.targets = list(config.data.tasks)
         self.compat = config.reference_compat
@@ -142,6 +151,22 @@ class Run:
         self._metrics: MetricsLogger | None = None
 
     # ------------------------------------------------------------------------------------------- setup
+
+    def _claim_output_dir(self, overwrite: bool) -> None:
+        """Refuse (or with ``overwrite`` delete, on rank 0) an earlier run's outputs in ``output_dir``."""
+        earlier = [self.output_dir / name for name in RUN_OUTPUTS if (self.output_dir / name).exists()]
+        if not earlier:
+            return
+        if not overwrite:
+            raise ConfigError(f"output_dir {self.output_dir} holds an earlier run "
+                              f"({', '.join(path.name for path in earlier)}): pass --resume to continue it, "
+                              "--overwrite to replace it, or choose another output_dir")
+        if self.is_main:
+            LOG.warning("--overwrite: deleting the earlier run's %s in %s", ", ".join(p.name for p in earlier),
+                        self.output_dir)
+            for path in earlier:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        self.runtime.barrier()
 
     def _load_data(self) -> dict[str, dict[str, EncodedSplit]]:
         c = self.config
@@ -510,8 +535,6 @@ class Run:
         self.state["timings"]["final_evaluation"] = time.perf_counter() - started
         report = self.report()
         if self.is_main:
-            from mpdistil_fast.pipeline.report import write_report
-
             write_report(self.output_dir, report)
         self.metrics.close()
         return report
