@@ -4,8 +4,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
+from mpdistil_fast.models import tiny_backbone
 from mpdistil_fast.pipeline.config import Config, ConfigError, config_from_dict, load_config, parse_override
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,6 +32,18 @@ def test_defaults_and_overrides_with_yaml_values():
 def test_int_accepted_for_float_and_yaml11_exponents():
     config = config_from_dict({"teacher_training": {"lr": 1, "weight_decay": "1e-2"}})
     assert config.teacher_training.lr == 1.0 and config.teacher_training.weight_decay == 0.01
+    config = config_from_dict(yaml.safe_load("student_training: {lr: 3e-5}"), ["metadistil.inner_lr=1e-3"])
+    assert config.student_training.lr == 3e-5 and config.metadistil.inner_lr == 1e-3
+
+
+def test_numeric_looking_strings_stay_strings_in_string_keys():
+    """Only keys declared float turn a YAML 1.1 string like 1e-5 into a number: a quoted "1.5" output_dir stays."""
+    config = config_from_dict(yaml.safe_load('output_dir: "1.5"\nteacher: {model: "2e3"}'),
+                              ["student.model='1e-5'", 'runtime.deepspeed_student="0.5"'])
+    assert (config.output_dir, config.teacher.model, config.student.model) == ("1.5", "2e3", "1e-5")
+    assert config.runtime.deepspeed_student == "0.5"
+    with pytest.raises(ConfigError, match="seed must be an integer, got str '1e3'"):
+        config_from_dict({"seed": "1e3"})
 
 
 @pytest.mark.parametrize("raw, overrides, names", [
@@ -63,6 +77,19 @@ def test_int_accepted_for_float_and_yaml11_exponents():
     ({}, ["seed"], "--set expects key=value"),
     ({}, ["=3"], "--set expects key=value"),
     ({}, ["seed.x=3"], "seed must be an integer"),
+    ({"seed": -1}, [], "seed must be in [0, 2**63 - 1], got -1"),
+    ({"seed": 2 ** 63}, [], "seed must be in [0, 2**63 - 1]"),
+    ({"data": {"max_length": 7}}, [], "data.max_length must be >= 8, got 7"),
+    ({"data": {"max_length": 0}}, [], "data.max_length must be >= 8"),
+    ({"meta_teacher": {"hidden": 0}}, [], "meta_teacher.hidden must be > 0 or null, got 0"),
+    ({"meta_teacher": {"hidden": -4}}, [], "meta_teacher.hidden must be > 0 or null"),
+    ({"metadistil": {"inner_lr": 0}}, [], "metadistil.inner_lr must be > 0, got 0.0"),
+    ({"metadistil": {"teacher_lr": -1e-5}}, [], "metadistil.teacher_lr must be > 0"),
+    ({}, ["metadistil.teacher_lr=-1e-5"], "metadistil.teacher_lr must be > 0"),
+    ({"method": "pkd", "student": {"num_layers": 1}}, [], "student.num_layers must be >= 2 for method 'pkd', got 1: "
+     "its patient KD (distill.layer_map 'skip') matches every student layer but the last"),
+    ({"method": "mpdistil", "student": {"num_layers": 1}, "distill": {"layer_map": "last"}}, [],
+     "student.num_layers must be >= 2 for method 'mpdistil'"),
     ({"seed": 3}, ["seed.x=3"], "'seed' is not a section"),
 ])
 def test_bad_configs_name_the_key(raw, overrides, names):
@@ -73,7 +100,8 @@ def test_bad_configs_name_the_key(raw, overrides, names):
 
 def test_override_parsing():
     assert parse_override("a.b=3") == ("a.b", 3)
-    assert parse_override("a=1e-4") == ("a", 1e-4)
+    assert parse_override("a=1e-4") == ("a", "1e-4")  # YAML 1.1; a float key's coercion makes it 1e-4
+    assert parse_override("a=0.5") == ("a", 0.5)
     assert parse_override("a=[x, y]") == ("a", ["x", "y"])
     assert parse_override("a=null") == ("a", None)
     assert parse_override("a=runs/x=y") == ("a", "runs/x=y")
@@ -115,3 +143,65 @@ def test_missing_data_is_reported_before_models(tmp_path, data_dir, monkeypatch)
         load_config(path)
     path.write_text(yaml.safe_dump({"method": "mpdistil", "data": {"tasks": ["cb"], "data_dir": str(data_dir)}}))
     assert load_config(path).curriculum.actions[0] == "boolq"  # every action task's files were found
+
+
+def test_one_layer_students_outside_patient_kd():
+    for method in ("finetune", "kd", "metadistil"):
+        assert config_from_dict({"method": method, "student": {"num_layers": 1}}).student.num_layers == 1
+    assert config_from_dict({"method": "pkd", "student": {"num_layers": 2}}).student.num_layers == 2
+
+
+def test_student_depth_against_a_local_teacher(tmp_path):
+    """A local teacher folder's config.json bounds student.num_layers (the student is its first layers); hub ids and
+    missing folders are not read (the run may be offline)."""
+    teacher = tmp_path / "teacher"
+    tiny_backbone("bert", hidden_size=32, num_layers=4, seed=0).save_pretrained(teacher)
+    for method in ("finetune", "kd", "pkd", "metadistil", "mpdistil"):
+        with pytest.raises(ConfigError, match=r"student.num_layers must be in \[\d, 4\] \(teacher.model .* has 4 "
+                                              r"layers\), got 5: the student is a copy of the teacher's first layers"):
+            config_from_dict({"method": method, "teacher": {"model": str(teacher)}, "student": {"num_layers": 5}})
+        assert config_from_dict({"method": method, "teacher": {"model": str(teacher)},
+                                 "student": {"num_layers": 4}}).student.num_layers == 4
+    with pytest.raises(ConfigError, match=r"student.num_layers must be in \[1, 6\] \(teacher.model 'default'"):
+        config_from_dict({"student": {"num_layers": 7}, "method": "kd"})  # the packaged 6-layer MiniLM
+    for model in (str(tmp_path / "absent"), "someone/hub-model"):
+        assert config_from_dict({"teacher": {"model": model}, "student": {"num_layers": 40}}).student.num_layers == 40
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="teacher.model: the folder .*empty holds no readable model config"):
+        config_from_dict({"teacher": {"model": str(tmp_path / "empty")}})
+
+
+def test_student_model_depth_under_patient_kd(tmp_path):
+    """With student.model set, patient KD bounds that model's own depth (num_layers is unused); other methods do
+    not compare it with the teacher's."""
+    teacher, deep, shallow = tmp_path / "teacher", tmp_path / "deep", tmp_path / "shallow"
+    tiny_backbone("bert", hidden_size=32, num_layers=2, seed=0).save_pretrained(teacher)
+    tiny_backbone("bert", hidden_size=16, num_layers=3, seed=0).save_pretrained(deep)
+    tiny_backbone("bert", hidden_size=16, num_layers=1, seed=0).save_pretrained(shallow)
+    base = {"teacher": {"model": str(teacher)}, "student": {"num_layers": 1}}
+    with pytest.raises(ConfigError, match=r"the depth of student.model .*deep' must be in \[2, 2\] .* got 3: "
+                                          "patient KD matches each student layer to a teacher layer"):
+        config_from_dict({**base, "method": "pkd", "student": {"model": str(deep)}})
+    with pytest.raises(ConfigError, match=r"the depth of student.model .*shallow' must be >= 2 for method 'mpdistil'"):
+        config_from_dict({**base, "method": "mpdistil", "student": {"model": str(shallow)}})
+    for model in (deep, shallow):
+        assert config_from_dict({**base, "method": "kd", "student": {"model": str(model)}}).student.model == str(model)
+
+
+def test_cuda_device_without_cuda_is_a_config_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="runtime.device is 'cuda' but no CUDA device is available: set "
+                                          "runtime.device to 'auto' or 'cpu'"):
+        config_from_dict({"runtime": {"device": "cuda"}})
+    assert config_from_dict({"runtime": {"device": "auto"}}).runtime.device == "auto"
+
+
+def test_load_config_reports_quoted_numbers_and_bounds(tmp_path):
+    """Through the YAML file as the CLI reads it."""
+    path = tmp_path / "c.yaml"
+    path.write_text('output_dir: "1.5"\nstudent_training: {lr: 1e-4}\n')
+    config = load_config(path, check_data=False)
+    assert config.output_dir == "1.5" and config.student_training.lr == 1e-4
+    path.write_text("data: {max_length: 4}\n")
+    with pytest.raises(ConfigError, match="data.max_length must be >= 8"):
+        load_config(path, check_data=False)

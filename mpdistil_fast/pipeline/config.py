@@ -7,6 +7,7 @@ wrong types, bad choices and ranges, and that the data of every task can be foun
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import os
@@ -21,6 +22,13 @@ import yaml
 from mpdistil_fast.data.tasks import SUPERGLUE_TASKS, TASKS
 
 METHODS = ("finetune", "kd", "pkd", "metadistil", "mpdistil")
+#: methods whose student stage distils with patient KD (``stages.student_stage``: mpdistil's stage 2 is pkd), whose
+#: ``distill.layer_map`` presets match every student layer but the last to a teacher layer (``layer_pairs``)
+PATIENT_KD_METHODS = ("pkd", "mpdistil")
+#: the shortest data.max_length: ``encode_examples`` in mpdistil_fast/data/encoding.py refuses ``max_length < 8``
+MIN_MAX_LENGTH = 8
+#: seeds are in [0, MAX_SEED]: torch generators take seeds below 2^63
+MAX_SEED = 2 ** 63 - 1
 
 
 class ConfigError(ValueError):
@@ -208,6 +216,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             raise ConfigError(f"{key} must be an integer, got {type(value).__name__} {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and _yaml11_float(value):  # PyYAML (YAML 1.1) reads 1e-4 (no dot) as a string
+            value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key} must be a number, got {type(value).__name__} {value!r}")
         return float(value)
@@ -248,7 +258,8 @@ def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """``"a.b=value"`` -> ``("a.b", value)``, the value parsed as YAML (``3``, ``1e-4``, ``[cb, rte]``, ``null``)."""
+    """``"a.b=value"`` -> ``("a.b", value)``, the value parsed as YAML (``3``, ``0.5``, ``[cb, rte]``, ``null``; a
+    float key's ``1e-4``, a string in YAML 1.1, becomes a float when the config is built)."""
     if "=" not in text:
         raise ConfigError(f"--set expects key=value, got {text!r}")
     key, value = text.split("=", 1)
@@ -259,35 +270,24 @@ def parse_override(text: str) -> tuple[str, Any]:
         parsed = yaml.safe_load(value) if value.strip() else ""
     except yaml.YAMLError as exc:
         raise ConfigError(f"--set {key}: cannot parse value {value!r} ({exc})") from exc
-    if isinstance(parsed, str) and _looks_numeric(parsed):  # YAML 1.1 reads "1e-4" as a string
-        parsed = float(parsed)
     return key, parsed
 
 
-def _looks_numeric(text: str) -> bool:
+def _yaml11_float(text: str) -> bool:
+    """Whether ``text`` is a number with an exponent or a dot (``1e-4``), which PyYAML (YAML 1.1) leaves a string;
+    only keys declared float convert it, so a string key keeps a quoted ``"1.5"``."""
     try:
         float(text)
     except ValueError:
         return False
-    return True
-
-
-def _numeric_strings(node: Any) -> Any:
-    """PyYAML follows YAML 1.1, which reads ``1e-4`` (no dot) as a string: turn such strings into floats."""
-    if isinstance(node, dict):
-        return {k: _numeric_strings(v) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_numeric_strings(v) for v in node]
-    if isinstance(node, str) and _looks_numeric(node) and any(c in node.lower() for c in "e."):
-        return float(node)
-    return node
+    return any(c in text.lower() for c in "e.")
 
 
 def config_from_dict(raw: dict[str, Any], overrides: list[str] = ()) -> Config:
     """A validated :class:`Config` from a plain mapping plus ``key=value`` overrides (no data check)."""
     if not isinstance(raw, dict):
         raise ConfigError(f"a config must be a mapping at the top level, got {type(raw).__name__}")
-    raw = _numeric_strings(raw)
+    raw = copy.deepcopy(raw)  # overrides write into nested sections: leave the caller's mapping as it was
     for text in overrides:
         key, value = parse_override(text)
         _set_dotted(raw, key, value)
@@ -320,18 +320,22 @@ def _require(condition: bool, message: str) -> None:
 
 def check_values(config: Config) -> None:
     """Ranges and cross-key rules that types alone do not express."""
+    _require(0 <= config.seed <= MAX_SEED, f"seed must be in [0, 2**63 - 1], got {config.seed}")
     _require(len(config.data.tasks) > 0, "data.tasks must name at least one task")
     for i, task in enumerate(config.data.tasks):
         _require(task in TASKS, f"data.tasks[{i}]: unknown task {task!r}; known tasks: {', '.join(sorted(TASKS))}")
     _require(len(set(config.data.tasks)) == len(config.data.tasks), "data.tasks lists a task twice")
     _require(0.0 < config.data.quiz_fraction < 1.0,
              f"data.quiz_fraction must be in (0, 1), got {config.data.quiz_fraction}")
-    for key in ("max_length", "batch_size", "eval_batch_size"):
+    _require(config.data.max_length >= MIN_MAX_LENGTH,
+             f"data.max_length must be >= {MIN_MAX_LENGTH}, got {config.data.max_length}")
+    for key in ("batch_size", "eval_batch_size"):
         _require(getattr(config.data, key) > 0, f"data.{key} must be > 0, got {getattr(config.data, key)}")
     for key in ("max_train", "max_eval"):
         value = getattr(config.data, key)
         _require(value is None or value > 0, f"data.{key} must be > 0 or null, got {value}")
     _require(config.student.num_layers > 0, f"student.num_layers must be > 0, got {config.student.num_layers}")
+    _check_depths(config)
     for section in ("teacher_training", "student_training"):
         _check_optim(section, getattr(config, section))
     _check_optim("meta_teacher.training", config.meta_teacher.training)
@@ -340,7 +344,12 @@ def check_values(config: Config) -> None:
     _require(d.temperature > 0, f"distill.temperature must be > 0, got {d.temperature}")
     _require(0.0 <= d.jsd_beta <= 1.0, f"distill.jsd_beta must be in [0, 1], got {d.jsd_beta}")
     _require(d.beta >= 0, f"distill.beta must be >= 0, got {d.beta}")
-    _require(config.meta_teacher.lr > 0, f"meta_teacher.lr must be > 0, got {config.meta_teacher.lr}")
+    m = config.meta_teacher
+    _require(m.hidden is None or m.hidden > 0, f"meta_teacher.hidden must be > 0 or null, got {m.hidden}")
+    _require(m.lr > 0, f"meta_teacher.lr must be > 0, got {m.lr}")
+    for key in ("teacher_lr", "inner_lr"):
+        _require(getattr(config.metadistil, key) > 0, f"metadistil.{key} must be > 0, got "
+                                                      f"{getattr(config.metadistil, key)}")
     c = config.curriculum
     for i, task in enumerate(c.actions):
         _require(task in TASKS, f"curriculum.actions[{i}]: unknown task {task!r}")
@@ -355,6 +364,12 @@ def check_values(config: Config) -> None:
     for key in ("checkpoint_every", "keep_checkpoints", "log_every"):
         _require(getattr(r, key) > 0, f"runtime.{key} must be > 0, got {getattr(r, key)}")
     _require(r.num_threads is None or r.num_threads > 0, f"runtime.num_threads must be > 0, got {r.num_threads}")
+    from mpdistil_fast.distributed.runtime import resolve_device
+
+    try:
+        resolve_device(r.device)
+    except ValueError as error:
+        raise ConfigError(f"{error}: set runtime.device to 'auto' or 'cpu'") from None
     launched_ranks = int(os.environ.get("WORLD_SIZE", "1") or 1)
     _require(r.kind != "local" or launched_ranks == 1,
              f"this process is one of {launched_ranks} ranks (WORLD_SIZE, set by torchrun or the deepspeed launcher) "
@@ -397,6 +412,51 @@ def bilevel_hypergradient(config: Config) -> tuple[str, str] | None:
     if config.method == "mpdistil" and config.meta_teacher.bilevel:
         return "meta_teacher.hypergradient", config.meta_teacher.hypergradient
     return None
+
+
+def _check_depths(config: Config) -> None:
+    """The student's depth against patient KD's layer map (>= 2) and the teacher's depth (<=), where both are known
+    before loading: ``student.num_layers`` (or a local student.model folder's), a local teacher folder's."""
+    student = config.student
+    if student.model is None:
+        subject, depth = "student.num_layers", student.num_layers
+    else:
+        subject, depth = f"the depth of student.model {student.model!r}", _local_depth("student.model", student.model)
+    if depth is None:
+        return
+    patient = config.method in PATIENT_KD_METHODS
+    _require(not patient or depth >= 2,
+             f"{subject} must be >= 2 for method {config.method!r}, got {depth}: its patient KD "
+             f"(distill.layer_map {config.distill.layer_map!r}) matches every student layer but the last (distilled "
+             "through the logits) to a teacher layer, so one layer leaves nothing to match")
+    if student.model is not None and not patient:
+        return  # the student neither comes from the teacher's layers nor is matched to them
+    teacher = config.teacher.model
+    teacher_depth = _local_depth("teacher.model", "minilm" if teacher == "default" else teacher)
+    why = ("the student is a copy of the teacher's first layers" if student.model is None
+           else "patient KD matches each student layer to a teacher layer")
+    _require(teacher_depth is None or depth <= teacher_depth,
+             f"{subject} must be in [{2 if patient else 1}, {teacher_depth}] (teacher.model {teacher!r} has "
+             f"{teacher_depth} layers), got {depth}: {why}")
+
+
+def _local_depth(key: str, model: str) -> int | None:
+    """``num_hidden_layers`` from the config.json of the local model folder ``model`` (``"minilm"``: the packaged
+    MiniLM); None for a hub id (or a MiniLM package not installed): the run resolves those, maybe offline."""
+    from mpdistil_fast.models.backbones import default_teacher_path
+
+    try:
+        path = default_teacher_path() if model == "minilm" else Path(model)
+    except ImportError:
+        return None
+    if not path.is_dir():
+        return None
+    import transformers
+
+    try:
+        return getattr(transformers.AutoConfig.from_pretrained(str(path)), "num_hidden_layers", None)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"{key}: the folder {path} holds no readable model config ({error})") from None
 
 
 def _check_optim(section: str, optim: OptimConfig) -> None:
