@@ -60,6 +60,12 @@ def test_distill_smoke_every_method(method, tmp_path, teacher_dir, data_dir, cap
         row = next(line for line in table.splitlines() if line.startswith("| rte |"))
         assert f"acc {100 * report['tasks']['rte']['student_final']['accuracy']:.1f} |" in row
         assert f"acc {100 * report['tasks']['rte']['teacher']['accuracy']:.1f} |" in row
+        newest = max((run / "checkpoints").iterdir()) / "state.json"  # as if written on a GPU machine
+        state = json.loads(newest.read_text())
+        state["config"]["runtime"]["device"] = "cuda"
+        newest.write_text(json.dumps(state))
+        assert main(["evaluate", "--checkpoint", str(run)]) == 0
+        assert row in capsys.readouterr().out
         # a new run into this output_dir would mix its checkpoints and metrics with these: refused, or replaced
         assert main(["distill", "--config", str(config)]) == 2
         assert "holds an earlier run (checkpoints, metrics.jsonl" in capsys.readouterr().err

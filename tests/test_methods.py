@@ -196,6 +196,7 @@ def test_meta_teacher_and_curriculum_stages(tmp_path, teacher_dir, data_dir):
     assert set(run.meta_teachers) == {"cb", "copa", "rte"}  # COPA's scores each choice
     assert run.meta_teachers["copa"].multiple_choice and not run.meta_teachers["cb"].multiple_choice
     assert all("meta_teacher" in run.state["results"][task] for task in ("cb", "copa"))
+    assert "rte" not in run.state["results"]  # trained as an action, not reported (data.tasks are)
     run.end_stage("meta_teacher")
 
     steps = []

@@ -1,4 +1,4 @@
-"""``mpdistil-fast evaluate``: a checkpoint's models on the validation split of every task of its run."""
+"""``mpdistil-fast evaluate``: a checkpoint's models on the validation split of every reported task of its run."""
 from __future__ import annotations
 
 import json
@@ -21,12 +21,13 @@ def evaluate_checkpoint(path: Path, *, data_dir: str | None = None) -> dict:
                               "output_dir)")
         path = newest
     state = json.loads((path / STATE_FILE).read_text())  # only the config: Run loads the tensors once
-    # one process: a checkpoint holds whole weights, whichever runtime (one process, DeepSpeed ranks) wrote it
-    overrides = ["runtime.kind=local"] + ([f"data.data_dir={data_dir}"] if data_dir else [])
+    # one process on this machine's device: a checkpoint holds whole weights, whichever runtime (one process,
+    # DeepSpeed ranks) and device wrote it
+    overrides = ["runtime.kind=local", "runtime.device=auto"] + ([f"data.data_dir={data_dir}"] if data_dir else [])
     config = config_from_dict(state["config"], overrides)
     run = Run(config, checkpoint=path)
     results: dict[str, dict[str, dict[str, float]]] = {}
-    for task in run.tasks:
+    for task in run.targets:
         results[task] = {"student_final": run.evaluate(run.student, task, "validation")}
         if run.teacher is not None:
             results[task]["teacher"] = run.evaluate(run.teacher, task, "validation")

@@ -250,7 +250,7 @@ def meta_teacher_stage(run: "Run") -> None:
         meta_teachers.train()
         run.supervised_stage("meta_teacher", student, student, c.meta_teacher.training, step, companions=companions)
         meta_teachers.eval()
-        for task in meta_teachers:
+        for task in (task for task in run.targets if task in meta_teachers):
             predictions = run.predict_with(
                 lambda batch, task=task: meta_teacher_logits(meta_teachers, task,
                                                              teacher_outputs(task, "validation", batch, False)),

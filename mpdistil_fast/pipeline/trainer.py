@@ -475,9 +475,10 @@ class Run:
         best.offer(score, self.state["global_step"] + 1, model)
         return score
 
-    def record(self, role: str, model: TaskModel, tasks: list[str] | None = None) -> None:
-        """Validation metrics of ``model`` under ``role`` ("teacher", "student_stage2", ...) in the report."""
-        for task in tasks or self.tasks:
+    def record(self, role: str, model: TaskModel) -> None:
+        """Validation metrics of ``model`` under ``role`` ("teacher", "student_stage2", ...) in the report, for the
+        reported tasks (``data.tasks``; curriculum actions outside them are trained, not reported)."""
+        for task in self.targets:
             self.state["results"].setdefault(task, {})[role] = self.evaluate(model, task, "validation")
 
     # ------------------------------------------------------------------------------------------- teacher outputs
