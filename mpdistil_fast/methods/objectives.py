@@ -5,8 +5,11 @@
   :func:`mpdistil_fast.kd_kl_div`, which applies the ``T^2`` factor); ``direction`` picks the reverse KL or the
   generalized JSD with weight ``jsd_beta`` (GKD, Agarwal et al., 2024) instead.
 * ``pkd`` (Sun et al., 2019, "Patient Knowledge Distillation for BERT Model Compression"): ``kd`` plus
-  ``beta * sum_j || h_s^j/||h_s^j|| - h_t^{m(j)}/||h_t^{m(j)}|| ||^2`` over the [CLS] states of the student's layers
-  and the teacher layers they are mapped to (PKD-skip or PKD-last), via :class:`mpdistil_fast.HiddenMSELoss`.
+  ``beta * mean_{i, j, d} (h_s^{i,j}/||h_s^{i,j}|| - h_t^{i,m(j)}/||h_t^{i,m(j)}||)_d^2`` over the [CLS] states of
+  the batch rows i, the student's layers j and the teacher layers m(j) they are mapped to (PKD-skip or PKD-last),
+  and the H hidden units d, via :class:`mpdistil_fast.HiddenMSELoss`.  The paper writes the sum over rows and
+  layers of the squared distances; its released code takes this elementwise mean (``F.mse_loss``), which is what
+  its beta values (and this project's ``distill.beta``) weight: the sum is B * layers * H times larger.
 
 MetaDistil and MPDistil use these same objectives for the student (see :mod:`.metadistil` and :mod:`.mpdistil`).
 """
