@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from mpdistil_fast.kernels.device import on_input_device
 from mpdistil_fast.ops.common import accumulation_dtype
 
 NORM_EPS = 1e-12
@@ -45,7 +46,7 @@ def _pair_rows(y_ptr, y_layer_stride, t_ptr, t_layer_stride, y_layers_ptr, t_lay
 @triton.jit
 def _this_row(mask_ptr, H, HAS_MASK: tl.constexpr, BLOCK_H: tl.constexpr):
     """(n, column offsets, which offsets lie in the row, whether row n takes part) of this program's row."""
-    n = tl.program_id(0)
+    n = tl.program_id(0).to(tl.int64)  # n * H may pass 2^31
     cols = tl.arange(0, BLOCK_H)
     valid = n >= 0
     if HAS_MASK:
@@ -135,6 +136,7 @@ def _rows_source(student: Tensor, student_layers: Tensor, weight: Optional[Tenso
     return projected, torch.arange(pairs, device=student.device), projected
 
 
+@on_input_device
 def hidden_mse_fwd(student: Tensor, teacher: Tensor, student_layers: Tensor, teacher_layers: Tensor,
                    mask: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
                    normalize: bool) -> tuple[Tensor, Tensor]:
@@ -155,6 +157,7 @@ def hidden_mse_fwd(student: Tensor, teacher: Tensor, student_layers: Tensor, tea
     return row_sse.sum(1), projected
 
 
+@on_input_device
 def hidden_mse_bwd(grad_sse: Tensor, student: Tensor, teacher: Tensor, student_layers: Tensor,
                    teacher_layers: Tensor, mask: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
                    projected: Tensor, normalize: bool, need_teacher_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -184,7 +187,10 @@ def hidden_mse_bwd(grad_sse: Tensor, student: Tensor, teacher: Tensor, student_l
     grad_student = torch.zeros(student.shape, dtype=acc, device=student.device)
     grad_weight = torch.zeros(weight.shape, dtype=acc, device=student.device)
     for p, layer in enumerate(student_layers.tolist()):
-        grad_weight.addmm_(grad_y[p].t(), student[layer].to(acc))
+        rows_acc = student[layer].to(acc)
+        if mask is not None:  # g is 0 on masked rows, but padding may hold NaN/inf: 0 * NaN would poison dW
+            rows_acc = rows_acc.masked_fill(~mask[:, None], 0)
+        grad_weight.addmm_(grad_y[p].t(), rows_acc)
         grad_student[layer].addmm_(grad_y[p], weight_acc)
     grad_bias = grad_y.sum((0, 1)).to(bias.dtype) if bias is not None else empty()
     return grad_student.to(student.dtype), grad_teacher, grad_weight.to(weight.dtype), grad_bias

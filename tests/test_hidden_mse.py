@@ -136,6 +136,36 @@ def test_all_masked_is_zero(backend, reduction):
         assert torch.equal(grad, torch.zeros_like(grad))
 
 
+def check_non_finite_padding(backend: str, normalize: bool, device: str) -> None:
+    """NaN / inf in masked student and teacher rows, with a projection: the loss and every gradient (the
+    projection's included, whose GEMM runs over all rows on the GPU backends) are those of zeroed padding."""
+    student, teacher, weight, bias, _ = make_case((2, 2, 5, 6), (2, 2, 5, 8), projection=True, device=device)
+    mask = torch.tensor([[True, False, True, True, False], [False, True, True, False, True]], device=device)
+    clean = [x.detach().clone().requires_grad_() for x in (student, teacher, weight, bias)]
+    student.data[:, ~mask] = float("nan")
+    student.data[0, 0, 1, 0] = float("inf")
+    teacher.data[:, ~mask] = float("-inf")
+    grads = [torch.autograd.grad(mpdistil_fast.hidden_mse(s, t, mask=mask, projection=(w, b), normalize=normalize,
+                                                           backend=backend), (s, t, w, b))
+             for s, t, w, b in ((student, teacher, weight, bias), clean)]
+    for got, expected in zip(*grads):
+        assert torch.isfinite(got).all()
+        assert_rel_close(got, expected, torch.float32, what="gradient")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("normalize", [False, True])
+def test_non_finite_padding_never_reaches_a_gradient(backend, normalize):
+    check_non_finite_padding(backend, normalize, "cpu")
+
+
+@gpu_test
+@pytest.mark.parametrize("backend", gpu_backend_params("hidden_mse"))
+@pytest.mark.parametrize("normalize", [False, True])
+def test_gpu_non_finite_padding_never_reaches_a_gradient(backend, normalize):
+    check_non_finite_padding(backend, normalize, "cuda")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_no_rows_is_zero(backend, reduction):

@@ -1,8 +1,9 @@
 // CUDA registration of mpdistil_C::hidden_mse_fwd/_bwd: argument checks, the optional projection as one cuBLAS
 // GEMM per layer pair (at::addmm), and the fused row kernels of hidden_mse.cu on the current stream.
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <vector>
@@ -45,6 +46,10 @@ Prepared prepare(const at::Tensor& student_in, const at::Tensor& teacher_in, con
   TORCH_CHECK(student_in.dim() == 3 && teacher_in.dim() == 3 && student_in.size(1) == teacher_in.size(1),
               "hidden_mse: student and teacher must be [L, N, H] stacks with the same rows");
   TORCH_CHECK(student_layers.numel() == teacher_layers.numel(), "hidden_mse: layer index lengths differ");
+  // the kernels accumulate in the teacher's type into buffers of the student's: one dtype for both
+  TORCH_CHECK(student_in.scalar_type() == teacher_in.scalar_type(), "hidden_mse: student and teacher dtypes differ");
+  TORCH_CHECK(!mask.has_value() || (mask->scalar_type() == at::kBool && mask->numel() == student_in.size(1)),
+              "hidden_mse: the mask must be a bool tensor with one entry per row");
   Prepared out;
   out.student = student_in.contiguous();
   out.teacher = teacher_in.contiguous();
@@ -92,6 +97,7 @@ std::tuple<at::Tensor, at::Tensor> hidden_mse_fwd_cuda(const at::Tensor& student
   const at::ScalarType acc = acc_type(prep.student);
   at::Tensor row_sse = at::empty({student_layers.numel(), prep.student.size(1)}, prep.student.options().dtype(acc));
   mpdistil::cuda::launch_hidden_mse_fwd(prep.args, row_sse.data_ptr(), c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
   at::Tensor projected = weight.has_value() ? prep.y : at::empty({0}, row_sse.options());
   return {row_sse.sum(1), projected};
 }
@@ -111,6 +117,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> hidden_mse_bwd_cuda(
   mpdistil::cuda::launch_hidden_mse_bwd(prep.args, scale.data_ptr(), grad_y.data_ptr(),
                                         need_teacher_grad ? grad_t.data_ptr() : nullptr,
                                         c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
   const at::Tensor grad_teacher = grad_t.to(prep.teacher.scalar_type());
   if (!weight.has_value()) {
     return {grad_y.to(prep.student.scalar_type()), grad_teacher, at::empty({0}, acc_opts), at::empty({0}, acc_opts)};
@@ -121,7 +128,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> hidden_mse_bwd_cuda(
   at::Tensor grad_weight = at::zeros(weight->sizes(), acc_opts);
   const std::vector<int64_t> layers = host_indices(student_layers);
   for (size_t p = 0; p < layers.size(); ++p) {
-    grad_weight.addmm_(grad_y[p].t(), prep.student[layers[p]].to(acc_opts.dtype()));
+    at::Tensor rows = prep.student[layers[p]].to(acc_opts.dtype());
+    // g is 0 on masked rows, but padding may hold NaN/inf: 0 * NaN in the GEMM would poison dW
+    if (mask.has_value()) rows = rows.masked_fill(prep.mask.logical_not().unsqueeze(1), 0);
+    grad_weight.addmm_(grad_y[p].t(), rows);
     grad_student[layers[p]].addmm_(grad_y[p], weight_acc);
   }
   const at::Tensor grad_bias =
