@@ -1,6 +1,7 @@
 // CUDA registration of mpdistil_C::meta_teacher_loss_fwd/_bwd: the shared GEMM orchestration of
 // csrc/meta_teacher.h (cuBLAS through ATen) with the row kernels of meta_teacher.cu on the current stream.
 #include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -22,17 +23,20 @@ struct CudaRowKernels final : mt::RowKernels {
     mpdistil::cuda::launch_meta_teacher_softmax(z.data_ptr(), labels.data_ptr<int64_t>(), batch, z.size(1),
                                                 coefficients, dz.data_ptr(), row_loss.data_ptr(),
                                                 z.scalar_type() == at::kDouble, c10::cuda::getCurrentCUDAStream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
     return row_loss.sum();
   }
 
   void gelu(const at::Tensor& pre, at::Tensor& act) const override {
     mpdistil::cuda::launch_gelu_forward(pre.data_ptr(), act.data_ptr(), pre.numel(), pre.scalar_type() == at::kDouble,
                                         c10::cuda::getCurrentCUDAStream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 
   void gelu_grad(const at::Tensor& pre, const at::Tensor& grad_act, at::Tensor& grad_pre) const override {
     mpdistil::cuda::launch_gelu_grad(pre.data_ptr(), grad_act.data_ptr(), grad_pre.data_ptr(), pre.numel(),
                                      pre.scalar_type() == at::kDouble, c10::cuda::getCurrentCUDAStream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 };
 
