@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from mpdistil_fast.kernels.device import on_input_device
 from mpdistil_fast.kernels.kd_kl_div import (_block, _gradients, _online_softmax_block, _row_outputs, _this_row,
                                              _unit_stride_rows, launch_forward_grad)
 
@@ -110,10 +111,10 @@ def _jsd_row_gradients(a_row, b_row, grad_a_row, grad_b_row, vocab, inv_t, beta,
 
 
 @triton.jit
-def _kd_jsd_fwd_kernel(a_ptr, b_ptr, jsd_ptr, stats_ptr, vocab, stride_a, stride_b, temperature, beta,
-                       BLOCK: tl.constexpr, IS_FP64: tl.constexpr):
+def _kd_jsd_fwd_kernel(a_ptr, b_ptr, jsd_ptr, stats_ptr, vocab, stride_a, stride_b, temperature: tl.float64,
+                       beta: tl.float64, BLOCK: tl.constexpr, IS_FP64: tl.constexpr):
     row, a_row, b_row, inv_t = _this_row(a_ptr, b_ptr, stride_a, stride_b, temperature, IS_FP64)
-    beta = tl.zeros([], tl.float64 if IS_FP64 else tl.float32) + beta
+    beta = (tl.zeros([], tl.float64) + beta).to(tl.float64 if IS_FP64 else tl.float32)
     loss_p, loss_q, max_a, log_sum_a, max_b, log_sum_b = _jsd_row_statistics(a_row, b_row, vocab, inv_t, beta,
                                                                              BLOCK, IS_FP64)
     _store_jsd_row(jsd_ptr, stats_ptr, row, loss_p, loss_q, max_a, log_sum_a, max_b, log_sum_b)
@@ -121,11 +122,11 @@ def _kd_jsd_fwd_kernel(a_ptr, b_ptr, jsd_ptr, stats_ptr, vocab, stride_a, stride
 
 @triton.jit
 def _kd_jsd_bwd_kernel(grad_jsd_ptr, a_ptr, b_ptr, stats_ptr, grad_a_ptr, grad_b_ptr, vocab, stride_a, stride_b,
-                       temperature, beta, BLOCK: tl.constexpr, IS_FP64: tl.constexpr, NEED_GRAD_A: tl.constexpr,
-                       NEED_GRAD_B: tl.constexpr):
+                       temperature: tl.float64, beta: tl.float64, BLOCK: tl.constexpr, IS_FP64: tl.constexpr,
+                       NEED_GRAD_A: tl.constexpr, NEED_GRAD_B: tl.constexpr):
     acc_dtype = tl.float64 if IS_FP64 else tl.float32
     row, a_row, b_row, inv_t = _this_row(a_ptr, b_ptr, stride_a, stride_b, temperature, IS_FP64)
-    beta = tl.zeros([], acc_dtype) + beta
+    beta = (tl.zeros([], tl.float64) + beta).to(acc_dtype)
     stats_row = stats_ptr + row * 6
     _jsd_row_gradients(a_row, b_row, grad_a_ptr + row * vocab, grad_b_ptr + row * vocab, vocab, inv_t, beta,
                        tl.load(grad_jsd_ptr + row).to(acc_dtype), tl.load(stats_row + 0).to(acc_dtype),
@@ -135,18 +136,19 @@ def _kd_jsd_bwd_kernel(grad_jsd_ptr, a_ptr, b_ptr, stats_ptr, grad_a_ptr, grad_b
 
 
 @triton.jit
-def _kd_jsd_fwd_grad_kernel(a_ptr, b_ptr, jsd_ptr, stats_ptr, row_weight_ptr, weight, grad_a_ptr, grad_b_ptr, vocab,
-                            stride_a, stride_b, temperature, beta, BLOCK: tl.constexpr, IS_FP64: tl.constexpr,
+def _kd_jsd_fwd_grad_kernel(a_ptr, b_ptr, jsd_ptr, stats_ptr, row_weight_ptr, weight: tl.float64, grad_a_ptr,
+                            grad_b_ptr, vocab, stride_a, stride_b, temperature: tl.float64, beta: tl.float64,
+                            BLOCK: tl.constexpr, IS_FP64: tl.constexpr,
                             HAS_ROW_WEIGHT: tl.constexpr, NEED_GRAD_A: tl.constexpr, NEED_GRAD_B: tl.constexpr):
     """Forward and gradients in one launch for the row weight ``weight * row_weight[row]``: the row's statistics,
     then at once its gradients (the row's later reads come from L2, just read)."""
     acc_dtype = tl.float64 if IS_FP64 else tl.float32
     row, a_row, b_row, inv_t = _this_row(a_ptr, b_ptr, stride_a, stride_b, temperature, IS_FP64)
-    beta = tl.zeros([], acc_dtype) + beta
+    beta = (tl.zeros([], tl.float64) + beta).to(acc_dtype)
     loss_p, loss_q, max_a, log_sum_a, max_b, log_sum_b = _jsd_row_statistics(a_row, b_row, vocab, inv_t, beta,
                                                                              BLOCK, IS_FP64)
     _store_jsd_row(jsd_ptr, stats_ptr, row, loss_p, loss_q, max_a, log_sum_a, max_b, log_sum_b)
-    grad_row = tl.zeros([], acc_dtype) + weight
+    grad_row = (tl.zeros([], tl.float64) + weight).to(acc_dtype)
     if HAS_ROW_WEIGHT:
         grad_row = grad_row * tl.load(row_weight_ptr + row).to(acc_dtype)
     _jsd_row_gradients(a_row, b_row, grad_a_ptr + row * vocab, grad_b_ptr + row * vocab, vocab, inv_t, beta,
@@ -154,6 +156,7 @@ def _kd_jsd_fwd_grad_kernel(a_ptr, b_ptr, jsd_ptr, stats_ptr, row_weight_ptr, we
                        NEED_GRAD_B)
 
 
+@on_input_device
 def kd_jsd_fwd(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float,
                beta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row generalized JSD ``[N]`` and statistics ``[N, 6]`` of ``[N, V]`` logits."""
@@ -166,6 +169,7 @@ def kd_jsd_fwd(teacher_logits: torch.Tensor, student_logits: torch.Tensor, tempe
     return jsd, stats
 
 
+@on_input_device
 def kd_jsd_bwd(grad_jsd: torch.Tensor, teacher_logits: torch.Tensor, student_logits: torch.Tensor,
                stats: torch.Tensor, temperature: float, beta: float, need_grad_teacher: bool,
                need_grad_student: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -181,6 +185,7 @@ def kd_jsd_bwd(grad_jsd: torch.Tensor, teacher_logits: torch.Tensor, student_log
     return grad_a, grad_b
 
 
+@on_input_device
 def kd_jsd_fwd_grad(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float, beta: float,
                     row_weight: torch.Tensor | None, weight: float, need_grad_teacher: bool,
                     need_grad_student: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

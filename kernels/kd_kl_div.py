@@ -14,15 +14,18 @@ import torch
 import triton
 import triton.language as tl
 
+from mpdistil_fast.kernels.device import on_input_device
+
 STATS_PER_ROW = 5
 MAX_BLOCK = 4096
 
 
 @triton.jit
 def _this_row(a_ptr, b_ptr, stride_a, stride_b, temperature, IS_FP64: tl.constexpr):
-    """(row index, its a and b pointers, 1/T in the accumulation type) of this program."""
+    """(row index, its a and b pointers, 1/T in the accumulation type) of this program.  T arrives as float64
+    (the kernels annotate it: a plain Python float argument reaches a kernel as float32)."""
     row = tl.program_id(0).to(tl.int64)
-    inv_t = 1.0 / (tl.zeros([], tl.float64 if IS_FP64 else tl.float32) + temperature)
+    inv_t = (tl.full([], 1.0, tl.float64) / temperature).to(tl.float64 if IS_FP64 else tl.float32)
     return row, a_ptr + row * stride_a, b_ptr + row * stride_b, inv_t
 
 
@@ -107,7 +110,7 @@ def _row_gradients(a_row, b_row, grad_a_row, grad_b_row, vocab, inv_t, grad_row,
 
 
 @triton.jit
-def _kd_kl_div_fwd_kernel(a_ptr, b_ptr, kl_ptr, stats_ptr, vocab, stride_a, stride_b, temperature,
+def _kd_kl_div_fwd_kernel(a_ptr, b_ptr, kl_ptr, stats_ptr, vocab, stride_a, stride_b, temperature: tl.float64,
                           BLOCK: tl.constexpr, IS_FP64: tl.constexpr):
     row, a_row, b_row, inv_t = _this_row(a_ptr, b_ptr, stride_a, stride_b, temperature, IS_FP64)
     kl, max_a, log_sum_a, max_b, log_sum_b, mean_diff = _row_statistics(a_row, b_row, vocab, inv_t, BLOCK, IS_FP64)
@@ -116,7 +119,7 @@ def _kd_kl_div_fwd_kernel(a_ptr, b_ptr, kl_ptr, stats_ptr, vocab, stride_a, stri
 
 @triton.jit
 def _kd_kl_div_bwd_kernel(grad_kl_ptr, a_ptr, b_ptr, stats_ptr, grad_a_ptr, grad_b_ptr, vocab, stride_a,
-                          stride_b, temperature, BLOCK: tl.constexpr, IS_FP64: tl.constexpr,
+                          stride_b, temperature: tl.float64, BLOCK: tl.constexpr, IS_FP64: tl.constexpr,
                           NEED_GRAD_A: tl.constexpr, NEED_GRAD_B: tl.constexpr):
     acc_dtype = tl.float64 if IS_FP64 else tl.float32
     row, a_row, b_row, inv_t = _this_row(a_ptr, b_ptr, stride_a, stride_b, temperature, IS_FP64)
@@ -129,9 +132,9 @@ def _kd_kl_div_bwd_kernel(grad_kl_ptr, a_ptr, b_ptr, stats_ptr, grad_a_ptr, grad
 
 
 @triton.jit
-def _kd_kl_div_fwd_grad_kernel(a_ptr, b_ptr, kl_ptr, stats_ptr, row_weight_ptr, weight, grad_a_ptr, grad_b_ptr,
-                               vocab, stride_a, stride_b, temperature, BLOCK: tl.constexpr, IS_FP64: tl.constexpr,
-                               HAS_ROW_WEIGHT: tl.constexpr, NEED_GRAD_A: tl.constexpr,
+def _kd_kl_div_fwd_grad_kernel(a_ptr, b_ptr, kl_ptr, stats_ptr, row_weight_ptr, weight: tl.float64, grad_a_ptr,
+                               grad_b_ptr, vocab, stride_a, stride_b, temperature: tl.float64, BLOCK: tl.constexpr,
+                               IS_FP64: tl.constexpr, HAS_ROW_WEIGHT: tl.constexpr, NEED_GRAD_A: tl.constexpr,
                                NEED_GRAD_B: tl.constexpr):
     """Forward and gradient in one pass over HBM: the row's statistics, then at once its gradients for the row
     weight ``weight * row_weight[row]`` (the second read of the row comes from L2, just read)."""
@@ -139,7 +142,7 @@ def _kd_kl_div_fwd_grad_kernel(a_ptr, b_ptr, kl_ptr, stats_ptr, row_weight_ptr, 
     row, a_row, b_row, inv_t = _this_row(a_ptr, b_ptr, stride_a, stride_b, temperature, IS_FP64)
     kl, max_a, log_sum_a, max_b, log_sum_b, mean_diff = _row_statistics(a_row, b_row, vocab, inv_t, BLOCK, IS_FP64)
     _store_row_statistics(kl_ptr, stats_ptr, row, kl, max_a, log_sum_a, max_b, log_sum_b, mean_diff)
-    grad_row = tl.zeros([], acc_dtype) + weight
+    grad_row = (tl.zeros([], tl.float64) + weight).to(acc_dtype)
     if HAS_ROW_WEIGHT:
         grad_row = grad_row * tl.load(row_weight_ptr + row).to(acc_dtype)
     _row_gradients(a_row, b_row, grad_a_ptr + row * vocab, grad_b_ptr + row * vocab, vocab, inv_t, grad_row, max_a,
@@ -169,6 +172,7 @@ def _gradients(a: torch.Tensor, need_a: bool, need_b: bool) -> tuple[torch.Tenso
     return new(need_a), new(need_b)
 
 
+@on_input_device
 def kd_kl_div_fwd(p_logits: torch.Tensor, q_logits: torch.Tensor,
                   temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row KL(softmax(p/T) || softmax(q/T)) ``[N]`` and statistics ``[N, 5]`` of ``[N, V]`` logits."""
@@ -181,6 +185,7 @@ def kd_kl_div_fwd(p_logits: torch.Tensor, q_logits: torch.Tensor,
     return kl, stats
 
 
+@on_input_device
 def kd_kl_div_bwd(grad_kl: torch.Tensor, p_logits: torch.Tensor, q_logits: torch.Tensor, stats: torch.Tensor,
                   temperature: float, need_grad_p: bool,
                   need_grad_q: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -196,6 +201,7 @@ def kd_kl_div_bwd(grad_kl: torch.Tensor, p_logits: torch.Tensor, q_logits: torch
     return grad_p, grad_q
 
 
+@on_input_device
 def kd_kl_div_fwd_grad(p_logits: torch.Tensor, q_logits: torch.Tensor, temperature: float,
                        row_weight: torch.Tensor | None, weight: float, need_grad_p: bool,
                        need_grad_q: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -209,15 +215,12 @@ def launch_forward_grad(kernel, a_logits: torch.Tensor, b_logits: torch.Tensor, 
                         loss_args: tuple, row_weight: torch.Tensor | None, weight: float, need_grad_a: bool,
                         need_grad_b: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run a forward+gradient ``kernel`` (KL or JSD: arguments a, b, loss, stats, row_weight, weight, grad_a,
-    grad_b, vocab, stride_a, stride_b, *loss_args, then the constexprs) with one program per row; returns (per-row
-    loss, statistics, grad_a, grad_b).  A float argument reaches a kernel as float32, so for float64 logits a
-    weight other than 1 travels in float64 row weights instead."""
+    grad_b, vocab, stride_a, stride_b, *loss_args, then the constexprs; its float arguments annotated
+    ``tl.float64``) with one program per row; returns (per-row loss, statistics, grad_a, grad_b)."""
     a, b = _unit_stride_rows(a_logits), _unit_stride_rows(b_logits)
     rows, vocab = a.shape
     is_fp64, loss, stats = _row_outputs(a, stats_per_row)
     grad_a, grad_b = _gradients(a, need_grad_a, need_grad_b)
-    if is_fp64 and weight != 1.0:
-        row_weight, weight = torch.full_like(loss, weight) * (1.0 if row_weight is None else row_weight), 1.0
     if rows:
         kernel[(rows,)](a, b, loss, stats, loss if row_weight is None else row_weight.contiguous(), weight, grad_a,
                         grad_b, vocab, a.stride(0), b.stride(0), *loss_args, BLOCK=_block(vocab), IS_FP64=is_fp64,

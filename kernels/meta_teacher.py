@@ -21,6 +21,7 @@ from torch import Tensor
 
 from mpdistil_fast.ops.common import accumulation_dtype
 
+from .device import on_input_device
 from .grid_sync import barrier_counters, grid_barrier, persistent_programs
 
 BLOCK_M, BLOCK_N, BLOCK_K = 16, 32, 32
@@ -271,6 +272,7 @@ def _as(acc: torch.dtype, tensor: Tensor) -> Tensor:
     return tensor.to(acc).contiguous()
 
 
+@on_input_device
 def meta_teacher_loss_fwd(h_teacher: Tensor, h_student: Tensor, proj_weight: Optional[Tensor],
                           proj_bias: Optional[Tensor], w1: Tensor, b1: Tensor, w2: Optional[Tensor],
                           b2: Optional[Tensor], labels: Tensor, competitive: bool):
@@ -298,6 +300,7 @@ def meta_teacher_loss_fwd(h_teacher: Tensor, h_student: Tensor, proj_weight: Opt
     return loss, z_t, z_s, dz, hidden_pre, projected
 
 
+@on_input_device
 def meta_teacher_loss_bwd(grad_loss: Tensor, dlogits: Tensor, h_teacher: Tensor, h_student: Tensor,
                           proj_weight: Optional[Tensor], proj_bias: Optional[Tensor], w1: Tensor,
                           w2: Optional[Tensor], hidden_pre: Tensor, projected: Tensor, need_h_teacher: bool,

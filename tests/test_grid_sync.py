@@ -1,6 +1,9 @@
-"""The grid barrier of the persistent Triton kernels (kernels/grid_sync.py): every program sees every store made
-before the barrier, the counters come back to their starting state, and the barrier can be passed repeatedly."""
+"""The launch machinery of the Triton kernels: the grid barrier of the persistent kernels (kernels/grid_sync.py):
+every program sees every store made before the barrier, the counters come back to their starting state, and the
+barrier can be passed repeatedly; and the device the host functions launch on (kernels/device.py)."""
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import torch
@@ -8,6 +11,7 @@ import torch
 triton = pytest.importorskip("triton")  # tests/conftest.py chose the interpreter before this import on a CPU
 import triton.language as tl  # noqa: E402
 
+from mpdistil_fast.kernels.device import on_input_device  # noqa: E402
 from mpdistil_fast.kernels.grid_sync import barrier_counters, grid_barrier, persistent_programs  # noqa: E402
 
 
@@ -48,3 +52,24 @@ def test_every_program_sees_every_store(n_items):
     assert counters.tolist() == [0, generation + 10]
     if device.type == "cuda":
         assert programs == min(n_items, torch.cuda.get_device_properties(device).multi_processor_count)
+
+
+def test_host_functions_launch_on_their_tensors_device(monkeypatch):
+    """A Triton launch uses the current device: the host functions make their first tensor's CUDA device current
+    (a fake tensor on cuda:1 stands in for a second GPU) and leave CPU tensors alone (the interpreter)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    entered = []
+    monkeypatch.setattr(torch.cuda, "device", lambda device: entered.append(device) or contextlib.nullcontext())
+    launcher = on_input_device(lambda scale, logits: (scale, logits.device))
+    with FakeTensorMode():
+        on_second_gpu = torch.empty(2, device="cuda:1")
+    assert launcher(2.0, on_second_gpu) == (2.0, torch.device("cuda:1")) and entered == [torch.device("cuda:1")]
+    assert launcher(2.0, torch.empty(2))[1] == torch.device("cpu") and len(entered) == 1
+    from mpdistil_fast.kernels import hidden_mse, kd_jsd, kd_kl_div, meta_teacher
+    for module, names in ((kd_kl_div, ("kd_kl_div_fwd", "kd_kl_div_bwd", "kd_kl_div_fwd_grad")),
+                          (kd_jsd, ("kd_jsd_fwd", "kd_jsd_bwd", "kd_jsd_fwd_grad")),
+                          (hidden_mse, ("hidden_mse_fwd", "hidden_mse_bwd")),
+                          (meta_teacher, ("meta_teacher_loss_fwd", "meta_teacher_loss_bwd"))):
+        for name in names:  # every host function that launches is wrapped
+            assert getattr(module, name).__code__ is on_input_device(len).__code__, name
