@@ -187,6 +187,7 @@ def main() -> None:
                                  f" taking {kernel_ms:.3f} ms = {kernel_gbps:.0f} GB/s = {kernel_gbps / copy_gbps:.0%}"
                                  " of copy")
             rows.append(row)
+        write_csv(rows, "kd_kl_div")  # after every case: a run stopped by a time limit keeps what it measured
         del student, teacher
     print_table(rows, ("x", "provider", "p50", "p20", "p80", "unit", "extra"))
     print(f"machine: {rows[0]['device']}, torch {torch.__version__}")

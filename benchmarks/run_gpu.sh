@@ -3,7 +3,8 @@
 # build the CUDA kernels, run the GPU tests, time every fused kernel, print a short table, keep the CSV/PNG.
 #
 #   bash benchmarks/run_gpu.sh [SECONDS]   # stop starting steps after SECONDS (default 540); results in
-#                                          # benchmarks/results/, logs + results as $OUT/gpu_run.tar.gz when set
+#                                          # benchmarks/results/gpu/ (emptied first: only this run's rows),
+#                                          # logs + results as $OUT/gpu_run.tar.gz when set
 #
 # Liger-Kernel (a baseline of the KD benchmarks) is installed from .whl/ when present: run
 # benchmarks/fetch_gpu_wheels.sh here first and carry .whl to a machine that cannot reach PyPI.
@@ -17,7 +18,10 @@ export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16
 export TORCH_EXTENSIONS_DIR=$PWD/.torch_extensions TRITON_CACHE_DIR=$PWD/.triton_cache PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 PY=${PYTHON:-python3}
 DEADLINE=$((SECONDS + ${1:-540}))
-LOGS=benchmarks/results/gpu_logs
+# this run's results only (benchmarks/harness.py writes there), never the committed CPU tables beside them
+export MPDISTIL_BENCH_RESULTS=$PWD/benchmarks/results/gpu
+rm -rf "$MPDISTIL_BENCH_RESULTS"
+LOGS=$MPDISTIL_BENCH_RESULTS/logs
 mkdir -p "$LOGS"
 status=0
 # step NAME CAP COMMAND...: run with a timeout of CAP seconds or what is left before the deadline (less 10 s).
@@ -27,7 +31,7 @@ step() {
   (( left < cap )) && cap=$left
   echo; echo "=== $name ($(date +%T), up to ${cap}s)"
   if (( cap < 15 )); then echo "SKIPPED: no time left"; status=1; return 1; fi
-  timeout "$cap" "$@" 2>&1 | tee "$LOGS/$name.log"
+  timeout -k 10 "$cap" "$@" 2>&1 | tee "$LOGS/$name.log"
   local rc=${PIPESTATUS[0]}
   (( rc != 0 )) && { echo "STEP $name FAILED (exit $rc)"; status=1; }
   return "$rc"
@@ -42,29 +46,32 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv,noheader
 $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 
-step build 270 $PY setup.py -q build_ext --inplace || { echo "BUILD FAILED"; tar czf "${OUT:-/tmp}/gpu_run.tar.gz" "$LOGS"; exit 1; }
+# a failed build still leaves the Triton backends (they need no extension) to test and time
+step build 270 $PY setup.py -q build_ext --inplace || echo "BUILD FAILED: going on with what runs without it"
 # An uninstalled checkout has kernels/ but no mpdistil_fast.kernels (setup.py maps it on install): link it.
 $PY -c "import mpdistil_fast.kernels" 2>/dev/null || ln -sfn ../kernels mpdistil_fast/kernels
 $PY -c "from mpdistil_fast.backends import available_backends as a; [print(op, {k: v.available or v.reason for k, v in a(op, 'cuda').items()}) for op in ('kd_kl_div', 'kd_jsd', 'hidden_mse', 'meta_teacher_loss')]"
 XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8")
-step tests 200 $PY -m pytest -q -m gpu $XDIST -p no:cacheprovider --tb=short -rf tests/test_kd_kl_div.py tests/test_hidden_mse.py tests/test_meta_teacher.py tests/test_grid_sync.py
+# a kernel that hangs (the row-resident cluster kernel has not run on a GPU yet) fails its test, not the step
+TIMEOUT=$($PY -c "import pytest_timeout" 2>/dev/null && echo "--timeout=90 --timeout-method=thread")
+step tests 200 $PY -m pytest -q -m gpu $XDIST $TIMEOUT -p no:cacheprovider --tb=short -rf tests/test_kd_kl_div.py tests/test_hidden_mse.py tests/test_meta_teacher.py tests/test_grid_sync.py
 step bench_kd 200 $PY benchmarks/bench_kd_kl_div.py --reps 30 --losses kl,jsd --dtypes float32,bfloat16
 step bench_meta 90 $PY benchmarks/bench_meta_teacher.py --no-compile
 step bench_hidden 90 $PY benchmarks/bench_hidden_mse.py --no-compile --reps 20
 
 echo; echo "=== summary"
 grep -h "passed\|failed\|MISMATCH" "$LOGS"/tests.log "$LOGS"/bench_*.log 2>/dev/null | tail -20
-for csv in benchmarks/results/kd_kl_div.csv benchmarks/results/hidden_mse.csv benchmarks/results/meta_teacher.csv; do
+for csv in "$MPDISTIL_BENCH_RESULTS"/{kd_kl_div,hidden_mse,meta_teacher}.csv; do
   [ -f "$csv" ] && $PY -c "
 import csv, sys
 for r in csv.DictReader(open(sys.argv[1])):
     extra = r['extra']
     kernels = extra.find('kernels=')  # the kernel count and time, with the fraction of copy bandwidth, when there
-    print(r['kernel_name'][:10], r['provider'][:24].ljust(24), r['mode'][:4], r['x'][:28].ljust(28), r['p50'].rjust(9), r['unit'],
-          extra[kernels:] if kernels >= 0 else extra[:70])
+    print(r['device'][:20], r['kernel_name'][:10], r['provider'][:24].ljust(24), r['mode'][:4], r['x'][:28].ljust(28),
+          r['p50'].rjust(9), r['unit'], extra[kernels:] if kernels >= 0 else extra[:70])
 " "$csv"
 done
 if [ -n "${OUT:-}" ]; then
-  tar czf "$OUT/gpu_run.tar.gz" "$LOGS" benchmarks/results/*.csv benchmarks/results/*.png 2>/dev/null
+  tar czf "$OUT/gpu_run.tar.gz" -C benchmarks/results gpu
 fi
 exit $status
