@@ -153,9 +153,10 @@ class Run:
     # ------------------------------------------------------------------------------------------- setup
 
     def _claim_output_dir(self, overwrite: bool) -> None:
-        """Refuse (or with ``overwrite`` delete, on rank 0) an earlier run's outputs in ``output_dir``."""
+        """Refuse (or with ``overwrite`` delete, on rank 0) an earlier run's outputs in ``output_dir``.  Rank 0's look
+        decides for every rank: another rank could look after rank 0 deleted them, and skip the barrier."""
         earlier = [self.output_dir / name for name in RUN_OUTPUTS if (self.output_dir / name).exists()]
-        if not earlier:
+        if not self.runtime.from_main(int(bool(earlier))):
             return
         if not overwrite:
             raise ConfigError(f"output_dir {self.output_dir} holds an earlier run "
