@@ -1,6 +1,7 @@
 """meta_teacher_loss / MetaTeacher: every backend against an independent float64 formula, gradients, bad inputs."""
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -158,6 +159,11 @@ def test_module_interface(backend):
     assert torch.allclose(mt.logits(h_t), out.teacher_logits, atol=1e-5)
     assert mt.logits(h_t).requires_grad
     assert mpdistil_fast.MetaTeacher(8, 2, student_features=8).student_projection is None
+    # representations in another dtype than the module's (an fp32 teacher cache beside a bf16 engine) are cast to it
+    half = copy.deepcopy(mt).bfloat16()
+    mixed = half(h_t, h_s.bfloat16(), labels, mode="competitive")
+    same = half(h_t.bfloat16(), h_s.bfloat16(), labels, mode="competitive")
+    assert torch.equal(mixed.loss, same.loss) and torch.equal(half.logits(h_s), half.logits(h_s.bfloat16()))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -65,7 +65,9 @@ class MetaTeacher(nn.Module):
         return None if self.student_projection is None else self._per_example(self.student_projection)
 
     def _rows(self, name: str, h: Tensor) -> Tensor:
-        """``h`` as the fused op's rows: for multiple choice ``[B, C, H]`` -> ``[B, C * H]``."""
+        """``h`` as the fused op's rows, in this module's dtype (a representation may come in another, e.g. an fp32
+        teacher cache beside a bf16 DeepSpeed engine): for multiple choice ``[B, C, H]`` -> ``[B, C * H]``."""
+        h = h.to(next(self.parameters()).dtype)
         if not self.multiple_choice:
             return h
         if h.dim() != 3 or h.shape[1] != self.num_labels:
