@@ -452,7 +452,8 @@ def test_two_ranks_run_with_the_shipped_configs(tmp_path, data_dir, method, stag
     pytest.importorskip("deepspeed")
     pytest.importorskip("accelerate")
     teacher = make_tiny_teacher(tmp_path / "teacher")
-    runtime = {"kind": "deepspeed", "device": "auto"}
+    # MPDistil with the disk cache: its fp32 pooled states meet bf16 meta-teachers (MetaDistil: the memory cache)
+    runtime = {"kind": "deepspeed", "device": "auto", "teacher_cache": "disk" if method == "mpdistil" else "memory"}
     if student_json is not None:
         (tmp_path / "student.json").write_text(json.dumps(student_json))
         runtime["deepspeed_student"] = str(tmp_path / "student.json")

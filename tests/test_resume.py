@@ -14,7 +14,7 @@ import torch
 
 from mpdistil_fast.pipeline.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from mpdistil_fast.pipeline.config import load_config
-from mpdistil_fast.pipeline.trainer import Run
+from mpdistil_fast.pipeline.trainer import Run, take_floating_dtype
 from pipeline_helpers import make_tiny_teacher, restore_torch_threads, write_config  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,3 +141,13 @@ def test_resume_restores_each_module_s_train_or_eval_mode(tmp_path, data_dir):
                  if not torch.equal(value, resumed[component][name])]
     assert not differing, differing
     assert _metric_records(tmp_path / "resumed") == _metric_records(tmp_path / "reference")
+
+
+def test_a_rebuilt_model_takes_its_checkpoint_s_dtype():
+    """A DeepSpeed engine casts its module to bf16; resumed after its stage (the curriculum's meta-teachers get no
+    engine again) the rebuilt fp32 model is cast back, so it computes as it did; mixed dtypes are left alone."""
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.LayerNorm(2))
+    take_floating_dtype(model, {name: value.bfloat16() for name, value in model.state_dict().items()})
+    assert {parameter.dtype for parameter in model.parameters()} == {torch.bfloat16}
+    take_floating_dtype(model, {"0.weight": torch.zeros(2, 3), "1.weight": torch.zeros(2, dtype=torch.float64)})
+    assert {parameter.dtype for parameter in model.parameters()} == {torch.bfloat16}

@@ -55,6 +55,15 @@ def training_modes(model: nn.Module) -> str:
     return "".join("1" if module.training else "0" for module in model.modules())
 
 
+def take_floating_dtype(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Cast ``model`` to the one floating dtype of its checkpointed ``weights`` when it differs: a DeepSpeed engine
+    casts its module (bf16/fp16), and a model rebuilt on resume is fp32 until a new engine, if any, takes it (the
+    meta-teachers of the curriculum get none)."""
+    dtypes = {tensor.dtype for tensor in weights.values() if tensor.is_floating_point()}
+    if len(dtypes) == 1 and (dtype := dtypes.pop()) != next(model.parameters()).dtype:
+        model.to(dtype)
+
+
 def set_training_modes(model: nn.Module, modes: str) -> None:
     """Restore :func:`training_modes`."""
     modules = list(model.modules())
@@ -307,7 +316,10 @@ class Run:
         if "meta_teachers" in tensors:
             self.build_meta_teachers()
         for name, model in self._models().items():
-            self.runtime.write_weights(model, unflatten_state_dict(tensors[name], state["meta"][name]))
+            weights = unflatten_state_dict(tensors[name], state["meta"][name])
+            if not is_partitioned(model):
+                take_floating_dtype(model, weights)
+            self.runtime.write_weights(model, weights)
             if name in state.get("modes", {}):
                 set_training_modes(model, state["modes"][name])
         timings = self.state["timings"]
