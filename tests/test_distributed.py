@@ -79,6 +79,20 @@ def test_config_validation_for_deepspeed(tmp_path, data_dir):
     assert config.runtime.deepspeed_teacher.endswith("z3.json")
 
 
+def test_the_batch_must_split_evenly_over_the_ranks(tmp_path, data_dir):
+    """An uneven split pads ranks with repeated rows (same shapes keep ZeRO-3's collectives and the ranks' dropout
+    in step), which would count twice in the step's mean gradient: refused before any data or model loads."""
+    from mpdistil_fast.pipeline.trainer import Run
+
+    class TwoRanks:
+        world_size, rank, is_main = 2, 0, True
+
+    config = load_config(write_config(tmp_path / "c.yaml", tmp_path / "no-teacher", data_dir, tmp_path / "run", "kd",
+                                      data={"batch_size": 7}))
+    with pytest.raises(ConfigError, match="data.batch_size 7 is not a multiple of the 2 ranks"):
+        Run(config, runtime=TwoRanks())
+
+
 def test_cli_accepts_the_deepspeed_launcher_s_local_rank():
     from mpdistil_fast.cli import _parser
 

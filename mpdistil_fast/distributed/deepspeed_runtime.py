@@ -10,8 +10,10 @@ weights (checkpoints, the best-so-far snapshot) goes through :meth:`DeepSpeedRun
 :meth:`DeepSpeedRuntime.write_weights`, which gather its parameters a chunk at a time. The training loop is
 the one :class:`~mpdistil_fast.distributed.LocalRuntime` drives: every rank walks the same deterministic batch
 stream and takes its contiguous slice of each global batch (:meth:`DeepSpeedRuntime.local_rows`), so with
-``data.batch_size`` divisible by the world size an optimizer step sees the same rows, and averages the same
-gradient, as a one-process run of that batch size (Li et al., "PyTorch Distributed", VLDB 2020). Evaluation passes
+``data.batch_size`` divisible by the world size (the pipeline refuses other sizes) an optimizer step sees the same
+rows, and averages the same gradient, as a one-process run of that batch size (Li et al., "PyTorch Distributed",
+VLDB 2020) -- except an epoch's last, smaller batch when the ranks do not divide it: its slices are padded with
+repeated rows, which count twice in that step's mean. Evaluation passes
 (predictions, the in-memory teacher-output cache) are shared out: each rank computes its share of the rows and the
 ranks all-gather them (:meth:`DeepSpeedRuntime.rank_rows`, :meth:`DeepSpeedRuntime.gather_rows`); rank 0 alone logs,
 reports and writes checkpoints, except each engine's partitioned optimizer state, which every rank writes with

@@ -129,6 +129,10 @@ class Run:
                                "student": config.runtime.deepspeed_student},
             batch_size=config.data.batch_size)
         self.is_main = self.runtime.is_main
+        if config.data.batch_size % self.runtime.world_size:
+            raise ConfigError(f"data.batch_size {config.data.batch_size} is not a multiple of the "
+                              f"{self.runtime.world_size} ranks: each rank's slice would be padded with repeated rows, "
+                              "which then count twice in every step's mean")
         if checkpoint is None and not resume:
             self._claim_output_dir(overwrite)
         self.tasks = curriculum_tasks(config)
