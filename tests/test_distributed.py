@@ -93,6 +93,15 @@ def test_the_batch_must_split_evenly_over_the_ranks(tmp_path, data_dir):
         Run(config, runtime=TwoRanks())
 
 
+def test_an_mpi_launch_without_torch_s_variables_is_refused(monkeypatch):
+    """DeepSpeed's MPI/Slurm runners set no RANK/WORLD_SIZE: each process would otherwise run alone as rank 0."""
+    pytest.importorskip("deepspeed")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
+    with pytest.raises(RuntimeError, match="one of several started by MPI or Slurm"):
+        DeepSpeedRuntime({"teacher": {}, "student": {}})
+
+
 def test_cli_accepts_the_deepspeed_launcher_s_local_rank():
     from mpdistil_fast.cli import _parser
 

@@ -296,6 +296,22 @@ def load_state_dict_pre_hooks_applied(module: nn.Module, state: Mapping[str, tor
     return state
 
 
+#: Set by MPI and Slurm launchers (DeepSpeed's OpenMPI, MPICH, Intel MPI and Slurm runners start processes this
+#: way) to the number of processes they started.
+MPI_WORLD_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_STEP_NUM_TASKS")
+
+
+def _refuse_mpi_launch() -> None:
+    """Without torch.distributed's variables each process of an MPI/Slurm launch would run alone as rank 0 (all of
+    them writing the same output_dir): refuse it, saying how to launch."""
+    started = {name: os.environ[name] for name in MPI_WORLD_VARIABLES
+               if os.environ.get(name, "").isdigit() and int(os.environ[name]) > 1}
+    if started:
+        raise RuntimeError(f"this process is one of several started by MPI or Slurm ({started}) but RANK / WORLD_SIZE "
+                           "are not set: launch with torchrun or the deepspeed launcher's default runner, or export "
+                           "RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT for each process")
+
+
 class DeepSpeedRuntime:
     """One process per device, data parallel over DeepSpeed engines (ZeRO-3 teacher, ZeRO 0-2 student).
 
@@ -318,6 +334,7 @@ class DeepSpeedRuntime:
         if num_threads is not None:
             torch.set_num_threads(num_threads)
         if "WORLD_SIZE" not in os.environ:  # not started by a launcher: one rank, on a free local port
+            _refuse_mpi_launch()
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                               MASTER_PORT=os.environ.get("MASTER_PORT") or str(free_port()))
         deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
