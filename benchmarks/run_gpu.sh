@@ -54,7 +54,7 @@ $PY -c "from mpdistil_fast.backends import available_backends as a; [print(op, {
 XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8")
 # a kernel that hangs (the row-resident cluster kernel has not run on a GPU yet) fails its test, not the step
 TIMEOUT=$($PY -c "import pytest_timeout" 2>/dev/null && echo "--timeout=90 --timeout-method=thread")
-step tests 200 $PY -m pytest -q -m gpu $XDIST $TIMEOUT -p no:cacheprovider --tb=short -rf tests/test_kd_kl_div.py tests/test_hidden_mse.py tests/test_meta_teacher.py tests/test_grid_sync.py
+step tests 200 $PY -m pytest -q -m gpu $XDIST $TIMEOUT -p no:cacheprovider --tb=short -rf tests/test_kd_kl_div.py tests/test_hidden_mse.py tests/test_meta_teacher.py tests/test_grid_sync.py tests/test_checkpoint.py
 step bench_kd 200 $PY benchmarks/bench_kd_kl_div.py --reps 30 --losses kl,jsd --dtypes float32,bfloat16
 step bench_meta 90 $PY benchmarks/bench_meta_teacher.py --no-compile
 step bench_hidden 90 $PY benchmarks/bench_hidden_mse.py --no-compile --reps 20

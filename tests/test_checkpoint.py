@@ -18,6 +18,7 @@ from mpdistil_fast.pipeline.checkpoint import (capture_rng_state, checkpoint_dir
                                                latest_checkpoint, list_checkpoints, load_checkpoint,
                                                prune_checkpoints, restore_rng_state, save_checkpoint,
                                                unflatten_state_dict)
+from tests.helpers import gpu_test
 
 
 def _training(seed: int = 0):
@@ -65,6 +66,30 @@ def test_resumed_training_equals_uninterrupted_training(tmp_path):
     for a, b in zip(model.parameters(), reference[0].parameters()):
         assert torch.equal(a, b)
     assert scheduler.get_last_lr() == reference[2].get_last_lr()
+
+
+def test_rng_state_keeps_the_run_s_cuda_device_only(monkeypatch):
+    """The CUDA generator saved and restored is the run's device's (a rank's own GPU), never every device's:
+    restoring all of rank 0's would give rank k rank 0's untouched generator of device k."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: calls.append(("get", device)) or
+                        torch.arange(4, dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "set_rng_state",
+                        lambda state, device: calls.append(("set", device, state.tolist())))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: calls.append(("set_all",)))
+    assert "cuda_device" not in capture_rng_state(torch.device("cpu")) and not calls
+    state = capture_rng_state(torch.device("cuda", 1))
+    restore_rng_state(state, torch.device("cuda", 1))
+    assert calls == [("get", torch.device("cuda", 1)), ("set", torch.device("cuda", 1), [0, 1, 2, 3])]
+
+
+@gpu_test
+def test_cuda_rng_state_round_trip():
+    device = torch.device("cuda")
+    state = capture_rng_state(device)
+    drawn = torch.rand(8, device=device)
+    restore_rng_state(state, device)
+    assert torch.equal(torch.rand(8, device=device), drawn)
 
 
 def test_flatten_round_trips_nested_python_and_tensor_state():

@@ -96,21 +96,25 @@ def _hashable(key: Any) -> Any:
     return tuple(_hashable(item) for item in key) if isinstance(key, (list, tuple)) else key
 
 
-def capture_rng_state() -> dict:
-    """The Python, NumPy, torch CPU (and CUDA, when present) generator states, as a JSON-serialisable dict."""
+def capture_rng_state(device: torch.device | None = None) -> dict:
+    """The Python, NumPy and torch CPU generator states, and that of the CUDA ``device`` the run computes on, as a
+    JSON-serialisable dict.  Only that device's: each data-parallel rank draws on its own device in step with rank
+    0 (same seed, same draws), whose saved state is then every rank's (all devices' states would give rank k rank
+    0's untouched generator of device k)."""
     version, internal, gauss = random.getstate()
     name, keys, position, has_gauss, cached = np.random.get_state()
     encode = lambda tensor: base64.b64encode(tensor.numpy().tobytes()).decode("ascii")  # noqa: E731
     state = {"python": [version, list(internal), gauss],
              "numpy": [name, keys.tolist(), int(position), int(has_gauss), float(cached)],
              "torch": encode(torch.get_rng_state())}
-    if torch.cuda.is_available():
-        state["cuda"] = [encode(s) for s in torch.cuda.get_rng_state_all()]
+    if device is not None and device.type == "cuda":
+        state["cuda_device"] = encode(torch.cuda.get_rng_state(device))
     return state
 
 
-def restore_rng_state(state: dict) -> None:
-    """Restore the generators saved by :func:`capture_rng_state` (CUDA only when both sides have it)."""
+def restore_rng_state(state: dict, device: torch.device | None = None) -> None:
+    """Restore the generators saved by :func:`capture_rng_state`, the CUDA one onto ``device`` (when both sides have
+    one; a checkpoint written before per-device states restores every device's, as saved)."""
     missing = {"python", "numpy", "torch"} - set(state)
     if missing:
         raise ValueError(f"state lacks the RNG entries {sorted(missing)}")
@@ -120,7 +124,9 @@ def restore_rng_state(state: dict) -> None:
     name, keys, position, has_gauss, cached = state["numpy"]
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached))
     torch.set_rng_state(decode(state["torch"]))
-    if "cuda" in state and torch.cuda.is_available():
+    if device is not None and device.type == "cuda" and "cuda_device" in state:
+        torch.cuda.set_rng_state(decode(state["cuda_device"]), device)
+    elif "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([decode(s) for s in state["cuda"]])
 
 

@@ -301,7 +301,7 @@ class Run:
                     tensors[name], meta[name] = flatten_state_dict(obj.state_dict())
             self.state["meta"] = meta
             self.state["modes"] = {name: training_modes(model) for name, model in self._models().items()}
-            self.state["rng"] = capture_rng_state()
+            self.state["rng"] = capture_rng_state(self.runtime.device)
             self.state["metrics_records"] = self.metrics.records_written
             save_checkpoint(target, tensors, self.state, folders={SHARDS_FOLDER: staging} if sharded else None,
                             linked=linked)
@@ -332,7 +332,7 @@ class Run:
         if self.teacher is not None and "teacher" in self.state["completed"]:
             self.teacher.eval().requires_grad_(False)
         if state["stage"] is None:
-            restore_rng_state(state["rng"])
+            restore_rng_state(state["rng"], self.runtime.device)
         else:
             self._pending = (tensors, state, path)
         LOG.info("loaded checkpoint %s (stage %s, step %d)", path, state["stage"] or "-", state["step"])
@@ -348,7 +348,7 @@ class Run:
                 obj.load_sharded(path / SHARDS_FOLDER / name)
             else:
                 obj.load_state_dict(unflatten_state_dict(tensors[name], state["meta"][name]))
-        restore_rng_state(state["rng"])
+        restore_rng_state(state["rng"], self.runtime.device)
 
     # ------------------------------------------------------------------------------------------- loop
 
