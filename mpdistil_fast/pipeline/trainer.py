@@ -160,10 +160,17 @@ class Run:
         self.cache: TeacherCache | None = None
         self.resumed = False
         if checkpoint is not None or resume:
-            self.load(checkpoint if checkpoint is not None else latest_checkpoint(self.output_dir))
+            self.load(checkpoint if checkpoint is not None else self._newest_checkpoint())
         self._metrics: MetricsLogger | None = None
 
     # ------------------------------------------------------------------------------------------- setup
+
+    def _newest_checkpoint(self) -> Path | None:
+        """The checkpoint ``--resume`` continues from: rank 0's newest, the same on every rank (a rank that looked
+        on its own could see another list, e.g. through a network filesystem's attribute cache)."""
+        newest = latest_checkpoint(self.output_dir)
+        step = self.runtime.from_main(-1 if newest is None else int(newest.name.removeprefix("step-")))
+        return None if step < 0 else checkpoint_dir(self.output_dir, step)
 
     def _claim_output_dir(self, overwrite: bool) -> None:
         """Refuse (or with ``overwrite`` delete, on rank 0) an earlier run's outputs in ``output_dir``.  Rank 0's look
