@@ -56,7 +56,12 @@ def test_config_validation_for_deepspeed(tmp_path, data_dir):
     path = write_config(tmp_path / "c.yaml", teacher, data_dir, tmp_path / "run", "mpdistil")
     assert load_config(path, ["runtime.kind=deepspeed"]).runtime.kind == "deepspeed"
     (tmp_path / "z0-bf16.json").write_text(json.dumps({"zero_optimization": {"stage": 0}, "bf16": {"enabled": True}}))
-    for overrides, message in ((["method=metadistil", "metadistil.hypergradient=exact"],
+    (tmp_path / "z2-fp16.json").write_text(json.dumps({"zero_optimization": {"stage": 2}, "fp16": {"enabled": True}}))
+    fp16_student = f"runtime.deepspeed_student={tmp_path / 'z2-fp16.json'}"
+    for overrides, message in ((["method=metadistil", fp16_student],
+                                "deepspeed_student trains in fp16, which needs loss scaling"),
+                               (["meta_teacher.bilevel=true", fp16_student], "bi-level passes of meta_teacher"),
+                               (["method=metadistil", "metadistil.hypergradient=exact"],
                                 "metadistil.hypergradient 'exact' differentiates through the inner gradient"),
                                (["meta_teacher.bilevel=true", "meta_teacher.hypergradient=exact"],
                                 "meta_teacher.hypergradient 'exact'"),
@@ -68,6 +73,7 @@ def test_config_validation_for_deepspeed(tmp_path, data_dir):
     assert load_config(path, ["runtime.kind=deepspeed", "method=metadistil",
                               f"runtime.deepspeed_student={tmp_path / 'z0-bf16.json'}"]).method == "metadistil"
     assert load_config(path, ["runtime.kind=deepspeed", "meta_teacher.bilevel=true"]).meta_teacher.bilevel
+    assert load_config(path, ["runtime.kind=deepspeed", fp16_student]).runtime.deepspeed_student  # no bi-level pass
     path = write_config(tmp_path / "k.yaml", teacher, data_dir, tmp_path / "run", "kd")
     with pytest.raises(ConfigError, match="runtime.deepspeed_student names"):
         load_config(path, ["runtime.kind=deepspeed", f"runtime.deepspeed_student={tmp_path / 'none.json'}"])

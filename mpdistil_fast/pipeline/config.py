@@ -384,13 +384,18 @@ def check_values(config: Config) -> None:
         _require(not (config.method == "mpdistil" and config.reference_compat),
                  "runtime.kind 'deepspeed' does not run reference_compat: it accumulates a whole episode's backward "
                  "passes into one step, which the engines (one step per backward) do not")
-        from mpdistil_fast.distributed.deepspeed_runtime import load_deepspeed_config
+        import torch
+
+        from mpdistil_fast.distributed.deepspeed_runtime import engine_dtype, load_deepspeed_config
 
         for name in ("teacher", "student"):
             try:
-                load_deepspeed_config(getattr(r, f"deepspeed_{name}"), name=name)
+                json_config = load_deepspeed_config(getattr(r, f"deepspeed_{name}"), name=name)
             except (OSError, ValueError) as error:
                 raise ConfigError(str(error)) from None
+            _require(method is None or engine_dtype(json_config) != torch.float16,
+                     f"runtime.deepspeed_{name} trains in fp16, which needs loss scaling (its gradients underflow); "
+                     f"the bi-level passes of {key} take their gradients without it: use bf16")
     if config.method == "metadistil" or config.meta_teacher.bilevel:
         from mpdistil_fast.bilevel import METHODS as HYPERGRADIENT_METHODS
 
