@@ -230,17 +230,24 @@ def checkpoint_dir(run_dir: Path | str, step: int) -> Path:
     return Path(run_dir) / CHECKPOINTS_SUBDIR / f"step-{step:09d}"
 
 
-def list_checkpoints(run_dir: Path | str) -> list[Path]:
-    """The complete checkpoints of a run, oldest first."""
+def checkpoints_by_step(run_dir: Path | str) -> dict[int, Path]:
+    """The complete checkpoints of a run by global step (a checkpoint moved aside by an interrupted replacement
+    stands in for its step)."""
     folder = Path(run_dir) / CHECKPOINTS_SUBDIR
     if not folder.is_dir():
-        return []
+        return {}
     found = {}
     for path in folder.iterdir():
         aside = _ASIDE_NAME.match(path.name)
         name = aside.group(1) if aside and not (folder / aside.group(1)).exists() else path.name
         if (match := _STEP_NAME.match(name)) and (path / STATE_FILE).is_file():
             found[int(match.group(1))] = path
+    return found
+
+
+def list_checkpoints(run_dir: Path | str) -> list[Path]:
+    """The complete checkpoints of a run, oldest first."""
+    found = checkpoints_by_step(run_dir)
     return [found[step] for step in sorted(found)]
 
 

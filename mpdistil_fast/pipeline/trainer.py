@@ -30,7 +30,7 @@ from mpdistil_fast.data import (EncodedSplit, TeacherCache, compute_metrics, enc
 from mpdistil_fast.distributed.runtime import OptimizerSpec, Runtime, TrainedModel, is_partitioned, make_runtime
 from mpdistil_fast.models import (TaskModel, default_teacher_path, load_backbone, load_tokenizer, truncated_copy)
 from mpdistil_fast.pipeline.checkpoint import (CHECKPOINTS_SUBDIR, capture_rng_state, checkpoint_dir,
-                                               flatten_state_dict, latest_checkpoint, load_checkpoint,
+                                               checkpoints_by_step, flatten_state_dict, load_checkpoint,
                                                prune_checkpoints, restore_rng_state, save_checkpoint,
                                                unflatten_state_dict)
 from mpdistil_fast.pipeline.config import Config, ConfigError, OptimConfig, curriculum_tasks
@@ -168,9 +168,13 @@ class Run:
     def _newest_checkpoint(self) -> Path | None:
         """The checkpoint ``--resume`` continues from: rank 0's newest, the same on every rank (a rank that looked
         on its own could see another list, e.g. through a network filesystem's attribute cache)."""
-        newest = latest_checkpoint(self.output_dir)
-        step = self.runtime.from_main(-1 if newest is None else int(newest.name.removeprefix("step-")))
-        return None if step < 0 else checkpoint_dir(self.output_dir, step)
+        found = checkpoints_by_step(self.output_dir)
+        step = self.runtime.from_main(max(found, default=-1))
+        if step >= 0 and step not in found:
+            raise RuntimeError(f"rank {self.runtime.rank} does not see the checkpoint of step {step} that rank 0 "
+                               f"resumes from in {self.output_dir}: output_dir must be on a filesystem every rank "
+                               "shares")
+        return found.get(step)
 
     def _claim_output_dir(self, overwrite: bool) -> None:
         """Refuse (or with ``overwrite`` delete, on rank 0) an earlier run's outputs in ``output_dir``.  Rank 0's look
