@@ -54,13 +54,17 @@ def _segment_pairs(examples: list[Example], separator: str, multiple_choice: boo
     return firsts, [separator.join(example.texts[1:]) for example in examples]
 
 
+#: The shortest ``max_length`` :func:`encode_examples` takes (room for the special tokens and some text).
+MIN_MAX_LENGTH = 8
+
+
 def encode_examples(examples: list[Example], tokenizer, max_length: int) -> EncodedSplit:
     """Tokenise ``examples`` (all of one task) with a Hugging Face tokenizer, truncating the longest segment first to
     ``max_length`` tokens and padding on the tokenizer's padding side."""
     if not examples:
         raise ValueError("examples must not be empty")
-    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 8:
-        raise ValueError(f"max_length must be an int >= 8, got {max_length!r}")
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < MIN_MAX_LENGTH:
+        raise ValueError(f"max_length must be an int >= {MIN_MAX_LENGTH}, got {max_length!r}")
     tasks = {example.task for example in examples}
     if len(tasks) != 1:
         raise ValueError(f"examples must all belong to one task, got {sorted(tasks)}")

@@ -19,14 +19,13 @@ from typing import Any, Literal
 
 import yaml
 
+from mpdistil_fast.data.encoding import MIN_MAX_LENGTH
 from mpdistil_fast.data.tasks import SUPERGLUE_TASKS, TASKS
 
 METHODS = ("finetune", "kd", "pkd", "metadistil", "mpdistil")
 #: methods whose student stage distils with patient KD (``stages.student_stage``: mpdistil's stage 2 is pkd), whose
 #: ``distill.layer_map`` presets match every student layer but the last to a teacher layer (``layer_pairs``)
 PATIENT_KD_METHODS = ("pkd", "mpdistil")
-#: the shortest data.max_length: ``encode_examples`` in mpdistil_fast/data/encoding.py refuses ``max_length < 8``
-MIN_MAX_LENGTH = 8
 #: seeds are in [0, MAX_SEED]: torch generators take seeds below 2^63
 MAX_SEED = 2 ** 63 - 1
 
