@@ -65,10 +65,11 @@ def _row_statistics(a_row, b_row, vocab, inv_t, BLOCK: tl.constexpr, IS_FP64: tl
         cross = cross * factor_a + tl.sum(tl.where(exp_a > 0, exp_a * (a - b), 0.0), axis=0)
     log_sum_a = tl.log(sum_a)
     log_sum_b = tl.log(sum_b)
-    mean_diff = tl.where(sum_a > 0, cross / sum_a, 0.0)
+    # (== 0 tests, so that a NaN sum, from a NaN logit, carries on into a NaN loss and NaN gradients)
+    mean_diff = tl.where(sum_a == 0, 0.0, cross / sum_a)
     kl = (mean_diff - (max_a - max_b)) * inv_t - log_sum_a + log_sum_b
-    kl = tl.where(sum_b > 0, kl, float("inf"))  # P has mass where Q has none
-    kl = tl.where(sum_a > 0, kl, 0.0)  # no distribution P in this row
+    kl = tl.where(sum_b == 0, float("inf"), kl)  # P has mass where Q has none
+    kl = tl.where(sum_a == 0, 0.0, kl)  # no distribution P in this row
     return kl, max_a, log_sum_a, max_b, log_sum_b, mean_diff
 
 
@@ -90,7 +91,7 @@ def _row_gradients(a_row, b_row, grad_a_row, grad_b_row, vocab, inv_t, grad_row,
     """Write grad_row * dKL/da and grad_row * dKL/db of one row (one more read of a and b)."""
     acc_dtype = tl.float64 if IS_FP64 else tl.float32
     # Masked rows (g = 0) and rows without a distribution P get exactly zero gradients.
-    coefficient = tl.where(max_a > float("-inf"), grad_row * inv_t, 0.0)
+    coefficient = tl.where(max_a == float("-inf"), 0.0, grad_row * inv_t)
     for start in range(0, vocab, BLOCK):
         offsets = start + tl.arange(0, BLOCK)
         inside = offsets < vocab
@@ -101,7 +102,7 @@ def _row_gradients(a_row, b_row, grad_a_row, grad_b_row, vocab, inv_t, grad_row,
         prob_p = tl.exp(log_p)
         if NEED_GRAD_A:
             # (the difference before the division by T: no product minus a number for an FMA to contract)
-            grad_a = tl.where(prob_p > 0, coefficient * prob_p * ((a - b - mean_diff) * inv_t), 0.0)
+            grad_a = tl.where(prob_p == 0, 0.0, coefficient * prob_p * ((a - b - mean_diff) * inv_t))
             grad_a = tl.where(coefficient != 0, grad_a, 0.0)
             tl.store(grad_a_row + offsets, grad_a.to(grad_a_row.dtype.element_ty), mask=inside)
         if NEED_GRAD_B:

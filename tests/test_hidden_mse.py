@@ -167,6 +167,19 @@ def test_gpu_non_finite_padding_never_reaches_a_gradient(backend, normalize):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_training_after_an_inference_mode_call(backend):
+    """An evaluation call under torch.inference_mode() must not leave a reused buffer that training then saves for
+    backward (inference tensors cannot be): every later step raised."""
+    hint = mpdistil_fast.HiddenMSELoss(16, 32, backend=backend)
+    student, teacher = torch.randn(2, 4, 8, 16, requires_grad=True), torch.randn(2, 4, 8, 32)
+    with torch.inference_mode():
+        hint(student, teacher)
+    for _ in range(2):
+        hint(student, teacher).backward()
+    assert student.grad.isfinite().all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_no_rows_is_zero(backend, reduction):
     """An empty batch (no mask) gives 0 and empty gradients, as an all-False mask does (not 0 / 0)."""

@@ -94,21 +94,27 @@ inline Vec<float> vec_log(Vec<float> x) {
 // fp64 vectors: ATen's SLEEF log (1 ulp); fp64 is for checks, not speed.
 inline Vec<double> vec_log(Vec<double> x) { return x.log(); }
 
-// Largest of `n` values (-inf for none).
+// max(a, b), NaN when either is NaN (std::max and clamp_min keep one operand whatever the other holds).
+template <typename acc_t>
+inline acc_t nan_max(acc_t a, acc_t b) {
+  return std::isnan(b) ? b : std::max(a, b);
+}
+
+// Largest of `n` values (-inf for none; NaN when any is NaN, wherever it sits).
 template <typename acc_t>
 inline acc_t chunk_max(const acc_t* values, int64_t n) {
   constexpr int64_t width = Vec<acc_t>::size();
   Vec<acc_t> best(-std::numeric_limits<acc_t>::infinity());
   int64_t i = 0;
-  for (; i + width <= n; i += width) best = at::vec::clamp_min(Vec<acc_t>::loadu(values + i), best);
+  for (; i + width <= n; i += width) best = at::vec::maximum(Vec<acc_t>::loadu(values + i), best);
   acc_t result = at::vec::vec_reduce_all<acc_t>([](Vec<acc_t>& a, Vec<acc_t>& b) { return at::vec::maximum(a, b); },
                                                 best);
-  for (; i < n; ++i) result = std::max(result, values[i]);
+  for (; i < n; ++i) result = nan_max(result, values[i]);
   return result;
 }
 
 // `n` consecutive elements of `src` converted to acc_t into `buffer` (kChunk elements); with kTrackMax also their
-// largest value (-inf for none), taken while the converted values are in registers.
+// largest value (-inf for none, NaN when any is NaN), taken while the converted values are in registers.
 template <bool kTrackMax, typename scalar_t, typename acc_t>
 inline acc_t convert_chunk(const scalar_t* src, int64_t n, acc_t* buffer) {
   constexpr int64_t width = Vec<scalar_t>::size();
@@ -118,7 +124,7 @@ inline acc_t convert_chunk(const scalar_t* src, int64_t n, acc_t* buffer) {
     auto [lo, hi] = at::vec::convert_to_float<scalar_t>(Vec<scalar_t>::loadu(src + i));
     lo.store(buffer + i);
     hi.store(buffer + i + width / 2);
-    if constexpr (kTrackMax) best = at::vec::clamp_min(hi, at::vec::clamp_min(lo, best));
+    if constexpr (kTrackMax) best = at::vec::maximum(hi, at::vec::maximum(lo, best));
   }
   acc_t result = -std::numeric_limits<acc_t>::infinity();
   if constexpr (kTrackMax) {
@@ -127,7 +133,7 @@ inline acc_t convert_chunk(const scalar_t* src, int64_t n, acc_t* buffer) {
   }
   for (; i < n; ++i) {
     buffer[i] = static_cast<acc_t>(src[i]);
-    if constexpr (kTrackMax) result = std::max(result, buffer[i]);
+    if constexpr (kTrackMax) result = nan_max(result, buffer[i]);
   }
   return result;
 }
@@ -234,11 +240,15 @@ class OutputCache {
 
  private:
   at::Tensor get(at::IntArrayRef sizes, const at::TensorOptions& options, bool larger_ok) {
+    // An inference tensor cannot be saved for backward: under inference mode hand out a fresh buffer, and never
+    // keep one made there for later (training) calls.
+    if (c10::InferenceMode::is_enabled()) return at::empty(sizes, options);
     const std::lock_guard<std::mutex> lock(mutex_);
     const int64_t numel = c10::multiply_integers(sizes);
     const bool reusable = buffer_.defined() && buffer_.use_count() == 1 && buffer_.storage().use_count() == 1 &&
                           (larger_ok ? buffer_.numel() >= numel : buffer_.numel() == numel) &&
-                          buffer_.dtype() == options.dtype() && buffer_.device() == options.device();
+                          buffer_.dtype() == options.dtype() && buffer_.device() == options.device() &&
+                          !buffer_.is_inference();
     if (!reusable) buffer_ = at::empty({numel}, options);
     return buffer_.narrow(0, 0, numel).view(sizes);
   }

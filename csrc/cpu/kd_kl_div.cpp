@@ -108,7 +108,8 @@ void backward_row(const scalar_t* a_row, const scalar_t* b_row, int64_t vocab, a
                   scalar_t* grad_a_row, scalar_t* grad_b_row, const RowExps<acc_type_t<scalar_t>>* exps = nullptr) {
   using acc_t = acc_type_t<scalar_t>;
   constexpr bool kConvertOut = !std::is_same_v<scalar_t, acc_t>;
-  if (grad_row == 0 || !std::isfinite(stats[0])) {  // masked row, or no distribution P: zero gradients
+  // masked row, or no distribution P (every a is -inf): zero gradients; a NaN row computes on into NaN gradients
+  if (grad_row == 0 || stats[0] == -std::numeric_limits<acc_t>::infinity()) {
     if (grad_a_row) std::fill(grad_a_row, grad_a_row + vocab, scalar_t(0));
     if (grad_b_row) std::fill(grad_b_row, grad_b_row + vocab, scalar_t(0));
     return;
@@ -143,9 +144,9 @@ void backward_row(const scalar_t* a_row, const scalar_t* b_row, int64_t vocab, a
     // P = e * exp((s_c - max a)/T - log_sum_a) from the kept exps (0 for a chunk whose entries were all -inf).
     const auto chunk_factor = [&](const double* shifts, int stat) {
       const double shift = shifts[start / kChunk];
-      return Vec<acc_t>(std::isfinite(shift) ? static_cast<acc_t>(std::exp((shift - stats[stat]) * inv_t -
-                                                                            stats[stat + 1]))
-                                             : acc_t(0));
+      return Vec<acc_t>(shift != -std::numeric_limits<double>::infinity()
+                            ? static_cast<acc_t>(std::exp((shift - stats[stat]) * inv_t - stats[stat + 1]))
+                            : acc_t(0));
     };
     const Vec<acc_t> factor_a = exps ? chunk_factor(exps->shift_a, 0) : zero;
     const Vec<acc_t> factor_b = exps ? chunk_factor(exps->shift_b, 2) : zero;

@@ -40,8 +40,14 @@ struct RunningSoftmax {
   double max = -std::numeric_limits<double>::infinity();
   double sum = 0.0;
 
-  // Raise the running max to cover `chunk_max`; returns the factor that rescales sums taken at the old max.
+  // Raise the running max to cover `chunk_max`; returns the factor that rescales sums taken at the old max.  A NaN
+  // (in the chunk, or already in the row) makes the max and the sum NaN for good: the row's loss and gradients are
+  // NaN, wherever the NaN sat.
   double raise_max(double chunk_max, double inv_t) {
+    if (std::isnan(chunk_max) || std::isnan(max)) {
+      max = sum = std::numeric_limits<double>::quiet_NaN();
+      return max;
+    }
     if (chunk_max <= max) return 1.0;
     const double factor = sum > 0.0 ? std::exp((max - chunk_max) * inv_t) : 1.0;
     max = chunk_max;

@@ -33,10 +33,10 @@ template <typename A>
 __device__ __forceinline__ RowResult<A> row_result(const RowState<A>& state, A inv_t) {
   const A log_sum_a = log(state.sum_a), log_sum_b = log(state.sum_b);
   A mean_diff = 0, row_kl = 0;  // a row without any P entry has no distribution: 0
-  if (state.sum_a > A(0)) {
+  if (state.sum_a != A(0)) {  // (!= and ==, so that a NaN sum, from a NaN logit, carries on into NaN)
     mean_diff = state.cross / state.sum_a;
-    row_kl = state.sum_b > A(0) ? (mean_diff - (state.max_a - state.max_b)) * inv_t - log_sum_a + log_sum_b
-                                : static_cast<A>(INFINITY);
+    row_kl = state.sum_b == A(0) ? static_cast<A>(INFINITY)
+                                 : (mean_diff - (state.max_a - state.max_b)) * inv_t - log_sum_a + log_sum_b;
   }
   return {row_kl, {state.max_a, log_sum_a, state.max_b, log_sum_b, mean_diff}};
 }
@@ -56,7 +56,7 @@ struct EntryGradients {
 
   __device__ __forceinline__ EntryGradients(const A* stats, A grad_row, A inv_t)
       : max_a(stats[0]), log_sum_a(stats[1]), max_b(stats[2]), log_sum_b(stats[3]), mean_diff(stats[4]),
-        coefficient(stats[0] > negative_infinity<A>() ? grad_row * inv_t : A(0)), inv_t(inv_t) {}
+        coefficient(stats[0] == negative_infinity<A>() ? A(0) : grad_row * inv_t), inv_t(inv_t) {}
 
   __device__ __forceinline__ bool zero() const { return coefficient == A(0); }
 
@@ -64,7 +64,7 @@ struct EntryGradients {
     const A prob_p = fast_exp((va - max_a) * inv_t - log_sum_a);
     const A prob_q = fast_exp((vb - max_b) * inv_t - log_sum_b);
     // (the difference before the division by T: no product minus a number for nvcc to contract into an FMA)
-    out_a = prob_p > A(0) ? coefficient * prob_p * ((va - vb - mean_diff) * inv_t) : A(0);
+    out_a = prob_p == A(0) ? A(0) : coefficient * prob_p * ((va - vb - mean_diff) * inv_t);
     out_b = coefficient * (prob_q - prob_p);
   }
 };

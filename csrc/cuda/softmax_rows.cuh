@@ -78,10 +78,11 @@ struct RowState {
       sum_b *= sum_b > A(0) ? fast_exp((max_b - b) * inv_t) : A(0);
       max_b = b;
     }
-    const A exp_a = a > negative_infinity<A>() ? fast_exp((a - max_a) * inv_t) : A(0);
+    // (== -inf tests: a NaN entry carries on into a NaN row, as on the CPU, instead of counting as -inf)
+    const A exp_a = a == negative_infinity<A>() ? A(0) : fast_exp((a - max_a) * inv_t);
     sum_a += exp_a;
-    sum_b += b > negative_infinity<A>() ? fast_exp((b - max_b) * inv_t) : A(0);
-    if (exp_a > A(0)) cross += exp_a * (a - b);  // P = 0 entries contribute 0
+    sum_b += b == negative_infinity<A>() ? A(0) : fast_exp((b - max_b) * inv_t);
+    if (exp_a != A(0)) cross += exp_a * (a - b);  // P = 0 entries contribute 0
   }
 
   __device__ __forceinline__ void merge(const RowState& other, A inv_t) {

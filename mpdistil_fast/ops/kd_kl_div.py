@@ -45,12 +45,13 @@ def row_kl_torch(student: torch.Tensor, teacher: torch.Tensor, temperature: floa
     """
     acc = accumulation_dtype(student.dtype)
     a, b = _weighting_first(student.to(acc), teacher.to(acc), reverse)
-    has_mass = torch.isfinite(a.amax(dim=-1, keepdim=True))
+    # (a NaN logit is "mass": its row computes on into a NaN loss and NaN gradients, as in the fused kernels)
+    has_mass = a.amax(dim=-1, keepdim=True) != float("-inf")
     a = torch.where(has_mass, a, torch.zeros_like(a))  # keep empty rows out of log_softmax (it would give NaN)
     log_p = torch.log_softmax(a / temperature, dim=-1)
     log_q = torch.log_softmax(b / temperature, dim=-1)
-    log_q = torch.where(torch.isfinite(b.amax(dim=-1, keepdim=True)), log_q, float("-inf"))  # not log_softmax's NaN
-    positive = log_p > float("-inf")
+    log_q = torch.where(b.amax(dim=-1, keepdim=True) != float("-inf"), log_q, float("-inf"))  # not log_softmax's NaN
+    positive = log_p != float("-inf")  # (NaN included)
     # where() before the product: P = 0 entries (Q may be 0 there too) must not produce 0 * inf in the value or in
     # the gradient.
     zero = torch.zeros_like(log_p)
