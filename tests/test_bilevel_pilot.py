@@ -6,6 +6,8 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from helpers import rel_error
 from mpdistil_fast.bilevel import OptimizerStepper, PilotUpdate, hypergradient
@@ -170,3 +172,28 @@ def test_pilot_with_a_plain_sgd_experimental_step() -> None:
     default_lr = PilotUpdate(student, teacher, student_optimizer, teacher_optimizer, inner_loss, quiz_loss,
                              inner_optimizer="sgd")
     assert default_lr.step(train, quiz)["inner_lr"] == student_optimizer.param_groups[0]["lr"] == 1e-3
+
+
+def test_replays_do_not_rewind_the_random_state() -> None:
+    """The loss evaluations replay the first one's random draws, and must leave the generator where it was: the
+    quiz loss drew step 0's quiz noise after the recording, and the next step's training forward drew the same
+    numbers again once the replays had rewound the generator to the recording's end."""
+    torch.manual_seed(0)
+    student, teacher = nn.Linear(5, 3), nn.Linear(5, 3)
+    drawn: list[tuple[str, torch.Tensor]] = []
+
+    def noisy(x: torch.Tensor, tag: str) -> torch.Tensor:  # random draws outside F.dropout (as SDPA kernels make)
+        noise = torch.rand_like(x)
+        drawn.append((tag, noise))
+        return x * (noise > 0.5) * 2
+
+    pilot = PilotUpdate(student, teacher, torch.optim.SGD(student.parameters(), 0.1),
+                        torch.optim.SGD(teacher.parameters(), 0.1),
+                        lambda s, t, b: F.mse_loss(noisy(s(b[0]), "train"), t(b[0])),
+                        lambda s, b: F.cross_entropy(noisy(s(b[0]), "quiz"), b[1]), method="finite_difference")
+    inputs, labels = torch.randn(4, 5), torch.randint(0, 3, (4,))
+    pilot.step((inputs,), (inputs, labels))
+    quiz = [noise for tag, noise in drawn if tag == "quiz"]
+    first_train = len(drawn)
+    pilot.step((inputs,), (inputs, labels))
+    assert not any(torch.equal(quiz[0], noise) for tag, noise in drawn[first_train:] if tag == "train")

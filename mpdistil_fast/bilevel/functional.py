@@ -229,7 +229,10 @@ class RandomStateReplay:
     @contextlib.contextmanager
     def replay(self) -> Iterator[None]:
         """Run the body with the recorded dropout masks (recording them on the first call) from the snapshot's
-        random state; the global random state afterwards is whatever the body left."""
+        random state.  Afterwards the global random state is what the recording left, or after a replay what it was
+        before the replay: a replay's draws are the recording's, so it must not rewind the generators (the next
+        forward, e.g. the quiz loss's or the next step's, would draw the recorded numbers again)."""
+        before = None if self._recording else [(device, _generator_state(device)) for device, _ in self._states]
         for device, state in self._states:
             _set_generator_state(device, state)
         self._active, self._calls = [], {}
@@ -244,6 +247,8 @@ class RandomStateReplay:
             for handle in handles:
                 handle.remove()
             self._recording = False
+            for device, state in before or ():
+                _set_generator_state(device, state)
 
     def _enter(self, index: int, *_: Any) -> None:
         self._active.append(index)
