@@ -502,6 +502,15 @@ def test_bad_arguments(kwargs, error, match) -> None:
         hypergradient(student, teacher, inner_loss, quiz_loss, train, quiz, **kwargs)
 
 
+@pytest.mark.parametrize("optimizer", [torch.optim.SGD, torch.optim.Adam])
+def test_maximizing_inner_optimizers_are_refused(optimizer) -> None:
+    """The experimental step emulates descent: SGD with maximize=True went the opposite way of torch's step."""
+    student, teacher, train, quiz = problem(torch.float64)
+    inner = optimizer(student.parameters(), lr=0.1, maximize=True)
+    with pytest.raises(ValueError, match="maximize is not supported"):
+        hypergradient(student, teacher, inner_loss, quiz_loss, train, quiz, inner_optimizer=inner)
+
+
 def test_bad_losses() -> None:
     student, teacher, train, quiz = problem(torch.float64)
     with pytest.raises(TypeError, match="outer_loss must be callable"):

@@ -133,6 +133,8 @@ def precondition_(vector: TensorDict, scale: dict[str, torch.Tensor | float]) ->
 
 
 def _sgd_terms(group: dict, state: dict, lr: float) -> tuple[float, object, float]:
+    if group.get("maximize", False):
+        raise ValueError("inner_optimizer: SGD with maximize is not supported by the bi-level engine")
     momentum, dampening = group.get("momentum", 0.0), group.get("dampening", 0.0)
     nesterov, weight_decay = group.get("nesterov", False), group.get("weight_decay", 0.0)
     buffer = state.get("momentum_buffer")
