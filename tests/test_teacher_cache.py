@@ -92,6 +92,23 @@ def test_other_weights_or_hidden_request_recompute(splits, tmp_path):
     assert with_hidden.hidden is not None and with_hidden.hidden.shape[:2] == (13, 3)
 
 
+def test_same_weights_other_config_recompute(splits, tmp_path):
+    """The same weights under another activation give other outputs: the backbone's configuration is part of the
+    fingerprint (its private keys, such as where it was loaded from, are not)."""
+    original = TeacherCache(_teacher(0), tmp_path).outputs(splits["cb"], "train")
+    teacher = _teacher(0)
+    teacher.backbone.config._name_or_path = "elsewhere"
+    assert torch.equal(TeacherCache(teacher, tmp_path).outputs(splits["cb"], "train").logits, original.logits)
+    teacher.backbone.config.hidden_act = "relu"
+    for layer in teacher.backbone.encoder.layer:
+        layer.intermediate.intermediate_act_fn = torch.nn.ReLU()
+    recomputed = TeacherCache(teacher, tmp_path).outputs(splits["cb"], "train")
+    live = torch.cat([_live(teacher, batch, "cb").logits
+                      for batch in iterate_batches(splits["cb"], 64, shuffle=False, seed=0)])
+    assert not torch.equal(recomputed.logits, original.logits)
+    torch.testing.assert_close(recomputed.logits, live)
+
+
 def test_cache_errors_name_the_argument(splits):
     with pytest.raises(ValueError, match="batch_size"):
         TeacherCache(_teacher(), batch_size=0)

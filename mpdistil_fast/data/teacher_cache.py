@@ -100,9 +100,14 @@ class CachedOutputs:
 def fingerprint(teacher: torch.nn.Module, split: EncodedSplit, keep_hidden: str | None,
                 weights: Iterable[tuple[str, torch.Tensor]] | None = None) -> str:
     """SHA-256 of the teacher's weights (``weights``: its state dict's entries, default ``teacher.state_dict()``),
-    pooling and the split's tensors: equal fingerprints give equal outputs."""
+    its backbone's configuration (activation, norm epsilon, ...: same weights, other outputs), pooling and the
+    split's tensors: equal fingerprints give equal outputs."""
     digest = hashlib.sha256()
     digest.update(f"{split.task}|{keep_hidden}|{getattr(teacher, 'pooling', '')}".encode())
+    config = getattr(getattr(teacher, "backbone", None), "config", None)
+    if config is not None:  # (private keys such as _name_or_path and the library version do not change outputs)
+        settings = {k: v for k, v in config.to_dict().items() if not k.startswith("_") and k != "transformers_version"}
+        digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
     weights = teacher.state_dict().items() if weights is None else weights
     for name, tensor in itertools.chain(weights, [("input_ids", split.input_ids),
                                                   ("attention_mask", split.attention_mask),
