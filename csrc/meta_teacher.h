@@ -89,6 +89,17 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at
   const at::ScalarType acc = h_teacher.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const int64_t B = h_teacher.size(0), H = h_teacher.size(1);
   const bool mlp = w2.has_value();
+  // The shapes the kernels index by (the Python layer checks them too; a direct torch.ops call must not read past
+  // a tensor).  Label values are checked there only (a min/max costs a host sync; validate_labels=False skips it).
+  TORCH_CHECK(labels_in.numel() == B, "meta_teacher_loss: labels must have one entry per row");
+  TORCH_CHECK(w1.dim() == 2 && w1.size(1) == H && b1.numel() == w1.size(0),
+              "meta_teacher_loss: the first layer must be W [out, H] with a bias [out]");
+  TORCH_CHECK(!mlp || (w2->dim() == 2 && w2->size(1) == w1.size(0) && b2.has_value() && b2->numel() == w2->size(0)),
+              "meta_teacher_loss: the second layer must be W2 [K, hidden] with a bias [K]");
+  TORCH_CHECK(proj_weight.has_value() ? (proj_weight->dim() == 2 && proj_weight->size(0) == H &&
+                                         proj_weight->size(1) == h_student.size(1))
+                                      : h_student.size(1) == H,
+              "meta_teacher_loss: h_student must be [B, H], or [B, H_s] with a projection [H, H_s]");
   const int64_t K = mlp ? w2->size(0) : w1.size(0);
   const at::Tensor labels = labels_in.to(at::kLong).contiguous();
   const at::TensorOptions opts = h_teacher.options().dtype(acc);

@@ -357,3 +357,15 @@ def test_layer_indices_made_once_and_usable_after_inference_mode():
         mpdistil_fast.hidden_mse(trainable, teacher, layer_map=[1, 3, 4], backend=backend).backward()
         assert trainable.grad is not None
     assert layer_index_tensors.cache_info().misses == 1
+
+
+@pytest.mark.skipif(not mpdistil_fast.available_backends("hidden_mse")["cpp"].available, reason="no CPU kernels")
+def test_direct_op_calls_check_the_layer_indices():
+    """The C++ op reads layers through the index tensors: a direct torch.ops call with an index outside the stack
+    gets an error, not a read past the tensor (the public function checks layer maps before)."""
+    from mpdistil_fast.backends import cpu_kernel_build
+
+    cpu_kernel_build()
+    with pytest.raises(RuntimeError, match="layer index 5 outside a stack of 2"):
+        torch.ops.mpdistil_C.hidden_mse_fwd(torch.randn(2, 4, 8), torch.randn(3, 4, 8), torch.tensor([0, 5]),
+                                            torch.tensor([0, 1]), None, None, None, False)

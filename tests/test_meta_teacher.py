@@ -335,3 +335,18 @@ def test_label_check_can_be_skipped(backend, monkeypatch):
     assert calls == []
     mpdistil_fast.MetaTeacher(6, 3, backend=backend)(h_t, h_t, labels)
     assert len(calls) == 1
+
+
+@pytest.mark.skipif(not mpdistil_fast.available_backends("meta_teacher_loss")["cpp"].available,
+                    reason="no CPU kernels")
+def test_direct_op_calls_check_the_shapes():
+    """The kernels index rows, labels and layers by these shapes: a direct torch.ops call with mismatched ones gets
+    an error, not a read past a tensor (the public function checks them before)."""
+    from mpdistil_fast.backends import cpu_kernel_build
+
+    cpu_kernel_build()
+    h = torch.randn(4, 6)
+    for w1, labels, match in ((torch.randn(3, 6), torch.tensor([0, 1]), "one entry per row"),
+                              (torch.randn(3, 5), torch.tensor([0, 1, 2, 0]), "first layer must be W")):
+        with pytest.raises(RuntimeError, match=match):
+            torch.ops.mpdistil_C.meta_teacher_loss_fwd(h, h, None, None, w1, torch.randn(3), None, None, labels, False)

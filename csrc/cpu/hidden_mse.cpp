@@ -52,9 +52,15 @@ std::vector<int64_t> valid_rows(const c10::optional<at::Tensor>& mask, int64_t r
   return out;
 }
 
-std::vector<int64_t> index_list(const at::Tensor& index) {
+// The layer indices of one side as a host list, each checked against that stack's `layers` (the Python layer checks
+// them too; a direct torch.ops call must not read outside the stack).
+std::vector<int64_t> index_list(const at::Tensor& index, int64_t layers) {
   const at::Tensor idx = index.to(at::kLong).contiguous();
-  return std::vector<int64_t>(idx.data_ptr<int64_t>(), idx.data_ptr<int64_t>() + idx.numel());
+  std::vector<int64_t> list(idx.data_ptr<int64_t>(), idx.data_ptr<int64_t>() + idx.numel());
+  for (const int64_t layer : list) {
+    TORCH_CHECK(0 <= layer && layer < layers, "hidden_mse: layer index ", layer, " outside a stack of ", layers);
+  }
+  return list;
 }
 
 // sum_h f(y_h, t_h) in acc_t; f takes two acc_t or two Vec<acc_t>.  Vectorised (two accumulators) when both rows
@@ -192,8 +198,8 @@ std::tuple<at::Tensor, at::Tensor> hidden_mse_fwd_cpu(const at::Tensor& student_
   const at::Tensor student = student_in.contiguous(), teacher = teacher_in.contiguous();
   const int64_t N = student.size(1), H_t = teacher.size(2), P = student_layers.numel();
   const at::ScalarType acc = acc_type(student);
-  const std::vector<int64_t> rows = valid_rows(mask, N), s_idx = index_list(student_layers),
-                             t_idx = index_list(teacher_layers);
+  const std::vector<int64_t> rows = valid_rows(mask, N), s_idx = index_list(student_layers, student.size(0)),
+                             t_idx = index_list(teacher_layers, teacher.size(0));
   const int64_t R = static_cast<int64_t>(rows.size());
   at::Tensor sse = at::zeros({P}, student.options().dtype(at::kDouble));
   at::Tensor projected = at::empty({0}, student.options().dtype(acc));
@@ -252,8 +258,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> hidden_mse_bwd_cpu(
   const at::Tensor student = student_in.contiguous(), teacher = teacher_in.contiguous();
   const int64_t N = student.size(1), H_s = student.size(2), H_t = teacher.size(2), P = student_layers.numel();
   const at::ScalarType acc = acc_type(student);
-  const std::vector<int64_t> rows = valid_rows(mask, N), s_idx = index_list(student_layers),
-                             t_idx = index_list(teacher_layers);
+  const std::vector<int64_t> rows = valid_rows(mask, N), s_idx = index_list(student_layers, student.size(0)),
+                             t_idx = index_list(teacher_layers, teacher.size(0));
   const int64_t R = static_cast<int64_t>(rows.size());
   const at::Tensor scale = grad_sse.to(at::kDouble).contiguous();
   const at::TensorOptions acc_opts = student.options().dtype(acc);
