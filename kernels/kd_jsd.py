@@ -15,8 +15,8 @@ import triton
 import triton.language as tl
 
 from mpdistil_fast.kernels.device import on_input_device
-from mpdistil_fast.kernels.kd_kl_div import (_block, _gradients, _online_softmax_block, _row_outputs, _this_row,
-                                             _unit_stride_rows, launch_forward_grad)
+from mpdistil_fast.kernels.kd_kl_div import (_block, _gradients, _online_softmax_block, _row_outputs, _scalar,
+                                             _this_row, _unit_stride_rows, launch_forward_grad)
 
 STATS_PER_ROW = 6
 
@@ -114,7 +114,7 @@ def _jsd_row_gradients(a_row, b_row, grad_a_row, grad_b_row, vocab, inv_t, beta,
 def _kd_jsd_fwd_kernel(a_ptr, b_ptr, jsd_ptr, stats_ptr, vocab, stride_a, stride_b, temperature: tl.float64,
                        beta: tl.float64, BLOCK: tl.constexpr, IS_FP64: tl.constexpr):
     row, a_row, b_row, inv_t = _this_row(a_ptr, b_ptr, stride_a, stride_b, temperature, IS_FP64)
-    beta = (tl.zeros([], tl.float64) + beta).to(tl.float64 if IS_FP64 else tl.float32)
+    beta = _scalar(beta, IS_FP64)
     loss_p, loss_q, max_a, log_sum_a, max_b, log_sum_b = _jsd_row_statistics(a_row, b_row, vocab, inv_t, beta,
                                                                              BLOCK, IS_FP64)
     _store_jsd_row(jsd_ptr, stats_ptr, row, loss_p, loss_q, max_a, log_sum_a, max_b, log_sum_b)
@@ -126,7 +126,7 @@ def _kd_jsd_bwd_kernel(grad_jsd_ptr, a_ptr, b_ptr, stats_ptr, grad_a_ptr, grad_b
                        NEED_GRAD_A: tl.constexpr, NEED_GRAD_B: tl.constexpr):
     acc_dtype = tl.float64 if IS_FP64 else tl.float32
     row, a_row, b_row, inv_t = _this_row(a_ptr, b_ptr, stride_a, stride_b, temperature, IS_FP64)
-    beta = (tl.zeros([], tl.float64) + beta).to(acc_dtype)
+    beta = _scalar(beta, IS_FP64)
     stats_row = stats_ptr + row * 6
     _jsd_row_gradients(a_row, b_row, grad_a_ptr + row * vocab, grad_b_ptr + row * vocab, vocab, inv_t, beta,
                        tl.load(grad_jsd_ptr + row).to(acc_dtype), tl.load(stats_row + 0).to(acc_dtype),
@@ -144,11 +144,11 @@ def _kd_jsd_fwd_grad_kernel(a_ptr, b_ptr, jsd_ptr, stats_ptr, row_weight_ptr, we
     then at once its gradients (the row's later reads come from L2, just read)."""
     acc_dtype = tl.float64 if IS_FP64 else tl.float32
     row, a_row, b_row, inv_t = _this_row(a_ptr, b_ptr, stride_a, stride_b, temperature, IS_FP64)
-    beta = (tl.zeros([], tl.float64) + beta).to(acc_dtype)
+    beta = _scalar(beta, IS_FP64)
     loss_p, loss_q, max_a, log_sum_a, max_b, log_sum_b = _jsd_row_statistics(a_row, b_row, vocab, inv_t, beta,
                                                                              BLOCK, IS_FP64)
     _store_jsd_row(jsd_ptr, stats_ptr, row, loss_p, loss_q, max_a, log_sum_a, max_b, log_sum_b)
-    grad_row = (tl.zeros([], tl.float64) + weight).to(acc_dtype)
+    grad_row = _scalar(weight, IS_FP64)
     if HAS_ROW_WEIGHT:
         grad_row = grad_row * tl.load(row_weight_ptr + row).to(acc_dtype)
     _jsd_row_gradients(a_row, b_row, grad_a_ptr + row * vocab, grad_b_ptr + row * vocab, vocab, inv_t, beta,

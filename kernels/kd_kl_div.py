@@ -21,11 +21,18 @@ MAX_BLOCK = 4096
 
 
 @triton.jit
+def _scalar(value, IS_FP64: tl.constexpr):
+    """A float argument of a kernel in the accumulation type.  The kernels annotate their float arguments
+    ``tl.float64`` (a plain Python float reaches a kernel as float32, which would round T or beta on the fp64
+    path); the interpreter passes them as Python floats, hence the addition to a float64 zero."""
+    return (tl.zeros([], tl.float64) + value).to(tl.float64 if IS_FP64 else tl.float32)
+
+
+@triton.jit
 def _this_row(a_ptr, b_ptr, stride_a, stride_b, temperature, IS_FP64: tl.constexpr):
-    """(row index, its a and b pointers, 1/T in the accumulation type) of this program.  T arrives as float64
-    (the kernels annotate it: a plain Python float argument reaches a kernel as float32)."""
+    """(row index, its a and b pointers, 1/T in the accumulation type) of this program."""
     row = tl.program_id(0).to(tl.int64)
-    inv_t = (tl.full([], 1.0, tl.float64) / temperature).to(tl.float64 if IS_FP64 else tl.float32)
+    inv_t = _scalar(1.0 / (tl.zeros([], tl.float64) + temperature), IS_FP64)
     return row, a_ptr + row * stride_a, b_ptr + row * stride_b, inv_t
 
 
@@ -143,7 +150,7 @@ def _kd_kl_div_fwd_grad_kernel(a_ptr, b_ptr, kl_ptr, stats_ptr, row_weight_ptr, 
     row, a_row, b_row, inv_t = _this_row(a_ptr, b_ptr, stride_a, stride_b, temperature, IS_FP64)
     kl, max_a, log_sum_a, max_b, log_sum_b, mean_diff = _row_statistics(a_row, b_row, vocab, inv_t, BLOCK, IS_FP64)
     _store_row_statistics(kl_ptr, stats_ptr, row, kl, max_a, log_sum_a, max_b, log_sum_b, mean_diff)
-    grad_row = (tl.zeros([], tl.float64) + weight).to(acc_dtype)
+    grad_row = _scalar(weight, IS_FP64)
     if HAS_ROW_WEIGHT:
         grad_row = grad_row * tl.load(row_weight_ptr + row).to(acc_dtype)
     _row_gradients(a_row, b_row, grad_a_ptr + row * vocab, grad_b_ptr + row * vocab, vocab, inv_t, grad_row, max_a,
