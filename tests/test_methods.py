@@ -245,17 +245,18 @@ def test_meta_teacher_stage_scores_with_a_live_teacher(tmp_path, teacher_dir, da
     assert scores["off"] == pytest.approx(scores["memory"])
 
 
-def test_reference_compat_curriculum(tmp_path, teacher_dir, data_dir):
-    run = make_run(tmp_path, teacher_dir, data_dir, "mpdistil", reference_compat=True,
-                   curriculum={"episodes": 2, "steps_per_episode": 2, "reward": "real"})
-    assert run.selection_split == "validation" and run.tasks == ["cb", "rte"]
+@pytest.mark.parametrize("tasks", [["cb", "rte"], ["copa", "cb"]])  # COPA: the state averages over choices too
+def test_reference_compat_curriculum(tmp_path, teacher_dir, data_dir, tasks):
+    run = make_run(tmp_path, teacher_dir, data_dir, "mpdistil", reference_compat=True, data={"tasks": tasks},
+                   curriculum={"episodes": 2, "steps_per_episode": 2, "reward": "real", "actions": tasks})
+    assert run.selection_split == "validation" and run.tasks == tasks
     run.teacher.eval().requires_grad_(False)
     run.build_meta_teachers()
     student_before = weights(run.student)
     run.begin_stage("curriculum")
     stages.curriculum_stage(run)
     assert changed(student_before, run.student)
-    assert all(set(counts) == {"cb"} for _, counts in run.state["curves"]["actions"])  # one hard-coded action
+    assert all(set(counts) == {tasks[0]} for _, counts in run.state["curves"]["actions"])  # one hard-coded action
     assert run.state["dropout_off"] and not run.student.training  # dropout never switched back on
 
 

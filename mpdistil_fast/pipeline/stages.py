@@ -317,7 +317,11 @@ def curriculum_stage(run: "Run") -> None:
             labels = batch["labels"]
             student_acc = float((out.logits.argmax(-1) == labels).float().mean())
             meta_acc = float((meta_logits.argmax(-1) == labels).float().mean())
-            return student_acc, meta_acc, (out.pooled.mean(0).float().cpu() if keep_graph else None)
+            if not keep_graph:
+                return student_acc, meta_acc, None
+            # reference_compat's state: the pooled features averaged over the batch (and a multiple-choice task's
+            # choices)
+            return student_acc, meta_acc, out.pooled.reshape(-1, out.pooled.shape[-1]).mean(0).float().cpu()
 
         def step(i: int) -> dict[str, float]:
             position = i % steps
