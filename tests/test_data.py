@@ -315,13 +315,13 @@ def test_trim_padding_keeps_every_real_token(data_dir, tokenizer, side):
     assert trim_padding(padding_only) is padding_only
 
 
-def _reference_macro_f1(predictions: np.ndarray, labels: np.ndarray) -> float:
-    """Independent float64 reference from the confusion matrix."""
-    classes = sorted(set(predictions.tolist()) | set(labels.tolist()))
-    confusion = np.zeros((max(classes) + 1, max(classes) + 1), dtype=np.float64)
+def _reference_macro_f1(predictions: np.ndarray, labels: np.ndarray, num_classes: int = 3) -> float:
+    """Independent float64 reference from the confusion matrix, averaged over every class as the official
+    SuperGLUE scorer (jiant's CommitmentBankEvaluationScheme) does: a class never seen scores F1 = 0."""
+    confusion = np.zeros((num_classes, num_classes), dtype=np.float64)
     np.add.at(confusion, (labels, predictions), 1.0)
     scores = []
-    for c in classes:
+    for c in range(num_classes):
         precision = confusion[c, c] / confusion[:, c].sum() if confusion[:, c].sum() else 0.0
         recall = confusion[c, c] / confusion[c, :].sum() if confusion[c, :].sum() else 0.0
         scores.append(2 * precision * recall / (precision + recall) if precision + recall else 0.0)
@@ -344,6 +344,30 @@ def test_metrics_match_a_float64_reference(trial):
     assert compute_metrics("cb", logits, labels) == result
     rte = compute_metrics("rte", predictions.clamp(max=1), labels.clamp(max=1))
     assert set(rte) == {"accuracy", "main"} and rte["main"] == rte["accuracy"]
+
+
+def test_cb_macro_f1_averages_over_all_three_classes_like_the_official_scorer():
+    # hand-computed: labels [0, 0, 1, 1], predictions [0, 1, 1, 1]; F1 entailment 2/3, contradiction 4/5, neutral
+    # (never seen) 0 -> macro-F1 22/45 (scikit-learn's macro average, which drops neutral, would give 11/15)
+    result = compute_metrics("cb", torch.tensor([0, 1, 1, 1]), torch.tensor([0, 0, 1, 1]))
+    assert result["macro_f1"] == pytest.approx(22 / 45, abs=1e-12)
+    assert result["main"] == pytest.approx((0.75 + 22 / 45) / 2, abs=1e-12)
+    perfect_two_classes = compute_metrics("cb", torch.tensor([0, 1, 0, 1]), torch.tensor([0, 1, 0, 1]))
+    assert perfect_two_classes["macro_f1"] == pytest.approx(2 / 3, abs=1e-12)
+
+
+def test_cb_quiz_split_without_neutral_scores_as_jiant(data_dir):
+    # CB's seed-0 quiz split has no neutral row; one entailment row predicted as contradiction:
+    # F1 = (22/23, 26/27, 0), accuracy 24/25 -> main 0.7999 (not 0.9599, the mean over the two seen classes)
+    labels = torch.tensor([e.label for e in load_task_splits("cb", data_dir, seed=0).quiz])
+    assert torch.bincount(labels, minlength=3).tolist() == [12, 13, 0]
+    predictions = labels.clone()
+    predictions[int((labels == 0).nonzero()[0])] = 1
+    result = compute_metrics("cb", predictions, labels)
+    f1 = (22 / 23 + 26 / 27 + 0) / 3
+    assert result["macro_f1"] == pytest.approx(f1, abs=1e-12)
+    assert result["main"] == pytest.approx((24 / 25 + f1) / 2, abs=1e-12)
+    assert round(result["main"], 4) == 0.7999
 
 
 def test_metric_errors_name_the_argument():

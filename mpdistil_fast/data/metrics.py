@@ -1,9 +1,12 @@
 """Per-task metrics as SuperGLUE defines them (Wang et al., 2019, table 1).
 
-accuracy = mean(prediction == label).  CB also reports macro-F1: the unweighted mean over classes c of
-F1_c = 2 TP_c / (2 TP_c + FP_c + FN_c), taken over the classes that occur in the labels or the predictions
-(the convention of scikit-learn's ``f1_score(average="macro")``, which the SuperGLUE baselines use); the benchmark's
-CB score is the mean of accuracy and macro-F1.  Every result also holds ``"main"``, the task's model-selection value.
+accuracy = mean(prediction == label).  CB also reports macro-F1: the unweighted mean over all three classes c of
+F1_c = 2 TP_c / (2 TP_c + FP_c + FN_c), with F1_c = 0 for a class that occurs in neither the labels nor the
+predictions -- the official scorer's convention (jiant's ``CommitmentBankEvaluationScheme`` averages
+``f1_score(y_true == c, y_pred == c)`` over every class, a never-seen class scoring 0), not scikit-learn's
+``f1_score(average="macro")``, which drops such a class.  It matters on subsets without a class (e.g. a CB quiz
+split or a ``max_eval`` cap with no neutral row).  The benchmark's CB score is the mean of accuracy and macro-F1.
+Every result also holds ``"main"``, the task's model-selection value.
 """
 from __future__ import annotations
 
@@ -14,15 +17,15 @@ from mpdistil_fast.data.tasks import task_spec
 
 
 def macro_f1(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:
-    """Unweighted mean of per-class F1 over the classes present in ``labels`` or ``predictions``."""
+    """Unweighted mean of per-class F1 over all ``num_classes`` classes; a class absent from both ``labels`` and
+    ``predictions`` scores 0 (the official SuperGLUE scorer's convention, see the module docstring)."""
     scores = []
     for cls in range(num_classes):
         predicted, actual = predictions == cls, labels == cls
-        if not (predicted.any() or actual.any()):
-            continue
+        denominator = predicted.sum().item() + actual.sum().item()
         true_positive = (predicted & actual).sum().item()
-        scores.append(2 * true_positive / (predicted.sum().item() + actual.sum().item()))
-    return sum(scores) / len(scores)
+        scores.append(2 * true_positive / denominator if denominator else 0.0)
+    return sum(scores) / num_classes
 
 
 def compute_metrics(task: str, predictions: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
