@@ -11,7 +11,8 @@
   layers of the squared distances; its released code takes this elementwise mean (``F.mse_loss``), which is what
   its beta values (and this project's ``distill.beta``) weight: the sum is B * layers * H times larger.
 
-MetaDistil and MPDistil use these same objectives for the student (see :mod:`.metadistil` and :mod:`.mpdistil`).
+MetaDistil and MPDistil use these same objectives for the student (see :mod:`mpdistil_fast.pipeline.stages` and
+:mod:`.mpdistil`).
 """
 from __future__ import annotations
 
