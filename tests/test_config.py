@@ -84,6 +84,8 @@ def test_numeric_looking_strings_stay_strings_in_string_keys():
     ({"meta_teacher": {"hidden": 0}}, [], "meta_teacher.hidden must be > 0 or null, got 0"),
     ({"meta_teacher": {"hidden": -4}}, [], "meta_teacher.hidden must be > 0 or null"),
     ({"metadistil": {"inner_lr": 0}}, [], "metadistil.inner_lr must be > 0, got 0.0"),
+    ({"meta_teacher": {"hypergradient_weight": 0}}, [], "meta_teacher.hypergradient_weight must be finite and > 0"),
+    ({}, ["meta_teacher.hypergradient_weight=.inf"], "meta_teacher.hypergradient_weight must be finite and > 0"),
     ({"metadistil": {"teacher_lr": -1e-5}}, [], "metadistil.teacher_lr must be > 0"),
     ({}, ["metadistil.teacher_lr=-1e-5"], "metadistil.teacher_lr must be > 0"),
     ({"method": "pkd", "student": {"num_layers": 1}}, [], "student.num_layers must be >= 2 for method 'pkd', got 1: "

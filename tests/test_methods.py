@@ -229,6 +229,41 @@ def test_meta_teacher_bilevel_meta_gradient(tmp_path, teacher_dir, data_dir):
     assert len(logged) == 2 and all(m["meta_hypergradient_norm"] > 0 for m in logged)
 
 
+def test_meta_teacher_hypergradient_weight_scales_the_hypergradient(tmp_path, teacher_dir, data_dir, monkeypatch):
+    """The meta-teacher's first gradient is g_own + w h: two runs with weights 1 and W give h back, whose norm is
+    the logged hypergradient norm; the logged step norm is |g_own + w h|."""
+    first_gradients, first_logs = {}, {}
+    for weight in (1.0, 1e6):
+        (tmp_path / str(weight)).mkdir()
+        run = make_run(tmp_path / str(weight), teacher_dir, data_dir, "mpdistil", data={"tasks": ["cb"]},
+                       meta_teacher={"bilevel": True, "hypergradient_weight": weight, "training": {"max_steps": 1}},
+                       curriculum={"actions": ["cb"]})
+        run.teacher.eval().requires_grad_(False)
+        make_trainer = run.trainer
+
+        def recording_trainer(module, *args, role, **kwargs):
+            trained = make_trainer(module, *args, role=role, **kwargs)
+            if role == "meta_teacher":
+                backward = trained.backward
+
+                def recorded(loss, weight=weight, module=module):
+                    backward(loss)
+                    first_gradients.setdefault(weight, torch.cat(
+                        [p.grad.flatten() for p in module.parameters() if p.grad is not None]).clone())
+                monkeypatch.setattr(trained, "backward", recorded)
+            return trained
+
+        run.trainer = recording_trainer
+        logged = capture_metrics(run)
+        run.begin_stage("meta_teacher")
+        stages.meta_teacher_stage(run)
+        first_logs[weight] = logged[0]
+        assert first_logs[weight]["meta_grad_norm"] == pytest.approx(float(first_gradients[weight].norm()), rel=1e-5)
+    hypergradient = (first_gradients[1e6] - first_gradients[1.0]) / (1e6 - 1.0)
+    assert first_logs[1.0]["meta_hypergradient_norm"] == first_logs[1e6]["meta_hypergradient_norm"]
+    assert float(hypergradient.norm()) == pytest.approx(first_logs[1.0]["meta_hypergradient_norm"], rel=1e-3)
+
+
 def test_meta_teacher_stage_scores_with_a_live_teacher(tmp_path, teacher_dir, data_dir):
     """With ``runtime.teacher_cache: off`` the meta-teacher's validation score runs the teacher on real batches
     (the cached path's index-only batch had no input_ids), and gives the cached path's predictions."""

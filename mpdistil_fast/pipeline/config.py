@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -95,6 +96,9 @@ class MetaTeacherConfig:
     lr: float = 1e-3  #: meta-teacher learning rate
     bilevel: bool = False  #: meta-teacher steps by the bi-level hypergradient of the student's quiz loss
     hypergradient: str = "finite_difference"
+    #: weight of that hypergradient beside the meta-teacher's own loss gradient; the hypergradient is proportional
+    #: to the pilot step's size (training.lr), so at weight 1 it is a tiny fraction of the step (both norms logged)
+    hypergradient_weight: float = 1.0
     training: OptimConfig = field(default_factory=lambda: OptimConfig(epochs=1, lr=3e-5))  #: the student in stage 3
 
 
@@ -346,6 +350,8 @@ def check_values(config: Config) -> None:
     m = config.meta_teacher
     _require(m.hidden is None or m.hidden > 0, f"meta_teacher.hidden must be > 0 or null, got {m.hidden}")
     _require(m.lr > 0, f"meta_teacher.lr must be > 0, got {m.lr}")
+    _require(math.isfinite(m.hypergradient_weight) and m.hypergradient_weight > 0,
+             f"meta_teacher.hypergradient_weight must be finite and > 0, got {m.hypergradient_weight}")
     for key in ("teacher_lr", "inner_lr"):
         _require(getattr(config.metadistil, key) > 0, f"metadistil.{key} must be > 0, got "
                                                       f"{getattr(config.metadistil, key)}")

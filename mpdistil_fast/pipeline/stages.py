@@ -237,9 +237,11 @@ def meta_teacher_stage(run: "Run") -> None:
                 if c.meta_teacher.bilevel:  # its gradient joins the meta-teacher's own in one backward
                     surrogate, parts["meta_hypergradient_norm"] = meta_hypergradient(meta_teacher, task, batch,
                                                                                      t.pooled)
-                    meta_loss = meta_loss + surrogate
+                    meta_loss = meta_loss + c.meta_teacher.hypergradient_weight * surrogate
                 meta_trained.backward(meta_loss)
-                meta_trained.step()
+                grad_norm = meta_trained.step()
+                if grad_norm is not None:
+                    parts["meta_grad_norm"] = grad_norm
                 parts["meta_loss"] = meta_out.loss.item()
             result = objective(out.logits, batch["labels"], teacher_logits=meta_teacher_logits(
                 meta_teachers, task, t))
