@@ -186,6 +186,21 @@ def test_metadistil_runs_every_hypergradient_method(tmp_path, teacher_dir, data_
         assert norms[method] == pytest.approx(norms["exact"], rel=tolerance), (method, norms)
 
 
+def test_metadistil_pilot_rule(tmp_path, teacher_dir, data_dir):
+    """``metadistil.pilot_rule: sgd`` takes the released code's plain SGD pilot step instead of the student's AdamW
+    rule: another direction, so another first teacher gradient."""
+    norms = {}
+    for rule in ("student", "sgd"):
+        (tmp_path / rule).mkdir()
+        run = make_run(tmp_path / rule, teacher_dir, data_dir, "metadistil", student_training={"max_steps": 1},
+                       metadistil={"pilot_rule": rule})
+        logged = capture_metrics(run)
+        run.begin_stage("metadistil")
+        stages.metadistil_stage(run)
+        norms[rule] = logged[0]["teacher_grad_norm"]
+    assert norms["sgd"] > 0 and norms["sgd"] != pytest.approx(norms["student"], rel=1e-2), norms
+
+
 def test_meta_teacher_and_curriculum_stages(tmp_path, teacher_dir, data_dir):
     run = make_run(tmp_path, teacher_dir, data_dir, "mpdistil", data={"tasks": ["cb", "copa"]},
                    curriculum={"actions": ["cb", "copa", "rte"], "episodes": 2, "steps_per_episode": 3})

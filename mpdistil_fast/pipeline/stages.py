@@ -153,6 +153,7 @@ def metadistil_stage(run: "Run") -> None:
         if not pilots:
             pilots[0] = PilotUpdate(LogitsOf(student), LogitsOf(teacher), trained, extra["teacher_trained"],
                                     inner_loss, quiz_loss, method=c.metadistil.hypergradient,
+                                    inner_optimizer="sgd" if c.metadistil.pilot_rule == "sgd" else None,
                                     inner_lr=c.metadistil.inner_lr, average=data_parallel_average(run))
         quiz_batch = next_batch(run, state, "quiz", task, salt=17, local=True)
         stats = pilots[0].step({**batch, "task": task}, {**quiz_batch, "task": task})
