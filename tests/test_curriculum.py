@@ -68,11 +68,33 @@ def test_baseline_and_statistics():
     assert stats["mean_return"] == pytest.approx((2 + 1 + 1) / 3)
     assert stats["baseline"] == pytest.approx(4 / 3)  # first episode: its own mean
     assert stats["action_cb"] + stats["action_rte"] == 3
-    reinforce.act(torch.zeros(3))
-    reinforce.reward(0.0)
+    # then one baseline per step: the moving average of each step's return
+    torch.testing.assert_close(reinforce.baseline,
+                               0.5 * 4 / 3 + 0.5 * torch.tensor([2.0, 1.0, 1.0], dtype=torch.float64))
+    for _ in range(3):
+        reinforce.act(torch.zeros(3))
+        reinforce.reward(0.0)
     stats = reinforce.finish_episode()
-    assert stats["baseline"] == pytest.approx(4 / 3)
-    assert reinforce.baseline == pytest.approx(0.5 * 4 / 3)
+    assert stats["baseline"] == pytest.approx(4 / 3)  # the mean of (5/3, 7/6, 7/6)
+    torch.testing.assert_close(reinforce.baseline, torch.tensor([5 / 6, 7 / 12, 7 / 12], dtype=torch.float64))
+    reinforce.act(torch.zeros(3))  # an episode of another length: its own mean again
+    reinforce.reward(1.0)
+    assert reinforce.finish_episode()["baseline"] == pytest.approx(1.0)
+
+
+def test_equal_rewards_teach_the_policy_nothing():
+    """Every action earns the same: each step's baseline converges to its return G_t (larger for early steps, which
+    have more rewards ahead), the advantages to 0 and the policy loss with them (a single baseline for all steps
+    would keep favouring whatever came first in an episode)."""
+    torch.manual_seed(0)
+    reinforce = Reinforce(CurriculumPolicy(3, ("cb", "rte")), lr=0.05, gamma=0.9, baseline_decay=0.5)
+    for _ in range(30):
+        for _ in range(4):
+            reinforce.act(torch.ones(3))
+            reinforce.reward(1.0)
+        stats = reinforce.finish_episode()
+    assert abs(stats["policy_loss"]) < 1e-6, stats
+    torch.testing.assert_close(reinforce.baseline, discounted_returns([1.0] * 4, 0.9))
 
 
 def test_policy_gradient_equals_reinforce_formula():

@@ -3,11 +3,14 @@
 At curriculum step ``t`` the policy ``pi(a | s_t)`` picks a task ``a_t`` (its action space: the six SuperGLUE tasks),
 the student takes one optimizer step on a batch of that task, and the reward ``r_t`` says whether the student now
 beats the meta-teacher on quiz data (Sengupta et al., 2024, "A Good Learner can Teach Better", Sec. 3.4).  At the
-end of an episode of ``T`` steps the policy follows REINFORCE (Williams, 1992) with a baseline ``b``::
+end of an episode of ``T`` steps the policy follows REINFORCE (Williams, 1992) with a baseline ``b_t``::
 
-    G_t = sum_{k=t}^{T-1} gamma^(k-t) r_k,        loss = -sum_t log pi(a_t | s_t) (G_t - b)
+    G_t = sum_{k=t}^{T-1} gamma^(k-t) r_k,        loss = -sum_t log pi(a_t | s_t) (G_t - b_t)
 
-``b`` is an exponential moving average of past episodes' mean return.  The state is detached from the student (a
+``b_t`` is an exponential moving average of past episodes' return at step ``t``: ``G_t`` sums the ``T - t`` rewards
+still to come, so a single baseline for every step would push up the first actions of each episode and down the
+last ones whatever they earned.  The first episode (and one whose length differs from the last) uses its own mean
+return.  The state is detached from the student (a
 summary of recent quiz performance), so the policy's gradient never reaches the student.  Because the policy does
 not change inside an episode, the log-probabilities are recomputed from the stored ``(s_t, a_t)`` at the episode's
 end: an episode in progress is plain data (states, actions, rewards) and can be checkpointed at any step.
@@ -95,7 +98,8 @@ class Reinforce:
         self.baseline_decay = baseline_decay
         self.relative_discount = relative_discount
         self.optimizer = torch.optim.Adam(policy.parameters(), lr=lr)
-        self.baseline: float | None = None
+        #: b_t per step of an episode (float64; a 0-dim tensor is one baseline for every step)
+        self.baseline: torch.Tensor | None = None
         self.episode = Episode()
 
     def act(self, state: torch.Tensor, *, keep_graph: bool = False,
@@ -127,7 +131,9 @@ class Reinforce:
         if len(episode) == 0 or len(episode.rewards) != len(episode):
             raise RuntimeError("finish_episode() needs an episode whose every action has a reward")
         returns = discounted_returns(episode.rewards, self.gamma, relative=self.relative_discount)
-        baseline = self.baseline if self.baseline is not None else float(returns.mean())
+        baseline = None if self.baseline is None else torch.as_tensor(self.baseline, dtype=torch.float64)
+        if baseline is None or baseline.dim() > 0 and baseline.numel() != len(returns):
+            baseline = returns.mean()
         advantages = (returns - baseline).float()
         states = torch.stack(episode.attached_states or episode.states)
         log_probs = self.policy.distribution(states).log_prob(torch.tensor(episode.actions))
@@ -136,11 +142,10 @@ class Reinforce:
         loss.backward()
         self.optimizer.step()
         mean_return = float(returns.mean())
-        self.baseline = mean_return if self.baseline is None else (
-            self.baseline_decay * self.baseline + (1.0 - self.baseline_decay) * mean_return)
+        self.baseline = self.baseline_decay * baseline + (1.0 - self.baseline_decay) * returns
         counts = torch.bincount(torch.tensor(episode.actions), minlength=len(self.policy.actions))
         stats = {"policy_loss": float(loss.detach()), "mean_reward": sum(episode.rewards) / len(episode),
-                 "mean_return": mean_return, "baseline": baseline,
+                 "mean_return": mean_return, "baseline": float(baseline.mean()),
                  **{f"action_{a}": int(c) for a, c in zip(self.policy.actions, counts)}}
         self.episode = Episode()
         return stats
@@ -152,5 +157,5 @@ class Reinforce:
     def load_state_dict(self, state: dict) -> None:
         self.policy.load_state_dict(state["policy"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.baseline = state["baseline"]
+        self.baseline = None if state["baseline"] is None else torch.as_tensor(state["baseline"], dtype=torch.float64)
         self.episode = Episode.from_tensors(state["episode"])
