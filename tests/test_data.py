@@ -229,6 +229,37 @@ def test_local_boolq_is_carved_from_val_without_overlap(data_dir):
     assert "val.jsonl" in splits.source
 
 
+def test_local_boolq_validation_is_the_same_rows_for_every_seed(data_dir):
+    # the data README asks for a fixed seed: the 500 validation rows are the first 500 of a seed-0 shuffle of
+    # val.jsonl's positions, whatever the run's seed, so no seed trains or selects on another seed's validation rows
+    raw = _rows(data_dir, "superglue/BoolQ/val.jsonl")
+    order = list(range(len(raw)))
+    random.Random(0).shuffle(order)
+    expected = sorted(raw[i]["idx"] for i in order[:500])
+    splits = {seed: load_task_splits("boolq", data_dir, seed=seed) for seed in (0, 1, 7)}
+    for seed, split in splits.items():
+        assert [e.index for e in split.validation] == expected, seed
+        assert not {e.index for e in split.train + split.quiz} & set(expected), seed
+        assert "fixed seed 0" in split.source
+    assert splits[0].quiz != splits[1].quiz  # the quiz split still follows the run's seed
+
+
+def test_source_says_what_the_caps_kept(data_dir):
+    splits = load_task_splits("boolq", data_dir, seed=3, max_train=100, max_eval=150)
+    assert len(splits.validation) == 150 and "validation capped to 150 of 500 rows (seed 3)" in splits.source
+    assert "train capped to 100 of 2493 rows" in splits.source and "quiz capped to 150 of 277 rows" in splits.source
+    cb = load_task_splits("cb", data_dir, seed=0, max_eval=16)
+    assert cb.source == f"local {data_dir}; quiz capped to 16 of 25 rows, validation capped to 16 of 56 rows (seed 0)"
+    assert load_task_splits("cb", data_dir, seed=0, max_eval=100).source == f"local {data_dir}"  # nothing cut
+
+
+def test_max_train_caps_train_after_the_quiz_split(data_dir):
+    # as data.max_train's comment says: the quiz split is carved from all 250 CB train rows (25), then train is cut
+    capped, full = load_task_splits("cb", data_dir, max_train=100), load_task_splits("cb", data_dir)
+    assert (len(capped.train), len(capped.quiz)) == (100, 25)
+    assert capped.quiz == full.quiz and capped.train == full.train[:100]
+
+
 def test_encoding_pairs_and_truncation(data_dir, tokenizer):
     examples = load_examples("wic", "validation", data_dir)[:6] + load_examples("wic", "train", data_dir)[:2]
     encoded = encode_examples(examples, tokenizer, max_length=64)

@@ -11,8 +11,10 @@ through ``datasets.load_dataset`` (``$MPDISTIL_SUPERGLUE_HUB`` / ``$MPDISTIL_GLU
 Splits: SuperGLUE test labels are hidden, so ``validation`` is the split every table reports.  Model selection must
 not see it, so :func:`load_task_splits` carves a seeded ``quiz`` split (10 % by default) out of ``train``.  The local
 folder has no full BoolQ train file (only FewGLUE's 32 rows), so locally BoolQ's ``val.jsonl`` is split into
-validation (500 rows), and train/quiz from the rest, with the same seed -- as the data README prescribes; the
-``TaskSplits.source`` string says so for result tables.
+validation (500 rows, drawn with the fixed seed :data:`BOOLQ_LOCAL_VALIDATION_SEED` whatever the run's seed, as the
+data README prescribes: every seed reports on the same rows and none trains on them), and train/quiz from the rest
+(the quiz split with the run's seed).  The ``TaskSplits.source`` string says where the rows came from and which caps
+(``max_train``, ``max_eval``) cut them, for result tables.
 """
 from __future__ import annotations
 
@@ -46,6 +48,9 @@ HUB_CONFIGS: dict[str, str] = {"boolq": "boolq", "cb": "cb", "copa": "copa", "rt
                                "wsc": "wsc.fixed", "glue_rte": "rte", "glue_qnli": "qnli", "glue_sst2": "sst2"}
 #: Rows of BoolQ's val.jsonl kept as the reported split when BoolQ is read locally (data README).
 BOOLQ_LOCAL_VALIDATION_ROWS = 500
+#: Seed of the shuffle that picks those rows: fixed, so that every run seed reports on (and never trains on) the same
+#: 500 rows (the data README asks for a fixed seed).
+BOOLQ_LOCAL_VALIDATION_SEED = 0
 
 
 def hub_dataset_id(benchmark: str) -> str:
@@ -73,16 +78,47 @@ def _check_split(split: str) -> None:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
 
 
-def _read_rows(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
-    """The first ``limit`` (default all) rows of an official jsonl or tsv file."""
+def _numbered_rows(path: Path, limit: int | None = None) -> list[tuple[int, dict[str, Any]]]:
+    """The first ``limit`` (default all) rows of an official jsonl or tsv file, each with its line number in the file
+    (1-based).  A line that does not parse -- invalid JSON, not a JSON object, a tsv line with too few or too many
+    fields -- raises a ``ValueError`` naming the file and the line."""
+    rows: list[tuple[int, dict[str, Any]]] = []
     with path.open(newline="", encoding="utf-8") as handle:
         if path.suffix == ".tsv":
-            return list(itertools.islice(csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE), limit))
-        return [json.loads(line) for line in itertools.islice((row for row in handle if row.strip()), limit)]
+            reader = csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
+            for row in itertools.islice(reader, limit):
+                extra, missing = row.get(None, []), [key for key, value in row.items() if value is None]
+                if extra or missing:
+                    fields = len(reader.fieldnames) + len(extra) - len(missing)
+                    raise ValueError(f"{path}, line {reader.line_num}: expected {len(reader.fieldnames)} "
+                                     f"tab-separated fields {reader.fieldnames}, got {fields}")
+                rows.append((reader.line_num, row))
+            return rows
+        lines = ((number, line) for number, line in enumerate(handle, start=1) if line.strip())
+        for number, line in itertools.islice(lines, limit):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}, line {number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}, line {number}: expected a JSON object, got {type(row).__name__}")
+            rows.append((number, row))
+    return rows
 
 
 def _format_rows(task: str, rows: Iterable[Mapping[str, Any]]) -> list[Example]:
     return [format_row(task, row, position) for position, row in enumerate(rows)]
+
+
+def _format_file_rows(task: str, path: Path, limit: int | None = None) -> list[Example]:
+    """:func:`format_row` of every row of a local file; a row it refuses gets the file and line in the error."""
+    examples = []
+    for position, (number, row) in enumerate(_numbered_rows(path, limit)):
+        try:
+            examples.append(format_row(task, row, position))
+        except ValueError as exc:
+            raise ValueError(f"{path}, line {number}: {exc}") from None
+    return examples
 
 
 def load_local_file(task: str, file_key: str, data_dir: Path) -> list[Example]:
@@ -98,7 +134,7 @@ def load_local_file(task: str, file_key: str, data_dir: Path) -> list[Example]:
     if not path.is_file():
         raise FileNotFoundError(f"missing data file for task {task!r}, split {file_key!r}: {path} "
                                 f"(data_dir {str(data_dir)!r} must hold the official files; see the data README)")
-    return _format_rows(task, _read_rows(path))
+    return _format_file_rows(task, path)
 
 
 #: The hub's automatic Parquet export of a dataset repository: the fallback for script-based repositories, which
@@ -149,10 +185,8 @@ def check_task_data(task: str, data_dir: str | os.PathLike | None = None) -> Non
         path = directory / LOCAL_FILES[task][split]
         if not path.is_file():
             raise FileNotFoundError(f"missing data file for task {task!r}, split {split!r}: {path}")
-        rows = _read_rows(path, limit=1)
-        if not rows:
+        if not _format_file_rows(task, path, limit=1):
             raise ValueError(f"data file for task {task!r}, split {split!r} is empty: {path}")
-        format_row(task, rows[0], 0)
 
 
 @dataclass
@@ -182,10 +216,12 @@ def load_task_splits(task: str, data_dir: str | os.PathLike | None = None, *, se
                      max_eval: int | None = None) -> TaskSplits:
     """Train, quiz and validation examples of ``task``.
 
-    The official train split is shuffled with ``seed``; the first ``round(n * quiz_fraction)`` rows become the quiz
-    split and the rest train (9:1 by default).  ``max_train`` caps the train rows (taken from the shuffled order),
-    ``max_eval`` caps quiz and validation (a seeded random subset, kept in file order).  Locally, BoolQ's
-    ``val.jsonl`` provides all three splits (see the module docstring).
+    The official train split is shuffled with ``seed``; the first ``round(n * quiz_fraction)`` rows (at least one)
+    become the quiz split and the rest train (9:1 by default).  The caps apply after that split: ``max_train`` keeps
+    the first train rows (of the shuffled order), ``max_eval`` the first quiz rows and a random subset of validation
+    (drawn with ``seed + 1``, kept in file order).  Locally, BoolQ's ``val.jsonl`` provides all three splits, its
+    validation rows drawn with a fixed seed (see the module docstring).  ``source`` says where the rows came from and
+    what the caps kept.  A split left empty (e.g. ``quiz_fraction`` near 1) raises a ``ValueError`` naming the task.
     """
     task_spec(task)
     if isinstance(quiz_fraction, bool) or not isinstance(quiz_fraction, (int, float)) or not 0 < quiz_fraction < 1:
@@ -194,22 +230,35 @@ def load_task_splits(task: str, data_dir: str | os.PathLike | None = None, *, se
     _check_cap("max_eval", max_eval)
     directory = resolve_data_dir(data_dir)
     if directory is not None and task == "boolq":
-        pool = _shuffled(load_local_file(task, "validation", directory), seed)
-        validation, train_pool = pool[:BOOLQ_LOCAL_VALIDATION_ROWS], pool[BOOLQ_LOCAL_VALIDATION_ROWS:]
-        validation.sort(key=lambda example: example.index)
-        source = (f"local {directory}: BoolQ val.jsonl split (seed {seed}) into validation "
-                  f"({len(validation)} rows) and train/quiz (the full BoolQ train file is not local)")
+        rows = load_local_file(task, "validation", directory)
+        pool = _shuffled(list(range(len(rows))), BOOLQ_LOCAL_VALIDATION_SEED)
+        validation = [rows[i] for i in sorted(pool[:BOOLQ_LOCAL_VALIDATION_ROWS])]
+        train_pool = _shuffled([rows[i] for i in sorted(pool[BOOLQ_LOCAL_VALIDATION_ROWS:])], seed)
+        source = (f"local {directory}: BoolQ val.jsonl split into validation ({len(validation)} rows, fixed seed "
+                  f"{BOOLQ_LOCAL_VALIDATION_SEED}) and train/quiz ({len(train_pool)} rows, seed {seed}; the full "
+                  "BoolQ train file is not local)")
     else:
         validation = load_examples(task, "validation", directory)
         train_pool = _shuffled(load_examples(task, "train", directory), seed)
         source = f"local {directory}" if directory is not None else f"hub {hub_dataset_id(task_spec(task).benchmark)}"
     num_quiz = max(1, round(len(train_pool) * quiz_fraction))
     quiz, train = train_pool[:num_quiz], train_pool[num_quiz:]
-    if max_train is not None:
+    if not train:
+        raise ValueError(f"task {task!r}: quiz_fraction {quiz_fraction} puts {len(quiz)} of its {len(train_pool)} "
+                         "train rows in the quiz split and leaves no train rows; lower quiz_fraction")
+    if not validation:
+        raise ValueError(f"task {task!r}: no validation rows")
+    caps = []
+    if max_train is not None and len(train) > max_train:
+        caps.append(f"train capped to {max_train} of {len(train)} rows")
         train = train[:max_train]
-    if max_eval is not None:
+    if max_eval is not None and len(quiz) > max_eval:
+        caps.append(f"quiz capped to {max_eval} of {len(quiz)} rows")
         quiz = quiz[:max_eval]
-        if len(validation) > max_eval:
-            keep = sorted(random.Random(seed + 1).sample(range(len(validation)), max_eval))
-            validation = [validation[i] for i in keep]
+    if max_eval is not None and len(validation) > max_eval:
+        caps.append(f"validation capped to {max_eval} of {len(validation)} rows (seed {seed})")
+        keep = sorted(random.Random(seed + 1).sample(range(len(validation)), max_eval))
+        validation = [validation[i] for i in keep]
+    if caps:
+        source += "; " + ", ".join(caps)
     return TaskSplits(train=train, quiz=quiz, validation=validation, source=source)

@@ -84,10 +84,19 @@ def task_spec(task: str) -> TaskSpec:
     return TASKS[task]
 
 
+BOOLEAN_LABELS = ("False", "True")
+
+
 def label_id(task: str, value: Any) -> int:
-    """Map a raw label (string name, bool, or int id) to the task's class id."""
+    """Map a raw label (string name, int id, or -- for the boolean tasks BoolQ, WiC, WSC only -- a bool) to the
+    task's class id.  A bool for another task (e.g. CB's ``"label": true``) is refused, not read as class 1."""
     spec = task_spec(task)
     if isinstance(value, bool):
+        if spec.label_names != BOOLEAN_LABELS:
+            boolean_tasks = tuple(name for name, other in TASKS.items() if other.label_names == BOOLEAN_LABELS)
+            raise ValueError(f"label of a {task} row must be one of {spec.label_names} or a class id in "
+                             f"[0, {spec.num_labels}), got the boolean {value!r} (boolean labels belong to the "
+                             f"boolean tasks {boolean_tasks})")
         return int(value)
     if isinstance(value, str):
         if value in spec.label_names:
@@ -136,44 +145,66 @@ def mark_wsc_spans(text: str, span1_index: int, span1_text: str, span2_index: in
     return " ".join(words)
 
 
-def _pair(first: str, second: str) -> Callable[[Mapping[str, Any]], tuple[str, ...]]:
-    return lambda row: (row[first], row[second])
+class _NotText(ValueError):
+    """A text field holding something other than a string (``args``: the field's name and value)."""
+
+
+def _text(row: Mapping[str, Any], field: str) -> str:
+    """``row[field]``, which must be a string (a null or a number would fail later, deep in the tokenizer)."""
+    value = row[field]
+    if not isinstance(value, str):
+        raise _NotText(field, value)
+    return value
+
+
+def _fields(*fields: str) -> Callable[[Mapping[str, Any]], tuple[str, ...]]:
+    return lambda row: tuple(_text(row, field) for field in fields)
 
 
 def _copa_texts(row: Mapping[str, Any]) -> tuple[str, ...]:
     question = row["question"]
     if question not in COPA_QUESTIONS:
         raise ValueError(f"question of a copa row must be one of {tuple(COPA_QUESTIONS)}, got {question!r}")
-    return (f"{row['premise']} {COPA_QUESTIONS[question]}", row["choice1"], row["choice2"])
+    return (f"{_text(row, 'premise')} {COPA_QUESTIONS[question]}", _text(row, "choice1"), _text(row, "choice2"))
 
 
 def _wsc_texts(row: Mapping[str, Any]) -> tuple[str, ...]:
     spans = row.get("target", row)  # local jsonl nests the spans under "target"; the hub's wsc.fixed does not
-    return (mark_wsc_spans(row["text"], int(spans["span1_index"]), spans["span1_text"],
-                           int(spans["span2_index"]), spans["span2_text"]),)
+    return (mark_wsc_spans(_text(row, "text"), int(spans["span1_index"]), _text(spans, "span1_text"),
+                           int(spans["span2_index"]), _text(spans, "span2_text")),)
 
 
 _TEXTS: dict[str, Callable[[Mapping[str, Any]], tuple[str, ...]]] = {
-    "boolq": _pair("question", "passage"),
-    "cb": _pair("premise", "hypothesis"),
+    "boolq": _fields("question", "passage"),
+    "cb": _fields("premise", "hypothesis"),
     "copa": _copa_texts,
-    "rte": _pair("premise", "hypothesis"),
-    "wic": lambda row: (row["word"], row["sentence1"], row["sentence2"]),
+    "rte": _fields("premise", "hypothesis"),
+    "wic": _fields("word", "sentence1", "sentence2"),
     "wsc": _wsc_texts,
-    "glue_rte": _pair("sentence1", "sentence2"),
-    "glue_qnli": _pair("question", "sentence"),
-    "glue_sst2": lambda row: (row["sentence"],),
+    "glue_rte": _fields("sentence1", "sentence2"),
+    "glue_qnli": _fields("question", "sentence"),
+    "glue_sst2": _fields("sentence"),
 }
 
 
 def format_row(task: str, row: Mapping[str, Any], position: int) -> Example:
     """Turn one raw row (official file or hub) into an :class:`Example`; ``position`` is used when the row has no
-    ``idx``/``index`` field."""
+    ``idx``/``index`` field.  A missing field, a text field that is not a string or a bad label raises a
+    ``ValueError`` naming the task, the field and the row."""
     task_spec(task)
+    index = row.get("idx", row.get("index", position))
     try:
         texts = _TEXTS[task](row)
         raw_label = row["label"]
     except KeyError as exc:
-        raise ValueError(f"a {task} row lacks the field {exc.args[0]!r}; got fields {sorted(row)}") from None
-    index = row.get("idx", row.get("index", position))
-    return Example(task=task, index=int(index), texts=tuple(texts), label=label_id(task, raw_label))
+        raise ValueError(f"a {task} row (idx {index}) lacks the field {exc.args[0]!r}; got fields "
+                         f"{sorted(row)}") from None
+    except _NotText as exc:
+        field, value = exc.args
+        raise ValueError(f"field {field!r} of a {task} row (idx {index}) must be a string, got {value!r} "
+                         f"({type(value).__name__})") from None
+    try:
+        label = label_id(task, raw_label)
+    except ValueError as exc:
+        raise ValueError(f"{exc} (idx {index})") from None
+    return Example(task=task, index=int(index), texts=tuple(texts), label=label)

@@ -40,8 +40,8 @@ class DataConfig:
     tasks: list[str] = field(default_factory=lambda: ["cb", "rte"])  #: distilled and reported tasks
     data_dir: str | None = None  #: local folder of official files; None: $MPDISTIL_DATA_DIR, else the hub
     quiz_fraction: float = 0.1  #: seeded share of train held out as quiz (model selection, rewards)
-    max_train: int | None = None  #: cap on train examples per task (before the quiz split)
-    max_eval: int | None = None  #: cap on validation examples per task
+    max_train: int | None = None  #: cap on train examples per task (after the quiz split, which sees all of train)
+    max_eval: int | None = None  #: cap on quiz and validation examples per task (a seeded subset of validation)
     max_length: int = 128
     batch_size: int = 16
     eval_batch_size: int = 64
