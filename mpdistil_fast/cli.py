@@ -90,6 +90,7 @@ def evaluate(args: argparse.Namespace) -> int:
 
     report = evaluate_checkpoint(Path(args.checkpoint), data_dir=args.data_dir)
     print(f"{report['checkpoint']} (validation split):\n{format_results_table(report)}")
+    print("\n".join(f"data {task}: {source}" for task, source in report["data_source"].items()))
     return 0
 
 

@@ -1,13 +1,19 @@
-"""Bad data is refused with an error that names the task, the file and line or the field."""
+"""Bad data is refused with an error that names the task, the file and line or the field, and `evaluate` scores on
+the data its run read (or refuses) -- never silently on other rows."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 
+from mpdistil_fast.cli import main
 from mpdistil_fast.data import check_task_data, load_examples, load_task_splits
 from mpdistil_fast.data.tasks import format_row
+from mpdistil_fast.pipeline.config import ConfigError
+from mpdistil_fast.pipeline.evaluation import evaluate_checkpoint
+from pipeline_helpers import make_tiny_teacher, restore_torch_threads, write_config  # noqa: F401 (fixture)
 
 CB_ROW = {"premise": "p", "hypothesis": "h", "label": "neutral", "idx": 0}
 
@@ -75,3 +81,62 @@ def test_quiz_fraction_leaving_no_train_rows_names_the_task_and_numbers(data_dir
     with pytest.raises(ValueError, match=r"task 'cb': quiz_fraction 0\.999 puts 250 of its 250 train rows in the "
                                          r"quiz split and leaves no train rows"):
         load_task_splits("cb", data_dir, quiz_fraction=0.999)
+
+
+# ----------------------------------------------------------------------------------------- evaluate's data source
+
+@pytest.fixture(scope="module")
+def env_data_run(tmp_path_factory, data_dir):
+    """A tiny finetune run whose data came through $MPDISTIL_DATA_DIR (data.data_dir unset)."""
+    root = tmp_path_factory.mktemp("env_data_run")
+    teacher = make_tiny_teacher(root / "teacher")
+    config = write_config(root / "c.yaml", teacher, data_dir, root / "run", "finetune",
+                          data={"data_dir": None, "tasks": ["cb"]}, student_training={"max_steps": 2})
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MPDISTIL_DATA_DIR", str(data_dir))
+        assert main(["distill", "--config", str(config), "--quiet"]) == 0
+    return root / "run"
+
+
+def test_evaluate_reads_the_folder_the_run_read_without_the_variable(env_data_run, data_dir, monkeypatch, capsys):
+    report = json.loads((env_data_run / "report.json").read_text())
+    source = f"local {data_dir}; train capped to 24 of 225 rows, quiz capped to 16 of 25 rows, validation capped to " \
+             "16 of 56 rows (seed 0)"
+    assert report["config"]["data"]["data_dir"] is None and report["data_source"]["cb"] == source
+    monkeypatch.delenv("MPDISTIL_DATA_DIR", raising=False)  # before the fix: the hub (offline here: an error)
+    evaluated = evaluate_checkpoint(env_data_run)
+    assert evaluated["data_source"] == {"cb": source}
+    assert evaluated["tasks"]["cb"]["student_final"] == pytest.approx(report["tasks"]["cb"]["student_final"])
+    assert main(["evaluate", "--checkpoint", str(env_data_run)]) == 0
+    assert f"data cb: {source}" in capsys.readouterr().out
+
+
+def _checkpoint_with(run: Path, tmp_path: Path, **changes) -> Path:
+    """A copy of ``run``'s newest checkpoint's state.json with ``changes`` (no tensors: evaluate refuses first)."""
+    newest = max((run / "checkpoints").iterdir())
+    state = json.loads((newest / "state.json").read_text())
+    state.update(changes)
+    folder = tmp_path / newest.name
+    folder.mkdir(parents=True)
+    (folder / "state.json").write_text(json.dumps(state))
+    return folder
+
+
+def test_evaluate_refuses_when_the_runs_data_is_not_here(env_data_run, data_dir, tmp_path, monkeypatch):
+    state = json.loads((max((env_data_run / "checkpoints").iterdir()) / "state.json").read_text())
+    assert state["data_dir"] == str(data_dir)
+    moved = _checkpoint_with(env_data_run, tmp_path / "a", data_dir=str(tmp_path / "gone"))
+    monkeypatch.setenv("MPDISTIL_DATA_DIR", str(data_dir))  # another folder is at hand: still refused
+    with pytest.raises(ConfigError, match="read its data from the folder .*gone, which is not on this machine"):
+        evaluate_checkpoint(moved)
+    hub = _checkpoint_with(env_data_run, tmp_path / "b", data_dir=None, data_source={"cb": "hub aps/super_glue"})
+    with pytest.raises(ConfigError, match=r"read its data from the hub .*\$MPDISTIL_DATA_DIR is set"):
+        evaluate_checkpoint(hub)
+    # the folder is here but the rows found differ from the run's (e.g. another $MPDISTIL_SUPERGLUE_HUB): refused
+    newest = max((env_data_run / "checkpoints").iterdir())
+    other = tmp_path / "c" / newest.name
+    shutil.copytree(newest, other)
+    state["data_source"] = {"cb": "hub some/other_superglue"}
+    (other / "state.json").write_text(json.dumps(state))
+    with pytest.raises(ConfigError, match="differs from the run's"):
+        evaluate_checkpoint(other)

@@ -1,16 +1,53 @@
-"""``mpdistil-fast evaluate``: a checkpoint's models on the validation split of every reported task of its run."""
+"""``mpdistil-fast evaluate``: a checkpoint's models on the validation split of every reported task of its run.
+
+The scores are on the data the run itself read: a run records its resolved data folder (``None``: the hub) and the
+``data_source`` line of each task in its checkpoints, and evaluate reads the same folder -- also when the run found
+it through ``$MPDISTIL_DATA_DIR`` and the variable is unset now -- or refuses with a :class:`ConfigError` when that
+source is not available here, instead of silently scoring other rows.  ``--data-dir`` (``data_dir``) chooses another
+folder on purpose.  Checkpoints written before runs recorded their data fall back to the stored config (with a
+warning).
+"""
 from __future__ import annotations
 
 import json
+import logging
+import os
 from pathlib import Path
+from typing import Any
 
+from mpdistil_fast.data.loading import DATA_DIR_ENV
 from mpdistil_fast.pipeline.checkpoint import STATE_FILE, latest_checkpoint
-from mpdistil_fast.pipeline.config import ConfigError, config_from_dict
+from mpdistil_fast.pipeline.config import Config, ConfigError, config_from_dict
+
+LOG = logging.getLogger(__name__)
+
+
+def _use_run_data(config: Config, state: dict[str, Any], checkpoint: Path) -> bool:
+    """Point ``config`` at the data the run read (``state["data_dir"]``), or raise a :class:`ConfigError` when it
+    is not available on this machine.  False for a checkpoint that predates the record (nothing to check)."""
+    if "data_dir" not in state:
+        LOG.warning("checkpoint %s does not record which data its run read: evaluating on data.data_dir=%r, else "
+                    "$%s, else the hub (pass --data-dir to choose)", checkpoint, config.data.data_dir, DATA_DIR_ENV)
+        return False
+    recorded = state["data_dir"]
+    if recorded is None:
+        if os.environ.get(DATA_DIR_ENV):
+            raise ConfigError(f"the run of {checkpoint} read its data from the hub ({state.get('data_source')}), but "
+                              f"${DATA_DIR_ENV} is set ({os.environ[DATA_DIR_ENV]}) and would replace it: unset "
+                              f"${DATA_DIR_ENV} to score on the run's data, or pass --data-dir to score on a folder")
+        config.data.data_dir = None
+        return True
+    if not Path(recorded).is_dir():
+        raise ConfigError(f"the run of {checkpoint} read its data from the folder {recorded}, which is not on this "
+                          "machine: pass --data-dir DIR (a copy of the same official files) to score on another copy")
+    config.data.data_dir = recorded
+    return True
 
 
 def evaluate_checkpoint(path: Path, *, data_dir: str | None = None) -> dict:
-    """A report (``{"tasks": {task: {"teacher": metrics, "student_final": metrics}}}``, the layout of
-    :mod:`.report`) of the checkpoint at ``path``, or of a run's newest checkpoint."""
+    """A report (``{"tasks": {task: {"teacher": metrics, "student_final": metrics}}, "checkpoint": str,
+    "data_source": {task: str}}``, the layout of :mod:`.report`) of the checkpoint at ``path``, or of a run's newest
+    checkpoint, on the data its run read (see the module docstring), or on ``data_dir`` when given."""
     from mpdistil_fast.pipeline.trainer import Run
 
     path = Path(path)
@@ -25,10 +62,19 @@ def evaluate_checkpoint(path: Path, *, data_dir: str | None = None) -> dict:
     # DeepSpeed ranks) and device wrote it
     overrides = ["runtime.kind=local", "runtime.device=auto"] + ([f"data.data_dir={data_dir}"] if data_dir else [])
     config = config_from_dict(state["config"], overrides)
+    same_data = not data_dir and _use_run_data(config, state, path)
     run = Run(config, checkpoint=path)
+    recorded = state.get("data_source") or {}
+    if same_data:  # e.g. the hub ids ($MPDISTIL_SUPERGLUE_HUB) differ from the run's
+        changed = {task: (recorded[task], run.data_source[task]) for task in run.targets
+                   if task in recorded and recorded[task] != run.data_source.get(task)}
+        if changed:
+            raise ConfigError(f"the data found here differs from the run's (task: (run's, here)): {changed}; pass "
+                              "--data-dir to score on other data on purpose")
     results: dict[str, dict[str, dict[str, float]]] = {}
     for task in run.targets:
         results[task] = {"student_final": run.evaluate(run.student, task, "validation")}
         if run.teacher is not None:
             results[task]["teacher"] = run.evaluate(run.teacher, task, "validation")
-    return {"tasks": results, "checkpoint": str(path)}
+    return {"tasks": results, "checkpoint": str(path),
+            "data_source": {task: run.data_source[task] for task in run.targets}}

@@ -26,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mpdistil_fast.data import (EncodedSplit, TeacherCache, compute_metrics, encode_examples, iterate_batches,
-                                load_task_splits, trim_padding)
+                                load_task_splits, resolve_data_dir, trim_padding)
 from mpdistil_fast.distributed.runtime import OptimizerSpec, Runtime, TrainedModel, is_partitioned, make_runtime
 from mpdistil_fast.models import TaskModel, load_backbone, load_tokenizer, resolve_model_path, truncated_copy
 from mpdistil_fast.pipeline.checkpoint import (CHECKPOINTS_SUBDIR, capture_rng_state, checkpoint_dir,
@@ -161,6 +161,8 @@ class Run:
         self.resumed = False
         if checkpoint is not None or resume:
             self.load(checkpoint if checkpoint is not None else self._newest_checkpoint())
+        # the data this run read (resolved folder, None: the hub), so that `evaluate` reads the same or refuses
+        self.state["data_dir"], self.state["data_source"] = self.data_dir, dict(self.data_source)
         self._metrics: MetricsLogger | None = None
 
     # ------------------------------------------------------------------------------------------- setup
@@ -204,6 +206,7 @@ class Run:
                              "read the same token ids); distil between models of one tokenizer family")
         splits: dict[str, dict[str, EncodedSplit]] = {}
         self.data_source: dict[str, str] = {}
+        self.data_dir = str(directory) if (directory := resolve_data_dir(c.data.data_dir)) is not None else None
         for task in self.tasks:
             loaded = load_task_splits(task, c.data.data_dir, seed=c.seed, quiz_fraction=c.data.quiz_fraction,
                                       max_train=c.data.max_train, max_eval=c.data.max_eval)
