@@ -1,9 +1,16 @@
 """Run by ``torchrun`` from tests/test_distributed.py: the DeepSpeed runtime's collectives on real ranks, the
-student optimizer's state as ZeRO partitions it, assembled whole for the pilot step, and task heads that a step does
-not use left alone by every ZeRO stage, as torch's AdamW leaves them."""
+student optimizer's state as ZeRO partitions it, assembled whole for the pilot step, task heads that a step does
+not use left alone by every ZeRO stage, as torch's AdamW leaves them, a released model's optimizer freed, and
+weight snapshots of a rank's own partitions."""
 from __future__ import annotations
 
+import gc
+import os
+import shutil
+import tempfile
+import weakref
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -11,6 +18,7 @@ from torch import nn
 from mpdistil_fast.distributed import LocalRuntime
 from mpdistil_fast.distributed.deepspeed_runtime import DeepSpeedRuntime, ZeroOptimizerState, load_deepspeed_config
 from mpdistil_fast.distributed.runtime import OptimizerSpec
+from mpdistil_fast.pipeline.trainer import BestSnapshot, RankShareSnapshot
 
 
 def small_model() -> nn.Module:
@@ -131,6 +139,76 @@ def check_unused_heads(runtime: DeepSpeedRuntime, config: dict, role: str, toler
                 torch.testing.assert_close(state[key], ref_state[key], rtol=tolerance[0] * 10, atol=tolerance[1])
 
 
+def check_release(runtime: DeepSpeedRuntime, config: dict, role: str) -> None:
+    """After ``release`` the training engine's optimizer (torch's AdamW and DeepSpeed's wrapper with the fp32
+    master weights) is freed, the model computes what it computed before (ZeRO-3: through an inference engine),
+    and it can be trained again."""
+    runtime.configs[role] = load_deepspeed_config(config, name=role)
+    spec = OptimizerSpec(lr=1e-2, total_steps=10)
+    model = small_model()
+    inputs = torch.randn(4, 5, generator=torch.Generator().manual_seed(3))
+    trained = runtime.train(model, spec, role=role)
+    trained.backward(model(runtime.local_rows({"input_ids": inputs})["input_ids"]).pow(2).sum(1).mean())
+    trained.step()
+    with torch.no_grad():
+        before = model(inputs)
+    optimizers = [weakref.ref(trained.guard.optimizer), weakref.ref(trained.engine.optimizer)]
+    del trained
+    runtime.release(model)
+    gc.collect()
+    assert [ref() is None for ref in optimizers] == [True, True], (config, [type(ref()) for ref in optimizers])
+    with torch.no_grad():
+        assert torch.equal(model(inputs), before), config
+    runtime.release(model)  # nothing left to release: a no-op
+    trained = runtime.train(model, spec, role=role)
+    trained.backward(model(runtime.local_rows({"input_ids": inputs})["input_ids"]).pow(2).sum(1).mean())
+    trained.step()
+    with torch.no_grad():
+        assert not torch.equal(model(inputs), before), config
+
+
+def check_snapshots(runtime: DeepSpeedRuntime) -> None:
+    """A ZeRO-3 model's snapshot holds only this rank's partitions (1/W of the elements, no gather), and restoring
+    it on every rank gives back the whole weights it was taken from."""
+    runtime.configs["teacher"] = load_deepspeed_config({"zero_optimization": {"stage": 3}}, name="teacher")
+    model = small_model()
+    inputs = torch.randn(4, 5, generator=torch.Generator().manual_seed(4))
+    trained = runtime.train(model, OptimizerSpec(lr=1e-2, total_steps=10), role="teacher")
+
+    def take_step() -> None:
+        trained.backward(model(runtime.local_rows({"input_ids": inputs})["input_ids"]).pow(2).sum(1).mean())
+        trained.step()
+
+    take_step()
+    snapshot = runtime.snapshot_weights(model)
+    whole = {name: tensor.clone() for name, tensor in runtime.read_weights(model)}
+    assert sum(t.numel() for t in snapshot.values()) == sum(p.ds_tensor.numel() for p in model.parameters())
+    assert sum(t.numel() for t in snapshot.values()) < sum(t.numel() for t in whole.values())
+    take_step()
+    assert any(not torch.equal(whole[name], tensor) for name, tensor in runtime.read_weights(model))
+    runtime.restore_snapshot(model, snapshot)
+    for name, tensor in runtime.read_weights(model):
+        assert torch.equal(whole[name], tensor), name
+    # the pipeline's best-model snapshot of such a model, through a checkpoint's per-rank files
+    best = BestSnapshot.for_model(runtime, model)
+    assert isinstance(best, RankShareSnapshot)
+    best.offer(0.75, 7, model)
+    folder = Path(tempfile.gettempdir()) / f"snapshot-{os.environ['TORCHELASTIC_RUN_ID']}-{os.environ['MASTER_PORT']}"
+    best.save_sharded(folder / "best")
+    runtime.barrier()
+    take_step()
+    loaded = BestSnapshot.for_model(runtime, model)
+    loaded.load_sharded(folder / "best")
+    assert (loaded.score, loaded.step) == (0.75, 7)
+    loaded.restore_into(model)
+    for name, tensor in runtime.read_weights(model):
+        assert torch.equal(whole[name], tensor), name
+    runtime.barrier()
+    if runtime.is_main:
+        shutil.rmtree(folder)
+    runtime.release(model)
+
+
 def check_weights_in_chunks(runtime: DeepSpeedRuntime) -> None:
     """A ZeRO-3 model's weights read and written a few parameters at a time: never more than gather_elements
     (or one larger parameter) gathered at once, the values and names of state_dict(), rank 0's writes kept, the
@@ -218,6 +296,9 @@ def main() -> None:
         check_unused_heads(runtime, {"zero_optimization": {"stage": stage}}, role, (1e-5, 1e-6))
         check_unused_heads(runtime, {"zero_optimization": {"stage": stage}, "bf16": {"enabled": True}}, role,
                            (5e-2, 2e-2))
+    check_release(runtime, {"zero_optimization": {"stage": 2}}, "student")
+    check_release(runtime, {"zero_optimization": {"stage": 3}}, "teacher")
+    check_snapshots(runtime)
     check_weights_in_chunks(runtime)
     runtime.barrier()
     print(f"rank {runtime.rank} of {runtime.world_size}: collectives ok")

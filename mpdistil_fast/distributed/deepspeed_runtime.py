@@ -96,14 +96,18 @@ def engine_dtype(config: dict[str, Any]) -> torch.dtype:
 
 
 def retire(engine: Any) -> None:
-    """Remove ``engine``'s hooks from its module and free its optimizer state (DeepSpeed's ``destroy`` releases the
-    ZeRO gradient and parameter hooks; the engine's own forward hooks are removed here)."""
+    """Remove ``engine``'s hooks from its module and what its module's parameters hold of its optimizer, so that the
+    optimizer state is freed with the engine (DeepSpeed's ``destroy`` releases the ZeRO gradient and parameter
+    hooks; the engine's own forward hooks, and the ZeRO-3 optimizer that every parameter names for DeepSpeed's
+    ``safe_get_full_*`` helpers, are removed here)."""
     engine.destroy()
     for name in ("module_forward_pre_hook", "module_forward_post_hook"):
         hook = getattr(engine, name, None)
         if hook is not None:
             hook.remove()
             setattr(engine, name, None)
+    for param in engine.module.parameters():
+        param.__dict__.pop("_z3_optimizer", None)
 
 
 def clear_zero3_gradients(params: list[nn.Parameter]) -> None:
@@ -281,6 +285,11 @@ class DeepSpeedTrainedModel(TrainedModel):
             raise RuntimeError(f"DeepSpeed could not load the engine state in {str(directory)!r}")
 
 
+def _local_part(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's partition of a ZeRO-3 parameter (flat), or the tensor itself (a buffer, which is whole)."""
+    return tensor.ds_tensor if hasattr(tensor, "ds_id") else tensor
+
+
 def load_state_dict_pre_hooks_applied(module: nn.Module, state: Mapping[str, torch.Tensor]
                                       ) -> dict[str, torch.Tensor]:
     """A copy of ``state`` after the load_state_dict pre-hooks of ``module`` and its submodules (parents first, each
@@ -354,6 +363,7 @@ class DeepSpeedRuntime:
         self.batch_size = batch_size
         self._engines: dict[int, Any] = {}  # id(module) -> the engine that hooks its parameters now
         self._guards: dict[int, UnusedGroupGuard] = {}  # id(module) -> the guard of its training engine
+        self._training_roles: dict[int, str] = {}  # id(module) -> the role its training engine was built for
         #: At most this many elements of a ZeRO-3 model's parameters are gathered at once to read or write them.
         self.gather_elements = 1 << 27
 
@@ -397,10 +407,15 @@ class DeepSpeedRuntime:
                 param.data = param.data.to(self.device, dtype)
         if not trainable:
             module.eval().requires_grad_(False)
+        self._attach_inference_engine(module, role)
+        return module
+
+    def _attach_inference_engine(self, module: nn.Module, role: str) -> None:
+        """A ZeRO-3 engine without an optimizer over ``module``: its hooks gather the partitioned parameters around
+        each submodule's forward (and backward), which is all a model that is not being trained needs."""
         engine, *_ = self._deepspeed.initialize(model=module, config=self._engine_config(role, None),
                                                 dist_init_required=False)
         self._engines[id(module)] = engine
-        return module
 
     def train(self, module: nn.Module, spec: OptimizerSpec, *, role: str,
               params: Iterable[nn.Parameter] | None = None) -> DeepSpeedTrainedModel:
@@ -428,7 +443,23 @@ class DeepSpeedRuntime:
                 config=self._engine_config(role, spec), dist_init_required=False)
         self._engines[id(module)] = engine
         self._guards[id(module)] = guard
+        self._training_roles[id(module)] = role
         return DeepSpeedTrainedModel(engine_optimizer, scheduler, spec.max_grad_norm, engine=engine, guard=guard)
+
+    def release(self, module: nn.Module) -> None:
+        """Training of ``module`` is over: its training engine is retired, and with the last reference to its
+        :class:`DeepSpeedTrainedModel` gone the optimizer state is freed (fp32 master weights and AdamW moments, 12
+        bytes per parameter over the ranks, which a teacher would otherwise carry through every later stage).  A
+        ZeRO-3 ``module`` gets an inference engine back, so its forward still gathers its partitions.  A module
+        without a training engine is left as it is."""
+        guard = self._guards.pop(id(module), None)
+        if guard is None:
+            return
+        guard.remove()
+        retire(self._engines.pop(id(module)))
+        role = self._training_roles.pop(id(module))
+        if is_partitioned(module):
+            self._attach_inference_engine(module, role)
 
     def _reduce_max(self, tensor: torch.Tensor) -> None:
         """``tensor`` becomes its maximum over the ranks."""
@@ -507,6 +538,37 @@ class DeepSpeedRuntime:
             for chunk in self._gathered_chunks(module, modify=True):
                 for name, tensor in chunk:
                     tensor.copy_(state[name])
+
+    def snapshot_weights(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        """A CPU copy of what this rank needs to put ``module``'s weights back later: the whole weights, or of a
+        ZeRO-3 model only this rank's partition of each parameter (and the buffers), which takes no gather and
+        ``1/W`` of the memory on each of the ``W`` ranks."""
+        if not is_partitioned(module):
+            return {name: tensor.to("cpu", copy=True) for name, tensor in self.read_weights(module)}
+        return {name: _local_part(tensor).detach().to("cpu", copy=True)
+                for name, tensor in module.state_dict(keep_vars=True).items()}
+
+    def restore_snapshot(self, module: nn.Module, snapshot: Mapping[str, torch.Tensor]) -> None:
+        """Every rank: put back the weights :meth:`snapshot_weights` copied on this rank."""
+        if not is_partitioned(module):
+            self.write_weights(module, snapshot)
+            return
+        state = module.state_dict(keep_vars=True)
+        if set(state) != set(snapshot):
+            raise RuntimeError(f"snapshot of {type(module).__name__} does not match it: missing "
+                               f"{sorted(set(state) - set(snapshot))}, unexpected {sorted(set(snapshot) - set(state))}")
+        with torch.no_grad():
+            for name, tensor in state.items():
+                _local_part(tensor).copy_(snapshot[name])
+        # parameters DeepSpeed keeps gathered (the small "persistent" ones) hold a whole copy beside the partition:
+        # free it and gather the restored partitions, as they were
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        gathered = [param for param in module.parameters()
+                    if hasattr(param, "ds_id") and param.ds_status == ZeroParamStatus.AVAILABLE]
+        if gathered:
+            gathered[0].partition(param_list=gathered)
+            gathered[0].all_gather(param_list=gathered)
 
     def rank_rows(self, n: int) -> torch.Tensor:
         """This rank's contiguous share of ``n`` rows, padded by repeating the first rows (as

@@ -3,13 +3,15 @@
 The loop never calls ``loss.backward()`` or ``optimizer.step()`` itself: it asks a :class:`Runtime` to build its
 models (``build_model``: the DeepSpeed runtime builds a ZeRO-3 model inside ``HfDeepSpeedConfig``) and a
 :class:`TrainedModel` (optimizer + schedule + clipping), and drives that with ``backward`` / ``step``, so a
-DeepSpeed engine can stand behind the same methods (the bi-level engine's ``Stepper``). ``is_main`` gates logging
-and saving (rank 0 only); ``local_rows`` gives each data-parallel rank its slice of a global batch, ``average``
-averages logged metrics over ranks, ``average_tensors`` averages tensors in place (the bi-level engine's
-gradients), ``read_weights(module)`` / ``write_weights(module, state)`` read and load a model's whole weights (a
-ZeRO-3 model's partitioned parameters gathered a few at a time; every rank takes part); ``from_main`` hands every
-rank rank 0's decision; ``rank_rows``/``gather_rows``
-share an evaluation pass over the ranks. :class:`LocalRuntime` is one process on one device;
+DeepSpeed engine can stand behind the same methods (the bi-level engine's ``Stepper``); ``release(module)`` at
+the end of a stage frees whatever the runtime holds for training ``module``.  ``is_main`` gates logging and saving
+(rank 0 only); ``local_rows`` gives each data-parallel rank its slice of a global batch, ``average`` averages
+logged metrics over ranks, ``average_tensors`` averages tensors in place (the bi-level engine's gradients),
+``read_weights(module)`` / ``write_weights(module, state)`` read and load a model's whole weights (a ZeRO-3
+model's partitioned parameters gathered a few at a time; every rank takes part), ``snapshot_weights`` /
+``restore_snapshot`` keep and put back only what the rank holds (its partitions, under ZeRO-3); ``from_main``
+hands every rank rank 0's decision; ``rank_rows``/``gather_rows`` share an evaluation pass over the ranks.
+:class:`LocalRuntime` is one process on one device;
 :class:`~mpdistil_fast.distributed.deepspeed_runtime.DeepSpeedRuntime` is data parallel over DeepSpeed engines
 (``runtime.kind: deepspeed``).
 """
@@ -100,6 +102,8 @@ class Runtime(Protocol):
     def train(self, module: nn.Module, spec: OptimizerSpec, *, role: str,
               params: Iterable[nn.Parameter] | None = None) -> TrainedModel: ...
 
+    def release(self, module: nn.Module) -> None: ...
+
     def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
 
     def local_rows(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
@@ -111,6 +115,10 @@ class Runtime(Protocol):
     def read_weights(self, module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]: ...
 
     def write_weights(self, module: nn.Module, state: Mapping[str, torch.Tensor]) -> None: ...
+
+    def snapshot_weights(self, module: nn.Module) -> dict[str, torch.Tensor]: ...
+
+    def restore_snapshot(self, module: nn.Module, snapshot: Mapping[str, torch.Tensor]) -> None: ...
 
     def from_main(self, value: int) -> int: ...
 
@@ -178,6 +186,10 @@ class LocalRuntime:
         optimizer = build_optimizer(module, spec, params)
         return TrainedModel(optimizer, linear_schedule(optimizer, spec), spec.max_grad_norm)
 
+    def release(self, module: nn.Module) -> None:
+        """Training of ``module`` is over (its optimizer state goes with the last reference to its
+        :class:`TrainedModel`; this runtime holds none)."""
+
     def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return batch_to_device(batch, self.device)
 
@@ -197,6 +209,14 @@ class LocalRuntime:
     def write_weights(self, module: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
         """``module.load_state_dict(state)``, strict."""
         module.load_state_dict(state)
+
+    def snapshot_weights(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        """A CPU copy of what this rank needs to put ``module``'s weights back later (here: all of them)."""
+        return {name: tensor.to("cpu", copy=True) for name, tensor in self.read_weights(module)}
+
+    def restore_snapshot(self, module: nn.Module, snapshot: Mapping[str, torch.Tensor]) -> None:
+        """Put back the weights :meth:`snapshot_weights` copied."""
+        self.write_weights(module, snapshot)
 
     def from_main(self, value: int) -> int:
         """Rank 0's ``value`` (a decision every rank must share, such as a curriculum action)."""

@@ -302,7 +302,7 @@ def curriculum_stage(run: "Run") -> None:
                           relative_discount=not compat)
     trained = run.trainer(student, c.student_training, episodes if compat else total, role="curriculum",
                           lr=cc.student_lr)
-    best = BestSnapshot(run.runtime)
+    best = BestSnapshot.for_model(run.runtime, student)
     stateful = {"trained": trained, "best": best, "policy": reinforce}
     run.restore_stage(stateful)
     state = run.state["stage_state"]

@@ -12,6 +12,8 @@ Model selection uses the quiz split (held out of train); the validation split is
 from __future__ import annotations
 
 import copy
+import gc
+import json
 import logging
 import random
 import shutil
@@ -22,6 +24,8 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -86,7 +90,7 @@ def seed_everything(seed: int) -> None:
 
 class BestSnapshot:
     """The best weights of the model a stage trains, by the quiz score (higher is better).  Every rank offers and
-    restores (a ZeRO-3 model's weights are gathered through ``runtime.read_weights`` / ``write_weights``)."""
+    restores; each keeps what ``runtime.snapshot_weights`` gives it (whole weights in one process)."""
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
@@ -94,22 +98,58 @@ class BestSnapshot:
         self.step = -1
         self.weights: dict[str, torch.Tensor] = {}
 
+    @staticmethod
+    def for_model(runtime: Runtime, model: nn.Module) -> "BestSnapshot":
+        """The snapshot kind ``model`` needs: of a ZeRO-3 model each rank keeps only its own partitions."""
+        return RankShareSnapshot(runtime) if is_partitioned(model) else BestSnapshot(runtime)
+
     def offer(self, score: float, step: int, model: nn.Module) -> bool:
         if self.score is not None and score <= self.score:
             return False
         self.score, self.step = score, step
-        self.weights = {k: v.to("cpu", copy=True) for k, v in self.runtime.read_weights(model)}
+        self.weights = self.runtime.snapshot_weights(model)
         return True
 
     def restore_into(self, model: nn.Module) -> None:
         if self.weights:
-            self.runtime.write_weights(model, self.weights)
+            self.runtime.restore_snapshot(model, self.weights)
 
     def state_dict(self) -> dict[str, Any]:
         return {"score": self.score, "step": self.step, "weights": self.weights}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.score, self.step, self.weights = state["score"], state["step"], dict(state["weights"])
+
+
+class RankShareSnapshot(BestSnapshot):
+    """A :class:`BestSnapshot` of a ZeRO-3 model: each rank holds its own partitions (``1/W`` of the weights, taken
+    without a gather), so a checkpoint stores one file per rank under ``shards/`` (same world size to resume)."""
+
+    def _file(self, directory: Path) -> Path:
+        return directory / f"rank{self.runtime.rank:05d}.safetensors"
+
+    def state_dict(self) -> dict[str, Any]:
+        raise TypeError("a ZeRO-3 snapshot is partitioned over the ranks: save it with save_sharded(directory)")
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        raise TypeError("a ZeRO-3 snapshot is partitioned over the ranks: load it with load_sharded(directory)")
+
+    def save_sharded(self, directory: Path) -> None:
+        """Every rank: its partitions, with the score and step, into its own file of ``directory``."""
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file({name: tensor.contiguous() for name, tensor in self.weights.items()}, self._file(directory),
+                  metadata={"score": json.dumps(self.score), "step": str(self.step)})
+
+    def load_sharded(self, directory: Path) -> None:
+        """Every rank: what :meth:`save_sharded` wrote for this rank."""
+        path = self._file(directory)
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint has no snapshot for rank {self.runtime.rank} at {str(path)!r} "
+                                    "(resume with the world size that saved it)")
+        with safe_open(path, framework="pt") as file:
+            metadata = file.metadata()
+            self.weights = {name: file.get_tensor(name) for name in file.keys()}
+        self.score, self.step = json.loads(metadata["score"]), int(metadata["step"])
 
 
 class Run:
@@ -147,6 +187,7 @@ class Run:
         #: parameter requires grad: nothing in the pipeline changes a frozen model's weights), so later checkpoints
         #: link that file instead of gathering and writing the same weights again
         self._frozen_files: dict[str, tuple[Path, Any]] = {}
+        self._trained_in_stage: list[nn.Module] = []  # released by end_stage (their optimizer state is freed)
         self._clock = time.perf_counter()
         seed_everything(config.seed)
 
@@ -376,6 +417,7 @@ class Run:
         spec = OptimizerSpec(lr=lr if lr is not None else optim.lr, total_steps=total_steps,
                              weight_decay=optim.weight_decay, warmup_ratio=optim.warmup_ratio,
                              max_grad_norm=optim.max_grad_norm)
+        self._trained_in_stage.append(module)
         return self.runtime.train(module, spec, role=role)
 
     def begin_stage(self, stage: str) -> bool:
@@ -388,6 +430,12 @@ class Run:
         return True
 
     def end_stage(self, stage: str) -> None:
+        """Mark ``stage`` done: the runtime frees what it held to train the stage's models (a DeepSpeed teacher's
+        engine would otherwise keep its optimizer state through every later stage), then a checkpoint."""
+        for module in self._trained_in_stage:
+            self.runtime.release(module)
+        self._trained_in_stage.clear()
+        gc.collect()  # DeepSpeed's engines and ZeRO optimizers hold references to themselves (cycles)
         self._account_time()
         self.state["completed"].append(stage)
         self.state["stage"], self.state["step"], self.state["stage_state"] = None, 0, {}
@@ -442,7 +490,7 @@ class Run:
             total = min(total, optim.max_steps)
         trained = self.trainer(trainable, optim, total, role=stage, lr=lr)
         extra = companions(total) if companions is not None else {}
-        best = BestSnapshot(self.runtime)
+        best = BestSnapshot.for_model(self.runtime, selected)
         stateful = {"trained": trained, "best": best, **extra}
         self.restore_stage(stateful)
         self.train_mode(trainable)
