@@ -168,19 +168,27 @@ def test_metadistil_stage_teaches_the_teacher(tmp_path, teacher_dir, data_dir):
     assert "teacher_final" in run.state["results"]["cb"]
 
 
+def first_teacher_grad_norms(tmp_path: Path, teacher_dir: Path, data_dir: Path,
+                             variants: dict[str, dict]) -> dict[str, float]:
+    """The teacher's gradient norm in the first MetaDistil step of a one-step run per ``metadistil`` variant."""
+    norms = {}
+    for name, metadistil in variants.items():
+        (tmp_path / name).mkdir()
+        run = make_run(tmp_path / name, teacher_dir, data_dir, "metadistil", student_training={"max_steps": 1},
+                       metadistil=metadistil)
+        logged = capture_metrics(run)
+        run.begin_stage("metadistil")
+        stages.metadistil_stage(run)
+        norms[name] = logged[0]["teacher_grad_norm"]
+    return norms
+
+
 def test_metadistil_runs_every_hypergradient_method(tmp_path, teacher_dir, data_dir):
     """MetaDistil's own exact hypergradient and forward mode run in the pipeline (the stage's KD loss takes its
     plain-torch backend, which the fused kernels' missing double backward and jvp would otherwise stop), and the
     first teacher gradient of every method agrees with exact's."""
-    norms = {}
-    for method in ("exact", "forward_mode", "finite_difference", "first_order"):
-        (tmp_path / method).mkdir()
-        run = make_run(tmp_path / method, teacher_dir, data_dir, "metadistil", student_training={"max_steps": 1},
-                       metadistil={"hypergradient": method})
-        logged = capture_metrics(run)
-        run.begin_stage("metadistil")
-        stages.metadistil_stage(run)
-        norms[method] = logged[0]["teacher_grad_norm"]
+    norms = first_teacher_grad_norms(tmp_path, teacher_dir, data_dir, {
+        method: {"hypergradient": method} for method in ("exact", "forward_mode", "finite_difference", "first_order")})
     assert norms["exact"] > 0, norms
     for method, tolerance in (("forward_mode", 1e-5), ("finite_difference", 1e-3), ("first_order", 5e-3)):
         assert norms[method] == pytest.approx(norms["exact"], rel=tolerance), (method, norms)
@@ -189,15 +197,8 @@ def test_metadistil_runs_every_hypergradient_method(tmp_path, teacher_dir, data_
 def test_metadistil_pilot_rule(tmp_path, teacher_dir, data_dir):
     """``metadistil.pilot_rule: sgd`` takes the released code's plain SGD pilot step instead of the student's AdamW
     rule: another direction, so another first teacher gradient."""
-    norms = {}
-    for rule in ("student", "sgd"):
-        (tmp_path / rule).mkdir()
-        run = make_run(tmp_path / rule, teacher_dir, data_dir, "metadistil", student_training={"max_steps": 1},
-                       metadistil={"pilot_rule": rule})
-        logged = capture_metrics(run)
-        run.begin_stage("metadistil")
-        stages.metadistil_stage(run)
-        norms[rule] = logged[0]["teacher_grad_norm"]
+    norms = first_teacher_grad_norms(tmp_path, teacher_dir, data_dir,
+                                     {rule: {"pilot_rule": rule} for rule in ("student", "sgd")})
     assert norms["sgd"] > 0 and norms["sgd"] != pytest.approx(norms["student"], rel=1e-2), norms
 
 
