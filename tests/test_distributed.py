@@ -413,7 +413,7 @@ def test_two_ranks_match_one_process_step_for_step(two_rank_run):
         "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
     assert not (tmp / "ds" / ".checkpoint-shards").exists()
     # one teacher cache for both ranks, complete (meta.json is written last)
-    cached = sorted(p.parent.name for p in (tmp / "ds" / "teacher_cache").glob("*/meta.json"))
+    cached = sorted(p.parent.parent.name for p in (tmp / "ds" / "teacher_cache").glob("*/*/meta.json"))
     assert cached and "rte-train" in cached and not list((tmp / "ds" / "teacher_cache").glob("rank-*"))
     # `mpdistil-fast evaluate` reads a DeepSpeed run's checkpoint in one process, with the run's final numbers
     evaluated = evaluate_checkpoint(tmp / "ds")

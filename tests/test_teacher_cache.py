@@ -1,6 +1,8 @@
 """The frozen-teacher cache: served rows equal a live eval-mode forward pass, in memory and memory-mapped."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -22,6 +24,13 @@ def _teacher(seed: int = 0) -> TaskModel:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return TaskModel(backbone, ["cb", "copa"], pooling="mean")
+
+
+def _entry(directory: Path, name: str) -> Path:
+    """The folder of the one teacher cached for ``name`` ("<task>-<split>") under ``directory``."""
+    folders = list((directory / name).iterdir())
+    assert len(folders) == 1, folders
+    return folders[0]
 
 
 def _live(teacher: TaskModel, batch: dict, task: str):
@@ -52,7 +61,7 @@ def test_cached_rows_equal_a_live_teacher(splits, tmp_path, task, on_disk):
     assert cache.seconds_saved == pytest.approx(expected_saved)
     assert "rows served" in cache.summary()
     if on_disk:
-        assert isinstance(np.load(tmp_path / f"{task}-validation" / "logits.npy", mmap_mode="r"), np.memmap)
+        assert isinstance(np.load(_entry(tmp_path, f"{task}-validation") / "logits.npy", mmap_mode="r"), np.memmap)
 
 
 def test_first_token_hidden_states_for_patient_kd(splits, tmp_path):
@@ -140,8 +149,32 @@ def test_ranks_share_the_pass_and_one_folder(splits, tmp_path, monkeypatch):
     expected = TeacherCache(_teacher()).outputs(splits["cb"], "train")
     for cached in results:
         torch.testing.assert_close(cached.logits, expected.logits, rtol=1e-6, atol=1e-6)
-    assert sorted(p.name for p in (tmp_path / "cb-train").iterdir()) == ["logits.npy", "meta.json", "pooled.npy"]
+    assert sorted(p.name for p in _entry(tmp_path, "cb-train").iterdir()) == ["logits.npy", "meta.json", "pooled.npy"]
     ran.clear()
     again, errors = run_on_thread_ranks(rank_cache)
     assert not any(errors) and ran == {}, (errors, ran)
     assert all(torch.equal(cached.logits, results[0].logits) for cached in again)
+
+
+def test_two_teachers_writing_one_directory_at_once_keep_their_outputs(splits, tmp_path, monkeypatch):
+    """Another teacher's cache fills the same directory while this one is between its arrays and its meta.json
+    (two runs sharing a folder): each later load serves its own teacher's outputs, not the other's arrays."""
+    first, second = _teacher(0), _teacher(1)
+    write_meta = TeacherCache._write_meta
+    interleaved = []
+
+    def other_run_first(folder, print_key, compute_seconds):
+        if not interleaved:  # the other run writes all of its entry, its meta.json included
+            interleaved.append(folder)
+            TeacherCache(second, tmp_path).outputs(splits["cb"], "train")
+        write_meta(folder, print_key, compute_seconds)
+
+    monkeypatch.setattr(TeacherCache, "_write_meta", staticmethod(other_run_first))
+    TeacherCache(first, tmp_path).outputs(splits["cb"], "train")
+    monkeypatch.setattr(TeacherCache, "_write_meta", staticmethod(write_meta))
+    assert interleaved
+    for teacher in (first, second):
+        loaded = TeacherCache(teacher, tmp_path).outputs(splits["cb"], "train")
+        expected = TeacherCache(teacher).outputs(splits["cb"], "train")
+        torch.testing.assert_close(loaded.logits, expected.logits, rtol=1e-6, atol=1e-6)
+    assert not list(tmp_path.rglob("*.tmp"))

@@ -3,9 +3,13 @@
 When the teacher no longer trains (plain KD, MPDistil stages 3 and 4) its logits, pooled representation and hidden
 states for a split are fixed, so each epoch's teacher forward pass is wasted work.  :class:`TeacherCache` runs the
 teacher once (eval mode, no dropout, no autograd graph) and serves rows by ``example_index``.  With a ``directory``
-the arrays are ``.npy`` files opened as memory maps, and a later run whose teacher weights and inputs are identical
-(same SHA-256 fingerprint) reuses them without running the teacher at all.  Data parallel (``sharding``), every rank
-computes its share of the rows and the ranks all-gather them; on disk they share one folder, which rank 0 writes.
+the arrays are ``.npy`` files opened as memory maps, in ``<directory>/<task>-<split>/<fingerprint>/``, and a later
+run whose teacher weights and inputs are identical (same SHA-256 fingerprint) reuses them without running the
+teacher at all.  Data parallel (``sharding``), every rank computes its share of the rows and the ranks all-gather
+them; on disk they share one folder, which rank 0 writes.  Runs that share a ``directory`` at the same time do not
+mix their files: each teacher's outputs have a folder of their own, and every writer fills temporary files of its
+own that it renames into place (the same outputs, written twice, end up whole); ``meta.json``, written last, marks
+a folder complete.  Folders of teachers no longer used stay until deleted.
 
 Time accounting: an entry whose teacher pass cost ``c`` seconds for ``N`` rows and took ``s`` seconds to obtain in this
 run (computing, or loading from disk) and that served ``r`` rows through :meth:`CachedOutputs.gather` saved
@@ -18,6 +22,7 @@ import itertools
 import json
 import os
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator, Protocol
@@ -31,6 +36,8 @@ if TYPE_CHECKING:
     from mpdistil_fast.models.task_model import TaskModel, TaskModelOutput
 
 _ARRAYS = ("logits", "pooled", "hidden")
+#: hex digits of the fingerprint that name an entry's folder (meta.json holds the whole fingerprint)
+FOLDER_KEY_LENGTH = 16
 
 
 class RowSharding(Protocol):
@@ -164,11 +171,11 @@ class TeacherCache:
         key = (split.task, split_name)
         if key not in self.entries:
             start = time.perf_counter()
-            folder = self.directory / f"{split.task}-{split_name}" if self.directory is not None else None
-            arrays, compute_seconds, print_key = None, 0.0, ""
-            if folder is not None:
+            folder, arrays, compute_seconds, print_key = None, None, 0.0, ""
+            if self.directory is not None:
                 print_key = fingerprint(self.teacher, split, self.keep_hidden,
                                         None if self.sharding is None else self.sharding.read_weights(self.teacher))
+                folder = self.directory / f"{split.task}-{split_name}" / print_key[:FOLDER_KEY_LENGTH]
                 arrays, compute_seconds = self._load(folder, print_key)
             if arrays is None:
                 if not self._shared_pass:
@@ -197,9 +204,10 @@ class TeacherCache:
             folder.mkdir(parents=True, exist_ok=True)
             for name, array in zip(_ARRAYS, arrays):
                 if array is not None:
-                    with open(folder / f"{name}.npy.tmp", "wb") as file:
+                    temporary = _temporary(folder / f"{name}.npy")
+                    with open(temporary, "wb") as file:
                         np.save(file, array.float().numpy())
-                    os.replace(folder / f"{name}.npy.tmp", folder / f"{name}.npy")
+                    os.replace(temporary, folder / f"{name}.npy")
         self.sharding.barrier()
         return self._load_arrays(folder, self.keep_hidden)
 
@@ -233,7 +241,7 @@ class TeacherCache:
             for name, array in stores.items():
                 array.flush()
                 # a fresh inode: arrays of an earlier entry that still map the old file keep their values
-                os.replace(folder / f"{name}.npy.tmp", folder / f"{name}.npy")
+                os.replace(array.filename, folder / f"{name}.npy")
             return self._load_arrays(folder, self.keep_hidden)
         return stores["logits"], stores["pooled"], stores.get("hidden")
 
@@ -242,7 +250,8 @@ class TeacherCache:
         if folder is None:
             return torch.empty(shape, dtype=dtype)
         folder.mkdir(parents=True, exist_ok=True)
-        return np.lib.format.open_memmap(folder / f"{name}.npy.tmp", mode="w+", dtype=np.float32, shape=shape)
+        return np.lib.format.open_memmap(_temporary(folder / f"{name}.npy"), mode="w+", dtype=np.float32,
+                                         shape=shape)
 
     @staticmethod
     def _load_arrays(folder: Path, keep_hidden: str | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -258,8 +267,6 @@ class TeacherCache:
         valid = False
         if self._is_main and meta_path.is_file():
             valid = json.loads(meta_path.read_text()).get("fingerprint") == print_key
-            if not valid:  # other teacher or inputs: recompute, stale arrays are overwritten
-                meta_path.unlink()
         if self.sharding is not None:
             valid = bool(self.sharding.from_main(int(valid)))
         if not valid:
@@ -269,6 +276,11 @@ class TeacherCache:
     @staticmethod
     def _write_meta(folder: Path, print_key: str, compute_seconds: float) -> None:
         """meta.json is written last (atomically): its presence marks the arrays complete."""
-        temporary = folder / "meta.json.tmp"
+        temporary = _temporary(folder / "meta.json")
         temporary.write_text(json.dumps({"fingerprint": print_key, "compute_seconds": compute_seconds}))
         os.replace(temporary, folder / "meta.json")
+
+
+def _temporary(path: Path) -> Path:
+    """A temporary name beside ``path`` that no other writer (process or thread) uses."""
+    return path.with_name(f"{path.name}.{os.getpid()}-{uuid.uuid4().hex}.tmp")
