@@ -16,6 +16,7 @@ import os
 import sys
 from pathlib import Path
 
+from mpdistil_fast.data.loading import HubUnavailableError
 from mpdistil_fast.pipeline.config import ConfigError
 
 
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"mpdistil-fast: config error: {exc}", file=sys.stderr)
         return 2
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, HubUnavailableError) as exc:
         print(f"mpdistil-fast: {exc}", file=sys.stderr)
         return 2
 

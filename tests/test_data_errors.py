@@ -140,3 +140,36 @@ def test_evaluate_refuses_when_the_runs_data_is_not_here(env_data_run, data_dir,
     (other / "state.json").write_text(json.dumps(state))
     with pytest.raises(ConfigError, match="differs from the run's"):
         evaluate_checkpoint(other)
+
+
+def test_evaluate_of_a_checkpoint_without_a_data_record_needs_data_here(env_data_run, tmp_path, monkeypatch,
+                                                                       capsys):
+    """A checkpoint written before runs recorded their data falls back to the stored config: with no folder given
+    and the hub ruled out (HF_DATASETS_OFFLINE, as in these tests) evaluate exits with status 2 and says why."""
+    newest = max((env_data_run / "checkpoints").iterdir())
+    state = json.loads((newest / "state.json").read_text())
+    del state["data_dir"], state["data_source"]
+    old = tmp_path / newest.name
+    old.mkdir()
+    (old / "state.json").write_text(json.dumps(state))
+    monkeypatch.delenv("MPDISTIL_DATA_DIR", raising=False)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    assert main(["evaluate", "--checkpoint", str(old)]) == 2
+    assert "HF_DATASETS_OFFLINE=1 rules out the hub" in capsys.readouterr().err
+
+
+def test_an_unreachable_hub_is_an_error_message_not_a_traceback(tmp_path, monkeypatch, capsys):
+    import datasets
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("no route to huggingface.co")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    monkeypatch.delenv("MPDISTIL_DATA_DIR", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    teacher = make_tiny_teacher(tmp_path / "teacher")
+    config = write_config(tmp_path / "c.yaml", teacher, tmp_path, tmp_path / "run", "finetune",
+                          data={"data_dir": None, "tasks": ["cb"]})
+    assert main(["distill", "--config", str(config), "--quiet"]) == 2
+    error = capsys.readouterr().err
+    assert "could not load 'cb'" in error and "no route to huggingface.co" in error and "Traceback" not in error

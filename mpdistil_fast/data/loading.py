@@ -142,6 +142,10 @@ def load_local_file(task: str, file_key: str, data_dir: Path) -> list[Example]:
 HUB_PARQUET_REVISION = "refs/convert/parquet"
 
 
+class HubUnavailableError(RuntimeError):
+    """A task's data could not be loaded from the Hugging Face hub (offline, unknown dataset id, ...)."""
+
+
 def load_hub_split(task: str, split: str) -> list[Example]:
     """Examples of ``task``/``split`` from the Hugging Face hub via ``datasets.load_dataset`` (retried on the
     repository's Parquet export when the plain load fails)."""
@@ -155,7 +159,7 @@ def load_hub_split(task: str, split: str) -> list[Example]:
         except Exception:  # e.g. "Dataset scripts are no longer supported"
             rows = datasets.load_dataset(dataset_id, HUB_CONFIGS[task], split=split, revision=HUB_PARQUET_REVISION)
     except Exception as exc:  # offline, unknown id, ...: say what to do instead
-        raise RuntimeError(f"could not load {task!r} ({dataset_id}, {HUB_CONFIGS[task]}, {split}) from the hub: "
+        raise HubUnavailableError(f"could not load {task!r} ({dataset_id}, {HUB_CONFIGS[task]}, {split}) from the hub: "
                            f"{exc}. Offline, pass data_dir or set ${DATA_DIR_ENV} to a folder of the official "
                            "files") from exc
     return _format_rows(task, rows)
