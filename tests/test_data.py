@@ -218,6 +218,8 @@ def test_split_caps(data_dir):
     assert splits.train == full.train[:40] and splits.quiz == full.quiz[:16]
     indices = [e.index for e in splits.validation]
     assert indices == sorted(indices) and set(indices) <= {e.index for e in full.validation}
+    # the validation subset is the same for every run seed (runs of several seeds are scored on the same rows)
+    assert load_task_splits("rte", data_dir, seed=5, max_eval=16).validation == splits.validation
 
 
 def test_local_boolq_is_carved_from_val_without_overlap(data_dir):
@@ -246,10 +248,10 @@ def test_local_boolq_validation_is_the_same_rows_for_every_seed(data_dir):
 
 def test_source_says_what_the_caps_kept(data_dir):
     splits = load_task_splits("boolq", data_dir, seed=3, max_train=100, max_eval=150)
-    assert len(splits.validation) == 150 and "validation capped to 150 of 500 rows (seed 3)" in splits.source
+    assert len(splits.validation) == 150 and "validation capped to 150 of 500 rows (fixed seed 1)" in splits.source
     assert "train capped to 100 of 2493 rows" in splits.source and "quiz capped to 150 of 277 rows" in splits.source
     cb = load_task_splits("cb", data_dir, seed=0, max_eval=16)
-    assert cb.source == f"local {data_dir}; quiz capped to 16 of 25 rows, validation capped to 16 of 56 rows (seed 0)"
+    assert cb.source == f"local {data_dir}; quiz capped to 16 of 25 rows, validation capped to 16 of 56 rows (fixed seed 1)"
     assert load_task_splits("cb", data_dir, seed=0, max_eval=100).source == f"local {data_dir}"  # nothing cut
 
 

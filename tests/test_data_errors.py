@@ -101,7 +101,7 @@ def env_data_run(tmp_path_factory, data_dir):
 def test_evaluate_reads_the_folder_the_run_read_without_the_variable(env_data_run, data_dir, monkeypatch, capsys):
     report = json.loads((env_data_run / "report.json").read_text())
     source = f"local {data_dir}; train capped to 24 of 225 rows, quiz capped to 16 of 25 rows, validation capped to " \
-             "16 of 56 rows (seed 0)"
+             "16 of 56 rows (fixed seed 1)"
     assert report["config"]["data"]["data_dir"] is None and report["data_source"]["cb"] == source
     monkeypatch.delenv("MPDISTIL_DATA_DIR", raising=False)  # before the fix: the hub (offline here: an error)
     evaluated = evaluate_checkpoint(env_data_run)

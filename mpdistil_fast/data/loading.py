@@ -51,6 +51,9 @@ BOOLQ_LOCAL_VALIDATION_ROWS = 500
 #: Seed of the shuffle that picks those rows: fixed, so that every run seed reports on (and never trains on) the same
 #: 500 rows (the data README asks for a fixed seed).
 BOOLQ_LOCAL_VALIDATION_SEED = 0
+#: Seed of the validation subset ``max_eval`` keeps: fixed too, so that runs of every seed are scored on the same
+#: rows (1 keeps the subset that seed-0 runs drew when it was ``seed + 1``, so their tables stay comparable).
+EVAL_SUBSET_SEED = 1
 
 
 def hub_dataset_id(benchmark: str) -> str:
@@ -223,7 +226,7 @@ def load_task_splits(task: str, data_dir: str | os.PathLike | None = None, *, se
     The official train split is shuffled with ``seed``; the first ``round(n * quiz_fraction)`` rows (at least one)
     become the quiz split and the rest train (9:1 by default).  The caps apply after that split: ``max_train`` keeps
     the first train rows (of the shuffled order), ``max_eval`` the first quiz rows and a random subset of validation
-    (drawn with ``seed + 1``, kept in file order).  Locally, BoolQ's ``val.jsonl`` provides all three splits, its
+    (drawn with the fixed :data:`EVAL_SUBSET_SEED`, kept in file order: the same rows for every run seed).  Locally, BoolQ's ``val.jsonl`` provides all three splits, its
     validation rows drawn with a fixed seed (see the module docstring).  ``source`` says where the rows came from and
     what the caps kept.  A split left empty (e.g. ``quiz_fraction`` near 1) raises a ``ValueError`` naming the task.
     """
@@ -260,8 +263,8 @@ def load_task_splits(task: str, data_dir: str | os.PathLike | None = None, *, se
         caps.append(f"quiz capped to {max_eval} of {len(quiz)} rows")
         quiz = quiz[:max_eval]
     if max_eval is not None and len(validation) > max_eval:
-        caps.append(f"validation capped to {max_eval} of {len(validation)} rows (seed {seed})")
-        keep = sorted(random.Random(seed + 1).sample(range(len(validation)), max_eval))
+        caps.append(f"validation capped to {max_eval} of {len(validation)} rows (fixed seed {EVAL_SUBSET_SEED})")
+        keep = sorted(random.Random(EVAL_SUBSET_SEED).sample(range(len(validation)), max_eval))
         validation = [validation[i] for i in keep]
     if caps:
         source += "; " + ", ".join(caps)
