@@ -55,7 +55,7 @@ def _jsd_row_statistics(a_row, b_row, vocab, inv_t, beta, BLOCK: tl.constexpr, I
         max_a, max_b, sum_a, sum_b, _, _ = _online_softmax_block(a, b, max_a, max_b, sum_a, sum_b, inv_t)
     log_sum_a = tl.log(sum_a)
     log_sum_b = tl.log(sum_b)
-    has_pair = (sum_a > 0) & (sum_b > 0)
+    has_pair = (sum_a != 0) & (sum_b != 0)  # a sum is 0 only for all -inf logits (a NaN sum counts: NaN loss)
     loss_p = tl.full([], 0.0, acc_dtype)
     loss_q = tl.full([], 0.0, acc_dtype)
     for start in range(0, vocab, BLOCK):
@@ -65,8 +65,8 @@ def _jsd_row_statistics(a_row, b_row, vocab, inv_t, beta, BLOCK: tl.constexpr, I
         b = tl.load(b_row + offsets, mask=inside, other=neg_inf).to(acc_dtype)
         prob_p, prob_q, log_m_over_p, log_m_over_q = _mixture_logs(a, b, max_a, log_sum_a, max_b, log_sum_b,
                                                                    inv_t, beta)
-        loss_p -= tl.sum(tl.where(prob_p > 0, prob_p * log_m_over_p, 0.0), axis=0)
-        loss_q -= tl.sum(tl.where(prob_q > 0, prob_q * log_m_over_q, 0.0), axis=0)
+        loss_p -= tl.sum(tl.where(prob_p == 0, 0.0, prob_p * log_m_over_p), axis=0)
+        loss_q -= tl.sum(tl.where(prob_q == 0, 0.0, prob_q * log_m_over_q), axis=0)
     loss_p = tl.where(has_pair, loss_p * beta, 0.0)
     loss_q = tl.where(has_pair, loss_q * (1.0 - beta), 0.0)
     return loss_p, loss_q, tl.where(has_pair, max_a, neg_inf), log_sum_a, max_b, log_sum_b
@@ -92,7 +92,7 @@ def _jsd_row_gradients(a_row, b_row, grad_a_row, grad_b_row, vocab, inv_t, beta,
     row without both distributions."""
     acc_dtype = tl.float64 if IS_FP64 else tl.float32
     # Masked rows (g = 0) and rows without a pair of distributions get exactly zero gradients.
-    coefficient = tl.where(max_a > float("-inf"), grad_row * inv_t, 0.0)
+    coefficient = tl.where(max_a == float("-inf"), 0.0, grad_row * inv_t)  # (a NaN max_a: NaN gradients)
     for start in range(0, vocab, BLOCK):
         offsets = start + tl.arange(0, BLOCK)
         inside = offsets < vocab
@@ -102,11 +102,11 @@ def _jsd_row_gradients(a_row, b_row, grad_a_row, grad_b_row, vocab, inv_t, beta,
                                                                    inv_t, beta)
         if NEED_GRAD_A:
             grad_a = coefficient * prob_p * (-beta * log_m_over_p - loss_p)
-            grad_a = tl.where(coefficient != 0, tl.where(prob_p > 0, grad_a, 0.0), 0.0)
+            grad_a = tl.where(coefficient != 0, tl.where(prob_p == 0, 0.0, grad_a), 0.0)
             tl.store(grad_a_row + offsets, grad_a.to(grad_a_row.dtype.element_ty), mask=inside)
         if NEED_GRAD_B:
             grad_b = coefficient * prob_q * (-(1.0 - beta) * log_m_over_q - loss_q)
-            grad_b = tl.where(coefficient != 0, tl.where(prob_q > 0, grad_b, 0.0), 0.0)
+            grad_b = tl.where(coefficient != 0, tl.where(prob_q == 0, 0.0, grad_b), 0.0)
             tl.store(grad_b_row + offsets, grad_b.to(grad_b_row.dtype.element_ty), mask=inside)
 
 

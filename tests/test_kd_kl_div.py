@@ -218,15 +218,16 @@ def test_mass_where_the_other_distribution_has_none_is_infinite(backend, directi
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("direction", ["forward", "reverse"])
+@pytest.mark.parametrize("direction", ["forward", "reverse", "jsd"])
 def test_a_nan_logit_gives_a_nan_loss_and_nan_gradients_wherever_it_sits(backend, direction):
-    """A NaN among the weighting logits makes its row's loss NaN and its gradients non-finite, at every position
-    of the row (the fused max kept it only in the last full vector, and the backward then wrote zero gradients:
-    a NaN check on the gradients, such as AMP's GradScaler, would have passed), and leaves other rows alone."""
+    """A NaN among the weighting logits (the JSD's: either) makes its row's loss NaN and its gradients non-finite,
+    at every position of the row (the fused KL max kept it only in the last full vector, and the backward then wrote
+    zero gradients; the JSD counted the row as one without distributions, 0: a NaN check on the gradients, such as
+    AMP's GradScaler, would have passed), and leaves other rows alone."""
     vocab = 37 if backend == "triton" else 301
     for position in (0, vocab // 2, vocab - 20, vocab - 1):
         student, teacher = logits(3, vocab), logits(3, vocab)
-        (teacher if direction == "forward" else student)[1, position] = float("nan")
+        (student if direction == "reverse" else teacher)[1, position] = float("nan")
         for reduction in ("none", "batchmean"):
             loss, grad_s, grad_t = loss_and_grads(
                 lambda s, t: kd_kl_div(s, t, 2.0, reduction=reduction, direction=direction, backend=backend),

@@ -18,7 +18,8 @@
 //             g/T P_i (-beta lP_i) and P_i (the same for b); once L_P, L_Q are summed, a last sweep over that buffer
 //             subtracts g/T L_P P_i and writes the gradients: the exps and logs are computed once, not twice.
 // Conventions: entries with P_i = 0 (Q_i = 0) contribute nothing to L_P (L_Q) and get a zero gradient in a (b); a
-// row whose teacher or student logits are all -inf has no pair of distributions and gives 0 and zero gradients.
+// row whose teacher or student logits are all -inf has no pair of distributions and gives 0 and zero gradients; a
+// NaN logit makes its row's loss and gradients NaN (== 0 tests throughout, which a NaN does not pass).
 #include <torch/library.h>
 
 #include <tuple>
@@ -68,6 +69,17 @@ struct MixtureRow {
             base + Vec<acc_t>::blendv(zero, s, p_larger)};
   }
 };
+
+// Whether the row has both distributions: a sum is 0 only when all its logits are -inf (a NaN sum counts).
+inline bool has_pair(const RunningSoftmax& p, const RunningSoftmax& q) { return p.sum != 0.0 && q.sum != 0.0; }
+
+// Both gradient rows (those asked for) set to `value`: 0 for a masked row or one without distributions, NaN for a
+// row with a NaN logit (vec_exp2 clamps its argument, so a NaN log-ratio would not reach every entry by itself).
+template <typename scalar_t>
+void fill_gradients(scalar_t* grad_a_row, scalar_t* grad_b_row, int64_t vocab, scalar_t value) {
+  if (grad_a_row) std::fill(grad_a_row, grad_a_row + vocab, value);
+  if (grad_b_row) std::fill(grad_b_row, grad_b_row + vocab, value);
+}
 
 // Pass 1: the online softmax statistics (max, sum exp((x - max)/T)) of both rows.
 template <typename scalar_t>
@@ -137,15 +149,15 @@ std::pair<double, double> losses_and_statistics(const scalar_t* a_row, const sca
                                                 const RunningSoftmax& q, acc_type_t<scalar_t>* jsd,
                                                 acc_type_t<scalar_t>* stats, const ChunkTerms& chunk_terms) {
   using acc_t = acc_type_t<scalar_t>;
-  const bool has_pair = p.sum > 0.0 && q.sum > 0.0;  // otherwise max a = -inf tells backward to write zeros
+  const bool pair = has_pair(p, q);  // otherwise max a = -inf tells backward to write zeros
   const double log_sum_a = std::log(p.sum), log_sum_b = std::log(q.sum);
   double loss_p = 0.0, loss_q = 0.0;
-  if (has_pair) {
+  if (pair) {
     const MixtureRow<acc_t> row(p.max, log_sum_a, q.max, log_sum_b, inv_t, beta);
     std::tie(loss_p, loss_q) = mixture_losses(a_row, b_row, vocab, row, beta, chunk_terms);
   }
   *jsd = static_cast<acc_t>(loss_p + loss_q);
-  stats[0] = has_pair ? static_cast<acc_t>(p.max) : kNegInf<acc_t>;
+  stats[0] = pair ? static_cast<acc_t>(p.max) : kNegInf<acc_t>;
   stats[1] = static_cast<acc_t>(log_sum_a);
   stats[2] = static_cast<acc_t>(q.max);
   stats[3] = static_cast<acc_t>(log_sum_b);
@@ -190,10 +202,12 @@ void forward_grad_row(const scalar_t* a_row, const scalar_t* b_row, int64_t voca
                       acc_type_t<scalar_t>* stats, scalar_t* grad_a_row, scalar_t* grad_b_row) {
   using acc_t = acc_type_t<scalar_t>;
   const auto [p, q] = softmax_statistics(a_row, b_row, vocab, inv_t);
-  if (grad_row == 0 || !(p.sum > 0.0 && q.sum > 0.0)) {
+  const bool nan_row = std::isnan(p.sum) || std::isnan(q.sum);
+  if (grad_row == 0 || !has_pair(p, q) || nan_row) {
     losses_and_statistics(a_row, b_row, vocab, inv_t, beta, p, q, jsd, stats, kLossesOnly);
-    if (grad_a_row) std::fill(grad_a_row, grad_a_row + vocab, scalar_t(0));
-    if (grad_b_row) std::fill(grad_b_row, grad_b_row + vocab, scalar_t(0));
+    fill_gradients(grad_a_row, grad_b_row, vocab,
+                   grad_row != 0 && nan_row && has_pair(p, q) ? std::numeric_limits<scalar_t>::quiet_NaN()
+                                                              : scalar_t(0));
     return;
   }
   acc_t* const partial_a = thread_scratch<acc_t>(4 * vocab);
@@ -228,9 +242,12 @@ void backward_row(const scalar_t* a_row, const scalar_t* b_row, int64_t vocab, a
                   double beta, acc_type_t<scalar_t> grad_row, const acc_type_t<scalar_t>* stats,
                   scalar_t* grad_a_row, scalar_t* grad_b_row) {
   using acc_t = acc_type_t<scalar_t>;
-  if (grad_row == 0 || !std::isfinite(stats[0])) {  // masked row, or no pair of distributions: zero gradients
-    if (grad_a_row) std::fill(grad_a_row, grad_a_row + vocab, scalar_t(0));
-    if (grad_b_row) std::fill(grad_b_row, grad_b_row + vocab, scalar_t(0));
+  if (grad_row == 0 || stats[0] == kNegInf<acc_t>) {  // masked row, or no pair of distributions: zero gradients
+    fill_gradients(grad_a_row, grad_b_row, vocab, scalar_t(0));
+    return;
+  }
+  if (std::isnan(stats[1]) || std::isnan(stats[3])) {  // a NaN logit (its sum is NaN): NaN gradients
+    fill_gradients(grad_a_row, grad_b_row, vocab, std::numeric_limits<scalar_t>::quiet_NaN());
     return;
   }
   acc_t a_buffer[kChunk], b_buffer[kChunk], grad_a_buffer[kChunk], grad_b_buffer[kChunk];

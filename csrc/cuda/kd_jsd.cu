@@ -58,7 +58,8 @@ __global__ void __launch_bounds__(kForwardThreads)
   const RowState<A> state =
       block_merge<kForwardThreads>(thread_row_state<kForwardThreads, VEC>(a_row, b_row, vocab, inv_t), inv_t,
                                    warp_states);
-  const bool has_pair = state.sum_a > A(0) && state.sum_b > A(0);
+  // a sum is 0 only for all -inf logits; a NaN sum counts (its row's loss and gradients are NaN)
+  const bool has_pair = state.sum_a != A(0) && state.sum_b != A(0);
   const A log_sum_a = log(state.sum_a), log_sum_b = log(state.sum_b);
   A loss_p = 0, loss_q = 0;
   if (has_pair) {  // uniform over the block: every thread holds the same merged state
@@ -69,8 +70,8 @@ __global__ void __launch_bounds__(kForwardThreads)
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {
         const auto m = mixture.terms(widen(pa.values[k]), widen(pb.values[k]));
-        if (m.prob_p > A(0)) loss_p -= m.prob_p * m.log_m_over_p;
-        if (m.prob_q > A(0)) loss_q -= m.prob_q * m.log_m_over_q;
+        if (m.prob_p != A(0)) loss_p -= m.prob_p * m.log_m_over_p;
+        if (m.prob_q != A(0)) loss_q -= m.prob_q * m.log_m_over_q;
       }
     }
     loss_p = beta * block_sum<kForwardThreads>(loss_p, warp_sums);
@@ -98,15 +99,15 @@ __global__ void __launch_bounds__(kBackwardThreads)
   const MixtureRow<A> mixture(row_stats[0], row_stats[1], row_stats[2], row_stats[3], inv_t, beta);
   const A loss_p = row_stats[4], loss_q = row_stats[5];
   // Masked rows (g = 0) and rows without both distributions get exactly zero gradients.
-  const A coefficient = row_stats[0] > negative_infinity<A>() ? grad_jsd[row] * inv_t : A(0);
+  const A coefficient = row_stats[0] == negative_infinity<A>() ? A(0) : grad_jsd[row] * inv_t;
   T* grad_a_row = grad_a ? grad_a + row * vocab : nullptr;
   T* grad_b_row = grad_b ? grad_b + row * vocab : nullptr;
   backward_row_sweep<kBackwardThreads, VEC>(
       a + row * stride_a, b + row * stride_b, grad_a_row, grad_b_row, vocab, coefficient == A(0),
       [&](A va, A vb, A& out_a, A& out_b) {
         const auto m = mixture.terms(va, vb);
-        out_a = m.prob_p > A(0) ? coefficient * m.prob_p * (-beta * m.log_m_over_p - loss_p) : A(0);
-        out_b = m.prob_q > A(0) ? coefficient * m.prob_q * (-(A(1) - beta) * m.log_m_over_q - loss_q) : A(0);
+        out_a = m.prob_p == A(0) ? A(0) : coefficient * m.prob_p * (-beta * m.log_m_over_p - loss_p);
+        out_b = m.prob_q == A(0) ? A(0) : coefficient * m.prob_q * (-(A(1) - beta) * m.log_m_over_q - loss_q);
       });
 }
 

@@ -15,7 +15,7 @@ six numbers per row; backward reads them once more and gives, with lP = log(M / 
 
 so a trainable teacher's gradient comes from the same pass.  Both logs are computed from d = log P - log Q without
 forming M (see ``csrc/cpu/kd_jsd.cpp``).  Entries with P = 0 (Q = 0) contribute nothing to their KL term; a row
-whose teacher or student logits are all -inf gives 0 and zero gradients.
+whose teacher or student logits are all -inf gives 0 and zero gradients; a NaN logit, a NaN loss and NaN gradients.
 """
 from __future__ import annotations
 
@@ -33,15 +33,17 @@ STATS_PER_ROW = 6
 def row_jsd_torch(student: torch.Tensor, teacher: torch.Tensor, temperature: float, beta: float) -> torch.Tensor:
     """Per-row generalized JSD of ``[N, V]`` logits with plain torch ops (fp32 accumulation, fp64 for fp64 inputs).
 
-    Differentiable to any order.  Rows whose teacher or student logits are all -inf give 0 (and zero gradients).
+    Differentiable to any order.  Rows whose teacher or student logits are all -inf give 0 (and zero gradients); a
+    NaN logit makes its row's loss and gradients NaN, as in the fused kernels.
     """
     acc = accumulation_dtype(student.dtype)
     s, t = student.to(acc), teacher.to(acc)
-    has_pair = torch.isfinite(t.amax(dim=-1, keepdim=True)) & torch.isfinite(s.amax(dim=-1, keepdim=True))
+    # (a NaN logit is "mass": its row computes on into a NaN loss and NaN gradients)
+    has_pair = (t.amax(dim=-1, keepdim=True) != float("-inf")) & (s.amax(dim=-1, keepdim=True) != float("-inf"))
     s, t = torch.where(has_pair, s, torch.zeros_like(s)), torch.where(has_pair, t, torch.zeros_like(t))
     log_p = torch.log_softmax(t / temperature, dim=-1)
     log_q = torch.log_softmax(s / temperature, dim=-1)
-    positive_p, positive_q = log_p > float("-inf"), log_q > float("-inf")
+    positive_p, positive_q = log_p != float("-inf"), log_q != float("-inf")  # (NaN included)
     # Entries where both are 0 are kept out of logaddexp (its gradient at (-inf, -inf) is NaN).
     either = positive_p | positive_q
     log_m = torch.logaddexp(torch.where(either, log_p, 0.0) + math.log(beta),
