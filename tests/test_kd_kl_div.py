@@ -215,6 +215,15 @@ def test_mass_where_the_other_distribution_has_none_is_infinite(backend, directi
     assert loss[0] == math.inf and loss[1] == math.inf, loss
     assert_rel_close(loss[2], reference(student[2:], teacher[2:], 2.0, direction=direction, reduction="sum"),
                      torch.float32, what="loss")
+    # the whole-row case has no gradient: NaN in both inputs, through the separate backward (reduction "none")
+    # and the gradient written in forward (a reduced loss), as torch's composite gives (an optimizer of either
+    # model must not take a finite step from an infinite loss)
+    for reduction in ("none", "batchmean"):
+        _, grad_s, grad_t = loss_and_grads(
+            lambda s, t: kd_kl_div(s, t, 2.0, direction=direction, reduction=reduction, backend=backend),
+            student, teacher)
+        assert grad_s[0].isnan().all() and grad_t[0].isnan().all(), (reduction, grad_s[0], grad_t[0])
+        assert grad_s[2].isfinite().all() and grad_t[2].isfinite().all(), reduction
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -73,14 +73,6 @@ struct MixtureRow {
 // Whether the row has both distributions: a sum is 0 only when all its logits are -inf (a NaN sum counts).
 inline bool has_pair(const RunningSoftmax& p, const RunningSoftmax& q) { return p.sum != 0.0 && q.sum != 0.0; }
 
-// Both gradient rows (those asked for) set to `value`: 0 for a masked row or one without distributions, NaN for a
-// row with a NaN logit (vec_exp2 clamps its argument, so a NaN log-ratio would not reach every entry by itself).
-template <typename scalar_t>
-void fill_gradients(scalar_t* grad_a_row, scalar_t* grad_b_row, int64_t vocab, scalar_t value) {
-  if (grad_a_row) std::fill(grad_a_row, grad_a_row + vocab, value);
-  if (grad_b_row) std::fill(grad_b_row, grad_b_row + vocab, value);
-}
-
 // Pass 1: the online softmax statistics (max, sum exp((x - max)/T)) of both rows.
 template <typename scalar_t>
 std::pair<RunningSoftmax, RunningSoftmax> softmax_statistics(const scalar_t* a_row, const scalar_t* b_row,
@@ -246,7 +238,9 @@ void backward_row(const scalar_t* a_row, const scalar_t* b_row, int64_t vocab, a
     fill_gradients(grad_a_row, grad_b_row, vocab, scalar_t(0));
     return;
   }
-  if (std::isnan(stats[1]) || std::isnan(stats[3])) {  // a NaN logit (its sum is NaN): NaN gradients
+  // a NaN logit (its sum is NaN): NaN gradients (vec_exp2 clamps its argument, so a NaN log-ratio would not reach
+  // every entry by itself)
+  if (std::isnan(stats[1]) || std::isnan(stats[3])) {
     fill_gradients(grad_a_row, grad_b_row, vocab, std::numeric_limits<scalar_t>::quiet_NaN());
     return;
   }

@@ -110,8 +110,12 @@ void backward_row(const scalar_t* a_row, const scalar_t* b_row, int64_t vocab, a
   constexpr bool kConvertOut = !std::is_same_v<scalar_t, acc_t>;
   // masked row, or no distribution P (every a is -inf): zero gradients; a NaN row computes on into NaN gradients
   if (grad_row == 0 || stats[0] == -std::numeric_limits<acc_t>::infinity()) {
-    if (grad_a_row) std::fill(grad_a_row, grad_a_row + vocab, scalar_t(0));
-    if (grad_b_row) std::fill(grad_b_row, grad_b_row + vocab, scalar_t(0));
+    fill_gradients(grad_a_row, grad_b_row, vocab, scalar_t(0));
+    return;
+  }
+  // no distribution Q (every b is -inf) under P's mass: the KL is +inf and has no gradient (NaN, as torch's)
+  if (stats[3] == -std::numeric_limits<acc_t>::infinity()) {
+    fill_gradients(grad_a_row, grad_b_row, vocab, std::numeric_limits<scalar_t>::quiet_NaN());
     return;
   }
   acc_t a_buffer[kChunk], b_buffer[kChunk], grad_a_buffer[kChunk], grad_b_buffer[kChunk];

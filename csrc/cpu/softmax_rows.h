@@ -7,6 +7,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <tuple>
@@ -57,6 +58,13 @@ struct RunningSoftmax {
   // The value subtracted before exp: the max, or 0 while every entry so far is -inf (their exp is then 0).
   double shift() const { return std::isfinite(max) ? max : 0.0; }
 };
+
+// Both gradient rows of a row pair (those asked for: not null) set to `value`.
+template <typename scalar_t>
+void fill_gradients(scalar_t* grad_a_row, scalar_t* grad_b_row, int64_t vocab, scalar_t value) {
+  if (grad_a_row) std::fill(grad_a_row, grad_a_row + vocab, value);
+  if (grad_b_row) std::fill(grad_b_row, grad_b_row + vocab, value);
+}
 
 // Rows of a [N, V] tensor with unit stride along V (a strided row view, copied only when V is strided).
 inline at::Tensor unit_stride_rows(const at::Tensor& logits) {

@@ -49,14 +49,17 @@ __device__ __forceinline__ void store_row_result(const RowResult<A>& result, int
 }
 
 // grad_a = g/T P (a - b - E_P[a - b])/T and grad_b = g/T (Q - P) per entry of one row, from the row's
-// statistics and weight g; `zero` (g = 0: a masked row, or a row without a distribution P) means all zeros.
+// statistics and weight g; `zero` (g = 0: a masked row, or a row without a distribution P) means all zeros.  A row
+// without a distribution Q under P's mass (KL = +inf) has no gradient: NaN, as torch's.
 template <typename A>
 struct EntryGradients {
   A max_a, log_sum_a, max_b, log_sum_b, mean_diff, coefficient, inv_t;
+  bool no_q;
 
   __device__ __forceinline__ EntryGradients(const A* stats, A grad_row, A inv_t)
       : max_a(stats[0]), log_sum_a(stats[1]), max_b(stats[2]), log_sum_b(stats[3]), mean_diff(stats[4]),
-        coefficient(stats[0] == negative_infinity<A>() ? A(0) : grad_row * inv_t), inv_t(inv_t) {}
+        coefficient(stats[0] == negative_infinity<A>() ? A(0) : grad_row * inv_t), inv_t(inv_t),
+        no_q(stats[3] == negative_infinity<A>()) {}
 
   __device__ __forceinline__ bool zero() const { return coefficient == A(0); }
 
@@ -64,8 +67,8 @@ struct EntryGradients {
     const A prob_p = fast_exp((va - max_a) * inv_t - log_sum_a);
     const A prob_q = fast_exp((vb - max_b) * inv_t - log_sum_b);
     // (the difference before the division by T: no product minus a number for nvcc to contract into an FMA)
-    out_a = prob_p == A(0) ? A(0) : coefficient * prob_p * ((va - vb - mean_diff) * inv_t);
-    out_b = coefficient * (prob_q - prob_p);
+    out_a = no_q ? A(NAN) : prob_p == A(0) ? A(0) : coefficient * prob_p * ((va - vb - mean_diff) * inv_t);
+    out_b = no_q ? A(NAN) : coefficient * (prob_q - prob_p);
   }
 };
 
