@@ -203,6 +203,18 @@ def check_snapshots(runtime: DeepSpeedRuntime) -> None:
     loaded.restore_into(model)
     for name, tensor in runtime.read_weights(model):
         assert torch.equal(whole[name], tensor), name
+    # a checkpoint written before snapshots were sharded: whole weights, restored whole, also after a re-save
+    take_step()
+    older = BestSnapshot.for_model(runtime, model)
+    older.load_state_dict({"score": 0.5, "step": 3, "weights": whole})
+    older.save_sharded(folder / "older")
+    runtime.barrier()
+    resaved = BestSnapshot.for_model(runtime, model)
+    resaved.load_sharded(folder / "older")
+    assert resaved.whole and (resaved.score, resaved.step) == (0.5, 3)
+    resaved.restore_into(model)
+    for name, tensor in runtime.read_weights(model):
+        assert torch.equal(whole[name], tensor), name
     runtime.barrier()
     if runtime.is_main:
         shutil.rmtree(folder)

@@ -14,10 +14,12 @@ import pytest
 import safetensors.torch
 import torch
 
+from mpdistil_fast.distributed import LocalRuntime
 from mpdistil_fast.pipeline.checkpoint import (capture_rng_state, checkpoint_dir, flatten_state_dict,
                                                latest_checkpoint, list_checkpoints, load_checkpoint,
                                                prune_checkpoints, restore_rng_state, save_checkpoint,
                                                unflatten_state_dict)
+from mpdistil_fast.pipeline.trainer import SHARDS_FOLDER, Run
 from tests.helpers import gpu_test
 
 
@@ -254,3 +256,29 @@ def test_linked_components_share_the_earlier_file(tmp_path):
     assert state == {"step": 2} and torch.equal(tensors["student"]["w"], torch.ones(2))
     for name, tensor in weights.items():
         assert torch.equal(tensors["teacher"][name], tensor)
+
+
+def test_resume_reads_an_object_saved_whole_before_it_was_sharded(tmp_path):
+    """Run.restore_stage: an object that now saves per rank (``load_sharded``, e.g. a ZeRO-3 model's best-model
+    snapshot) but that an older checkpoint holds whole among its tensors loads through ``load_state_dict``; with its
+    shard folder there, through ``load_sharded``."""
+    class Recorder:
+        def __init__(self) -> None:
+            self.calls = []
+
+        def load_sharded(self, directory) -> None:
+            self.calls.append(("sharded", directory.name))
+
+        def load_state_dict(self, state) -> None:
+            self.calls.append(("whole", state["weights"]["w"].tolist()))
+
+    tensors, meta = flatten_state_dict({"weights": {"w": torch.ones(2)}})
+    run = Run.__new__(Run)  # only what restore_stage reads
+    run.runtime = LocalRuntime("cpu")
+    for shards_present, expected in ((False, ("whole", [1.0, 1.0])), (True, ("sharded", "best"))):
+        if shards_present:
+            (tmp_path / SHARDS_FOLDER / "best").mkdir(parents=True)
+        run._pending = ({"best": tensors}, {"meta": {"best": meta}, "rng": capture_rng_state()}, tmp_path)
+        recorder = Recorder()
+        run.restore_stage({"best": recorder})
+        assert recorder.calls == [expected]

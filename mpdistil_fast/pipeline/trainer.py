@@ -123,22 +123,42 @@ class BestSnapshot:
 
 class RankShareSnapshot(BestSnapshot):
     """A :class:`BestSnapshot` of a ZeRO-3 model: each rank holds its own partitions (``1/W`` of the weights, taken
-    without a gather), so a checkpoint stores one file per rank under ``shards/`` (same world size to resume)."""
+    without a gather), so a checkpoint stores one file per rank under ``shards/`` (same world size to resume).  A
+    checkpoint written before snapshots were sharded holds whole weights (:meth:`load_state_dict`): those are kept
+    whole, and restored through ``runtime.write_weights``, until the next offer."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        super().__init__(runtime)
+        self.whole = False  #: ``weights`` are whole weights (from an older checkpoint), not this rank's partitions
 
     def _file(self, directory: Path) -> Path:
         return directory / f"rank{self.runtime.rank:05d}.safetensors"
+
+    def offer(self, score: float, step: int, model: nn.Module) -> bool:
+        taken = super().offer(score, step, model)
+        self.whole = self.whole and not taken
+        return taken
+
+    def restore_into(self, model: nn.Module) -> None:
+        if self.weights and self.whole:
+            self.runtime.write_weights(model, self.weights)
+        else:
+            super().restore_into(model)
 
     def state_dict(self) -> dict[str, Any]:
         raise TypeError("a ZeRO-3 snapshot is partitioned over the ranks: save it with save_sharded(directory)")
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        raise TypeError("a ZeRO-3 snapshot is partitioned over the ranks: load it with load_sharded(directory)")
+        """Whole weights, as a checkpoint written before snapshots were sharded holds them."""
+        super().load_state_dict(state)
+        self.whole = True
 
     def save_sharded(self, directory: Path) -> None:
-        """Every rank: its partitions, with the score and step, into its own file of ``directory``."""
+        """Every rank: its partitions (or whole weights still kept from an older checkpoint), with the score and
+        step, into its own file of ``directory``."""
         directory.mkdir(parents=True, exist_ok=True)
         save_file({name: tensor.contiguous() for name, tensor in self.weights.items()}, self._file(directory),
-                  metadata={"score": json.dumps(self.score), "step": str(self.step)})
+                  metadata={"score": json.dumps(self.score), "step": str(self.step), "whole": str(int(self.whole))})
 
     def load_sharded(self, directory: Path) -> None:
         """Every rank: what :meth:`save_sharded` wrote for this rank."""
@@ -150,6 +170,7 @@ class RankShareSnapshot(BestSnapshot):
             metadata = file.metadata()
             self.weights = {name: file.get_tensor(name) for name in file.keys()}
         self.score, self.step = json.loads(metadata["score"]), int(metadata["step"])
+        self.whole = metadata.get("whole") == "1"
 
 
 class Run:
@@ -398,8 +419,10 @@ class Run:
         tensors, state, path = self._pending
         self._pending = None
         for name, obj in stateful.items():
-            if hasattr(obj, "load_sharded"):
-                obj.load_sharded(path / SHARDS_FOLDER / name)
+            sharded = path / SHARDS_FOLDER / name
+            # (a checkpoint written before an object was sharded holds it whole, with the other tensors)
+            if hasattr(obj, "load_sharded") and (sharded.exists() or name not in tensors):
+                obj.load_sharded(sharded)
             else:
                 obj.load_state_dict(unflatten_state_dict(tensors[name], state["meta"][name]))
         restore_rng_state(state["rng"], self.runtime.device)
