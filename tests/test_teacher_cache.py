@@ -178,3 +178,22 @@ def test_two_teachers_writing_one_directory_at_once_keep_their_outputs(splits, t
         expected = TeacherCache(teacher).outputs(splits["cb"], "train")
         torch.testing.assert_close(loaded.logits, expected.logits, rtol=1e-6, atol=1e-6)
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_an_interrupted_teacher_pass_leaves_no_temporary_files(splits, tmp_path, monkeypatch):
+    teacher = _teacher()
+    forward, calls = teacher.forward, []
+
+    def failing_second_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(teacher, "forward", failing_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        TeacherCache(teacher, tmp_path, batch_size=4, keep_hidden=True).outputs(splits["cb"], "train")
+    assert len(calls) == 2 and not list(tmp_path.rglob("*.tmp")), list(tmp_path.rglob("*"))
+    monkeypatch.setattr(teacher, "forward", forward)  # a later run completes the entry
+    TeacherCache(teacher, tmp_path, batch_size=4, keep_hidden=True).outputs(splits["cb"], "train")
+    assert not list(tmp_path.rglob("*.tmp")) and list(tmp_path.rglob("meta.json"))

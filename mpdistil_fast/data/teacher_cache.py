@@ -23,6 +23,7 @@ import json
 import os
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator, Protocol
@@ -204,10 +205,8 @@ class TeacherCache:
             folder.mkdir(parents=True, exist_ok=True)
             for name, array in zip(_ARRAYS, arrays):
                 if array is not None:
-                    temporary = _temporary(folder / f"{name}.npy")
-                    with open(temporary, "wb") as file:
+                    with _written_atomically(folder / f"{name}.npy") as temporary, open(temporary, "wb") as file:
                         np.save(file, array.float().numpy())
-                    os.replace(temporary, folder / f"{name}.npy")
         self.sharding.barrier()
         return self._load_arrays(folder, self.keep_hidden)
 
@@ -235,6 +234,11 @@ class TeacherCache:
                     target = stores[name]
                     target[rows.numpy() if isinstance(target, np.ndarray) else rows] = (
                         value.float().cpu().numpy() if isinstance(target, np.ndarray) else value.cpu())
+        except BaseException:  # an interrupted pass leaves no half-written files behind
+            for array in stores.values():
+                if isinstance(array, np.memmap):
+                    Path(array.filename).unlink(missing_ok=True)
+            raise
         finally:
             self.teacher.train(was_training)
         if folder is not None:
@@ -276,11 +280,23 @@ class TeacherCache:
     @staticmethod
     def _write_meta(folder: Path, print_key: str, compute_seconds: float) -> None:
         """meta.json is written last (atomically): its presence marks the arrays complete."""
-        temporary = _temporary(folder / "meta.json")
-        temporary.write_text(json.dumps({"fingerprint": print_key, "compute_seconds": compute_seconds}))
-        os.replace(temporary, folder / "meta.json")
+        with _written_atomically(folder / "meta.json") as temporary:
+            temporary.write_text(json.dumps({"fingerprint": print_key, "compute_seconds": compute_seconds}))
 
 
 def _temporary(path: Path) -> Path:
     """A temporary name beside ``path`` that no other writer (process or thread) uses."""
     return path.with_name(f"{path.name}.{os.getpid()}-{uuid.uuid4().hex}.tmp")
+
+
+@contextmanager
+def _written_atomically(path: Path) -> Iterator[Path]:
+    """A :func:`_temporary` name for the block to write; renamed to ``path`` when the block succeeds, deleted when it
+    fails."""
+    temporary = _temporary(path)
+    try:
+        yield temporary
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    os.replace(temporary, path)
