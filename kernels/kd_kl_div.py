@@ -97,8 +97,10 @@ def _row_gradients(a_row, b_row, grad_a_row, grad_b_row, vocab, inv_t, grad_row,
                    NEED_GRAD_B: tl.constexpr):
     """Write grad_row * dKL/da and grad_row * dKL/db of one row (one more read of a and b)."""
     acc_dtype = tl.float64 if IS_FP64 else tl.float32
-    # Masked rows (g = 0) and rows without a distribution P get exactly zero gradients.
+    # Masked rows (g = 0) and rows without a distribution P get exactly zero gradients; a row without a distribution
+    # Q under P's mass (KL = +inf) has no gradient: NaN everywhere, as torch's.
     coefficient = tl.where(max_a == float("-inf"), 0.0, grad_row * inv_t)
+    no_q = (log_sum_b == float("-inf")) & (coefficient != 0)
     for start in range(0, vocab, BLOCK):
         offsets = start + tl.arange(0, BLOCK)
         inside = offsets < vocab
@@ -110,10 +112,11 @@ def _row_gradients(a_row, b_row, grad_a_row, grad_b_row, vocab, inv_t, grad_row,
         if NEED_GRAD_A:
             # (the difference before the division by T: no product minus a number for an FMA to contract)
             grad_a = tl.where(prob_p == 0, 0.0, coefficient * prob_p * ((a - b - mean_diff) * inv_t))
-            grad_a = tl.where(coefficient != 0, grad_a, 0.0)
+            grad_a = tl.where(no_q, float("nan"), tl.where(coefficient != 0, grad_a, 0.0))
             tl.store(grad_a_row + offsets, grad_a.to(grad_a_row.dtype.element_ty), mask=inside)
         if NEED_GRAD_B:
             grad_b = tl.where(coefficient != 0, coefficient * (tl.exp(log_q) - prob_p), 0.0)
+            grad_b = tl.where(no_q, float("nan"), grad_b)
             tl.store(grad_b_row + offsets, grad_b.to(grad_b_row.dtype.element_ty), mask=inside)
 
 
