@@ -82,6 +82,19 @@ def test_baseline_and_statistics():
     assert reinforce.finish_episode()["baseline"] == pytest.approx(1.0)
 
 
+def test_a_checkpoint_s_single_baseline_loads_and_becomes_per_step():
+    """Checkpoints written before per-step baselines hold one float: it serves every step of the next episode, whose
+    returns then give each step its own."""
+    reinforce = Reinforce(CurriculumPolicy(3, ("cb", "rte")), lr=0.01, gamma=1.0, baseline_decay=0.5)
+    state = reinforce.state_dict()
+    reinforce.load_state_dict({**state, "baseline": 0.5})
+    for value in (1.0, 0.0):
+        reinforce.act(torch.zeros(3))
+        reinforce.reward(value)
+    assert reinforce.finish_episode()["baseline"] == pytest.approx(0.5)
+    torch.testing.assert_close(reinforce.baseline, torch.tensor([0.75, 0.25], dtype=torch.float64))
+
+
 def test_equal_rewards_teach_the_policy_nothing():
     """Every action earns the same: each step's baseline converges to its return G_t (larger for early steps, which
     have more rewards ahead), the advantages to 0 and the policy loss with them (a single baseline for all steps

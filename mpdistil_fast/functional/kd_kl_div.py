@@ -57,7 +57,8 @@ def kd_kl_div(student_logits: Tensor, teacher_logits: Tensor, temperature: float
     logits (teacher for forward, student for reverse) are all -inf has no distribution and contributes 0; mass where
     the other distribution has none (its logits -inf there, or in the whole row) gives +inf.  The JSD
     is finite whatever the supports (p = 0 entries leave their KL term); a row whose teacher or student logits are
-    all -inf contributes 0.  A NaN logit makes its row's loss and gradients NaN (KL and JSD).
+    all -inf contributes 0.  A NaN logit makes its row's loss and gradients NaN (KL and JSD; unless the other row is
+    all -inf: see the README).
     """
     check_tensor("student_logits", student_logits)
     check_tensor("teacher_logits", teacher_logits)
