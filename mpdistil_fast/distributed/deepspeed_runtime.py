@@ -40,7 +40,8 @@ from torch import nn
 
 from mpdistil_fast.bilevel.inner_update import OptimizerState, TorchOptimizerState
 from mpdistil_fast.distributed.runtime import (OptimizerSpec, TrainedModel, batch_to_device, build_optimizer,
-                                               is_partitioned, linear_schedule, place_model, resolve_device)
+                                               cpu_copy, is_partitioned, linear_schedule, place_model,
+                                               resolve_device)
 from mpdistil_fast.distributed.unused_groups import UnusedGroupGuard
 
 #: Roles whose engines read the teacher's DeepSpeed JSON; every other role (the student's stages) reads the student's.
@@ -544,9 +545,9 @@ class DeepSpeedRuntime:
         ZeRO-3 model only this rank's partition of each parameter (and the buffers), which takes no gather and
         ``1/W`` of the memory on each of the ``W`` ranks."""
         if not is_partitioned(module):
-            return {name: tensor.to("cpu", copy=True) for name, tensor in self.read_weights(module)}
-        return {name: _local_part(tensor).detach().to("cpu", copy=True)
-                for name, tensor in module.state_dict(keep_vars=True).items()}
+            return cpu_copy(self.read_weights(module))
+        state = module.state_dict(keep_vars=True)
+        return cpu_copy((name, _local_part(tensor).detach()) for name, tensor in state.items())
 
     def restore_snapshot(self, module: nn.Module, snapshot: Mapping[str, torch.Tensor]) -> None:
         """Every rank: put back the weights :meth:`snapshot_weights` copied on this rank."""

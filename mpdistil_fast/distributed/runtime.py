@@ -151,6 +151,11 @@ def place_model(module: nn.Module, device: torch.device, trainable: bool) -> nn.
     return module
 
 
+def cpu_copy(weights: Iterable[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """``{name: a CPU copy of the tensor}`` of ``(name, tensor)`` pairs (a runtime's ``read_weights``)."""
+    return {name: tensor.to("cpu", copy=True) for name, tensor in weights}
+
+
 def build_optimizer(module: nn.Module, spec: OptimizerSpec, params: Iterable[nn.Parameter] | None = None
                     ) -> torch.optim.AdamW:
     """AdamW over ``params`` (default: :func:`parameter_groups` of ``module``)."""
@@ -212,7 +217,7 @@ class LocalRuntime:
 
     def snapshot_weights(self, module: nn.Module) -> dict[str, torch.Tensor]:
         """A CPU copy of what this rank needs to put ``module``'s weights back later (here: all of them)."""
-        return {name: tensor.to("cpu", copy=True) for name, tensor in self.read_weights(module)}
+        return cpu_copy(self.read_weights(module))
 
     def restore_snapshot(self, module: nn.Module, snapshot: Mapping[str, torch.Tensor]) -> None:
         """Put back the weights :meth:`snapshot_weights` copied."""
