@@ -82,6 +82,7 @@ def distill(args: argparse.Namespace) -> int:
         if table.is_file():
             print(table.read_text())
         print(f"outputs in {output_dir}: report.json, report.md, curves.png, metrics.jsonl, checkpoints/")
+    run.runtime.close()
     return 0 if report["tasks"] else 1
 
 

@@ -313,7 +313,8 @@ def main() -> None:
     check_snapshots(runtime)
     check_weights_in_chunks(runtime)
     runtime.barrier()
-    print(f"rank {runtime.rank} of {runtime.world_size}: collectives ok")
+    print(f"rank {runtime.rank} of {runtime.world_size}: collectives ok", flush=True)
+    runtime.close()
 
 
 if __name__ == "__main__":

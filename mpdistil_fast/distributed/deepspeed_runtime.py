@@ -26,6 +26,7 @@ precision (``bf16``/``fp16``) and communication settings.
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import math
 import os
@@ -461,6 +462,21 @@ class DeepSpeedRuntime:
         role = self._training_roles.pop(id(module))
         if is_partitioned(module):
             self._attach_inference_engine(module, role)
+
+    def close(self) -> None:
+        """Every rank, once done: retire every engine and end the process group, so that the process exits without
+        DeepSpeed's and the communication backend's objects being torn down in an arbitrary order at interpreter
+        exit."""
+        for guard in self._guards.values():
+            guard.remove()
+        for engine in self._engines.values():
+            retire(engine)
+        self._guards.clear()
+        self._engines.clear()
+        self._training_roles.clear()
+        gc.collect()
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
     def _reduce_max(self, tensor: torch.Tensor) -> None:
         """``tensor`` becomes its maximum over the ranks."""

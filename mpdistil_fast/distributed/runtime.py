@@ -10,7 +10,8 @@ logged metrics over ranks, ``average_tensors`` averages tensors in place (the bi
 ``read_weights(module)`` / ``write_weights(module, state)`` read and load a model's whole weights (a ZeRO-3
 model's partitioned parameters gathered a few at a time; every rank takes part), ``snapshot_weights`` /
 ``restore_snapshot`` keep and put back only what the rank holds (its partitions, under ZeRO-3); ``from_main``
-hands every rank rank 0's decision; ``rank_rows``/``gather_rows`` share an evaluation pass over the ranks.
+hands every rank rank 0's decision; ``rank_rows``/``gather_rows`` share an evaluation pass over the ranks;
+``close`` ends the runtime once a run is done.
 :class:`LocalRuntime` is one process on one device;
 :class:`~mpdistil_fast.distributed.deepspeed_runtime.DeepSpeedRuntime` is data parallel over DeepSpeed engines
 (``runtime.kind: deepspeed``).
@@ -128,6 +129,8 @@ class Runtime(Protocol):
 
     def barrier(self) -> None: ...
 
+    def close(self) -> None: ...
+
 
 def resolve_device(name: str) -> torch.device:
     """``"auto"``: CUDA when present, else CPU."""
@@ -237,6 +240,9 @@ class LocalRuntime:
 
     def barrier(self) -> None:
         return None
+
+    def close(self) -> None:
+        """Nothing to end in one process."""
 
 
 def make_runtime(kind: str, *, device: str = "auto", num_threads: int | None = None,
