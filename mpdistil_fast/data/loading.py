@@ -226,8 +226,9 @@ def load_task_splits(task: str, data_dir: str | os.PathLike | None = None, *, se
     The official train split is shuffled with ``seed``; the first ``round(n * quiz_fraction)`` rows (at least one)
     become the quiz split and the rest train (9:1 by default).  The caps apply after that split: ``max_train`` keeps
     the first train rows (of the shuffled order), ``max_eval`` the first quiz rows and a random subset of validation
-    (drawn with the fixed :data:`EVAL_SUBSET_SEED`, kept in file order: the same rows for every run seed).  Locally, BoolQ's ``val.jsonl`` provides all three splits, its
-    validation rows drawn with a fixed seed (see the module docstring).  ``source`` says where the rows came from and
+    (drawn with the fixed :data:`EVAL_SUBSET_SEED`, kept in file order: the same rows for every run seed).
+    Locally, BoolQ's ``val.jsonl`` provides all three splits, its validation rows drawn with a fixed seed (see the
+    module docstring).  ``source`` says where the rows came from and
     what the caps kept.  A split left empty (e.g. ``quiz_fraction`` near 1) raises a ``ValueError`` naming the task.
     """
     task_spec(task)

@@ -22,8 +22,6 @@ import itertools
 import json
 import os
 import time
-import uuid
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator, Protocol
@@ -32,6 +30,7 @@ import numpy as np
 import torch
 
 from mpdistil_fast.data.encoding import EncodedSplit, _check_batch_size, iterate_batches
+from mpdistil_fast.files import temporary_beside, written_atomically
 
 if TYPE_CHECKING:
     from mpdistil_fast.models.task_model import TaskModel, TaskModelOutput
@@ -205,7 +204,7 @@ class TeacherCache:
             folder.mkdir(parents=True, exist_ok=True)
             for name, array in zip(_ARRAYS, arrays):
                 if array is not None:
-                    with _written_atomically(folder / f"{name}.npy") as temporary, open(temporary, "wb") as file:
+                    with written_atomically(folder / f"{name}.npy") as temporary, open(temporary, "wb") as file:
                         np.save(file, array.float().numpy())
         self.sharding.barrier()
         return self._load_arrays(folder, self.keep_hidden)
@@ -254,7 +253,7 @@ class TeacherCache:
         if folder is None:
             return torch.empty(shape, dtype=dtype)
         folder.mkdir(parents=True, exist_ok=True)
-        return np.lib.format.open_memmap(_temporary(folder / f"{name}.npy"), mode="w+", dtype=np.float32,
+        return np.lib.format.open_memmap(temporary_beside(folder / f"{name}.npy"), mode="w+", dtype=np.float32,
                                          shape=shape)
 
     @staticmethod
@@ -280,23 +279,6 @@ class TeacherCache:
     @staticmethod
     def _write_meta(folder: Path, print_key: str, compute_seconds: float) -> None:
         """meta.json is written last (atomically): its presence marks the arrays complete."""
-        with _written_atomically(folder / "meta.json") as temporary:
+        with written_atomically(folder / "meta.json") as temporary:
             temporary.write_text(json.dumps({"fingerprint": print_key, "compute_seconds": compute_seconds}))
 
-
-def _temporary(path: Path) -> Path:
-    """A temporary name beside ``path`` that no other writer (process or thread) uses."""
-    return path.with_name(f"{path.name}.{os.getpid()}-{uuid.uuid4().hex}.tmp")
-
-
-@contextmanager
-def _written_atomically(path: Path) -> Iterator[Path]:
-    """A :func:`_temporary` name for the block to write; renamed to ``path`` when the block succeeds, deleted when it
-    fails."""
-    temporary = _temporary(path)
-    try:
-        yield temporary
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    os.replace(temporary, path)

@@ -15,10 +15,11 @@
 from __future__ import annotations
 
 import json
-import os
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
+
+from mpdistil_fast.files import written_atomically
 
 #: Every model a run can report, in table order (MetaDistil's meta-learned teacher is ``teacher_final``).
 MODEL_COLUMNS = (("teacher", "Teacher"), ("teacher_final", "Teacher (final)"), ("meta_teacher", "Meta-teacher"),
@@ -27,9 +28,8 @@ METRIC_LABELS = {"accuracy": "acc", "macro_f1": "F1"}
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_bytes(data)
-    os.replace(temporary, path)
+    with written_atomically(path) as temporary:
+        temporary.write_bytes(data)
 
 
 def _cell(metrics: dict[str, float] | None) -> str:
@@ -111,7 +111,7 @@ def plot_curves(curves: dict[str, Any], path: Path) -> None:
         action_axis.legend(loc="upper right")
     action_axis.set(title="Policy action distribution", xlabel="episode", ylabel="share of actions", ylim=(0, 1))
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    figure.savefig(path, dpi=100, format="png")
     plt.close(figure)
 
 
@@ -127,6 +127,5 @@ def write_report(output_dir: Path | str, report: dict[str, Any]) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
     _atomic_write(output_dir / "report.json", json.dumps(report, indent=2, default=str).encode())
     _atomic_write(output_dir / "report.md", format_report_markdown(report).encode())
-    temporary = output_dir / ".curves.tmp.png"
-    plot_curves(report.get("curves") or {}, temporary)
-    os.replace(temporary, output_dir / "curves.png")
+    with written_atomically(output_dir / "curves.png") as temporary:
+        plot_curves(report.get("curves") or {}, temporary)
