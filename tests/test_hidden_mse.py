@@ -369,3 +369,24 @@ def test_direct_op_calls_check_the_layer_indices():
     with pytest.raises(RuntimeError, match="layer index 5 outside a stack of 2"):
         torch.ops.mpdistil_C.hidden_mse_fwd(torch.randn(2, 4, 8), torch.randn(3, 4, 8), torch.tensor([0, 5]),
                                             torch.tensor([0, 1]), None, None, None, False)
+
+
+@gpu_test
+def test_gpu_direct_op_calls_check_the_layer_indices():
+    """The CUDA op's kernels read layers through the index tensors too: an index outside its stack is an error that
+    names the argument (not a read past the tensor), and so is an index tensor on another device."""
+    from mpdistil_fast.backends import backend_status
+
+    status = backend_status("cuda", "hidden_mse", "cuda")
+    if not status.available:
+        pytest.skip(status.reason)
+    student, teacher = torch.randn(2, 4, 8, device="cuda"), torch.randn(3, 4, 8, device="cuda")
+    index = lambda *layers: torch.tensor(layers, device="cuda")  # noqa: E731
+    with pytest.raises(RuntimeError, match="student_layers: layer index 5 outside a stack of 2"):
+        torch.ops.mpdistil_C.hidden_mse_fwd(student, teacher, index(0, 5), index(0, 1), None, None, None, False)
+    with pytest.raises(RuntimeError, match="teacher_layers: layer index -1 outside a stack of 3"):
+        torch.ops.mpdistil_C.hidden_mse_fwd(student, teacher, index(0, 1), index(0, -1), None, None, None, False)
+    with pytest.raises(RuntimeError, match="must be on the stacks' device"):
+        torch.ops.mpdistil_C.hidden_mse_fwd(student, teacher, torch.tensor([0, 1]), index(0, 1), None, None, None,
+                                            False)
+    torch.cuda.synchronize()  # nothing was launched that read outside the stacks

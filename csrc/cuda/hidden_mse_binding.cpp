@@ -32,6 +32,17 @@ std::vector<int64_t> host_indices(const at::Tensor& index) {
   return std::vector<int64_t>(host.data_ptr<int64_t>(), host.data_ptr<int64_t>() + host.numel());
 }
 
+// The layer indices `name` as a host list, each checked against its stack of `layers` (the Python layer checks them
+// too; a direct torch.ops call must not make the kernels read outside the stack).
+std::vector<int64_t> checked_layers(const char* name, const at::Tensor& index, int64_t layers) {
+  std::vector<int64_t> list = host_indices(index);
+  for (const int64_t layer : list) {
+    TORCH_CHECK(0 <= layer && layer < layers, "hidden_mse: ", name, ": layer index ", layer, " outside a stack of ",
+                layers);
+  }
+  return list;
+}
+
 struct Prepared {
   at::Tensor student, teacher, y, y_layers, t_layers, mask;
   HiddenMSEArgs args;
@@ -42,7 +53,13 @@ Prepared prepare(const at::Tensor& student_in, const at::Tensor& teacher_in, con
                  const at::Tensor& teacher_layers, const c10::optional<at::Tensor>& mask,
                  const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
                  const c10::optional<at::Tensor>& projected, bool normalize) {
-  TORCH_CHECK(student_in.is_cuda() && teacher_in.is_cuda(), "hidden_mse: CUDA tensors expected");
+  TORCH_CHECK(student_in.is_cuda() && teacher_in.device() == student_in.device(),
+              "hidden_mse: student and teacher must be on one CUDA device");
+  // the kernels read the index tensors and the mask through raw device pointers
+  TORCH_CHECK(student_layers.device() == student_in.device() && teacher_layers.device() == student_in.device(),
+              "hidden_mse: student_layers and teacher_layers must be on the stacks' device ", student_in.device());
+  TORCH_CHECK(!mask.has_value() || mask->device() == student_in.device(), "hidden_mse: the mask must be on ",
+              student_in.device());
   TORCH_CHECK(student_in.dim() == 3 && teacher_in.dim() == 3 && student_in.size(1) == teacher_in.size(1),
               "hidden_mse: student and teacher must be [L, N, H] stacks with the same rows");
   TORCH_CHECK(student_layers.numel() == teacher_layers.numel(), "hidden_mse: layer index lengths differ");
@@ -55,14 +72,20 @@ Prepared prepare(const at::Tensor& student_in, const at::Tensor& teacher_in, con
   out.teacher = teacher_in.contiguous();
   out.t_layers = teacher_layers.to(at::kLong).contiguous();
   const int64_t pairs = student_layers.numel(), rows = out.student.size(1), width = out.teacher.size(2);
+  const std::vector<int64_t> layers = checked_layers("student_layers", student_layers, out.student.size(0));
+  checked_layers("teacher_layers", teacher_layers, out.teacher.size(0));
   const at::ScalarType acc = acc_type(out.student);
   if (weight.has_value()) {
     if (projected.has_value() && projected->numel() > 0) {
+      // forward's projected rows, read as the y stack [P, N, H_t] (row stride H_t)
+      TORCH_CHECK(projected->device() == student_in.device() && projected->dim() == 3 && projected->size(0) == pairs &&
+                      projected->size(1) == rows && projected->size(2) == width && projected->is_contiguous(),
+                  "hidden_mse: projected must be the forward's contiguous [", pairs, ", ", rows, ", ", width,
+                  "] rows on ", student_in.device());
       out.y = *projected;
     } else {
       out.y = at::empty({pairs, rows, width}, out.student.options().dtype(acc));
       const at::Tensor weight_t = weight->to(acc).t();
-      const std::vector<int64_t> layers = host_indices(student_layers);
       for (int64_t p = 0; p < pairs; ++p) {
         const at::Tensor x = out.student[layers[p]].to(acc);
         at::Tensor y_p = out.y[p];
@@ -111,6 +134,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> hidden_mse_bwd_cuda(
   const at::AutoDispatchBelowADInplaceOrView below_autograd;  // a kernel: inner ATen calls skip autograd
   Prepared prep = prepare(student, teacher, student_layers, teacher_layers, mask, weight, bias, projected, normalize);
   const at::TensorOptions acc_opts = prep.student.options().dtype(acc_type(prep.student));
+  TORCH_CHECK(grad_sse.numel() == student_layers.numel() && grad_sse.device() == student.device(),
+              "hidden_mse_bwd: grad_sse must have one entry per layer pair (", student_layers.numel(), ") on ",
+              student.device());
   const at::Tensor scale = grad_sse.to(acc_opts.dtype()).contiguous();
   at::Tensor grad_y = at::zeros(prep.y.sizes(), acc_opts);
   at::Tensor grad_t = need_teacher_grad ? at::zeros(prep.teacher.sizes(), acc_opts) : at::empty({0}, acc_opts);
