@@ -38,6 +38,8 @@ std::tuple<at::Tensor, at::Tensor> kd_jsd_bwd_cuda(const at::Tensor& grad_jsd, c
   const int64_t rows = a.size(0), vocab = a.size(1);
   TORCH_CHECK(grad_jsd.numel() == rows && stats.numel() == rows * kJsdStatsPerRow,
               "kd_jsd_bwd: per-row tensors do not match ", rows, " rows");
+  check_on_logits_device("kd_jsd_bwd", "grad_jsd", grad_jsd, a);
+  check_on_logits_device("kd_jsd_bwd", "stats", stats, a);
   const auto acc = acc_scalar_type(a);
   const at::Tensor grad_rows = grad_jsd.to(acc).contiguous(), stats_rows = stats.to(acc).contiguous();
   const auto [grad_teacher, grad_student] = gradient_outputs(a, need_grad_teacher, need_grad_student);

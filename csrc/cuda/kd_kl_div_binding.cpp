@@ -34,6 +34,8 @@ std::tuple<at::Tensor, at::Tensor> kd_kl_div_bwd_cuda(const at::Tensor& grad_kl,
   const int64_t rows = a.size(0), vocab = a.size(1);
   TORCH_CHECK(grad_kl.numel() == rows && stats.numel() == rows * kKlStatsPerRow,
               "kd_kl_div_bwd: per-row tensors do not match ", rows, " rows");
+  check_on_logits_device("kd_kl_div_bwd", "grad_kl", grad_kl, a);
+  check_on_logits_device("kd_kl_div_bwd", "stats", stats, a);
   const auto acc = acc_scalar_type(a);
   const at::Tensor grad_rows = grad_kl.to(acc).contiguous(), stats_rows = stats.to(acc).contiguous();
   const auto [grad_p, grad_q] = gradient_outputs(a, need_grad_p, need_grad_q);
@@ -65,6 +67,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kd_kl_div_fwd_grad_cu
   at::Tensor weights;
   if (row_weight.has_value()) {
     TORCH_CHECK(row_weight->numel() == rows, "kd_kl_div_fwd_grad: row_weight must have ", rows, " entries");
+    check_on_logits_device("kd_kl_div_fwd_grad", "row_weight", *row_weight, a);
     weights = row_weight->to(stats.scalar_type()).contiguous();
   }
   const auto [grad_p, grad_q] = gradient_outputs(a, need_grad_p, need_grad_q);

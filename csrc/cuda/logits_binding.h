@@ -40,6 +40,13 @@ inline std::pair<at::Tensor, at::Tensor> checked_rows(const char* op, const at::
   return {unit_stride(a), unit_stride(b)};
 }
 
+// A per-row tensor (upstream gradient, statistics, row weights) that the kernels read through a raw pointer: it must
+// be on the logits' device (the dispatcher sends a call with CUDA logits here whatever device the others are on).
+inline void check_on_logits_device(const char* op, const char* name, const at::Tensor& t, const at::Tensor& logits) {
+  TORCH_CHECK(t.device() == logits.device(), op, ": ", name, " must be on the logits' device ", logits.device(),
+              ", got ", t.device());
+}
+
 // Per-row loss [N] and statistics [N, stats_per_row] in the accumulation type of the [N, V] logits `a`.
 inline std::pair<at::Tensor, at::Tensor> row_outputs(const at::Tensor& a, int64_t stats_per_row) {
   const auto options = a.options().dtype(acc_scalar_type(a));
