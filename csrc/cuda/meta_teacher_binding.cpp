@@ -16,6 +16,9 @@ namespace mt = mpdistil::meta_teacher;
 struct CudaRowKernels final : mt::RowKernels {
   at::Tensor softmax_loss(const at::Tensor& z, const at::Tensor& labels, bool competitive,
                           at::Tensor& dz) const override {
+    // the row kernel reads the labels through a raw device pointer (the Python layer checks the device too)
+    TORCH_CHECK(labels.device() == z.device(), "meta_teacher_loss: labels must be on ", z.device(), ", got ",
+                labels.device());
     const int64_t batch = labels.numel();
     const mt::RowCoefficients teacher = mt::coefficients(competitive, false), student = mt::coefficients(competitive, true);
     const double coefficients[4] = {teacher.ce, teacher.gold_probability, student.ce, student.gold_probability};
