@@ -329,6 +329,35 @@ def test_batches_are_deterministic_complete_and_resumable(data_dir, tokenizer):
         num_batches(split, 0)
 
 
+@pytest.mark.parametrize("ranks, batch_size, sizes", [(3, 9, [9] * 6), (4, 12, [12] * 4 + [8]), (8, 16, [16] * 3 + [8]),
+                                                     (1, 10, [10] * 5 + [6])])
+def test_a_training_stream_splits_evenly_over_the_ranks(data_dir, tokenizer, ranks, batch_size, sizes):
+    """``row_multiple``: each epoch leaves out its last len % ranks shuffled rows (56 CB validation rows: 2 of them
+    for 3 ranks, none for 4 or 8), so every batch divides over the ranks and no row is repeated; which rows are left
+    out changes with the epoch."""
+    split = encode_examples(load_examples("cb", "validation", data_dir), tokenizer, max_length=32)
+    assert num_batches(split, batch_size, ranks) == len(sizes)
+    left_out = []
+    for epoch in (0, 1):
+        batches = list(iterate_batches(split, batch_size, shuffle=True, seed=7, epoch=epoch, row_multiple=ranks))
+        assert [len(b["labels"]) for b in batches] == sizes
+        rows = torch.cat([b["example_index"] for b in batches]).tolist()
+        assert len(set(rows)) == len(rows) == 56 - 56 % ranks
+        plain = torch.cat([b["example_index"] for b in iterate_batches(split, batch_size, shuffle=True, seed=7,
+                                                                        epoch=epoch)])
+        assert rows == plain.tolist()[:len(rows)]  # the same order, its tail cut
+        left_out.append(set(range(56)) - set(rows))
+    assert all(len(rows) == 56 % ranks for rows in left_out)
+    if 56 % ranks:
+        assert left_out[0] != left_out[1]
+    with pytest.raises(ValueError, match="not a multiple of row_multiple"):
+        num_batches(split, batch_size + 1, ranks + 1)
+    with pytest.raises(ValueError, match="row_multiple"):
+        num_batches(split, batch_size, 0)
+    with pytest.raises(ValueError, match="cannot give each of 64 ranks a row"):
+        num_batches(split, 64, 64)
+
+
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_trim_padding_keeps_every_real_token(data_dir, tokenizer, side):
     tokenizer.padding_side = side

@@ -86,8 +86,8 @@ def test_config_validation_for_deepspeed(tmp_path, data_dir):
 
 
 def test_the_batch_must_split_evenly_over_the_ranks(tmp_path, data_dir):
-    """An uneven split pads ranks with repeated rows (same shapes keep ZeRO-3's collectives and the ranks' dropout
-    in step), which would count twice in the step's mean gradient: refused before any data or model loads."""
+    """Every rank steps on an equal share of each batch (no row repeated to fill a share, where it would count
+    twice in the step's mean gradient): a batch size the ranks do not divide is refused before anything loads."""
     from mpdistil_fast.pipeline.trainer import Run
 
     class TwoRanks:
@@ -251,18 +251,25 @@ def _ranks(world_size: int) -> list[DeepSpeedRuntime]:
     return runtimes
 
 
-@pytest.mark.parametrize("rows, world_size", [(8, 2), (7, 2), (10, 4), (3, 3), (2, 4), (1, 3), (9, 4)])
+@pytest.mark.parametrize("rows, world_size", [(8, 2), (12, 4), (3, 3), (16, 8), (6, 1)])
 def test_local_rows_split_a_batch_over_the_ranks(rows, world_size):
     batch = {"input_ids": torch.arange(rows * 5).reshape(rows, 5), "labels": torch.arange(rows), "task": "cb"}
     slices = [runtime.local_rows(batch) for runtime in _ranks(world_size)]
-    padded = -(-rows // world_size) * world_size
-    assert [len(s["labels"]) for s in slices] == [padded // world_size] * world_size  # equal, never empty
+    assert [len(s["labels"]) for s in slices] == [rows // world_size] * world_size
     assert all(s["task"] == "cb" for s in slices)
     labels = torch.cat([s["labels"] for s in slices])
     ids = torch.cat([s["input_ids"] for s in slices])
     assert torch.equal(ids, batch["input_ids"][labels])  # rows stay aligned across keys
-    # contiguous and in order; a batch that does not divide is padded by repeating its first rows
-    assert torch.equal(labels, torch.arange(padded) % rows)
+    assert torch.equal(labels, torch.arange(rows))  # contiguous, in order, each row once
+
+
+@pytest.mark.parametrize("rows, world_size", [(7, 2), (2, 4), (9, 4)])
+def test_local_rows_refuse_a_batch_that_does_not_divide(rows, world_size):
+    """Padding a rank's share with repeated rows would count them twice in the step's mean gradient: the training
+    streams drop an epoch's remainder instead (row_multiple), and anything else is refused."""
+    batch = {"input_ids": torch.zeros(rows, 5), "labels": torch.arange(rows)}
+    with pytest.raises(ValueError, match=f"{rows} rows does not split over {world_size} ranks"):
+        _ranks(world_size)[0].local_rows(batch)
 
 
 class HalvingRuntime(LocalRuntime):

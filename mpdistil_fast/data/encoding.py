@@ -91,10 +91,21 @@ def _check_batch_size(batch_size: int) -> None:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
 
 
-def num_batches(split: EncodedSplit, batch_size: int) -> int:
-    """Batches per epoch of :func:`iterate_batches` (the last one may be smaller)."""
+def _epoch_rows(split: EncodedSplit, batch_size: int, row_multiple: int) -> int:
+    """Rows an epoch of :func:`iterate_batches` uses: ``len(split)`` rounded down to a multiple of ``row_multiple``."""
     _check_batch_size(batch_size)
-    return -(-len(split) // batch_size)
+    if isinstance(row_multiple, bool) or not isinstance(row_multiple, int) or row_multiple < 1:
+        raise ValueError(f"row_multiple must be a positive int, got {row_multiple!r}")
+    if batch_size % row_multiple:
+        raise ValueError(f"batch_size {batch_size} is not a multiple of row_multiple {row_multiple}")
+    if 0 < len(split) < row_multiple:
+        raise ValueError(f"a split of {len(split)} rows cannot give each of {row_multiple} ranks a row")
+    return len(split) - len(split) % row_multiple
+
+
+def num_batches(split: EncodedSplit, batch_size: int, row_multiple: int = 1) -> int:
+    """Batches per epoch of :func:`iterate_batches` (the last one may be smaller)."""
+    return -(-_epoch_rows(split, batch_size, row_multiple) // batch_size)
 
 
 def epoch_order(num_rows: int, *, shuffle: bool, seed: int, epoch: int) -> torch.Tensor:
@@ -123,15 +134,23 @@ def trim_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def iterate_batches(split: EncodedSplit, batch_size: int, *, shuffle: bool, seed: int, epoch: int = 0,
-                    start_batch: int = 0, trim: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+                    start_batch: int = 0, trim: bool = False, row_multiple: int = 1
+                    ) -> Iterator[dict[str, torch.Tensor]]:
     """Batches of ``split`` for one epoch: dicts with ``input_ids``, ``attention_mask``, ``token_type_ids``,
     ``labels`` and ``example_index`` (rows of ``split``).  Deterministic given ``(seed, epoch)``; ``start_batch``
     skips the batches a resumed run has already consumed; ``trim`` applies :func:`trim_padding` to each batch
-    (do not combine it with all-token cached teacher hidden states, whose length is the split's)."""
-    total = num_batches(split, batch_size)
+    (do not combine it with all-token cached teacher hidden states, whose length is the split's).
+
+    ``row_multiple`` (the data-parallel world size of a training stream; ``batch_size`` must be a multiple of it):
+    each epoch leaves out the last ``len(split) % row_multiple`` rows of its order, as
+    ``DistributedSampler(drop_last=True)`` does, so every batch, the last included, splits evenly over the ranks and
+    no row is repeated to fill a rank's share (a repeated row would count twice in that step's mean gradient).  The
+    rows left out change with the epoch's shuffle."""
+    total = num_batches(split, batch_size, row_multiple)
     if isinstance(start_batch, bool) or not isinstance(start_batch, int) or not 0 <= start_batch <= total:
         raise ValueError(f"start_batch must be an int in [0, {total}], got {start_batch!r}")
-    order = epoch_order(len(split), shuffle=shuffle, seed=seed, epoch=epoch)
+    used = _epoch_rows(split, batch_size, row_multiple)
+    order = epoch_order(len(split), shuffle=shuffle, seed=seed, epoch=epoch)[:used]
     for batch in range(start_batch, total):
         rows = order[batch * batch_size:(batch + 1) * batch_size]
         tensors = {"input_ids": split.input_ids[rows], "attention_mask": split.attention_mask[rows],

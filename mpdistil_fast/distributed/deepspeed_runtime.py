@@ -12,8 +12,9 @@ the one :class:`~mpdistil_fast.distributed.LocalRuntime` drives: every rank walk
 stream and takes its contiguous slice of each global batch (:meth:`DeepSpeedRuntime.local_rows`), so with
 ``data.batch_size`` divisible by the world size (the pipeline refuses other sizes) an optimizer step sees the same
 rows, and averages the same gradient, as a one-process run of that batch size (Li et al., "PyTorch Distributed",
-VLDB 2020) -- except an epoch's last, smaller batch when the ranks do not divide it: its slices are padded with
-repeated rows, which count twice in that step's mean. Evaluation passes
+VLDB 2020) -- except that each epoch of a training stream leaves out its last ``len % world_size`` shuffled rows
+(as ``DistributedSampler(drop_last=True)``), so that its last, smaller batch divides too and no row is repeated to
+fill a rank's share (it would count twice in that step's mean). Evaluation passes
 (predictions, the in-memory teacher-output cache) are shared out: each rank computes its share of the rows and the
 ranks all-gather them (:meth:`DeepSpeedRuntime.rank_rows`, :meth:`DeepSpeedRuntime.gather_rows`); rank 0 alone logs,
 reports and writes checkpoints, except each engine's partitioned optimizer state, which every rank writes with
@@ -488,12 +489,18 @@ class DeepSpeedRuntime:
         return batch_to_device(batch, self.device)
 
     def local_rows(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """This rank's :meth:`rank_rows` of a global batch: every rank steps on a slice of the same shape (none is
-        empty, and dropout draws alike on every rank)."""
+        """This rank's contiguous ``1/world_size`` of a global batch (the training streams make every batch
+        divide: :func:`~mpdistil_fast.data.iterate_batches`' ``row_multiple``), so every rank steps on a slice of the
+        same shape and no row is repeated."""
         if self.world_size == 1:
             return batch
-        rows = self.rank_rows(len(batch["input_ids"]))
-        return {k: v[rows] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        rows = len(batch["input_ids"])
+        if rows % self.world_size:
+            raise ValueError(f"a training batch of {rows} rows does not split over {self.world_size} ranks: "
+                             "build its stream with row_multiple=world_size")
+        share = rows // self.world_size
+        return {k: v[self.rank * share:(self.rank + 1) * share] if isinstance(v, torch.Tensor) else v
+                for k, v in batch.items()}
 
     def average(self, metrics: dict[str, float]) -> dict[str, float]:
         """The mean of each metric over the ranks (every rank calls this with the same keys)."""

@@ -181,7 +181,7 @@ def next_batch(run: "Run", state: dict, split: str, task: str, *, salt: int, loc
     key = f"{split}_cursors"
     epoch, position = state.setdefault(key, {}).get(task, [0, 0])
     cursor = TaskCursor(run.splits[task][split], run.config.data.batch_size, seed=run.config.seed, salt=salt,
-                        epoch=epoch, batch=position)
+                        epoch=epoch, batch=position, row_multiple=run.runtime.world_size)
     batch = cursor.next()
     state[key][task] = cursor.position()
     batch = trim_padding(batch)

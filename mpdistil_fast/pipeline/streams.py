@@ -21,16 +21,19 @@ def _mix(seed: int, salt: int, epoch: int) -> int:
 
 
 class MultiTaskSchedule:
-    """Epochs over several tasks: every batch of every task once per epoch, tasks interleaved in a seeded order."""
+    """Epochs over several tasks: every batch of every task once per epoch, tasks interleaved in a seeded order
+    (``row_multiple``: the data-parallel world size, see :func:`~mpdistil_fast.data.iterate_batches`)."""
 
-    def __init__(self, splits: dict[str, EncodedSplit], batch_size: int, *, seed: int, salt: int = 0):
+    def __init__(self, splits: dict[str, EncodedSplit], batch_size: int, *, seed: int, salt: int = 0,
+                 row_multiple: int = 1):
         if not splits:
             raise ValueError("splits must hold at least one task")
         self.splits = splits
         self.batch_size = batch_size
         self.seed = seed
         self.salt = salt
-        self.counts = {task: num_batches(split, batch_size) for task, split in splits.items()}
+        self.row_multiple = row_multiple
+        self.counts = {task: num_batches(split, batch_size, row_multiple) for task, split in splits.items()}
         self.batches_per_epoch = sum(self.counts.values())
 
     def order(self, epoch: int) -> list[str]:
@@ -44,29 +47,31 @@ class MultiTaskSchedule:
         order = self.order(epoch)
         consumed = Counter(order[:start])
         streams = {task: iterate_batches(split, self.batch_size, shuffle=True, seed=_mix(self.seed, self.salt, 0),
-                                         epoch=epoch, start_batch=consumed[task])
+                                         epoch=epoch, start_batch=consumed[task], row_multiple=self.row_multiple)
                    for task, split in self.splits.items()}
         for task in order[start:]:
             yield task, next(streams[task])
 
 
 class TaskCursor:
-    """An endless stream of one task's batches, positioned by ``(epoch, batch)`` (JSON-serialisable)."""
+    """An endless stream of one task's batches, positioned by ``(epoch, batch)`` (JSON-serialisable;
+    ``row_multiple`` as in :class:`MultiTaskSchedule`)."""
 
     def __init__(self, split: EncodedSplit, batch_size: int, *, seed: int, salt: int, epoch: int = 0,
-                 batch: int = 0):
+                 batch: int = 0, row_multiple: int = 1):
         self.split = split
         self.batch_size = batch_size
         self.seed = _mix(seed, salt, 0)
         self.epoch = epoch
         self.batch = batch
-        self.per_epoch = num_batches(split, batch_size)
+        self.row_multiple = row_multiple
+        self.per_epoch = num_batches(split, batch_size, row_multiple)
 
     def next(self) -> Batch:
         if self.batch >= self.per_epoch:
             self.epoch, self.batch = self.epoch + 1, 0
         batch = next(iterate_batches(self.split, self.batch_size, shuffle=True, seed=self.seed, epoch=self.epoch,
-                                     start_batch=self.batch))
+                                     start_batch=self.batch, row_multiple=self.row_multiple))
         self.batch += 1
         return batch
 

@@ -192,8 +192,7 @@ class Run:
         self.is_main = self.runtime.is_main
         if config.data.batch_size % self.runtime.world_size:
             raise ConfigError(f"data.batch_size {config.data.batch_size} is not a multiple of the "
-                              f"{self.runtime.world_size} ranks: each rank's slice would be padded with repeated rows, "
-                              "which then count twice in every step's mean")
+                              f"{self.runtime.world_size} ranks: every rank steps on an equal share of each batch")
         if checkpoint is None and not resume:
             self._claim_output_dir(overwrite)
         self.tasks = curriculum_tasks(config)
@@ -506,7 +505,7 @@ class Run:
         """
         c = self.config
         schedule = MultiTaskSchedule({t: self.splits[t]["train"] for t in self.tasks}, c.data.batch_size,
-                                     seed=c.seed, salt=sum(map(ord, stage)))
+                                     seed=c.seed, salt=sum(map(ord, stage)), row_multiple=self.runtime.world_size)
         per_epoch = schedule.batches_per_epoch
         total = per_epoch * optim.epochs
         if optim.max_steps is not None:
