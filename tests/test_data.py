@@ -11,6 +11,7 @@ import torch
 from mpdistil_fast.data import (TASKS, check_task_data, compute_metrics, encode_examples, iterate_batches,
                                 load_examples, load_task_splits, num_batches, resolve_data_dir, trim_padding)
 from mpdistil_fast.data.tasks import format_row
+from mpdistil_fast.data.loading import _shuffled
 from mpdistil_fast.models import default_teacher_path, load_tokenizer
 
 OFFICIAL_SIZES = {"cb": (250, 56), "copa": (400, 100), "rte": (2490, 277), "wic": (5428, 638), "wsc": (554, 104),
@@ -209,6 +210,28 @@ def test_quiz_split_is_seeded_disjoint_and_nine_to_one(data_dir):
     train_ids, quiz_ids = {e.index for e in splits.train}, {e.index for e in splits.quiz}
     assert not train_ids & quiz_ids and train_ids | quiz_ids == set(range(250))
     assert splits.validation == load_examples("cb", "validation", data_dir)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_quiz_split_is_stratified_by_label(data_dir, seed):
+    """CB's 250 train rows hold 16 neutral ones (6.4%): a plain 25-row head of the shuffle had none at seed 0 (model
+    selection and rewards then never saw the class); stratified, every label gets its share of the quiz to within a
+    row, in the shuffled order, and train keeps the rest in that order."""
+    from collections import Counter
+
+    rows = load_examples("cb", "train", data_dir)
+    splits = load_task_splits("cb", data_dir, seed=seed)
+    counts, quiz = Counter(e.label for e in rows), Counter(e.label for e in splits.quiz)
+    assert sum(quiz.values()) == 25 and set(quiz) == set(counts) == {0, 1, 2}
+    assert all(abs(quiz[label] - 25 * count / 250) < 1 for label, count in counts.items())
+    # one shuffled order: quiz and train keep it, and each label's quiz rows are its first rows in it
+    pool = [e.index for e in _shuffled(rows, seed)]
+    quiz_ids = {e.index for e in splits.quiz}
+    assert [e.index for e in splits.quiz] == [i for i in pool if i in quiz_ids]
+    assert [e.index for e in splits.train] == [i for i in pool if i not in quiz_ids]
+    for label in sorted(quiz):
+        of_label = [i for i in pool if rows[i].label == label]
+        assert set(of_label[:quiz[label]]) <= quiz_ids and not set(of_label[quiz[label]:]) & quiz_ids
 
 
 def test_split_caps(data_dir):
@@ -418,10 +441,11 @@ def test_cb_macro_f1_averages_over_all_three_classes_like_the_official_scorer():
     assert perfect_two_classes["macro_f1"] == pytest.approx(2 / 3, abs=1e-12)
 
 
-def test_cb_quiz_split_without_neutral_scores_as_jiant(data_dir):
-    # CB's seed-0 quiz split has no neutral row; one entailment row predicted as contradiction:
+def test_cb_rows_without_neutral_score_as_jiant():
+    # CB rows without a neutral one (CB's seed-0 quiz split had none before it was stratified; a small capped
+    # subset still can): one entailment row predicted as contradiction:
     # F1 = (22/23, 26/27, 0), accuracy 24/25 -> main 0.7999 (not 0.9599, the mean over the two seen classes)
-    labels = torch.tensor([e.label for e in load_task_splits("cb", data_dir, seed=0).quiz])
+    labels = torch.tensor([0, 1] * 12 + [1])[torch.randperm(25, generator=torch.Generator().manual_seed(0))]
     assert torch.bincount(labels, minlength=3).tolist() == [12, 13, 0]
     predictions = labels.clone()
     predictions[int((labels == 0).nonzero()[0])] = 1

@@ -213,6 +213,25 @@ def _shuffled(examples: list[Example], seed: int) -> list[Example]:
     return [examples[i] for i in order]
 
 
+def _stratified_quiz(pool: list[Example], size: int) -> tuple[list[Example], list[Example]]:
+    """``(quiz, train)``: ``size`` rows of the shuffled ``pool`` for the quiz, each label's share of them in
+    proportion to its share of the pool (largest remainders, ties to the more frequent label), taking each label's
+    first rows in pool order; both parts keep pool order (as scikit-learn's stratified ``train_test_split``, without
+    its reordering)."""
+    by_label: dict[int, list[int]] = {}
+    for index, example in enumerate(pool):
+        by_label.setdefault(example.label, []).append(index)
+    exact = {label: size * len(rows) / len(pool) for label, rows in by_label.items()}
+    quota = {label: int(share) for label, share in exact.items()}
+    by_remainder = sorted(by_label, key=lambda label: (exact[label] - quota[label], len(by_label[label])),
+                          reverse=True)
+    for label in by_remainder[:size - sum(quota.values())]:
+        quota[label] += 1
+    chosen = {index for label, rows in by_label.items() for index in rows[:quota[label]]}
+    return ([example for i, example in enumerate(pool) if i in chosen],
+            [example for i, example in enumerate(pool) if i not in chosen])
+
+
 def _check_cap(name: str, value: int | None) -> None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
         raise ValueError(f"{name} must be a positive int or None, got {value!r}")
@@ -223,8 +242,9 @@ def load_task_splits(task: str, data_dir: str | os.PathLike | None = None, *, se
                      max_eval: int | None = None) -> TaskSplits:
     """Train, quiz and validation examples of ``task``.
 
-    The official train split is shuffled with ``seed``; the first ``round(n * quiz_fraction)`` rows (at least one)
-    become the quiz split and the rest train (9:1 by default).  The caps apply after that split: ``max_train`` keeps
+    The official train split is shuffled with ``seed``; ``round(n * quiz_fraction)`` of its rows (at least one),
+    stratified by label (each label's first rows in that order), become the quiz split and the rest train (9:1 by
+    default), both in the shuffled order.  The caps apply after that split: ``max_train`` keeps
     the first train rows (of the shuffled order), ``max_eval`` the first quiz rows and a random subset of validation
     (drawn with the fixed :data:`EVAL_SUBSET_SEED`, kept in file order: the same rows for every run seed).
     Locally, BoolQ's ``val.jsonl`` provides all three splits, its validation rows drawn with a fixed seed (see the
@@ -249,8 +269,7 @@ def load_task_splits(task: str, data_dir: str | os.PathLike | None = None, *, se
         validation = load_examples(task, "validation", directory)
         train_pool = _shuffled(load_examples(task, "train", directory), seed)
         source = f"local {directory}" if directory is not None else f"hub {hub_dataset_id(task_spec(task).benchmark)}"
-    num_quiz = max(1, round(len(train_pool) * quiz_fraction))
-    quiz, train = train_pool[:num_quiz], train_pool[num_quiz:]
+    quiz, train = _stratified_quiz(train_pool, max(1, round(len(train_pool) * quiz_fraction)))
     if not train:
         raise ValueError(f"task {task!r}: quiz_fraction {quiz_fraction} puts {len(quiz)} of its {len(train_pool)} "
                          "train rows in the quiz split and leaves no train rows; lower quiz_fraction")
