@@ -2,7 +2,8 @@
 # Run the Triton-backend tests under another Triton release's interpreter (default 3.6.0, the GPU machines'
 # version; this machine's own tests use the installed Triton), in a throwaway virtualenv that shares this
 # environment's torch and mpdistil_fast.  It checks the kernels against that release's language front end and
-# interpreter (not its GPU code generation).
+# interpreter, then compiles every kernel variant the library launches for sm_90 (H100/H200) with that release's
+# own compiler and ptxas, without a GPU (scripts/compile_triton_gpu.py; not the generated code's results).
 #
 #   bash scripts/check_triton_version.sh [VERSION]
 set -euo pipefail
@@ -17,3 +18,5 @@ python3 -m venv --system-site-packages "$VENV"
 TRITON_INTERPRET=1 "$VENV/bin/python" -m pytest -q -k triton -p no:cacheprovider \
   tests/test_kd_kl_div.py tests/test_hidden_mse.py tests/test_meta_teacher.py
 TRITON_INTERPRET=1 "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/test_grid_sync.py  # all Triton
+# GPU code generation (lowering, tl.dot constraints, shared memory, ptxas) of Triton $VERSION, interpreter off
+env -u TRITON_INTERPRET "$VENV/bin/python" scripts/compile_triton_gpu.py
