@@ -99,6 +99,21 @@ def test_the_batch_must_split_evenly_over_the_ranks(tmp_path, data_dir):
         Run(config, runtime=TwoRanks())
 
 
+
+def test_a_split_smaller_than_the_ranks_is_refused_by_name(tmp_path, data_dir):
+    """A training or quiz stream must give each rank a row of every batch: a split with fewer rows than ranks is
+    refused when the data loads, naming the task and split (not deep inside a stage)."""
+    from mpdistil_fast.pipeline.trainer import Run
+
+    class SixtyFourRanks(LocalRuntime):
+        world_size = 64
+
+    teacher = make_tiny_teacher(tmp_path / "teacher")
+    config = load_config(write_config(tmp_path / "c.yaml", teacher, data_dir, tmp_path / "run", "kd",
+                                      data={"batch_size": 64, "max_train": 100, "max_eval": 16}))
+    with pytest.raises(ConfigError, match="task 'cb': its quiz split has 16 rows, fewer than the 64 ranks"):
+        Run(config, runtime=SixtyFourRanks("cpu"))
+
 def test_an_mpi_launch_without_torch_s_variables_is_refused(monkeypatch):
     """DeepSpeed's MPI/Slurm runners set no RANK/WORLD_SIZE: each process would otherwise run alone as rank 0."""
     pytest.importorskip("deepspeed")

@@ -274,6 +274,12 @@ class Run:
             splits[task] = {name: encode_examples(getattr(loaded, name), self.tokenizer, c.data.max_length)
                             for name in ("train", "quiz", "validation")}
             self.data_source[task] = loaded.source
+            for name in ("train", "quiz"):  # their streams give every rank a share of each batch
+                if len(splits[task][name]) < self.runtime.world_size:
+                    raise ConfigError(f"task {task!r}: its {name} split has {len(splits[task][name])} rows, fewer "
+                                      f"than the {self.runtime.world_size} ranks (each steps on a share of every "
+                                      "batch); raise data.max_train / data.max_eval or quiz_fraction, or use fewer "
+                                      "ranks")
             LOG.info("data %s: %d train / %d quiz / %d validation (%s)", task, len(splits[task]["train"]),
                      len(splits[task]["quiz"]), len(splits[task]["validation"]), loaded.source)
         return splits
