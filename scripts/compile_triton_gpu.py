@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import importlib.util
 import multiprocessing
 import os
 import pathlib
@@ -226,7 +227,9 @@ def grid_sync_scenarios(recorder: Recorder) -> None:
     two-phase kernel (``pytest -m gpu``), compiled here with that test's arguments."""
     from mpdistil_fast.kernels.grid_sync import barrier_counters
 
-    module = importlib.import_module("tests.test_grid_sync")
+    spec = importlib.util.spec_from_file_location("test_grid_sync", ROOT / "tests" / "test_grid_sync.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # by path: a site-packages "tests" package could shadow this checkout's
     values = torch.zeros(133, dtype=torch.int32)
     recorder.scenario = "test_grid_sync two_phase_kernel n_items=133"
     module.two_phase_kernel[(1,)](values, torch.zeros_like(values), barrier_counters(values.device), 133, BLOCK=256)
@@ -292,7 +295,7 @@ def variants_of(launches: list[Launch]) -> list[Variant]:
         options, signature, constexprs, attrs = specialize(launch, backend)
         kernel = launch.kernel
         module = kernel.__module__.rsplit(".", 1)[-1]
-        if module.startswith("test_"):
+        if module == "test_grid_sync":
             module = f"tests/{module}"
         names = [param.name for param in kernel.params]
         key_constexprs = " ".join(f"{names[path[0]]}={_constexpr_text(value)}" for path, value in constexprs.items()
