@@ -8,6 +8,7 @@
 // bus exactly once (kd_kl_div_fwd_grad_resident_kernel).
 #include <cooperative_groups.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
@@ -245,23 +246,31 @@ struct FwdGradArgs {
   acc_t<T> inv_t;
 };
 
-// Launches `kernel` on `blocks` CTAs of `threads`, in clusters of `cluster` CTAs when cluster > 0.
-template <typename T, typename Kernel>
-cudaError_t launch_fwd_grad_kernel(Kernel kernel, int64_t blocks, int threads, unsigned cluster,
-                                   const FwdGradArgs<T>& x, cudaStream_t stream) {
+// The launch of `blocks` CTAs of `threads` on `stream`, in clusters of `cluster` CTAs when cluster > 0 (the cluster
+// shape is an attribute the config points to: it lives as long as the struct, which is neither copied nor moved).
+struct LaunchConfig {
   cudaLaunchAttribute attribute = {};
-  attribute.id = cudaLaunchAttributeClusterDimension;
-  attribute.val.clusterDim.x = cluster;
-  attribute.val.clusterDim.y = 1;
-  attribute.val.clusterDim.z = 1;
   cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(static_cast<unsigned>(blocks));
-  config.blockDim = dim3(threads);
-  config.stream = stream;
-  config.attrs = &attribute;
-  config.numAttrs = cluster > 0 ? 1 : 0;
-  return cudaLaunchKernelEx(&config, kernel, x.a, x.b, x.kl, x.stats, x.row_weight, x.weight, x.grad_a, x.grad_b,
-                            x.vocab, x.stride_a, x.stride_b, x.inv_t);
+
+  LaunchConfig(int64_t blocks, int threads, unsigned cluster, cudaStream_t stream) {
+    attribute.id = cudaLaunchAttributeClusterDimension;
+    attribute.val.clusterDim.x = cluster;
+    attribute.val.clusterDim.y = 1;
+    attribute.val.clusterDim.z = 1;
+    config.gridDim = dim3(static_cast<unsigned>(blocks));
+    config.blockDim = dim3(threads);
+    config.stream = stream;
+    config.attrs = &attribute;
+    config.numAttrs = cluster > 0 ? 1 : 0;
+  }
+  LaunchConfig(const LaunchConfig&) = delete;
+  LaunchConfig& operator=(const LaunchConfig&) = delete;
+};
+
+template <typename T, typename Kernel>
+cudaError_t launch_fwd_grad_kernel(Kernel kernel, const LaunchConfig& launch, const FwdGradArgs<T>& x) {
+  return cudaLaunchKernelEx(&launch.config, kernel, x.a, x.b, x.kl, x.stats, x.row_weight, x.weight, x.grad_a,
+                            x.grad_b, x.vocab, x.stride_a, x.stride_b, x.inv_t);
 }
 
 // Whether the code loaded for the current device is sm_90+ code (the resident kernel's body; a build for older
@@ -274,6 +283,35 @@ bool loads_sm90_code(Kernel kernel) {
     return false;
   }
   return attributes.binaryVersion >= 90 && attributes.ptxVersion >= 90;
+}
+
+// Whether the device can hold a cluster of `launch`'s shape of the resident kernel <T, PACKS> at all
+// (cudaOccupancyMaxActiveClusters > 0).  A cluster it cannot schedule (a MIG slice, a cluster larger than a GPC
+// can hold) may be refused not by cudaLaunchKernelEx but only asynchronously, as a sticky error that no fallback
+// undoes.  The answer does not change in a process: cached per device and cluster size (this template instance
+// being the kernel variant); racing first calls both query and store the same answer.
+template <typename T, int PACKS>
+bool cluster_fits(const LaunchConfig& launch, unsigned cluster) {
+  constexpr int kCachedDevices = 64;  // devices past these are asked every launch
+  static std::atomic<signed char> known[kCachedDevices][kMaxClusterSize + 1];  // 0 not asked, 1 fits, -1 not
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  std::atomic<signed char>* slot =
+      device >= 0 && device < kCachedDevices && cluster <= kMaxClusterSize ? &known[device][cluster] : nullptr;
+  if (slot != nullptr) {
+    const signed char answer = slot->load(std::memory_order_relaxed);
+    if (answer != 0) return answer > 0;
+  }
+  int clusters = 0;
+  const cudaError_t status =
+      cudaOccupancyMaxActiveClusters(&clusters, kd_kl_div_fwd_grad_resident_kernel<T, PACKS>, &launch.config);
+  if (status != cudaSuccess) (void)cudaGetLastError();  // not an error of this launch: the two-sweep kernel
+  const bool fits = status == cudaSuccess && clusters > 0;
+  if (slot != nullptr) slot->store(fits ? 1 : -1, std::memory_order_relaxed);
+  return fits;
 }
 
 // The row-resident kernel with PACKS (or, when its cluster would exceed kMaxClusterSize CTAs, more) packs per
@@ -291,8 +329,10 @@ bool launch_resident(const FwdGradArgs<T>& x, int64_t rows, cudaStream_t stream,
   }
   const auto kernel = kd_kl_div_fwd_grad_resident_kernel<T, PACKS>;
   if (rows * ranks > INT32_MAX || !loads_sm90_code(kernel)) return false;
-  error = launch_fwd_grad_kernel(kernel, rows * ranks, kResidentThreads, static_cast<unsigned>(ranks), x, stream);
-  if (error != cudaSuccess) {  // a cluster this device cannot schedule (e.g. a partitioned GPU)
+  const LaunchConfig launch(rows * ranks, kResidentThreads, static_cast<unsigned>(ranks), stream);
+  if (!cluster_fits<T, PACKS>(launch, static_cast<unsigned>(ranks))) return false;
+  error = launch_fwd_grad_kernel(kernel, launch, x);
+  if (error != cudaSuccess) {  // refused at launch after all: the two-sweep kernel
     (void)cudaGetLastError();
     return false;
   }
@@ -327,10 +367,9 @@ cudaError_t launch_fwd_grad_typed(const void* a, const void* b, void* kl, void* 
     };
     if (vectorized && resident()) return error;
   }
-  if (vectorized) {
-    return launch_fwd_grad_kernel(kd_kl_div_fwd_grad_kernel<T, 16 / sizeof(T)>, rows, kForwardThreads, 0, x, stream);
-  }
-  return launch_fwd_grad_kernel(kd_kl_div_fwd_grad_kernel<T, 1>, rows, kForwardThreads, 0, x, stream);
+  const LaunchConfig launch(rows, kForwardThreads, 0, stream);
+  if (vectorized) return launch_fwd_grad_kernel(kd_kl_div_fwd_grad_kernel<T, 16 / sizeof(T)>, launch, x);
+  return launch_fwd_grad_kernel(kd_kl_div_fwd_grad_kernel<T, 1>, launch, x);
 }
 
 template <typename T>
