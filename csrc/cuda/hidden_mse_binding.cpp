@@ -8,12 +8,15 @@
 
 #include <vector>
 
+#include "grid_limits.h"
 #include "hidden_mse.cuh"
 
 namespace {
 
 using mpdistil::cuda::ElementType;
 using mpdistil::cuda::HiddenMSEArgs;
+using mpdistil::cuda::kMaxGridX;
+using mpdistil::cuda::kMaxGridY;
 
 ElementType element_type(const at::Tensor& t) {
   switch (t.scalar_type()) {
@@ -72,6 +75,11 @@ Prepared prepare(const at::Tensor& student_in, const at::Tensor& teacher_in, con
   out.teacher = teacher_in.contiguous();
   out.t_layers = teacher_layers.to(at::kLong).contiguous();
   const int64_t pairs = student_layers.numel(), rows = out.student.size(1), width = out.teacher.size(2);
+  // the grids (hidden_mse.cu): forward row tiles along x and pairs along y, backward one block per row along x
+  TORCH_CHECK(rows <= kMaxGridX, "hidden_mse: ", rows, " rows exceed the CUDA grid's ", kMaxGridX,
+              " blocks along x (one block per row in the backward)");
+  TORCH_CHECK(pairs <= kMaxGridY, "hidden_mse: ", pairs, " layer pairs exceed the CUDA grid's ", kMaxGridY,
+              " blocks along y (one per pair in the forward)");
   const std::vector<int64_t> layers = checked_layers("student_layers", student_layers, out.student.size(0));
   checked_layers("teacher_layers", teacher_layers, out.teacher.size(0));
   const at::ScalarType acc = acc_type(out.student);

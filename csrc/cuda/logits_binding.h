@@ -6,6 +6,7 @@
 
 #include <utility>
 
+#include "cuda/grid_limits.h"
 #include "cuda/logits_type.h"
 
 namespace mpdistil::cuda {
@@ -29,10 +30,14 @@ inline at::ScalarType acc_scalar_type(const at::Tensor& logits) {
   return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// [N, V] logits with unit stride along V, on one CUDA device.
+// [N, V] logits with unit stride along V, on one CUDA device; N fits the grid's x dimension, which every kernel of
+// these losses spends one block per row on (the forward+gradient's row-resident variant checks its own cluster
+// grid, falling back to the one-block-per-row kernel).
 inline std::pair<at::Tensor, at::Tensor> checked_rows(const char* op, const at::Tensor& a, const at::Tensor& b) {
   TORCH_CHECK(a.dim() == 2 && a.sizes() == b.sizes(), op,
               ": logits must be two equal-shaped 2-D [rows, vocab] tensors, got ", a.sizes(), " and ", b.sizes());
+  TORCH_CHECK(a.size(0) <= kMaxGridX, op, ": ", a.size(0), " rows exceed the CUDA grid's ", kMaxGridX,
+              " blocks along x (one block per row)");
   TORCH_CHECK(a.scalar_type() == b.scalar_type(), op, ": logits dtypes differ");
   TORCH_CHECK(a.is_cuda() && b.device() == a.device(), op, ": logits must be on one CUDA device");
   TORCH_CHECK(a.size(1) >= 1, op, ": vocabulary size must be >= 1");

@@ -8,7 +8,7 @@
 namespace mpdistil::cuda {
 namespace {
 
-constexpr int kThreads = 256;
+constexpr int kThreads = kMetaTeacherRowThreads;  // (the GELU kernels' too)
 
 template <typename acc_t>
 __global__ void softmax_kernel(const acc_t* z, const int64_t* labels, int64_t batch, int64_t classes, acc_t ce_t,

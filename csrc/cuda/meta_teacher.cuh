@@ -8,6 +8,9 @@
 
 namespace mpdistil::cuda {
 
+// Threads per block of the softmax row kernel: one thread per row of z, ceil(2B / this) blocks along grid x.
+inline constexpr int kMetaTeacherRowThreads = 256;
+
 // Softmax / CE / gold-probability rows of z [2B, K] (teacher rows first): row_loss[i] = a_ce CE + a_p p_y and
 // dz[i] = a_ce (p - e_y) + a_p p_y (e_y - p), with (a_ce, a_p) = coefficients[0..1] / B for teacher rows and
 // coefficients[2..3] / B for student rows.  A label outside [0, K) gives a NaN loss.

@@ -6,6 +6,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "grid_limits.h"
 #include "meta_teacher.cuh"
 #include "meta_teacher.h"
 
@@ -20,6 +21,11 @@ struct CudaRowKernels final : mt::RowKernels {
     TORCH_CHECK(labels.device() == z.device(), "meta_teacher_loss: labels must be on ", z.device(), ", got ",
                 labels.device());
     const int64_t batch = labels.numel();
+    // 2B rows, one thread each, in blocks along grid x (meta_teacher.cu; the GELU kernels stride a capped grid)
+    using mpdistil::cuda::kMaxGridX, mpdistil::cuda::kMetaTeacherRowThreads;
+    TORCH_CHECK((2 * batch + kMetaTeacherRowThreads - 1) / kMetaTeacherRowThreads <= kMaxGridX, "meta_teacher_loss: ",
+                2 * batch, " rows (2 x ", batch, " labels) exceed the CUDA grid's ", kMaxGridX, " blocks of ",
+                kMetaTeacherRowThreads, " rows along x");
     const mt::RowCoefficients teacher = mt::coefficients(competitive, false), student = mt::coefficients(competitive, true);
     const double coefficients[4] = {teacher.ce, teacher.gold_probability, student.ce, student.gold_probability};
     at::Tensor row_loss = at::empty({2 * batch}, z.options());
