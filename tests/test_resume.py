@@ -151,3 +151,20 @@ def test_a_rebuilt_model_takes_its_checkpoint_s_dtype():
     assert {parameter.dtype for parameter in model.parameters()} == {torch.bfloat16}
     take_floating_dtype(model, {"0.weight": torch.zeros(2, 3), "1.weight": torch.zeros(2, dtype=torch.float64)})
     assert {parameter.dtype for parameter in model.parameters()} == {torch.bfloat16}
+
+
+def test_resume_before_the_first_checkpoint_drops_the_killed_run_s_metrics(tmp_path, data_dir):
+    """Killed after logging but before its first checkpoint, ``--resume`` starts from the beginning: the records the
+    killed run logged (metrics.jsonl and TensorBoard) are redone, so they must not stay beside the new ones."""
+    teacher = make_tiny_teacher(tmp_path / "teacher")
+    config = load_config(write_config(tmp_path / "c.yaml", teacher, data_dir, tmp_path / "run", "finetune",
+                                      runtime={"tensorboard": True}))
+    Run(config).run()
+    reference = _metric_records(tmp_path / "run")
+    shutil.rmtree(tmp_path / "run" / "checkpoints")  # as if killed after logging, before any checkpoint
+    for name in ("report.json", "report.md", "curves.png"):
+        (tmp_path / "run" / name).unlink()
+    Run(config, resume=True).run()
+    assert _metric_records(tmp_path / "run") == reference
+    events = list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(events) == 1, events  # the killed run's events were replaced, not kept beside the new ones

@@ -392,6 +392,8 @@ class Run:
         """Restore the run from checkpoint ``path`` (None: nothing to resume, start from the beginning)."""
         if path is None:
             LOG.info("--resume: no checkpoint in %s, starting from the beginning", self.output_dir)
+            # a run killed before its first checkpoint logged steps that this run redoes: keep none of its records
+            self.resumed, self.state["metrics_records"] = True, 0
             return
         tensors, state = load_checkpoint(path)
         self.resumed = True
