@@ -347,3 +347,22 @@ def test_finetune_has_no_teacher(tmp_path, teacher_dir, data_dir):
     assert run.teacher is None
     assert len(run.student.backbone.encoder.layer) == 2  # the first student.num_layers layers of the model
     assert stages.stages_of(run.config) == ("student",)
+
+
+def test_metadistil_student_pilot_rule_follows_the_student_schedule(tmp_path, teacher_dir, data_dir):
+    """``pilot_rule: student``: the pilot's AdamW step takes the student optimizer's *scheduled* learning rate (the
+    real step's), not ``metadistil.inner_lr`` (a constant, which ignored warm-up and decay); ``sgd`` takes
+    ``inner_lr``."""
+    rates = {}
+    for rule in ("student", "sgd"):
+        (tmp_path / rule).mkdir()
+        run = make_run(tmp_path / rule, teacher_dir, data_dir, "metadistil",
+                       student_training={"max_steps": 3, "lr": 1e-3, "warmup_ratio": 0.5},
+                       metadistil={"pilot_rule": rule, "inner_lr": 1e-4})
+        logged = capture_metrics(run)
+        run.begin_stage("metadistil")
+        stages.metadistil_stage(run)
+        rates[rule] = [m["inner_lr"] for m in logged]
+    # warm-up of int(0.5 * 3) = 1 step, then linear decay to 0 over the 3 steps
+    assert rates["student"] == pytest.approx([5e-4, 1e-3, 5e-4], rel=1e-12)
+    assert rates["sgd"] == pytest.approx([1e-4] * 3, rel=1e-12)

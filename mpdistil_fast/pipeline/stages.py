@@ -151,10 +151,14 @@ def metadistil_stage(run: "Run") -> None:
 
     def step(trained, task: str, batch: Batch, extra: dict) -> dict[str, float]:
         if not pilots:
+            # "student": the real step's AdamW rule, state and scheduled learning rate (read every step), so the
+            # pilot is the step the student is about to take; "sgd": the released code's step of size inner_lr
+            plain = c.metadistil.pilot_rule == "sgd"
             pilots[0] = PilotUpdate(LogitsOf(student), LogitsOf(teacher), trained, extra["teacher_trained"],
                                     inner_loss, quiz_loss, method=c.metadistil.hypergradient,
-                                    inner_optimizer="sgd" if c.metadistil.pilot_rule == "sgd" else None,
-                                    inner_lr=c.metadistil.inner_lr, average=data_parallel_average(run))
+                                    inner_optimizer="sgd" if plain else None,
+                                    inner_lr=c.metadistil.inner_lr if plain else None,
+                                    average=data_parallel_average(run))
         quiz_batch = next_batch(run, state, "quiz", task, salt=17, local=True)
         stats = pilots[0].step({**batch, "task": task}, {**quiz_batch, "task": task})
         return {"loss": stats["student_loss"], **stats}
