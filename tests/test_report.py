@@ -141,3 +141,25 @@ def test_logger_errors_name_the_argument(tmp_path):
     with pytest.raises(ValueError, match="keep_records"):
         MetricsLogger(tmp_path, tensorboard=False, keep_records=-1)
     logger.close()
+
+
+def test_an_interrupted_resume_rewrite_keeps_metrics_jsonl(tmp_path, monkeypatch):
+    """The resume rewrites metrics.jsonl without the dropped records; killed inside that rewrite, the file must still
+    hold every record (the next resume keeps them), not a truncated or emptied file."""
+    logger = MetricsLogger(tmp_path, tensorboard=False)
+    for step in range(3):
+        logger.log("stage2", step, {"loss": 1.0 - step / 10})
+    logger.close()
+    before = (tmp_path / "metrics.jsonl").read_text()
+    real_write_text = type(tmp_path).write_text
+
+    def killed_mid_write(self, data, *args, **kwargs):
+        real_write_text(self, data[: len(data) // 2], *args, **kwargs)
+        raise KeyboardInterrupt  # the kill lands after half the text was written
+
+    monkeypatch.setattr(type(tmp_path), "write_text", killed_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        MetricsLogger(tmp_path, tensorboard=False, keep_records=2)
+    monkeypatch.undo()
+    assert (tmp_path / "metrics.jsonl").read_text() == before
+    assert [path.name for path in tmp_path.iterdir()] == ["metrics.jsonl"]  # no temporary left behind

@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from mpdistil_fast.files import written_atomically
+
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_SUBDIR = "tensorboard"
 EVENTS_PATTERN = "events.out.tfevents.*"
@@ -58,7 +60,8 @@ class MetricsLogger:
             if isinstance(keep_records, bool) or not isinstance(keep_records, int) or keep_records < 0:
                 raise ValueError(f"keep_records must be a non-negative int or None, got {keep_records!r}")
             kept = path.read_text(encoding="utf-8").splitlines(keepends=True)[:keep_records] if path.is_file() else []
-            path.write_text("".join(kept), encoding="utf-8")
+            with written_atomically(path) as temporary:  # killed mid-rewrite, the file keeps every record
+                temporary.write_text("".join(kept), encoding="utf-8")
             self.records_written = len(kept)
         elif path.is_file():
             self.records_written = len(read_metrics(self.output_dir))
