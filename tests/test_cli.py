@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -111,3 +112,25 @@ def test_env_says_what_runs_here_and_why_not(capsys):
     if not torch.cuda.is_available():
         assert main(["env", "--device", "cuda"]) == 2
         assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_a_missing_model_folder_is_a_config_error(tmp_path, teacher_dir, data_dir, capsys):
+    """A teacher.model / student.model that can only be a folder (absolute, ./ or ../, ~) and is not there: exit 2
+    naming the key, before anything loads -- also for evaluate, whose checkpoint came from a machine or folder where
+    the run's teacher folder was (transformers took the path for a hub id and raised a traceback)."""
+    config = write_config(tmp_path / "c.yaml", teacher_dir, data_dir, tmp_path / "run", "kd")
+    for override in ("teacher.model=/nonexistent/teacher", "student.model=../nonexistent-student",
+                     "teacher.model=''"):
+        assert main(["distill", "--config", str(config), "--quiet", "--set", override]) == 2, override
+        err = capsys.readouterr().err
+        assert "config error: " + override.split("=")[0] in err and "Traceback" not in err, err
+    assert not (tmp_path / "run").exists()
+    moved = tmp_path / "teacher-copy"
+    shutil.copytree(teacher_dir, moved)
+    assert main(["distill", "--config", str(config), "--quiet", "--set", "teacher_training.max_steps=1",
+                 "student_training.max_steps=1", f"teacher.model={moved}"]) == 0
+    capsys.readouterr()
+    shutil.rmtree(moved)  # the checkpoint on a machine without the run's teacher folder
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "teacher.model" in err and str(moved) in err, err

@@ -2,7 +2,8 @@
 
 Every key of a run lives in one nested dataclass below; :func:`load_config` reads a YAML file into it, applies
 overrides and checks everything that can be checked without loading a model: unknown keys (with a suggestion),
-wrong types, bad choices and ranges, and that the data of every task can be found.  Each problem raises a
+wrong types, bad choices and ranges, that the data of every task can be found and that a model named by a path
+is a folder here.  Each problem raises a
 :class:`ConfigError` whose message names the dotted key.
 """
 from __future__ import annotations
@@ -314,6 +315,7 @@ def load_config(path: str | os.PathLike, overrides: list[str] = (), *, check_dat
     config = config_from_dict(raw, overrides)
     if check_data:
         check_data_available(config)
+        check_models_available(config)
     return config
 
 
@@ -341,6 +343,8 @@ def check_values(config: Config) -> None:
         value = getattr(config.data, key)
         _require(value is None or value > 0, f"data.{key} must be > 0 or null, got {value}")
     _require(config.student.num_layers > 0, f"student.num_layers must be > 0, got {config.student.num_layers}")
+    for key, model in (("teacher.model", config.teacher.model), ("student.model", config.student.model)):
+        _require(model != "", f"{key} must name a model folder or hub id (or 'default'), got ''")
     _check_depths(config)
     for section in ("teacher_training", "student_training"):
         _check_optim(section, getattr(config, section))
@@ -489,6 +493,25 @@ def curriculum_tasks(config: Config) -> list[str]:
     if config.method == "mpdistil" and config.curriculum.enabled and not config.reference_compat:
         tasks += [t for t in config.curriculum.actions if t not in tasks]
     return tasks
+
+
+def _cannot_be_a_hub_id(name: str) -> bool:
+    """A model name only a local folder can have: absolute, starting with ``.`` or ``~``, or of more than two parts
+    (hub ids are ``name`` or ``namespace/name`` and start with a letter, digit or ``_``)."""
+    return os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1
+
+
+def check_models_available(config: Config) -> None:
+    """Every model the run loads whose name can only be a local folder is one (transformers would take a missing
+    folder for a hub id and fail inside loading); hub ids are left to the run (it may be offline)."""
+    from mpdistil_fast.models.backbones import resolve_model_path
+
+    models = [("student.model", config.student.model)]
+    if config.method != "finetune" or config.student.model is None:  # the teacher's tokenizer, or the teacher
+        models.append(("teacher.model", config.teacher.model))
+    for key, name in models:
+        if name is not None and _cannot_be_a_hub_id(name) and not Path(resolve_model_path(name)).is_dir():
+            raise ConfigError(f"{key}: model folder not found: {name}")
 
 
 def check_data_available(config: Config) -> None:

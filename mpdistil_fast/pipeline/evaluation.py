@@ -17,7 +17,8 @@ from typing import Any
 
 from mpdistil_fast.data.loading import DATA_DIR_ENV
 from mpdistil_fast.pipeline.checkpoint import STATE_FILE, latest_checkpoint
-from mpdistil_fast.pipeline.config import Config, ConfigError, check_data_available, config_from_dict
+from mpdistil_fast.pipeline.config import (Config, ConfigError, check_data_available, check_models_available,
+                                            config_from_dict)
 
 LOG = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ def evaluate_checkpoint(path: Path, *, data_dir: str | None = None) -> dict:
     config = config_from_dict(state["config"], overrides)
     same_data = not data_dir and _use_run_data(config, state, path)
     check_data_available(config)
+    check_models_available(config)  # the run's model folders build the models its weights load into
     run = Run(config, checkpoint=path)
     recorded = state.get("data_source") or {}
     if same_data:  # e.g. the hub ids ($MPDISTIL_SUPERGLUE_HUB) differ from the run's
