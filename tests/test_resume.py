@@ -168,3 +168,29 @@ def test_resume_before_the_first_checkpoint_drops_the_killed_run_s_metrics(tmp_p
     assert _metric_records(tmp_path / "run") == reference
     events = list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
     assert len(events) == 1, events  # the killed run's events were replaced, not kept beside the new ones
+
+
+def test_resume_refuses_a_config_that_changes_what_the_run_computes(tmp_path, data_dir, capsys):
+    """``--resume`` with other tasks, layers or method cannot continue the checkpoint's run: exit 2 naming the keys,
+    before anything loads (a state dict mismatch traceback, or a report under the new method's name over the old
+    method's models); keys that only say how the run logs, checkpoints or where it finds its data are accepted."""
+    from mpdistil_fast.cli import main
+
+    teacher = make_tiny_teacher(tmp_path / "teacher")
+    config = write_config(tmp_path / "c.yaml", teacher, data_dir, tmp_path / "run", "kd",
+                          teacher_training={"max_steps": 1}, student_training={"max_steps": 1})
+    assert main(["distill", "--config", str(config), "--quiet"]) == 0
+    report = (tmp_path / "run" / "report.json").read_text()
+    for overrides, keys in ((["data.tasks=[cb]"], "data.tasks"), (["method=pkd"], "method"),
+                            (["student.num_layers=3", "seed=1"], "seed, student.num_layers")):
+        capsys.readouterr()
+        assert main(["distill", "--config", str(config), "--quiet", "--resume", "--set", *overrides]) == 2, overrides
+        err = capsys.readouterr().err
+        assert f"config error: --resume: the config differs from the checkpoint's in {keys} " in err, err
+        assert "Traceback" not in err
+    assert (tmp_path / "run" / "report.json").read_text() == report
+    moved = tmp_path / "moved"
+    shutil.copytree(tmp_path / "run", moved)
+    assert main(["distill", "--config", str(config), "--quiet", "--resume", "--output-dir", str(moved),
+                 "--set", "runtime.log_every=5", "runtime.checkpoint_every=7", "runtime.keep_checkpoints=1",
+                 "runtime.tensorboard=true", "data.eval_batch_size=4", f"data.data_dir={data_dir}/."]) == 0

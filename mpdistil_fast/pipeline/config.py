@@ -422,6 +422,39 @@ def check_values(config: Config) -> None:
                  "it to 'eager' or use 'finite_difference'")
 
 
+#: Keys a ``--resume`` may change: how the run logs, checkpoints and shows progress, where it finds its data and writes
+#: (a moved output_dir or data folder), its device and threads, the evaluation batch size.  Any other change alters
+#: what the checkpoint's run computes (its models, data, schedule or method), so it cannot continue that run.
+RESUMABLE_CHANGES = ("output_dir", "data.data_dir", "data.eval_batch_size", "runtime.device", "runtime.num_threads",
+                     "runtime.checkpoint_every", "runtime.keep_checkpoints", "runtime.log_every", "runtime.tensorboard",
+                     "runtime.progress")
+
+
+def _dotted(raw: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in raw.items():
+        if isinstance(value, dict):
+            flat.update(_dotted(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def check_resumable(saved: dict[str, Any], config: Config) -> None:
+    """Refuse (:class:`ConfigError`) to continue a run whose checkpoint's config ``saved`` (``Config.to_dict()``)
+    differs from ``config`` in a key outside :data:`RESUMABLE_CHANGES`; a key the checkpoint predates counts as its
+    default."""
+    now, then, defaults = _dotted(config.to_dict()), _dotted(saved), _dotted(Config().to_dict())
+    changed = sorted(key for key, value in now.items()
+                     if key not in RESUMABLE_CHANGES and then.get(key, defaults.get(key)) != value)
+    if changed:
+        shown = "; ".join(f"{key}: {then.get(key, defaults.get(key))!r} -> {now[key]!r}" for key in changed)
+        raise ConfigError(f"--resume: the config differs from the checkpoint's in {', '.join(changed)} ({shown}): the "
+                          f"run cannot continue with another one; resume with its config (only "
+                          f"{', '.join(RESUMABLE_CHANGES)} may change), or start a new run (--overwrite, or another "
+                          "output_dir)")
+
+
 def bilevel_hypergradient(config: Config) -> tuple[str, str] | None:
     """(config key, method) of the hypergradient the run computes: MetaDistil's, or the bi-level meta-teacher's."""
     if config.method == "metadistil":

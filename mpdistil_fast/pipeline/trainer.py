@@ -33,11 +33,11 @@ from mpdistil_fast.data import (EncodedSplit, TeacherCache, compute_metrics, enc
                                 load_task_splits, resolve_data_dir, trim_padding)
 from mpdistil_fast.distributed.runtime import OptimizerSpec, Runtime, TrainedModel, is_partitioned, make_runtime
 from mpdistil_fast.models import TaskModel, load_backbone, load_tokenizer, resolve_model_path, truncated_copy
-from mpdistil_fast.pipeline.checkpoint import (CHECKPOINTS_SUBDIR, capture_rng_state, checkpoint_dir,
+from mpdistil_fast.pipeline.checkpoint import (CHECKPOINTS_SUBDIR, STATE_FILE, capture_rng_state, checkpoint_dir,
                                                checkpoints_by_step, flatten_state_dict, load_checkpoint,
                                                prune_checkpoints, restore_rng_state, save_checkpoint,
                                                unflatten_state_dict)
-from mpdistil_fast.pipeline.config import Config, ConfigError, OptimConfig, curriculum_tasks
+from mpdistil_fast.pipeline.config import Config, ConfigError, OptimConfig, check_resumable, curriculum_tasks
 from mpdistil_fast.pipeline.metrics_log import METRICS_FILE, TENSORBOARD_SUBDIR, MetricsLogger
 from mpdistil_fast.pipeline.report import REPORT_FILES, write_report
 from mpdistil_fast.pipeline.streams import Batch, MultiTaskSchedule
@@ -178,7 +178,8 @@ class Run:
 
     def __init__(self, config: Config, *, resume: bool = False, checkpoint: Path | None = None,
                  overwrite: bool = False, runtime: Runtime | None = None):
-        """``resume``: continue from the newest checkpoint in ``output_dir``; ``checkpoint``: load that one.  A new
+        """``resume``: continue from the newest checkpoint in ``output_dir`` (a config that differs from its run's
+        outside :data:`~.config.RESUMABLE_CHANGES` is a :class:`ConfigError`); ``checkpoint``: load that one.  A new
         run (neither) refuses an ``output_dir`` that holds an earlier run's outputs (their checkpoints and metrics
         would mix with its own), unless ``overwrite``, which deletes them first (a disk teacher cache stays: its
         entries are keyed by the teacher's weights)."""
@@ -195,6 +196,10 @@ class Run:
                               f"{self.runtime.world_size} ranks: every rank steps on an equal share of each batch")
         if checkpoint is None and not resume:
             self._claim_output_dir(overwrite)
+        elif checkpoint is None:  # --resume: its checkpoint's config must describe this run (before anything loads)
+            checkpoint = self._newest_checkpoint()
+            if checkpoint is not None:
+                check_resumable(json.loads((checkpoint / STATE_FILE).read_text())["config"], config)
         self.tasks = curriculum_tasks(config)
         self.targets = list(config.data.tasks)
         self.compat = config.reference_compat
@@ -221,7 +226,7 @@ class Run:
         self.cache: TeacherCache | None = None
         self.resumed = False
         if checkpoint is not None or resume:
-            self.load(checkpoint if checkpoint is not None else self._newest_checkpoint())
+            self.load(checkpoint)
         # the data this run read (resolved folder, None: the hub), so that `evaluate` reads the same or refuses
         self.state["data_dir"], self.state["data_source"] = self.data_dir, dict(self.data_source)
         self._metrics: MetricsLogger | None = None
