@@ -163,3 +163,17 @@ def test_an_interrupted_resume_rewrite_keeps_metrics_jsonl(tmp_path, monkeypatch
     monkeypatch.undo()
     assert (tmp_path / "metrics.jsonl").read_text() == before
     assert [path.name for path in tmp_path.iterdir()] == ["metrics.jsonl"]  # no temporary left behind
+
+
+def test_a_resume_without_tensorboard_still_drops_the_killed_run_s_events(tmp_path):
+    """The run had TensorBoard on, its resume turns it off (``runtime.tensorboard`` may change on resume): the events
+    the killed run wrote after the checkpoint must not stay behind (they disagree with metrics.jsonl)."""
+    logger = MetricsLogger(tmp_path)
+    logger.log("stage2", 0, {"loss": 0.9})
+    at_checkpoint = logger.records_written
+    logger.log("stage2", 1, {"loss": 0.8})  # dropped by the resume
+    logger.close()
+    resumed = MetricsLogger(tmp_path, tensorboard=False, keep_records=at_checkpoint)
+    resumed.log("stage2", 1, {"loss": 0.7})
+    resumed.close()
+    assert tensorboard_scalars(tmp_path) == {"stage2/loss": [(0, pytest.approx(0.9))]}

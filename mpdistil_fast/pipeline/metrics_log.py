@@ -66,17 +66,21 @@ class MetricsLogger:
         elif path.is_file():
             self.records_written = len(read_metrics(self.output_dir))
         self._file = path.open("a", encoding="utf-8")
-        if tensorboard:
+        log_dir = self.output_dir / TENSORBOARD_SUBDIR
+        earlier_events = list(log_dir.glob(EVENTS_PATTERN)) if keep_records is not None else []
+        # (a resume that turns TensorBoard off still rewrites the killed run's events, so none stay past the kept)
+        if tensorboard or earlier_events:
             from torch.utils.tensorboard import SummaryWriter
 
-            log_dir = self.output_dir / TENSORBOARD_SUBDIR
-            if keep_records is not None:  # drop the killed run's events; the kept records are replayed below
-                for events_file in log_dir.glob(EVENTS_PATTERN):
-                    events_file.unlink()
+            for events_file in earlier_events:  # drop the killed run's events; the kept records are replayed below
+                events_file.unlink()
             self._writer = SummaryWriter(log_dir=str(log_dir))
             if keep_records is not None:
                 for record in read_metrics(self.output_dir):
                     self._add_scalars(record["stage"], record["step"], _record_metrics(record), record["time"])
+            if not tensorboard:
+                self._writer.close()
+                self._writer = None
 
     def _add_scalars(self, stage: str, step: int, values: dict[str, float], wall_time: float) -> None:
         for name, value in values.items():
