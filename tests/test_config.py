@@ -36,6 +36,19 @@ def test_int_accepted_for_float_and_yaml11_exponents():
     assert config.student_training.lr == 3e-5 and config.metadistil.inner_lr == 1e-3
 
 
+def test_yaml11_off_is_the_teacher_cache_choice_off():
+    """PyYAML (YAML 1.1) reads an unquoted ``off`` as false: ``runtime.teacher_cache: off``, as the README writes it,
+    must still choose "off" (it was refused as "got False"), in the YAML file and in ``--set``; a bool stays refused
+    where no choice spells it."""
+    config = config_from_dict(yaml.safe_load("runtime: {teacher_cache: off}"))
+    assert config.runtime.teacher_cache == "off"
+    assert config_from_dict({}, ["runtime.teacher_cache=off"]).runtime.teacher_cache == "off"
+    with pytest.raises(ConfigError, match="runtime.teacher_cache must be one of .* got True"):
+        config_from_dict({}, ["runtime.teacher_cache=on"])
+    with pytest.raises(ConfigError, match="curriculum.reward must be one of"):
+        config_from_dict(yaml.safe_load("curriculum: {reward: no}"))
+
+
 def test_numeric_looking_strings_stay_strings_in_string_keys():
     """Only keys declared float turn a YAML 1.1 string like 1e-5 into a number: a quoted "1.5" output_dir stays."""
     config = config_from_dict(yaml.safe_load('output_dir: "1.5"\nteacher: {model: "2e3"}'),

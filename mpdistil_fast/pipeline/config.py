@@ -186,6 +186,10 @@ def _type_name(tp: Any) -> str:
     return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
 
 
+#: The spellings PyYAML (YAML 1.1) reads as each bool: a choice spelled so (``teacher_cache: off``) is meant.
+_YAML11_BOOLS = {False: ("off", "no", "false"), True: ("on", "yes", "true")}
+
+
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """``value`` converted to the annotated type ``tp``, or a ConfigError naming ``key``."""
     origin = typing.get_origin(tp)
@@ -206,6 +210,10 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
                 pass
         raise ConfigError(f"{key} must be {_type_name(tp)}, got {type(value).__name__} {value!r}")
     if origin is Literal:
+        if isinstance(value, bool):  # PyYAML (YAML 1.1) reads an unquoted off / on (no, yes, ...) as a bool
+            spelled = [choice for choice in typing.get_args(tp)
+                       if isinstance(choice, str) and choice.lower() in _YAML11_BOOLS[value]]
+            value = spelled[0] if len(spelled) == 1 else value
         if value not in typing.get_args(tp):
             raise ConfigError(f"{key} must be one of {typing.get_args(tp)}, got {value!r}")
         return value
