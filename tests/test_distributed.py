@@ -381,14 +381,16 @@ def two_rank_run(request, tmp_path_factory, data_dir):
 def _assert_same_run(local_dir: Path, distributed_dir: Path, models: tuple[str, ...]) -> None:
     """Every logged metric of the two runs agrees to 1e-5 relative or 1e-6 absolute (the KD loss of a student close
     to its teacher is small, and moves relatively more with the teacher logits' rounding), MetaDistil's
-    finite-difference teacher gradient norm to 1e-4 (a difference of two gradients, divided by a small step), and
-    the final weights to 1e-3 (reduction order)."""
+    finite-difference teacher gradient norm to 1e-3 (a difference of two gradients, divided by a small step: at the
+    stage's first step, where the pilot takes the student's fresh-AdamW step at its scheduled rate, the fp32
+    finite difference is itself 1e-4 to 4e-4 off forward mode's value, so the reduction order moves it by as much),
+    and the final weights to 1e-3 (reduction order)."""
     local, distributed = _records(local_dir), _records(distributed_dir)
     assert [(r["stage"], r["step"]) for r in local] == [(r["stage"], r["step"]) for r in distributed]
     for one, two in zip(local, distributed):
         assert set(one) - {"time"} == set(two) - {"time"}
         for key in set(one) - {"stage", "step", "time"}:
-            rel = 1e-4 if key == "teacher_grad_norm" else 1e-5
+            rel = 1e-3 if key == "teacher_grad_norm" else 1e-5
             assert two[key] == pytest.approx(one[key], rel=rel, abs=1e-6), (key, one, two)
     ours = load_checkpoint(latest_checkpoint(local_dir))[0]
     theirs = load_checkpoint(latest_checkpoint(distributed_dir))[0]
