@@ -134,3 +134,17 @@ def test_a_missing_model_folder_is_a_config_error(tmp_path, teacher_dir, data_di
     assert main(["evaluate", "--checkpoint", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert "teacher.model" in err and str(moved) in err, err
+
+
+def test_evaluate_names_metadistil_s_teacher_as_the_report_does(tmp_path, teacher_dir, data_dir, capsys):
+    """After MetaDistil's stage the checkpoint's teacher is the meta-learned one, which the run's report calls
+    ``teacher_final`` ("Teacher (final)"); evaluate gave its scores the fine-tuned teacher's column ("Teacher")."""
+    from mpdistil_fast.pipeline.evaluation import evaluate_checkpoint
+
+    config = write_config(tmp_path / "c.yaml", teacher_dir, data_dir, tmp_path / "run", "metadistil")
+    assert main(["distill", "--config", str(config), "--quiet"]) == 0
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    evaluated = evaluate_checkpoint(tmp_path / "run")
+    for task, models in evaluated["tasks"].items():
+        assert set(models) == {"teacher_final", "student_final"}
+        assert models == {role: report["tasks"][task][role] for role in models}

@@ -47,7 +47,8 @@ def _use_run_data(config: Config, state: dict[str, Any], checkpoint: Path) -> bo
 
 def evaluate_checkpoint(path: Path, *, data_dir: str | None = None) -> dict:
     """A report (``{"tasks": {task: {"teacher": metrics, "student_final": metrics}}, "checkpoint": str,
-    "data_source": {task: str}}``, the layout of :mod:`.report`) of the checkpoint at ``path``, or of a run's newest
+    "data_source": {task: str}}``, the layout of :mod:`.report`; the teacher is ``teacher_final`` from MetaDistil's
+    stage on, as the run's report names it) of the checkpoint at ``path``, or of a run's newest
     checkpoint, on the data its run read (see the module docstring), or on ``data_dir`` when given."""
     from mpdistil_fast.pipeline.trainer import Run
 
@@ -75,9 +76,12 @@ def evaluate_checkpoint(path: Path, *, data_dir: str | None = None) -> dict:
             raise ConfigError(f"the data found here differs from the run's (task: (run's, here)): {changed}; pass "
                               "--data-dir to score on other data on purpose")
     results: dict[str, dict[str, dict[str, float]]] = {}
+    # once MetaDistil's stage has begun, the teacher is the meta-learned one: the report's teacher_final
+    teacher_role = "teacher_final" if "metadistil" in state["completed"] or state["stage"] == "metadistil" \
+        else "teacher"
     for task in run.targets:
         results[task] = {"student_final": run.evaluate(run.student, task, "validation")}
         if run.teacher is not None:
-            results[task]["teacher"] = run.evaluate(run.teacher, task, "validation")
+            results[task][teacher_role] = run.evaluate(run.teacher, task, "validation")
     return {"tasks": results, "checkpoint": str(path),
             "data_source": {task: run.data_source[task] for task in run.targets}}
