@@ -136,7 +136,7 @@ def test_a_missing_model_folder_is_a_config_error(tmp_path, teacher_dir, data_di
     assert "teacher.model" in err and str(moved) in err, err
 
 
-def test_evaluate_names_metadistil_s_teacher_as_the_report_does(tmp_path, teacher_dir, data_dir, capsys):
+def test_evaluate_names_metadistil_s_teacher_as_the_report_does(tmp_path, teacher_dir, data_dir, capsys, caplog):
     """After MetaDistil's stage the checkpoint's teacher is the meta-learned one, which the run's report calls
     ``teacher_final`` ("Teacher (final)"); evaluate gave its scores the fine-tuned teacher's column ("Teacher")."""
     from mpdistil_fast.pipeline.evaluation import evaluate_checkpoint
@@ -144,7 +144,9 @@ def test_evaluate_names_metadistil_s_teacher_as_the_report_does(tmp_path, teache
     config = write_config(tmp_path / "c.yaml", teacher_dir, data_dir, tmp_path / "run", "metadistil")
     assert main(["distill", "--config", str(config), "--quiet"]) == 0
     report = json.loads((tmp_path / "run" / "report.json").read_text())
-    evaluated = evaluate_checkpoint(tmp_path / "run")
+    with caplog.at_level("WARNING"):
+        evaluated = evaluate_checkpoint(tmp_path / "run")
+    assert "--resume" not in caplog.text  # evaluate resumes nothing (it warned of a changed config)
     for task, models in evaluated["tasks"].items():
         assert set(models) == {"teacher_final", "student_final"}
         assert models == {role: report["tasks"][task][role] for role in models}

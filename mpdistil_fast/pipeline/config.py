@@ -448,19 +448,20 @@ def _dotted(raw: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def check_resumable(saved: dict[str, Any], config: Config) -> None:
+def check_resumable(saved: dict[str, Any], config: Config) -> list[str]:
     """Refuse (:class:`ConfigError`) to continue a run whose checkpoint's config ``saved`` (``Config.to_dict()``)
     differs from ``config`` in a key outside :data:`RESUMABLE_CHANGES`; a key the checkpoint predates counts as its
-    default."""
+    default.  Returns the keys of :data:`RESUMABLE_CHANGES` that differ."""
     now, then, defaults = _dotted(config.to_dict()), _dotted(saved), _dotted(Config().to_dict())
-    changed = sorted(key for key, value in now.items()
-                     if key not in RESUMABLE_CHANGES and then.get(key, defaults.get(key)) != value)
+    differing = sorted(key for key, value in now.items() if then.get(key, defaults.get(key)) != value)
+    changed = [key for key in differing if key not in RESUMABLE_CHANGES]
     if changed:
         shown = "; ".join(f"{key}: {then.get(key, defaults.get(key))!r} -> {now[key]!r}" for key in changed)
         raise ConfigError(f"--resume: the config differs from the checkpoint's in {', '.join(changed)} ({shown}): the "
                           f"run cannot continue with another one; resume with its config (only "
                           f"{', '.join(RESUMABLE_CHANGES)} may change), or start a new run (--overwrite, or another "
                           "output_dir)")
+    return differing
 
 
 def bilevel_hypergradient(config: Config) -> tuple[str, str] | None:

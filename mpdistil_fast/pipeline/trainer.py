@@ -198,8 +198,9 @@ class Run:
             self._claim_output_dir(overwrite)
         elif checkpoint is None:  # --resume: its checkpoint's config must describe this run (before anything loads)
             checkpoint = self._newest_checkpoint()
-            if checkpoint is not None:
-                check_resumable(json.loads((checkpoint / STATE_FILE).read_text())["config"], config)
+            if checkpoint is not None and (changed := check_resumable(
+                    json.loads((checkpoint / STATE_FILE).read_text())["config"], config)):
+                LOG.warning("--resume: continuing with %s changed", ", ".join(changed))
         self.tasks = curriculum_tasks(config)
         self.targets = list(config.data.tasks)
         self.compat = config.reference_compat
@@ -402,8 +403,6 @@ class Run:
             return
         tensors, state = load_checkpoint(path)
         self.resumed = True
-        if state.get("config") != self.config.to_dict():
-            LOG.warning("--resume: the config differs from the checkpoint's; continuing with the new config")
         if "meta_teachers" in tensors:
             self.build_meta_teachers()
         for name, model in self._models().items():
