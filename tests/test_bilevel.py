@@ -608,3 +608,37 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank(bad: str) -> None:
     _, errors = run_on_thread_ranks(rank_hypergradient)
     assert all(isinstance(error, FloatingPointError) for error in errors), errors
     assert all(f"{bad}_loss" in str(error) or (bad == "quiz" and "outer_loss" in str(error)) for error in errors)
+
+
+class _NaNGradient(torch.autograd.Function):
+    """Identity whose backward is NaN: a hypergradient that goes non-finite while every loss stays finite."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return torch.full_like(grad, float("nan"))
+
+
+@pytest.mark.parametrize("method", ["finite_difference", "first_order"])
+def test_a_non_finite_hypergradient_on_one_rank_stops_every_rank(method: str) -> None:
+    """The hypergradient's finiteness check is collective too: rank 1's teacher-output gradients are NaN (its
+    losses and the averaged inner and quiz gradients are finite), so rank 1 refused alone and rank 0 went on into
+    the next all-reduce (a hang until the process group's timeout; here the threads' barrier breaks)."""
+    student, teacher, train, quiz = problem(torch.float64)
+
+    def rank_hypergradient(me, average) -> dict[str, torch.Tensor]:
+        def poisoned(s, t, b):
+            student_logits = s(**model_inputs(b)).logits
+            teacher_logits = t(**model_inputs(b)).logits
+            if me.rank == 1:
+                teacher_logits = _NaNGradient.apply(teacher_logits)
+            return kd_loss(student_logits, teacher_logits) + F.cross_entropy(student_logits, b["labels"])
+        return hypergradient(copy.deepcopy(student), copy.deepcopy(teacher), poisoned, quiz_loss, train, quiz,
+                             inner_lr=INNER_LR, method=method, average=average)
+
+    _, errors = run_on_thread_ranks(rank_hypergradient)
+    assert all(isinstance(error, FloatingPointError) and "hypergradient is not finite" in str(error)
+               for error in errors), errors

@@ -172,16 +172,25 @@ def _warn_if_unused(grads: list[torch.Tensor | None]) -> None:
                       "(does inner_loss call the teacher?)", UserWarning, stacklevel=5)
 
 
-def _check_finite(grads: list[torch.Tensor | None]) -> None:
-    if not all(torch.isfinite(g).all() for g in grads if g is not None):
+def _check_finite(grads: list[torch.Tensor | None], average: Average | None = None) -> None:
+    """Raises ``FloatingPointError`` when a gradient is not finite; with ``average`` (data parallel) when it is not
+    finite on any rank, so every rank stops here instead of the others waiting in their next collective."""
+    bad = not all(torch.isfinite(g).all() for g in grads if g is not None)
+    if average is not None:
+        device = next((g.device for g in grads if g is not None), torch.device("cpu"))
+        flag = torch.tensor([1.0 if bad else 0.0], dtype=torch.float32, device=device)
+        average([flag])
+        bad = float(flag) > 0.0
+    if bad:
         raise FloatingPointError("the teacher hypergradient is not finite; no update was applied")
 
 
-def _zeros_for_unused(grads: dict[str, torch.Tensor | None], phi: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+def _zeros_for_unused(grads: dict[str, torch.Tensor | None], phi: dict[str, nn.Parameter],
+                      average: Average | None = None) -> dict[str, torch.Tensor]:
     _warn_if_unused(list(grads.values()))
     out = {name: (torch.zeros_like(phi[name]) if g is None else g.to(phi[name].dtype).detach())
            for name, g in grads.items()}
-    _check_finite(list(out.values()))
+    _check_finite(list(out.values()), average)
     return out
 
 
@@ -339,7 +348,7 @@ def _first_order_passes(student: nn.Module, teacher: nn.Module, inner_loss: Inne
     combined = _combine(terms)
     if surrogate:
         _warn_if_unused(combined)
-        _check_finite(combined)
+        _check_finite(combined, average)
         loss = teacher_calls.surrogate(combined[:len(leaves)]) + hypergradient_surrogate(
             phi, {name: g for name, g in zip(phi, combined[len(leaves):]) if g is not None})
         return MetaGradient(None, inner, outer, student_calls, loss)
@@ -348,7 +357,7 @@ def _first_order_passes(student: nn.Module, teacher: nn.Module, inner_loss: Inne
     for name, via_outputs, direct in zip(phi, through_outputs, combined[len(leaves):]):
         parts = [g for g in (via_outputs, direct) if g is not None]
         teacher_grads[name] = sum(parts[1:], parts[0]) if parts else None
-    return MetaGradient(_zeros_for_unused(teacher_grads, phi), inner, outer, student_calls)
+    return MetaGradient(_zeros_for_unused(teacher_grads, phi, average), inner, outer, student_calls)
 
 
 def _directional_derivative_grads(student: nn.Module, inner_loss: InnerLoss, train_batch: Any,
