@@ -126,7 +126,9 @@ class MetaDistilConfig:
 
     hypergradient: str = "finite_difference"
     teacher_lr: float = 2e-5
-    inner_lr: float = 1e-4  #: step size of the pilot (virtual) student update
+    #: step size of the pilot (virtual) student update under pilot_rule "sgd" (the "student" rule takes the
+    #: student optimizer's scheduled rate)
+    inner_lr: float = 1e-4
     #: rule of the pilot update: "student" follows the student's AdamW with its current state (SAMA's
     #: preconditioned direction); "sgd" is plain SGD, as the released MetaDistil code (assume_s_step_size)
     pilot_rule: Literal["student", "sgd"] = "student"
