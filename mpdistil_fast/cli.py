@@ -11,6 +11,7 @@ status 2 and one line naming the key.  So does a new run into an output_dir that
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -65,10 +66,11 @@ def distill(args: argparse.Namespace) -> int:
     from mpdistil_fast.pipeline.config import load_config
 
     overrides = list(args.overrides)
+    # folder names as given, quoted: parsed as YAML, ' #' starts a comment and 2024 is a number
     if args.data_dir:
-        overrides.append(f"data.data_dir={args.data_dir}")
+        overrides.append(f"data.data_dir={json.dumps(args.data_dir, ensure_ascii=False)}")
     if args.output_dir:
-        overrides.append(f"output_dir={args.output_dir}")
+        overrides.append(f"output_dir={json.dumps(args.output_dir, ensure_ascii=False)}")
     if args.quiet:
         overrides.append("runtime.progress=false")
     config = load_config(args.config, overrides)

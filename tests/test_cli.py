@@ -150,3 +150,19 @@ def test_evaluate_names_metadistil_s_teacher_as_the_report_does(tmp_path, teache
     for task, models in evaluated["tasks"].items():
         assert set(models) == {"teacher_final", "student_final"}
         assert models == {role: report["tasks"][task][role] for role in models}
+
+
+def test_output_and_data_dirs_are_taken_verbatim(tmp_path, teacher_dir, data_dir):
+    """--output-dir / --data-dir are folder names, not YAML: a name with ' #' (a YAML comment) was cut short, so the
+    run wrote elsewhere, and a numeric one (2024) or one with ': ' was refused as not a string."""
+    (tmp_path / "data #1").symlink_to(data_dir)
+    config = write_config(tmp_path / "c.yaml", teacher_dir, data_dir, tmp_path / "unused", "finetune",
+                          student_training={"max_steps": 1})
+    for name in ("run #1", "2024", "exp: 2"):
+        assert main(["distill", "--config", str(config), "--quiet", "--output-dir", str(tmp_path / name),
+                     "--data-dir", str(tmp_path / "data #1")]) == 0, name
+        assert (tmp_path / name / "report.json").is_file(), name
+        report = json.loads((tmp_path / name / "report.json").read_text())
+        assert report["config"]["data"]["data_dir"] == str(tmp_path / "data #1")
+    assert not (tmp_path / "run").exists() and not (tmp_path / "unused").exists()
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "2024"), "--data-dir", str(tmp_path / "data #1")]) == 0
