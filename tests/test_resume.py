@@ -194,3 +194,25 @@ def test_resume_refuses_a_config_that_changes_what_the_run_computes(tmp_path, da
     assert main(["distill", "--config", str(config), "--quiet", "--resume", "--output-dir", str(moved),
                  "--set", "runtime.log_every=5", "runtime.checkpoint_every=7", "runtime.keep_checkpoints=1",
                  "runtime.tensorboard=true", "data.eval_batch_size=4", f"data.data_dir={data_dir}/."]) == 0
+
+
+def test_resume_leaves_the_ranks_shards_to_their_ranks(tmp_path, data_dir, monkeypatch):
+    """``shards/`` holds every rank's part (a ZeRO-3 best snapshot: one file per rank), which each rank reads for
+    itself (``load_sharded``); loading the checkpoint's components read all of them on every rank as well, so each
+    rank held the whole snapshot (W files of 1/W) until the stage restored it."""
+    import safetensors.torch
+
+    teacher = make_tiny_teacher(tmp_path / "teacher")
+    config = load_config(write_config(tmp_path / "c.yaml", teacher, data_dir, tmp_path / "run", "finetune"))
+    Run(config).run()
+    newest = latest_checkpoint(tmp_path / "run")
+    (newest / "shards" / "best").mkdir(parents=True)
+    for rank in range(2):
+        safetensors.torch.save_file({"w": torch.zeros(3)},
+                                    str(newest / "shards" / "best" / f"rank{rank:05d}.safetensors"))
+    read = []
+    real_load_file = safetensors.torch.load_file
+    monkeypatch.setattr(safetensors.torch, "load_file",
+                        lambda path, *a, **k: read.append(path) or real_load_file(path, *a, **k))
+    Run(config, resume=True)
+    assert read and not [path for path in read if "shards" in Path(path).parts], read

@@ -212,14 +212,17 @@ def _clean_interrupted(folder: Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def load_checkpoint(directory: Path | str) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
-    """``(tensors, state)`` as given to :func:`save_checkpoint`."""
+def load_checkpoint(directory: Path | str, *, skip: tuple[str, ...] = ()
+                    ) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
+    """``(tensors, state)`` as given to :func:`save_checkpoint`; the ``.safetensors`` files under the top-level
+    folders named in ``skip`` (e.g. one every rank reads its own part of) are not read."""
     directory = Path(directory)
     state_path = directory / STATE_FILE
     if not state_path.is_file():
         raise FileNotFoundError(f"directory {str(directory)!r} is not a checkpoint (no {STATE_FILE})")
     tensors = {path.relative_to(directory).with_suffix("").as_posix(): safetensors.torch.load_file(str(path))
-               for path in sorted(directory.rglob("*.safetensors"))}
+               for path in sorted(directory.rglob("*.safetensors"))
+               if path.relative_to(directory).parts[0] not in skip}
     return tensors, json.loads(state_path.read_text())
 
 

@@ -401,7 +401,7 @@ class Run:
             # a run killed before its first checkpoint logged steps that this run redoes: keep none of its records
             self.resumed, self.state["metrics_records"] = True, 0
             return
-        tensors, state = load_checkpoint(path)
+        tensors, state = load_checkpoint(path, skip=(SHARDS_FOLDER,))  # each rank reads its own shards
         self.resumed = True
         if "meta_teachers" in tensors:
             self.build_meta_teachers()
