@@ -9,6 +9,7 @@ import yaml
 
 from mpdistil_fast.models import tiny_backbone
 from mpdistil_fast.pipeline.config import Config, ConfigError, config_from_dict, load_config, parse_override
+from pipeline_helpers import make_tiny_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -184,6 +185,22 @@ def test_student_depth_against_a_local_teacher(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="teacher.model: the folder .*empty holds no readable model config"):
         config_from_dict({"teacher": {"model": str(tmp_path / "empty")}})
+
+
+def test_max_length_within_what_the_models_take(tmp_path):
+    """data.max_length above a local model's tokenizer limit (model_max_length: its position embeddings) passed the
+    check, and the run died in the first forward pass over a longer row (BoolQ's validation rows reach 632 tokens)
+    with a shape error; the limit is read from a local folder like the depth, hub ids are not read."""
+    teacher = make_tiny_teacher(tmp_path / "teacher")  # the packaged MiniLM tokenizer: 512
+    for model in (str(teacher), "default"):
+        with pytest.raises(ConfigError, match=r"data.max_length must be <= 512 \(the most tokens teacher.model "
+                                              r".* takes: its tokenizer's model_max_length\), got 1024"):
+            config_from_dict({"method": "kd", "teacher": {"model": model}, "data": {"max_length": 1024}})
+        assert config_from_dict({"teacher": {"model": model}, "data": {"max_length": 512}}).data.max_length == 512
+    student = make_tiny_teacher(tmp_path / "student")
+    with pytest.raises(ConfigError, match="the most tokens student.model"):
+        config_from_dict({"method": "finetune", "student": {"model": str(student)}, "data": {"max_length": 600}})
+    assert config_from_dict({"teacher": {"model": "someone/hub-model"}, "data": {"max_length": 4096}})
 
 
 def test_student_model_depth_under_patient_kd(tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import json
 import math
 import os
 import types
@@ -356,6 +357,7 @@ def check_values(config: Config) -> None:
     for key, model in (("teacher.model", config.teacher.model), ("student.model", config.student.model)):
         _require(model != "", f"{key} must name a model folder or hub id (or 'default'), got ''")
     _check_depths(config)
+    _check_max_length(config)
     for section in ("teacher_training", "student_training"):
         _check_optim(section, getattr(config, section))
     _check_optim("meta_teacher.training", config.meta_teacher.training)
@@ -499,6 +501,37 @@ def _check_depths(config: Config) -> None:
     _require(teacher_depth is None or depth <= teacher_depth,
              f"{subject} must be in [{2 if patient else 1}, {teacher_depth}] (teacher.model {teacher!r} has "
              f"{teacher_depth} layers), got {depth}: {why}")
+
+
+def _check_max_length(config: Config) -> None:
+    """``data.max_length`` within the tokens each model the run reads takes (a local folder's tokenizer
+    ``model_max_length``, its position embeddings): a longer row fails in the model's forward pass, mid-run."""
+    models = [("student.model", config.student.model)]
+    if config.method != "finetune" or config.student.model is None:  # the teacher, or its tokenizer and layers
+        models.append(("teacher.model", config.teacher.model))
+    for key, model in models:
+        if model is None:
+            continue
+        limit = _local_token_limit(model)
+        _require(limit is None or config.data.max_length <= limit,
+                 f"data.max_length must be <= {limit} (the most tokens {key} {model!r} takes: its tokenizer's "
+                 f"model_max_length), got {config.data.max_length}")
+
+
+def _local_token_limit(model: str) -> int | None:
+    """``model_max_length`` of the local model folder's tokenizer_config.json; None for a hub id, a folder without
+    one, or a tokenizer that sets no real limit (transformers' placeholder is 1e30)."""
+    from mpdistil_fast.models.backbones import resolve_model_path
+
+    try:
+        path = Path(resolve_model_path(model)) / "tokenizer_config.json"
+    except ImportError:
+        return None
+    try:
+        limit = json.loads(path.read_text()).get("model_max_length")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return limit if isinstance(limit, int) and not isinstance(limit, bool) and 0 < limit < 10 ** 9 else None
 
 
 def _local_depth(key: str, model: str) -> int | None:
