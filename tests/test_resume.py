@@ -10,10 +10,11 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from mpdistil_fast.pipeline.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
-from mpdistil_fast.pipeline.config import load_config
+from mpdistil_fast.pipeline.config import ConfigError, load_config
 from mpdistil_fast.pipeline.trainer import Run, take_floating_dtype
 from pipeline_helpers import make_tiny_teacher, restore_torch_threads, write_config  # noqa: F401 (fixture)
 
@@ -216,3 +217,22 @@ def test_resume_leaves_the_ranks_shards_to_their_ranks(tmp_path, data_dir, monke
                         lambda path, *a, **k: read.append(path) or real_load_file(path, *a, **k))
     Run(config, resume=True)
     assert read and not [path for path in read if "shards" in Path(path).parts], read
+
+
+def test_resume_refuses_another_number_of_ranks(tmp_path, data_dir):
+    """A checkpoint continues exactly only with the ranks that wrote it (each epoch leaves out len % ranks rows, the
+    partitioned optimizer and snapshot files are per rank): another count is refused before anything loads, instead
+    of resuming on other batches (or failing inside DeepSpeed's loader)."""
+    teacher = make_tiny_teacher(tmp_path / "teacher")
+    config = load_config(write_config(tmp_path / "c.yaml", teacher, data_dir, tmp_path / "run", "finetune"))
+    Run(config).run()
+    newest = latest_checkpoint(tmp_path / "run")
+    state = json.loads((newest / "state.json").read_text())
+    assert state["world_size"] == 1
+    state["world_size"] = 2  # as written by a two-rank run
+    (newest / "state.json").write_text(json.dumps(state))
+    with pytest.raises(ConfigError, match=r"--resume: the checkpoint .* was written by 2 ranks, this run has 1"):
+        Run(config, resume=True)
+    del state["world_size"]  # a checkpoint that predates the record resumes as before
+    (newest / "state.json").write_text(json.dumps(state))
+    Run(config, resume=True)

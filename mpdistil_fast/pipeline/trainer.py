@@ -198,8 +198,12 @@ class Run:
             self._claim_output_dir(overwrite)
         elif checkpoint is None:  # --resume: its checkpoint's config must describe this run (before anything loads)
             checkpoint = self._newest_checkpoint()
-            if checkpoint is not None and (changed := check_resumable(
-                    json.loads((checkpoint / STATE_FILE).read_text())["config"], config)):
+            saved = json.loads((checkpoint / STATE_FILE).read_text()) if checkpoint is not None else {}
+            if saved.get("world_size", self.runtime.world_size) != self.runtime.world_size:
+                raise ConfigError(f"--resume: the checkpoint {checkpoint} was written by {saved['world_size']} ranks, "
+                                  f"this run has {self.runtime.world_size}: it continues exactly only with as many "
+                                  "(its batches' rows, the per-rank optimizer and snapshot files)")
+            if saved and (changed := check_resumable(saved["config"], config)):
                 LOG.warning("--resume: continuing with %s changed", ", ".join(changed))
         self.tasks = curriculum_tasks(config)
         self.targets = list(config.data.tasks)
@@ -207,7 +211,7 @@ class Run:
         self.state: dict[str, Any] = {
             "version": STATE_VERSION, "config": config.to_dict(), "completed": [], "stage": None, "step": 0,
             "global_step": 0, "results": {}, "curves": {"quiz": [], "reward": [], "actions": []}, "timings": {},
-            "dropout_off": False, "stage_state": {}, "meta": {}}
+            "dropout_off": False, "stage_state": {}, "meta": {}, "world_size": self.runtime.world_size}
         self._pending: tuple[dict, dict, Path] | None = None  # (tensors, state, folder) of a mid-stage checkpoint
         #: model name -> (its file in the newest checkpoint, its state skeleton) while the model is frozen (no
         #: parameter requires grad: nothing in the pipeline changes a frozen model's weights), so later checkpoints
