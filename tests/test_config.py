@@ -237,3 +237,17 @@ def test_load_config_reports_quoted_numbers_and_bounds(tmp_path):
     path.write_text("data: {max_length: 4}\n")
     with pytest.raises(ConfigError, match="data.max_length must be >= 8"):
         load_config(path, check_data=False)
+
+
+def test_a_key_given_twice_in_the_yaml_is_refused(tmp_path):
+    """PyYAML keeps the last of two equal keys: a section pasted twice silently dropped the first one's settings
+    (here teacher_training.lr), so the run trained with the default."""
+    path = tmp_path / "c.yaml"
+    path.write_text("teacher_training:\n  lr: 1e-4\nseed: 3\nteacher_training:\n  epochs: 3\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: key 'teacher_training' given twice \(lines 1 and 4\)"):
+        load_config(path, check_data=False)
+    path.write_text("data:\n  max_train: 10\n  max_train: 20\n")
+    with pytest.raises(ConfigError, match=r"key 'data.max_train' given twice \(lines 2 and 3\)"):
+        load_config(path, check_data=False)
+    path.write_text("data: {max_train: 10}\nteacher_training: {lr: 1e-4}\n")
+    assert load_config(path, check_data=False).data.max_train == 10

@@ -314,13 +314,33 @@ def config_from_dict(raw: dict[str, Any], overrides: list[str] = ()) -> Config:
     return config
 
 
+def _refuse_repeated_keys(path: Path, node: yaml.Node | None, prefix: str = "") -> None:
+    """A key given twice in one mapping of the YAML file: PyYAML keeps the last, silently dropping the first (a
+    section pasted twice loses the first one's settings)."""
+    if isinstance(node, yaml.MappingNode):
+        lines: dict[str, int] = {}
+        for key, value in node.value:
+            name = str(key.value) if isinstance(key, yaml.ScalarNode) else None
+            if name is not None and name in lines:
+                raise ConfigError(f"{path}: key '{prefix}{name}' given twice (lines {lines[name]} and "
+                                  f"{key.start_mark.line + 1})")
+            if name is not None:
+                lines[name] = key.start_mark.line + 1
+            _refuse_repeated_keys(path, value, f"{prefix}{name}." if name is not None else prefix)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _refuse_repeated_keys(path, item, prefix)
+
+
 def load_config(path: str | os.PathLike, overrides: list[str] = (), *, check_data: bool = True) -> Config:
     """Read, override and validate a YAML config; with ``check_data`` also find every task's data files."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text()
+        _refuse_repeated_keys(path, yaml.compose(text, Loader=yaml.SafeLoader))
+        raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
     config = config_from_dict(raw, overrides)
