@@ -41,6 +41,8 @@ def check_optimizer_state(runtime: DeepSpeedRuntime, config: dict, tolerance: fl
     expected = LocalRuntime("cpu").train(reference, spec, role="student")
     view, expected_view = trained.optimizer_state(), expected.optimizer_state()
     assert view.kind == "adamw"
+    # the engine's gradient clipping (the spec's max_grad_norm, 1.0), which the pilot's experimental step applies
+    assert view.max_grad_norm == expected_view.max_grad_norm == spec.max_grad_norm == 1.0
     # no state before the first step, as in torch, or AdamW's fresh one (zeros, step 0: ZeRO-0 bf16's wrapper takes
     # a step while it is built, which the runtime undoes)
     assert all(is_fresh(view.state(p)) for p in model.parameters())

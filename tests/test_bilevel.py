@@ -15,7 +15,7 @@ from transformers import BertConfig, BertForSequenceClassification
 from helpers import rel_error, run_on_thread_ranks
 from mpdistil_fast.bilevel import METHODS, hypergradient, meta_gradient
 from mpdistil_fast.bilevel.functional import RandomStateReplay
-from mpdistil_fast.bilevel.inner_update import experimental_step, make_inner_update
+from mpdistil_fast.bilevel.inner_update import TorchOptimizerState, experimental_step, make_inner_update
 
 VOCAB, NUM_LABELS, TEMPERATURE, INNER_LR = 37, 3, 2.0, 0.5
 #: Relative error of the whole hypergradient vector against "exact", per method and dtype (issue 4).
@@ -190,10 +190,13 @@ def test_finite_difference_step_ignores_untouched_coordinates() -> None:
     assert rel_error(flat(finite).double(), flat(exact)) <= 2e-3
 
 
+@pytest.mark.parametrize("max_grad_norm", [None, 0.5, 1e6], ids=["unclipped", "clipped", "under_the_norm"])
 @pytest.mark.parametrize("kind", ["sgd_momentum", "sgd_nesterov", "adam", "adamw", "adam_decoupled"])
-def test_inner_step_is_the_optimizers_step(kind: str) -> None:
+def test_inner_step_is_the_optimizers_step(kind: str, max_grad_norm: float | None) -> None:
     """Both forms of the experimental step (stored for exact, consuming for the first-order methods) equal the
-    torch optimizer's own step from the same state, and neither changes the optimizer or the student."""
+    torch optimizer's own step from the same state, after ``clip_grad_norm_`` when the optimizer's owner clips (the
+    step the student then takes; coupled weight decay is added after the clipping, as torch's Adam does), and
+    neither changes the optimizer or the student."""
     student, _, train, _ = problem(torch.float64, seed=8)
     optimizer = optimizer_with_state(kind, student, train)
     theta = {n: p for n, p in student.named_parameters() if p.requires_grad}
@@ -201,11 +204,15 @@ def test_inner_step_is_the_optimizers_step(kind: str) -> None:
     reference_student, reference_optimizer = copy.deepcopy((student, optimizer))
     for (name, p) in reference_student.named_parameters():
         p.grad = grads[name].clone()
+    if max_grad_norm is not None:
+        norm = torch.nn.utils.clip_grad_norm_(list(reference_student.parameters()), max_grad_norm)
+        assert (norm > max_grad_norm) == (max_grad_norm == 0.5)
     reference_optimizer.step()
     expected = flat({n: p.detach() for n, p in reference_student.named_parameters() if n in theta})
     before = copy.deepcopy(optimizer.state_dict())
-    stored = make_inner_update(optimizer, None, theta, grads).step(theta, grads)
-    consumed, scale = experimental_step(optimizer, None, theta, dict(grads))
+    view = TorchOptimizerState(optimizer, max_grad_norm)
+    stored = make_inner_update(view, None, theta, grads).step(theta, grads)
+    consumed, scale = experimental_step(view, None, theta, dict(grads))
     assert rel_error(flat(stored), expected) <= 1e-14 and rel_error(flat(consumed), expected) <= 1e-14
     assert not any(t.requires_grad for t in consumed.values()) and set(scale) == set(theta)
     assert str(optimizer.state_dict()) == str(before)

@@ -11,6 +11,7 @@ from torch import nn
 
 from helpers import rel_error
 from mpdistil_fast.bilevel import OptimizerStepper, PilotUpdate, hypergradient
+from mpdistil_fast.bilevel.inner_update import TorchOptimizerState
 from test_bilevel import INNER_LR, flat, inner_loss, make_batch, problem, quiz_loss, single_thread  # noqa: F401
 
 
@@ -135,7 +136,8 @@ def test_pilot_bad_arguments(kwargs, error, match) -> None:
 
 def test_pilot_with_steppers() -> None:
     """Steppers (what a training runtime or a DeepSpeed engine hands over) own their clipping and schedule; the
-    pilot's own are refused beside them; the experimental step follows the student stepper's optimizer."""
+    pilot's own are refused beside them; the experimental step follows the student stepper's optimizer and its
+    clipping (the step the student then takes), so the teacher learns from that step."""
     student, teacher, train, quiz = problem(torch.float64)
     student_optimizer, teacher_optimizer = make_optimizers("adamw", student, teacher)
     steppers = OptimizerStepper(student_optimizer, max_grad_norm=0.5), OptimizerStepper(teacher_optimizer)
@@ -143,14 +145,21 @@ def test_pilot_with_steppers() -> None:
         PilotUpdate(student, teacher, *steppers, inner_loss, quiz_loss, max_grad_norm=1.0)
     with pytest.raises(ValueError, match="one process only"):
         PilotUpdate(student, teacher, *steppers, inner_loss, quiz_loss, method="exact", average=lambda tensors: None)
-    reference = copy.deepcopy((student, teacher, student_optimizer, teacher_optimizer))
+    reference, unclipped = (copy.deepcopy((student, teacher, student_optimizer, teacher_optimizer))
+                            for _ in range(2))
     PilotUpdate(student, teacher, *steppers, inner_loss, quiz_loss).step(train, quiz)
     ref_student, ref_teacher, ref_student_optimizer, ref_teacher_optimizer = reference
-    stats = PilotUpdate(ref_student, ref_teacher, ref_student_optimizer, ref_teacher_optimizer, inner_loss,
+    PilotUpdate(ref_student, ref_teacher, ref_student_optimizer, ref_teacher_optimizer, inner_loss, quiz_loss,
+                max_grad_norm=0.5, inner_optimizer=TorchOptimizerState(ref_student_optimizer, 0.5)).step(train, quiz)
+    assert rel_error(state(teacher), state(ref_teacher)) <= 1e-12
+    assert rel_error(state(student), state(ref_student)) <= 1e-12
+    # without clipping in either step: another experimental step, so another teacher step
+    free_student, free_teacher, free_student_optimizer, free_teacher_optimizer = unclipped
+    stats = PilotUpdate(free_student, free_teacher, free_student_optimizer, free_teacher_optimizer, inner_loss,
                         quiz_loss).step(train, quiz)
     assert stats["student_grad_norm"] > 0.5  # so the stepper's clipping made a difference
-    assert rel_error(state(teacher), state(ref_teacher)) <= 1e-12  # the teacher's step comes first, unclipped
-    assert rel_error(state(student), state(ref_student)) > 1e-6
+    assert rel_error(state(teacher), state(free_teacher)) > 1e-6
+    assert rel_error(state(student), state(free_student)) > 1e-6
 
 
 def test_pilot_with_a_plain_sgd_experimental_step() -> None:

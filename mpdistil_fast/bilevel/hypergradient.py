@@ -103,7 +103,9 @@ def hypergradient(student: nn.Module, teacher: nn.Module, inner_loss: InnerLoss,
             an optimizer).
         method: one of :data:`METHODS`.
         inner_optimizer: ``"sgd"`` (MetaDistil), ``"adam"`` (fresh state) or the student's torch SGD / Adam /
-            AdamW, whose frozen state preconditions the direction (SAMA).
+            AdamW, whose frozen state preconditions the direction (SAMA), or an
+            :class:`~mpdistil_fast.bilevel.inner_update.OptimizerState` view of one (whose ``max_grad_norm`` also
+            clips the inner gradient, as the student's real step does).
         inner_steps: experimental steps on the train batch; only ``"exact"`` takes more than one.
         epsilon: the finite-difference step c in eps = c / ||w|| (default: cube root of the machine epsilon).
         average: data parallel: averages a list of tensors over the ranks in place (every rank calls with the same

@@ -8,7 +8,10 @@ weight decay) and Adam/AdamW are all affine in the inner gradient g, per paramet
 ``scale`` is the diagonal Jacobian d(step)/dg (learning rate included): 1 * lr for plain SGD, and for Adam
 lr (1 - beta1) / ((1 - beta1^t) (sqrt(v_hat) + eps)) with v_hat the second moment updated with the gradient at
 theta and then held fixed.  ``offset`` (momentum buffer, Adam's first moment) and ``decay`` do not depend on the
-teacher.  The teacher hypergradient therefore needs only the preconditioned direction w = scale * v
+teacher.  When the optimizer's owner clips the gradient's global norm to ``max_grad_norm`` before its step (as
+``torch.nn.utils.clip_grad_norm_``), the step sees c * g with c = min(1, max_grad_norm / (||g|| + 1e-6)), c
+computed at the gradient at theta and held fixed like v_hat: ``scale`` gains the factor c and Adam's v_hat is
+built from c * g, so the experimental step is the clipped step the student then takes.  The teacher hypergradient therefore needs only the preconditioned direction w = scale * v
 (:func:`precondition_`), and the exact method differentiates :meth:`InnerUpdate.step` itself.
 
 The optimizer's rule and state are read through :class:`OptimizerState`: :class:`TorchOptimizerState` for a torch
@@ -39,6 +42,9 @@ class OptimizerState(Protocol):
 
     #: ``"sgd"``, ``"adam"`` or ``"adamw"`` (one of :data:`OPTIMIZER_KINDS`)
     kind: str
+    #: the global gradient norm the optimizer's owner clips to before each step (None: no clipping); a view
+    #: without the attribute counts as None
+    max_grad_norm: float | None
 
     def group(self, parameter: torch.Tensor) -> dict[str, Any]:
         """The hyperparameters of ``parameter``'s group (``lr``, ``betas``, ``eps``, ``weight_decay``, ...)."""
@@ -51,9 +57,10 @@ class OptimizerState(Protocol):
 
 
 class TorchOptimizerState:
-    """:class:`OptimizerState` of a ``torch.optim`` SGD, Adam or AdamW."""
+    """:class:`OptimizerState` of a ``torch.optim`` SGD, Adam or AdamW (whose gradients are clipped to
+    ``max_grad_norm`` before each step, when given)."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+    def __init__(self, optimizer: torch.optim.Optimizer, max_grad_norm: float | None = None) -> None:
         # AdamW subclasses Adam in recent torch, and Adam(decoupled_weight_decay=True) is AdamW's rule
         kind = ("adamw" if isinstance(optimizer, torch.optim.AdamW) else
                 "adam" if isinstance(optimizer, torch.optim.Adam) else
@@ -62,6 +69,7 @@ class TorchOptimizerState:
             raise ValueError(f"inner_optimizer must be 'sgd', 'adam' or a torch.optim SGD/Adam/AdamW, "
                              f"got {type(optimizer).__name__}")
         self.optimizer, self.kind = optimizer, kind
+        self.max_grad_norm = None if max_grad_norm is None else check_positive_finite("max_grad_norm", max_grad_norm)
 
     def group(self, parameter: torch.Tensor) -> dict[str, Any]:
         for group in self.optimizer.param_groups:
@@ -79,6 +87,7 @@ class _FreshState:
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
+        self.max_grad_norm = None
 
     def group(self, parameter: torch.Tensor) -> dict[str, Any]:
         return {}
@@ -132,7 +141,7 @@ def precondition_(vector: TensorDict, scale: dict[str, torch.Tensor | float]) ->
     return {name: value.mul_(scale[name]) for name, value in vector.items()}
 
 
-def _sgd_terms(group: dict, state: dict, lr: float) -> tuple[float, object, float]:
+def _sgd_terms(group: dict, state: dict, lr: float, clip: float) -> tuple[float, object, float]:
     if group.get("maximize", False):
         raise ValueError("inner_optimizer: SGD with maximize is not supported by the bi-level engine")
     momentum, dampening = group.get("momentum", 0.0), group.get("dampening", 0.0)
@@ -146,17 +155,17 @@ def _sgd_terms(group: dict, state: dict, lr: float) -> tuple[float, object, floa
         coefficient, offset = 1.0 + momentum * (1.0 - dampening), momentum * momentum * buffer
     else:
         coefficient, offset = 1.0 - dampening, momentum * buffer
-    return lr * coefficient, lr * offset, lr * coefficient * weight_decay
+    return lr * coefficient * clip, lr * offset, lr * coefficient * weight_decay
 
 
-def _adam_terms(group: dict, state: dict, lr: float, grad: torch.Tensor, *, theta: torch.Tensor, decoupled: bool
-                ) -> tuple[torch.Tensor, object, object]:
+def _adam_terms(group: dict, state: dict, lr: float, grad: torch.Tensor, clip: float, *, theta: torch.Tensor,
+                decoupled: bool) -> tuple[torch.Tensor, object, object]:
     if group.get("amsgrad", False) or group.get("maximize", False):
         raise ValueError("inner_optimizer: Adam with amsgrad or maximize is not supported by the bi-level engine")
     beta1, beta2 = group.get("betas", (0.9, 0.999))
     eps, weight_decay = group.get("eps", 1e-8), group.get("weight_decay", 0.0)
     step = int(state["step"]) + 1 if "step" in state else 1
-    grad = grad.detach()
+    grad = grad.detach() if clip == 1.0 else grad.detach() * clip
     if weight_decay and not decoupled:
         grad = grad + weight_decay * theta.detach()
     first, second = state.get("exp_avg"), state.get("exp_avg_sq")
@@ -168,14 +177,24 @@ def _adam_terms(group: dict, state: dict, lr: float, grad: torch.Tensor, *, thet
     scale = second_moment.sqrt_().div_(math.sqrt(bias2)).add_(eps).reciprocal_().mul_(lr * (1.0 - beta1) / bias1)
     offset = 0.0 if first is None else first * scale * (beta1 / (1.0 - beta1))
     decay = lr * weight_decay if decoupled else scale * weight_decay
-    return scale, offset, decay
+    return (scale if clip == 1.0 else scale.mul_(clip)), offset, decay
 
 
-def _inner_terms(inner_optimizer: InnerOptimizer, inner_lr: float | None, theta: TensorDict
+def clip_factor(grads: TensorDict, max_grad_norm: float | None) -> float:
+    """c = min(1, max_grad_norm / (||g|| + 1e-6)) over all of ``grads`` (the factor of
+    ``torch.nn.utils.clip_grad_norm_``; NaN when the norm is not finite, which the caller's finiteness check
+    reports); 1 without ``max_grad_norm``."""
+    if max_grad_norm is None or not grads:
+        return 1.0
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach()) for g in grads.values()]))
+    return float(torch.clamp(max_grad_norm / (norm + 1e-6), max=1.0))
+
+
+def _inner_terms(inner_optimizer: InnerOptimizer, inner_lr: float | None, theta: TensorDict, grads: TensorDict
                  ) -> list[tuple[str, Callable[[torch.Tensor], tuple[Term, Term, Term]]]]:
     """Per parameter tensor, a function of its inner gradient computing its (scale, offset, decay); arguments are
-    checked at once, the state is read and the parameter-sized terms are built only when called (one tensor at a
-    time if the caller wants)."""
+    checked and the clipping factor of ``grads`` (:func:`clip_factor`) is computed at once, the state is read and
+    the parameter-sized terms are built only when called (one tensor at a time if the caller wants)."""
     view: OptimizerState
     if isinstance(inner_optimizer, torch.optim.Optimizer):
         view = TorchOptimizerState(inner_optimizer)
@@ -192,17 +211,18 @@ def _inner_terms(inner_optimizer: InnerOptimizer, inner_lr: float | None, theta:
                          f"OptimizerState, got {inner_optimizer!r}")
     if inner_lr is not None:
         inner_lr = check_positive_finite("inner_lr", inner_lr)
+    clip = clip_factor(grads, getattr(view, "max_grad_norm", None))
     terms = []
     for name, value in theta.items():
         group = view.group(value)
         lr = inner_lr if inner_lr is not None else float(group["lr"])
         if view.kind == "sgd":
             terms.append((name, lambda grad, group=group, value=value, lr=lr:
-                          _sgd_terms(group, view.state(value), lr)))
+                          _sgd_terms(group, view.state(value), lr, clip)))
         else:
             decoupled = view.kind == "adamw" or bool(group.get("decoupled_weight_decay", False))
             terms.append((name, lambda grad, group=group, value=value, lr=lr, decoupled=decoupled:
-                          _adam_terms(group, view.state(value), lr, grad, theta=value, decoupled=decoupled)))
+                          _adam_terms(group, view.state(value), lr, grad, clip, theta=value, decoupled=decoupled)))
     return terms
 
 
@@ -217,7 +237,7 @@ def make_inner_update(inner_optimizer: InnerOptimizer, inner_lr: float | None, t
     rate; it is required with a string.
     """
     scale, offset, decay = {}, {}, {}
-    for name, compute in _inner_terms(inner_optimizer, inner_lr, theta):
+    for name, compute in _inner_terms(inner_optimizer, inner_lr, theta, grads):
         scale[name], offset[name], decay[name] = compute(grads[name])
     return InnerUpdate(scale, offset, decay)
 
@@ -232,7 +252,7 @@ def experimental_step(inner_optimizer: InnerOptimizer, inner_lr: float | None, t
     offsets and decays live one tensor at a time; only ``scale`` (for :func:`precondition_`) is kept.
     """
     stepped, scales = {}, {}
-    for name, compute in _inner_terms(inner_optimizer, inner_lr, theta):
+    for name, compute in _inner_terms(inner_optimizer, inner_lr, theta, grads):
         grad = grads.pop(name)
         scale, offset, decay = compute(grad)
         stepped[name] = _step_tensor(theta[name].detach(), grad, scale, offset, decay)

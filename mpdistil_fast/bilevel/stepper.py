@@ -70,4 +70,4 @@ class OptimizerStepper:
         self.optimizer.zero_grad(set_to_none=True)
 
     def optimizer_state(self) -> OptimizerState:
-        return TorchOptimizerState(self.optimizer)
+        return TorchOptimizerState(self.optimizer, self.max_grad_norm)

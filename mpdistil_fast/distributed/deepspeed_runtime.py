@@ -128,9 +128,9 @@ class MasterCopyOptimizerState:
     (``FP16_UnfusedOptimizer``): the torch optimizer steps an fp32 master copy of each parameter, whole on every
     rank, so a parameter's state is its copy's."""
 
-    def __init__(self, wrapper: Any) -> None:
-        self._view = TorchOptimizerState(wrapper.optimizer)
-        self.kind = self._view.kind
+    def __init__(self, wrapper: Any, max_grad_norm: float | None = None) -> None:
+        self._view = TorchOptimizerState(wrapper.optimizer, max_grad_norm)
+        self.kind, self.max_grad_norm = self._view.kind, self._view.max_grad_norm
         self._copies = {id(p): copy for low, high in zip(wrapper.fp16_groups, wrapper.fp32_groups)
                         for p, copy in zip(low, high)}
 
@@ -171,6 +171,7 @@ class ZeroOptimizerState:
         if bucket_elements < 1:
             raise ValueError(f"bucket_elements must be at least 1, got {bucket_elements}")
         self.kind = TorchOptimizerState(self.optimizer.optimizer).kind
+        self.max_grad_norm = engine.gradient_clipping() or None  # 0: no clipping
         self._flat = flat
         self._group_index = {id(p): i for i, group in enumerate(groups) for p in group}
         # the module's order, which the pilot step reads the student's parameters in
@@ -259,11 +260,11 @@ class DeepSpeedTrainedModel(TrainedModel):
         self.engine.zero_grad()
 
     def optimizer_state(self) -> OptimizerState:
-        wrapper = self.engine.optimizer
+        wrapper, clipping = self.engine.optimizer, self.engine.gradient_clipping() or None  # 0: no clipping
         if isinstance(wrapper, torch.optim.Optimizer) and not hasattr(wrapper, "optimizer"):
-            return TorchOptimizerState(wrapper)  # ZeRO stage 0 in fp32: torch's optimizer itself
+            return TorchOptimizerState(wrapper, clipping)  # ZeRO stage 0 in fp32: torch's optimizer itself
         if hasattr(wrapper, "fp32_groups") and hasattr(wrapper, "fp16_groups"):
-            return MasterCopyOptimizerState(wrapper)  # ZeRO stage 0 in bf16/fp16
+            return MasterCopyOptimizerState(wrapper, clipping)  # ZeRO stage 0 in bf16/fp16
         return ZeroOptimizerState(self.engine)
 
     def state_dict(self) -> dict[str, Any]:
