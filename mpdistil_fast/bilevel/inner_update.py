@@ -11,8 +11,9 @@ theta and then held fixed.  ``offset`` (momentum buffer, Adam's first moment) an
 teacher.  When the optimizer's owner clips the gradient's global norm to ``max_grad_norm`` before its step (as
 ``torch.nn.utils.clip_grad_norm_``), the step sees c * g with c = min(1, max_grad_norm / (||g|| + 1e-6)), c
 computed at the gradient at theta and held fixed like v_hat: ``scale`` gains the factor c and Adam's v_hat is
-built from c * g, so the experimental step is the clipped step the student then takes.  The teacher hypergradient therefore needs only the preconditioned direction w = scale * v
-(:func:`precondition_`), and the exact method differentiates :meth:`InnerUpdate.step` itself.
+built from c * g, so the experimental step is the clipped step the student then takes.  The teacher
+hypergradient therefore needs only the preconditioned direction w = scale * v (:func:`precondition_`), and the
+exact method differentiates :meth:`InnerUpdate.step` itself.
 
 The optimizer's rule and state are read through :class:`OptimizerState`: :class:`TorchOptimizerState` for a torch
 optimizer; a ZeRO-partitioned optimizer gives its own view, whose :meth:`~OptimizerState.state` assembles each
