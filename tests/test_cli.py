@@ -166,3 +166,13 @@ def test_output_and_data_dirs_are_taken_verbatim(tmp_path, teacher_dir, data_dir
         assert report["config"]["data"]["data_dir"] == str(tmp_path / "data #1")
     assert not (tmp_path / "run").exists() and not (tmp_path / "unused").exists()
     assert main(["evaluate", "--checkpoint", str(tmp_path / "2024"), "--data-dir", str(tmp_path / "data #1")]) == 0
+
+
+def test_resume_without_a_checkpoint_says_so_also_when_quiet(tmp_path, teacher_dir, data_dir, caplog):
+    """--resume that finds no checkpoint (e.g. a relative output_dir from another folder) starts from the beginning:
+    --quiet (warnings only) hid that line, so a run the user believed resumed silently redid everything."""
+    config = write_config(tmp_path / "c.yaml", teacher_dir, data_dir, tmp_path / "run", "finetune",
+                          student_training={"max_steps": 1})
+    with caplog.at_level("WARNING"):  # what --quiet shows
+        assert main(["distill", "--config", str(config), "--quiet", "--resume"]) == 0
+    assert "--resume: no checkpoint in" in caplog.text

@@ -401,7 +401,7 @@ class Run:
     def load(self, path: Path | None) -> None:
         """Restore the run from checkpoint ``path`` (None: nothing to resume, start from the beginning)."""
         if path is None:
-            LOG.info("--resume: no checkpoint in %s, starting from the beginning", self.output_dir)
+            LOG.warning("--resume: no checkpoint in %s, starting from the beginning", self.output_dir)
             # a run killed before its first checkpoint logged steps that this run redoes: keep none of its records
             self.resumed, self.state["metrics_records"] = True, 0
             return
