@@ -52,7 +52,7 @@ def test_deepspeed_config_files(tmp_path):
 
 
 def test_config_validation_for_deepspeed(tmp_path, data_dir):
-    teacher = tmp_path / "unused-teacher"
+    teacher = make_tiny_teacher(tmp_path / "teacher")  # (a missing teacher folder is a config error of its own)
     path = write_config(tmp_path / "c.yaml", teacher, data_dir, tmp_path / "run", "mpdistil")
     assert load_config(path, ["runtime.kind=deepspeed"]).runtime.kind == "deepspeed"
     (tmp_path / "z0-bf16.json").write_text(json.dumps({"zero_optimization": {"stage": 0}, "bf16": {"enabled": True}}))
