@@ -216,3 +216,18 @@ def test_packaged_minilm_teacher_and_three_layer_student():
     assert student.hidden_size == 384 and student.backbone.config.num_hidden_layers == 3
     assert sum(p.numel() for p in student.backbone.encoder.parameters()) * 2 == sum(
         p.numel() for p in teacher.encoder.parameters())
+
+
+@pytest.mark.parametrize("kind", ["opt", "llama"])
+def test_cls_pooling_of_a_decoder_is_refused(kind):
+    """In a causal decoder the first token attends to itself only: its state is the same for every text (OPT's
+    first token is its BOS), so a ``cls`` head would train on a constant.  TaskModel refuses it, naming ``last``."""
+    backbone = tiny_backbone(kind, hidden_size=16, vocab_size=VOCAB).eval()
+    ids = torch.randint(3, VOCAB, (2, 6))
+    ids[:, 0] = 2
+    states = backbone(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
+    torch.testing.assert_close(states[0, 0], states[1, 0])  # why: position 0 does not see the text
+    with pytest.raises(ValueError, match="'last'"):
+        TaskModel(backbone, ["rte"], pooling="cls")
+    TaskModel(tiny_backbone("bert", hidden_size=16, vocab_size=VOCAB), ["rte"], pooling="cls")
+    TaskModel(tiny_backbone(kind, hidden_size=16, vocab_size=VOCAB), ["rte"], pooling="mean")

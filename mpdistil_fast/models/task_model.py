@@ -3,7 +3,8 @@
 Pooling (the representation MPDistil's meta-teacher reads, Sarkar et al., ICLR 2024, section 3.2):
 
 ``pooler``  BERT's pooler, tanh(W h_[CLS] + b) (Devlin et al., 2019);
-``cls``     the first token's last hidden state h_0;
+``cls``     the first token's last hidden state h_0 (encoders only: in a causal decoder the first token attends to
+            itself only, so h_0 does not depend on the text; :class:`TaskModel` refuses it there);
 ``mean``    the mask-weighted mean sum_t m_t h_t / sum_t m_t;
 ``last``    the hidden state of the last attended token, max{t : m_t = 1} -- correct for right *and* left padding,
             the usual choice for decoders (OPT, Llama).
@@ -71,6 +72,11 @@ def _head_dropout(config) -> float:
     return 0.1
 
 
+def is_causal(backbone: nn.Module) -> bool:
+    """Whether ``backbone`` is a causal decoder (OPT, Llama, GPT-2): its attention modules say ``is_causal``."""
+    return any(getattr(module, "is_causal", False) is True for module in backbone.modules())
+
+
 def _ignore_dropped_pooler(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
     """load_state_dict pre-hook: drop the weights of the backbone pooler that :class:`TaskModel` removed."""
     for key in [k for k in state_dict if k.startswith(f"{prefix}backbone.pooler.")]:
@@ -94,6 +100,10 @@ class TaskModel(nn.Module):
         if pooling == "pooler" and getattr(backbone, "pooler", None) is None:
             raise ValueError(f"pooling 'pooler' needs a backbone with a pooler; {type(backbone).__name__} has none "
                              "(use 'cls', 'mean' or 'last')")
+        if pooling == "cls" and is_causal(backbone):
+            raise ValueError(f"pooling 'cls' of the causal decoder {type(backbone).__name__} pools its first token, "
+                             "which attends to itself only: the same state for every text; use 'last' (or "
+                             "'mean')")
         if pooling != "pooler" and getattr(backbone, "pooler", None) is not None:
             backbone.pooler = None
             # checkpoints written while TaskModel kept the pooler still load (its weights are dropped)
