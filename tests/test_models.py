@@ -231,3 +231,19 @@ def test_cls_pooling_of_a_decoder_is_refused(kind):
         TaskModel(backbone, ["rte"], pooling="cls")
     TaskModel(tiny_backbone("bert", hidden_size=16, vocab_size=VOCAB), ["rte"], pooling="cls")
     TaskModel(tiny_backbone(kind, hidden_size=16, vocab_size=VOCAB), ["rte"], pooling="mean")
+
+
+def test_truncated_copy_takes_the_students_attention_implementation():
+    """A student copied from an ``sdpa`` teacher runs the attention it is asked for (``eager``: the ``exact`` and
+    ``forward_mode`` hypergradients differentiate it twice, which CPU SDPA cannot), and the teacher keeps its own."""
+    teacher = load_backbone("default", attn_implementation="sdpa")
+    assert truncated_copy(teacher, 2).config._attn_implementation == "sdpa"  # unchanged unless asked
+    student = truncated_copy(teacher, 2, attn_implementation="eager")
+    assert student.config._attn_implementation == "eager" and teacher.config._attn_implementation == "sdpa"
+    ids = torch.randint(1000, 2000, (2, 9))
+    loss = student(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state.pow(2).sum()
+    query = student.encoder.layer[0].attention.self.query.weight
+    (grad,) = torch.autograd.grad(loss, query, create_graph=True)
+    torch.autograd.grad(grad.pow(2).sum(), query)  # double backward: eager attention
+    with pytest.raises(ValueError, match="attn_implementation"):
+        truncated_copy(teacher, 2, attn_implementation="fast")

@@ -69,9 +69,12 @@ def transformer_layers(backbone: nn.Module) -> tuple[nn.Module, str, nn.ModuleLi
     raise ValueError(f"backbone {type(backbone).__name__} has no ModuleList of its {depth} transformer layers")
 
 
-def truncated_copy(backbone: PreTrainedModel, num_layers: int) -> PreTrainedModel:
+def truncated_copy(backbone: PreTrainedModel, num_layers: int, *,
+                   attn_implementation: str | None = None) -> PreTrainedModel:
     """A deep copy of ``backbone`` keeping its embeddings and its first ``num_layers`` transformer layers (weights
-    copied, not shared); ``config.num_hidden_layers`` (and per-layer config lists such as ``layer_types``) updated."""
+    copied, not shared); ``config.num_hidden_layers`` (and per-layer config lists such as ``layer_types``) updated.
+    The copy runs ``backbone``'s attention implementation unless ``attn_implementation`` names the student's own
+    (e.g. ``"eager"`` under an ``"sdpa"`` teacher)."""
     depth = backbone.config.num_hidden_layers
     if isinstance(num_layers, bool) or not isinstance(num_layers, int) or not 1 <= num_layers <= depth:
         raise ValueError(f"num_layers must be an int in [1, {depth}], got {num_layers!r}")
@@ -85,6 +88,8 @@ def truncated_copy(backbone: PreTrainedModel, num_layers: int) -> PreTrainedMode
         for key, value in vars(config).items():
             if isinstance(value, list) and len(value) == depth and key.startswith("layer_"):
                 setattr(config, key, value[:num_layers])
+    if attn_implementation is not None and attn_implementation != student.config._attn_implementation:
+        student.set_attn_implementation(attn_implementation)
     return student
 
 
