@@ -89,8 +89,11 @@ def meta_teacher_loss_bwd(grad_loss: Tensor, dlogits: Tensor, h_teacher: Tensor,
                           need_h_student: bool, backend: str) -> list[Tensor]:
     """Fused backward: gradients of (h_T, h_S, P, c, W1, b1, W2, b2); empty tensors where absent or not wanted."""
     kernels = fused_kernels(backend, "meta_teacher")
-    return kernels.meta_teacher_loss_bwd(grad_loss, dlogits, h_teacher, h_student, proj_weight, proj_bias, w1, w2,
-                                         hidden_pre, projected, need_h_teacher, need_h_student)
+    grads = kernels.meta_teacher_loss_bwd(grad_loss, dlogits, h_teacher, h_student, proj_weight, proj_bias, w1, w2,
+                                          hidden_pre, projected, need_h_teacher, need_h_student)
+    # A custom op's outputs must not alias each other (torch checks under torch.compile): the Triton kernel returns
+    # the parameter gradients as views of one buffer (the eager path hands them out as they are).
+    return [g.clone() if g._base is not None else g for g in grads]
 
 
 @meta_teacher_loss_bwd.register_fake
