@@ -467,3 +467,16 @@ def test_metric_errors_name_the_argument():
         compute_metrics("nope", torch.tensor([1]), torch.tensor([1]))
     with pytest.raises(TypeError, match="integer"):
         compute_metrics("rte", torch.tensor([1.0]), torch.tensor([1]))
+
+
+def test_metrics_refuse_ids_and_logits_outside_the_tasks_classes():
+    """A CB score from a two-class head's logits, a class id 3 or an unlabelled row's -1 is a bug upstream: it was
+    scored silently (an out-of-range id counted as a wrong answer, a [N, 2] logit matrix as classes 0 and 1)."""
+    labels = torch.tensor([0, 1, 2, 1])
+    with pytest.raises(ValueError, match=r"\[N, 3\]"):
+        compute_metrics("cb", torch.randn(4, 2), labels)
+    with pytest.raises(ValueError, match="predictions"):
+        compute_metrics("cb", torch.tensor([0, 1, 3, 1]), labels)
+    with pytest.raises(ValueError, match="labels"):
+        compute_metrics("rte", torch.tensor([0, 1]), torch.tensor([0, -1]))
+    assert compute_metrics("cb", torch.tensor([0, 1, 2, 0]), labels)["accuracy"] == 0.75

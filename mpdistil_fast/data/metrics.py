@@ -29,12 +29,15 @@ def macro_f1(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) 
 
 
 def compute_metrics(task: str, predictions: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """Metrics of ``task`` for ``predictions`` (class ids ``[N]``, or logits ``[N, C]``, reduced by argmax) against
-    ``labels`` ``[N]``.  Returns ``accuracy`` (and ``macro_f1``, ``accuracy_macro_f1_mean`` for CB) and ``main``."""
+    """Metrics of ``task`` for ``predictions`` (class ids ``[N]``, or logits ``[N, C]`` with ``C`` the task's
+    ``num_labels``, reduced by argmax) against ``labels`` ``[N]``; ids outside ``[0, num_labels)`` are refused.
+    Returns ``accuracy`` (and ``macro_f1``, ``accuracy_macro_f1_mean`` for CB) and ``main``."""
     spec = task_spec(task)
     check_tensor("predictions", predictions, floating=False)
     check_tensor("labels", labels, floating=False)
     if predictions.dim() == 2:
+        if predictions.shape[1] != spec.num_labels:
+            raise ValueError(f"logits of {task} must be [N, {spec.num_labels}], got {tuple(predictions.shape)}")
         predictions = predictions.argmax(dim=-1)
     if predictions.dim() != 1 or labels.dim() != 1 or predictions.shape != labels.shape or labels.numel() == 0:
         raise ValueError(f"predictions ([N] ids or [N, C] logits) and labels ([N]) must match and be non-empty, got "
@@ -42,6 +45,10 @@ def compute_metrics(task: str, predictions: torch.Tensor, labels: torch.Tensor) 
     if predictions.is_floating_point() or labels.is_floating_point():
         raise TypeError("predictions given as ids and labels must be integer tensors")
     predictions, labels = predictions.cpu(), labels.cpu()
+    for name, ids in (("predictions", predictions), ("labels", labels)):
+        if ids.min() < 0 or ids.max() >= spec.num_labels:
+            raise ValueError(f"{name} of {task} must be class ids in [0, {spec.num_labels}), got values in "
+                             f"[{ids.min().item()}, {ids.max().item()}]")
     result = {"accuracy": (predictions == labels).double().mean().item()}
     if "macro_f1" in spec.metrics:
         result["macro_f1"] = macro_f1(predictions, labels, spec.num_labels)
