@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
 import mpdistil_fast
 from mpdistil_fast.methods import StudentObjective, cls_states
@@ -315,6 +316,19 @@ def test_stage_lists(tmp_path, teacher_dir, data_dir):
     run = make_run(tmp_path, teacher_dir, data_dir, "mpdistil", curriculum={"enabled": False})
     assert stages.stages_of(run.config) == ("teacher", "student", "meta_teacher")  # the ablation without stage 4
     assert run.tasks == ["cb", "rte"]
+
+
+def test_truncated_student_runs_its_own_attention(tmp_path, teacher_dir, data_dir):
+    """student.attn_implementation reaches the student cut from an SDPA teacher (the config check lets exact and
+    forward_mode hypergradients through for an eager student; a copy that kept the teacher's SDPA failed there)."""
+    path = write_config(tmp_path / "c.yaml", teacher_dir, data_dir, tmp_path / "run", "metadistil",
+                        student={"attn_implementation": "eager"})
+    raw = yaml.safe_load(path.read_text())
+    raw["teacher"]["attn_implementation"] = "sdpa"
+    path.write_text(yaml.safe_dump(raw))
+    run = Run(load_config(path))
+    assert run.teacher.backbone.config._attn_implementation == "sdpa"
+    assert run.student.backbone.config._attn_implementation == "eager"
 
 
 def test_student_from_its_own_model(tmp_path, teacher_dir, data_dir):

@@ -312,7 +312,8 @@ class Run:
                 backbone = load_backbone(c.student.model, attn_implementation=c.student.attn_implementation)
             elif teacher is not None and not is_partitioned(teacher) and (
                     c.student.pooling != "pooler" or getattr(teacher.backbone, "pooler", None) is not None):
-                backbone = truncated_copy(teacher.backbone, c.student.num_layers)
+                backbone = truncated_copy(teacher.backbone, c.student.num_layers,
+                                          attn_implementation=c.student.attn_implementation)
             else:  # no teacher, a ZeRO-3 teacher whose parameters are partitioned, or a student that pools with the
                 # pooler the teacher dropped (it pools otherwise): load the layers afresh
                 with torch.random.fork_rng(devices=[]) if teacher is not None else nullcontext():
