@@ -238,7 +238,13 @@ def test_split_caps(data_dir):
     splits = load_task_splits("rte", data_dir, seed=0, max_train=40, max_eval=16)
     full = load_task_splits("rte", data_dir, seed=0)
     assert (len(splits.train), len(splits.quiz), len(splits.validation)) == (40, 16, 16)
-    assert splits.train == full.train[:40] and splits.quiz == full.quiz[:16]
+    assert splits.train == full.train[:40]
+    # the capped quiz is stratified too: each label's first rows of the whole quiz, in its order
+    kept = {e.index for e in splits.quiz}
+    assert [e.index for e in splits.quiz] == [e.index for e in full.quiz if e.index in kept]
+    assert sorted(e.label for e in splits.quiz) == [0] * 8 + [1] * 8
+    cb = load_task_splits("cb", data_dir, seed=0, max_eval=10)  # 11 / 12 / 2 rows per label in the whole quiz
+    assert sorted(e.label for e in cb.quiz) == [0] * 4 + [1] * 5 + [2]
     indices = [e.index for e in splits.validation]
     assert indices == sorted(indices) and set(indices) <= {e.index for e in full.validation}
     # the validation subset is the same for every run seed (runs of several seeds are scored on the same rows)

@@ -245,7 +245,8 @@ def load_task_splits(task: str, data_dir: str | os.PathLike | None = None, *, se
     The official train split is shuffled with ``seed``; ``round(n * quiz_fraction)`` of its rows (at least one),
     stratified by label (each label's first rows in that order), become the quiz split and the rest train (9:1 by
     default), both in the shuffled order.  The caps apply after that split: ``max_train`` keeps
-    the first train rows (of the shuffled order), ``max_eval`` the first quiz rows and a random subset of validation
+    the first train rows (of the shuffled order), ``max_eval`` a quiz subset stratified the same way and a random
+    subset of validation
     (drawn with the fixed :data:`EVAL_SUBSET_SEED`, kept in file order: the same rows for every run seed).
     Locally, BoolQ's ``val.jsonl`` provides all three splits, its validation rows drawn with a fixed seed (see the
     module docstring).  ``source`` says where the rows came from and
@@ -281,7 +282,7 @@ def load_task_splits(task: str, data_dir: str | os.PathLike | None = None, *, se
         train = train[:max_train]
     if max_eval is not None and len(quiz) > max_eval:
         caps.append(f"quiz capped to {max_eval} of {len(quiz)} rows")
-        quiz = quiz[:max_eval]
+        quiz = _stratified_quiz(quiz, max_eval)[0]
     if max_eval is not None and len(validation) > max_eval:
         caps.append(f"validation capped to {max_eval} of {len(validation)} rows (fixed seed {EVAL_SUBSET_SEED})")
         keep = sorted(random.Random(EVAL_SUBSET_SEED).sample(range(len(validation)), max_eval))
