@@ -136,13 +136,16 @@ def _has_kernel(cpp_op: str, dispatch_key: str) -> bool:
 
 
 def backend_status(name: str, op: str, device: torch.device | str | None = None) -> BackendStatus:
-    """Whether backend ``name`` can run the fused op ``op`` (e.g. ``"kd_kl_div"``) on ``device``.
+    """Whether backend ``name`` can run the fused op ``op`` (one of :data:`FUSED_OPS`, e.g. ``"kd_kl_div"``; another
+    name is a ``ValueError``) on ``device``.
 
     The C++ kernels are looked up as ``torch.ops.mpdistil_C.<op>_fwd`` in the dispatcher, so a backend is
     available exactly when its kernel is registered for the device's dispatch key.
     """
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {name!r}")
+    if op not in FUSED_OPS:
+        raise ValueError(f"op must be one of {FUSED_OPS}, got {op!r}")
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
 
     def unavailable(reason: str) -> BackendStatus:
@@ -150,6 +153,8 @@ def backend_status(name: str, op: str, device: torch.device | str | None = None)
 
     if name == "torch":
         return BackendStatus(name, True)
+    if name in ("triton", "cuda") and device.type == "cuda" and not torch.cuda.is_available():
+        return unavailable("there is no CUDA device here (torch.cuda.is_available() is False)")
     if name in ("cpp", "cuda"):
         want = "cpu" if name == "cpp" else "cuda"
         if device.type != want:
@@ -193,6 +198,8 @@ def resolve_backend(requested: str, op: str, device: torch.device,
     """
     if not isinstance(requested, str) or requested not in ("auto",) + BACKENDS:
         raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {requested!r}")
+    if op not in FUSED_OPS:
+        raise ValueError(f"op must be one of {FUSED_OPS}, got {op!r}")
     if requested == "auto":
         override = os.environ.get(ENV_OVERRIDE, "").strip()
         if override and override != "auto":

@@ -430,6 +430,21 @@ def test_available_backends_explains():
         assert not status["cuda"].available and "cuda" in status["cuda"].reason
 
 
+def test_available_backends_refuses_unknown_ops_and_absent_devices():
+    """An op name the registry does not know (``"meta_teacher"`` for ``"meta_teacher_loss"``) is an error naming the
+    ops, not 'no CPU kernel' (a build problem) beside 'triton available'; without a CUDA device no GPU backend is
+    said to run on one."""
+    with pytest.raises(ValueError, match="meta_teacher_loss"):
+        mpdistil_fast.available_backends("meta_teacher", "cpu")
+    with pytest.raises(ValueError, match="kd_kl_div"):
+        mpdistil_fast.backends.resolve_backend("auto", "kl_div", torch.device("cpu"))
+    if not torch.cuda.is_available():
+        status = mpdistil_fast.available_backends("kd_kl_div", "cuda")
+        assert status["torch"].available
+        for name in ("triton", "cuda"):
+            assert not status[name].available and "no CUDA device" in status[name].reason, status[name]
+
+
 @pytest.mark.parametrize(
     "call, error, name",
     [
