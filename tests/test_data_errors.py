@@ -77,6 +77,19 @@ def test_text_fields_must_be_strings(task, row, field):
         format_row(task, row, 0)
 
 
+@pytest.mark.parametrize("field, value", [("span1_index", None), ("span2_index", 3), ("span2_index", -1),
+                                          ("span1_index", True), ("span1_index", "0")])
+def test_wsc_span_indices_must_be_word_indices_of_the_text(field, value):
+    """A null span index raised a bare TypeError and one past the text an IndexError, neither naming the row."""
+    target = {"span1_index": 0, "span1_text": "He", "span2_index": 1, "span2_text": "ran"}
+    assert format_row("wsc", {"text": "He ran .", "target": target, "label": True, "idx": 7}, 0).texts == (
+        "*He* #ran# .",)
+    row = {"text": "He ran .", "target": {**target, field: value}, "label": True, "idx": 7}
+    with pytest.raises(ValueError, match=rf"field '{field}' of a wsc row \(idx 7\) must be a word index of the "
+                                         r"text's 3 words"):
+        format_row("wsc", row, 0)
+
+
 def test_quiz_fraction_leaving_no_train_rows_names_the_task_and_numbers(data_dir):
     with pytest.raises(ValueError, match=r"task 'cb': quiz_fraction 0\.999 puts 250 of its 250 train rows in the "
                                          r"quiz split and leaves no train rows"):

@@ -145,15 +145,23 @@ def mark_wsc_spans(text: str, span1_index: int, span1_text: str, span2_index: in
     return " ".join(words)
 
 
-class _NotText(ValueError):
-    """A text field holding something other than a string (``args``: the field's name and value)."""
+class _BadField(ValueError):
+    """A field holding a value of the wrong kind (``args``: the field's name, its value, what it must be)."""
 
 
 def _text(row: Mapping[str, Any], field: str) -> str:
     """``row[field]``, which must be a string (a null or a number would fail later, deep in the tokenizer)."""
     value = row[field]
     if not isinstance(value, str):
-        raise _NotText(field, value)
+        raise _BadField(field, value, "a string")
+    return value
+
+
+def _word_index(spans: Mapping[str, Any], field: str, text: str) -> int:
+    """``spans[field]``, a word index of ``text`` (a null or an index past the text failed in the span search)."""
+    value, words = spans[field], len(text.split())
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < words:
+        raise _BadField(field, value, f"a word index of the text's {words} words")
     return value
 
 
@@ -170,8 +178,9 @@ def _copa_texts(row: Mapping[str, Any]) -> tuple[str, ...]:
 
 def _wsc_texts(row: Mapping[str, Any]) -> tuple[str, ...]:
     spans = row.get("target", row)  # local jsonl nests the spans under "target"; the hub's wsc.fixed does not
-    return (mark_wsc_spans(_text(row, "text"), int(spans["span1_index"]), _text(spans, "span1_text"),
-                           int(spans["span2_index"]), _text(spans, "span2_text")),)
+    text = _text(row, "text")
+    return (mark_wsc_spans(text, _word_index(spans, "span1_index", text), _text(spans, "span1_text"),
+                           _word_index(spans, "span2_index", text), _text(spans, "span2_text")),)
 
 
 _TEXTS: dict[str, Callable[[Mapping[str, Any]], tuple[str, ...]]] = {
@@ -199,9 +208,9 @@ def format_row(task: str, row: Mapping[str, Any], position: int) -> Example:
     except KeyError as exc:
         raise ValueError(f"a {task} row (idx {index}) lacks the field {exc.args[0]!r}; got fields "
                          f"{sorted(row)}") from None
-    except _NotText as exc:
-        field, value = exc.args
-        raise ValueError(f"field {field!r} of a {task} row (idx {index}) must be a string, got {value!r} "
+    except _BadField as exc:
+        field, value, expected = exc.args
+        raise ValueError(f"field {field!r} of a {task} row (idx {index}) must be {expected}, got {value!r} "
                          f"({type(value).__name__})") from None
     try:
         label = label_id(task, raw_label)
