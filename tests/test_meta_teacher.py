@@ -270,6 +270,12 @@ BAD_INPUTS = [
     (dict(hidden=0), ValueError, "hidden"),
     (dict(h_student=torch.randn(2, 5), student_projection=torch.randn(4, 4)), ValueError, "student_projection"),
     (dict(backend="vulkan"), ValueError, "backend"),
+    (dict(hidden=5, weight=(torch.randn(5, 4), torch.randn(3, 5, device="meta")),
+          bias=(torch.randn(5), torch.randn(3))), ValueError, r"weight\[1\] on meta"),
+    (dict(hidden=5, weight=(torch.randn(5, 4), torch.randn(3, 5)),
+          bias=(torch.randn(5), torch.randn(3, device="meta"))), ValueError, r"bias\[1\] on meta"),
+    (dict(h_student=torch.randn(2, 5), student_projection=(torch.randn(4, 5), torch.randn(4, device="meta"))),
+     ValueError, "student_projection_bias on meta"),
 ]
 
 

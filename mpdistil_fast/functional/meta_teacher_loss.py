@@ -130,8 +130,10 @@ def meta_teacher_loss(h_teacher: Tensor, h_student: Tensor, weight: Params, bias
             _check_bias("student_projection bias", proj_bias, "student_projection weight", proj_weight)
     w1, b1, w2, b2 = discriminator_parts(weight, bias, hidden, width)
     classes = (w2 if w2 is not None else w1).shape[0]
-    device = check_same_device(h_teacher=h_teacher, h_student=h_student, labels=labels, weight=w1, bias=b1,
-                               student_projection=proj_weight)
+    first, second = ("weight", "bias") if w2 is None else ("weight[0]", "bias[0]")
+    device = check_same_device(h_teacher=h_teacher, h_student=h_student, labels=labels, **{first: w1, second: b1},
+                               **{"weight[1]": w2, "bias[1]": b2}, student_projection=proj_weight,
+                               student_projection_bias=proj_bias)
     if validate_labels and not torch.compiler.is_compiling():  # when compiling, the custom op's body checks
         check_label_range(labels, classes)
     chosen = resolve_backend_traceable(backend, "meta_teacher_loss", device)
