@@ -307,6 +307,25 @@ def test_torch_compile_fullgraph():
         assert_rel_close(g, e, torch.float32, what="compiled grad")
 
 
+def test_torch_compile_warns_nothing(monkeypatch):
+    """Compiling the public function gives no warning of Dynamo's: the layer-index cache (functools.lru_cache) made
+    it warn 'Silent incorrectness is only a potential risk' on every first compile."""
+    import warnings
+
+    import torch._dynamo.utils
+
+    monkeypatch.setattr(torch._dynamo.utils, "warn_once_cache", set())  # warned earlier in this process or not
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda s, t: mpdistil_fast.hidden_mse(s, t, layer_map="skip"), fullgraph=True,
+                             backend="aot_eager")
+    student, teacher = torch.randn(2, 2, 3, 4), torch.randn(4, 2, 3, 4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = compiled(student, teacher)
+    assert [str(w.message) for w in caught if "dynamo" in w.filename.lower() or "lru_cache" in str(w.message)] == []
+    assert_rel_close(got, mpdistil_fast.hidden_mse(student, teacher, layer_map="skip"), torch.float32)
+
+
 S, T = torch.randn(2, 2, 3, 4), torch.randn(2, 2, 3, 4)
 BAD_INPUTS = [
     (dict(student_hidden=[1.0]), TypeError, "student_hidden"),

@@ -143,7 +143,9 @@ def hidden_mse(student_hidden: Tensor, teacher_hidden: Tensor, *, mask: Optional
     student = student_hidden.reshape(depth_s, -1, width_s)
     teacher = teacher_hidden.reshape(depth_t, -1, width_t)
     flat_mask = None if mask is None else mask.reshape(-1)
-    student_layers, teacher_layers = layer_index_tensors(tuple(pairs), device)
+    # (traced, the index tensors are constants of the graph: Dynamo warns about, and ignores, the lru_cache)
+    index_tensors = layer_index_tensors.__wrapped__ if torch.compiler.is_compiling() else layer_index_tensors
+    student_layers, teacher_layers = index_tensors(tuple(pairs), device)
     if backend == "torch":
         sse = hidden_mse_torch(student, teacher, student_layers, teacher_layers, flat_mask, weight, bias, normalize)
     else:
