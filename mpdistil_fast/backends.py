@@ -200,12 +200,13 @@ def resolve_backend(requested: str, op: str, device: torch.device,
         raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {requested!r}")
     if op not in FUSED_OPS:
         raise ValueError(f"op must be one of {FUSED_OPS}, got {op!r}")
+    source = ""
     if requested == "auto":
         override = os.environ.get(ENV_OVERRIDE, "").strip()
         if override and override != "auto":
             if override not in BACKENDS:
                 raise ValueError(f"{ENV_OVERRIDE} must be one of {('auto',) + BACKENDS}, got {override!r}")
-            requested = override
+            requested, source = override, f" (from {ENV_OVERRIDE}={override})"
         else:
             order = (auto_order or DEFAULT_AUTO_ORDER).get(device.type, ("torch",))
             for name in order:
@@ -214,7 +215,7 @@ def resolve_backend(requested: str, op: str, device: torch.device,
             return "torch"
     status = backend_status(requested, op, device)
     if not status.available:
-        raise ValueError(f"backend {requested!r} cannot run {op} here: {status.reason}")
+        raise ValueError(f"backend {requested!r}{source} cannot run {op} here: {status.reason}")
     return requested
 
 

@@ -445,6 +445,14 @@ def test_available_backends_refuses_unknown_ops_and_absent_devices():
             assert not status[name].available and "no CUDA device" in status[name].reason, status[name]
 
 
+def test_an_unusable_backend_from_the_environment_says_where_it_came_from(monkeypatch):
+    """backend='auto' with MPDISTIL_BACKEND naming a backend that cannot run these tensors: the error names the
+    variable (the caller asked for no backend)."""
+    monkeypatch.setenv("MPDISTIL_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="MPDISTIL_BACKEND=cuda"):
+        kd_kl_div(logits(2, 5), logits(2, 5))
+
+
 @pytest.mark.parametrize(
     "call, error, name",
     [
