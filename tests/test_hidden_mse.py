@@ -307,6 +307,23 @@ def test_torch_compile_fullgraph():
         assert_rel_close(g, e, torch.float32, what="compiled grad")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_activation_checkpointing(backend):
+    """Inside torch.utils.checkpoint (non-reentrant), whose saved tensors can be unpacked once per backward: the
+    fused backward read them twice and raised CheckpointError."""
+    student, teacher, weight, bias, mask = make_case((2, 2, 3, 8), (3, 2, 3, 4), projection=True, dtype=torch.float64)
+
+    def loss(s, backend):
+        return mpdistil_fast.hidden_mse(s * 1.5, teacher, mask=mask, projection=(weight, bias), layer_map=[2, 1],
+                                        normalize=True, backend=backend)
+
+    leaves = [student, teacher, weight, bias]
+    got = torch.autograd.grad(torch.utils.checkpoint.checkpoint(loss, student, backend, use_reentrant=False), leaves)
+    want = torch.autograd.grad(loss(student, "torch"), leaves)
+    for g, w in zip(got, want):
+        assert_rel_close(g, w, torch.float64)
+
+
 def test_torch_compile_warns_nothing(monkeypatch):
     """Compiling the public function gives no warning of Dynamo's: the layer-index cache (functools.lru_cache) made
     it warn 'Silent incorrectness is only a potential risk' on every first compile."""

@@ -349,6 +349,25 @@ def test_returned_gradients_are_never_overwritten():
     assert torch.equal(third, kept) and third.data_ptr() != second.data_ptr()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["none", "batchmean"])
+def test_activation_checkpointing(backend, reduction):
+    """Inside torch.utils.checkpoint (non-reentrant), whose saved tensors can be unpacked once per backward: the
+    fused backward read them twice and raised CheckpointError."""
+    rows, vocab = (3, 17) if backend == "triton" else (6, 40)
+    layer = torch.nn.Linear(8, vocab).double()
+    x, teacher = torch.randn(rows, 8, dtype=torch.float64), logits(rows, vocab, dtype=torch.float64)
+    upstream = torch.randn(rows, dtype=torch.float64) if reduction == "none" else torch.tensor(1.0, dtype=torch.float64)
+
+    def loss(x, backend):
+        return (kd_kl_div(layer(x), teacher, 2.0, reduction=reduction, backend=backend) * upstream).sum()
+
+    got = torch.autograd.grad(torch.utils.checkpoint.checkpoint(loss, x, backend, use_reentrant=False),
+                              layer.weight)[0]
+    want = torch.autograd.grad(loss(x, "torch"), layer.weight)[0]
+    assert_rel_close(got, want, torch.float64)
+
+
 def test_matches_torch_kl_div_convention():
     """forward KL with batchmean and T^2 equals the usual F.kl_div formulation on 2-D logits."""
     student, teacher, temperature = logits(8, 100), logits(8, 100), 3.0

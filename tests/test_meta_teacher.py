@@ -246,6 +246,22 @@ def test_torch_compile_forward_and_backward_every_backend(backend, hidden, stude
         assert_rel_close(g, want, torch.float32, what=f"compiled grad of leaf {i}")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_activation_checkpointing(backend):
+    """Inside torch.utils.checkpoint (non-reentrant), whose saved tensors can be unpacked once per backward: the
+    fused backward read them twice and raised CheckpointError."""
+    h_t, h_s, params, projection, labels = make_case(4, 6, 3, hidden=5, student_width=4, dtype=torch.float64)
+    leaves = [h_t, h_s, *params, *projection]
+
+    def loss(h_t, backend):
+        return run(backend, h_t * 1.5, h_s, params, projection, labels, "competitive").loss
+
+    got = torch.autograd.grad(torch.utils.checkpoint.checkpoint(loss, h_t, backend, use_reentrant=False), leaves)
+    want = torch.autograd.grad(loss(h_t, "torch"), leaves)
+    for g, w in zip(got, want):
+        assert_rel_close(g, w, torch.float64)
+
+
 W, B_ = torch.randn(3, 4), torch.randn(3)
 BAD_INPUTS = [
     (dict(labels=torch.tensor([0, 3])), ValueError, "labels"),

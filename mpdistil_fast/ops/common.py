@@ -107,12 +107,25 @@ class _EagerFused(torch.autograd.Function):
     def backward(ctx, *grads):
         if grads[0] is None:  # only the loss is differentiable: nothing flows back
             return (None,) * (len(ctx.needs_input_grad))
+        # The saved tensors are unpacked once: non-reentrant activation checkpointing (torch.utils.checkpoint)
+        # refuses a second unpack in the same backward.
+        saved = _Unpacked(ctx, ctx.saved_tensors)
         with torch.no_grad():  # the kernels are not differentiable (create_graph=True is handled below)
-            result = ctx.op.backward(ctx, getattr(ctx.kernels, f"{ctx.op.name}_bwd"), *grads)
-        anchors = [t for t in (*ctx.saved_tensors, *grads) if isinstance(t, torch.Tensor) and t.requires_grad]
+            result = ctx.op.backward(saved, getattr(ctx.kernels, f"{ctx.op.name}_bwd"), *grads)
+        anchors = [t for t in (*saved.saved_tensors, *grads) if isinstance(t, torch.Tensor) and t.requires_grad]
         if torch.is_grad_enabled() and anchors:  # create_graph=True: the gradients refuse a second differentiation
             result = tuple(None if g is None else NoDoubleBackward.apply(g, ctx.op.name, *anchors) for g in result)
         return (*result, None)
+
+
+class _Unpacked:
+    """An autograd ctx whose ``saved_tensors`` were unpacked once (every other attribute is the ctx's)."""
+
+    def __init__(self, ctx, saved_tensors: tuple) -> None:
+        self._ctx, self.saved_tensors = ctx, saved_tensors
+
+    def __getattr__(self, name: str):
+        return getattr(self._ctx, name)
 
 
 class NoDoubleBackward(torch.autograd.Function):
