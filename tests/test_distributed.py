@@ -384,13 +384,16 @@ def _assert_same_run(local_dir: Path, distributed_dir: Path, models: tuple[str, 
     finite-difference teacher gradient norm to 1e-3 (a difference of two gradients, divided by a small step: at the
     stage's first step, where the pilot takes the student's fresh-AdamW step at its scheduled rate, the fp32
     finite difference is itself 1e-4 to 4e-4 off forward mode's value, so the reduction order moves it by as much),
-    and the final weights to 1e-3 (reduction order)."""
+    the meta-teacher's finite-difference hypergradient norm to 1e-4 (its SGD pilot's fp32 difference is ~1e-5 off
+    the exact value, and the reduction order moved it by 1.3e-5 on the stratified quiz split), and the final weights
+    to 1e-3 (reduction order)."""
+    finite_difference = {"teacher_grad_norm": 1e-3, "meta_hypergradient_norm": 1e-4}
     local, distributed = _records(local_dir), _records(distributed_dir)
     assert [(r["stage"], r["step"]) for r in local] == [(r["stage"], r["step"]) for r in distributed]
     for one, two in zip(local, distributed):
         assert set(one) - {"time"} == set(two) - {"time"}
         for key in set(one) - {"stage", "step", "time"}:
-            rel = 1e-3 if key == "teacher_grad_norm" else 1e-5
+            rel = finite_difference.get(key, 1e-5)
             assert two[key] == pytest.approx(one[key], rel=rel, abs=1e-6), (key, one, two)
     ours = load_checkpoint(latest_checkpoint(local_dir))[0]
     theirs = load_checkpoint(latest_checkpoint(distributed_dir))[0]
