@@ -523,15 +523,19 @@ def _check_depths(config: Config) -> None:
              f"{teacher_depth} layers), got {depth}: {why}")
 
 
+def _models_read(config: Config) -> list[tuple[str, str]]:
+    """``(key, name)`` of every model folder or hub id the run reads: the student's own model, and the teacher
+    unless a finetune run has a student model of its own (otherwise the teacher gives the tokenizer and layers)."""
+    models = [("student.model", config.student.model)]
+    if config.method != "finetune" or config.student.model is None:
+        models.append(("teacher.model", config.teacher.model))
+    return [(key, name) for key, name in models if name is not None]
+
+
 def _check_max_length(config: Config) -> None:
     """``data.max_length`` within the tokens each model the run reads takes (a local folder's tokenizer
     ``model_max_length``, its position embeddings): a longer row fails in the model's forward pass, mid-run."""
-    models = [("student.model", config.student.model)]
-    if config.method != "finetune" or config.student.model is None:  # the teacher, or its tokenizer and layers
-        models.append(("teacher.model", config.teacher.model))
-    for key, model in models:
-        if model is None:
-            continue
+    for key, model in _models_read(config):
         limit = _local_token_limit(model)
         _require(limit is None or config.data.max_length <= limit,
                  f"data.max_length must be <= {limit} (the most tokens {key} {model!r} takes: its tokenizer's "
@@ -603,11 +607,8 @@ def check_models_available(config: Config) -> None:
     folder for a hub id and fail inside loading); hub ids are left to the run (it may be offline)."""
     from mpdistil_fast.models.backbones import resolve_model_path
 
-    models = [("student.model", config.student.model)]
-    if config.method != "finetune" or config.student.model is None:  # the teacher's tokenizer, or the teacher
-        models.append(("teacher.model", config.teacher.model))
-    for key, name in models:
-        if name is not None and _cannot_be_a_hub_id(name) and not Path(resolve_model_path(name)).is_dir():
+    for key, name in _models_read(config):
+        if _cannot_be_a_hub_id(name) and not Path(resolve_model_path(name)).is_dir():
             raise ConfigError(f"{key}: model folder not found: {name}")
 
 
