@@ -11,7 +11,6 @@ status 2 and one line naming the key.  So does a new run into an output_dir that
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -63,14 +62,13 @@ def _setup_logging(quiet: bool) -> None:
 
 
 def distill(args: argparse.Namespace) -> int:
-    from mpdistil_fast.pipeline.config import load_config
+    from mpdistil_fast.pipeline.config import load_config, verbatim_override
 
     overrides = list(args.overrides)
-    # folder names as given, quoted: parsed as YAML, ' #' starts a comment and 2024 is a number
     if args.data_dir:
-        overrides.append(f"data.data_dir={json.dumps(args.data_dir, ensure_ascii=False)}")
+        overrides.append(verbatim_override("data.data_dir", args.data_dir))
     if args.output_dir:
-        overrides.append(f"output_dir={json.dumps(args.output_dir, ensure_ascii=False)}")
+        overrides.append(verbatim_override("output_dir", args.output_dir))
     if args.quiet:
         overrides.append("runtime.progress=false")
     config = load_config(args.config, overrides)

@@ -301,6 +301,12 @@ def _yaml11_float(text: str) -> bool:
     return any(c in text.lower() for c in "e.")
 
 
+def verbatim_override(key: str, text: str) -> str:
+    """An override ``key=text`` that sets ``text`` as it is (a folder name): quoted, since an override's value is
+    parsed as YAML, where ' #' starts a comment and 2024 is a number."""
+    return f"{key}={json.dumps(str(text), ensure_ascii=False)}"
+
+
 def config_from_dict(raw: dict[str, Any], overrides: list[str] = ()) -> Config:
     """A validated :class:`Config` from a plain mapping plus ``key=value`` overrides (no data check)."""
     if not isinstance(raw, dict):

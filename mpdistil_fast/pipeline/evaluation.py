@@ -18,7 +18,7 @@ from typing import Any
 from mpdistil_fast.data.loading import DATA_DIR_ENV
 from mpdistil_fast.pipeline.checkpoint import STATE_FILE, latest_checkpoint
 from mpdistil_fast.pipeline.config import (Config, ConfigError, check_data_available, check_models_available,
-                                            config_from_dict)
+                                            config_from_dict, verbatim_override)
 
 LOG = logging.getLogger(__name__)
 
@@ -62,8 +62,8 @@ def evaluate_checkpoint(path: Path, *, data_dir: str | None = None) -> dict:
     state = json.loads((path / STATE_FILE).read_text())  # only the config: Run loads the tensors once
     # one process on this machine's device: a checkpoint holds whole weights, whichever runtime (one process,
     # DeepSpeed ranks) and device wrote it
-    overrides = ["runtime.kind=local", "runtime.device=auto"] + (  # the folder as given, quoted (not YAML)
-        [f"data.data_dir={json.dumps(str(data_dir), ensure_ascii=False)}"] if data_dir else [])
+    overrides = ["runtime.kind=local", "runtime.device=auto"] + (
+        [verbatim_override("data.data_dir", data_dir)] if data_dir else [])
     config = config_from_dict(state["config"], overrides)
     same_data = not data_dir and _use_run_data(config, state, path)
     check_data_available(config)
