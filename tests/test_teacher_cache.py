@@ -197,3 +197,51 @@ def test_an_interrupted_teacher_pass_leaves_no_temporary_files(splits, tmp_path,
     monkeypatch.setattr(teacher, "forward", forward)  # a later run completes the entry
     TeacherCache(teacher, tmp_path, batch_size=4, keep_hidden=True).outputs(splits["cb"], "train")
     assert not list(tmp_path.rglob("*.tmp")) and list(tmp_path.rglob("meta.json"))
+
+
+def _record_disk_order(monkeypatch) -> list[tuple[str, ...]]:
+    """os.fsync (with the path flushed) and os.replace calls, in order."""
+    import os
+
+    events: list[tuple[str, ...]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(descriptor):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{descriptor}")))
+        real_fsync(descriptor)
+
+    def replace(source, target):
+        events.append(("replace", str(source), str(target)))
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    return events
+
+
+def test_atomic_files_reach_the_disk_before_their_rename(tmp_path, monkeypatch):
+    """A power loss after the rename must not leave a renamed file whose data never reached the disk: the
+    temporary is flushed, then renamed, then its folder flushed (the rename)."""
+    from mpdistil_fast.files import written_atomically
+
+    events = _record_disk_order(monkeypatch)
+    target = tmp_path / "report.md"
+    with written_atomically(target) as temporary:
+        temporary.write_text("done")
+    assert events == [("fsync", str(temporary)), ("replace", str(temporary), str(target)), ("fsync", str(tmp_path))]
+    assert target.read_text() == "done" and list(tmp_path.iterdir()) == [target]
+
+
+def test_cached_arrays_reach_the_disk_before_meta_json_marks_them(splits, tmp_path, monkeypatch):
+    """meta.json's presence marks the arrays complete: every array is flushed to the disk before meta.json is
+    renamed into place."""
+    events = _record_disk_order(monkeypatch)
+    TeacherCache(_teacher(), tmp_path, keep_hidden=True).outputs(splits["cb"], "train")
+    folder = _entry(tmp_path, "cb-train")
+    meta = next(i for i, e in enumerate(events) if e[0] == "replace" and e[2] == str(folder / "meta.json"))
+    for name in ("logits", "pooled", "hidden"):
+        moved = next(i for i, e in enumerate(events) if e[0] == "replace" and e[2] == str(folder / f"{name}.npy"))
+        source = events[moved][1]
+        assert ("fsync", source) in events[:moved], name
+        assert moved < meta
+    assert events[-1] == ("fsync", str(folder))

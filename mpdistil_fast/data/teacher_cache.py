@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from mpdistil_fast.data.encoding import EncodedSplit, _check_batch_size, iterate_batches
-from mpdistil_fast.files import temporary_beside, written_atomically
+from mpdistil_fast.files import fsync, temporary_beside, written_atomically
 
 if TYPE_CHECKING:
     from mpdistil_fast.models.task_model import TaskModel, TaskModelOutput
@@ -243,6 +243,7 @@ class TeacherCache:
         if folder is not None:
             for name, array in stores.items():
                 array.flush()
+                fsync(Path(array.filename))  # on the disk before meta.json marks it complete
                 # a fresh inode: arrays of an earlier entry that still map the old file keep their values
                 os.replace(array.filename, folder / f"{name}.npy")
             return self._load_arrays(folder, self.keep_hidden)

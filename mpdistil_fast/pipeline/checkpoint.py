@@ -32,6 +32,8 @@ import numpy as np
 import safetensors.torch
 import torch
 
+from mpdistil_fast.files import fsync
+
 STATE_FILE = "state.json"
 CHECKPOINTS_SUBDIR = "checkpoints"
 _STEP_NAME = re.compile(r"^step-(\d+)$")
@@ -130,14 +132,6 @@ def restore_rng_state(state: dict, device: torch.device | None = None) -> None:
         torch.cuda.set_rng_state_all([decode(s) for s in state["cuda"]])
 
 
-def _fsync(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
 def _component_path(directory: Path, component: str) -> Path:
     parts = component.split("/")
     if not component or any(part in ("", ".", "..") for part in parts):
@@ -170,7 +164,7 @@ def save_checkpoint(directory: Path | str, tensors: dict[str, dict[str, torch.Te
             path.parent.mkdir(parents=True, exist_ok=True)
             safetensors.torch.save_file({name: t.detach().cpu().contiguous().clone() for name, t in named.items()},
                                         str(path))
-            _fsync(path)
+            fsync(path)
         for component, source in (linked or {}).items():
             path = _component_path(temporary, component)
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -178,17 +172,17 @@ def save_checkpoint(directory: Path | str, tensors: dict[str, dict[str, torch.Te
                 os.link(source, path)
             except OSError:
                 shutil.copyfile(source, path)
-                _fsync(path)
+                fsync(path)
         for name, folder in (folders or {}).items():
             _component_path(temporary, name)  # the same name rules as components
             os.replace(folder, temporary / name)
             for path in (temporary / name).rglob("*"):
                 if path.is_file():
-                    _fsync(path)
+                    fsync(path)
         (temporary / STATE_FILE).write_text(state_text)
-        _fsync(temporary / STATE_FILE)
+        fsync(temporary / STATE_FILE)
         for folder in sorted({p.parent for p in temporary.rglob("*")} | {temporary}, reverse=True):
-            _fsync(folder)
+            fsync(folder)
         if directory.exists():
             stale = directory.parent / f".{directory.name}.old-{uuid.uuid4().hex}"
             os.replace(directory, stale)
@@ -196,7 +190,7 @@ def save_checkpoint(directory: Path | str, tensors: dict[str, dict[str, torch.Te
             shutil.rmtree(stale)
         else:
             os.replace(temporary, directory)
-        _fsync(directory.parent)
+        fsync(directory.parent)
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
 
