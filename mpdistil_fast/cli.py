@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-from mpdistil_fast.data.loading import HubUnavailableError
+from mpdistil_fast.hub import HubUnavailableError
 from mpdistil_fast.pipeline.config import ConfigError
 
 

@@ -176,3 +176,30 @@ def test_resume_without_a_checkpoint_says_so_also_when_quiet(tmp_path, teacher_d
     with caplog.at_level("WARNING"):  # what --quiet shows
         assert main(["distill", "--config", str(config), "--quiet", "--resume"]) == 0
     assert "--resume: no checkpoint in" in caplog.text
+
+
+def test_a_hub_model_the_hub_cannot_serve_is_an_error_message(tmp_path, data_dir, monkeypatch, capsys):
+    """A teacher named by a hub id, offline: one line and exit status 2 saying what to use instead (transformers'
+    OSError was a traceback); a local folder's own OSError is not relabelled."""
+    import transformers
+
+    from mpdistil_fast.hub import HubUnavailableError
+    from mpdistil_fast.models import load_backbone
+
+    def offline(name, *args, **kwargs):
+        raise OSError(f"We couldn't connect to 'https://huggingface.co' to load {name}")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", offline)
+    monkeypatch.setattr(transformers.AutoModel, "from_pretrained", offline)
+    with pytest.raises(HubUnavailableError, match="could not load the model 'some-org/teacher' from the hub"):
+        load_backbone("some-org/teacher")
+    with pytest.raises(OSError, match="couldn't connect") as raised:
+        load_backbone(tmp_path)  # a folder: its loading error stays transformers' own
+    assert not isinstance(raised.value, HubUnavailableError)
+    config = write_config(tmp_path / "c.yaml", tmp_path / "unused", data_dir, tmp_path / "run", "kd")
+    text = config.read_text().replace(str(tmp_path / "unused"), "some-org/teacher")
+    config.write_text(text)
+    assert main(["distill", "--config", str(config), "--quiet"]) == 2
+    error = capsys.readouterr().err
+    assert "could not load the model 'some-org/teacher' from the hub" in error and "Offline, name a local" in error
+    assert "Traceback" not in error

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from mpdistil_fast.hub import HubUnavailableError
 from mpdistil_fast.data.tasks import Example, format_row, task_spec
 
 DATA_DIR_ENV = "MPDISTIL_DATA_DIR"
@@ -143,10 +144,6 @@ def load_local_file(task: str, file_key: str, data_dir: Path) -> list[Example]:
 #: The hub's automatic Parquet export of a dataset repository: the fallback for script-based repositories, which
 #: ``datasets`` >= 4 no longer runs.
 HUB_PARQUET_REVISION = "refs/convert/parquet"
-
-
-class HubUnavailableError(RuntimeError):
-    """A task's data could not be loaded from the Hugging Face hub (offline, unknown dataset id, ...)."""
 
 
 def load_hub_split(task: str, split: str) -> list[Example]:

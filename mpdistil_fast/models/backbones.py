@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 import transformers
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from mpdistil_fast.hub import HubUnavailableError
 
 #: Tiny random configurations for tests, by model family (hidden size and depth filled in by :func:`tiny_backbone`).
 TINY_KINDS = ("bert", "deberta-v2", "opt", "llama")
@@ -41,18 +44,32 @@ def resolve_model_path(name_or_path: str | Path) -> str:
     return str(default_teacher_path()) if str(name_or_path) in PACKAGED_MODEL_NAMES else str(name_or_path)
 
 
+def _from_pretrained(load: Callable[..., Any], name_or_path: str | Path, **kwargs: Any) -> Any:
+    """``load(resolve_model_path(name_or_path), **kwargs)``; a hub id the hub cannot serve (offline, unknown id)
+    raises :class:`~mpdistil_fast.hub.HubUnavailableError` saying what to use instead (transformers' OSError for a
+    local folder is left as it is)."""
+    path = resolve_model_path(name_or_path)
+    try:
+        return load(path, **kwargs)
+    except OSError as exc:
+        if Path(path).is_dir():
+            raise
+        raise HubUnavailableError(f"could not load the model {path!r} from the hub: {exc}. Offline, name a local "
+                                  "model folder (or 'default', the packaged MiniLM-L6)") from exc
+
+
 def load_backbone(name_or_path: str | Path, *, attn_implementation: str = "eager",
                   torch_dtype: torch.dtype | None = None) -> PreTrainedModel:
     """``AutoModel.from_pretrained`` of a local folder or hub id (:func:`resolve_model_path`)."""
     kwargs = {"attn_implementation": attn_implementation}
     if torch_dtype is not None:
         kwargs["dtype"] = torch_dtype
-    return transformers.AutoModel.from_pretrained(resolve_model_path(name_or_path), **kwargs)
+    return _from_pretrained(transformers.AutoModel.from_pretrained, name_or_path, **kwargs)
 
 
 def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
     """``AutoTokenizer.from_pretrained``; decoders without a pad token pad with their end-of-sequence token."""
-    tokenizer = transformers.AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+    tokenizer = _from_pretrained(transformers.AutoTokenizer.from_pretrained, name_or_path)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
