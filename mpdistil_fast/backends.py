@@ -188,12 +188,19 @@ def available_backends(op: str = "kd_kl_div", device: torch.device | str | None 
     return {name: backend_status(name, op, device) for name in BACKENDS}
 
 
+def inside_torch_func_transform() -> bool:
+    """Whether the caller runs inside a ``torch.func`` transform (``vmap``, ``grad``, ``jvp``, ``jacrev``, ...)."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
 def resolve_backend(requested: str, op: str, device: torch.device,
-                    auto_order: dict[str, Sequence[str]] | None = None) -> str:
+                    auto_order: dict[str, Sequence[str]] | None = None, *, transformed: bool = False) -> str:
     """Pick the backend that runs ``op`` on ``device``.
 
     ``requested`` is a name from :data:`BACKENDS` or ``"auto"``; ``"auto"`` honours ``MPDISTIL_BACKEND`` and
-    otherwise takes the first available backend of ``auto_order[device.type]``.
+    otherwise takes the first available backend of ``auto_order[device.type]``.  ``transformed`` (inside a
+    ``torch.func`` transform, :func:`inside_torch_func_transform`): only ``"torch"`` runs there (the fused kernels
+    have no batching or forward-mode rules), so ``"auto"`` takes it and a fused backend is refused.
     Raises ``ValueError`` with the reason when the requested backend cannot run.
     """
     if not isinstance(requested, str) or requested not in ("auto",) + BACKENDS:
@@ -207,6 +214,8 @@ def resolve_backend(requested: str, op: str, device: torch.device,
             if override not in BACKENDS:
                 raise ValueError(f"{ENV_OVERRIDE} must be one of {('auto',) + BACKENDS}, got {override!r}")
             requested, source = override, f" (from {ENV_OVERRIDE}={override})"
+        elif transformed:
+            return "torch"
         else:
             order = (auto_order or DEFAULT_AUTO_ORDER).get(device.type, ("torch",))
             for name in order:
@@ -216,6 +225,10 @@ def resolve_backend(requested: str, op: str, device: torch.device,
     status = backend_status(requested, op, device)
     if not status.available:
         raise ValueError(f"backend {requested!r}{source} cannot run {op} here: {status.reason}")
+    if transformed and requested != "torch":
+        raise ValueError(f"backend {requested!r}{source} cannot run {op} inside a torch.func transform (vmap, grad, "
+                         "jvp, ...): its kernels have no batching or forward-mode rules; use backend='torch' (what "
+                         "'auto' takes there)")
     return requested
 
 

@@ -464,6 +464,45 @@ def test_available_backends_refuses_unknown_ops_and_absent_devices():
             assert not status[name].available and "no CUDA device" in status[name].reason, status[name]
 
 
+def _meta_teacher_call(backend: str):
+    generator = torch.Generator().manual_seed(0)  # the same discriminator for every backend
+    weight = torch.randn(3, 6, dtype=torch.float64, generator=generator)
+    bias = torch.randn(3, dtype=torch.float64, generator=generator)
+    labels = torch.tensor([0, 2, 1, 1])
+    return lambda teacher, student: mpdistil_fast.meta_teacher_loss(teacher, student, weight, bias, labels,
+                                                                     backend=backend)
+
+
+@pytest.mark.parametrize("op", ["kd_kl_div", "kd_jsd", "hidden_mse", "meta_teacher_loss"])
+def test_torch_func_transforms_take_the_torch_backend(op):
+    """Inside torch.func.grad / vmap / jvp, 'auto' takes the torch backend (the fused kernels have no batching or
+    forward-mode rules: torch's own error named setup_context, not the way out) and gives its values and
+    gradients; a fused backend asked for by name is refused with a message naming backend='torch'."""
+    def call(backend):
+        if op == "kd_kl_div":
+            return lambda a, b: kd_kl_div(a, b, 2.0, backend=backend)
+        if op == "kd_jsd":
+            return lambda a, b: kd_kl_div(a, b, 2.0, direction="jsd", beta=0.3, backend=backend)
+        if op == "hidden_mse":
+            return lambda a, b: mpdistil_fast.hidden_mse(a, b, backend=backend)
+        return _meta_teacher_call(backend)
+
+    shape = (2, 4, 6) if op == "hidden_mse" else (4, 6)
+    a, b = (torch.randn(shape, dtype=torch.float64) for _ in range(2))
+    expected = torch.func.grad(call("torch"), argnums=(0, 1))(a, b)
+    got = torch.func.grad(call("auto"), argnums=(0, 1))(a, b)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+    tangent = torch.randn_like(a)
+    assert torch.func.jvp(lambda x: call("auto")(x, b), (a,), (tangent,))[1] == pytest.approx(
+        float((expected[0] * tangent).sum()), rel=1e-10, abs=1e-12)
+    batched = torch.func.vmap(call("auto"))(torch.stack([a, b]), torch.stack([b, a]))
+    torch.testing.assert_close(batched, torch.stack([call("torch")(a, b), call("torch")(b, a)]))
+    with pytest.raises(ValueError, match="inside a torch.func transform .* use backend='torch'"):
+        torch.func.grad(call("cpp"))(a, b)
+    assert torch.equal(call("auto")(a, b), call("cpp")(a, b))  # outside a transform 'auto' is still the fused kernel
+
+
 def test_an_unusable_backend_from_the_environment_says_where_it_came_from(monkeypatch):
     """backend='auto' with MPDISTIL_BACKEND naming a backend that cannot run these tensors: the error names the
     variable (the caller asked for no backend)."""

@@ -9,19 +9,21 @@ from typing import Callable, NamedTuple, NoReturn
 
 import torch
 
-from mpdistil_fast.backends import ENV_OVERRIDE, cpu_kernel_build, resolve_backend
+from mpdistil_fast.backends import ENV_OVERRIDE, cpu_kernel_build, inside_torch_func_transform, resolve_backend
 
 
 @functools.lru_cache(maxsize=256)
-def _resolve_backend_cached(requested: str, op: str, device: torch.device, environment: tuple) -> str:
-    return resolve_backend(requested, op, device)
+def _resolve_backend_cached(requested: str, op: str, device: torch.device, environment: tuple,
+                            transformed: bool) -> str:
+    return resolve_backend(requested, op, device, transformed=transformed)
 
 
 def _resolve_backend_memo(requested: str, op: str, device: torch.device) -> str:
-    """``resolve_backend`` memoised per (request, op, device, backend-related environment variables): the
-    registry queries the dispatcher on every call, a visible cost next to a 0.1 ms kernel."""
+    """``resolve_backend`` memoised per (request, op, device, backend-related environment variables, inside a
+    torch.func transform or not): the registry queries the dispatcher on every call, a visible cost next to a
+    0.1 ms kernel."""
     environment = (os.environ.get(ENV_OVERRIDE, ""), os.environ.get("TRITON_INTERPRET", ""))
-    return _resolve_backend_cached(requested, op, device, environment)
+    return _resolve_backend_cached(requested, op, device, environment, inside_torch_func_transform())
 
 
 #: The backend choice for code that torch.compile traces: a constant of the call site, so Dynamo takes its
