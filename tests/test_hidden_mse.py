@@ -307,11 +307,11 @@ def test_torch_compile_fullgraph():
         assert_rel_close(g, e, torch.float32, what="compiled grad")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_activation_checkpointing(backend):
+def _checkpointed_matches_torch(backend: str, device: str, dtype: torch.dtype) -> None:
     """Inside torch.utils.checkpoint (non-reentrant), whose saved tensors can be unpacked once per backward: the
     fused backward read them twice and raised CheckpointError."""
-    student, teacher, weight, bias, mask = make_case((2, 2, 3, 8), (3, 2, 3, 4), projection=True, dtype=torch.float64)
+    student, teacher, weight, bias, mask = make_case((2, 2, 3, 8), (3, 2, 3, 4), projection=True, dtype=dtype,
+                                                     device=device)
 
     def loss(s, backend):
         return mpdistil_fast.hidden_mse(s * 1.5, teacher, mask=mask, projection=(weight, bias), layer_map=[2, 1],
@@ -321,7 +321,18 @@ def test_activation_checkpointing(backend):
     got = torch.autograd.grad(torch.utils.checkpoint.checkpoint(loss, student, backend, use_reentrant=False), leaves)
     want = torch.autograd.grad(loss(student, "torch"), leaves)
     for g, w in zip(got, want):
-        assert_rel_close(g, w, torch.float64)
+        assert_rel_close(g, w, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_activation_checkpointing(backend):
+    _checkpointed_matches_torch(backend, "cpu", torch.float64)
+
+
+@gpu_test
+@pytest.mark.parametrize("backend", gpu_backend_params("hidden_mse"))
+def test_gpu_activation_checkpointing(backend):
+    _checkpointed_matches_torch(backend, "cuda", torch.float32)
 
 
 def test_torch_compile_warns_nothing(monkeypatch):

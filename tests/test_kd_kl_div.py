@@ -12,7 +12,7 @@ import mpdistil_fast
 from mpdistil_fast import KDLoss, available_backends, kd_kl_div
 from mpdistil_fast.ops.kd_kl_div import GRAD_IN_FORWARD_BACKENDS
 from benchmarks.harness import cuda_kernels
-from tests.helpers import REL_TOL, assert_rel_close, backend_params, gpu_test
+from tests.helpers import REL_TOL, assert_rel_close, backend_params, gpu_backend_params, gpu_test
 
 BACKENDS = backend_params("kd_kl_div")
 REDUCTIONS = ("batchmean", "sum", "mean", "none")
@@ -349,15 +349,14 @@ def test_returned_gradients_are_never_overwritten():
     assert torch.equal(third, kept) and third.data_ptr() != second.data_ptr()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("reduction", ["none", "batchmean"])
-def test_activation_checkpointing(backend, reduction):
+def _checkpointed_matches_torch(backend: str, reduction: str, device: str, dtype: torch.dtype) -> None:
     """Inside torch.utils.checkpoint (non-reentrant), whose saved tensors can be unpacked once per backward: the
     fused backward read them twice and raised CheckpointError."""
-    rows, vocab = (3, 17) if backend == "triton" else (6, 40)
-    layer = torch.nn.Linear(8, vocab).double()
-    x, teacher = torch.randn(rows, 8, dtype=torch.float64), logits(rows, vocab, dtype=torch.float64)
-    upstream = torch.randn(rows, dtype=torch.float64) if reduction == "none" else torch.tensor(1.0, dtype=torch.float64)
+    rows, vocab = (3, 17) if backend == "triton" and device == "cpu" else (6, 40)
+    layer = torch.nn.Linear(8, vocab).to(device, dtype)
+    x, teacher = torch.randn(rows, 8, dtype=dtype, device=device), logits(rows, vocab, dtype=dtype).to(device)
+    upstream = torch.randn(rows, dtype=dtype, device=device) if reduction == "none" else \
+        torch.tensor(1.0, dtype=dtype, device=device)
 
     def loss(x, backend):
         return (kd_kl_div(layer(x), teacher, 2.0, reduction=reduction, backend=backend) * upstream).sum()
@@ -365,7 +364,20 @@ def test_activation_checkpointing(backend, reduction):
     got = torch.autograd.grad(torch.utils.checkpoint.checkpoint(loss, x, backend, use_reentrant=False),
                               layer.weight)[0]
     want = torch.autograd.grad(loss(x, "torch"), layer.weight)[0]
-    assert_rel_close(got, want, torch.float64)
+    assert_rel_close(got, want, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["none", "batchmean"])
+def test_activation_checkpointing(backend, reduction):
+    _checkpointed_matches_torch(backend, reduction, "cpu", torch.float64)
+
+
+@gpu_test
+@pytest.mark.parametrize("backend", gpu_backend_params("kd_kl_div"))
+@pytest.mark.parametrize("reduction", ["none", "batchmean"])
+def test_gpu_activation_checkpointing(backend, reduction):
+    _checkpointed_matches_torch(backend, reduction, "cuda", torch.float32)
 
 
 def test_matches_torch_kl_div_convention():

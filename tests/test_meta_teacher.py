@@ -231,12 +231,11 @@ def test_torch_compile_fullgraph():
                      torch.float32, what="compiled grad")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("hidden,student_width", [(None, None), (5, 4)])
-def test_torch_compile_forward_and_backward_every_backend(backend, hidden, student_width):
+def _compiled_matches_eager(backend: str, hidden: int | None, student_width: int | None, device: str) -> None:
     """Compiled, the op's custom-op bodies run, whose outputs torch checks for aliasing: the Triton backward's
     parameter gradients are views of one buffer and must not come back as such."""
-    h_t, h_s, params, projection, labels = make_case(4, 6, 3, hidden=hidden, student_width=student_width)
+    h_t, h_s, params, projection, labels = make_case(4, 6, 3, hidden=hidden, student_width=student_width,
+                                                     device=device)
     leaves = [t for t in [h_t, h_s, *params, *(projection or ())] if t is not None]
     fn = lambda *args: run(backend, *args, "competitive").loss  # noqa: E731
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
@@ -247,10 +246,22 @@ def test_torch_compile_forward_and_backward_every_backend(backend, hidden, stude
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_activation_checkpointing(backend):
+@pytest.mark.parametrize("hidden,student_width", [(None, None), (5, 4)])
+def test_torch_compile_forward_and_backward_every_backend(backend, hidden, student_width):
+    _compiled_matches_eager(backend, hidden, student_width, "cpu")
+
+
+@gpu_test
+@pytest.mark.parametrize("backend", gpu_backend_params("meta_teacher_loss"))
+@pytest.mark.parametrize("hidden,student_width", [(None, None), (5, 4)])
+def test_gpu_torch_compile_forward_and_backward(backend, hidden, student_width):
+    _compiled_matches_eager(backend, hidden, student_width, "cuda")
+
+
+def _checkpointed_matches_torch(backend: str, device: str, dtype: torch.dtype) -> None:
     """Inside torch.utils.checkpoint (non-reentrant), whose saved tensors can be unpacked once per backward: the
     fused backward read them twice and raised CheckpointError."""
-    h_t, h_s, params, projection, labels = make_case(4, 6, 3, hidden=5, student_width=4, dtype=torch.float64)
+    h_t, h_s, params, projection, labels = make_case(4, 6, 3, hidden=5, student_width=4, dtype=dtype, device=device)
     leaves = [h_t, h_s, *params, *projection]
 
     def loss(h_t, backend):
@@ -259,7 +270,18 @@ def test_activation_checkpointing(backend):
     got = torch.autograd.grad(torch.utils.checkpoint.checkpoint(loss, h_t, backend, use_reentrant=False), leaves)
     want = torch.autograd.grad(loss(h_t, "torch"), leaves)
     for g, w in zip(got, want):
-        assert_rel_close(g, w, torch.float64)
+        assert_rel_close(g, w, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_activation_checkpointing(backend):
+    _checkpointed_matches_torch(backend, "cpu", torch.float64)
+
+
+@gpu_test
+@pytest.mark.parametrize("backend", gpu_backend_params("meta_teacher_loss"))
+def test_gpu_activation_checkpointing(backend):
+    _checkpointed_matches_torch(backend, "cuda", torch.float32)
 
 
 W, B_ = torch.randn(3, 4), torch.randn(3)
