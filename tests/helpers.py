@@ -32,6 +32,11 @@ def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.
     assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e} ({dtype})"
 
 
+#: Skips a GPU test on a machine without a CUDA device.
+NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(),
+                             reason="needs a CUDA device (run `pytest -m gpu` on a GPU machine: benchmarks/run_gpu.sh)")
+
+
 def backend_params(op: str, device: str = "cpu") -> list:
     """One pytest.param per backend; those that cannot run here are skipped with the registry's reason."""
     params = []
@@ -47,13 +52,29 @@ def gpu_backend_params(op: str) -> list:
     return [param for param in backend_params(op, "cuda") if param.values[0] in ("cuda", "triton")]
 
 
+def cpu_and_gpu_backend_params(op: str) -> list:
+    """``(backend, device)`` params: every backend on CPU tensors (:func:`backend_params`), then the fused GPU
+    backends on CUDA tensors, marked ``gpu`` (``pytest -m gpu``) and skipped without a CUDA device."""
+    return ([pytest.param(p.values[0], "cpu", id=f"{p.id}-cpu", marks=p.marks) for p in backend_params(op)]
+            + [pytest.param(p.values[0], "cuda", id=f"{p.id}-cuda", marks=(*p.marks, pytest.mark.gpu, NO_CUDA))
+               for p in gpu_backend_params(op)])
+
+
+def assert_checkpointed_grads_match_torch(loss: Callable[[torch.Tensor, str], torch.Tensor], first: torch.Tensor,
+                                          leaves: list[torch.Tensor], backend: str) -> None:
+    """``loss(first, backend)`` inside ``torch.utils.checkpoint`` (non-reentrant, whose saved tensors can be unpacked
+    once per backward: the fused backward read them twice and raised CheckpointError) gives the gradients of the
+    leaves that ``loss(first, "torch")`` gives."""
+    got = torch.autograd.grad(torch.utils.checkpoint.checkpoint(loss, first, backend, use_reentrant=False), leaves)
+    want = torch.autograd.grad(loss(first, "torch"), leaves)
+    for g, w in zip(got, want):
+        assert_rel_close(g, w, first.dtype)
+
+
 def gpu_test(test):
     """Mark a test that runs on CUDA tensors: ``pytest -m gpu`` selects it (benchmarks/run_gpu.sh); without a CUDA
     device it is skipped."""
-    no_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
-                                 reason="needs a CUDA device (run `pytest -m gpu` on a GPU machine: "
-                                        "benchmarks/run_gpu.sh)")
-    return pytest.mark.gpu(no_cuda(test))
+    return pytest.mark.gpu(NO_CUDA(test))
 
 
 class ThreadRanks:

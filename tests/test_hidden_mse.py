@@ -6,7 +6,8 @@ import torch
 
 import mpdistil_fast
 from mpdistil_fast.functional.hidden_mse import layer_pairs
-from tests.helpers import assert_rel_close, backend_params, gpu_backend_params, gpu_test
+from tests.helpers import (assert_checkpointed_grads_match_torch, assert_rel_close, backend_params,
+                           cpu_and_gpu_backend_params, gpu_backend_params, gpu_test)
 
 BACKENDS = backend_params("hidden_mse")
 
@@ -307,32 +308,16 @@ def test_torch_compile_fullgraph():
         assert_rel_close(g, e, torch.float32, what="compiled grad")
 
 
-def _checkpointed_matches_torch(backend: str, device: str, dtype: torch.dtype) -> None:
-    """Inside torch.utils.checkpoint (non-reentrant), whose saved tensors can be unpacked once per backward: the
-    fused backward read them twice and raised CheckpointError."""
-    student, teacher, weight, bias, mask = make_case((2, 2, 3, 8), (3, 2, 3, 4), projection=True, dtype=dtype,
-                                                     device=device)
+@pytest.mark.parametrize("backend, device", cpu_and_gpu_backend_params("hidden_mse"))
+def test_activation_checkpointing(backend, device):
+    student, teacher, weight, bias, mask = make_case((2, 2, 3, 8), (3, 2, 3, 4), projection=True, device=device,
+                                                     dtype=torch.float64 if device == "cpu" else torch.float32)
 
     def loss(s, backend):
         return mpdistil_fast.hidden_mse(s * 1.5, teacher, mask=mask, projection=(weight, bias), layer_map=[2, 1],
                                         normalize=True, backend=backend)
 
-    leaves = [student, teacher, weight, bias]
-    got = torch.autograd.grad(torch.utils.checkpoint.checkpoint(loss, student, backend, use_reentrant=False), leaves)
-    want = torch.autograd.grad(loss(student, "torch"), leaves)
-    for g, w in zip(got, want):
-        assert_rel_close(g, w, dtype)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_activation_checkpointing(backend):
-    _checkpointed_matches_torch(backend, "cpu", torch.float64)
-
-
-@gpu_test
-@pytest.mark.parametrize("backend", gpu_backend_params("hidden_mse"))
-def test_gpu_activation_checkpointing(backend):
-    _checkpointed_matches_torch(backend, "cuda", torch.float32)
+    assert_checkpointed_grads_match_torch(loss, student, [student, teacher, weight, bias], backend)
 
 
 def test_torch_compile_warns_nothing(monkeypatch):

@@ -12,7 +12,8 @@ import mpdistil_fast
 from mpdistil_fast import KDLoss, available_backends, kd_kl_div
 from mpdistil_fast.ops.kd_kl_div import GRAD_IN_FORWARD_BACKENDS
 from benchmarks.harness import cuda_kernels
-from tests.helpers import REL_TOL, assert_rel_close, backend_params, gpu_backend_params, gpu_test
+from tests.helpers import (REL_TOL, assert_checkpointed_grads_match_torch, assert_rel_close, backend_params,
+                           cpu_and_gpu_backend_params, gpu_test)
 
 BACKENDS = backend_params("kd_kl_div")
 REDUCTIONS = ("batchmean", "sum", "mean", "none")
@@ -349,9 +350,10 @@ def test_returned_gradients_are_never_overwritten():
     assert torch.equal(third, kept) and third.data_ptr() != second.data_ptr()
 
 
-def _checkpointed_matches_torch(backend: str, reduction: str, device: str, dtype: torch.dtype) -> None:
-    """Inside torch.utils.checkpoint (non-reentrant), whose saved tensors can be unpacked once per backward: the
-    fused backward read them twice and raised CheckpointError."""
+@pytest.mark.parametrize("backend, device", cpu_and_gpu_backend_params("kd_kl_div"))
+@pytest.mark.parametrize("reduction", ["none", "batchmean"])
+def test_activation_checkpointing(backend, device, reduction):
+    dtype = torch.float64 if device == "cpu" else torch.float32
     rows, vocab = (3, 17) if backend == "triton" and device == "cpu" else (6, 40)
     layer = torch.nn.Linear(8, vocab).to(device, dtype)
     x, teacher = torch.randn(rows, 8, dtype=dtype, device=device), logits(rows, vocab, dtype=dtype).to(device)
@@ -361,23 +363,7 @@ def _checkpointed_matches_torch(backend: str, reduction: str, device: str, dtype
     def loss(x, backend):
         return (kd_kl_div(layer(x), teacher, 2.0, reduction=reduction, backend=backend) * upstream).sum()
 
-    got = torch.autograd.grad(torch.utils.checkpoint.checkpoint(loss, x, backend, use_reentrant=False),
-                              layer.weight)[0]
-    want = torch.autograd.grad(loss(x, "torch"), layer.weight)[0]
-    assert_rel_close(got, want, dtype)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("reduction", ["none", "batchmean"])
-def test_activation_checkpointing(backend, reduction):
-    _checkpointed_matches_torch(backend, reduction, "cpu", torch.float64)
-
-
-@gpu_test
-@pytest.mark.parametrize("backend", gpu_backend_params("kd_kl_div"))
-@pytest.mark.parametrize("reduction", ["none", "batchmean"])
-def test_gpu_activation_checkpointing(backend, reduction):
-    _checkpointed_matches_torch(backend, reduction, "cuda", torch.float32)
+    assert_checkpointed_grads_match_torch(loss, x, [layer.weight], backend)
 
 
 def test_matches_torch_kl_div_convention():

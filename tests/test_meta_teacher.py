@@ -9,7 +9,8 @@ import torch
 
 import mpdistil_fast
 from benchmarks.harness import cuda_kernels
-from tests.helpers import assert_rel_close, backend_params, gpu_backend_params, gpu_test
+from tests.helpers import (assert_checkpointed_grads_match_torch, assert_rel_close, backend_params,
+                           cpu_and_gpu_backend_params, gpu_backend_params, gpu_test)
 
 BACKENDS = backend_params("meta_teacher_loss")
 
@@ -231,7 +232,9 @@ def test_torch_compile_fullgraph():
                      torch.float32, what="compiled grad")
 
 
-def _compiled_matches_eager(backend: str, hidden: int | None, student_width: int | None, device: str) -> None:
+@pytest.mark.parametrize("backend, device", cpu_and_gpu_backend_params("meta_teacher_loss"))
+@pytest.mark.parametrize("hidden,student_width", [(None, None), (5, 4)])
+def test_torch_compile_forward_and_backward_every_backend(backend, device, hidden, student_width):
     """Compiled, the op's custom-op bodies run, whose outputs torch checks for aliasing: the Triton backward's
     parameter gradients are views of one buffer and must not come back as such."""
     h_t, h_s, params, projection, labels = make_case(4, 6, 3, hidden=hidden, student_width=student_width,
@@ -245,43 +248,15 @@ def _compiled_matches_eager(backend: str, hidden: int | None, student_width: int
         assert_rel_close(g, want, torch.float32, what=f"compiled grad of leaf {i}")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("hidden,student_width", [(None, None), (5, 4)])
-def test_torch_compile_forward_and_backward_every_backend(backend, hidden, student_width):
-    _compiled_matches_eager(backend, hidden, student_width, "cpu")
-
-
-@gpu_test
-@pytest.mark.parametrize("backend", gpu_backend_params("meta_teacher_loss"))
-@pytest.mark.parametrize("hidden,student_width", [(None, None), (5, 4)])
-def test_gpu_torch_compile_forward_and_backward(backend, hidden, student_width):
-    _compiled_matches_eager(backend, hidden, student_width, "cuda")
-
-
-def _checkpointed_matches_torch(backend: str, device: str, dtype: torch.dtype) -> None:
-    """Inside torch.utils.checkpoint (non-reentrant), whose saved tensors can be unpacked once per backward: the
-    fused backward read them twice and raised CheckpointError."""
-    h_t, h_s, params, projection, labels = make_case(4, 6, 3, hidden=5, student_width=4, dtype=dtype, device=device)
-    leaves = [h_t, h_s, *params, *projection]
+@pytest.mark.parametrize("backend, device", cpu_and_gpu_backend_params("meta_teacher_loss"))
+def test_activation_checkpointing(backend, device):
+    h_t, h_s, params, projection, labels = make_case(4, 6, 3, hidden=5, student_width=4, device=device,
+                                                     dtype=torch.float64 if device == "cpu" else torch.float32)
 
     def loss(h_t, backend):
         return run(backend, h_t * 1.5, h_s, params, projection, labels, "competitive").loss
 
-    got = torch.autograd.grad(torch.utils.checkpoint.checkpoint(loss, h_t, backend, use_reentrant=False), leaves)
-    want = torch.autograd.grad(loss(h_t, "torch"), leaves)
-    for g, w in zip(got, want):
-        assert_rel_close(g, w, dtype)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_activation_checkpointing(backend):
-    _checkpointed_matches_torch(backend, "cpu", torch.float64)
-
-
-@gpu_test
-@pytest.mark.parametrize("backend", gpu_backend_params("meta_teacher_loss"))
-def test_gpu_activation_checkpointing(backend):
-    _checkpointed_matches_torch(backend, "cuda", torch.float32)
+    assert_checkpointed_grads_match_torch(loss, h_t, [h_t, h_s, *params, *projection], backend)
 
 
 W, B_ = torch.randn(3, 4), torch.randn(3)
