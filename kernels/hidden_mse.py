@@ -2,8 +2,8 @@
 
 The kernels read the selected student (or projected) and teacher layers in place through the index tensors.
 Forward: one program per tile of rows of one layer pair.  Backward: one program per row n loops over the layer
-pairs, so pairs sharing a layer never race.  The optional projection W s + b runs as
-one cuBLAS GEMM per pair around the kernels; the squared error, the patient-KD normalisation, the mask and all
+pairs, so pairs sharing a layer never race.  The optional projection W s + b runs around the kernels as one
+cuBLAS GEMM over all pairs' rows (forward; two in backward); the squared error, the patient-KD normalisation, the mask and all
 row gradients are fused.
 """
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -119,21 +120,21 @@ def _mask_arg(mask: Optional[Tensor], fallback: Tensor) -> tuple[Tensor, bool]:
     return (mask.contiguous().view(torch.uint8), True) if mask is not None else (fallback, False)
 
 
+def _selected_layers(student: Tensor, student_layers: Tensor, acc: torch.dtype) -> Tensor:
+    """x = student[student_layers] ``[P, N, H_s]`` in ``acc``, gathered on the device (no host copy of the layer
+    list, which would wait for the GPU's queue)."""
+    return student.index_select(0, student_layers).to(acc)
+
+
 def _rows_source(student: Tensor, student_layers: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                  acc: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-    """(row stack the kernels read as y, its layer indices, projected rows or an empty tensor)."""
+    """(row stack the kernels read as y, its layer indices, projected rows or an empty tensor); the projection
+    y = W x + b of every pair is one GEMM."""
     if weight is None:
         return student, student_layers, student.new_empty((0,), dtype=acc)
-    pairs, rows = student_layers.numel(), student.shape[1]
-    projected = student.new_empty((pairs, rows, weight.shape[0]), dtype=acc)
-    weight_t = weight.to(acc).t()
-    bias_acc = None if bias is None else bias.to(acc)  # cast once, not once per layer pair
-    for p, layer in enumerate(student_layers.tolist()):
-        if bias_acc is None:
-            torch.mm(student[layer].to(acc), weight_t, out=projected[p])
-        else:
-            torch.addmm(bias_acc, student[layer].to(acc), weight_t, out=projected[p])
-    return projected, torch.arange(pairs, device=student.device), projected
+    x = _selected_layers(student, student_layers, acc)
+    projected = F.linear(x, weight.to(acc), None if bias is None else bias.to(acc)).contiguous()
+    return projected, torch.arange(x.shape[0], device=student.device), projected
 
 
 @on_input_device
@@ -183,14 +184,13 @@ def hidden_mse_bwd(grad_sse: Tensor, student: Tensor, teacher: Tensor, student_l
     grad_teacher = grad_t.to(teacher.dtype) if need_teacher_grad else empty()
     if weight is None:
         return grad_y.to(student.dtype), grad_teacher, empty(), empty()
-    weight_acc = weight.to(acc)
+    # y_p = x_p W^T + b: dW = sum_p g_p^T x_p and dx_p = g_p W, one GEMM each over all pairs' rows; dx_p is added
+    # to student layer student_layers[p] (pairs may share a layer)
+    x = _selected_layers(student, student_layers, acc)
+    if mask is not None:  # g is 0 on masked rows, but padding may hold NaN/inf: 0 * NaN would poison dW
+        x = x.masked_fill(~mask[None, :, None], 0)
+    grad_weight = grad_y.reshape(-1, width).t().mm(x.reshape(-1, x.shape[2]))
     grad_student = torch.zeros(student.shape, dtype=acc, device=student.device)
-    grad_weight = torch.zeros(weight.shape, dtype=acc, device=student.device)
-    for p, layer in enumerate(student_layers.tolist()):
-        rows_acc = student[layer].to(acc)
-        if mask is not None:  # g is 0 on masked rows, but padding may hold NaN/inf: 0 * NaN would poison dW
-            rows_acc = rows_acc.masked_fill(~mask[:, None], 0)
-        grad_weight.addmm_(grad_y[p].t(), rows_acc)
-        grad_student[layer].addmm_(grad_y[p], weight_acc)
+    grad_student.index_put_((student_layers,), grad_y.matmul(weight.to(acc)), accumulate=True)
     grad_bias = grad_y.sum((0, 1)).to(bias.dtype) if bias is not None else empty()
     return grad_student.to(student.dtype), grad_teacher, grad_weight.to(weight.dtype), grad_bias

@@ -1,6 +1,10 @@
 """hidden_mse / HiddenMSELoss: every backend against an independent float64 formula, gradients, masks, bad inputs."""
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -403,22 +407,49 @@ def test_direct_op_calls_check_the_layer_indices():
                                             torch.tensor([0, 1]), None, None, None, False)
 
 
+ROOT = Path(__file__).resolve().parents[1]
+#: A direct op call in a child process; CALL is filled with the arguments after (student [2, 4, 8], teacher [3, 4, 8]).
+DIRECT_CUDA_CALL = """
+import torch, mpdistil_fast
+index = lambda *layers: torch.tensor(layers, device="cuda")
+student, teacher = torch.randn(2, 4, 8, device="cuda"), torch.randn(3, 4, 8, device="cuda")
+weight = torch.randn(8, 8, device="cuda")
+torch.ops.mpdistil_C.hidden_mse_fwd(student, teacher, CALL, False)
+torch.cuda.synchronize()
+print("no assert")
+"""
+
+
 @gpu_test
-def test_gpu_direct_op_calls_check_the_layer_indices():
-    """The CUDA op's kernels read layers through the index tensors too: an index outside its stack is an error that
-    names the argument (not a read past the tensor), and so is an index tensor on another device."""
+@pytest.mark.parametrize("call", ["index(0, 5), index(0, 1), None, None, None",
+                                  "index(0, 1), index(0, -1), None, None, None",
+                                  "index(0, 1), index(0, 3), None, weight, None",
+                                  "index(2, 1), index(0, 1), None, weight, None"])
+def test_gpu_direct_op_calls_check_the_layer_indices(call):
+    """The CUDA op's kernels read layers through the index tensors: a direct torch.ops call with an index outside
+    its stack is a device-side assert, as in torch's own indexing kernels (a host check would copy the indices to the
+    host, a stream sync on every call), not a read past the tensor.  It ends the CUDA context, so it runs in a child
+    process."""
+    from mpdistil_fast.backends import backend_status
+
+    status = backend_status("cuda", "hidden_mse", "cuda")
+    if not status.available:
+        pytest.skip(status.reason)
+    result = subprocess.run([sys.executable, "-c", DIRECT_CUDA_CALL.replace("CALL", call)], capture_output=True,
+                            text=True, timeout=300, cwd=ROOT)
+    assert result.returncode != 0 and "device-side assert triggered" in result.stderr, result.stdout + result.stderr
+
+
+@gpu_test
+def test_gpu_direct_op_calls_check_the_index_devices():
+    """An index tensor on another device than the stacks is an error that names it (the kernels read raw device
+    pointers)."""
     from mpdistil_fast.backends import backend_status
 
     status = backend_status("cuda", "hidden_mse", "cuda")
     if not status.available:
         pytest.skip(status.reason)
     student, teacher = torch.randn(2, 4, 8, device="cuda"), torch.randn(3, 4, 8, device="cuda")
-    index = lambda *layers: torch.tensor(layers, device="cuda")  # noqa: E731
-    with pytest.raises(RuntimeError, match="student_layers: layer index 5 outside a stack of 2"):
-        torch.ops.mpdistil_C.hidden_mse_fwd(student, teacher, index(0, 5), index(0, 1), None, None, None, False)
-    with pytest.raises(RuntimeError, match="teacher_layers: layer index -1 outside a stack of 3"):
-        torch.ops.mpdistil_C.hidden_mse_fwd(student, teacher, index(0, 1), index(0, -1), None, None, None, False)
     with pytest.raises(RuntimeError, match="must be on the stacks' device"):
-        torch.ops.mpdistil_C.hidden_mse_fwd(student, teacher, torch.tensor([0, 1]), index(0, 1), None, None, None,
-                                            False)
-    torch.cuda.synchronize()  # nothing was launched that read outside the stacks
+        torch.ops.mpdistil_C.hidden_mse_fwd(student, teacher, torch.tensor([0, 1]),
+                                            torch.tensor([0, 1], device="cuda"), None, None, None, False)

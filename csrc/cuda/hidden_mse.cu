@@ -1,6 +1,7 @@
 // Fused hidden-state MSE CUDA kernels, reading the selected layers in place.  Forward: one warp per (pair, row),
 // warp reductions.  Backward: one block per row n loops over the layer pairs (so pairs sharing a layer never race);
 // block reductions give, with normalize (patient KD), the norms and dot products of the L2-normalised rows.
+#include <c10/macros/Macros.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -49,11 +50,21 @@ struct RowPair {
   }
 };
 
+// Layer p's index into its stack, checked on the device like torch's indexing kernels (a device-side assert; a
+// host check would copy the indices to the host, a stream sync per call).
+__device__ __forceinline__ int64_t checked_layer(const int64_t* layers, int64_t p, int64_t stack_layers) {
+  const int64_t layer = layers[p];
+  CUDA_KERNEL_ASSERT(0 <= layer && layer < stack_layers);
+  return layer;
+}
+
 template <typename acc_t, typename y_t, typename t_t>
 __device__ RowPair<acc_t, y_t, t_t> row_pair(const HiddenMSEArgs& a, int64_t p, int64_t n) {
   RowPair<acc_t, y_t, t_t> row;
-  row.y = static_cast<const y_t*>(a.y) + a.y_layers[p] * a.y_layer_stride + n * a.width;
-  row.t = static_cast<const t_t*>(a.teacher) + a.t_layers[p] * a.t_layer_stride + n * a.width;
+  row.y = static_cast<const y_t*>(a.y) + checked_layer(a.y_layers, p, a.y_stack_layers) * a.y_layer_stride +
+          n * a.width;
+  row.t = static_cast<const t_t*>(a.teacher) + checked_layer(a.t_layers, p, a.t_stack_layers) * a.t_layer_stride +
+          n * a.width;
   return row;
 }
 
@@ -117,7 +128,7 @@ __global__ void __launch_bounds__(kThreads) hidden_mse_bwd_kernel(HiddenMSEArgs 
       u_dot_gu = row.clamped_y ? acc_t(0) : two_s * (uu - uv);
       v_dot_gv = row.clamped_t ? acc_t(0) : -two_s * (uv - vv);
     }
-    acc_t* gy = grad_y + a.y_layers[p] * a.y_layer_stride + n * a.width;
+    acc_t* gy = grad_y + a.y_layers[p] * a.y_layer_stride + n * a.width;  // indices checked by row_pair
     acc_t* gt = grad_t == nullptr ? nullptr : grad_t + a.t_layers[p] * a.t_layer_stride + n * a.width;
     for (int64_t h = threadIdx.x; h < a.width; h += kThreads) {
       const acc_t u = row.ry(h), v = row.rt(h), g_u = two_s * (u - v);

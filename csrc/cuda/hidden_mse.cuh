@@ -15,9 +15,11 @@ struct HiddenMSEArgs {
   const void* y;              // student stack or projected rows (accumulation type when projected)
   ElementType y_type;
   int64_t y_layer_stride;
+  int64_t y_stack_layers;     // layers in the y stack: y_layers[p] must lie in [0, y_stack_layers)
   const void* teacher;
   ElementType t_type;
   int64_t t_layer_stride;
+  int64_t t_stack_layers;     // the same for the teacher stack and t_layers
   const int64_t* y_layers;    // [P]
   const int64_t* t_layers;    // [P]
   const bool* mask;           // [N] or nullptr

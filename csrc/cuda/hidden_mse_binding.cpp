@@ -1,12 +1,10 @@
-// CUDA registration of mpdistil_C::hidden_mse_fwd/_bwd: argument checks, the optional projection as one cuBLAS
-// GEMM per layer pair (at::addmm), and the fused row kernels of hidden_mse.cu on the current stream.
+// CUDA registration of mpdistil_C::hidden_mse_fwd/_bwd: argument checks, the optional projection as cuBLAS
+// GEMMs over all layer pairs' rows (at::linear), and the fused row kernels of hidden_mse.cu on the current stream.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
-
-#include <vector>
 
 #include "grid_limits.h"
 #include "hidden_mse.cuh"
@@ -30,28 +28,21 @@ ElementType element_type(const at::Tensor& t) {
 
 at::ScalarType acc_type(const at::Tensor& t) { return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
-std::vector<int64_t> host_indices(const at::Tensor& index) {
-  const at::Tensor host = index.to(at::kCPU, at::kLong).contiguous();
-  return std::vector<int64_t>(host.data_ptr<int64_t>(), host.data_ptr<int64_t>() + host.numel());
-}
-
-// The layer indices `name` as a host list, each checked against its stack of `layers` (the Python layer checks them
-// too; a direct torch.ops call must not make the kernels read outside the stack).
-std::vector<int64_t> checked_layers(const char* name, const at::Tensor& index, int64_t layers) {
-  std::vector<int64_t> list = host_indices(index);
-  for (const int64_t layer : list) {
-    TORCH_CHECK(0 <= layer && layer < layers, "hidden_mse: ", name, ": layer index ", layer, " outside a stack of ",
-                layers);
-  }
-  return list;
-}
-
 struct Prepared {
   at::Tensor student, teacher, y, y_layers, t_layers, mask;
   HiddenMSEArgs args;
 };
 
-// The row stack the kernels read as y: the student itself, or its projection W s + b per pair ([P, N, H_t]).
+// The selected student layers x = student[student_layers] [P, N, H_s] in the accumulation type, gathered on the
+// device (the layer lists never come to the host: no stream sync per call).
+at::Tensor selected_layers(const at::Tensor& student, const at::Tensor& student_layers, at::ScalarType acc) {
+  return student.index_select(0, student_layers).to(acc);
+}
+
+// The row stack the kernels read as y: the student itself, or its projection W x + b of every pair in one GEMM
+// ([P, N, H_t]).  Layer indices are not checked on the host (that would copy them there, a stream sync per call):
+// the kernels and index_select check them on the device, as torch's indexing kernels do (a device-side assert);
+// the Python layer checks layer maps before any launch.
 Prepared prepare(const at::Tensor& student_in, const at::Tensor& teacher_in, const at::Tensor& student_layers,
                  const at::Tensor& teacher_layers, const c10::optional<at::Tensor>& mask,
                  const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
@@ -80,8 +71,6 @@ Prepared prepare(const at::Tensor& student_in, const at::Tensor& teacher_in, con
               " blocks along x (one block per row in the backward)");
   TORCH_CHECK(pairs <= kMaxGridY, "hidden_mse: ", pairs, " layer pairs exceed the CUDA grid's ", kMaxGridY,
               " blocks along y (one per pair in the forward)");
-  const std::vector<int64_t> layers = checked_layers("student_layers", student_layers, out.student.size(0));
-  checked_layers("teacher_layers", teacher_layers, out.teacher.size(0));
   const at::ScalarType acc = acc_type(out.student);
   if (weight.has_value()) {
     if (projected.has_value() && projected->numel() > 0) {
@@ -92,14 +81,9 @@ Prepared prepare(const at::Tensor& student_in, const at::Tensor& teacher_in, con
                   "] rows on ", student_in.device());
       out.y = *projected;
     } else {
-      out.y = at::empty({pairs, rows, width}, out.student.options().dtype(acc));
-      const at::Tensor weight_t = weight->to(acc).t();
-      for (int64_t p = 0; p < pairs; ++p) {
-        const at::Tensor x = out.student[layers[p]].to(acc);
-        at::Tensor y_p = out.y[p];
-        if (bias.has_value()) at::addmm_out(y_p, bias->to(acc), x, weight_t);
-        else at::mm_out(y_p, x, weight_t);
-      }
+      const at::Tensor x = selected_layers(out.student, student_layers, acc);
+      out.y = at::linear(x, weight->to(acc), bias.has_value() ? c10::optional<at::Tensor>(bias->to(acc))
+                                                               : c10::nullopt).contiguous();
     }
     out.y_layers = at::arange(pairs, out.t_layers.options());
   } else {
@@ -108,10 +92,10 @@ Prepared prepare(const at::Tensor& student_in, const at::Tensor& teacher_in, con
     out.y_layers = student_layers.to(at::kLong).contiguous();
   }
   if (mask.has_value()) out.mask = mask->contiguous();
-  out.args = HiddenMSEArgs{out.y.data_ptr(), element_type(out.y), out.y.stride(0), out.teacher.data_ptr(),
-                           element_type(out.teacher), out.teacher.stride(0), out.y_layers.data_ptr<int64_t>(),
-                           out.t_layers.data_ptr<int64_t>(), mask.has_value() ? out.mask.data_ptr<bool>() : nullptr,
-                           pairs, rows, width, normalize};
+  out.args = HiddenMSEArgs{out.y.data_ptr(), element_type(out.y), out.y.stride(0), out.y.size(0),
+                           out.teacher.data_ptr(), element_type(out.teacher), out.teacher.stride(0),
+                           out.teacher.size(0), out.y_layers.data_ptr<int64_t>(), out.t_layers.data_ptr<int64_t>(),
+                           mask.has_value() ? out.mask.data_ptr<bool>() : nullptr, pairs, rows, width, normalize};
   return out;
 }
 
@@ -156,18 +140,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> hidden_mse_bwd_cuda(
   if (!weight.has_value()) {
     return {grad_y.to(prep.student.scalar_type()), grad_teacher, at::empty({0}, acc_opts), at::empty({0}, acc_opts)};
   }
-  // y_p = x_p W^T + b:  dW = sum_p g_p^T x_p (fp32 accumulation),  db = sum g,  dx_p = g_p W
-  const at::Tensor weight_acc = weight->to(acc_opts.dtype());
+  // y_p = x_p W^T + b:  dW = sum_p g_p^T x_p and dx_p = g_p W (one GEMM each over all pairs' rows, fp32
+  // accumulation), db = sum g; dx_p is added to student layer student_layers[p] (pairs may share a layer)
+  const at::ScalarType acc = acc_type(prep.student);
+  at::Tensor x = selected_layers(prep.student, student_layers, acc);
+  // g is 0 on masked rows, but padding may hold NaN/inf: 0 * NaN in the GEMM would poison dW
+  if (mask.has_value()) x.masked_fill_(prep.mask.logical_not().view({1, -1, 1}), 0);
+  const int64_t width_s = prep.student.size(2);
+  const at::Tensor grad_weight = at::mm(grad_y.view({-1, grad_y.size(2)}).t(), x.view({-1, width_s}));
   at::Tensor grad_student = at::zeros(prep.student.sizes(), acc_opts);
-  at::Tensor grad_weight = at::zeros(weight->sizes(), acc_opts);
-  const std::vector<int64_t> layers = host_indices(student_layers);
-  for (size_t p = 0; p < layers.size(); ++p) {
-    at::Tensor rows = prep.student[layers[p]].to(acc_opts.dtype());
-    // g is 0 on masked rows, but padding may hold NaN/inf: 0 * NaN in the GEMM would poison dW
-    if (mask.has_value()) rows = rows.masked_fill(prep.mask.logical_not().unsqueeze(1), 0);
-    grad_weight.addmm_(grad_y[p].t(), rows);
-    grad_student[layers[p]].addmm_(grad_y[p], weight_acc);
-  }
+  grad_student.index_put_({student_layers}, at::matmul(grad_y, weight->to(acc)), /*accumulate=*/true);
   const at::Tensor grad_bias =
       bias.has_value() ? grad_y.sum(at::IntArrayRef{0, 1}).to(bias->scalar_type()) : at::empty({0}, acc_opts);
   return {grad_student.to(prep.student.scalar_type()), grad_teacher, grad_weight.to(weight->scalar_type()), grad_bias};
