@@ -247,3 +247,28 @@ def test_truncated_copy_takes_the_students_attention_implementation():
     torch.autograd.grad(grad.pow(2).sum(), query)  # double backward: eager attention
     with pytest.raises(ValueError, match="attn_implementation"):
         truncated_copy(teacher, 2, attn_implementation="fast")
+
+
+def test_opt_with_a_projected_final_state():
+    """OPT-350m projects its final state out to a narrower width (word_embed_proj_dim 512 < hidden_size 1024): the
+    heads read that width (``pooled_size``), and the hidden states stay ``hidden_size`` wide, the last one being
+    the final layer's state before the projection (Hugging Face puts the projected state there), for the student
+    cut from it too."""
+    backbone = tiny_backbone("opt", hidden_size=16, vocab_size=VOCAB, word_embed_proj_dim=8,
+                             do_layer_norm_before=False)
+    teacher = TaskModel(backbone, ["cb", "copa"], pooling="last").eval()
+    assert (teacher.hidden_size, teacher.pooled_size) == (16, 8)
+    ids, mask = _inputs(3, 6, [6, 2, 4])
+    out = teacher(ids, mask, task="cb", output_hidden_states=True)
+    assert out.logits.shape == (3, 3) and out.pooled.shape == (3, 8)
+    assert [tuple(h.shape) for h in out.hidden_states] == [(3, 6, 16)] * 3
+    projected = backbone(input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(backbone.decoder.project_out(out.hidden_states[-1]), projected)
+    torch.testing.assert_close(out.pooled, _reference_pool(projected, mask, "last").float())
+    choice_ids, choice_mask = _inputs(2, 5, [5, 3], shape_prefix=(2,))
+    assert teacher(choice_ids, choice_mask, task="copa").logits.shape == (2, 2)
+    student = TaskModel(truncated_copy(backbone, 1), ["cb"], pooling="last")
+    student_out = student(ids, mask, task="cb", output_hidden_states=True)
+    assert [tuple(h.shape) for h in student_out.hidden_states] == [(3, 6, 16)] * 2
+    (student_out.logits.sum() + student_out.hidden_states[-1].sum()).backward()
+    assert student.backbone.decoder.project_out.weight.grad is not None

@@ -110,29 +110,32 @@ def truncated_copy(backbone: PreTrainedModel, num_layers: int, *,
     return student
 
 
-def tiny_config(kind: str, *, hidden_size: int, num_layers: int, vocab_size: int) -> transformers.PretrainedConfig:
-    """A small random-initialisable configuration of model family ``kind`` (one of :data:`TINY_KINDS`)."""
+def tiny_config(kind: str, *, hidden_size: int, num_layers: int, vocab_size: int,
+                **overrides) -> transformers.PretrainedConfig:
+    """A small random-initialisable configuration of model family ``kind`` (one of :data:`TINY_KINDS`);
+    ``overrides`` replace or add configuration fields (e.g. OPT-350m's ``word_embed_proj_dim``)."""
     common = dict(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
                   num_attention_heads=2, max_position_embeddings=512)
-    if kind == "bert":
-        return transformers.BertConfig(intermediate_size=2 * hidden_size, **common)
-    if kind == "deberta-v2":
-        return transformers.DebertaV2Config(intermediate_size=2 * hidden_size, relative_attention=True,
-                                            pos_att_type=["p2c", "c2p"], position_buckets=32, **common)
-    if kind == "opt":
-        return transformers.OPTConfig(ffn_dim=2 * hidden_size, word_embed_proj_dim=hidden_size, pad_token_id=0,
-                                      **common)
-    if kind == "llama":
-        return transformers.LlamaConfig(intermediate_size=2 * hidden_size, num_key_value_heads=1, pad_token_id=0,
-                                        **common)
-    raise ValueError(f"kind must be one of {TINY_KINDS}, got {kind!r}")
+    families = {
+        "bert": (transformers.BertConfig, dict(intermediate_size=2 * hidden_size)),
+        "deberta-v2": (transformers.DebertaV2Config, dict(intermediate_size=2 * hidden_size, relative_attention=True,
+                                                          pos_att_type=["p2c", "c2p"], position_buckets=32)),
+        "opt": (transformers.OPTConfig, dict(ffn_dim=2 * hidden_size, word_embed_proj_dim=hidden_size,
+                                             pad_token_id=0)),
+        "llama": (transformers.LlamaConfig, dict(intermediate_size=2 * hidden_size, num_key_value_heads=1,
+                                                 pad_token_id=0)),
+    }
+    if kind not in families:
+        raise ValueError(f"kind must be one of {TINY_KINDS}, got {kind!r}")
+    config_class, family = families[kind]
+    return config_class(**(common | family | overrides))
 
 
 def tiny_backbone(kind: str = "bert", *, hidden_size: int = 32, num_layers: int = 2,
-                  vocab_size: int = BERT_UNCASED_VOCAB_SIZE, seed: int = 0) -> PreTrainedModel:
+                  vocab_size: int = BERT_UNCASED_VOCAB_SIZE, seed: int = 0, **overrides) -> PreTrainedModel:
     """A randomly initialised tiny ``AutoModel`` of family ``kind`` (weights drawn from ``seed``, global RNG
-    untouched); the default vocabulary fits the packaged MiniLM tokenizer."""
-    config = tiny_config(kind, hidden_size=hidden_size, num_layers=num_layers, vocab_size=vocab_size)
+    untouched); the default vocabulary fits the packaged MiniLM tokenizer; ``overrides`` as in :func:`tiny_config`."""
+    config = tiny_config(kind, hidden_size=hidden_size, num_layers=num_layers, vocab_size=vocab_size, **overrides)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return transformers.AutoModel.from_config(config, attn_implementation="eager")

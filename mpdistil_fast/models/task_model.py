@@ -29,9 +29,10 @@ POOLING_METHODS = ("pooler", "cls", "mean", "last")
 
 @dataclass
 class TaskModelOutput(ModelOutput):
-    """``logits`` ``[B, num_labels]`` (multiple choice ``[B, C]``); ``pooled`` ``[B, H]`` (multiple choice
-    ``[B, C, H]``); ``hidden_states`` (embeddings, layer 1, ..., layer L), each ``[B, S, H]`` (multiple choice
-    ``[B*C, S, H]``), or None unless asked for.  A ``transformers`` ``ModelOutput`` (a dict as well), so that
+    """``logits`` ``[B, num_labels]`` (multiple choice ``[B, C]``); ``pooled`` ``[B, H_out]`` (multiple choice
+    ``[B, C, H_out]``); ``hidden_states`` (embeddings, layer 1, ..., layer L), each ``[B, S, H]`` (multiple choice
+    ``[B*C, S, H]``), or None unless asked for.  ``H_out`` is ``H`` except in OPT models that project their final
+    state out to a narrower embedding width (OPT-350m: H = 1024, H_out = 512).  A ``transformers`` ``ModelOutput`` (a dict as well), so that
     DeepSpeed's ZeRO-3 hooks find the tensors in it."""
 
     logits: torch.Tensor
@@ -77,6 +78,12 @@ def is_causal(backbone: nn.Module) -> bool:
     return any(getattr(module, "is_causal", False) is True for module in backbone.modules())
 
 
+def final_projection(backbone: nn.Module) -> nn.Module | None:
+    """The projection an OPT decoder applies to its final state (``project_out``, present when
+    ``word_embed_proj_dim != hidden_size``, as in OPT-350m), or None: then ``last_hidden_state`` is ``H`` wide."""
+    return getattr(getattr(backbone, "decoder", None), "project_out", None)
+
+
 def _ignore_dropped_pooler(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
     """load_state_dict pre-hook: drop the weights of the backbone pooler that :class:`TaskModel` removed."""
     for key in [k for k in state_dict if k.startswith(f"{prefix}backbone.pooler.")]:
@@ -110,10 +117,13 @@ class TaskModel(nn.Module):
             self.register_load_state_dict_pre_hook(_ignore_dropped_pooler)
         self.backbone = backbone
         self.specs = specs
+        #: width of the layer states (``hidden_states``) and of the pooled representation (heads, meta-teacher)
         self.hidden_size = int(backbone.config.hidden_size)
+        projection = final_projection(backbone)
+        self.pooled_size = self.hidden_size if projection is None else int(projection.out_features)
         dropout = _head_dropout(backbone.config)
         self.heads = nn.ModuleDict({
-            name: nn.Sequential(nn.Dropout(dropout), nn.Linear(self.hidden_size, 1 if spec.multiple_choice
+            name: nn.Sequential(nn.Dropout(dropout), nn.Linear(self.pooled_size, 1 if spec.multiple_choice
                                                                else spec.num_labels))
             for name, spec in specs.items()})
         accepted = inspect.signature(backbone.forward).parameters
@@ -141,11 +151,28 @@ class TaskModel(nn.Module):
             kwargs["token_type_ids"] = flat(token_type_ids)
         if self._accepts_use_cache:
             kwargs["use_cache"] = False
-        outputs = self.backbone(**kwargs)
+        outputs, hidden_states = self._backbone_forward(kwargs, output_hidden_states)
         pooled = pool(outputs.last_hidden_state, kwargs["attention_mask"], self.pooling,
                       getattr(self.backbone, "pooler", None))
         head = self.heads[task]
         logits = head(pooled.to(head[1].weight.dtype))
         logits = logits.reshape(leading) if multiple_choice else logits
-        return TaskModelOutput(logits=logits, pooled=pooled.reshape(*leading, -1),
-                               hidden_states=tuple(outputs.hidden_states) if output_hidden_states else None)
+        return TaskModelOutput(logits=logits, pooled=pooled.reshape(*leading, -1), hidden_states=hidden_states)
+
+    def _backbone_forward(self, kwargs: dict, output_hidden_states: bool) -> tuple[ModelOutput, tuple | None]:
+        """The backbone's outputs and its hidden states, all ``H`` wide: where an OPT decoder projects its final
+        state out (:func:`final_projection`), the last entry is that projection's input, the final layer's state,
+        not the ``H_out``-wide ``last_hidden_state`` that Hugging Face puts there."""
+        projection = final_projection(self.backbone)
+        if not output_hidden_states:
+            return self.backbone(**kwargs), None
+        if projection is None:
+            outputs = self.backbone(**kwargs)
+            return outputs, tuple(outputs.hidden_states)
+        final_states = []
+        handle = projection.register_forward_pre_hook(lambda module, args: final_states.append(args[0]))
+        try:
+            outputs = self.backbone(**kwargs)
+        finally:
+            handle.remove()
+        return outputs, (*outputs.hidden_states[:-1], final_states[-1])
