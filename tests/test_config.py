@@ -1,6 +1,8 @@
 """Config schema, YAML loading, --set overrides and the up-front checks (each error names its key)."""
 from __future__ import annotations
 
+import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,26 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_shipped_configs_validate(path, data_dir):
     config = load_config(path, [f"data.data_dir={data_dir}"])
     assert config.method in ("finetune", "kd", "pkd", "metadistil", "mpdistil")
+
+
+def test_readme_names_every_config_key():
+    """The README's pipeline section lists the keys a config takes: a key added to the schema must be named there
+    (as a backticked key), so that a user reading the README knows it exists."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("<!-- section: pipeline -->"):text.index("<!-- /section: pipeline -->")]
+    section = re.sub(r"```.*?```", "", section, flags=re.S)  # the code blocks: only the inline `...` name keys
+    named = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", " ".join(re.findall(r"`([^`]+)`", section))))
+
+    def keys(cls) -> set[str]:
+        out = set()
+        for f in dataclasses.fields(cls):
+            out.add(f.name)
+            default = getattr(cls(), f.name)
+            if dataclasses.is_dataclass(default):
+                out |= keys(type(default))
+        return out
+
+    assert sorted(keys(Config) - named) == []
 
 
 def test_defaults_and_overrides_with_yaml_values():
