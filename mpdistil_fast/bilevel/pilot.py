@@ -29,8 +29,9 @@ What the helper takes care of:
 
 * the experimental step uses the student optimizer's own rule with its state frozen (SGD: MetaDistil; Adam/AdamW:
   SAMA's preconditioner) and its current learning rate, so schedulers are followed;
-* ``max_grad_norm`` clips the teacher's hypergradient and the student's real-step gradient (the experimental step
-  itself is unclipped); ``student_scheduler`` / ``teacher_scheduler`` step after their optimizers;
+* ``max_grad_norm`` clips the teacher's hypergradient and the student's real-step gradient, and (with the default
+  ``inner_optimizer``) the experimental step's inner gradient too, so the pilot is the clipped step the student then
+  takes; ``student_scheduler`` / ``teacher_scheduler`` step after their optimizers;
 * ``autocast_dtype=torch.bfloat16`` runs every loss evaluation under autocast (parameters, gradients and the
   finite difference stay in fp32; the difference step grows to bf16's cube-root epsilon);
 * dropout: the experimental student, the shifted students and the real step see the same dropout masks, recorded
@@ -81,7 +82,8 @@ class PilotUpdate:
             inner_optimizer: rule of the experimental step (default: the student optimizer's, which must then be
                 SGD, Adam or AdamW); ``"sgd"`` gives MetaDistil's plain step.
             inner_lr: experimental learning rate (default: the optimizer's current one, read every step).
-            max_grad_norm: clip norm for the teacher's hypergradient and the student's real gradient.
+            max_grad_norm: clip norm for the teacher's hypergradient and the student's real gradient (and the
+                experimental step's, when ``inner_optimizer`` is left to default).
             autocast_dtype: ``torch.bfloat16`` runs the losses under ``torch.autocast`` (float16 is refused: it would
                 need loss scaling).
             epsilon: finite-difference step c (see :func:`~mpdistil_fast.bilevel.hypergradient`).
