@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import yaml
 
 import mpdistil_fast
-from mpdistil_fast.methods import StudentObjective, cls_states
+from mpdistil_fast.methods import StudentObjective
 from mpdistil_fast.models import load_tokenizer, tiny_backbone
 from mpdistil_fast.pipeline import stages
 from mpdistil_fast.pipeline.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
@@ -89,8 +89,8 @@ def test_patient_kd_hidden_term():
     layers_t = tuple(torch.randn(4, 6, 8) for _ in range(7))   # embeddings + 6 teacher layers
     student, teacher, labels = torch.randn(4, 2), torch.randn(4, 2), torch.tensor([0, 1, 1, 0])
     objective = StudentObjective("pkd", alpha=0.5, temperature=2.0, beta=7.0, layer_map="skip")
-    hs, ht = cls_states(layers_s), cls_states(layers_t)
-    assert hs.shape == (3, 4, 1, 8) and ht.shape == (6, 4, 1, 8)
+    first_tokens = lambda layers: torch.stack([h[:, :1] for h in layers[1:]])  # noqa: E731  [L, B, 1, H]
+    hs, ht = first_tokens(layers_s), first_tokens(layers_t)
     result = objective(student, labels, teacher_logits=teacher, student_hidden=hs, teacher_hidden=ht)
     # PKD-skip, 3 -> 6 layers: student layers 1, 2 -> teacher layers 2, 4 (1-based), normalised [CLS] states
     normalise = lambda h: F.normalize(h[:, 0].double(), dim=-1)  # noqa: E731

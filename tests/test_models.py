@@ -272,3 +272,23 @@ def test_opt_with_a_projected_final_state():
     assert [tuple(h.shape) for h in student_out.hidden_states] == [(3, 6, 16)] * 2
     (student_out.logits.sum() + student_out.hidden_states[-1].sum()).backward()
     assert student.backbone.decoder.project_out.weight.grad is not None
+
+
+@pytest.mark.parametrize("kind,pooling", [("bert", "pooler"), ("bert", "cls"), ("deberta-v2", "mean"),
+                                          ("opt", "last"), ("llama", "mean")])
+def test_layer_states_are_taken_at_the_pooling_position(kind, pooling):
+    """Patient KD's per-layer states: every layer after the embeddings pooled as the representation is (the first
+    token for ``pooler``/``cls``, as PKD's [CLS]; a decoder's last attended token, which sees the text), for plain
+    and multiple-choice inputs, with right or left padding."""
+    model = TaskModel(tiny_backbone(kind, hidden_size=16, num_layers=3, vocab_size=VOCAB), ["cb", "copa"],
+                      pooling=pooling).eval()
+    method = "cls" if pooling == "pooler" else pooling
+    for task, shape_prefix in (("cb", ()), ("copa", (2,))):
+        ids, mask = _inputs(3, 7, [7, 2, 5], left=kind == "opt", shape_prefix=shape_prefix)
+        out = model(ids, mask, task=task, output_layer_states=True)
+        assert out.hidden_states is None
+        hidden = model(ids, mask, task=task, output_hidden_states=True).hidden_states
+        flat_mask = mask.reshape(-1, 7)
+        expected = torch.stack([_reference_pool(h, flat_mask, method) for h in hidden[1:]]).unsqueeze(2)
+        assert out.layer_states.shape == (3, flat_mask.shape[0], 1, 16)
+        torch.testing.assert_close(out.layer_states.double(), expected, rtol=1e-6, atol=1e-6)

@@ -64,16 +64,22 @@ def test_cached_rows_equal_a_live_teacher(splits, tmp_path, task, on_disk):
         assert isinstance(np.load(_entry(tmp_path, f"{task}-validation") / "logits.npy", mmap_mode="r"), np.memmap)
 
 
-def test_first_token_hidden_states_for_patient_kd(splits, tmp_path):
+@pytest.mark.parametrize("task", ["cb", "copa"])
+def test_layer_states_for_patient_kd(splits, tmp_path, task):
+    """Only each layer's state at the pooling position is kept, served as the live teacher's ``layer_states``."""
     teacher = _teacher()
-    cached = TeacherCache(teacher, tmp_path, keep_hidden="first_token").outputs(splits["copa"], "train")
-    assert cached.hidden.shape == (13, 2, 3, 1, 16)
-    batch = next(iterate_batches(splits["copa"], 5, shuffle=True, seed=0))
-    served, live = cached.gather(batch["example_index"]), _live(teacher, batch, "copa")
-    for a, b in zip(served.hidden_states, live.hidden_states):
-        torch.testing.assert_close(a, b[:, :1], rtol=1e-6, atol=1e-6)
+    cached = TeacherCache(teacher, tmp_path, keep_hidden="layer_states").outputs(splits[task], "train")
+    assert cached.hidden.shape == ((13, 2, 2, 1, 16) if task == "copa" else (13, 2, 1, 16))
+    batch = next(iterate_batches(splits[task], 5, shuffle=True, seed=0))
+    served = cached.gather(batch["example_index"])
+    teacher.eval()
+    with torch.no_grad():
+        live = teacher(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], task=task,
+                       output_layer_states=True)
+    assert served.hidden_states is None and served.layer_states.shape == live.layer_states.shape
+    torch.testing.assert_close(served.layer_states, live.layer_states, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="keep_hidden"):
-        TeacherCache(teacher, keep_hidden="cls")
+        TeacherCache(teacher, keep_hidden="first_token")
 
 
 def test_a_second_run_reuses_the_files_without_running_the_teacher(splits, tmp_path, monkeypatch):

@@ -61,14 +61,14 @@ class RowSharding(Protocol):
 
 
 #: ``keep_hidden`` values and what they store.
-HIDDEN_MODES: dict[bool | str, str | None] = {False: None, True: "all", "all": "all", "first_token": "first_token"}
+HIDDEN_MODES: dict[bool | str, str | None] = {False: None, True: "all", "all": "all", "layer_states": "layer_states"}
 
 
 @dataclass
 class CachedOutputs:
     """Teacher outputs of every row of one split: ``logits`` ``[N, K]``, ``pooled`` ``[N, H]`` (multiple choice:
-    ``[N, C, H]``), ``hidden`` ``[N, L+1, S, H]``
-    (multiple choice: ``[N, C, L+1, S, H]``; ``S`` is 1 when only the first token is kept) or None.  Use
+    ``[N, C, H]``), ``hidden`` (``hidden_kind``): ``"all"`` every layer's states ``[N, L+1, S, H]``, ``"layer_states"``
+    each layer's state at the pooling position ``[N, L, 1, H]`` (multiple choice: ``[N, C, ...]``), or None.  Use
     :meth:`gather` for batches: it counts the rows it serves, which is what :attr:`TeacherCache.seconds_saved` reports.
     """
 
@@ -78,6 +78,7 @@ class CachedOutputs:
     compute_seconds: float
     obtain_seconds: float
     rows_served: int = field(default=0)
+    hidden_kind: str | None = None
 
     def __len__(self) -> int:
         return int(self.logits.shape[0])
@@ -92,12 +93,16 @@ class CachedOutputs:
             raise ValueError(f"example_index must be a 1-D tensor of rows in [0, {len(self)}), got {rows.tolist()}")
         self.rows_served += rows.numel()
         move = lambda t: t[rows].to(device) if device is not None else t[rows]  # noqa: E731
-        hidden = None
+        hidden = layer_states = None
         if self.hidden is not None:
             states = move(self.hidden)
-            states = states.reshape(-1, *states.shape[-3:])  # [B(*C), L+1, S, H]
-            hidden = tuple(states.unbind(dim=1))
-        return TaskModelOutput(logits=move(self.logits), pooled=move(self.pooled), hidden_states=hidden)
+            states = states.reshape(-1, *states.shape[-3:])  # [B(*C), L(+1), S, H]
+            if self.hidden_kind == "layer_states":
+                layer_states = states.transpose(0, 1)
+            else:
+                hidden = tuple(states.unbind(dim=1))
+        return TaskModelOutput(logits=move(self.logits), pooled=move(self.pooled), hidden_states=hidden,
+                               layer_states=layer_states)
 
     @property
     def seconds_saved(self) -> float:
@@ -128,8 +133,9 @@ def fingerprint(teacher: torch.nn.Module, split: EncodedSplit, keep_hidden: str 
 class TeacherCache:
     """Outputs of a frozen ``teacher`` per (task, split), in memory or as memory-mapped ``.npy`` files under
     ``directory``.  ``keep_hidden`` also stores every layer's hidden states: ``True``/``"all"`` every token (large:
-    ``N (L+1) S H`` floats), ``"first_token"`` only the first ([CLS]) token, all that patient KD's hidden loss reads
-    (Sun et al., 2019): ``N (L+1) H`` floats, served as ``[B, 1, H]`` per layer."""
+    ``N (L+1) S H`` floats), ``"layer_states"`` only each layer's state at the pooling position, all that patient
+    KD's hidden loss reads (Sun et al., 2019; :meth:`~mpdistil_fast.models.TaskModel.pooled_layer_states`):
+    ``N L H`` floats, served as ``layer_states`` ``[L, B, 1, H]``."""
 
     def __init__(self, teacher: "TaskModel", directory: Path | str | None = None, *, batch_size: int = 64,
                  keep_hidden: bool | str = False, sharding: RowSharding | None = None) -> None:
@@ -189,7 +195,8 @@ class TeacherCache:
                 if folder is not None and self._is_main:
                     self._write_meta(folder, print_key, compute_seconds)
             self.entries[key] = CachedOutputs(*arrays, compute_seconds=compute_seconds,
-                                              obtain_seconds=time.perf_counter() - start)
+                                              obtain_seconds=time.perf_counter() - start,
+                                              hidden_kind=self.keep_hidden)
         return self.entries[key]
 
     @property
@@ -220,11 +227,13 @@ class TeacherCache:
             for batch in iterate_batches(split, self.batch_size, shuffle=False, seed=0):
                 out = self.teacher(batch["input_ids"].to(device), batch["attention_mask"].to(device),
                                    batch["token_type_ids"].to(device), task=split.task,
-                                   output_hidden_states=self.keep_hidden is not None)
+                                   output_hidden_states=self.keep_hidden == "all",
+                                   output_layer_states=self.keep_hidden == "layer_states")
                 values = {"logits": out.logits, "pooled": out.pooled}
                 if self.keep_hidden is not None:
-                    states = out.hidden_states if self.keep_hidden == "all" else [h[:, :1] for h in out.hidden_states]
-                    hidden = torch.stack(states, dim=1)  # [B(*C), L+1, S or 1, H]
+                    # [B(*C), L+1, S, H] or [B(*C), L, 1, H]
+                    hidden = torch.stack(out.hidden_states, dim=1) if self.keep_hidden == "all" \
+                        else out.layer_states.transpose(0, 1)
                     values["hidden"] = hidden.reshape(*out.pooled.shape[:-1], *hidden.shape[1:])
                 rows = batch["example_index"]
                 for name, value in values.items():

@@ -7,7 +7,9 @@
 * ``pkd`` (Sun et al., 2019, "Patient Knowledge Distillation for BERT Model Compression"): ``kd`` plus
   ``beta * mean_{i, j, d} (h_s^{i,j}/||h_s^{i,j}|| - h_t^{i,m(j)}/||h_t^{i,m(j)}||)_d^2`` over the [CLS] states of
   the batch rows i, the student's layers j and the teacher layers m(j) they are mapped to (PKD-skip or PKD-last),
-  and the H hidden units d, via :class:`mpdistil_fast.HiddenMSELoss`.  The paper writes the sum over rows and
+  and the H hidden units d, via :class:`mpdistil_fast.HiddenMSELoss`.  For a model pooled otherwise than by its
+  first token (a decoder's ``last``), the states at its pooling position replace [CLS] (:meth:`mpdistil_fast.
+  models.TaskModel.pooled_layer_states`).  The paper writes the sum over rows and
   layers of the squared distances; its released code takes this elementwise mean (``F.mse_loss``), which is what
   its beta values (and this project's ``distill.beta``) weight: the sum is B * layers * H times larger.
 
@@ -31,14 +33,6 @@ class LossParts:
 
     loss: torch.Tensor
     parts: dict[str, float]
-
-
-def cls_states(hidden_states: tuple[torch.Tensor, ...] | list[torch.Tensor]) -> torch.Tensor:
-    """The [CLS] (first-token) state of every layer after the embeddings, as a layer stack ``[L, B, 1, H]``.
-
-    ``hidden_states`` is the model's tuple ``(embeddings, layer1, ..., layerL)`` of ``[B, S, H]``.
-    """
-    return torch.stack([h[:, :1, :] for h in hidden_states[1:]], dim=0)
 
 
 class StudentObjective(nn.Module):
@@ -78,7 +72,8 @@ class StudentObjective(nn.Module):
                 teacher_logits: torch.Tensor | None = None,
                 student_hidden: torch.Tensor | None = None,
                 teacher_hidden: torch.Tensor | None = None) -> LossParts:
-        """``student_hidden`` / ``teacher_hidden``: per-layer [CLS] states ``[L, B, 1, H]`` (:func:`cls_states`)."""
+        """``student_hidden`` / ``teacher_hidden``: per-layer states at the pooling position ``[L, B, 1, H]``
+        (``TaskModelOutput.layer_states``)."""
         ce = F.cross_entropy(student_logits.float(), labels)
         if self.method == "finetune":
             return LossParts(ce, {"ce": ce.item()})

@@ -32,12 +32,15 @@ class TaskModelOutput(ModelOutput):
     """``logits`` ``[B, num_labels]`` (multiple choice ``[B, C]``); ``pooled`` ``[B, H_out]`` (multiple choice
     ``[B, C, H_out]``); ``hidden_states`` (embeddings, layer 1, ..., layer L), each ``[B, S, H]`` (multiple choice
     ``[B*C, S, H]``), or None unless asked for.  ``H_out`` is ``H`` except in OPT models that project their final
-    state out to a narrower embedding width (OPT-350m: H = 1024, H_out = 512).  A ``transformers`` ``ModelOutput`` (a dict as well), so that
+    state out to a narrower embedding width (OPT-350m: H = 1024, H_out = 512).  ``layer_states`` ``[L, B, 1, H]``
+    (multiple choice ``[L, B*C, 1, H]``): every layer's state at the pooling position (:meth:`TaskModel.
+    pooled_layer_states`), or None unless asked for.  A ``transformers`` ``ModelOutput`` (a dict as well), so that
     DeepSpeed's ZeRO-3 hooks find the tensors in it."""
 
     logits: torch.Tensor
     pooled: torch.Tensor | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
+    layer_states: torch.Tensor | None = None
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, method: str, pooler: nn.Module | None = None
@@ -132,9 +135,10 @@ class TaskModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 token_type_ids: torch.Tensor | None = None, *, task: str,
-                output_hidden_states: bool = False) -> TaskModelOutput:
-        """Logits of ``task``'s head, the pooled representation and (optionally) all hidden states.  Inputs are
-        ``[B, S]``, or ``[B, C, S]`` for a multiple-choice task."""
+                output_hidden_states: bool = False, output_layer_states: bool = False) -> TaskModelOutput:
+        """Logits of ``task``'s head, the pooled representation and (optionally) all hidden states and every
+        layer's state at the pooling position.  Inputs are ``[B, S]``, or ``[B, C, S]`` for a multiple-choice
+        task."""
         if task not in self.heads:
             raise ValueError(f"task must be one of {tuple(self.heads)}, got {task!r}")
         multiple_choice = self.specs[task].multiple_choice
@@ -145,19 +149,34 @@ class TaskModel(nn.Module):
                              f"{tuple(attention_mask.shape)}")
         leading = input_ids.shape[:-1]
         flat = lambda t: None if t is None else t.reshape(-1, t.shape[-1])  # noqa: E731
+        need_states = output_hidden_states or output_layer_states
         kwargs = {"input_ids": flat(input_ids), "attention_mask": flat(attention_mask),
-                  "output_hidden_states": output_hidden_states, "return_dict": True}
+                  "output_hidden_states": need_states, "return_dict": True}
         if self._accepts_token_types and token_type_ids is not None:
             kwargs["token_type_ids"] = flat(token_type_ids)
         if self._accepts_use_cache:
             kwargs["use_cache"] = False
-        outputs, hidden_states = self._backbone_forward(kwargs, output_hidden_states)
+        outputs, hidden_states = self._backbone_forward(kwargs, need_states)
         pooled = pool(outputs.last_hidden_state, kwargs["attention_mask"], self.pooling,
                       getattr(self.backbone, "pooler", None))
         head = self.heads[task]
         logits = head(pooled.to(head[1].weight.dtype))
         logits = logits.reshape(leading) if multiple_choice else logits
-        return TaskModelOutput(logits=logits, pooled=pooled.reshape(*leading, -1), hidden_states=hidden_states)
+        layer_states = self.pooled_layer_states(hidden_states, kwargs["attention_mask"]) if output_layer_states \
+            else None
+        return TaskModelOutput(logits=logits, pooled=pooled.reshape(*leading, -1),
+                               hidden_states=hidden_states if output_hidden_states else None,
+                               layer_states=layer_states)
+
+    def pooled_layer_states(self, hidden_states: tuple[torch.Tensor, ...], attention_mask: torch.Tensor
+                            ) -> torch.Tensor:
+        """Every layer's state (``hidden_states[1:]``, after the embeddings) at the pooling position, the layer
+        stack ``[L, B, 1, H]`` that patient KD distils (Sun et al., 2019).  PKD takes BERT's [CLS] state, the one its
+        pooler and classifier read; here each layer is pooled as the representation is (``pooler`` and ``cls``: the
+        first token; ``last``: the last attended token, so that a causal decoder, whose first token does not see the
+        text, distils states that do; ``mean``: the masked mean).  ``attention_mask`` ``[B, S]``."""
+        method = "cls" if self.pooling == "pooler" else self.pooling
+        return torch.stack([pool(h, attention_mask, method) for h in hidden_states[1:]]).unsqueeze(2)
 
     def _backbone_forward(self, kwargs: dict, output_hidden_states: bool) -> tuple[ModelOutput, tuple | None]:
         """The backbone's outputs and its hidden states, all ``H`` wide: where an OPT decoder projects its final

@@ -19,7 +19,7 @@ from torch import nn
 from mpdistil_fast.data import compute_metrics, trim_padding
 from mpdistil_fast.methods.curriculum import CurriculumPolicy, Reinforce
 from mpdistil_fast.methods.mpdistil import performance_state, reward, state_size, update_summary
-from mpdistil_fast.methods.objectives import StudentObjective, cls_states
+from mpdistil_fast.methods.objectives import StudentObjective
 from mpdistil_fast.pipeline.config import Config, bilevel_hypergradient
 from mpdistil_fast.pipeline.streams import Batch, TaskCursor
 from mpdistil_fast.pipeline.trainer import LOG, BestSnapshot, model_inputs
@@ -99,14 +99,15 @@ def student_stage(run: "Run") -> None:
 
     with run.frozen_teacher_outputs() as teacher_outputs:
         def step(trained, task: str, batch: Batch, _) -> dict[str, float]:
-            out = student(**model_inputs(batch), task=task, output_hidden_states=objective.needs_hidden)
+            out = student(**model_inputs(batch), task=task, output_layer_states=objective.needs_hidden)
             targets = {}
             if objective.needs_teacher:
                 t = teacher_outputs(task, "train", batch, objective.needs_hidden)
                 targets["teacher_logits"] = t.logits
                 if objective.needs_hidden:
-                    targets["student_hidden"] = cls_states(out.hidden_states)
-                    targets["teacher_hidden"] = cls_states(t.hidden_states)
+                    flat_mask = batch["attention_mask"].reshape(-1, batch["attention_mask"].shape[-1])
+                    targets["student_hidden"] = out.layer_states
+                    targets["teacher_hidden"] = run.teacher.pooled_layer_states(t.hidden_states, flat_mask)
             result = objective(out.logits, batch["labels"], **targets)
             trained.backward(result.loss)
             trained.step()
