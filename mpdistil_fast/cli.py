@@ -72,17 +72,19 @@ def distill(args: argparse.Namespace) -> int:
     if args.quiet:
         overrides.append("runtime.progress=false")
     config = load_config(args.config, overrides)
-    from mpdistil_fast.pipeline.trainer import Run
+    from mpdistil_fast.distributed.runtime import closed_after
+    from mpdistil_fast.pipeline.trainer import Run, runtime_for
 
-    run = Run(config, resume=args.resume, overwrite=args.overwrite)
-    report = run.run()
-    if run.is_main:
-        output_dir = Path(config.output_dir)
-        table = output_dir / "report.md"
-        if table.is_file():
-            print(table.read_text())
-        print(f"outputs in {output_dir}: report.json, report.md, curves.png, metrics.jsonl, checkpoints/")
-    run.runtime.close()
+    # closed also when the run fails (on every rank, or on this one alone)
+    with closed_after(runtime_for(config)) as runtime:
+        run = Run(config, resume=args.resume, overwrite=args.overwrite, runtime=runtime)
+        report = run.run()
+        if run.is_main:
+            output_dir = Path(config.output_dir)
+            table = output_dir / "report.md"
+            if table.is_file():
+                print(table.read_text())
+            print(f"outputs in {output_dir}: report.json, report.md, curves.png, metrics.jsonl, checkpoints/")
     return 0 if report["tasks"] else 1
 
 

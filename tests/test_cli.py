@@ -203,3 +203,30 @@ def test_a_hub_model_the_hub_cannot_serve_is_an_error_message(tmp_path, data_dir
     error = capsys.readouterr().err
     assert "could not load the model 'some-org/teacher' from the hub" in error and "Offline, name a local" in error
     assert "Traceback" not in error
+
+
+def test_distill_closes_its_runtime_also_when_the_run_fails(tmp_path, teacher_dir, data_dir, monkeypatch, capsys):
+    """``distill`` closes the runtime when its run raises, in ``Run(...)`` (a refused output_dir: exit status 2) or
+    in a stage (the error propagates), with ``failed=True``: a DeepSpeed rank then ends its process group without
+    a barrier that ranks still running, or waiting in a collective, would never reach.  Nothing closed it before."""
+    from mpdistil_fast.distributed import LocalRuntime
+    from mpdistil_fast.pipeline.stages import STAGE_FUNCTIONS
+
+    closed: list[bool] = []
+    monkeypatch.setattr(LocalRuntime, "close", lambda self, *, failed=False: closed.append(failed))
+    config = write_config(tmp_path / "c.yaml", teacher_dir, data_dir, tmp_path / "run", "finetune",
+                          student_training={"max_steps": 1})
+    command = ["distill", "--config", str(config), "--quiet"]
+    assert main(command) == 0
+    assert closed == [False]
+    assert main(command) == 2  # the output_dir holds that run
+    assert "holds an earlier run" in capsys.readouterr().err
+    assert closed == [False, True]
+
+    def failing_stage(run) -> None:
+        raise RuntimeError("the student stage failed")
+
+    monkeypatch.setitem(STAGE_FUNCTIONS, "student", failing_stage)
+    with pytest.raises(RuntimeError, match="the student stage failed"):
+        main([*command, "--overwrite"])
+    assert closed == [False, True, True]

@@ -325,6 +325,26 @@ def test_collectives_on_two_ranks():
     assert result.stdout.count("collectives ok") == 2
 
 
+def test_a_failed_close_waits_for_no_other_rank(monkeypatch):
+    """``close(failed=True)`` (the run raised, maybe on this rank alone) retires the engines and ends the process
+    group without the barrier of a finished run's ``close``, which ranks still running would never reach."""
+    from mpdistil_fast.distributed import deepspeed_runtime
+
+    calls: list[str] = []
+    runtime = object.__new__(DeepSpeedRuntime)  # without a process group: every call it makes is recorded
+    runtime._engines, runtime._training_roles = {1: "teacher engine", 2: "student engine"}, {1: "teacher"}
+    runtime._guards = {1: type("Guard", (), {"remove": lambda self: calls.append("guard removed")})()}
+    monkeypatch.setattr(deepspeed_runtime, "retire", lambda engine: calls.append(f"{engine} retired"))
+    monkeypatch.setattr(torch.distributed, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(torch.distributed, "destroy_process_group", lambda: calls.append("process group ended"))
+    runtime.close(failed=True)
+    assert calls == ["guard removed", "teacher engine retired", "student engine retired", "process group ended"]
+    assert not (runtime._engines or runtime._guards or runtime._training_roles)
+    calls.clear()
+    runtime.close()  # a finished run: every rank is there
+    assert calls == ["barrier", "process group ended"]
+
+
 # ----------------------------------------------------------------------------------------------- two ranks
 
 def _teacher_without_dropout(folder: Path) -> Path:
@@ -545,3 +565,27 @@ def test_without_a_launcher_the_runtime_is_one_rank(tmp_path, data_dir):
     assert result.returncode == 0, result.stderr[-4000:]
     assert result.stdout.count("outputs in") == 1
     assert {r["stage"] for r in _records(tmp_path / "run")} == {"teacher", "student"}
+
+
+@pytest.mark.slow
+def test_a_rank_that_fails_alone_closes_its_runtime_without_waiting(tmp_path, data_dir):
+    """Rank 1 raises alone at the end of the teacher's stage (tests/failing_rank_worker.py) while rank 0 goes on into
+    collectives that rank 1 never joins: rank 1 retires its engine (the ZeRO-3 teacher's training engine) and ends
+    its process group without a barrier, then exits, so torchrun stops rank 0 and the launch ends, failed.  Before,
+    ``distill`` closed nothing on a failure (the process group was left to interpreter exit)."""
+    pytest.importorskip("deepspeed")
+    pytest.importorskip("accelerate")
+    teacher = make_tiny_teacher(tmp_path / "teacher")
+    for stage in (2, 3):
+        (tmp_path / f"zero{stage}.json").write_text(json.dumps({"zero_optimization": {"stage": stage}}))
+    config = write_config(tmp_path / "c.yaml", teacher, data_dir, tmp_path / "run", "kd",
+                          teacher_training={"max_steps": 1},
+                          runtime={"kind": "deepspeed", "deepspeed_teacher": str(tmp_path / "zero3.json"),
+                                   "deepspeed_student": str(tmp_path / "zero2.json")})
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(ROOT / "tests" / "failing_rank_worker.py"), "distill", "--config", str(config),
+                             "--quiet"], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode != 0 and "rank 1 fails alone" in result.stderr, result.stderr[-4000:]
+    assert "rank 1 closed (failed=True): 1 engine(s) retired, 0 left, process group up: False" in result.stdout, (
+        result.stdout[-2000:], result.stderr[-4000:])

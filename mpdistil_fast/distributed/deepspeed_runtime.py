@@ -465,10 +465,13 @@ class DeepSpeedRuntime:
         if is_partitioned(module):
             self._attach_inference_engine(module, role)
 
-    def close(self) -> None:
+    def close(self, *, failed: bool = False) -> None:
         """Every rank, once done: retire every engine and end the process group, so that the process exits without
         DeepSpeed's and the communication backend's objects being torn down in an arbitrary order at interpreter
-        exit."""
+        exit.  ``failed``: the run raised, maybe on this rank alone, so the other ranks may never reach a barrier
+        (they wait in a collective this rank left, or run on): the same without it (retiring the engines is local,
+        and ending the process group only flushes this rank's own queued operations), so the process exits and the
+        launcher stops the others."""
         for guard in self._guards.values():
             guard.remove()
         for engine in self._engines.values():
@@ -477,7 +480,8 @@ class DeepSpeedRuntime:
         self._engines.clear()
         self._training_roles.clear()
         gc.collect()
-        torch.distributed.barrier()
+        if not failed:
+            torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
     def _reduce_max(self, tensor: torch.Tensor) -> None:

@@ -11,13 +11,15 @@ logged metrics over ranks, ``average_tensors`` averages tensors in place (the bi
 model's partitioned parameters gathered a few at a time; every rank takes part), ``snapshot_weights`` /
 ``restore_snapshot`` keep and put back only what the rank holds (its partitions, under ZeRO-3); ``from_main``
 hands every rank rank 0's decision; ``rank_rows``/``gather_rows`` share an evaluation pass over the ranks;
-``close`` ends the runtime once a run is done.
+``close`` ends the runtime once a run is done, and ``close(failed=True)`` once it failed, without waiting for the other
+ranks (:func:`closed_after` calls the one or the other).
 :class:`LocalRuntime` is one process on one device;
 :class:`~mpdistil_fast.distributed.deepspeed_runtime.DeepSpeedRuntime` is data parallel over DeepSpeed engines
 (``runtime.kind: deepspeed``).
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol
 
@@ -129,7 +131,7 @@ class Runtime(Protocol):
 
     def barrier(self) -> None: ...
 
-    def close(self) -> None: ...
+    def close(self, *, failed: bool = False) -> None: ...
 
 
 def resolve_device(name: str) -> torch.device:
@@ -241,8 +243,21 @@ class LocalRuntime:
     def barrier(self) -> None:
         return None
 
-    def close(self) -> None:
+    def close(self, *, failed: bool = False) -> None:
         """Nothing to end in one process."""
+
+
+@contextmanager
+def closed_after(runtime: Runtime) -> Iterator[Runtime]:
+    """``runtime`` for the block, closed when it ends, also when it raises: then with ``close(failed=True)``, which
+    waits for no other rank (the error may be this rank's alone, the others busy or waiting in a collective it will
+    never join: a barrier would hold this process forever, where its exit lets the launcher stop the others)."""
+    try:
+        yield runtime
+    except BaseException:
+        runtime.close(failed=True)
+        raise
+    runtime.close()
 
 
 def make_runtime(kind: str, *, device: str = "auto", num_threads: int | None = None,

@@ -82,6 +82,14 @@ def model_inputs(batch: Batch) -> dict[str, torch.Tensor]:
     return {k: batch[k] for k in MODEL_INPUTS}
 
 
+def runtime_for(config: Config) -> Runtime:
+    """The runtime ``config.runtime`` asks for (``kind``, device, threads, DeepSpeed JSONs)."""
+    return make_runtime(config.runtime.kind, device=config.runtime.device, num_threads=config.runtime.num_threads,
+                        deepspeed_configs={"teacher": config.runtime.deepspeed_teacher,
+                                           "student": config.runtime.deepspeed_student},
+                        batch_size=config.data.batch_size)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
@@ -185,11 +193,7 @@ class Run:
         entries are keyed by the teacher's weights)."""
         self.config = config
         self.output_dir = Path(config.output_dir)
-        self.runtime = runtime or make_runtime(
-            config.runtime.kind, device=config.runtime.device, num_threads=config.runtime.num_threads,
-            deepspeed_configs={"teacher": config.runtime.deepspeed_teacher,
-                               "student": config.runtime.deepspeed_student},
-            batch_size=config.data.batch_size)
+        self.runtime = runtime or runtime_for(config)
         self.is_main = self.runtime.is_main
         if config.data.batch_size % self.runtime.world_size:
             raise ConfigError(f"data.batch_size {config.data.batch_size} is not a multiple of the "
