@@ -103,6 +103,48 @@ def _metric_records(run_dir: Path) -> list[dict]:
     return [{k: v for k, v in json.loads(line).items() if k != "time"} for line in lines]
 
 
+def test_a_resumed_run_reports_the_time_of_every_process(tmp_path, data_dir):
+    """After --resume each timing of the report adds what the earlier processes measured up to the checkpoint
+    (recorded in it) to this process's: the data and models it loaded too, the stage resumed in and the teacher
+    cache's counts (only the last process's before), and the report says how much came from earlier processes.  A
+    checkpoint written before the cache's counts were recorded resumes too."""
+    teacher = make_tiny_teacher(tmp_path / "teacher")
+    settings = {**LONGER, "runtime": {"checkpoint_every": 2, "keep_checkpoints": 100}}
+    run_dir = tmp_path / "run"
+    config = load_config(write_config(tmp_path / "c.yaml", teacher, data_dir, run_dir, "kd", **settings))
+    Run(config).run()
+    mid = next(c for c in list_checkpoints(run_dir) if json.loads((c / "state.json").read_text())["stage"] == "student")
+    # a slow earlier process, killed inside the student's stage
+    earlier = {"data": 1000.0, "models": 2000.0, "teacher": 3000.0, "student": 4000.0, "teacher_cache_spent": 500.0,
+               "teacher_cache_saved": 600.0}
+
+    def resume_from_mid(timings: dict[str, float]) -> dict:
+        state = json.loads((mid / "state.json").read_text())
+        for later in list_checkpoints(run_dir)[list_checkpoints(run_dir).index(mid) + 1:]:
+            shutil.rmtree(later)
+        (mid / "state.json").write_text(json.dumps({**state, "timings": timings}))
+        (run_dir / "report.json").unlink()
+        return Run(config, resume=True).run()
+
+    report = resume_from_mid(earlier)
+    timings = report["timings"]
+    for phase in ("data", "models", "student", "teacher_cache_spent"):
+        assert earlier[phase] < timings[phase] < earlier[phase] + 60, (phase, timings)
+    assert abs(timings["teacher_cache_saved"] - earlier["teacher_cache_saved"]) < 60
+    assert timings["teacher"] == earlier["teacher"]  # finished before the checkpoint
+    assert report["timings_earlier_processes"] == earlier
+    assert "final_evaluation" in timings and "final_evaluation" not in report["timings_earlier_processes"]
+    assert _final_state(run_dir)[1]["timings"]["data"] == pytest.approx(timings["data"], abs=1e-3)  # for a next resume
+    markdown = (run_dir / "report.md").read_text()
+    assert "A resumed run:" in markdown and "| phase | seconds | earlier processes |" in markdown
+    assert "| teacher | 3000.0 | 3000.0 |" in markdown and "| final_evaluation |" in markdown
+
+    older = {k: v for k, v in earlier.items() if not k.startswith("teacher_cache")}  # predates the cache's counts
+    report = resume_from_mid(older)
+    assert report["timings_earlier_processes"] == older
+    assert 0 < report["timings"]["teacher_cache_spent"] < 60 and report["timings"]["data"] > earlier["data"]
+
+
 def test_resume_drops_metrics_logged_after_the_checkpoint(tmp_path, data_dir):
     """A run killed after logging past its last checkpoint redoes those steps: each record must appear once."""
     teacher = make_tiny_teacher(tmp_path / "teacher")

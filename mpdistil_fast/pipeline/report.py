@@ -4,7 +4,8 @@
 
     {"tasks":   {task: {"teacher": metrics, "meta_teacher": metrics, "student_stage2": metrics,
                         "student_final": metrics}},          # metrics as returned by compute_metrics
-     "timings": {name: seconds},
+     "timings": {name: seconds},                           # summed over the run's processes (--resume)
+     "timings_earlier_processes": {name: seconds},         # the part of each that processes before the last measured
      "curves":  {"quiz":    [(step, task, value), ...],      # quiz metric over curriculum / training steps
                  "reward":  [(episode, value), ...],         # MPDistil's episode reward
                  "actions": [(episode, {task: count}), ...]},  # the policy's action distribution per episode
@@ -64,9 +65,19 @@ def format_report_markdown(report: dict[str, Any]) -> str:
              "Metrics on each task's validation split (the reported split; never used for model selection), "
              "in percent. CB shows accuracy / macro-F1.", "", format_results_table(report)]
     timings = report.get("timings") or {}
+    earlier = report.get("timings_earlier_processes") or {}
     if timings:
-        parts += ["", "## Timings", "", "| phase | seconds |", "|---|---|"]
-        parts += [f"| {name} | {float(seconds):.1f} |" for name, seconds in timings.items()]
+        parts += ["", "## Timings", ""]
+        if earlier:
+            parts += ["A resumed run: each phase's seconds add up every process of the run, the killed or stopped "
+                      "ones up to the checkpoint the next one resumed from (what they computed after it was "
+                      "redone and counts once); the last column is the part measured by those earlier processes.",
+                      ""]
+        columns = ["phase", "seconds"] + (["earlier processes"] if earlier else [])
+        parts += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        for name, seconds in timings.items():
+            cells = [name, f"{float(seconds):.1f}"] + ([f"{float(earlier.get(name, 0.0)):.1f}"] if earlier else [])
+            parts.append("| " + " | ".join(cells) + " |")
     sources = report.get("data_source") or {}
     if sources:
         parts += ["", "## Data", ""] + [f"- {task}: {source}" for task, source in sources.items()]

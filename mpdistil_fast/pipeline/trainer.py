@@ -234,6 +234,9 @@ class Run:
         self.meta_teachers: nn.ModuleDict | None = None
         self.cache: TeacherCache | None = None
         self.resumed = False
+        #: the timings of the checkpoint resumed from: what the run's earlier processes measured up to it (each
+        #: timing in ``state["timings"]`` adds this process's own to it)
+        self.earlier_timings: dict[str, float] = {}
         if checkpoint is not None or resume:
             self.load(checkpoint)
         # the data this run read (resolved folder, None: the hub), so that `evaluate` reads the same or refuses
@@ -361,6 +364,7 @@ class Run:
         checkpoint's atomic rename.  A frozen model (the teacher after its stage) is written once and hard-linked
         into later checkpoints."""
         self._account_time()
+        self.state["timings"].update(self._cache_timings())
         stateful = stateful or {}
         sharded = {name: obj for name, obj in stateful.items() if hasattr(obj, "save_sharded")}
         staging = self.output_dir / SHARD_STAGING
@@ -421,9 +425,11 @@ class Run:
             self.runtime.write_weights(model, weights)
             if name in state.get("modes", {}):
                 set_training_modes(model, state["modes"][name])
-        timings = self.state["timings"]
+        timings = self.state["timings"]  # this process's loading of the data and models
         self.state = state
-        self.state["timings"].update({k: v for k, v in timings.items() if k in ("data", "models")})
+        self.earlier_timings = dict(state["timings"])
+        for phase, seconds in timings.items():
+            state["timings"][phase] = state["timings"].get(phase, 0.0) + seconds
         if self.teacher is not None and "teacher" in self.state["completed"]:
             self.teacher.eval().requires_grad_(False)
         if state["stage"] is None:
@@ -491,6 +497,16 @@ class Run:
             timings = self.state["timings"]
             timings[self.state["stage"]] = timings.get(self.state["stage"], 0.0) + now - self._clock
         self._clock = now
+
+    def _cache_timings(self) -> dict[str, float]:
+        """What the teacher cache cost and saved over the run's processes: the earlier ones' (up to the checkpoint
+        resumed from; none in a checkpoint that predates this count) and this one's so far (nothing while this
+        process has no cache: the checkpoint's counts stand)."""
+        if self.cache is None:
+            return {}
+        earlier = self.earlier_timings
+        return {"teacher_cache_spent": earlier.get("teacher_cache_spent", 0.0) + self.cache.seconds_spent,
+                "teacher_cache_saved": earlier.get("teacher_cache_saved", 0.0) + self.cache.seconds_saved}
 
     def loop(self, stage: str, total_steps: int, step_fn: Callable[[int], dict[str, float]],
              stateful: dict[str, Any], *, can_checkpoint: Callable[[int], bool] = lambda step: True) -> None:
@@ -662,11 +678,16 @@ class Run:
         return report
 
     def report(self) -> dict[str, Any]:
-        timings = {k: round(v, 3) for k, v in self.state["timings"].items() if v}
-        if self.cache is not None:
-            timings["teacher_cache_spent"] = round(self.cache.seconds_spent, 3)
-            timings["teacher_cache_saved"] = round(self.cache.seconds_saved, 3)
-        return {"tasks": copy.deepcopy(self.state["results"]), "timings": timings,
+        """The report (:mod:`.report`'s layout); after a resume each timing sums every process of the run, and
+        ``timings_earlier_processes`` says how much of it the earlier ones measured."""
+        def rounded(timings: dict[str, float]) -> dict[str, float]:
+            """To the millisecond: the phases in run order, then the teacher cache's counts (part of the stages')."""
+            ordered = sorted(timings.items(), key=lambda item: item[0].startswith("teacher_cache_"))
+            return {k: round(v, 3) for k, v in ordered if v}
+
+        return {"tasks": copy.deepcopy(self.state["results"]),
+                "timings": rounded({**self.state["timings"], **self._cache_timings()}),
+                "timings_earlier_processes": rounded(self.earlier_timings),
                 "curves": copy.deepcopy(self.state["curves"]), "config": self.config.to_dict(),
                 "data_source": dict(self.data_source), "environment": self.environment()}
 
