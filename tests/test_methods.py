@@ -11,7 +11,7 @@ import yaml
 
 import mpdistil_fast
 from mpdistil_fast.methods import StudentObjective
-from mpdistil_fast.models import load_tokenizer, tiny_backbone
+from mpdistil_fast.models import default_teacher_path, load_tokenizer, tiny_backbone
 from mpdistil_fast.pipeline import stages
 from mpdistil_fast.pipeline.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from mpdistil_fast.pipeline.config import load_config
@@ -380,3 +380,28 @@ def test_metadistil_student_pilot_rule_follows_the_student_schedule(tmp_path, te
     # warm-up of int(0.5 * 3) = 1 step, then linear decay to 0 over the 3 steps
     assert rates["student"] == pytest.approx([5e-4, 1e-3, 5e-4], rel=1e-12)
     assert rates["sgd"] == pytest.approx([1e-4] * 3, rel=1e-12)
+
+
+def test_decoder_with_a_projected_final_state(tmp_path, data_dir):
+    """MPDistil with an OPT teacher that projects its final state out (as OPT-350m: pooled width 16, layer width
+    32): the meta-teachers read the pooled width, PKD the layer width at the last attended token."""
+    teacher_dir = tmp_path / "opt"
+    tiny_backbone("opt", hidden_size=32, num_layers=4, seed=0, word_embed_proj_dim=16,
+                  do_layer_norm_before=False).save_pretrained(teacher_dir)
+    load_tokenizer(str(default_teacher_path())).save_pretrained(teacher_dir)
+    path = write_config(tmp_path / "c.yaml", teacher_dir, data_dir, tmp_path / "run", "mpdistil",
+                        student={"pooling": "last"}, student_training={"max_steps": 2},
+                        meta_teacher={"training": {"max_steps": 2}})
+    raw = yaml.safe_load(path.read_text())
+    raw["teacher"]["pooling"] = "last"
+    path.write_text(yaml.safe_dump(raw))
+    run = Run(load_config(path))
+    assert (run.teacher.pooled_size, run.teacher.hidden_size, run.student.pooled_size) == (16, 32, 16)
+    run.teacher.eval().requires_grad_(False)
+    logged = capture_metrics(run)
+    for stage in stages.stages_of(run.config)[1:]:
+        run.begin_stage(stage)
+        getattr(stages, f"{stage}_stage")(run)
+        run.end_stage(stage)
+    assert any("hidden" in m for m in logged)
+    assert all(run.meta_teachers[task].student_projection is None for task in run.tasks)  # pooled widths agree

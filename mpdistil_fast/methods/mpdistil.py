@@ -25,12 +25,13 @@ import mpdistil_fast
 from mpdistil_fast.data import task_spec
 
 
-def build_meta_teachers(config, tasks: Iterable[str], teacher_hidden: int, student_hidden: int) -> nn.ModuleDict:
-    """One :class:`mpdistil_fast.MetaTeacher` per task (a choice scorer for multiple-choice tasks)."""
-    project = student_hidden != teacher_hidden
+def build_meta_teachers(config, tasks: Iterable[str], teacher_width: int, student_width: int) -> nn.ModuleDict:
+    """One :class:`mpdistil_fast.MetaTeacher` per task (a choice scorer for multiple-choice tasks), reading pooled
+    representations ``teacher_width`` and ``student_width`` wide (``TaskModel.pooled_size``)."""
+    project = student_width != teacher_width
     return nn.ModuleDict({
-        task: mpdistil_fast.MetaTeacher(teacher_hidden, task_spec(task).num_labels, hidden=config.meta_teacher.hidden,
-                                        student_features=student_hidden if project else None,
+        task: mpdistil_fast.MetaTeacher(teacher_width, task_spec(task).num_labels, hidden=config.meta_teacher.hidden,
+                                        student_features=student_width if project else None,
                                         multiple_choice=task_spec(task).multiple_choice)
         for task in tasks})
 

@@ -301,7 +301,7 @@ def curriculum_stage(run: "Run") -> None:
     steps, episodes = cc.steps_per_episode, cc.episodes
     total = steps * episodes
     # the policy is a tiny MLP: it stays on the CPU, with its (detached) states
-    policy = CurriculumPolicy(student.hidden_size if compat else state_size(len(targets)), actions,
+    policy = CurriculumPolicy(student.pooled_size if compat else state_size(len(targets)), actions,
                               cc.policy_hidden)
     reinforce = Reinforce(policy, lr=cc.policy_lr, gamma=cc.gamma, baseline_decay=cc.baseline_decay,
                           relative_discount=not compat)

@@ -651,8 +651,8 @@ class Run:
         from mpdistil_fast.methods.mpdistil import build_meta_teachers
 
         if self.meta_teachers is None:
-            self.meta_teachers = build_meta_teachers(self.config, self.tasks, self.teacher.hidden_size,
-                                                     self.student.hidden_size).to(self.runtime.device)
+            self.meta_teachers = build_meta_teachers(self.config, self.tasks, self.teacher.pooled_size,
+                                                     self.student.pooled_size).to(self.runtime.device)
         return self.meta_teachers
 
     # ------------------------------------------------------------------------------------------- driver
