@@ -345,6 +345,34 @@ def test_a_failed_close_waits_for_no_other_rank(monkeypatch):
     assert calls == ["barrier", "process group ended"]
 
 
+def test_a_runtime_that_fails_to_start_ends_the_process_group_it_started(monkeypatch):
+    """``DeepSpeedRuntime(...)`` raising after it started the process group (here: a ``device`` that is not
+    DeepSpeed's accelerator's) leaves no runtime whose ``close`` would end it: the constructor ends it itself, and
+    leaves alone a group that was there before it.  The group stayed up until interpreter exit before."""
+    pytest.importorskip("deepspeed")
+    from deepspeed.accelerator import get_accelerator
+
+    from mpdistil_fast.distributed.deepspeed_runtime import free_port
+
+    if torch.distributed.is_initialized():
+        pytest.skip("this process already has a process group")
+    for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
+                        ("MASTER_PORT", str(free_port()))):
+        monkeypatch.setenv(name, value)
+    other = "cuda" if get_accelerator().device_name(0).startswith("cpu") else "cpu"
+    try:
+        with pytest.raises(ValueError, match="runtime.device"):
+            DeepSpeedRuntime({"teacher": {}, "student": {}}, device=other)
+        assert not torch.distributed.is_initialized()
+        torch.distributed.init_process_group("gloo", rank=0, world_size=1)  # the caller's own group
+        with pytest.raises(ValueError, match="runtime.device"):
+            DeepSpeedRuntime({"teacher": {}, "student": {}}, device=other)
+        assert torch.distributed.is_initialized()
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
 # ----------------------------------------------------------------------------------------------- two ranks
 
 def _teacher_without_dropout(folder: Path) -> Path:

@@ -329,7 +329,8 @@ class DeepSpeedRuntime:
     """One process per device, data parallel over DeepSpeed engines (ZeRO-3 teacher, ZeRO 0-2 student).
 
     ``configs`` maps ``"teacher"``/``"student"`` to a DeepSpeed JSON path (or dict); ``batch_size`` is the global
-    batch, split over the ranks by :meth:`local_rows`.
+    batch, split over the ranks by :meth:`local_rows`.  A constructor that raises once it started the process group
+    (a ``device`` that is not DeepSpeed's accelerator's) ends that group before the error propagates.
     """
 
     def __init__(self, configs: dict[str, str | dict[str, Any]], *, device: str = "auto",
@@ -350,20 +351,29 @@ class DeepSpeedRuntime:
             _refuse_mpi_launch()
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                               MASTER_PORT=os.environ.get("MASTER_PORT") or str(free_port()))
-        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
-                                   auto_mpi_discovery=False)
+        starts_group = not torch.distributed.is_initialized()
+        try:
+            deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
+                                       auto_mpi_discovery=False)
+            self.rank = torch.distributed.get_rank()
+            self.world_size = torch.distributed.get_world_size()
+            local_rank = int(os.environ.get("LOCAL_RANK", 0))
+            accelerator = torch.device(get_accelerator().device_name(local_rank))
+            requested = resolve_device(device) if device != "auto" else accelerator
+            if requested.type != accelerator.type:
+                raise ValueError(f"runtime.device is {device!r} but DeepSpeed's accelerator is {accelerator.type!r} "
+                                 "(set DS_ACCELERATOR=cpu to train on CPUs)")
+            self.device = accelerator
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+        except BaseException:
+            # no runtime comes back to be closed: end the process group started here, without a barrier (as
+            # close(failed=True) does: the other ranks may never reach it); a group that was there before is the
+            # caller's
+            if starts_group and torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
+            raise
         self._deepspeed = deepspeed
-        self.rank = torch.distributed.get_rank()
-        self.world_size = torch.distributed.get_world_size()
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        accelerator = torch.device(get_accelerator().device_name(local_rank))
-        requested = resolve_device(device) if device != "auto" else accelerator
-        if requested.type != accelerator.type:
-            raise ValueError(f"runtime.device is {device!r} but DeepSpeed's accelerator is {accelerator.type!r} "
-                             "(set DS_ACCELERATOR=cpu to train on CPUs)")
-        self.device = accelerator
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
         self.batch_size = batch_size
         self._engines: dict[int, Any] = {}  # id(module) -> the engine that hooks its parameters now
         self._guards: dict[int, UnusedGroupGuard] = {}  # id(module) -> the guard of its training engine
