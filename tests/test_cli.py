@@ -230,3 +230,42 @@ def test_distill_closes_its_runtime_also_when_the_run_fails(tmp_path, teacher_di
     with pytest.raises(RuntimeError, match="the student stage failed"):
         main([*command, "--overwrite"])
     assert closed == [False, True, True]
+
+
+def test_a_failed_run_closes_its_metrics_logger(tmp_path, teacher_dir, data_dir, monkeypatch, caplog):
+    """A run that raises closes its metrics logger: metrics.jsonl's handle and the TensorBoard writer (its thread, and
+    the events it has not written yet, flushed), which were left open to interpreter exit before; the run's own
+    error propagates, also when a file does not close (that is logged)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    from mpdistil_fast.pipeline.stages import STAGE_FUNCTIONS
+
+    runs = []
+
+    def failing_stage(run) -> None:
+        runs.append(run)
+        run.metrics.log("student", 1, {"loss": 0.5})
+        raise RuntimeError("the student stage failed")
+
+    monkeypatch.setitem(STAGE_FUNCTIONS, "student", failing_stage)
+    config = write_config(tmp_path / "c.yaml", teacher_dir, data_dir, tmp_path / "run", "finetune",
+                          runtime={"tensorboard": True})
+    with pytest.raises(RuntimeError, match="the student stage failed"):
+        main(["distill", "--config", str(config), "--quiet"])
+    assert runs[-1]._metrics._file is None and runs[-1]._metrics._writer is None
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    assert [scalar.value for scalar in events.Scalars("student/loss")] == [0.5]
+
+    close = SummaryWriter.close
+
+    def unwritable(self) -> None:
+        close(self)
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(SummaryWriter, "close", unwritable)
+    with caplog.at_level("ERROR"), pytest.raises(RuntimeError, match="the student stage failed"):
+        main(["distill", "--config", str(config), "--quiet", "--overwrite"])
+    assert "closing the TensorBoard writer" in caplog.text and "No space left on device" in caplog.text
+    assert runs[-1]._metrics._file is None

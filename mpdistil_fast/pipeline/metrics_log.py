@@ -11,6 +11,7 @@ its wall time): the resumed run's curves have no repeated steps either.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ import torch
 
 from mpdistil_fast.files import written_atomically
 
+LOG = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_SUBDIR = "tensorboard"
 EVENTS_PATTERN = "events.out.tfevents.*"
@@ -103,20 +105,25 @@ class MetricsLogger:
         if self._writer is not None:
             self._add_scalars(stage, step, values, record["time"])
 
-    def close(self) -> None:
-        """Flush and close the files (idempotent)."""
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+    def close(self, *, failed: bool = False) -> None:
+        """Flush and close the files (idempotent).  ``failed``: the run raised, and its error is the one to
+        propagate: a file that does not close is logged (and the other one still closed) instead of raising."""
+        handles = {METRICS_FILE: self._file, "the TensorBoard writer": self._writer}
+        self._file = self._writer = None
+        for name, handle in handles.items():
+            try:
+                if handle is not None:
+                    handle.close()
+            except Exception:
+                if not failed:
+                    raise
+                LOG.exception("closing %s in %s after the run failed", name, self.output_dir)
 
     def __enter__(self) -> "MetricsLogger":
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
+        self.close(failed=exc_type is not None)
 
 
 def read_metrics(output_dir: Path | str) -> list[dict[str, Any]]:

@@ -658,22 +658,29 @@ class Run:
     # ------------------------------------------------------------------------------------------- driver
 
     def run(self) -> dict[str, Any]:
-        """Every stage of the method (skipping finished ones), the final evaluation and the report."""
+        """Every stage of the method (skipping finished ones), the final evaluation and the report.  The metrics
+        logger is closed at the end, also when the run raises (flushing the events TensorBoard's writer thread
+        has not written yet), and then without hiding the run's error."""
         from mpdistil_fast.pipeline.stages import STAGE_FUNCTIONS, stages_of
 
         stages = stages_of(self.config)
         LOG.info("method %s: stages %s; tasks %s (reported: %s)", self.config.method, " -> ".join(stages),
                  ", ".join(self.tasks), ", ".join(self.targets))
-        for stage in stages:
-            if self.begin_stage(stage):
-                STAGE_FUNCTIONS[stage](self)
-                self.end_stage(stage)
-        started = time.perf_counter()
-        self.record("student_final", self.student)
-        self.state["timings"]["final_evaluation"] = time.perf_counter() - started
-        report = self.report()
-        if self.is_main:
-            write_report(self.output_dir, report)
+        try:
+            for stage in stages:
+                if self.begin_stage(stage):
+                    STAGE_FUNCTIONS[stage](self)
+                    self.end_stage(stage)
+            started = time.perf_counter()
+            self.record("student_final", self.student)
+            self.state["timings"]["final_evaluation"] = time.perf_counter() - started
+            report = self.report()
+            if self.is_main:
+                write_report(self.output_dir, report)
+        except BaseException:
+            if self._metrics is not None:  # (opened on first use: not opened now just to be closed)
+                self._metrics.close(failed=True)
+            raise
         self.metrics.close()
         return report
 
