@@ -382,21 +382,32 @@ def test_metadistil_student_pilot_rule_follows_the_student_schedule(tmp_path, te
     assert rates["sgd"] == pytest.approx([1e-4] * 3, rel=1e-12)
 
 
-def test_decoder_with_a_projected_final_state(tmp_path, data_dir):
-    """MPDistil with an OPT teacher that projects its final state out (as OPT-350m: pooled width 16, layer width
-    32): the meta-teachers read the pooled width, PKD the layer width at the last attended token."""
-    teacher_dir = tmp_path / "opt"
-    tiny_backbone("opt", hidden_size=32, num_layers=4, seed=0, word_embed_proj_dim=16,
-                  do_layer_norm_before=False).save_pretrained(teacher_dir)
+#: Model families besides the tiny BERT of the other tests: (tiny_backbone kind, config overrides, pooling).
+FAMILIES = {
+    "deberta-v2": ("deberta-v2", {}, "mean"),
+    "llama": ("llama", {}, "last"),
+    # OPT-350m's shape: the final state is projected out to a narrower width (pooled 16, layers 32)
+    "opt-projected": ("opt", {"word_embed_proj_dim": 16, "do_layer_norm_before": False}, "last"),
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_mpdistil_on_other_model_families(tmp_path, data_dir, family):
+    """Every MPDistil stage after the teacher's on a tiny DeBERTa-v2, Llama and OPT-350m-shaped teacher and the
+    student cut from it: the meta-teachers read the pooled width, PKD the layer states at the pooling position."""
+    kind, overrides, pooling = FAMILIES[family]
+    teacher_dir = tmp_path / family
+    tiny_backbone(kind, hidden_size=32, num_layers=4, seed=0, **overrides).save_pretrained(teacher_dir)
     load_tokenizer(str(default_teacher_path())).save_pretrained(teacher_dir)
     path = write_config(tmp_path / "c.yaml", teacher_dir, data_dir, tmp_path / "run", "mpdistil",
-                        student={"pooling": "last"}, student_training={"max_steps": 2},
+                        student={"pooling": pooling}, student_training={"max_steps": 2},
                         meta_teacher={"training": {"max_steps": 2}})
     raw = yaml.safe_load(path.read_text())
-    raw["teacher"]["pooling"] = "last"
+    raw["teacher"]["pooling"] = pooling
     path.write_text(yaml.safe_dump(raw))
     run = Run(load_config(path))
-    assert (run.teacher.pooled_size, run.teacher.hidden_size, run.student.pooled_size) == (16, 32, 16)
+    pooled = overrides.get("word_embed_proj_dim", 32)
+    assert (run.teacher.pooled_size, run.teacher.hidden_size, run.student.pooled_size) == (pooled, 32, pooled)
     run.teacher.eval().requires_grad_(False)
     logged = capture_metrics(run)
     for stage in stages.stages_of(run.config)[1:]:
@@ -405,3 +416,4 @@ def test_decoder_with_a_projected_final_state(tmp_path, data_dir):
         run.end_stage(stage)
     assert any("hidden" in m for m in logged)
     assert all(run.meta_teachers[task].student_projection is None for task in run.tasks)  # pooled widths agree
+    assert set(run.state["results"]["cb"]) >= {"student_stage2", "meta_teacher"}
