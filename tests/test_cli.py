@@ -269,3 +269,28 @@ def test_a_failed_run_closes_its_metrics_logger(tmp_path, teacher_dir, data_dir,
         main(["distill", "--config", str(config), "--quiet", "--overwrite"])
     assert "closing the TensorBoard writer" in caplog.text and "No space left on device" in caplog.text
     assert runs[-1]._metrics._file is None
+
+
+def test_a_run_s_relative_model_folder_is_found_from_any_directory(tmp_path, teacher_dir, data_dir, monkeypatch):
+    """A relative teacher.model (``models/teacher``, a name a hub id could have too) is read from the current
+    directory, as data.data_dir and output_dir are, and the run's config names it absolute: ``evaluate`` from another
+    directory scores the run (it took the name for a hub id: offline, exit status 2), and ``--resume`` continues the
+    run, also from a checkpoint that names the folder relative (as runs saved it before): that is no config change."""
+    base = tmp_path.resolve()
+    shutil.copytree(teacher_dir, base / "models" / "teacher")
+    write_config(base / "c.yaml", Path("models/teacher"), data_dir, Path("run"), "kd",
+                 teacher_training={"max_steps": 1}, student_training={"max_steps": 1})
+    monkeypatch.chdir(base)
+    assert main(["distill", "--config", "c.yaml", "--quiet"]) == 0
+    (base / "elsewhere").mkdir()
+    monkeypatch.chdir(base / "elsewhere")
+    assert main(["evaluate", "--checkpoint", str(base / "run")]) == 0
+    report = json.loads((base / "run" / "report.json").read_text())
+    assert report["config"]["teacher"]["model"] == str(base / "models" / "teacher")
+    monkeypatch.chdir(base)
+    assert main(["distill", "--config", "c.yaml", "--quiet", "--resume"]) == 0
+    state_file = base / "run" / "checkpoints" / sorted(os.listdir(base / "run" / "checkpoints"))[-1] / "state.json"
+    state = json.loads(state_file.read_text())
+    state["config"]["teacher"]["model"] = "models/teacher"
+    state_file.write_text(json.dumps(state))
+    assert main(["distill", "--config", "c.yaml", "--quiet", "--resume"]) == 0

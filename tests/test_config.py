@@ -10,7 +10,8 @@ import torch
 import yaml
 
 from mpdistil_fast.models import tiny_backbone
-from mpdistil_fast.pipeline.config import Config, ConfigError, config_from_dict, load_config, parse_override
+from mpdistil_fast.pipeline.config import (Config, ConfigError, absolute_model_folder, config_from_dict, load_config,
+                                            parse_override)
 from pipeline_helpers import make_tiny_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -207,6 +208,28 @@ def test_student_depth_against_a_local_teacher(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="teacher.model: the folder .*empty holds no readable model config"):
         config_from_dict({"teacher": {"model": str(tmp_path / "empty")}})
+
+
+def test_relative_model_folders_are_made_absolute(tmp_path, monkeypatch):
+    """A relative model folder is read from the current directory (as data.data_dir and output_dir are) and the
+    config names it absolute, so a run's saved config finds it from any directory: a name only a folder can have
+    (also when missing: the error names the folder looked for), and a one- or two-part name that is a folder here;
+    hub ids, the packaged model's names and absolute paths stay as they are."""
+    base = tmp_path.resolve()
+    teacher = make_tiny_teacher(base / "models" / "teacher")
+    (base / "home" / "student").mkdir(parents=True)
+    monkeypatch.chdir(base / "models")
+    monkeypatch.setenv("HOME", str(base / "home"))
+    for given, expected in (("teacher", teacher), ("./teacher", teacher), ("../models/teacher", teacher),
+                            ("~/student", base / "home" / "student"), ("../absent/a/b", base / "absent" / "a" / "b")):
+        assert absolute_model_folder(given) == str(expected), given
+    for given in ("someone/hub-model", "bert-base-uncased", "default", str(teacher), "", None):
+        assert absolute_model_folder(given) == given, given
+    config = config_from_dict({"method": "kd", "teacher": {"model": "teacher"}},
+                              ["student.model=./teacher"])
+    assert (config.teacher.model, config.student.model) == (str(teacher), str(teacher))
+    monkeypatch.chdir(base)  # the same config read in another directory: not a folder there, so a hub id
+    assert config_from_dict({"method": "kd", "teacher": {"model": "teacher"}}).teacher.model == "teacher"
 
 
 def test_max_length_within_what_the_models_take(tmp_path):

@@ -1,7 +1,8 @@
 """Run configuration: a typed schema, YAML loading, ``--set key=value`` overrides and up-front validation.
 
 Every key of a run lives in one nested dataclass below; :func:`load_config` reads a YAML file into it, applies
-overrides and checks everything that can be checked without loading a model: unknown keys (with a suggestion),
+overrides, makes relative model folders absolute (:func:`absolute_model_folder`) and checks everything that can be
+checked without loading a model: unknown keys (with a suggestion),
 wrong types, bad choices and ranges, that the data of every task can be found and that a model named by a path
 is a folder here.  Each problem raises a
 :class:`ConfigError` whose message names the dotted key.
@@ -31,6 +32,8 @@ METHODS = ("finetune", "kd", "pkd", "metadistil", "mpdistil")
 PATIENT_KD_METHODS = ("pkd", "mpdistil")
 #: seeds are in [0, MAX_SEED]: torch generators take seeds below 2^63
 MAX_SEED = 2 ** 63 - 1
+#: the sections whose ``model`` names a model: a local folder or a hub id (:func:`absolute_model_folder`)
+MODEL_SECTIONS = ("teacher", "student")
 
 
 class ConfigError(ValueError):
@@ -316,6 +319,9 @@ def config_from_dict(raw: dict[str, Any], overrides: list[str] = ()) -> Config:
         key, value = parse_override(text)
         _set_dotted(raw, key, value)
     config = _build(Config, raw)
+    for section in MODEL_SECTIONS:
+        part = getattr(config, section)
+        part.model = absolute_model_folder(part.model)
     check_values(config)
     return config
 
@@ -481,8 +487,12 @@ def _dotted(raw: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def check_resumable(saved: dict[str, Any], config: Config) -> list[str]:
     """Refuse (:class:`ConfigError`) to continue a run whose checkpoint's config ``saved`` (``Config.to_dict()``)
     differs from ``config`` in a key outside :data:`RESUMABLE_CHANGES`; a key the checkpoint predates counts as its
-    default.  Returns the keys of :data:`RESUMABLE_CHANGES` that differ."""
+    default, and a relative model folder it names (saved before model folders were made absolute) the folder it
+    names here.  Returns the keys of :data:`RESUMABLE_CHANGES` that differ."""
     now, then, defaults = _dotted(config.to_dict()), _dotted(saved), _dotted(Config().to_dict())
+    for section in MODEL_SECTIONS:
+        if f"{section}.model" in then:
+            then[f"{section}.model"] = absolute_model_folder(then[f"{section}.model"])
     differing = sorted(key for key, value in now.items() if then.get(key, defaults.get(key)) != value)
     changed = [key for key in differing if key not in RESUMABLE_CHANGES]
     if changed:
@@ -600,6 +610,21 @@ def curriculum_tasks(config: Config) -> list[str]:
     if config.method == "mpdistil" and config.curriculum.enabled and not config.reference_compat:
         tasks += [t for t in config.curriculum.actions if t not in tasks]
     return tasks
+
+
+def absolute_model_folder(name: str | None) -> str | None:
+    """``name`` (a ``model`` key's value) as an absolute path when it is a relative local folder, read from the
+    current directory as ``data.data_dir``, ``output_dir`` and the DeepSpeed JSONs are, so that the run's saved config
+    names the folder from anywhere (``evaluate`` in another directory took it for a missing folder, or a hub id):
+    a name only a folder can have (``./``, ``../``, ``~``, three or more parts), and a one- or two-part name that is
+    a folder here (transformers loads that folder before a hub id of the same name).  Hub ids, absolute paths, the
+    packaged model's names and None stay as they are."""
+    from mpdistil_fast.models.backbones import PACKAGED_MODEL_NAMES
+
+    if not name or name in PACKAGED_MODEL_NAMES or os.path.isabs(name):
+        return name
+    path = Path(name).expanduser()
+    return str(path.resolve()) if _cannot_be_a_hub_id(name) or path.is_dir() else name
 
 
 def _cannot_be_a_hub_id(name: str) -> bool:
