@@ -617,3 +617,17 @@ def test_a_rank_that_fails_alone_closes_its_runtime_without_waiting(tmp_path, da
     assert result.returncode != 0 and "rank 1 fails alone" in result.stderr, result.stderr[-4000:]
     assert "rank 1 closed (failed=True): 1 engine(s) retired, 0 left, process group up: False" in result.stdout, (
         result.stdout[-2000:], result.stderr[-4000:])
+
+
+def test_a_failing_close_after_a_failed_run_leaves_the_runs_error(caplog):
+    """The run's own error is the one ``closed_after`` raises (the CLI's exit status follows its type) when
+    ``close(failed=True)`` raises too; that second error is logged."""
+    from mpdistil_fast.distributed.runtime import closed_after
+
+    class BrokenClose(LocalRuntime):
+        def close(self, failed: bool = False) -> None:
+            raise RuntimeError("close broke")
+
+    with pytest.raises(ValueError, match="the run's error"), closed_after(BrokenClose("cpu")):
+        raise ValueError("the run's error")
+    assert "close broke" in caplog.text

@@ -19,6 +19,7 @@ ranks (:func:`closed_after` calls the one or the other).
 """
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol
@@ -27,6 +28,8 @@ import torch
 from torch import nn
 
 from mpdistil_fast.bilevel.stepper import OptimizerStepper
+
+LOG = logging.getLogger(__name__)
 
 
 @dataclass
@@ -251,11 +254,15 @@ class LocalRuntime:
 def closed_after(runtime: Runtime) -> Iterator[Runtime]:
     """``runtime`` for the block, closed when it ends, also when it raises: then with ``close(failed=True)``, which
     waits for no other rank (the error may be this rank's alone, the others busy or waiting in a collective it will
-    never join: a barrier would hold this process forever, where its exit lets the launcher stop the others)."""
+    never join: a barrier would hold this process forever, where its exit lets the launcher stop the others).  An
+    error of that close is logged, and the block's own error is the one raised (its type sets the exit status)."""
     try:
         yield runtime
     except BaseException:
-        runtime.close(failed=True)
+        try:
+            runtime.close(failed=True)
+        except Exception:
+            LOG.exception("closing the runtime after the run failed raised as well; the run's own error follows")
         raise
     runtime.close()
 
