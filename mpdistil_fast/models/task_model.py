@@ -9,8 +9,10 @@ Pooling (the representation MPDistil's meta-teacher reads, Sarkar et al., ICLR 2
 ``last``    the hidden state of the last attended token, max{t : m_t = 1} -- correct for right *and* left padding,
             the usual choice for decoders (OPT, Llama).
 
-Heads are ``Dropout -> Linear(H, num_labels)``; a multiple-choice task (COPA) scores every (context, choice) pair with
-``Linear(H, 1)`` and its logits are the ``[B, C]`` choice scores (Devlin et al., 2019, section 4.4, SWAG).
+Heads are ``Dropout -> Linear(H_out, num_labels)`` on the pooled width ``H_out`` (:attr:`TaskModel.pooled_size`: the
+layer width ``H``, or the narrower projected width of an OPT model such as OPT-350m); a multiple-choice task (COPA)
+scores every (context, choice) pair with ``Linear(H_out, 1)`` and its logits are the ``[B, C]`` choice scores
+(Devlin et al., 2019, section 4.4, SWAG).
 """
 from __future__ import annotations
 
@@ -120,9 +122,11 @@ class TaskModel(nn.Module):
             self.register_load_state_dict_pre_hook(_ignore_dropped_pooler)
         self.backbone = backbone
         self.specs = specs
-        #: width of the layer states (``hidden_states``) and of the pooled representation (heads, meta-teacher)
+        #: width of the layer states (``hidden_states``, ``layer_states``; patient KD's projection is sized by it)
         self.hidden_size = int(backbone.config.hidden_size)
         projection = final_projection(backbone)
+        #: width of the pooled representation (heads, meta-teachers): ``hidden_size`` unless the final state is
+        #: projected out (:func:`final_projection`)
         self.pooled_size = self.hidden_size if projection is None else int(projection.out_features)
         dropout = _head_dropout(backbone.config)
         self.heads = nn.ModuleDict({
