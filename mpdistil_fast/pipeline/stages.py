@@ -105,9 +105,7 @@ def student_stage(run: "Run") -> None:
                 t = teacher_outputs(task, "train", batch, objective.needs_hidden)
                 targets["teacher_logits"] = t.logits
                 if objective.needs_hidden:
-                    flat_mask = batch["attention_mask"].reshape(-1, batch["attention_mask"].shape[-1])
-                    targets["student_hidden"] = out.layer_states
-                    targets["teacher_hidden"] = run.teacher.pooled_layer_states(t.hidden_states, flat_mask)
+                    targets["student_hidden"], targets["teacher_hidden"] = out.layer_states, t.layer_states
             result = objective(out.logits, batch["labels"], **targets)
             trained.backward(result.loss)
             trained.step()

@@ -631,16 +631,16 @@ class Run:
 
     @contextmanager
     def frozen_teacher_outputs(self) -> Iterator[Callable[[str, str, Batch, bool], Any]]:
-        """``outputs(task, split, batch, hidden)``: cached when possible (``runtime.teacher_cache``), live when
-        hidden states are needed or the cache is off."""
+        """``outputs(task, split, batch, layer_states)``: cached when possible (``runtime.teacher_cache``), live
+        when the layer states (patient KD's) are needed or the cache is off."""
         use_cache = self.config.runtime.teacher_cache != "off"
 
-        def outputs(task: str, split: str, batch: Batch, hidden: bool = False):
-            if use_cache and not hidden:
+        def outputs(task: str, split: str, batch: Batch, layer_states: bool = False):
+            if use_cache and not layer_states:
                 return self.teacher_cache().outputs(self.splits[task][split], split).gather(
                     batch["example_index"], self.runtime.device)
             with torch.no_grad():
-                return self.teacher(**model_inputs(batch), task=task, output_hidden_states=hidden)
+                return self.teacher(**model_inputs(batch), task=task, output_layer_states=layer_states)
 
         yield outputs
         if self.cache is not None:
