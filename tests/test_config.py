@@ -10,8 +10,8 @@ import torch
 import yaml
 
 from mpdistil_fast.models import tiny_backbone
-from mpdistil_fast.pipeline.config import (Config, ConfigError, absolute_model_folder, config_from_dict, load_config,
-                                            parse_override)
+from mpdistil_fast.pipeline.config import (Config, ConfigError, absolute_model_folder, check_resumable, config_from_dict,
+                                            load_config, parse_override)
 from pipeline_helpers import make_tiny_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,7 +78,7 @@ def test_numeric_looking_strings_stay_strings_in_string_keys():
     config = config_from_dict(yaml.safe_load('output_dir: "1.5"\nteacher: {model: "2e3"}'),
                               ["student.model='1e-5'", 'runtime.deepspeed_student="0.5"'])
     assert (config.output_dir, config.teacher.model, config.student.model) == ("1.5", "2e3", "1e-5")
-    assert config.runtime.deepspeed_student == "0.5"
+    assert config.runtime.deepspeed_student == str(Path("0.5").resolve())  # a file read from here
     with pytest.raises(ConfigError, match="seed must be an integer, got str '1e3'"):
         config_from_dict({"seed": "1e3"})
 
@@ -296,3 +296,22 @@ def test_a_key_given_twice_in_the_yaml_is_refused(tmp_path):
         load_config(path, check_data=False)
     path.write_text("data: {max_train: 10}\nteacher_training: {lr: 1e-4}\n")
     assert load_config(path, check_data=False).data.max_train == 10
+
+
+def test_deepspeed_jsons_are_found_from_any_directory(tmp_path, monkeypatch):
+    """The default DeepSpeed JSONs are the source tree's, named absolute (they were read from the current directory,
+    so a run launched elsewhere did not find them); a relative JSON is read from the current directory and named
+    absolute; a checkpoint that saved the relative default still resumes from the repository root."""
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(tmp_path)
+    config = config_from_dict({"runtime": {"deepspeed_student": "ds/z2.json"}})
+    assert Path(config.runtime.deepspeed_teacher) == root / "configs" / "deepspeed" / "zero3.json"
+    assert Path(config.runtime.deepspeed_teacher).is_file()
+    assert config.runtime.deepspeed_student == str(tmp_path / "ds" / "z2.json")
+    monkeypatch.chdir(root)
+    saved = Config().to_dict()
+    saved["runtime"]["deepspeed_teacher"] = "configs/deepspeed/zero3.json"  # as checkpoints before this change
+    check_resumable(saved, config_from_dict({}))
+    saved["runtime"]["deepspeed_teacher"] = "configs/deepspeed/zero2.json"
+    with pytest.raises(ConfigError, match="runtime.deepspeed_teacher"):
+        check_resumable(saved, config_from_dict({}))

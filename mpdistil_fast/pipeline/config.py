@@ -1,11 +1,10 @@
 """Run configuration: a typed schema, YAML loading, ``--set key=value`` overrides and up-front validation.
 
 Every key of a run lives in one nested dataclass below; :func:`load_config` reads a YAML file into it, applies
-overrides, makes relative model folders absolute (:func:`absolute_model_folder`) and checks everything that can be
-checked without loading a model: unknown keys (with a suggestion),
-wrong types, bad choices and ranges, that the data of every task can be found and that a model named by a path
-is a folder here.  Each problem raises a
-:class:`ConfigError` whose message names the dotted key.
+overrides, makes relative model folders and DeepSpeed JSONs absolute (:func:`absolute_model_folder`,
+:func:`absolute_path`) and checks everything that can be checked without loading a model: unknown keys (with a
+suggestion), wrong types, bad choices and ranges, that the data of every task can be found and that a model named
+by a path is a folder here.  Each problem raises a :class:`ConfigError` whose message names the dotted key.
 """
 from __future__ import annotations
 
@@ -34,6 +33,12 @@ PATIENT_KD_METHODS = ("pkd", "mpdistil")
 MAX_SEED = 2 ** 63 - 1
 #: the sections whose ``model`` names a model: a local folder or a hub id (:func:`absolute_model_folder`)
 MODEL_SECTIONS = ("teacher", "student")
+#: the source tree's DeepSpeed JSONs, the defaults of ``runtime.deepspeed_teacher`` / ``_student`` (absolute, so that
+#: a run launched from any directory finds them)
+DEEPSPEED_CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "deepspeed"
+#: the ``runtime`` keys that name a DeepSpeed JSON file: relative ones are read from the current directory and made
+#: absolute (:func:`absolute_path`)
+DEEPSPEED_KEYS = ("deepspeed_teacher", "deepspeed_student")
 
 
 class ConfigError(ValueError):
@@ -144,8 +149,8 @@ class RuntimeConfig:
     #: parallel over DeepSpeed engines ("deepspeed", launched by torchrun or the deepspeed launcher)
     kind: Literal["local", "deepspeed"] = "local"
     #: DeepSpeed JSON of the teacher's / the student's engines (runtime.kind deepspeed; ZeRO 0-3 / 0-2)
-    deepspeed_teacher: str = "configs/deepspeed/zero3.json"
-    deepspeed_student: str = "configs/deepspeed/zero2.json"
+    deepspeed_teacher: str = str(DEEPSPEED_CONFIG_DIR / "zero3.json")
+    deepspeed_student: str = str(DEEPSPEED_CONFIG_DIR / "zero2.json")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_threads: int | None = None
     checkpoint_every: int = 50  #: optimizer steps between checkpoints (and at every stage end)
@@ -322,6 +327,8 @@ def config_from_dict(raw: dict[str, Any], overrides: list[str] = ()) -> Config:
     for section in MODEL_SECTIONS:
         part = getattr(config, section)
         part.model = absolute_model_folder(part.model)
+    for key in DEEPSPEED_KEYS:
+        setattr(config.runtime, key, absolute_path(getattr(config.runtime, key)))
     check_values(config)
     return config
 
@@ -487,12 +494,15 @@ def _dotted(raw: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def check_resumable(saved: dict[str, Any], config: Config) -> list[str]:
     """Refuse (:class:`ConfigError`) to continue a run whose checkpoint's config ``saved`` (``Config.to_dict()``)
     differs from ``config`` in a key outside :data:`RESUMABLE_CHANGES`; a key the checkpoint predates counts as its
-    default, and a relative model folder it names (saved before model folders were made absolute) the folder it
-    names here.  Returns the keys of :data:`RESUMABLE_CHANGES` that differ."""
+    default, and a relative model folder or DeepSpeed JSON it names (saved before they were made absolute) the
+    one it names here.  Returns the keys of :data:`RESUMABLE_CHANGES` that differ."""
     now, then, defaults = _dotted(config.to_dict()), _dotted(saved), _dotted(Config().to_dict())
     for section in MODEL_SECTIONS:
         if f"{section}.model" in then:
             then[f"{section}.model"] = absolute_model_folder(then[f"{section}.model"])
+    for key in DEEPSPEED_KEYS:
+        if f"runtime.{key}" in then:
+            then[f"runtime.{key}"] = absolute_path(then[f"runtime.{key}"])
     differing = sorted(key for key, value in now.items() if then.get(key, defaults.get(key)) != value)
     changed = [key for key in differing if key not in RESUMABLE_CHANGES]
     if changed:
@@ -623,8 +633,12 @@ def absolute_model_folder(name: str | None) -> str | None:
 
     if not name or name in PACKAGED_MODEL_NAMES or os.path.isabs(name):
         return name
-    path = Path(name).expanduser()
-    return str(path.resolve()) if _cannot_be_a_hub_id(name) or path.is_dir() else name
+    return absolute_path(name) if _cannot_be_a_hub_id(name) or Path(name).expanduser().is_dir() else name
+
+
+def absolute_path(path: str) -> str:
+    """A file path read from the current directory (``~`` expanded), as an absolute path."""
+    return str(Path(path).expanduser().resolve())
 
 
 def _cannot_be_a_hub_id(name: str) -> bool:
