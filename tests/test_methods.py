@@ -417,3 +417,19 @@ def test_mpdistil_on_other_model_families(tmp_path, data_dir, family):
     assert any("hidden" in m for m in logged)
     assert all(run.meta_teachers[task].student_projection is None for task in run.tasks)  # pooled widths agree
     assert set(run.state["results"]["cb"]) >= {"student_stage2", "meta_teacher"}
+
+
+def test_a_student_with_another_tokenization_is_refused(tmp_path, teacher_dir, data_dir):
+    """A student of its own must read the teacher's token ids: a cased tokenizer with the teacher's (uncased)
+    vocabulary encodes text differently, and was accepted when only the vocabularies were compared."""
+    import transformers
+
+    cased = tmp_path / "cased"
+    tiny_backbone("bert", hidden_size=16, num_layers=2, seed=1).save_pretrained(cased)
+    transformers.AutoTokenizer.from_pretrained(str(teacher_dir), do_lower_case=False).save_pretrained(cased)
+    with pytest.raises(ValueError, match="must share the teacher's tokenizer"):
+        make_run(tmp_path, teacher_dir, data_dir, "kd", student={"model": str(cased)})
+    same = tmp_path / "same"
+    tiny_backbone("bert", hidden_size=16, num_layers=2, seed=1).save_pretrained(same)
+    load_tokenizer(str(teacher_dir)).save_pretrained(same)
+    assert make_run(tmp_path, teacher_dir, data_dir, "kd", student={"model": str(same)}).student.hidden_size == 16

@@ -75,6 +75,17 @@ def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+#: A sentence pair that tells tokenizers apart beyond their vocabularies: case, accents, punctuation, digits.
+TOKENIZER_PROBE = ("Hello, Wörld! Café 123 naïve", "it's ANOTHER sentence.")
+
+
+def same_tokenization(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase) -> bool:
+    """Whether two tokenizers give a model the same token ids: the same vocabulary and the same encoding of
+    :data:`TOKENIZER_PROBE` (normalisation such as lower-casing or accent stripping, special tokens, the pair
+    template: a cased and an uncased tokenizer may share one vocabulary)."""
+    return a.get_vocab() == b.get_vocab() and a(*TOKENIZER_PROBE)["input_ids"] == b(*TOKENIZER_PROBE)["input_ids"]
+
+
 def transformer_layers(backbone: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
     """The ``nn.ModuleList`` of transformer blocks (``encoder.layer`` in BERT/DeBERTa, ``decoder.layers`` in OPT,
     ``layers`` in Llama): the one whose length is ``config.num_hidden_layers``; returns (parent, attribute, list)."""

@@ -33,6 +33,7 @@ from mpdistil_fast.data import (EncodedSplit, TeacherCache, compute_metrics, enc
                                 load_task_splits, resolve_data_dir, trim_padding)
 from mpdistil_fast.distributed.runtime import OptimizerSpec, Runtime, TrainedModel, is_partitioned, make_runtime
 from mpdistil_fast.models import TaskModel, load_backbone, load_tokenizer, resolve_model_path, truncated_copy
+from mpdistil_fast.models.backbones import same_tokenization
 from mpdistil_fast.pipeline.checkpoint import (CHECKPOINTS_SUBDIR, STATE_FILE, capture_rng_state, checkpoint_dir,
                                                checkpoints_by_step, flatten_state_dict, load_checkpoint,
                                                prune_checkpoints, restore_rng_state, save_checkpoint,
@@ -279,9 +280,10 @@ class Run:
         self.tokenizer = load_tokenizer(c.student.model if own_student and c.method == "finetune"
                                         else self.teacher_path)
         if own_student and c.method != "finetune" and \
-                load_tokenizer(c.student.model).get_vocab() != self.tokenizer.get_vocab():
+                not same_tokenization(load_tokenizer(c.student.model), self.tokenizer):
             raise ValueError(f"student.model {c.student.model!r} must share the teacher's tokenizer (both models "
-                             "read the same token ids); distil between models of one tokenizer family")
+                             "read the same token ids: the same vocabulary, case and accent handling); distil "
+                             "between models of one tokenizer family")
         splits: dict[str, dict[str, EncodedSplit]] = {}
         self.data_source: dict[str, str] = {}
         self.data_dir = str(directory) if (directory := resolve_data_dir(c.data.data_dir)) is not None else None
