@@ -655,3 +655,22 @@ def test_gpu_backends_reduced(backend, dtype, reduction, direction):
     options = {"beta": 0.3} if direction == "jsd" else {}
     check_against_reference(backend, student, teacher, 2.0, reduction=reduction, mask=mask, direction=direction,
                             factor=1.0 if dtype == torch.float32 else 2.0, **options)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_rows_of_several_blocks(backend, direction, monkeypatch):
+    """Rows longer than one block of the kernels: the online softmax rescales its running sums when a later block
+    raises the row max (rising, falling and leading -inf rows), through the forward, backward and gradient-in-forward
+    kernels.  The Triton kernels take blocks of up to MAX_BLOCK = 4096 entries, more than the interpreter's shapes
+    reach elsewhere: the block is shrunk to 16 here, so a row of 37 is two full blocks and a partial one."""
+    if backend == "triton":
+        import mpdistil_fast.kernels.kd_kl_div as triton_kl  # (also the JSD kernels' block size)
+
+        monkeypatch.setattr(triton_kl, "MAX_BLOCK", 16)
+    ramp = torch.linspace(0, 30, 37)
+    student, teacher = logits(3, 37) + ramp, logits(3, 37) + ramp.flip(0)
+    teacher[1], student[2] = teacher[1] + 2 * ramp, student[2].flip(0)
+    student[2, :20] = teacher[2, :20] = float("-inf")  # a first block (and part of the second) without mass
+    for reduction in ("none", "batchmean"):
+        check_against_reference(backend, student, teacher, 2.0, reduction=reduction, direction=direction)
