@@ -674,3 +674,20 @@ def test_rows_of_several_blocks(backend, direction, monkeypatch):
     student[2, :20] = teacher[2, :20] = float("-inf")  # a first block (and part of the second) without mass
     for reduction in ("none", "batchmean"):
         check_against_reference(backend, student, teacher, 2.0, reduction=reduction, direction=direction)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_rows_is_zero(backend):
+    """An empty batch ([0, V] logits, with or without a [0] mask) gives exactly 0 for every reduction (an empty [0]
+    for "none") and empty gradients, as an all-False mask does (not 0 / 0), with and without autograd."""
+    student, teacher = logits(0, 7), logits(0, 7)
+    for direction in DIRECTIONS:
+        for reduction in REDUCTIONS:
+            for mask in (None, torch.zeros(0, dtype=torch.bool)):
+                call = lambda s, t: kd_kl_div(s, t, 2.0, reduction=reduction, mask=mask,  # noqa: E731
+                                              direction=direction, backend=backend)
+                loss, grad_s, grad_t = loss_and_grads(call, student, teacher)
+                assert loss.shape == ((0,) if reduction == "none" else ()), (direction, reduction)
+                assert torch.equal(loss, torch.zeros_like(loss)), (direction, reduction, mask)
+                assert grad_s.shape == grad_t.shape == (0, 7)
+                assert torch.equal(call(student, teacher), torch.zeros_like(loss)), (direction, reduction, mask)
