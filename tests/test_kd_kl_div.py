@@ -691,3 +691,26 @@ def test_no_rows_is_zero(backend):
                 assert torch.equal(loss, torch.zeros_like(loss)), (direction, reduction, mask)
                 assert grad_s.shape == grad_t.shape == (0, 7)
                 assert torch.equal(call(student, teacher), torch.zeros_like(loss)), (direction, reduction, mask)
+
+
+def test_auto_in_the_environment_and_triton_on_cpu_without_the_interpreter(monkeypatch):
+    """MPDISTIL_BACKEND=auto (or empty, or padded) means what leaving it unset means, not an unknown backend; Triton
+    on CPU tensors runs only under TRITON_INTERPRET=1, and without it the registry says so (named or from the
+    environment)."""
+    student, teacher = logits(2, 5), logits(2, 5)
+    expected = kd_kl_div(student, teacher, 2.0, backend="cpp")
+    for value in ("auto", " auto ", ""):
+        monkeypatch.setenv("MPDISTIL_BACKEND", value)
+        assert mpdistil_fast.backends.resolve_backend("auto", "kd_kl_div", torch.device("cpu")) == "cpp", value
+        assert torch.equal(kd_kl_div(student, teacher, 2.0), expected), value
+    monkeypatch.delenv("MPDISTIL_BACKEND")
+    if mpdistil_fast.backends.triton_import_error() is not None:  # (imported now, under the conftest's setting)
+        pytest.skip("triton is not installed")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    status = mpdistil_fast.backends.backend_status("triton", "kd_kl_div", "cpu")
+    assert not status.available and "TRITON_INTERPRET=1" in status.reason, status
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        kd_kl_div(student, teacher, backend="triton")
+    monkeypatch.setenv("MPDISTIL_BACKEND", "triton")
+    with pytest.raises(ValueError, match="MPDISTIL_BACKEND=triton.*TRITON_INTERPRET"):
+        kd_kl_div(student, teacher)
