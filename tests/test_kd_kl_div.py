@@ -714,3 +714,14 @@ def test_auto_in_the_environment_and_triton_on_cpu_without_the_interpreter(monke
     monkeypatch.setenv("MPDISTIL_BACKEND", "triton")
     with pytest.raises(ValueError, match="MPDISTIL_BACKEND=triton.*TRITON_INTERPRET"):
         kd_kl_div(student, teacher)
+
+
+def test_kd_loss_module_passes_every_setting():
+    """KDLoss hands each of its settings to kd_kl_div (scale_by_t2=False and the reduction included)."""
+    student, teacher = logits(4, 30), logits(4, 30)
+    for options in (dict(reduction="mean", scale_by_t2=False, direction="jsd", beta=0.2),
+                    dict(reduction="none", scale_by_t2=False, direction="reverse")):
+        module = KDLoss(3.0, backend="torch", **options)
+        assert_rel_close(module(student, teacher), reference(student, teacher, 3.0, **options), torch.float32,
+                         what=str(options))
+        assert "scale_by_t2=False" in repr(module)
