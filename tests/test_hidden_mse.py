@@ -360,6 +360,11 @@ BAD_INPUTS = [
     (dict(normalize=1), TypeError, "normalize"),
     (dict(layer_map="every"), ValueError, "layer_map"),
     (dict(layer_map=[0, 5]), ValueError, "layer_map"),
+    (dict(layer_map=[0, 2]), ValueError, "layer_map"),  # one past the teacher stack
+    (dict(layer_map=[-1, 0]), ValueError, "layer_map"),
+    (dict(layer_map=[(0, 0), (-2, 1)]), ValueError, "layer_map"),
+    (dict(student_hidden=torch.randn(1, 2, 3, 4), layer_map="skip"), ValueError, "layer_map"),  # no pair to match
+    (dict(mask=torch.ones(2, 3, dtype=torch.bool, device="meta")), ValueError, "mask"),
     (dict(layer_map=[0]), ValueError, "layer_map"),
     (dict(layer_map=[0.5, 1]), TypeError, "layer_map"),
     (dict(layer_map=[(True, 1), (1, 1)]), TypeError, "layer_map"),

@@ -272,6 +272,7 @@ BAD_INPUTS = [
     (dict(h_teacher=torch.randn(2, 4, 1)), ValueError, "h_teacher"),
     (dict(h_student=torch.randn(2, 4).double()), TypeError, "h_student"),
     (dict(weight=torch.randn(3, 5)), ValueError, "weight"),
+    (dict(weight=torch.randn(0, 4), bias=torch.randn(0)), ValueError, "weight"),  # no class
     (dict(bias=torch.randn(2)), ValueError, "bias"),
     (dict(weight=W.bfloat16()), TypeError, "bias must have the dtype of weight"),
     (dict(hidden=5, weight=(torch.randn(5, 4), torch.randn(3, 5)), bias=(torch.randn(5).double(), torch.randn(3))),
