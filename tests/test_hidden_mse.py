@@ -382,6 +382,33 @@ def test_bad_inputs(kwargs, error, needle):
         mpdistil_fast.hidden_mse(args.pop("student_hidden"), args.pop("teacher_hidden"), **args)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("normalize", [False, True])
+def test_pairs_sharing_layers_without_projection(backend, normalize):
+    """Pairs that read the same student layer (and the same teacher layer) with no projection: the kernels read the
+    stacks in place, so the gradients of a shared layer add up over its pairs (with a projection each pair has its
+    own projected rows, which the other cases cover)."""
+    student, teacher, _, _, mask = make_case((3, 2, 5, 8), (4, 2, 5, 8))
+    for reduction in ("none", "mean"):
+        check_against_reference(backend, student, teacher, None, None, mask, layer_map=[(0, 1), (2, 3), (0, 3), (0, 0)],
+                                normalize=normalize, reduction=reduction)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rows_of_several_forward_tiles(backend, monkeypatch):
+    """More rows than one program's tile: the Triton forward takes FORWARD_TILE / H rows per program (1024 for H = 8),
+    more than the interpreter's shapes reach elsewhere; the tile is shrunk to 4 rows here, so 2 x 7 rows are three
+    full tiles and a partial one per pair."""
+    if backend == "triton":
+        import mpdistil_fast.kernels.hidden_mse as triton_hidden
+
+        monkeypatch.setattr(triton_hidden, "FORWARD_TILE", 32)
+    for projection, mask in ((True, True), (False, False)):
+        student, teacher, weight, bias, row_mask = make_case((2, 2, 7, 8), (3, 2, 7, 8), projection=projection,
+                                                             mask=mask)
+        check_against_reference(backend, student, teacher, weight, bias, row_mask, layer_map=[2, 0], reduction="none")
+
+
 def test_layer_indices_made_once_and_usable_after_inference_mode():
     """The layer index tensors are made once per (pairs, device) (a fresh one per call is a host-to-device copy
     that waits for the GPU), also when the first call runs under inference mode and a training step follows."""
