@@ -409,6 +409,15 @@ def test_rows_of_several_forward_tiles(backend, monkeypatch):
         check_against_reference(backend, student, teacher, weight, bias, row_mask, layer_map=[2, 0], reduction="none")
 
 
+def test_module_without_projection_bias():
+    """HiddenMSELoss(bias=False): the projection has no bias, and the loss is that of W s alone."""
+    module = mpdistil_fast.HiddenMSELoss(6, 4, bias=False, layer_map=[0, 2])
+    assert module.projection.bias is None
+    student, teacher, _, _, mask = make_case((2, 2, 3, 6), (3, 2, 3, 4), teacher_grad=False)
+    expected = reference(student, teacher, [(0, 0), (1, 2)], mask, module.projection.weight, None, False, "mean")
+    assert_rel_close(module(student, teacher, mask), expected, torch.float32, what="module loss")
+
+
 def test_layer_indices_made_once_and_usable_after_inference_mode():
     """The layer index tensors are made once per (pairs, device) (a fresh one per call is a host-to-device copy
     that waits for the GPU), also when the first call runs under inference mode and a training step follows."""
