@@ -108,6 +108,14 @@ def test_large_batch_split_over_threads(backend, batch, width, hidden):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("hidden,student_width", [(None, None), (9, 11)])
+def test_batch_of_several_row_blocks(backend, hidden, student_width):
+    """A batch over the Triton kernels' 16-row blocks (BLOCK_M): 37 rows are two full blocks and a partial one per
+    side, tiles that the persistent programs walk in forward and backward (the other CPU cases fit one block)."""
+    check_against_reference(backend, "competitive", *make_case(37, 13, 3, hidden=hidden, student_width=student_width))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
 def test_dtypes(backend, dtype):
     case = make_case(5, 16, 4, hidden=8, student_width=12, dtype=dtype)
