@@ -101,6 +101,18 @@ def test_patient_kd_hidden_term():
     assert result.parts["hidden"] == pytest.approx(float(hidden), rel=1e-5)
 
 
+def test_objective_backend_reaches_the_hidden_loss():
+    """``backend="torch"`` (what a hypergradient that differentiates twice asks for) reaches the PKD hidden loss
+    too: its gradient can be differentiated again, where the fused kernels refuse."""
+    torch.manual_seed(0)
+    hs, ht = torch.randn(3, 4, 1, 8, dtype=torch.float64, requires_grad=True), torch.randn(6, 4, 1, 8).double()
+    logits, labels = torch.randn(4, 2, dtype=torch.float64), torch.tensor([0, 1, 1, 0])
+    objective = StudentObjective("pkd", beta=7.0, backend="torch")
+    loss = objective(logits, labels, teacher_logits=logits.flip(0), student_hidden=hs, teacher_hidden=ht).loss
+    (grad,) = torch.autograd.grad(loss, hs, create_graph=True)
+    torch.autograd.grad(grad.square().sum(), hs)
+
+
 def test_objective_errors_name_the_argument():
     with pytest.raises(ValueError, match="method"):
         StudentObjective("fitnets")

@@ -41,8 +41,8 @@ class StudentObjective(nn.Module):
     def __init__(self, method: str, *, alpha: float = 0.5, temperature: float = 2.0, direction: str = "forward",
                  jsd_beta: float = 0.5, beta: float = 0.0, layer_map: str = "skip", student_hidden: int | None = None,
                  teacher_hidden: int | None = None, backend: str = "auto"):
-        """``backend``: of the KD loss (``"torch"`` where a hypergradient differentiates it twice or in forward
-        mode, which the fused kernels do not support)."""
+        """``backend``: of the KD and hidden-state losses (``"torch"`` where a hypergradient differentiates them twice
+        or in forward mode, which the fused kernels do not support)."""
         super().__init__()
         if method not in ("finetune", "kd", "pkd"):
             raise ValueError(f"method must be one of ('finetune', 'kd', 'pkd'), got {method!r}")
@@ -58,7 +58,7 @@ class StudentObjective(nn.Module):
             project = student_hidden is not None and student_hidden != teacher_hidden
             self.hidden_loss = mpdistil_fast.HiddenMSELoss(student_hidden if project else None,
                                                            teacher_hidden if project else None,
-                                                           normalize=True, layer_map=layer_map)
+                                                           normalize=True, layer_map=layer_map, backend=backend)
 
     @property
     def needs_teacher(self) -> bool:
