@@ -649,3 +649,31 @@ def test_a_non_finite_hypergradient_on_one_rank_stops_every_rank(method: str) ->
     _, errors = run_on_thread_ranks(rank_hypergradient)
     assert all(isinstance(error, FloatingPointError) and "hypergradient is not finite" in str(error)
                for error in errors), errors
+
+
+@pytest.mark.parametrize("warm", [False, True], ids=["first_step", "with_momentum_buffer"])
+@pytest.mark.parametrize("make", [
+    lambda p: torch.optim.SGD(p, lr=0.3, momentum=0.8, nesterov=True, weight_decay=0.05),
+    lambda p: torch.optim.SGD(p, lr=0.3, momentum=0.9, dampening=0.3, weight_decay=0.05),
+], ids=["nesterov", "dampening"])
+def test_sgd_weight_decay_carries_the_momentum_coefficient(make, warm: bool) -> None:
+    """torch's SGD adds ``weight_decay * theta`` to the gradient before its momentum, so the experimental step's
+    decay term carries the gradient's coefficient (1 + momentum (1 - dampening) with Nesterov, 1 - dampening with a
+    momentum buffer), not 1: weight decay together with Nesterov or dampening, which the optimizers above never
+    combine."""
+    student, _, train, _ = problem(torch.float64, seed=8)
+    optimizer = make(student.parameters())
+    if warm:
+        F.cross_entropy(student(**model_inputs(train)).logits, train["labels"]).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    theta = {n: p for n, p in student.named_parameters() if p.requires_grad}
+    grads = {n: torch.randn_like(p) for n, p in theta.items()}
+    reference_student, reference_optimizer = copy.deepcopy((student, optimizer))
+    for name, p in reference_student.named_parameters():
+        p.grad = grads[name].clone()
+    reference_optimizer.step()
+    expected = flat({n: p.detach() for n, p in reference_student.named_parameters() if n in theta})
+    stored = make_inner_update(optimizer, None, theta, grads).step(theta, grads)
+    consumed, _ = experimental_step(optimizer, None, theta, dict(grads))
+    assert rel_error(flat(stored), expected) <= 1e-14 and rel_error(flat(consumed), expected) <= 1e-14
