@@ -191,3 +191,29 @@ def test_reward_and_state():
     state = performance_state(summary, ["cb", "rte"], 0.25)
     assert state.tolist() == [0.5, 0.25, 0.25, 0.0, 0.0, 0.0, 0.25]
     assert state.shape == (state_size(2),) and not state.requires_grad
+
+
+def test_the_baseline_keeps_baseline_decay_of_its_past():
+    """b_t <- decay * b_t + (1 - decay) * G_t with an asymmetric decay (0.9): the tests above use 0.5, where the
+    two weights are interchangeable."""
+    reinforce = Reinforce(CurriculumPolicy(3, ("cb", "rte")), lr=0.01, gamma=1.0, baseline_decay=0.9)
+    for value in (1.0, 0.0):
+        reinforce.act(torch.zeros(3))
+        reinforce.reward(value)
+    assert reinforce.finish_episode()["baseline"] == pytest.approx(0.5)  # returns (1, 0): their mean
+    torch.testing.assert_close(reinforce.baseline, torch.tensor([0.9 * 0.5 + 0.1 * 1.0, 0.9 * 0.5 + 0.1 * 0.0],
+                                                                dtype=torch.float64))
+    for _ in range(2):
+        reinforce.act(torch.zeros(3))
+        reinforce.reward(0.0)
+    assert reinforce.finish_episode()["baseline"] == pytest.approx(0.5)
+    torch.testing.assert_close(reinforce.baseline, torch.tensor([0.9 * 0.55, 0.9 * 0.45], dtype=torch.float64))
+
+
+def test_the_summary_s_moving_average_keeps_seven_tenths_of_its_past():
+    """update_summary's default decay (the one the curriculum stage uses) weights the old value by 0.7."""
+    summary = {"cb": [0.0, 1.0]}
+    update_summary(summary, "cb", 1.0, 0.0)
+    assert summary["cb"] == pytest.approx([0.3, 0.7])
+    update_summary(summary, "cb", 1.0, 0.0)
+    assert summary["cb"] == pytest.approx([0.7 * 0.3 + 0.3, 0.7 * 0.7])
