@@ -486,3 +486,26 @@ def test_metrics_refuse_ids_and_logits_outside_the_tasks_classes():
     with pytest.raises(ValueError, match="labels"):
         compute_metrics("rte", torch.tensor([0, 1]), torch.tensor([0, -1]))
     assert compute_metrics("cb", torch.tensor([0, 1, 2, 0]), labels)["accuracy"] == 0.75
+
+
+def test_a_quiz_share_tied_on_remainder_goes_to_the_more_frequent_label():
+    """Largest remainders, ties to the more frequent label: 5 rows of label 0 and 3 of label 1 give a 4-row quiz the
+    exact shares 2.5 and 1.5, both remainders 0.5, so the fourth row goes to label 0 (its first 3 rows, label 1's
+    first row, in pool order)."""
+    from mpdistil_fast.data.loading import _stratified_quiz
+    from mpdistil_fast.data.tasks import Example
+
+    pool = [Example("rte", i, ("premise", "hypothesis"), label) for i, label in enumerate([1, 0, 0, 1, 0, 1, 0, 0])]
+    quiz, train = _stratified_quiz(pool, 4)
+    assert [e.label for e in quiz] == [1, 0, 0, 0] and [e.index for e in quiz] == [0, 1, 2, 4]
+    assert [e.index for e in train] == [3, 5, 6, 7]
+
+
+def test_the_last_partial_batch_also_leaves_out_the_rows_of_no_rank(data_dir, tokenizer):
+    """56 CB rows over 3 ranks in batches of 12: an epoch uses 54 rows, so its last batch holds 6 (48..53 of the
+    order), not the 8 rows left to the end of the order, which no rank could share evenly."""
+    split = encode_examples(load_examples("cb", "validation", data_dir), tokenizer, max_length=32)
+    batches = list(iterate_batches(split, 12, shuffle=True, seed=7, row_multiple=3))
+    assert [len(b["labels"]) for b in batches] == [12] * 4 + [6]
+    rows = torch.cat([b["example_index"] for b in batches]).tolist()
+    assert len(set(rows)) == 54
