@@ -292,3 +292,12 @@ def test_layer_states_are_taken_at_the_pooling_position(kind, pooling):
         expected = torch.stack([_reference_pool(h, flat_mask, method) for h in hidden[1:]]).unsqueeze(2)
         assert out.layer_states.shape == (3, flat_mask.shape[0], 1, 16)
         torch.testing.assert_close(out.layer_states.double(), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind, overrides", [("bert", {"hidden_dropout_prob": 0.25}), ("opt", {"dropout": 0.35})])
+def test_heads_drop_out_at_the_backbone_s_rate(kind, overrides):
+    """A head's dropout is the backbone's hidden dropout (BERT's ``hidden_dropout_prob``, OPT's ``dropout``), not a
+    fixed 0.1 (the tiny configs' default, which hid the difference)."""
+    model = TaskModel(tiny_backbone(kind, hidden_size=16, num_layers=1, vocab_size=VOCAB, **overrides), ["cb", "copa"],
+                      pooling="last" if kind == "opt" else "cls")
+    assert {head[0].p for head in model.heads.values()} == set(overrides.values())
