@@ -251,3 +251,49 @@ def test_cached_arrays_reach_the_disk_before_meta_json_marks_them(splits, tmp_pa
         assert ("fsync", source) in events[:moved], name
         assert moved < meta
     assert events[-1] == ("fsync", str(folder))
+
+
+def _live_logits(teacher: TaskModel, split) -> torch.Tensor:
+    return torch.cat([_live(teacher, batch, split.task).logits
+                      for batch in iterate_batches(split, 64, shuffle=False, seed=0)])
+
+
+def test_same_weights_other_pooling_recompute(splits, tmp_path):
+    """Mean and [CLS] pooling of the same weights give other pooled features and logits: the teacher's pooling is
+    part of the fingerprint."""
+    original = TeacherCache(_teacher(0), tmp_path).outputs(splits["cb"], "train")
+    backbone = tiny_backbone("bert", hidden_size=16, num_layers=2, seed=0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        teacher = TaskModel(backbone, ["cb", "copa"], pooling="cls")
+    assert all(torch.equal(a, b) for a, b in zip(teacher.state_dict().values(), _teacher(0).state_dict().values()))
+    recomputed = TeacherCache(teacher, tmp_path).outputs(splits["cb"], "train")
+    assert not torch.equal(recomputed.logits, original.logits)
+    torch.testing.assert_close(recomputed.logits, _live_logits(teacher, splits["cb"]))
+
+
+def test_same_tokens_other_segments_recompute(splits, tmp_path):
+    """The token type ids are part of the fingerprint: the same tokens all in the first segment give a BERT teacher
+    other outputs."""
+    teacher = _teacher(0)
+    original = TeacherCache(teacher, tmp_path).outputs(splits["cb"], "train")
+    split = splits["cb"]
+    assert split.token_type_ids.any()
+    one_segment = type(split)(split.task, split.input_ids, split.attention_mask,
+                              torch.zeros_like(split.token_type_ids), split.labels)
+    recomputed = TeacherCache(teacher, tmp_path).outputs(one_segment, "train")
+    assert not torch.equal(recomputed.logits, original.logits)
+    torch.testing.assert_close(recomputed.logits, _live_logits(teacher, one_segment))
+
+
+def test_a_folder_holding_another_teacher_s_outputs_is_not_reused(splits, tmp_path, monkeypatch):
+    """An entry's folder is named by a prefix of the fingerprint only; meta.json's whole fingerprint decides
+    whether its files are this teacher's.  With a prefix of length 0 every teacher shares one folder."""
+    import mpdistil_fast.data.teacher_cache as teacher_cache
+
+    monkeypatch.setattr(teacher_cache, "FOLDER_KEY_LENGTH", 0)
+    first = TeacherCache(_teacher(0), tmp_path).outputs(splits["cb"], "train")
+    other = _teacher(1)
+    second = TeacherCache(other, tmp_path).outputs(splits["cb"], "train")
+    assert not torch.equal(second.logits, first.logits)
+    torch.testing.assert_close(second.logits, _live_logits(other, splits["cb"]))
