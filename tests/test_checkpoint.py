@@ -282,3 +282,31 @@ def test_resume_reads_an_object_saved_whole_before_it_was_sharded(tmp_path):
         recorder = Recorder()
         run.restore_stage({"best": recorder})
         assert recorder.calls == [expected]
+
+
+def test_the_best_snapshot_keeps_the_highest_score_and_the_earlier_of_a_tie():
+    """Model selection: an offer replaces the snapshot only with a strictly higher quiz score (a tie keeps the
+    earlier, shorter-trained weights); restore_into writes the kept weights back, and the state round-trips."""
+    from mpdistil_fast.pipeline.trainer import BestSnapshot
+
+    model = torch.nn.Linear(3, 2)
+    best = BestSnapshot(LocalRuntime("cpu"))
+
+    def offer(score: float, step: int, fill: float) -> bool:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.fill_(fill)
+        return best.offer(score, step, model)
+
+    assert offer(0.5, 1, 1.0)
+    assert not offer(0.4, 2, 2.0)  # worse
+    assert not offer(0.5, 3, 3.0)  # a tie
+    assert (best.score, best.step) == (0.5, 1)
+    assert offer(0.7, 4, 4.0) and not offer(0.6, 5, 5.0)
+    assert (best.score, best.step) == (0.7, 4)
+    best.restore_into(model)
+    assert all(torch.equal(p, torch.full_like(p, 4.0)) for p in model.parameters())
+    tensors, meta = flatten_state_dict(best.state_dict())
+    again = BestSnapshot(LocalRuntime("cpu"))
+    again.load_state_dict(unflatten_state_dict(tensors, meta))
+    assert (again.score, again.step) == (0.7, 4) and not again.offer(0.7, 6, model)
