@@ -445,3 +445,181 @@ def test_a_student_with_another_tokenization_is_refused(tmp_path, teacher_dir, d
     tiny_backbone("bert", hidden_size=16, num_layers=2, seed=1).save_pretrained(same)
     load_tokenizer(str(teacher_dir)).save_pretrained(same)
     assert make_run(tmp_path, teacher_dir, data_dir, "kd", student={"model": str(same)}).student.hidden_size == 16
+
+
+# ----------------------------------------------------------------------------------------------- stage internals
+
+def test_the_student_distils_from_the_meta_teacher_s_logits():
+    """Stages 3 and 4 distil the student from the meta-teacher's logits on the teacher's pooled features, and from
+    the teacher's own logits only for a task without a meta-teacher."""
+    from mpdistil_fast.models.task_model import TaskModelOutput
+
+    meta_teachers = torch.nn.ModuleDict({"cb": mpdistil_fast.MetaTeacher(8, 3)})
+    cb = TaskModelOutput(logits=torch.randn(4, 3), pooled=torch.randn(4, 8))
+    rte = TaskModelOutput(logits=torch.randn(4, 2), pooled=torch.randn(4, 8))
+    torch.testing.assert_close(stages.meta_teacher_logits(meta_teachers, "cb", cb),
+                               meta_teachers["cb"].logits(cb.pooled))
+    assert not torch.allclose(stages.meta_teacher_logits(meta_teachers, "cb", cb), cb.logits)
+    assert torch.equal(stages.meta_teacher_logits(meta_teachers, "rte", rte), rte.logits)
+
+
+def test_a_supervised_stage_ends_with_its_best_quiz_snapshot(tmp_path, teacher_dir, data_dir):
+    """Two epochs of CB (3 steps each) select at steps 3 and 6; a quiz score that falls after the first selection
+    leaves the student with the first selection's weights, not the last step's."""
+    run = make_run(tmp_path, teacher_dir, data_dir, "kd", data={"tasks": ["cb"]},
+                   student_training={"epochs": 2, "max_steps": None})
+    run.teacher.eval().requires_grad_(False)
+    evaluate, selected = run.evaluate, []
+
+    def falling_quiz_score(model, task, split):
+        if split != "quiz":
+            return evaluate(model, task, split)
+        selected.append(weights(model))
+        return {"main": 0.9 if len(selected) == 1 else 0.1}
+
+    run.evaluate = falling_quiz_score
+    run.begin_stage("student")
+    stages.student_stage(run)
+    assert len(selected) == 2 and any(not torch.equal(selected[0][k], v) for k, v in selected[1].items())
+    assert not changed(selected[0], run.student)
+
+
+def test_the_meta_teacher_trains_with_the_configured_loss(tmp_path, teacher_dir, data_dir):
+    """``meta_teacher.loss: competitive`` reaches the meta-teacher: the first step's loss (same seed, weights and
+    batch) differs from the collaborative one."""
+    first = {}
+    for loss in ("collaborative", "competitive"):
+        (tmp_path / loss).mkdir()
+        run = make_run(tmp_path / loss, teacher_dir, data_dir, "mpdistil", data={"tasks": ["cb"]},
+                       meta_teacher={"loss": loss, "training": {"max_steps": 1}}, curriculum={"actions": ["cb"]})
+        run.teacher.eval().requires_grad_(False)
+        logged = capture_metrics(run)
+        run.begin_stage("meta_teacher")
+        stages.meta_teacher_stage(run)
+        first[loss] = logged[0]["meta_loss"]
+    assert first["competitive"] != pytest.approx(first["collaborative"], rel=1e-3), first
+
+
+def _rows_of(split, batch) -> bool:
+    """Whether ``batch``'s rows are rows ``example_index`` of ``split`` (trim_padding only cut trailing columns)."""
+    index, ids = batch["example_index"].cpu(), batch["input_ids"].cpu()
+    if index.max() >= len(split):
+        return False
+    return torch.equal(split.input_ids[index][..., :ids.shape[-1]], ids)
+
+
+@pytest.mark.parametrize("rule", ["student", "sgd"])
+def test_the_metadistil_pilot_steps_on_quiz_rows_with_its_rule(tmp_path, teacher_dir, data_dir, monkeypatch, rule):
+    """Each pilot update gets a training batch of train rows and a quiz batch of quiz rows of the same task, and
+    the experimental step's rule: the student optimizer's (AdamW, its scheduled rate) or plain SGD at
+    ``metadistil.inner_lr``; the stage's stream positions do not outlive it."""
+    from mpdistil_fast.bilevel import PilotUpdate
+
+    run = make_run(tmp_path, teacher_dir, data_dir, "metadistil", student_training={"max_steps": 2},
+                   metadistil={"pilot_rule": rule, "inner_lr": 1e-4})
+    calls = []
+    original = PilotUpdate.step
+
+    def recording_step(self, train_batch, quiz_batch):
+        calls.append((self.inner_optimizer, self.inner_lr, train_batch, quiz_batch))
+        return original(self, train_batch, quiz_batch)
+
+    monkeypatch.setattr(PilotUpdate, "step", recording_step)
+    run.begin_stage("metadistil")
+    stages.metadistil_stage(run)
+    assert len(calls) == 2
+    for inner_optimizer, inner_lr, train_batch, quiz_batch in calls:
+        task = quiz_batch["task"]
+        assert train_batch["task"] == task
+        assert _rows_of(run.splits[task]["train"], train_batch) and _rows_of(run.splits[task]["quiz"], quiz_batch)
+        if rule == "sgd":
+            assert (inner_optimizer, inner_lr) == ("sgd", 1e-4)
+        else:
+            assert inner_optimizer.kind == "adamw" and inner_lr is None
+    assert run.state["stage_state"]["quiz_cursors"]
+    run.end_stage("metadistil")
+    assert run.state["stage_state"] == {}
+
+
+def _instrumented_curriculum(tmp_path, teacher_dir, data_dir, monkeypatch) -> tuple:
+    """A 2-episode, 3-step curriculum over CB and RTE; returns the run and, in order, the events: ``("batch",
+    split, local, batch)`` of every stream batch, ``("forward", grad_enabled, training, input_ids, logits)`` of every
+    student forward, ``("summary", student_acc, meta_acc)``, ``("reward", args)`` and ``("act", state)``."""
+    from mpdistil_fast.methods.curriculum import Reinforce
+
+    run = make_run(tmp_path, teacher_dir, data_dir, "mpdistil",
+                   curriculum={"episodes": 2, "steps_per_episode": 3, "actions": ["cb", "rte"], "reward": "real"})
+    run.teacher.eval().requires_grad_(False)
+    events = []
+    next_batch, update_summary, reward, act = stages.next_batch, stages.update_summary, stages.reward, Reinforce.act
+
+    def recorded_batch(run_, state, split, task, **kwargs):
+        batch = next_batch(run_, state, split, task, **kwargs)
+        events.append(("batch", split, kwargs.get("local", False), task, batch))
+        return batch
+
+    def recorded_summary(summary, task, student, meta, *args):
+        events.append(("summary", student, meta))
+        return update_summary(summary, task, student, meta, *args)
+
+    def recorded_reward(*args):
+        events.append(("reward", args))
+        return reward(*args)
+
+    def recorded_act(self, state, **kwargs):
+        events.append(("act", state.clone()))
+        return act(self, state, **kwargs)
+
+    monkeypatch.setattr(stages, "next_batch", recorded_batch)
+    monkeypatch.setattr(stages, "update_summary", recorded_summary)
+    monkeypatch.setattr(stages, "reward", recorded_reward)
+    monkeypatch.setattr(Reinforce, "act", recorded_act)
+    run.student.register_forward_hook(
+        lambda module, args, kwargs, output: events.append(
+            ("forward", torch.is_grad_enabled(), module.training, kwargs["input_ids"], output.logits.detach())),
+        with_kwargs=True)
+    run.begin_stage("curriculum")
+    stages.curriculum_stage(run)
+    return run, events
+
+
+def test_the_curriculum_trains_on_train_rows_and_scores_the_quiz_in_eval_mode(tmp_path, teacher_dir, data_dir,
+                                                                              monkeypatch):
+    """Each action's student step reads a batch of train rows of its task (in train mode, dropout on); each reward's
+    quiz batches are quiz rows, on which the student is scored in eval mode without a graph."""
+    run, events = _instrumented_curriculum(tmp_path, teacher_dir, data_dir, monkeypatch)
+    batches = [e for e in events if e[0] == "batch"]
+    training = [(task, batch) for _, split, local, task, batch in batches if local]
+    quiz = [(task, batch) for _, split, local, task, batch in batches if not local]
+    assert len(training) == 6 and len(quiz) == 6 * 2
+    assert all(_rows_of(run.splits[task]["train"], batch) for task, batch in training)
+    assert all(_rows_of(run.splits[task]["quiz"], batch) for task, batch in quiz)
+    forwards = [e for e in events if e[0] == "forward"]
+    assert sum(grad for _, grad, *_ in forwards) == 6
+    assert all(training_mode == grad for _, grad, training_mode, *_ in forwards)
+
+
+def test_the_curriculum_rewards_the_student_s_margin_over_the_meta_teacher(tmp_path, teacher_dir, data_dir,
+                                                                           monkeypatch):
+    """The reward of a step (``real``) is the student's mean quiz accuracy minus the meta-teacher's, the student's
+    measured on the quiz batches it was scored on; the policy's state ends with the step's position in its
+    episode."""
+    _, events = _instrumented_curriculum(tmp_path, teacher_dir, data_dir, monkeypatch)
+    student_accuracies, quiz_labels = [], None
+    for event in events:
+        if event[0] == "batch" and event[1] == "quiz":
+            quiz_labels = event[4]["labels"]
+        elif event[0] == "forward" and quiz_labels is not None:  # the student's forward on that quiz batch
+            student_accuracies.append(float((event[4].argmax(-1) == quiz_labels).float().mean()))
+            quiz_labels = None
+    summaries = [e[1:] for e in events if e[0] == "summary"]
+    rewards = [e[1] for e in events if e[0] == "reward"]
+    assert [student for student, _ in summaries] == pytest.approx(student_accuracies)
+    assert len(rewards) == 6 and len(summaries) == 12
+    margins = []
+    for step, args in enumerate(rewards):
+        student, meta = zip(*summaries[2 * step:2 * step + 2])
+        assert args == pytest.approx((sum(student) / 2, sum(meta) / 2, "real"))
+        margins.append(sum(student) / 2 - sum(meta) / 2)
+    assert any(abs(m) > 1e-6 for m in margins), "every margin is 0: the test cannot tell the order"
+    assert [float(e[1][-1]) for e in events if e[0] == "act"] == pytest.approx([0, 1 / 3, 2 / 3] * 2)
