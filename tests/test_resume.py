@@ -278,3 +278,36 @@ def test_resume_refuses_another_number_of_ranks(tmp_path, data_dir):
     del state["world_size"]  # a checkpoint that predates the record resumes as before
     (newest / "state.json").write_text(json.dumps(state))
     Run(config, resume=True)
+
+
+def test_a_curriculum_resumes_mid_episode_and_from_the_stage_boundary(tmp_path, data_dir):
+    """Resumed inside an episode (its actions and rewards so far, the policy and its optimizer come from the
+    checkpoint) or from the checkpoint between the meta-teacher's stage and the curriculum (whose RNG state draws
+    the policy's initial weights and first actions), the run ends in the uninterrupted run's state: the same
+    weights, rewards and actions.  The kill tests above resume inside the student or meta-teacher stage only."""
+    teacher = make_tiny_teacher(tmp_path / "teacher")
+    settings = {**LONGER, "runtime": {"checkpoint_every": 1, "keep_checkpoints": 100}}
+    config = load_config(write_config(tmp_path / "c.yaml", teacher, data_dir, tmp_path / "reference", "mpdistil",
+                                      **settings))
+    Run(config).run()
+    reference, _ = _final_state(tmp_path / "reference")
+    reference_report = json.loads((tmp_path / "reference" / "report.json").read_text())
+    states = {c: json.loads((c / "state.json").read_text()) for c in list_checkpoints(tmp_path / "reference")}
+    resume_points = {
+        "mid_episode": next(c for c, s in states.items() if s["stage"] == "curriculum" and s["step"] == 2),
+        "stage_boundary": next(c for c, s in states.items() if s["stage"] is None and s["completed"] == [
+            "teacher", "student", "meta_teacher"])}
+    saved = json.loads((resume_points["mid_episode"] / "state.json").read_text())["meta"]
+    assert saved.get("policy", {}).get("episode"), "the mid-episode checkpoint holds no curriculum episode"
+    for name, checkpoint in resume_points.items():
+        shutil.copytree(checkpoint, tmp_path / name / "checkpoints" / checkpoint.name)
+        shutil.copy(tmp_path / "reference" / "metrics.jsonl", tmp_path / name / "metrics.jsonl")
+        config.output_dir = str(tmp_path / name)
+        Run(config, resume=True).run()
+        resumed, _ = _final_state(tmp_path / name)
+        differing = [f"{component}/{key}" for component, values in reference.items() for key, value in values.items()
+                     if not torch.equal(value, resumed[component][key])]
+        assert not differing, (name, differing)
+        report = json.loads((tmp_path / name / "report.json").read_text())
+        assert report["curves"] == reference_report["curves"], name
+        assert report["tasks"] == reference_report["tasks"], name
