@@ -310,3 +310,8 @@ def test_the_best_snapshot_keeps_the_highest_score_and_the_earlier_of_a_tie():
     again = BestSnapshot(LocalRuntime("cpu"))
     again.load_state_dict(unflatten_state_dict(tensors, meta))
     assert (again.score, again.step) == (0.7, 4) and not again.offer(0.7, 6, model)
+    # a NaN score ranks below every number: it replaces none, and any number replaces it
+    assert not offer(float("nan"), 7, 7.0) and (best.score, best.step) == (0.7, 4)
+    first_nan = BestSnapshot(LocalRuntime("cpu"))
+    assert first_nan.offer(float("nan"), 1, model) and first_nan.offer(0.1, 2, model)
+    assert (first_nan.score, first_nan.step) == (0.1, 2) and not first_nan.offer(float("nan"), 3, model)

@@ -15,6 +15,7 @@ import copy
 import gc
 import json
 import logging
+import math
 import random
 import shutil
 import time
@@ -113,7 +114,9 @@ class BestSnapshot:
         return RankShareSnapshot(runtime) if is_partitioned(model) else BestSnapshot(runtime)
 
     def offer(self, score: float, step: int, model: nn.Module) -> bool:
-        if self.score is not None and score <= self.score:
+        """Keep ``model``'s weights if ``score`` beats the kept one (a tie keeps the earlier; a NaN score ranks
+        below every number, so it never replaces one and any number replaces it)."""
+        if self.score is not None and not (score > self.score or math.isnan(self.score) and not math.isnan(score)):
             return False
         self.score, self.step = score, step
         self.weights = self.runtime.snapshot_weights(model)
