@@ -186,9 +186,9 @@ class TaskModel(nn.Module):
         """The backbone's outputs and its hidden states, all ``H`` wide: where an OPT decoder projects its final
         state out (:func:`final_projection`), the last entry is that projection's input, the final layer's state,
         not the ``H_out``-wide ``last_hidden_state`` that Hugging Face puts there."""
-        projection = final_projection(self.backbone)
         if not output_hidden_states:
             return self.backbone(**kwargs), None
+        projection = final_projection(self.backbone)
         if projection is None:
             outputs = self.backbone(**kwargs)
             return outputs, tuple(outputs.hidden_states)
