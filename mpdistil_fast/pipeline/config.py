@@ -18,7 +18,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import yaml
 
@@ -31,14 +31,9 @@ METHODS = ("finetune", "kd", "pkd", "metadistil", "mpdistil")
 PATIENT_KD_METHODS = ("pkd", "mpdistil")
 #: seeds are in [0, MAX_SEED]: torch generators take seeds below 2^63
 MAX_SEED = 2 ** 63 - 1
-#: the sections whose ``model`` names a model: a local folder or a hub id (:func:`absolute_model_folder`)
-MODEL_SECTIONS = ("teacher", "student")
 #: the source tree's DeepSpeed JSONs, the defaults of ``runtime.deepspeed_teacher`` / ``_student`` (absolute, so that
 #: a run launched from any directory finds them)
 DEEPSPEED_CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "deepspeed"
-#: the ``runtime`` keys that name a DeepSpeed JSON file: relative ones are read from the current directory and made
-#: absolute (:func:`absolute_path`)
-DEEPSPEED_KEYS = ("deepspeed_teacher", "deepspeed_student")
 
 
 class ConfigError(ValueError):
@@ -324,11 +319,10 @@ def config_from_dict(raw: dict[str, Any], overrides: list[str] = ()) -> Config:
         key, value = parse_override(text)
         _set_dotted(raw, key, value)
     config = _build(Config, raw)
-    for section in MODEL_SECTIONS:
+    for key, absolute in PATH_KEYS.items():
+        section, name = key.split(".")
         part = getattr(config, section)
-        part.model = absolute_model_folder(part.model)
-    for key in DEEPSPEED_KEYS:
-        setattr(config.runtime, key, absolute_path(getattr(config.runtime, key)))
+        setattr(part, name, absolute(getattr(part, name)))
     check_values(config)
     return config
 
@@ -497,12 +491,9 @@ def check_resumable(saved: dict[str, Any], config: Config) -> list[str]:
     default, and a relative model folder or DeepSpeed JSON it names (saved before they were made absolute) the
     one it names here.  Returns the keys of :data:`RESUMABLE_CHANGES` that differ."""
     now, then, defaults = _dotted(config.to_dict()), _dotted(saved), _dotted(Config().to_dict())
-    for section in MODEL_SECTIONS:
-        if f"{section}.model" in then:
-            then[f"{section}.model"] = absolute_model_folder(then[f"{section}.model"])
-    for key in DEEPSPEED_KEYS:
-        if f"runtime.{key}" in then:
-            then[f"runtime.{key}"] = absolute_path(then[f"runtime.{key}"])
+    for key, absolute in PATH_KEYS.items():
+        if key in then:
+            then[key] = absolute(then[key])
     differing = sorted(key for key, value in now.items() if then.get(key, defaults.get(key)) != value)
     changed = [key for key in differing if key not in RESUMABLE_CHANGES]
     if changed:
@@ -639,6 +630,14 @@ def absolute_model_folder(name: str | None) -> str | None:
 def absolute_path(path: str) -> str:
     """A file path read from the current directory (``~`` expanded), as an absolute path."""
     return str(Path(path).expanduser().resolve())
+
+
+#: the keys that name a model folder or a file, and how a relative one (read from the current directory) is named
+#: absolute in a run's config
+PATH_KEYS: dict[str, Callable[[Any], Any]] = {"teacher.model": absolute_model_folder,
+                                              "student.model": absolute_model_folder,
+                                              "runtime.deepspeed_teacher": absolute_path,
+                                              "runtime.deepspeed_student": absolute_path}
 
 
 def _cannot_be_a_hub_id(name: str) -> bool:
