@@ -137,8 +137,11 @@ def _cmdclass():
 
 
 setup(
-    packages=find_packages(include=["mpdistil_fast", "mpdistil_fast.*"]) + ["mpdistil_fast.kernels"],
-    package_dir={"mpdistil_fast.kernels": "kernels"},
+    # kernels/ and configs/ stay top-level folders of the source tree and install inside the package
+    packages=find_packages(include=["mpdistil_fast", "mpdistil_fast.*"]) + ["mpdistil_fast.kernels",
+                                                                            "mpdistil_fast.configs"],
+    package_dir={"mpdistil_fast.kernels": "kernels", "mpdistil_fast.configs": "configs"},
+    package_data={"mpdistil_fast.configs": ["*.yaml", "deepspeed/*.json"]},
     ext_modules=_extensions(),
     cmdclass=_cmdclass(),
     include_package_data=True,

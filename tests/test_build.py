@@ -145,3 +145,26 @@ def test_debug_information_only_when_asked(monkeypatch):
 def test_machine_name_says_the_threads(monkeypatch, threads, words):
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     assert backends.machine_name("cpu").endswith(words)
+
+
+def test_an_installed_package_ships_its_kernels_and_configs(tmp_path):
+    """What a wheel holds (setup.py's build_py, without compiling): the Triton kernels and the configs inside the
+    package, and the DeepSpeed defaults found there, not in a source tree the install does not have."""
+    build = tmp_path / "lib"
+    subprocess.run([sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(build)], cwd=ROOT, check=True,
+                   env={**os.environ, "MPDISTIL_BUILD_CUDA": "0"}, capture_output=True)
+    package = build / "mpdistil_fast"
+    shipped = {p.relative_to(package / "configs").as_posix() for p in (package / "configs").rglob("*")
+               if p.suffix in (".yaml", ".json")}
+    assert {"quickstart.yaml", "mpdistil.yaml", "deepspeed/zero2.json", "deepspeed/zero3.json"} <= shipped
+    assert (package / "kernels" / "kd_kl_div.py").is_file()
+    for library in (ROOT / "mpdistil_fast").glob("*.so"):  # the compiled part, as a wheel would hold it
+        shutil.copy(library, package)
+    probe = ("from mpdistil_fast.pipeline.config import RuntimeConfig; import mpdistil_fast; "
+             "print(mpdistil_fast.__file__); print(RuntimeConfig().deepspeed_teacher)")
+    run = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(build)})
+    assert run.returncode == 0, run.stderr[-3000:]
+    module_file, teacher_json = run.stdout.split()
+    assert Path(module_file).is_relative_to(build)  # the built tree, not the checkout
+    assert Path(teacher_json) == package / "configs" / "deepspeed" / "zero3.json"

@@ -147,7 +147,8 @@ def test_override_parsing():
 
 
 def test_missing_file_and_bad_yaml(tmp_path):
-    with pytest.raises(ConfigError, match="config file not found"):
+    with pytest.raises(ConfigError, match=r"config file not found: .*nope.yaml \(the shipped configs, .*"
+                                          r"quickstart.yaml.*, are in .*configs\)"):
         load_config(tmp_path / "nope.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("method: [unclosed\n")

@@ -22,6 +22,7 @@ from typing import Any, Callable, Literal
 
 import yaml
 
+import mpdistil_fast.configs as packaged_configs
 from mpdistil_fast.data.encoding import MIN_MAX_LENGTH
 from mpdistil_fast.data.tasks import SUPERGLUE_TASKS, TASKS
 
@@ -31,9 +32,11 @@ METHODS = ("finetune", "kd", "pkd", "metadistil", "mpdistil")
 PATIENT_KD_METHODS = ("pkd", "mpdistil")
 #: seeds are in [0, MAX_SEED]: torch generators take seeds below 2^63
 MAX_SEED = 2 ** 63 - 1
-#: the source tree's DeepSpeed JSONs, the defaults of ``runtime.deepspeed_teacher`` / ``_student`` (absolute, so that
-#: a run launched from any directory finds them)
-DEEPSPEED_CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "deepspeed"
+#: the shipped configs (``configs/`` of the source tree, installed as ``mpdistil_fast.configs``)
+PACKAGED_CONFIG_DIR = Path(packaged_configs.__file__).resolve().parent
+#: the DeepSpeed JSONs that are the defaults of ``runtime.deepspeed_teacher`` / ``_student`` (absolute, so that a run
+#: launched from any directory finds them)
+DEEPSPEED_CONFIG_DIR = PACKAGED_CONFIG_DIR / "deepspeed"
 
 
 class ConfigError(ValueError):
@@ -349,7 +352,8 @@ def load_config(path: str | os.PathLike, overrides: list[str] = (), *, check_dat
     """Read, override and validate a YAML config; with ``check_data`` also find every task's data files."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        shipped = ", ".join(sorted(p.name for p in PACKAGED_CONFIG_DIR.glob("*.yaml")))
+        raise ConfigError(f"config file not found: {path} (the shipped configs, {shipped}, are in {PACKAGED_CONFIG_DIR})")
     try:
         text = path.read_text()
         _refuse_repeated_keys(path, yaml.compose(text, Loader=yaml.SafeLoader))
