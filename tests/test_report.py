@@ -88,6 +88,26 @@ def test_metrics_logger_writes_jsonl_and_tensorboard(tmp_path):
     assert events.Scalars("stage2/quiz_accuracy")[0].value == pytest.approx(0.75)
 
 
+def test_a_file_that_does_not_close_leaves_the_other_closed_and_is_raised(tmp_path, monkeypatch):
+    """A successful run's close raises a file's error, after closing the other file too (the TensorBoard writer's
+    thread and unwritten events were left behind when metrics.jsonl did not close)."""
+    logger = MetricsLogger(tmp_path)
+    logger.log("stage2", 1, {"loss": 0.5})
+    writer, metrics_file = logger._writer, logger._file
+    close_file = metrics_file.close
+
+    def unwritable() -> None:
+        close_file()
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(metrics_file, "close", unwritable)
+    with pytest.raises(OSError, match="No space left on device"):
+        logger.close()
+    assert metrics_file.closed and writer.all_writers is None  # SummaryWriter.close empties all_writers
+    assert logger._file is None and logger._writer is None
+    assert tensorboard_events(tmp_path).Scalars("stage2/loss")[0].value == pytest.approx(0.5)
+
+
 def test_only_the_main_process_writes(tmp_path):
     logger = MetricsLogger(tmp_path / "rank1", is_main=False)
     logger.log("stage2", 0, {"loss": 1.0})

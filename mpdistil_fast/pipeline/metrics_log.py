@@ -106,18 +106,23 @@ class MetricsLogger:
             self._add_scalars(stage, step, values, record["time"])
 
     def close(self, *, failed: bool = False) -> None:
-        """Flush and close the files (idempotent).  ``failed``: the run raised, and its error is the one to
-        propagate: a file that does not close is logged (and the other one still closed) instead of raising."""
+        """Flush and close the files (idempotent); each is closed even when another does not close.  The first
+        error is raised after all were tried, unless ``failed``: the run raised, and its error is the one to
+        propagate, so a file that does not close is logged instead."""
         handles = {METRICS_FILE: self._file, "the TensorBoard writer": self._writer}
         self._file = self._writer = None
+        first_error: Exception | None = None
         for name, handle in handles.items():
             try:
                 if handle is not None:
                     handle.close()
-            except Exception:
+            except Exception as exc:
                 if not failed:
-                    raise
+                    first_error = first_error or exc
+                    continue
                 LOG.exception("closing %s in %s after the run failed", name, self.output_dir)
+        if first_error is not None:
+            raise first_error
 
     def __enter__(self) -> "MetricsLogger":
         return self
