@@ -333,6 +333,7 @@ def test_a_failed_close_waits_for_no_other_rank(monkeypatch):
     calls: list[str] = []
     runtime = object.__new__(DeepSpeedRuntime)  # without a process group: every call it makes is recorded
     runtime._engines, runtime._training_roles = {1: "teacher engine", 2: "student engine"}, {1: "teacher"}
+    runtime._launcher_variables = ()
     runtime._guards = {1: type("Guard", (), {"remove": lambda self: calls.append("guard removed")})()}
     monkeypatch.setattr(deepspeed_runtime, "retire", lambda engine: calls.append(f"{engine} retired"))
     monkeypatch.setattr(torch.distributed, "barrier", lambda: calls.append("barrier"))
@@ -371,6 +372,30 @@ def test_a_runtime_that_fails_to_start_ends_the_process_group_it_started(monkeyp
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def test_a_runtime_without_a_launcher_removes_the_variables_it_set(monkeypatch):
+    """Without a launcher the runtime sets RANK, WORLD_SIZE, MASTER_PORT, ... for its one rank; closing it (or
+    failing to start) removes them, keeping a MASTER_ADDR the caller had, so that a second runtime in the same
+    process is not taken for a launcher's rank on a used port.  They stayed set before."""
+    pytest.importorskip("deepspeed")
+    from deepspeed.accelerator import get_accelerator
+
+    if torch.distributed.is_initialized():
+        pytest.skip("this process already has a process group")
+    variables = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    for name in variables:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")  # the caller's: kept
+    runtime = DeepSpeedRuntime({"teacher": {}, "student": {}})
+    assert os.environ["WORLD_SIZE"] == "1" and os.environ["MASTER_PORT"].isdigit()
+    runtime.close()
+    assert not torch.distributed.is_initialized()
+    assert [name for name in variables if name in os.environ] == ["MASTER_ADDR"]
+    other = "cuda" if get_accelerator().device_name(0).startswith("cpu") else "cpu"
+    with pytest.raises(ValueError, match="runtime.device"):
+        DeepSpeedRuntime({"teacher": {}, "student": {}}, device=other)
+    assert [name for name in variables if name in os.environ] == ["MASTER_ADDR"]
 
 
 # ----------------------------------------------------------------------------------------------- two ranks

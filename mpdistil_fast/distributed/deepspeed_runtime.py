@@ -347,10 +347,14 @@ class DeepSpeedRuntime:
         self.configs = {name: load_deepspeed_config(source, name=name) for name, source in configs.items()}
         if num_threads is not None:
             torch.set_num_threads(num_threads)
+        #: the launcher variables this runtime set (none under a launcher); :meth:`close` removes them again
+        self._launcher_variables: tuple[str, ...] = ()
         if "WORLD_SIZE" not in os.environ:  # not started by a launcher: one rank, on a free local port
             _refuse_mpi_launch()
-            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=os.environ.get("MASTER_PORT") or str(free_port()))
+            single = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT") or str(free_port()))
+            self._launcher_variables = tuple(name for name in single if name not in os.environ)
+            os.environ.update(single)
         starts_group = not torch.distributed.is_initialized()
         try:
             deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
@@ -372,6 +376,7 @@ class DeepSpeedRuntime:
             # caller's
             if starts_group and torch.distributed.is_initialized():
                 torch.distributed.destroy_process_group()
+            self._forget_launcher_variables()
             raise
         self._deepspeed = deepspeed
         self.batch_size = batch_size
@@ -493,6 +498,14 @@ class DeepSpeedRuntime:
         if not failed:
             torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+        self._forget_launcher_variables()
+
+    def _forget_launcher_variables(self) -> None:
+        """Remove the launcher variables this runtime set: a later runtime in the same process (another run, a
+        notebook's next cell) would take them for a launcher's and reuse their port."""
+        for name in self._launcher_variables:
+            os.environ.pop(name, None)
+        self._launcher_variables = ()
 
     def _reduce_max(self, tensor: torch.Tensor) -> None:
         """``tensor`` becomes its maximum over the ranks."""
