@@ -229,6 +229,25 @@ def test_mass_where_the_other_distribution_has_none_is_infinite(backend, directi
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_fully_masked_rows_and_underflowing_probabilities_are_finite(backend, direction):
+    """Two rows every backend must agree on (the torch backend gave NaN in both; found by differential fuzzing):
+    a row whose weighting and other logits are all -inf (a fully masked position) is 0 with zero gradients, and a
+    weighting probability that underflows to 0 (a finite logit 800 T below the row's max) next to a -inf logit of
+    the other model contributes 0, not 0 * inf = NaN, to the loss and the gradients."""
+    student, teacher = logits(3, 37), logits(3, 37)
+    weighting, other = (student, teacher) if direction == "reverse" else (teacher, student)
+    weighting[0] = other[0] = float("-inf")
+    weighting[1, 0] = 400.0  # every other P of the row is about exp(-800) = 0 at T = 0.5, also in float64
+    other[1, 5] = float("-inf")
+    check_against_reference(backend, student, teacher, 0.5, direction=direction, reduction="none")
+    check_against_reference(backend, student, teacher, 0.5, direction=direction, reduction="batchmean")
+    loss, grad_s, grad_t = loss_and_grads(
+        lambda s, t: kd_kl_div(s, t, 0.5, direction=direction, reduction="none", backend=backend), student, teacher)
+    assert loss[0] == 0 and not grad_s[0].any() and not grad_t[0].any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("direction", ["forward", "reverse", "jsd"])
 def test_a_nan_logit_gives_a_nan_loss_and_nan_gradients_wherever_it_sits(backend, direction):
     """A NaN among the weighting logits (the JSD's: either) makes its row's loss NaN and its gradients non-finite,

@@ -47,15 +47,21 @@ def row_kl_torch(student: torch.Tensor, teacher: torch.Tensor, temperature: floa
     a, b = _weighting_first(student.to(acc), teacher.to(acc), reverse)
     # (a NaN logit is "mass": its row computes on into a NaN loss and NaN gradients, as in the fused kernels)
     has_mass = a.amax(dim=-1, keepdim=True) != float("-inf")
-    a = torch.where(has_mass, a, torch.zeros_like(a))  # keep empty rows out of log_softmax (it would give NaN)
+    # keep empty rows out of log_softmax (it would give NaN, and a NaN gradient through where()): the weighting
+    # row, and the other row too where the weighting row has no mass (the row is 0 with zero gradients then)
+    a = torch.where(has_mass, a, torch.zeros_like(a))
+    b = torch.where(has_mass, b, torch.zeros_like(b))
     log_p = torch.log_softmax(a / temperature, dim=-1)
     log_q = torch.log_softmax(b / temperature, dim=-1)
     log_q = torch.where(b.amax(dim=-1, keepdim=True) != float("-inf"), log_q, float("-inf"))  # not log_softmax's NaN
-    positive = log_p != float("-inf")  # (NaN included)
+    prob_p = log_p.exp()
+    # P = 0 where exp underflows too (a finite log P below about -104 in fp32), as in the fused kernels, whose exp
+    # underflows alike: such an entry has no mass, and next to a -inf Q logit it must not make 0 * inf = NaN.
+    positive = prob_p != 0  # (NaN included)
     # where() before the product: P = 0 entries (Q may be 0 there too) must not produce 0 * inf in the value or in
     # the gradient.
     zero = torch.zeros_like(log_p)
-    terms = log_p.exp() * (torch.where(positive, log_p, zero) - torch.where(positive, log_q, zero))
+    terms = prob_p * (torch.where(positive, log_p, zero) - torch.where(positive, log_q, zero))
     terms = torch.where(positive, terms, zero)
     return torch.where(has_mass.squeeze(-1), terms.sum(dim=-1), zero[..., 0])
 
