@@ -92,6 +92,27 @@ def test_config_errors_exit_before_loading_models(tmp_path, data_dir, capsys):
     assert "no checkpoint" in capsys.readouterr().err
 
 
+def test_an_output_dir_that_cannot_be_written_is_a_config_error(tmp_path, teacher_dir, data_dir, monkeypatch,
+                                                                capsys):
+    """An output_dir under a file, or a file itself (a read-only one alike): exit 2 naming output_dir, before the
+    data and models load (it was a NotADirectoryError / FileExistsError traceback when the metrics were first
+    written, after loading), for a new run and for --resume."""
+    import mpdistil_fast.pipeline.trainer as trainer
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the models loaded before output_dir was checked")
+
+    monkeypatch.setattr(trainer, "load_backbone", no_loading)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    config = write_config(tmp_path / "c.yaml", teacher_dir, data_dir, tmp_path / "run", "kd")
+    for output_dir, extra, reason in ((blocker / "run", [], "Not a directory"), (blocker, [], "a file, not a folder"),
+                                      (blocker / "run", ["--resume"], "Not a directory")):
+        assert main(["distill", "--config", str(config), "--quiet", "--output-dir", str(output_dir), *extra]) == 2
+        err = capsys.readouterr().err
+        assert f"config error: output_dir {output_dir}: cannot write there ({reason})" in err, err
+
+
 def test_console_script_is_installed():
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     result = subprocess.run([sys.executable, "-m", "mpdistil_fast.cli", "distill", "--help"], env=env,

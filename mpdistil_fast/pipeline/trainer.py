@@ -18,6 +18,7 @@ import logging
 import math
 import random
 import shutil
+import tempfile
 import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -202,6 +203,7 @@ class Run:
         if config.data.batch_size % self.runtime.world_size:
             raise ConfigError(f"data.batch_size {config.data.batch_size} is not a multiple of the "
                               f"{self.runtime.world_size} ranks: every rank steps on an equal share of each batch")
+        writes_outputs = checkpoint is None  # a run (evaluate only reads a checkpoint)
         if checkpoint is None and not resume:
             self._claim_output_dir(overwrite)
         elif checkpoint is None:  # --resume: its checkpoint's config must describe this run (before anything loads)
@@ -213,6 +215,8 @@ class Run:
                                   "(its batches' rows, the per-rank optimizer and snapshot files)")
             if saved and (changed := check_resumable(saved["config"], config)):
                 LOG.warning("--resume: continuing with %s changed", ", ".join(changed))
+        if writes_outputs:
+            self._check_output_dir_writable()
         self.tasks = curriculum_tasks(config)
         self.targets = list(config.data.tasks)
         self.compat = config.reference_compat
@@ -276,6 +280,22 @@ class Run:
             for path in earlier:
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
         self.runtime.barrier()
+
+    def _check_output_dir_writable(self) -> None:
+        """``output_dir`` is a folder rank 0 can write in (made if missing), checked before the data and models load:
+        a path under a file, a read-only filesystem or a folder without write permission was a traceback when the run
+        first wrote (its metrics, after loading the models).  Rank 0's answer decides for every rank."""
+        reason = None
+        if self.is_main:
+            try:
+                self.output_dir.mkdir(parents=True, exist_ok=True)
+                with tempfile.TemporaryFile(dir=self.output_dir):
+                    pass
+            except OSError as error:
+                reason = "a file, not a folder" if self.output_dir.is_file() else error.strerror or str(error)
+        if self.runtime.from_main(int(reason is not None)):
+            raise ConfigError(f"output_dir {self.output_dir}: cannot write there ({reason or 'on rank 0'}); choose "
+                              "another output_dir (--output-dir)")
 
     def _load_data(self) -> dict[str, dict[str, EncodedSplit]]:
         c = self.config
