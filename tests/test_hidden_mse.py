@@ -354,6 +354,7 @@ BAD_INPUTS = [
     (dict(projection=torch.randn(4, 3)), ValueError, "projection weight"),
     (dict(projection=(torch.randn(4, 4), torch.randn(3))), ValueError, "projection bias"),
     (dict(projection="linear"), TypeError, "projection"),
+    (dict(projection=(None, torch.randn(4))), ValueError, "projection has a bias but no weight"),  # not dropped
     (dict(mask=torch.ones(2, 3)), TypeError, "mask"),
     (dict(mask=torch.ones(2, 4, dtype=torch.bool)), ValueError, "mask"),
     (dict(reduction="avg"), ValueError, "reduction"),

@@ -287,6 +287,7 @@ BAD_INPUTS = [
      TypeError, r"bias\[0\] must have the dtype"),
     (dict(h_student=torch.randn(2, 5), student_projection=(torch.randn(4, 5), torch.randn(4).half())), TypeError,
      "student_projection bias"),
+    (dict(student_projection=(None, torch.randn(4))), ValueError, "student_projection has a bias but no weight"),
     (dict(mode="adversarial"), ValueError, "mode"),
     (dict(hidden=5), TypeError, "weight"),
     (dict(hidden=0), ValueError, "hidden"),

@@ -58,12 +58,16 @@ def layer_pairs(layer_map: LayerMap, student_layers: int, teacher_layers: int) -
     return pairs
 
 
-def projection_parts(projection: Projection) -> tuple[Optional[Tensor], Optional[Tensor]]:
+def projection_parts(projection: Projection, name: str = "projection") -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """(weight, bias) of a projection argument ``name``: None, a weight, or a (weight, bias) pair; a bias without a
+    weight is refused (it would otherwise be dropped without a word)."""
     if projection is None or isinstance(projection, Tensor):
         return projection, None
     if isinstance(projection, (tuple, list)) and len(projection) == 2:
+        if projection[0] is None and projection[1] is not None:
+            raise ValueError(f"{name} has a bias but no weight: pass (weight, bias), a weight alone, or None")
         return projection[0], projection[1]
-    raise TypeError(f"projection must be None, a weight tensor or a (weight, bias) tuple, got {type(projection).__name__}")
+    raise TypeError(f"{name} must be None, a weight tensor or a (weight, bias) tuple, got {type(projection).__name__}")
 
 
 @functools.lru_cache(maxsize=64)

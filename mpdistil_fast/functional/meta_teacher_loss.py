@@ -119,7 +119,7 @@ def meta_teacher_loss(h_teacher: Tensor, h_student: Tensor, weight: Params, bias
     if labels.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"labels must be an int64 or int32 tensor, got {labels.dtype}")
     width = h_teacher.shape[1]
-    proj_weight, proj_bias = projection_parts(student_projection)
+    proj_weight, proj_bias = projection_parts(student_projection, "student_projection")
     if proj_weight is None:
         if h_student.shape[1] != width:
             raise ValueError(f"h_student width {h_student.shape[1]} != h_teacher width {width}: pass a "
