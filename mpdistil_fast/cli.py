@@ -122,6 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, HubUnavailableError) as exc:
         print(f"mpdistil-fast: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line (the run's files are closed by then), not a traceback
+        hint = ("; `distill ... --resume` continues the run from its newest checkpoint"
+                if args.command == "distill" else "")
+        print(f"mpdistil-fast: interrupted{hint}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

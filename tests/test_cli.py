@@ -113,6 +113,25 @@ def test_an_output_dir_that_cannot_be_written_is_a_config_error(tmp_path, teache
         assert f"config error: output_dir {output_dir}: cannot write there ({reason})" in err, err
 
 
+def test_an_interrupted_run_says_how_to_continue(tmp_path, teacher_dir, data_dir, monkeypatch, capsys):
+    """Ctrl-C (KeyboardInterrupt) mid-run: one line that says --resume continues, exit status 130 (as a shell's
+    for SIGINT), not a traceback from wherever the interrupt landed (inside torch, a checkpoint's fsync)."""
+    from mpdistil_fast.pipeline.trainer import Run
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Run, "run", interrupted)
+    config = write_config(tmp_path / "c.yaml", teacher_dir, data_dir, tmp_path / "run", "kd")
+    try:
+        status = main(["distill", "--config", str(config), "--quiet"])
+    except KeyboardInterrupt:  # (escaping, it would stop the whole pytest session)
+        pytest.fail("the KeyboardInterrupt escaped main")
+    assert status == 130
+    err = capsys.readouterr().err
+    assert "mpdistil-fast: interrupted; `distill ... --resume` continues the run" in err and "Traceback" not in err
+
+
 def test_console_script_is_installed():
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     result = subprocess.run([sys.executable, "-m", "mpdistil_fast.cli", "distill", "--help"], env=env,
