@@ -93,7 +93,10 @@ def evaluate(args: argparse.Namespace) -> int:
     from mpdistil_fast.pipeline.report import format_results_table
 
     report = evaluate_checkpoint(Path(args.checkpoint), data_dir=args.data_dir)
-    print(f"{report['checkpoint']} (validation split):\n{format_results_table(report)}")
+    unfinished = "" if report["finished"] else (
+        f"; an unfinished run's checkpoint ({'in stage ' + report['stage'] if report['stage'] else 'between stages'}"
+        f", stages done: {', '.join(report['completed']) or 'none'}): its student is not the run's final one")
+    print(f"{report['checkpoint']} (validation split{unfinished}):\n{format_results_table(report)}")
     print("\n".join(f"data {task}: {source}" for task, source in report["data_source"].items()))
     return 0
 

@@ -192,6 +192,28 @@ def test_evaluate_names_metadistil_s_teacher_as_the_report_does(tmp_path, teache
         assert models == {role: report["tasks"][task][role] for role in models}
 
 
+def test_evaluate_does_not_call_an_unfinished_run_s_student_final(tmp_path, teacher_dir, data_dir, capsys):
+    """A checkpoint written before the run's last stage ended holds a student that is not the final one (here still
+    the teacher's untrained layers): evaluate labelled it "Student (final)" all the same."""
+    from mpdistil_fast.pipeline.checkpoint import checkpoint_dir
+    from mpdistil_fast.pipeline.evaluation import evaluate_checkpoint
+
+    config = write_config(tmp_path / "c.yaml", teacher_dir, data_dir, tmp_path / "run", "kd",
+                          data={"tasks": ["cb"]}, runtime={"keep_checkpoints": 10})
+    assert main(["distill", "--config", str(config), "--quiet"]) == 0
+    capsys.readouterr()
+    mid_teacher = checkpoint_dir(tmp_path / "run", 2)  # inside the teacher's stage (3 steps, a checkpoint every 2)
+    evaluated = evaluate_checkpoint(mid_teacher)
+    assert set(evaluated["tasks"]["cb"]) == {"teacher", "student"} and not evaluated["finished"]
+    assert evaluated["stage"] == "teacher" and evaluated["completed"] == []
+    assert main(["evaluate", "--checkpoint", str(mid_teacher)]) == 0
+    out = capsys.readouterr().out
+    assert "an unfinished run's checkpoint (in stage teacher, stages done: none)" in out
+    assert "Student (run unfinished)" in out and "Student (final)" not in out
+    finished = evaluate_checkpoint(tmp_path / "run")
+    assert set(finished["tasks"]["cb"]) == {"teacher", "student_final"} and finished["finished"]
+
+
 def test_output_and_data_dirs_are_taken_verbatim(tmp_path, teacher_dir, data_dir):
     """--output-dir / --data-dir are folder names, not YAML: a name with ' #' (a YAML comment) was cut short, so the
     run wrote elsewhere, and a numeric one (2024) or one with ': ' was refused as not a string."""

@@ -47,8 +47,10 @@ def _use_run_data(config: Config, state: dict[str, Any], checkpoint: Path) -> bo
 
 def evaluate_checkpoint(path: Path, *, data_dir: str | None = None) -> dict:
     """A report (``{"tasks": {task: {"teacher": metrics, "student_final": metrics}}, "checkpoint": str,
-    "data_source": {task: str}}``, the layout of :mod:`.report`; the teacher is ``teacher_final`` from MetaDistil's
-    stage on, as the run's report names it) of the checkpoint at ``path``, or of a run's newest
+    "finished": bool, "stage": str | None, "completed": [stage, ...], "data_source": {task: str}}``, the layout of
+    :mod:`.report`; the teacher is ``teacher_final`` from MetaDistil's stage on, as the run's report names it, and
+    the student of an unfinished run's checkpoint is ``student``, not ``student_final``) of the checkpoint at
+    ``path``, or of a run's newest
     checkpoint, on the data its run read (see the module docstring), or on ``data_dir`` when given."""
     from mpdistil_fast.pipeline.trainer import Run
 
@@ -80,9 +82,15 @@ def evaluate_checkpoint(path: Path, *, data_dir: str | None = None) -> dict:
     # once MetaDistil's stage has begun, the teacher is the meta-learned one: the report's teacher_final
     teacher_role = "teacher_final" if "metadistil" in state["completed"] or state["stage"] == "metadistil" \
         else "teacher"
+    from mpdistil_fast.pipeline.stages import stages_of
+
+    # a checkpoint of an unfinished run holds a student that is not the run's final one (untrained, mid-stage)
+    finished = all(stage in state["completed"] for stage in stages_of(config))
+    student_role = "student_final" if finished else "student"
     for task in run.targets:
-        results[task] = {"student_final": run.evaluate(run.student, task, "validation")}
+        results[task] = {student_role: run.evaluate(run.student, task, "validation")}
         if run.teacher is not None:
             results[task][teacher_role] = run.evaluate(run.teacher, task, "validation")
-    return {"tasks": results, "checkpoint": str(path),
+    return {"tasks": results, "checkpoint": str(path), "finished": finished,
+            "stage": state["stage"], "completed": list(state["completed"]),
             "data_source": {task: run.data_source[task] for task in run.targets}}

@@ -24,7 +24,8 @@ from mpdistil_fast.files import written_atomically
 
 #: Every model a run can report, in table order (MetaDistil's meta-learned teacher is ``teacher_final``).
 MODEL_COLUMNS = (("teacher", "Teacher"), ("teacher_final", "Teacher (final)"), ("meta_teacher", "Meta-teacher"),
-                 ("student_stage2", "Student (stage 2)"), ("student_final", "Student (final)"))
+                 ("student_stage2", "Student (stage 2)"), ("student_final", "Student (final)"),
+                 ("student", "Student (run unfinished)"))  # (evaluate's, of an unfinished run's checkpoint)
 METRIC_LABELS = {"accuracy": "acc", "macro_f1": "F1"}
 
 
