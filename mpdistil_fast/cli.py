@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from mpdistil_fast.hub import HubUnavailableError
+from mpdistil_fast.pipeline.checkpoint import DamagedCheckpointError
 from mpdistil_fast.pipeline.config import ConfigError
 
 
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"mpdistil-fast: config error: {exc}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, HubUnavailableError) as exc:
+    except (FileNotFoundError, HubUnavailableError, DamagedCheckpointError) as exc:
         print(f"mpdistil-fast: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: one line (the run's files are closed by then), not a traceback

@@ -132,6 +132,35 @@ def test_an_interrupted_run_says_how_to_continue(tmp_path, teacher_dir, data_dir
     assert "mpdistil-fast: interrupted; `distill ... --resume` continues the run" in err and "Traceback" not in err
 
 
+def test_a_damaged_checkpoint_is_an_error_message(tmp_path, teacher_dir, data_dir, capsys):
+    """A checkpoint whose state.json is cut short, or whose weights file is missing or truncated (a disk fault, a
+    copy cut short: saves are atomic): evaluate and --resume exit 2 naming the checkpoint and what is wrong (they
+    raised a JSONDecodeError, KeyError or SafetensorError traceback)."""
+    from mpdistil_fast.pipeline.checkpoint import latest_checkpoint
+
+    config = write_config(tmp_path / "c.yaml", teacher_dir, data_dir, tmp_path / "run", "finetune",
+                          data={"tasks": ["cb"]})
+    assert main(["distill", "--config", str(config), "--quiet"]) == 0
+    capsys.readouterr()
+    newest = latest_checkpoint(tmp_path / "run")
+    state, student = (newest / "state.json").read_text(), (newest / "student.safetensors").read_bytes()
+    for damage, what in (((newest / "state.json"), "state.json is not valid JSON"),
+                         ((newest / "student.safetensors"), "student.safetensors cannot be read"),
+                         (None, "no file for student.safetensors")):
+        if damage is None:
+            (newest / "student.safetensors").unlink()
+        else:
+            damage.write_bytes(damage.read_bytes()[:60])
+        for command in (["evaluate", "--checkpoint", str(tmp_path / "run")],
+                        ["distill", "--config", str(config), "--quiet", "--resume"]):
+            assert main(command) == 2, (what, command)
+            err = capsys.readouterr().err
+            assert f"checkpoint {newest} is damaged ({what}" in err, err
+        (newest / "state.json").write_text(state)
+        (newest / "student.safetensors").write_bytes(student)
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "run")]) == 0
+
+
 def test_console_script_is_installed():
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     result = subprocess.run([sys.executable, "-m", "mpdistil_fast.cli", "distill", "--help"], env=env,

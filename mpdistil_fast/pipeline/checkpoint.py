@@ -206,18 +206,49 @@ def _clean_interrupted(folder: Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def load_checkpoint(directory: Path | str, *, skip: tuple[str, ...] = ()
-                    ) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
-    """``(tensors, state)`` as given to :func:`save_checkpoint`; the ``.safetensors`` files under the top-level
-    folders named in ``skip`` (e.g. one every rank reads its own part of) are not read."""
+class DamagedCheckpointError(ValueError):
+    """A checkpoint folder whose files cannot be read back: damaged after it was written (a save is atomic, so a
+    killed one leaves no such folder; a disk fault, an edit, a copy or deletion cut short do)."""
+
+    def __init__(self, directory: Path, what: str) -> None:
+        super().__init__(f"checkpoint {directory} is damaged ({what}): evaluate or resume from an earlier checkpoint "
+                         "(delete this one: --resume takes the newest left)")
+
+
+def read_state(directory: Path | str) -> dict:
+    """The JSON state of the checkpoint ``directory`` (:class:`DamagedCheckpointError` when it cannot be read)."""
     directory = Path(directory)
     state_path = directory / STATE_FILE
     if not state_path.is_file():
         raise FileNotFoundError(f"directory {str(directory)!r} is not a checkpoint (no {STATE_FILE})")
-    tensors = {path.relative_to(directory).with_suffix("").as_posix(): safetensors.torch.load_file(str(path))
-               for path in sorted(directory.rglob("*.safetensors"))
-               if path.relative_to(directory).parts[0] not in skip}
-    return tensors, json.loads(state_path.read_text())
+    try:
+        state = json.loads(state_path.read_text())
+    except ValueError as error:  # (UnicodeDecodeError included)
+        raise DamagedCheckpointError(directory, f"{STATE_FILE} is not valid JSON: {error}") from None
+    if not isinstance(state, dict):
+        raise DamagedCheckpointError(directory, f"{STATE_FILE} holds a {type(state).__name__}, not an object")
+    return state
+
+
+def load_checkpoint(directory: Path | str, *, skip: tuple[str, ...] = ()
+                    ) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
+    """``(tensors, state)`` as given to :func:`save_checkpoint`; the ``.safetensors`` files under the top-level
+    folders named in ``skip`` (e.g. one every rank reads its own part of) are not read.  A file that cannot be read,
+    or a component the state describes (``state["meta"]``) without its file, is a :class:`DamagedCheckpointError`."""
+    directory = Path(directory)
+    state = read_state(directory)
+    tensors = {}
+    for path in sorted(directory.rglob("*.safetensors")):
+        if path.relative_to(directory).parts[0] in skip:
+            continue
+        try:
+            tensors[path.relative_to(directory).with_suffix("").as_posix()] = safetensors.torch.load_file(str(path))
+        except Exception as error:  # safetensors' own error type (truncated, not a safetensors file)
+            raise DamagedCheckpointError(directory, f"{path.name} cannot be read: {error}") from None
+    missing = [name for name in state.get("meta") or {} if name not in tensors and name.split("/")[0] not in skip]
+    if missing:
+        raise DamagedCheckpointError(directory, "no file for " + ", ".join(f"{name}.safetensors" for name in missing))
+    return tensors, state
 
 
 def checkpoint_dir(run_dir: Path | str, step: int) -> Path:

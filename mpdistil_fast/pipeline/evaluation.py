@@ -9,14 +9,13 @@ warning).
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
 from typing import Any
 
 from mpdistil_fast.data.loading import DATA_DIR_ENV
-from mpdistil_fast.pipeline.checkpoint import STATE_FILE, latest_checkpoint
+from mpdistil_fast.pipeline.checkpoint import STATE_FILE, latest_checkpoint, read_state
 from mpdistil_fast.pipeline.config import (Config, ConfigError, check_data_available, check_models_available,
                                             config_from_dict, verbatim_override)
 
@@ -61,7 +60,7 @@ def evaluate_checkpoint(path: Path, *, data_dir: str | None = None) -> dict:
             raise ConfigError(f"--checkpoint: no checkpoint at {path} (give a checkpoint folder or a run's "
                               "output_dir)")
         path = newest
-    state = json.loads((path / STATE_FILE).read_text())  # only the config: Run loads the tensors once
+    state = read_state(path)  # only the config: Run loads the tensors once
     # one process on this machine's device: a checkpoint holds whole weights, whichever runtime (one process,
     # DeepSpeed ranks) and device wrote it
     overrides = ["runtime.kind=local", "runtime.device=auto"] + (

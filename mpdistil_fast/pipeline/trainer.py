@@ -36,9 +36,9 @@ from mpdistil_fast.data import (EncodedSplit, TeacherCache, compute_metrics, enc
 from mpdistil_fast.distributed.runtime import OptimizerSpec, Runtime, TrainedModel, is_partitioned, make_runtime
 from mpdistil_fast.models import TaskModel, load_backbone, load_tokenizer, resolve_model_path, truncated_copy
 from mpdistil_fast.models.backbones import same_tokenization
-from mpdistil_fast.pipeline.checkpoint import (CHECKPOINTS_SUBDIR, STATE_FILE, capture_rng_state, checkpoint_dir,
+from mpdistil_fast.pipeline.checkpoint import (CHECKPOINTS_SUBDIR, capture_rng_state, checkpoint_dir,
                                                checkpoints_by_step, flatten_state_dict, load_checkpoint,
-                                               prune_checkpoints, restore_rng_state, save_checkpoint,
+                                               prune_checkpoints, read_state, restore_rng_state, save_checkpoint,
                                                unflatten_state_dict)
 from mpdistil_fast.pipeline.config import Config, ConfigError, OptimConfig, check_resumable, curriculum_tasks
 from mpdistil_fast.pipeline.metrics_log import METRICS_FILE, TENSORBOARD_SUBDIR, MetricsLogger
@@ -208,7 +208,7 @@ class Run:
             self._claim_output_dir(overwrite)
         elif checkpoint is None:  # --resume: its checkpoint's config must describe this run (before anything loads)
             checkpoint = self._newest_checkpoint()
-            saved = json.loads((checkpoint / STATE_FILE).read_text()) if checkpoint is not None else {}
+            saved = read_state(checkpoint) if checkpoint is not None else {}
             if saved.get("world_size", self.runtime.world_size) != self.runtime.world_size:
                 raise ConfigError(f"--resume: the checkpoint {checkpoint} was written by {saved['world_size']} ranks, "
                                   f"this run has {self.runtime.world_size}: it continues exactly only with as many "
