@@ -68,7 +68,7 @@ def distill(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.data_dir:
         overrides.append(verbatim_override("data.data_dir", args.data_dir))
-    if args.output_dir:
+    if args.output_dir is not None:  # (an empty one is refused, not taken for "not given")
         overrides.append(verbatim_override("output_dir", args.output_dir))
     if args.quiet:
         overrides.append("runtime.progress=false")

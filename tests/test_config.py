@@ -316,3 +316,16 @@ def test_deepspeed_jsons_are_found_from_any_directory(tmp_path, monkeypatch):
     saved["runtime"]["deepspeed_teacher"] = "configs/deepspeed/zero2.json"
     with pytest.raises(ConfigError, match="runtime.deepspeed_teacher"):
         check_resumable(saved, config_from_dict({}))
+
+
+def test_an_empty_output_dir_is_refused(capsys):
+    """output_dir '' (``--set output_dir=``, ``--output-dir "$UNSET"``) wrote the run into the current directory, and
+    an empty --output-dir was taken for none given (the config's output_dir)."""
+    from mpdistil_fast.cli import main
+
+    for value in ("", "  "):
+        with pytest.raises(ConfigError, match="output_dir must name a folder, got an empty string"):
+            config_from_dict({"output_dir": value})
+    kd = Path(__file__).resolve().parents[1] / "configs" / "kd.yaml"
+    assert main(["distill", "--config", str(kd), "--output-dir", ""]) == 2
+    assert "output_dir must name a folder" in capsys.readouterr().err

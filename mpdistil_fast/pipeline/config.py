@@ -377,6 +377,8 @@ def _require(condition: bool, message: str) -> None:
 def check_values(config: Config) -> None:
     """Ranges and cross-key rules that types alone do not express."""
     _require(0 <= config.seed <= MAX_SEED, f"seed must be in [0, 2**63 - 1], got {config.seed}")
+    _require(config.output_dir.strip() != "", "output_dir must name a folder, got an empty string (an unset shell "
+             "variable?); write '.' for the current directory")
     _require(len(config.data.tasks) > 0, "data.tasks must name at least one task")
     for i, task in enumerate(config.data.tasks):
         _require(task in TASKS, f"data.tasks[{i}]: unknown task {task!r}; known tasks: {', '.join(sorted(TASKS))}")
