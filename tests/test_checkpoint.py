@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -193,6 +195,29 @@ def test_checkpoint_listing_pruning_and_errors(tmp_path):
         checkpoint_dir(tmp_path, -1)
     with pytest.raises(ValueError, match="keep"):
         prune_checkpoints(tmp_path, keep=0)
+
+
+def test_a_pruning_cut_short_leaves_no_half_deleted_checkpoint(tmp_path, monkeypatch):
+    """A run killed while it deletes an old checkpoint: the checkpoint is out of the listing (it was one whose
+    state.json was gone or whose weights were half deleted, which evaluate then called damaged), and the next save
+    clears its remains away."""
+    from mpdistil_fast.pipeline import checkpoint
+
+    for step in (1, 2):
+        save_checkpoint(checkpoint_dir(tmp_path, step), {"student": {"w": torch.ones(2)}}, {"step": step})
+    rmtree = shutil.rmtree
+
+    def killed_midway(path, *args, **kwargs):
+        (Path(path) / "student.safetensors").unlink()  # part of the folder is gone when the kill lands
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        prune_checkpoints(tmp_path, keep=1)
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", rmtree)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000000002"]
+    save_checkpoint(checkpoint_dir(tmp_path, 3), {}, {"step": 3})
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000000002", "step-000000003"]
 
 
 def test_a_kill_between_the_renames_of_a_replacement_loses_nothing(tmp_path):

@@ -286,8 +286,11 @@ def latest_checkpoint(run_dir: Path | str) -> Path | None:
 
 
 def prune_checkpoints(run_dir: Path | str, keep: int) -> None:
-    """Delete all but the newest ``keep`` checkpoints."""
+    """Delete all but the newest ``keep`` checkpoints.  Each is first renamed to a temporary name (one that the next
+    :func:`save_checkpoint` clears away), so a deletion cut short leaves no half-deleted checkpoint in the listing."""
     if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
         raise ValueError(f"keep must be a positive int, got {keep!r}")
     for path in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(path)
+        doomed = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex}"
+        os.replace(path, doomed)
+        shutil.rmtree(doomed)
