@@ -94,9 +94,10 @@ def hidden_mse(student_hidden: Tensor, teacher_hidden: Tensor, *, mask: Optional
         sse_l = sum_{valid} || f(y) - f(t) ||^2
         "sum": sum_l sse_l;   "mean": sum_l sse_l / (valid * H_t * pairs);   "none": sse_l / (valid * H_t) per pair
 
-    (``"none"`` on an unstacked input is a 0-d tensor).  No valid position (all masked, or no row) gives 0.  The
-    result is float64 for float64 inputs and float32 otherwise; gradients flow to the student states, the projection
-    and, when it requires grad, the teacher states.
+    (``"none"`` on an unstacked input is a 0-d tensor).  No valid position (all masked, or no row) gives 0.  States
+    of different dtypes are promoted to the wider one (a bf16 student beside an fp32 teacher: fp32).  The result is
+    float64 for float64 inputs and float32 otherwise; gradients flow to the student states, the projection and, when
+    it requires grad, the teacher states.
     """
     check_tensor("student_hidden", student_hidden)
     check_tensor("teacher_hidden", teacher_hidden)
@@ -110,9 +111,9 @@ def hidden_mse(student_hidden: Tensor, teacher_hidden: Tensor, *, mask: Optional
     check_choice("reduction", reduction, REDUCTIONS)
     if not isinstance(normalize, bool):
         raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
-    if student_hidden.dtype != teacher_hidden.dtype:
-        raise TypeError(f"student_hidden and teacher_hidden must share a dtype, got {student_hidden.dtype} and "
-                        f"{teacher_hidden.dtype}")
+    if student_hidden.dtype != teacher_hidden.dtype:  # promoted to the wider one, as F.mse_loss and kd_kl_div do
+        common = torch.promote_types(student_hidden.dtype, teacher_hidden.dtype)
+        student_hidden, teacher_hidden = student_hidden.to(common), teacher_hidden.to(common)
     if student_hidden.dim() not in (2, 3, 4) or teacher_hidden.dim() != student_hidden.dim():
         raise ValueError("student_hidden and teacher_hidden must both be [L, B, S, H], [B, S, H] or [B, H], got "
                          f"shapes {tuple(student_hidden.shape)} and {tuple(teacher_hidden.shape)}")
