@@ -93,8 +93,9 @@ def meta_teacher_loss(h_teacher: Tensor, h_student: Tensor, weight: Params, bias
         competitive:    CE(z_T, y) - mean p_D(y | h_teacher) + mean p_D(y | h_student)
 
     Gradients flow to the discriminator and projection parameters and to h_teacher / h_student when they require
-    grad.  Returns the loss (float64 for float64 inputs, else float32), or with ``return_logits=True`` a
-    :class:`MetaTeacherOutput` whose logits (dtype of h_teacher) are detached, for rewards and metrics.
+    grad.  h_teacher and h_student of different dtypes are promoted to the wider one.  Returns the loss (float64
+    for float64 inputs, else float32), or with ``return_logits=True`` a :class:`MetaTeacherOutput` whose logits
+    (in the inputs' dtype) are detached, for rewards and metrics.
 
     ``validate_labels`` checks that every label indexes a logit (a ValueError otherwise).  On a GPU that check is a
     min/max reduction and a host synchronisation in front of the fused kernel; a loop whose labels are known to be
@@ -114,8 +115,9 @@ def meta_teacher_loss(h_teacher: Tensor, h_student: Tensor, weight: Params, bias
     if h_student.shape[0] != h_teacher.shape[0] or tuple(labels.shape) != (h_teacher.shape[0],):
         raise ValueError(f"h_student and labels must have the batch size of h_teacher ({h_teacher.shape[0]}), got "
                          f"{tuple(h_student.shape)} and labels {tuple(labels.shape)}")
-    if h_student.dtype != h_teacher.dtype:
-        raise TypeError(f"h_student and h_teacher must share a dtype, got {h_student.dtype} and {h_teacher.dtype}")
+    if h_student.dtype != h_teacher.dtype:  # promoted to the wider one, as kd_kl_div and hidden_mse do
+        common = torch.promote_types(h_student.dtype, h_teacher.dtype)
+        h_teacher, h_student = h_teacher.to(common), h_student.to(common)
     if labels.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"labels must be an int64 or int32 tensor, got {labels.dtype}")
     width = h_teacher.shape[1]
