@@ -48,8 +48,8 @@ $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.ve
 
 # a failed build still leaves the Triton backends (they need no extension) to test and time
 step build 270 $PY setup.py -q build_ext --inplace || echo "BUILD FAILED: going on with what runs without it"
-# An uninstalled checkout has kernels/ but no mpdistil_fast.kernels (setup.py maps it on install): link it.
-$PY -c "import mpdistil_fast.kernels" 2>/dev/null || ln -sfn ../kernels mpdistil_fast/kernels
+# An uninstalled checkout has kernels/ and configs/ but no mpdistil_fast.kernels / .configs: link them.
+bash scripts/link_source_packages.sh
 $PY -c "from mpdistil_fast.backends import available_backends as a; [print(op, {k: v.available or v.reason for k, v in a(op, 'cuda').items()}) for op in ('kd_kl_div', 'kd_jsd', 'hidden_mse', 'meta_teacher_loss')]"
 XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8")
 # a kernel that hangs (the row-resident cluster kernel has not run on a GPU yet) fails its test, not the step

@@ -168,3 +168,25 @@ def test_an_installed_package_ships_its_kernels_and_configs(tmp_path):
     module_file, teacher_json = run.stdout.split()
     assert Path(module_file).is_relative_to(build)  # the built tree, not the checkout
     assert Path(teacher_json) == package / "configs" / "deepspeed" / "zero3.json"
+
+
+def test_an_uninstalled_checkout_imports_after_linking_its_source_packages(tmp_path):
+    """benchmarks/run_gpu.sh runs on a copy of the working tree that is not installed (PYTHONPATH=<checkout>):
+    scripts/link_source_packages.sh links kernels/ and configs/ in as mpdistil_fast.kernels / .configs, without
+    which the pipeline (its DeepSpeed defaults live in mpdistil_fast.configs) does not import there."""
+    checkout = tmp_path / "checkout"
+    for part in ("mpdistil_fast", "kernels", "configs", "scripts"):
+        shutil.copytree(ROOT / part, checkout / part, ignore=shutil.ignore_patterns("__pycache__"))
+    probe = ("import sys\n"  # as if not installed: without this environment's editable-install finder
+             "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in getattr(f, '__module__', '').lower()]\n"
+             "import mpdistil_fast.pipeline.trainer, mpdistil_fast.kernels.kd_kl_div\n"
+             "from mpdistil_fast.pipeline.config import DEEPSPEED_CONFIG_DIR\n"
+             "print(DEEPSPEED_CONFIG_DIR)\n")
+    env = {**os.environ, "PYTHONPATH": str(checkout)}
+    run = lambda: subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True,  # noqa
+                                 text=True)
+    assert "No module named 'mpdistil_fast.configs'" in run().stderr  # the probe sees the bare checkout
+    subprocess.run(["bash", str(checkout / "scripts" / "link_source_packages.sh")], env=env, check=True)
+    linked = run()
+    assert linked.returncode == 0, linked.stderr[-3000:]
+    assert Path(linked.stdout.strip()) == (checkout / "configs" / "deepspeed").resolve()  # the checkout's own
