@@ -1,4 +1,5 @@
-"""Argument checks shared by every public op: each raises a ValueError/TypeError that names the argument."""
+"""Argument checks shared by every public op: each raises a ValueError/TypeError that names the argument; and the
+one dtype policy they share (:func:`promote_pair`)."""
 from __future__ import annotations
 
 import math
@@ -16,6 +17,13 @@ def check_tensor(name: str, value: object, *, floating: bool = True) -> torch.Te
     if floating and value.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be a floating tensor (float32, bfloat16, float16 or float64), got {value.dtype}")
     return value
+
+
+def promote_pair(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``a`` and ``b`` in the wider of their dtypes (as torch's binary ops promote; a no-op when they share one): a
+    bf16 student beside an fp32 teacher computes in fp32, and each gradient comes back in its input's dtype."""
+    common = torch.promote_types(a.dtype, b.dtype)
+    return a.to(common), b.to(common)
 
 
 def check_same_device(**tensors: torch.Tensor | None) -> torch.device:

@@ -7,7 +7,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from mpdistil_fast._validation import check_choice, check_mask, check_same_device, check_tensor
+from mpdistil_fast._validation import check_choice, check_mask, check_same_device, check_tensor, promote_pair
 from mpdistil_fast.ops.common import call_fused, resolve_backend_traceable
 from mpdistil_fast.ops.hidden_mse import HIDDEN_MSE, hidden_mse_torch
 
@@ -111,9 +111,7 @@ def hidden_mse(student_hidden: Tensor, teacher_hidden: Tensor, *, mask: Optional
     check_choice("reduction", reduction, REDUCTIONS)
     if not isinstance(normalize, bool):
         raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
-    if student_hidden.dtype != teacher_hidden.dtype:  # promoted to the wider one, as F.mse_loss and kd_kl_div do
-        common = torch.promote_types(student_hidden.dtype, teacher_hidden.dtype)
-        student_hidden, teacher_hidden = student_hidden.to(common), teacher_hidden.to(common)
+    student_hidden, teacher_hidden = promote_pair(student_hidden, teacher_hidden)  # (as F.mse_loss does)
     if student_hidden.dim() not in (2, 3, 4) or teacher_hidden.dim() != student_hidden.dim():
         raise ValueError("student_hidden and teacher_hidden must both be [L, B, S, H], [B, S, H] or [B, H], got "
                          f"shapes {tuple(student_hidden.shape)} and {tuple(teacher_hidden.shape)}")

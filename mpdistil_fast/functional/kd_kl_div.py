@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 from torch import Tensor
 
 from mpdistil_fast._validation import (check_choice, check_mask, check_positive_finite, check_same_device,
-                                       check_same_shape, check_tensor, check_unit_interval)
+                                       check_same_shape, check_tensor, check_unit_interval, promote_pair)
 from mpdistil_fast.ops.common import resolve_backend_traceable
 from mpdistil_fast.ops.kd_kl_div import kd_kl_div_op
 
@@ -80,7 +79,6 @@ def kd_kl_div(student_logits: Tensor, teacher_logits: Tensor, temperature: float
     if not isinstance(scale_by_t2, bool):
         raise TypeError(f"scale_by_t2 must be a bool, got {type(scale_by_t2).__name__}")
     chosen = resolve_backend_traceable(backend, "kd_jsd" if direction == "jsd" else "kd_kl_div", device)
-    common = torch.promote_types(student_logits.dtype, teacher_logits.dtype)
-    student_logits, teacher_logits = student_logits.to(common), teacher_logits.to(common)
+    student_logits, teacher_logits = promote_pair(student_logits, teacher_logits)
     return kd_kl_div_op(student_logits, teacher_logits, temperature, reduction, scale_by_t2, mask, direction, beta,
                         chosen)

@@ -6,7 +6,7 @@ from typing import NamedTuple, Optional, Union
 import torch
 from torch import Tensor
 
-from mpdistil_fast._validation import check_choice, check_same_device, check_tensor
+from mpdistil_fast._validation import check_choice, check_same_device, check_tensor, promote_pair
 from mpdistil_fast.functional.hidden_mse import Projection, projection_parts
 from mpdistil_fast.ops.common import call_fused, resolve_backend_traceable
 from mpdistil_fast.ops.meta_teacher_loss import (META_TEACHER_LOSS, check_label_range, discriminator_logits,
@@ -115,9 +115,7 @@ def meta_teacher_loss(h_teacher: Tensor, h_student: Tensor, weight: Params, bias
     if h_student.shape[0] != h_teacher.shape[0] or tuple(labels.shape) != (h_teacher.shape[0],):
         raise ValueError(f"h_student and labels must have the batch size of h_teacher ({h_teacher.shape[0]}), got "
                          f"{tuple(h_student.shape)} and labels {tuple(labels.shape)}")
-    if h_student.dtype != h_teacher.dtype:  # promoted to the wider one, as kd_kl_div and hidden_mse do
-        common = torch.promote_types(h_student.dtype, h_teacher.dtype)
-        h_teacher, h_student = h_teacher.to(common), h_student.to(common)
+    h_teacher, h_student = promote_pair(h_teacher, h_student)
     if labels.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"labels must be an int64 or int32 tensor, got {labels.dtype}")
     width = h_teacher.shape[1]
