@@ -205,6 +205,32 @@ def test_an_interrupted_teacher_pass_leaves_no_temporary_files(splits, tmp_path,
     assert not list(tmp_path.rglob("*.tmp")) and list(tmp_path.rglob("meta.json"))
 
 
+def test_a_killed_pass_s_temporary_files_are_removed_by_the_next(splits, tmp_path):
+    """SIGKILL (or the out-of-memory killer) leaves a pass's memory-mapped arrays behind, as large as the split's
+    outputs; the next pass into the folder deletes those of this host's dead processes and keeps a live process's
+    (another run writing there now) and another host's (a shared filesystem).  They were never deleted before."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    teacher = _teacher()
+    TeacherCache(teacher, tmp_path).outputs(splits["cb"], "train")
+    folder = next(tmp_path.rglob("meta.json")).parent
+    (folder / "meta.json").unlink()  # the entry is computed again
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait()
+    host, hex32 = socket.gethostname(), "0" * 32
+    dead = folder / f"hidden.npy.{finished.pid}-{hex32}.{host}.tmp"
+    live = folder / f"logits.npy.{os.getpid()}-{hex32}.{host}.tmp"
+    elsewhere = folder / f"pooled.npy.{finished.pid}-{hex32}.node-7.cluster.tmp"
+    for path in (dead, live, elsewhere):
+        path.write_bytes(b"half written")
+    TeacherCache(teacher, tmp_path).outputs(splits["cb"], "train")
+    assert not dead.exists() and live.exists() and elsewhere.exists()
+    assert (folder / "meta.json").is_file()
+
+
 def _record_disk_order(monkeypatch) -> list[tuple[str, ...]]:
     """os.fsync (with the path flushed) and os.replace calls, in order."""
     import os

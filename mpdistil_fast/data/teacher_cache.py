@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from mpdistil_fast.data.encoding import EncodedSplit, _check_batch_size, iterate_batches
-from mpdistil_fast.files import fsync, temporary_beside, written_atomically
+from mpdistil_fast.files import fsync, remove_abandoned_temporaries, temporary_beside, written_atomically
 
 if TYPE_CHECKING:
     from mpdistil_fast.models.task_model import TaskModel, TaskModelOutput
@@ -184,6 +184,8 @@ class TeacherCache:
                 folder = self.directory / f"{split.task}-{split_name}" / print_key[:FOLDER_KEY_LENGTH]
                 arrays, compute_seconds = self._load(folder, print_key)
             if arrays is None:
+                if folder is not None and self._is_main:  # what a killed earlier pass was writing here
+                    remove_abandoned_temporaries(folder)
                 if not self._shared_pass:
                     arrays = self._compute(split, folder)  # on disk: straight into the memory-mapped files
                 else:
