@@ -156,7 +156,7 @@ def save_checkpoint(directory: Path | str, tensors: dict[str, dict[str, torch.Te
         raise TypeError(f"state must be JSON-serialisable (flatten tensors with flatten_state_dict): {exc}") from None
     directory.parent.mkdir(parents=True, exist_ok=True)
     _clean_interrupted(directory.parent)
-    temporary = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex}"
+    temporary = _temporary_name(directory)
     temporary.mkdir()
     try:
         for component, named in tensors.items():
@@ -193,6 +193,12 @@ def save_checkpoint(directory: Path | str, tensors: dict[str, dict[str, torch.Te
         fsync(directory.parent)
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
+
+
+def _temporary_name(directory: Path) -> Path:
+    """A hidden name beside ``directory`` for a checkpoint being written or deleted (:func:`_clean_interrupted`
+    clears such folders away)."""
+    return directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex}"
 
 
 def _clean_interrupted(folder: Path) -> None:
@@ -291,6 +297,6 @@ def prune_checkpoints(run_dir: Path | str, keep: int) -> None:
     if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
         raise ValueError(f"keep must be a positive int, got {keep!r}")
     for path in list_checkpoints(run_dir)[:-keep]:
-        doomed = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex}"
+        doomed = _temporary_name(path)
         os.replace(path, doomed)
         shutil.rmtree(doomed)
