@@ -132,11 +132,17 @@ def test_an_interrupted_run_says_how_to_continue(tmp_path, teacher_dir, data_dir
     assert "mpdistil-fast: interrupted; `distill ... --resume` continues the run" in err and "Traceback" not in err
 
 
-def test_a_damaged_checkpoint_is_an_error_message(tmp_path, teacher_dir, data_dir, capsys):
+def test_a_damaged_checkpoint_is_an_error_message(tmp_path, teacher_dir, data_dir, capsys, monkeypatch):
     """A checkpoint whose state.json is cut short, or whose weights file is missing or truncated (a disk fault, a
     copy cut short: saves are atomic): evaluate and --resume exit 2 naming the checkpoint and what is wrong (they
-    raised a JSONDecodeError, KeyError or SafetensorError traceback)."""
+    raised a JSONDecodeError, KeyError or SafetensorError traceback); a missing file is found before the models
+    load (it was found after, minutes into a large teacher's run)."""
     from mpdistil_fast.pipeline.checkpoint import latest_checkpoint
+    from mpdistil_fast.pipeline.trainer import Run
+
+    models_built = []
+    build_models = Run._build_models
+    monkeypatch.setattr(Run, "_build_models", lambda run: models_built.append(1) or build_models(run))
 
     config = write_config(tmp_path / "c.yaml", teacher_dir, data_dir, tmp_path / "run", "finetune",
                           data={"tasks": ["cb"]})
@@ -153,9 +159,11 @@ def test_a_damaged_checkpoint_is_an_error_message(tmp_path, teacher_dir, data_di
             damage.write_bytes(damage.read_bytes()[:60])
         for command in (["evaluate", "--checkpoint", str(tmp_path / "run")],
                         ["distill", "--config", str(config), "--quiet", "--resume"]):
+            models_built.clear()
             assert main(command) == 2, (what, command)
             err = capsys.readouterr().err
             assert f"checkpoint {newest} is damaged ({what}" in err, err
+            assert not models_built or damage is not None, command
         (newest / "state.json").write_text(state)
         (newest / "student.safetensors").write_bytes(student)
     assert main(["evaluate", "--checkpoint", str(tmp_path / "run")]) == 0

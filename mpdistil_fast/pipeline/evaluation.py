@@ -51,7 +51,7 @@ def evaluate_checkpoint(path: Path, *, data_dir: str | None = None) -> dict:
     the student of an unfinished run's checkpoint is ``student``, not ``student_final``) of the checkpoint at
     ``path``, or of a run's newest
     checkpoint, on the data its run read (see the module docstring), or on ``data_dir`` when given."""
-    from mpdistil_fast.pipeline.trainer import Run
+    from mpdistil_fast.pipeline.trainer import SHARDS_FOLDER, Run
 
     path = Path(path)
     if not (path / STATE_FILE).is_file():
@@ -60,7 +60,7 @@ def evaluate_checkpoint(path: Path, *, data_dir: str | None = None) -> dict:
             raise ConfigError(f"--checkpoint: no checkpoint at {path} (give a checkpoint folder or a run's "
                               "output_dir)")
         path = newest
-    state = read_state(path)  # only the config: Run loads the tensors once
+    state = read_state(path, skip=(SHARDS_FOLDER,))  # only the config: Run loads the tensors once
     # one process on this machine's device: a checkpoint holds whole weights, whichever runtime (one process,
     # DeepSpeed ranks) and device wrote it
     overrides = ["runtime.kind=local", "runtime.device=auto"] + (

@@ -208,7 +208,7 @@ class Run:
             self._claim_output_dir(overwrite)
         elif checkpoint is None:  # --resume: its checkpoint's config must describe this run (before anything loads)
             checkpoint = self._newest_checkpoint()
-            saved = read_state(checkpoint) if checkpoint is not None else {}
+            saved = read_state(checkpoint, skip=(SHARDS_FOLDER,)) if checkpoint is not None else {}
             if saved.get("world_size", self.runtime.world_size) != self.runtime.world_size:
                 raise ConfigError(f"--resume: the checkpoint {checkpoint} was written by {saved['world_size']} ranks, "
                                   f"this run has {self.runtime.world_size}: it continues exactly only with as many "
