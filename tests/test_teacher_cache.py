@@ -60,6 +60,9 @@ def test_cached_rows_equal_a_live_teacher(splits, tmp_path, task, on_disk):
     expected_saved = cached.compute_seconds - cached.obtain_seconds  # one epoch served
     assert cache.seconds_saved == pytest.approx(expected_saved)
     assert "rows served" in cache.summary()
+    for net, says in ((-0.04, "saved 0.0 s"), (-0.3, "cost 0.3 s more than it saved"), (2.26, "saved 2.3 s")):
+        cached.obtain_seconds = cached.compute_seconds - net  # (one epoch served: the saving is net)
+        assert cache.summary().endswith(says), (net, cache.summary())
     if on_disk:
         assert isinstance(np.load(_entry(tmp_path, f"{task}-validation") / "logits.npy", mmap_mode="r"), np.memmap)
 

@@ -169,8 +169,10 @@ class TeacherCache:
     def summary(self) -> str:
         """One log line: what the cache cost and what it saved."""
         rows = sum(entry.rows_served for entry in self.entries.values())
+        net = round(self.seconds_saved, 1)
+        outcome = f"saved {abs(net):.1f} s" if net >= 0 else f"cost {-net:.1f} s more than it saved"  # (no -0.0)
         return (f"teacher cache: {len(self.entries)} split(s), {self.seconds_spent:.1f} s to build/load, "
-                f"{rows} rows served, saved {self.seconds_saved:.1f} s")
+                f"{rows} rows served, {outcome}")
 
     def outputs(self, split: EncodedSplit, split_name: str) -> CachedOutputs:
         """The teacher's outputs for every row of ``split`` (computed on first use, then reused)."""
