@@ -3,6 +3,7 @@ one dtype policy they share (:func:`promote_pair`)."""
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Collection
 
 import torch
@@ -57,11 +58,17 @@ def check_mask(mask: torch.Tensor | None, expected_shape: torch.Size | tuple[int
     return mask
 
 
+def _real_number(name: str, value: object) -> float:
+    """``value`` as a Python float: ints, floats and NumPy scalars (``numbers.Real``); not bools, and not tensors
+    (a tensor may carry a gradient these arguments do not propagate, and reading one syncs with its device)."""
+    if isinstance(value, (bool, torch.Tensor)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    return float(value)
+
+
 def check_positive_finite(name: str, value: object) -> float:
     """A real number > 0 and finite (temperatures, learning rates)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
+    value = _real_number(name, value)
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be finite and > 0, got {value}")
     return value
@@ -69,9 +76,7 @@ def check_positive_finite(name: str, value: object) -> float:
 
 def check_unit_interval(name: str, value: object) -> float:
     """A real number in [0, 1] (mixture weights)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
+    value = _real_number(name, value)
     if not 0.0 <= value <= 1.0:  # also rejects NaN
         raise ValueError(f"{name} must lie in [0, 1], got {value}")
     return value

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -541,6 +542,8 @@ def test_an_unusable_backend_from_the_environment_says_where_it_came_from(monkey
         (lambda s, t: kd_kl_div(s, t, math.nan), ValueError, "temperature"),
         (lambda s, t: kd_kl_div(s, t, "2"), TypeError, "temperature"),
         (lambda s, t: kd_kl_div(s, t, True), TypeError, "temperature"),
+        (lambda s, t: kd_kl_div(s, t, torch.tensor(2.0)), TypeError, "temperature"),
+        (lambda s, t: kd_kl_div(s, t, np.bool_(True)), TypeError, "temperature"),
         (lambda s, t: kd_kl_div(s, t, reduction="avg"), ValueError, "reduction"),
         (lambda s, t: kd_kl_div(s, t, direction="both"), ValueError, "direction"),
         (lambda s, t: kd_kl_div(s, t, direction="jsd", beta=1.5), ValueError, "beta"),
@@ -562,6 +565,19 @@ def test_an_unusable_backend_from_the_environment_says_where_it_came_from(monkey
 def test_bad_inputs(call, error, name):
     with pytest.raises(error, match=name):
         call(logits(4, 10), logits(4, 10))
+
+
+def test_numpy_scalars_are_real_numbers():
+    """A temperature or beta read from NumPy (np.float32, np.int64) means what the same Python number does (they
+    were a TypeError)."""
+    student, teacher = logits(4, 10), logits(4, 10)
+    for direction in DIRECTIONS:
+        jsd = direction == "jsd"
+        expected = kd_kl_div(student, teacher, 2.0, direction=direction, **({"beta": 0.25} if jsd else {}))
+        for temperature in (np.float32(2.0), np.float64(2.0), np.int64(2)):
+            got = kd_kl_div(student, teacher, temperature, direction=direction,
+                            **({"beta": np.float32(0.25)} if jsd else {}))
+            torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("backend, direction", [
