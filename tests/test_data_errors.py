@@ -90,6 +90,46 @@ def test_wsc_span_indices_must_be_word_indices_of_the_text(field, value):
         format_row("wsc", row, 0)
 
 
+@pytest.mark.parametrize("task, row, field, expected", [
+    ("cb", {**CB_ROW, "idx": None}, "idx", "a row number"),  # was a bare TypeError from int(None)
+    ("cb", {**CB_ROW, "idx": 2.5}, "idx", "a row number"),  # was read as row 2
+    ("cb", {**CB_ROW, "idx": True}, "idx", "a row number"),  # was read as row 1
+    ("glue_rte", {"index": "x", "sentence1": "a", "sentence2": "b", "label": "entailment"}, "index", "a row number"),
+    ("copa", {"premise": "p", "choice1": "a", "choice2": "b", "question": ["cause"], "label": 0, "idx": 7},
+     "question", "a string"),  # was "unhashable type: 'list'"
+    ("copa", {"premise": "p", "choice1": "a", "choice2": "b", "question": "why", "label": 0, "idx": 7},
+     "question", "one of"),
+    ("wsc", {"text": "He ran .", "target": None, "label": True, "idx": 7}, "target", "an object"),  # TypeError
+    ("wsc", {"text": "He ran .", "target": [0, 1], "label": True, "idx": 7}, "target", "an object"),  # TypeError
+    # an empty span was marked around the wrong words, no error: '*Bob said #he# ran .*'
+    ("wsc", {"text": "Bob said he ran .", "target": {"span1_index": 0, "span1_text": "", "span2_index": 2,
+                                                     "span2_text": "he"}, "label": True, "idx": 7},
+     "span1_text", "a span of at least one word"),
+    ("wsc", {"text": "Bob said he ran .", "target": {"span1_index": 0, "span1_text": "Bob", "span2_index": 2,
+                                                     "span2_text": " "}, "label": True, "idx": 7},
+     "span2_text", "a span of at least one word"),
+])
+def test_a_bad_row_field_is_a_value_error_naming_the_field_file_and_line(tmp_path, task, row, field, expected):
+    with pytest.raises(ValueError, match=rf"field '{field}' of a {task} row .* must be {expected}"):
+        format_row(task, row, 0)
+    if task == "glue_rte":
+        relative = "glue/RTE/dev.tsv"
+        text = "index\tsentence1\tsentence2\tlabel\n1\ta\tb\tentailment\nx\ta\tb\tentailment\n"
+    else:
+        relative = f"superglue/{dict(cb='CB', copa='COPA', wsc='WSC')[task]}/val.jsonl"
+        text = "\n\n" + json.dumps(row) + "\n"  # blank lines are skipped but counted
+    _write(tmp_path, relative, text)
+    with pytest.raises(ValueError, match=rf"{relative}, line 3: field '{field}'"):
+        load_examples(task, "validation", tmp_path)
+
+
+def test_glue_tsv_index_and_jsonl_idx_are_the_example_index():
+    assert format_row("glue_rte", {"index": "12", "sentence1": "a", "sentence2": "b", "label": "entailment"},
+                      0).index == 12
+    assert format_row("cb", {**CB_ROW, "idx": 5}, 0).index == 5
+    assert format_row("glue_sst2", {"sentence": "s", "label": "1"}, 9).index == 9  # no index column: the position
+
+
 def test_quiz_fraction_leaving_no_train_rows_names_the_task_and_numbers(data_dir):
     with pytest.raises(ValueError, match=r"task 'cb': quiz_fraction 0\.999 puts 250 of its 250 train rows in the "
                                          r"quiz split and leaves no train rows"):

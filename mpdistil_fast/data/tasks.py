@@ -165,22 +165,48 @@ def _word_index(spans: Mapping[str, Any], field: str, text: str) -> int:
     return value
 
 
+def _row_index(row: Mapping[str, Any], position: int) -> int:
+    """The row's ``idx`` (jsonl, hub) or ``index`` (GLUE tsv, a string of digits) as an int; ``position`` when it has
+    neither.  A null raised a bare TypeError, a non-numeric string an int() message naming no field, and a float or a
+    bool was read as a truncated number."""
+    for field in ("idx", "index"):
+        if field in row:
+            value = row[field]
+            if isinstance(value, str) and value.isascii() and value.isdigit():
+                return int(value)
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+            raise _BadField(field, value, "a row number (an int, or a string of digits in a tsv)")
+    return position
+
+
 def _fields(*fields: str) -> Callable[[Mapping[str, Any]], tuple[str, ...]]:
     return lambda row: tuple(_text(row, field) for field in fields)
 
 
 def _copa_texts(row: Mapping[str, Any]) -> tuple[str, ...]:
-    question = row["question"]
+    question = _text(row, "question")  # a list here raised "unhashable type" from the lookup below
     if question not in COPA_QUESTIONS:
-        raise ValueError(f"question of a copa row must be one of {tuple(COPA_QUESTIONS)}, got {question!r}")
+        raise _BadField("question", question, f"one of {tuple(COPA_QUESTIONS)}")
     return (f"{_text(row, 'premise')} {COPA_QUESTIONS[question]}", _text(row, "choice1"), _text(row, "choice2"))
+
+
+def _span_text(spans: Mapping[str, Any], field: str) -> str:
+    """``spans[field]``, a string holding at least one word (an empty span was marked around the wrong words: the
+    closing marker went on the text's last word, or before the opening one)."""
+    value = _text(spans, field)
+    if not value.split():
+        raise _BadField(field, value, "a span of at least one word")
+    return value
 
 
 def _wsc_texts(row: Mapping[str, Any]) -> tuple[str, ...]:
     spans = row.get("target", row)  # local jsonl nests the spans under "target"; the hub's wsc.fixed does not
+    if not isinstance(spans, Mapping):  # a null or a list raised a bare TypeError naming no row
+        raise _BadField("target", spans, "an object holding span1_index, span1_text, span2_index and span2_text")
     text = _text(row, "text")
-    return (mark_wsc_spans(text, _word_index(spans, "span1_index", text), _text(spans, "span1_text"),
-                           _word_index(spans, "span2_index", text), _text(spans, "span2_text")),)
+    return (mark_wsc_spans(text, _word_index(spans, "span1_index", text), _span_text(spans, "span1_text"),
+                           _word_index(spans, "span2_index", text), _span_text(spans, "span2_text")),)
 
 
 _TEXTS: dict[str, Callable[[Mapping[str, Any]], tuple[str, ...]]] = {
@@ -198,11 +224,13 @@ _TEXTS: dict[str, Callable[[Mapping[str, Any]], tuple[str, ...]]] = {
 
 def format_row(task: str, row: Mapping[str, Any], position: int) -> Example:
     """Turn one raw row (official file or hub) into an :class:`Example`; ``position`` is used when the row has no
-    ``idx``/``index`` field.  A missing field, a text field that is not a string or a bad label raises a
-    ``ValueError`` naming the task, the field and the row."""
+    ``idx``/``index`` field.  A missing field, a text field that is not a string, an ``idx``/``index`` that is not a
+    row number, a WSC ``target`` that is not an object or an empty span, or a bad label raises a ``ValueError`` naming
+    the task, the field and the row."""
     task_spec(task)
     index = row.get("idx", row.get("index", position))
     try:
+        row_index = _row_index(row, position)
         texts = _TEXTS[task](row)
         raw_label = row["label"]
     except KeyError as exc:
@@ -216,4 +244,4 @@ def format_row(task: str, row: Mapping[str, Any], position: int) -> Example:
         label = label_id(task, raw_label)
     except ValueError as exc:
         raise ValueError(f"{exc} (idx {index})") from None
-    return Example(task=task, index=int(index), texts=tuple(texts), label=label)
+    return Example(task=task, index=row_index, texts=tuple(texts), label=label)
