@@ -283,7 +283,11 @@ def environment_lines(device: torch.device | str) -> list[str]:
              + (f": {build.error}" if build.error else ""),
              "packages: " + ", ".join(f"{name} {version(name)}" for name in ("triton", "deepspeed", "transformers"))]
     for op in FUSED_OPS:
-        lines.append(f"{op}: auto -> {resolve_backend('auto', op, device)}")
+        try:
+            chosen = resolve_backend("auto", op, device)
+        except ValueError as error:  # MPDISTIL_BACKEND names a backend that cannot run here: say so, list the rest
+            chosen = f"refused: {error}"
+        lines.append(f"{op}: auto -> {chosen}")
         for name, status in available_backends(op, device).items():
             state = (f"available ({status.detail})" if status.detail else "available") if status.available \
                 else f"unavailable: {status.reason}"

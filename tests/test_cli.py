@@ -191,6 +191,17 @@ def test_env_says_what_runs_here_and_why_not(capsys):
         assert "no CUDA device" in capsys.readouterr().err
 
 
+def test_env_reports_a_backend_override_that_cannot_run(capsys, monkeypatch):
+    """MPDISTIL_BACKEND naming a backend that cannot run here: `env` (the tool to find out why) says so per op and
+    still lists every backend's status, instead of ending in a traceback."""
+    monkeypatch.setenv("MPDISTIL_BACKEND", "cuda")
+    assert main(["env", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert ("kd_kl_div: auto -> refused: backend 'cuda' (from MPDISTIL_BACKEND=cuda) cannot run kd_kl_div here: "
+            "cuda runs on cuda tensors") in out
+    assert "  torch: available" in out
+
+
 def test_a_missing_model_folder_is_a_config_error(tmp_path, teacher_dir, data_dir, capsys):
     """A teacher.model / student.model that can only be a folder (absolute, ./ or ../, ~) and is not there: exit 2
     naming the key, before anything loads -- also for evaluate, whose checkpoint came from a machine or folder where
