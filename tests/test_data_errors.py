@@ -3,6 +3,7 @@ the data its run read (or refuses) -- never silently on other rows."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -226,3 +227,54 @@ def test_an_unreachable_hub_is_an_error_message_not_a_traceback(tmp_path, monkey
     assert main(["distill", "--config", str(config), "--quiet"]) == 2
     error = capsys.readouterr().err
     assert "could not load 'cb'" in error and "no route to huggingface.co" in error and "Traceback" not in error
+
+
+# ------------------------------------------------------------------------------------------- whole files refused
+
+@pytest.mark.parametrize("relative, text", [("superglue/CB/train.jsonl", ""), ("superglue/CB/train.jsonl", "\n \n"),
+                                            ("glue/RTE/train.tsv", ""),
+                                            ("glue/RTE/train.tsv", "index\tsentence1\tsentence2\tlabel\n")])
+def test_an_empty_file_is_an_error_naming_it(tmp_path, relative, text):
+    """An empty train file loaded as no rows: load_examples returned [] and load_task_splits said to lower
+    quiz_fraction (its 0 train rows left none for training); an empty validation file said 'no validation rows'."""
+    task = "cb" if relative.startswith("superglue") else "glue_rte"
+    good = json.dumps(CB_ROW) + "\n" if task == "cb" else \
+        "index\tsentence1\tsentence2\tlabel\n0\ta\tb\tentailment\n1\tc\td\tnot_entailment\n"
+    other = relative.replace("train", "val" if task == "cb" else "dev")
+    path = _write(tmp_path, relative, text)
+    _write(tmp_path, other, good)
+    message = rf"{re.escape(str(path))} holds no {task} rows \(the file is empty"
+    with pytest.raises(ValueError, match=message):
+        load_examples(task, "train", tmp_path)
+    with pytest.raises(ValueError, match=message):
+        load_task_splits(task, tmp_path)
+    with pytest.raises(ValueError, match=message):
+        check_task_data(task, tmp_path)
+    _write(tmp_path, relative, good)
+    _write(tmp_path, other, text)
+    with pytest.raises(ValueError, match=rf"{re.escape(str(tmp_path / other))} holds no {task} rows"):
+        load_task_splits(task, tmp_path)
+
+
+def test_a_repeated_idx_is_refused_naming_both_lines(tmp_path):
+    """A row repeated in a file (e.g. two files concatenated) was loaded twice: trained on twice, or in both the train
+    and the quiz split."""
+    rows = [json.dumps({**CB_ROW, "idx": i}) for i in (0, 1, 2, 1)]
+    path = _write(tmp_path, "superglue/CB/train.jsonl", "\n".join(rows) + "\n")
+    _write(tmp_path, "superglue/CB/val.jsonl", rows[0] + "\n")
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))}, line 4: a cb row with idx 1, as on line 2"):
+        load_task_splits("cb", tmp_path)
+
+
+def test_local_boolq_val_too_short_for_its_500_validation_rows_says_so(tmp_path):
+    """A BoolQ val.jsonl of 501 rows or fewer (a truncated copy) left train/quiz 0 or 1 rows, and the error said to
+    lower quiz_fraction."""
+    rows = [json.dumps({"question": "q", "passage": f"p{i}", "label": i % 2 == 0, "idx": i}) for i in range(501)]
+    path = _write(tmp_path, "superglue/BoolQ/val.jsonl", "\n".join(rows) + "\n")
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))} holds 501 boolq rows: local BoolQ keeps 500 of "
+                                         "them for validation and needs at least 2 more"):
+        load_task_splits("boolq", tmp_path)
+    rows.append(json.dumps({"question": "q", "passage": "p", "label": True, "idx": 501}))
+    _write(tmp_path, "superglue/BoolQ/val.jsonl", "\n".join(rows) + "\n")
+    splits = load_task_splits("boolq", tmp_path)
+    assert (len(splits.train), len(splits.quiz), len(splits.validation)) == (1, 1, 500)

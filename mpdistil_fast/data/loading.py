@@ -115,13 +115,25 @@ def _format_rows(task: str, rows: Iterable[Mapping[str, Any]]) -> list[Example]:
 
 
 def _format_file_rows(task: str, path: Path, limit: int | None = None) -> list[Example]:
-    """:func:`format_row` of every row of a local file; a row it refuses gets the file and line in the error."""
-    examples = []
+    """:func:`format_row` of every row of a local file; a row it refuses gets the file and line in the error, and so
+    does a row repeating an earlier row's ``idx`` (a duplicated row would be trained on twice, or land in both the
+    train and the quiz split).  A file without rows (empty, blank lines only, or a tsv header alone) is an error
+    naming it: it loaded as no examples, and the run then failed far from the cause ("lower quiz_fraction")."""
+    examples, lines = [], {}
     for position, (number, row) in enumerate(_numbered_rows(path, limit)):
         try:
-            examples.append(format_row(task, row, position))
+            example = format_row(task, row, position)
         except ValueError as exc:
             raise ValueError(f"{path}, line {number}: {exc}") from None
+        if example.index in lines:
+            raise ValueError(f"{path}, line {number}: a {task} row with idx {example.index}, as on line "
+                             f"{lines[example.index]}: each row of the file must have its own idx")
+        lines[example.index] = number
+        examples.append(example)
+    if not examples:
+        what = "empty, or a header alone" if path.suffix == ".tsv" else "empty"
+        raise ValueError(f"{path} holds no {task} rows (the file is {what}); expected the official file (see the "
+                         "data README)")
     return examples
 
 
@@ -179,7 +191,8 @@ def load_examples(task: str, split: str, data_dir: str | os.PathLike | None = No
 
 def check_task_data(task: str, data_dir: str | os.PathLike | None = None) -> None:
     """Fail early, without parsing whole files, when :func:`load_task_splits` could not load ``task`` locally:
-    a ``FileNotFoundError`` naming the missing file.  With no local folder (hub) there is nothing to check offline."""
+    a ``FileNotFoundError`` naming the missing file, a ``ValueError`` naming an empty one or the line of a first row
+    that does not load.  With no local folder (hub) there is nothing to check offline."""
     task_spec(task)
     directory = resolve_data_dir(data_dir)
     if directory is None:
@@ -189,8 +202,7 @@ def check_task_data(task: str, data_dir: str | os.PathLike | None = None) -> Non
         path = directory / LOCAL_FILES[task][split]
         if not path.is_file():
             raise FileNotFoundError(f"missing data file for task {task!r}, split {split!r}: {path}")
-        if not _format_file_rows(task, path, limit=1):
-            raise ValueError(f"data file for task {task!r}, split {split!r} is empty: {path}")
+        _format_file_rows(task, path, limit=1)  # an unreadable first row or no rows at all: a ValueError naming path
 
 
 @dataclass
@@ -257,6 +269,10 @@ def load_task_splits(task: str, data_dir: str | os.PathLike | None = None, *, se
     directory = resolve_data_dir(data_dir)
     if directory is not None and task == "boolq":
         rows = load_local_file(task, "validation", directory)
+        if len(rows) < BOOLQ_LOCAL_VALIDATION_ROWS + 2:  # it said "lower quiz_fraction" of its 0 or 1 train rows
+            raise ValueError(f"{directory / LOCAL_FILES[task]['validation']} holds {len(rows)} boolq rows: local BoolQ "
+                             f"keeps {BOOLQ_LOCAL_VALIDATION_ROWS} of them for validation and needs at least 2 more "
+                             "for train and quiz (the official val.jsonl has 3,270)")
         pool = _shuffled(list(range(len(rows))), BOOLQ_LOCAL_VALIDATION_SEED)
         validation = [rows[i] for i in sorted(pool[:BOOLQ_LOCAL_VALIDATION_ROWS])]
         train_pool = _shuffled([rows[i] for i in sorted(pool[BOOLQ_LOCAL_VALIDATION_ROWS:])], seed)
