@@ -1,5 +1,6 @@
-"""Command line: ``mpdistil-fast distill --config FILE [--set key=value [key=value ...]] [--resume | --overwrite]``,
-``mpdistil-fast evaluate --checkpoint DIR`` and ``mpdistil-fast env [--device cpu|cuda]`` (what can run here).
+"""Command line: ``mpdistil-fast distill --config FILE [--set key=value [key=value ...]] [--data-dir DIR]
+[--output-dir DIR] [--resume | --overwrite] [--quiet]``, ``mpdistil-fast evaluate --checkpoint DIR [--data-dir DIR]``
+and ``mpdistil-fast env [--device cpu|cuda]`` (what can run here).
 
 Several processes (``runtime.kind: deepspeed``): ``torchrun --nproc_per_node=N -m mpdistil_fast.cli distill ...``
 or ``deepspeed --num_gpus N --module mpdistil_fast.cli distill ...``; ranks other than 0 log warnings only.
@@ -22,7 +23,7 @@ from mpdistil_fast.pipeline.config import ConfigError
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mpdistil-fast", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="mpdistil-fast", description=__doc__.split("\n\n")[0].replace("``", ""))
     # the deepspeed launcher puts --local_rank=N before the command (torchrun sets LOCAL_RANK, which the runtime reads)
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True)

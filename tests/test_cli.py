@@ -176,6 +176,16 @@ def test_console_script_is_installed():
     assert result.returncode == 0 and "--resume" in result.stdout and "--set" in result.stdout
 
 
+def test_top_level_help_lists_every_flag_without_markup(capsys):
+    """`mpdistil-fast --help` summarises each command with all of its flags, as plain text (no reST ``)."""
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "``" not in out
+    for flag in ("--data-dir DIR", "--output-dir DIR", "--quiet", "--checkpoint DIR", "--device cpu|cuda"):
+        assert flag in out
+
+
 def test_env_says_what_runs_here_and_why_not(capsys):
     from mpdistil_fast import backends
 
