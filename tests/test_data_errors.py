@@ -256,6 +256,31 @@ def test_an_empty_file_is_an_error_naming_it(tmp_path, relative, text):
         load_task_splits(task, tmp_path)
 
 
+@pytest.mark.parametrize("suffix", ["jsonl", "tsv"])
+def test_a_line_that_is_not_utf8_names_the_file_and_line(tmp_path, suffix):
+    """A Latin-1 byte raised a UnicodeDecodeError naming neither the file nor the line."""
+    if suffix == "jsonl":
+        task, path = "cb", tmp_path / "superglue/CB/val.jsonl"
+        lines = [json.dumps(CB_ROW).encode(), b"", json.dumps({**CB_ROW, "idx": 1, "premise": "caf\u00e9"},
+                                                             ensure_ascii=False).encode("latin-1")]
+    else:
+        task, path = "glue_rte", tmp_path / "glue/RTE/dev.tsv"
+        lines = [b"index\tsentence1\tsentence2\tlabel", b"0\ta\tb\tentailment", b"1\tcaf\xe9\tb\tentailment"]
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))}, line 3: not UTF-8 text"):
+        load_examples(task, "validation", tmp_path)
+
+
+def test_a_byte_order_mark_is_read_past(tmp_path):
+    """A file saved with a UTF-8 byte-order mark: the tsv's first column was read as '\\ufeffindex' (so each row's
+    index silently became its position) and the jsonl's first line was refused as invalid JSON."""
+    _write(tmp_path, "superglue/CB/val.jsonl", "\ufeff" + json.dumps({**CB_ROW, "idx": 4}) + "\n")
+    _write(tmp_path, "glue/RTE/dev.tsv", "\ufeffindex\tsentence1\tsentence2\tlabel\n7\ta\tb\tentailment\n")
+    assert [e.index for e in load_examples("cb", "validation", tmp_path)] == [4]
+    assert [e.index for e in load_examples("glue_rte", "validation", tmp_path)] == [7]
+
+
 def test_a_repeated_idx_is_refused_naming_both_lines(tmp_path):
     """A row repeated in a file (e.g. two files concatenated) was loaded twice: trained on twice, or in both the train
     and the quiz split."""

@@ -25,7 +25,7 @@ import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 from mpdistil_fast.hub import HubUnavailableError
 from mpdistil_fast.data.tasks import Example, format_row, task_spec
@@ -82,14 +82,27 @@ def _check_split(split: str) -> None:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
 
 
+def _decoded_lines(handle: Iterable[bytes], path: Path) -> Iterator[str]:
+    """The lines of a file opened in binary, decoded as UTF-8 (a byte-order mark before the first line is dropped).
+    A line that is not UTF-8 raises a ``ValueError`` naming the file and the line (a text-mode read raised a
+    UnicodeDecodeError naming neither)."""
+    for number, line in enumerate(handle, start=1):
+        try:
+            yield line.decode("utf-8-sig" if number == 1 else "utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{path}, line {number}: not UTF-8 text ({exc.reason} at byte {exc.start + 1} of the "
+                             "line); the official files are UTF-8") from None
+
+
 def _numbered_rows(path: Path, limit: int | None = None) -> list[tuple[int, dict[str, Any]]]:
     """The first ``limit`` (default all) rows of an official jsonl or tsv file, each with its line number in the file
-    (1-based).  A line that does not parse -- invalid JSON, not a JSON object, a tsv line with too few or too many
-    fields -- raises a ``ValueError`` naming the file and the line."""
+    (1-based).  A line that does not parse -- not UTF-8, invalid JSON, not a JSON object, a tsv line with too few or
+    too many fields -- raises a ``ValueError`` naming the file and the line."""
     rows: list[tuple[int, dict[str, Any]]] = []
-    with path.open(newline="", encoding="utf-8") as handle:
+    with path.open("rb") as handle:
+        lines = _decoded_lines(handle, path)
         if path.suffix == ".tsv":
-            reader = csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
+            reader = csv.DictReader(lines, delimiter="\t", quoting=csv.QUOTE_NONE)
             for row in itertools.islice(reader, limit):
                 extra, missing = row.get(None, []), [key for key, value in row.items() if value is None]
                 if extra or missing:
@@ -98,8 +111,8 @@ def _numbered_rows(path: Path, limit: int | None = None) -> list[tuple[int, dict
                                      f"tab-separated fields {reader.fieldnames}, got {fields}")
                 rows.append((reader.line_num, row))
             return rows
-        lines = ((number, line) for number, line in enumerate(handle, start=1) if line.strip())
-        for number, line in itertools.islice(lines, limit):
+        numbered = ((number, line) for number, line in enumerate(lines, start=1) if line.strip())
+        for number, line in itertools.islice(numbered, limit):
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
