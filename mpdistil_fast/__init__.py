@@ -2,9 +2,10 @@
 
 Public API (imported lazily, so ``import mpdistil_fast`` stays cheap and never imports triton):
 
-* fused ops: :func:`kd_kl_div`, :func:`hidden_mse`, :func:`meta_teacher_loss` and their modules
-  :class:`KDLoss`, :class:`HiddenMSELoss`, :class:`MetaTeacher`;
-* :func:`available_backends` -- which of torch / cpp / triton / cuda can run here, and why not;
+* fused ops: :func:`kd_kl_div`, :func:`hidden_mse`, :func:`meta_teacher_loss` (and :func:`meta_teacher_logits`,
+  the meta-teacher's scores of one representation) and their modules :class:`KDLoss`, :class:`HiddenMSELoss`,
+  :class:`MetaTeacher`;
+* :func:`available_backends` -- which of :data:`BACKENDS` (torch / cpp / triton / cuda) can run here, and why not;
 * :mod:`mpdistil_fast.bilevel` -- teacher hypergradients and MetaDistil's pilot update.
 """
 from __future__ import annotations
