@@ -166,12 +166,13 @@ def test_evaluate_reads_the_folder_the_run_read_without_the_variable(env_data_ru
 
 
 def _checkpoint_with(run: Path, tmp_path: Path, **changes) -> Path:
-    """A copy of ``run``'s newest checkpoint's state.json with ``changes`` (no tensors: evaluate refuses first)."""
+    """A copy of ``run``'s newest checkpoint with ``changes`` to its state.json (its weights files too: a checkpoint
+    missing one is refused as damaged before its data is looked at)."""
     newest = max((run / "checkpoints").iterdir())
     state = json.loads((newest / "state.json").read_text())
     state.update(changes)
     folder = tmp_path / newest.name
-    folder.mkdir(parents=True)
+    shutil.copytree(newest, folder)
     (folder / "state.json").write_text(json.dumps(state))
     return folder
 
@@ -204,7 +205,7 @@ def test_evaluate_of_a_checkpoint_without_a_data_record_needs_data_here(env_data
     state = json.loads((newest / "state.json").read_text())
     del state["data_dir"], state["data_source"]
     old = tmp_path / newest.name
-    old.mkdir()
+    shutil.copytree(newest, old)
     (old / "state.json").write_text(json.dumps(state))
     monkeypatch.delenv("MPDISTIL_DATA_DIR", raising=False)
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
