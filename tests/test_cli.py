@@ -288,6 +288,34 @@ def test_output_and_data_dirs_are_taken_verbatim(tmp_path, teacher_dir, data_dir
     assert main(["evaluate", "--checkpoint", str(tmp_path / "2024"), "--data-dir", str(tmp_path / "data #1")]) == 0
 
 
+def test_resume_and_evaluate_refuse_data_that_changed_since_the_run(tmp_path, teacher_dir, data_dir, capsys):
+    """data.data_dir may change on --resume (the data moved), and evaluate reads the folder the run read: both went on
+    with whatever rows they found there.  A run now records a fingerprint of each task's encoded splits; other rows
+    under the same names are a config error (exit 2) before the models load, and --data-dir still scores on other
+    data on purpose."""
+    import shutil
+
+    copy = tmp_path / "data"
+    shutil.copytree(data_dir / "superglue" / "CB", copy / "superglue" / "CB")
+    config = write_config(tmp_path / "c.yaml", teacher_dir, copy, tmp_path / "run", "kd", data={"tasks": ["cb"]},
+                          student_training={"max_steps": 1})
+    assert main(["distill", "--config", str(config), "--quiet"]) == 0
+    capsys.readouterr()
+    validation = copy / "superglue" / "CB" / "val.jsonl"
+    original = validation.read_text()
+    rows = [json.loads(line) for line in original.splitlines()]
+    relabel = {"entailment": "contradiction", "contradiction": "neutral", "neutral": "entailment"}
+    validation.write_text("".join(json.dumps({**row, "label": relabel[row["label"]]}) + "\n" for row in rows))
+    assert main(["distill", "--config", str(config), "--quiet", "--resume"]) == 2
+    assert "--resume: the data differs from what the run read (cb validation: other files" in capsys.readouterr().err
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "run")]) == 2
+    assert "the validation rows of cb found here differ from those the run read" in capsys.readouterr().err
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "run"), "--data-dir", str(copy)]) == 0
+    validation.write_text(original)
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "run")]) == 0
+    assert main(["distill", "--config", str(config), "--quiet", "--resume"]) == 0
+
+
 def test_resume_without_a_checkpoint_says_so_also_when_quiet(tmp_path, teacher_dir, data_dir, caplog):
     """--resume that finds no checkpoint (e.g. a relative output_dir from another folder) starts from the beginning:
     --quiet (warnings only) hid that line, so a run the user believed resumed silently redid everything."""

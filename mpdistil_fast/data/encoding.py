@@ -8,8 +8,9 @@ segment; the remaining texts form the second, joined by the tokenizer's separato
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 
@@ -34,6 +35,25 @@ class EncodedSplit:
         """The split of rows ``rows`` (in that order; row ``i`` of the result is row ``rows[i]`` here)."""
         return EncodedSplit(self.task, self.input_ids[rows], self.attention_mask[rows], self.token_type_ids[rows],
                             self.labels[rows])
+
+    def inputs(self) -> list[tuple[str, torch.Tensor]]:
+        """The model's inputs, by name: what a model's outputs on this split depend on (labels apart)."""
+        return [("input_ids", self.input_ids), ("attention_mask", self.attention_mask),
+                ("token_type_ids", self.token_type_ids)]
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the task name, the inputs and the labels: equal fingerprints, the same rows in the same order."""
+        digest = hashlib.sha256(self.task.encode())
+        hash_tensors(digest, [*self.inputs(), ("labels", self.labels)])
+        return digest.hexdigest()
+
+
+def hash_tensors(digest: "hashlib._Hash", named: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Feed each tensor's name, shape, dtype and bytes into ``digest`` (so no two different lists hash alike)."""
+    for name, tensor in named:
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode() + str(tensor.dtype).encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
 def _separator(tokenizer) -> str:

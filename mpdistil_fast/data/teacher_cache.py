@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Iterable, Iterator, Protocol
 import numpy as np
 import torch
 
-from mpdistil_fast.data.encoding import EncodedSplit, _check_batch_size, iterate_batches
+from mpdistil_fast.data.encoding import EncodedSplit, _check_batch_size, hash_tensors, iterate_batches
 from mpdistil_fast.files import fsync, remove_abandoned_temporaries, temporary_beside, written_atomically
 
 if TYPE_CHECKING:
@@ -121,12 +121,7 @@ def fingerprint(teacher: torch.nn.Module, split: EncodedSplit, keep_hidden: str 
         settings = {k: v for k, v in config.to_dict().items() if not k.startswith("_") and k != "transformers_version"}
         digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
     weights = teacher.state_dict().items() if weights is None else weights
-    for name, tensor in itertools.chain(weights, [("input_ids", split.input_ids),
-                                                  ("attention_mask", split.attention_mask),
-                                                  ("token_type_ids", split.token_type_ids)]):
-        digest.update(name.encode())
-        digest.update(str(tuple(tensor.shape)).encode() + str(tensor.dtype).encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    hash_tensors(digest, itertools.chain(weights, split.inputs()))
     return digest.hexdigest()
 
 

@@ -3,7 +3,8 @@
 The scores are on the data the run itself read: a run records its resolved data folder (``None``: the hub) and the
 ``data_source`` line of each task in its checkpoints, and evaluate reads the same folder -- also when the run found
 it through ``$MPDISTIL_DATA_DIR`` and the variable is unset now -- or refuses with a :class:`ConfigError` when that
-source is not available here, instead of silently scoring other rows.  ``--data-dir`` (``data_dir``) chooses another
+source is not available here, or when its validation rows are no longer those the run read (their fingerprint, see
+:class:`~.trainer.Run`), instead of silently scoring other rows.  ``--data-dir`` (``data_dir``) chooses another
 folder on purpose.  Checkpoints written before runs recorded their data fall back to the stored config (with a
 warning).
 """
@@ -77,6 +78,11 @@ def evaluate_checkpoint(path: Path, *, data_dir: str | None = None) -> dict:
         if changed:
             raise ConfigError(f"the data found here differs from the run's (task: (run's, here)): {changed}; pass "
                               "--data-dir to score on other data on purpose")
+        fingerprints = state.get("data_fingerprint") or {}  # (checkpoints from before runs recorded them: none)
+        if edited := [task for task in run.targets if task in fingerprints and
+                      fingerprints[task]["validation"] != run.data_fingerprint[task]["validation"]]:
+            raise ConfigError(f"the validation rows of {', '.join(edited)} found here differ from those the run read "
+                              "(the files changed since); pass --data-dir to score on other data on purpose")
     results: dict[str, dict[str, dict[str, float]]] = {}
     # once MetaDistil's stage has begun, the teacher is the meta-learned one: the report's teacher_final
     teacher_role = "teacher_final" if "metadistil" in state["completed"] or state["stage"] == "metadistil" \

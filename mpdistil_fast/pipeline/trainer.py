@@ -204,6 +204,7 @@ class Run:
             raise ConfigError(f"data.batch_size {config.data.batch_size} is not a multiple of the "
                               f"{self.runtime.world_size} ranks: every rank steps on an equal share of each batch")
         writes_outputs = checkpoint is None  # a run (evaluate only reads a checkpoint)
+        saved: dict[str, Any] = {}  # --resume: the state of the checkpoint it continues from
         if checkpoint is None and not resume:
             self._claim_output_dir(overwrite)
         elif checkpoint is None:  # --resume: its checkpoint's config must describe this run (before anything loads)
@@ -235,6 +236,15 @@ class Run:
 
         started = time.perf_counter()
         self.splits = self._load_data()
+        #: task -> split -> SHA-256 of its rows (:meth:`EncodedSplit.fingerprint`): the data a checkpoint's run read
+        self.data_fingerprint = {task: {name: split.fingerprint() for name, split in splits.items()}
+                                 for task, splits in self.splits.items()}
+        if changed := [f"{task} {name}" for task, digests in (saved.get("data_fingerprint") or {}).items()
+                       for name, digest in digests.items()
+                       if self.data_fingerprint.get(task, {}).get(name, digest) != digest]:
+            raise ConfigError(f"--resume: the data differs from what the run read ({', '.join(changed)}: other files, "
+                              "or another tokenizer): a run continues only on the same rows; resume with that data, "
+                              "or start a new run")
         self.state["timings"]["data"] = time.perf_counter() - started
         started = time.perf_counter()
         self.teacher, self.student = self._build_models()
@@ -249,6 +259,7 @@ class Run:
             self.load(checkpoint)
         # the data this run read (resolved folder, None: the hub), so that `evaluate` reads the same or refuses
         self.state["data_dir"], self.state["data_source"] = self.data_dir, dict(self.data_source)
+        self.state["data_fingerprint"] = self.data_fingerprint
         self._metrics: MetricsLogger | None = None
 
     # ------------------------------------------------------------------------------------------- setup
