@@ -20,6 +20,7 @@ from pathlib import Path
 from mpdistil_fast.hub import HubUnavailableError
 from mpdistil_fast.pipeline.checkpoint import DamagedCheckpointError
 from mpdistil_fast.pipeline.config import ConfigError
+from mpdistil_fast.pipeline.metrics_log import TrainingDivergedError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -127,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, HubUnavailableError, DamagedCheckpointError) as exc:
         print(f"mpdistil-fast: {exc}", file=sys.stderr)
         return 2
+    except TrainingDivergedError as exc:  # (its metrics are logged; no checkpoint holds the broken weights)
+        print(f"mpdistil-fast: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:  # Ctrl-C: one line (the run's files are closed by then), not a traceback
         hint = ("; `distill ... --resume` continues the run from its newest checkpoint"
                 if args.command == "distill" else "")

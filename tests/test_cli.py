@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -314,6 +315,34 @@ def test_resume_and_evaluate_refuse_data_that_changed_since_the_run(tmp_path, te
     validation.write_text(original)
     assert main(["evaluate", "--checkpoint", str(tmp_path / "run")]) == 0
     assert main(["distill", "--config", str(config), "--quiet", "--resume"]) == 0
+
+
+def test_a_diverged_loss_stops_the_run_before_its_checkpoint(tmp_path, teacher_dir, data_dir, capsys, monkeypatch):
+    """A NaN loss (a learning rate too high, fp16 overflow) made every weight NaN and the run went on to the end,
+    checkpointing and scoring the broken model (argmax of NaN logits: a plausible-looking accuracy).  The run now
+    stops at the step that logs it, with one line (exit 1), the NaN logged and no checkpoint of that step."""
+    from mpdistil_fast.pipeline import stages
+    from mpdistil_fast.pipeline.checkpoint import checkpoints_by_step
+    from mpdistil_fast.pipeline.metrics_log import read_metrics
+
+    calls = []
+    cross_entropy = stages.cross_entropy
+
+    def diverging(logits, labels):  # the teacher stage's loss, NaN from its second step on
+        calls.append(1)
+        return cross_entropy(logits, labels) * (math.nan if len(calls) >= 2 else 1.0)
+
+    monkeypatch.setattr(stages, "cross_entropy", diverging)
+    config = write_config(tmp_path / "c.yaml", teacher_dir, data_dir, tmp_path / "run", "kd", data={"tasks": ["cb"]})
+    assert main(["distill", "--config", str(config), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "mpdistil-fast: the teacher stage's training loss is not finite at its step 2 (loss = nan)" in err, err
+    assert "Traceback" not in err
+    records = read_metrics(tmp_path / "run")
+    assert [(r["stage"], r["step"]) for r in records] == [("teacher", 1), ("teacher", 2)]
+    assert math.isfinite(records[0]["loss"]) and math.isnan(records[1]["loss"])
+    assert not checkpoints_by_step(tmp_path / "run")  # the step-2 checkpoint (checkpoint_every 2) is not written
+    assert not (tmp_path / "run" / "report.json").exists()
 
 
 def test_resume_without_a_checkpoint_says_so_also_when_quiet(tmp_path, teacher_dir, data_dir, caplog):

@@ -29,6 +29,22 @@ EVENTS_PATTERN = "events.out.tfevents.*"
 RECORD_FIELDS = ("stage", "step", "time")
 
 
+class TrainingDivergedError(RuntimeError):
+    """A stage's training loss became NaN or infinite: every later step, checkpoint and score would be of a broken
+    model (one NaN gradient makes every weight NaN)."""
+
+
+def check_finite_losses(stage: str, step: int, metrics: dict[str, float]) -> None:
+    """Raise :class:`TrainingDivergedError` when a loss of ``metrics`` (``loss``, ``*_loss``) is NaN or infinite."""
+    if diverged := {name: value for name, value in metrics.items()
+                    if (name == "loss" or name.endswith("_loss")) and not math.isfinite(value)}:
+        raise TrainingDivergedError(
+            f"the {stage} stage's training loss is not finite at its step {step} ("
+            + ", ".join(f"{name} = {value}" for name, value in diverged.items())
+            + "): the model diverged (a learning rate too high for it, or fp16 overflow); lower that stage's lr or "
+            "max_grad_norm and start again (--overwrite): --resume would repeat the same steps")
+
+
 def _record_metrics(record: dict[str, Any]) -> dict[str, float]:
     """The metrics of a metrics.jsonl record (JSON writes non-finite floats as NaN/Infinity and reads them back)."""
     return {name: float(value) for name, value in record.items() if name not in RECORD_FIELDS}

@@ -41,7 +41,7 @@ from mpdistil_fast.pipeline.checkpoint import (CHECKPOINTS_SUBDIR, capture_rng_s
                                                prune_checkpoints, read_state, restore_rng_state, save_checkpoint,
                                                unflatten_state_dict)
 from mpdistil_fast.pipeline.config import Config, ConfigError, OptimConfig, check_resumable, curriculum_tasks
-from mpdistil_fast.pipeline.metrics_log import METRICS_FILE, TENSORBOARD_SUBDIR, MetricsLogger
+from mpdistil_fast.pipeline.metrics_log import METRICS_FILE, TENSORBOARD_SUBDIR, MetricsLogger, check_finite_losses
 from mpdistil_fast.pipeline.report import REPORT_FILES, write_report
 from mpdistil_fast.pipeline.streams import Batch, MultiTaskSchedule
 
@@ -546,7 +546,10 @@ class Run:
 
     def loop(self, stage: str, total_steps: int, step_fn: Callable[[int], dict[str, float]],
              stateful: dict[str, Any], *, can_checkpoint: Callable[[int], bool] = lambda step: True) -> None:
-        """Run ``step_fn(step)`` for the stage's remaining steps, with a progress bar, logging and checkpoints."""
+        """Run ``step_fn(step)`` for the stage's remaining steps, with a progress bar, logging and checkpoints.  At
+        each step that logs or checkpoints, the metrics averaged over the ranks (so that every rank decides alike)
+        must hold finite losses (``loss``, ``*_loss``), or the run stops with a :class:`TrainingDivergedError`
+        before that checkpoint is written (the NaN step's metrics are logged)."""
         start = self.state["step"]
         runtime_config = self.config.runtime
         position = len(self.state["completed"]) + 1
@@ -560,10 +563,16 @@ class Run:
                 bar.update(1)
                 if "loss" in metrics:
                     bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
-                if (step + 1) % runtime_config.log_every == 0 or step + 1 == total_steps or "quiz" in metrics:
-                    self.metrics.log(stage, self.state["global_step"], self.runtime.average(metrics))
-                if (step + 1) % runtime_config.checkpoint_every == 0 and step + 1 < total_steps \
-                        and can_checkpoint(step + 1):
+                logs = (step + 1) % runtime_config.log_every == 0 or step + 1 == total_steps or "quiz" in metrics
+                saves = (step + 1) % runtime_config.checkpoint_every == 0 and step + 1 < total_steps \
+                    and can_checkpoint(step + 1)
+                if not (logs or saves):
+                    continue
+                averaged = self.runtime.average(metrics)
+                if logs:
+                    self.metrics.log(stage, self.state["global_step"], averaged)
+                check_finite_losses(stage, step + 1, averaged)
+                if saves:
                     self.save(stateful)
         finally:
             bar.close()
