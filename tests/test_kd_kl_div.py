@@ -337,6 +337,29 @@ def test_non_contiguous_inputs(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("direction", DIRECTIONS)
+def test_gradcheck_reduced_loss_and_identical_second_backward(backend, direction):
+    """gradcheck of the reduced losses users write (batchmean, a masked sum): on the fused backends they compute
+    their gradients in forward, and a second backward through the retained graph must give bitwise the same ones
+    (gradcheck's reentrancy check, nondet_tol=0; it recomputed them with the backward kernel, which differs in the
+    last bits, and gradcheck failed with 'Backward is not reentrant'), also when the upstream gradient is not 1."""
+    student = logits(3, 11, dtype=torch.float64).requires_grad_()
+    teacher = logits(3, 11, dtype=torch.float64).requires_grad_()
+    mask = torch.tensor([True, False, True])
+    for options in ({}, {"reduction": "sum", "mask": mask}):
+        def loss(s, t):
+            return kd_kl_div(s, t, 1.7, direction=direction, backend=backend, **options)
+
+        assert torch.autograd.gradcheck(loss, (student, teacher))
+        for upstream in (1.0, 0.375):
+            value = loss(student, teacher) * upstream
+            first = torch.autograd.grad(value, (student, teacher), retain_graph=True)
+            second = torch.autograd.grad(value, (student, teacher))
+            for a, b in zip(first, second):
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("direction", DIRECTIONS)
 def test_gradcheck_float64(backend, direction):
     student = logits(3, 11, dtype=torch.float64).requires_grad_()
     teacher = logits(3, 11, dtype=torch.float64).requires_grad_()

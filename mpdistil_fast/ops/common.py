@@ -152,8 +152,10 @@ class GradInForward(torch.autograd.Function):
     sum_r weight * row_weight[r] * loss[r] (row_weight None: all 1) for the gradients, and ``reduce(row_losses)``
     for the value returned.  Backward hands the gradients out, scaled in place only when the incoming gradient is
     not 1 (which costs one host sync, as in Liger); a second backward through the same graph (``retain_graph=True``)
-    recomputes them with the op's backward kernel from the saved statistics.  The precomputed gradients hold one
-    [N, V] buffer per differentiable input between forward and backward."""
+    runs the same forward+gradient kernel again and scales alike, so it returns bitwise the first backward's
+    gradients (as ``torch.autograd.gradcheck``'s reentrancy check demands; the op's backward kernel gives values
+    that differ in the last bits).  The precomputed gradients hold one [N, V] buffer per differentiable input
+    between forward and backward."""
 
     @staticmethod
     def forward(ctx, a, b, op, loss_args, weight, row_weight, reduce, backend):
@@ -161,26 +163,25 @@ class GradInForward(torch.autograd.Function):
         need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         row_loss, stats, grad_a, grad_b = getattr(kernels, f"{op}_fwd_grad")(a, b, *loss_args, row_weight, weight,
                                                                             need_a, need_b)
-        ctx.save_for_backward(a, b, stats, row_weight)
+        ctx.save_for_backward(a, b, row_weight)
         ctx.precomputed = (grad_a, grad_b)
-        ctx.backward_kernel, ctx.op, ctx.loss_args, ctx.weight = getattr(kernels, f"{op}_bwd"), op, loss_args, weight
+        ctx.forward_grad_kernel = getattr(kernels, f"{op}_fwd_grad")
+        ctx.op, ctx.loss_args, ctx.weight = op, loss_args, weight
         return reduce(row_loss)
 
     @staticmethod
     def backward(ctx, grad_loss):
-        a, b, stats, row_weight = ctx.saved_tensors
+        a, b, row_weight = ctx.saved_tensors
         need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if ctx.precomputed is None:  # a second backward: recompute from the statistics
-            grad_rows = torch.full((a.shape[0],), ctx.weight, dtype=stats.dtype, device=a.device)
-            grad_rows = grad_rows * row_weight if row_weight is not None else grad_rows
-            grad_a, grad_b = ctx.backward_kernel(grad_rows * grad_loss.detach(), a, b, stats, *ctx.loss_args, need_a,
-                                                 need_b)
+        if ctx.precomputed is None:  # a second backward: the forward's kernel again, for bitwise its gradients
+            _, _, grad_a, grad_b = ctx.forward_grad_kernel(a, b, *ctx.loss_args, row_weight, ctx.weight, need_a,
+                                                           need_b)
         else:
             (grad_a, grad_b), ctx.precomputed = ctx.precomputed, None
-            if grad_loss.item() != 1.0:
-                for grad in (grad_a, grad_b):
-                    if grad.numel():
-                        grad.mul_(grad_loss.detach().to(grad.dtype))
+        if grad_loss.item() != 1.0:
+            for grad in (grad_a, grad_b):
+                if grad.numel():
+                    grad.mul_(grad_loss.detach().to(grad.dtype))
         grads = [grad_a if need_a else None, grad_b if need_b else None]
         anchors = [t for t in (a, b, grad_loss) if t.requires_grad]
         if torch.is_grad_enabled() and anchors:  # create_graph=True: these gradients refuse a second differentiation
