@@ -332,6 +332,27 @@ def test_torch_compile_fullgraph():
         assert_rel_close(g, e, torch.float32, what="compiled grad")
 
 
+def test_torch_jit_trace_records_the_fused_op_and_script_refuses_clearly(tmp_path):
+    """torch.jit.trace of HiddenMSELoss on the fused backend records its custom op (the eager autograd.Function made
+    the trace fail, and the cached layer indices made trace's check run see another graph), trains like eager and
+    saves; torch.jit.script says it cannot compile the module and names what can."""
+    torch.manual_seed(0)
+    loss = mpdistil_fast.HiddenMSELoss(4, 6, layer_map=[2, 0], normalize=True, backend="cpp")
+    student, teacher, _, _, mask = make_case((2, 2, 3, 4), (3, 2, 3, 6), teacher_grad=False)
+    traced = torch.jit.trace(loss, (student, teacher, mask))
+    assert "mpdistil::hidden_mse_fwd" in str(traced.inlined_graph)
+    student2 = torch.randn_like(student, requires_grad=True)
+    got, want = traced(student2, teacher, mask), loss(student2, teacher, mask)
+    torch.testing.assert_close(got, want)
+    leaves = [student2, loss.projection.weight, loss.projection.bias]
+    for g, w in zip(torch.autograd.grad(got, leaves), torch.autograd.grad(want, leaves)):
+        torch.testing.assert_close(g, w)
+    torch.jit.save(traced, tmp_path / "traced.pt")
+    torch.testing.assert_close(torch.jit.load(tmp_path / "traced.pt")(student2, teacher, mask), want.detach())
+    with pytest.raises(RuntimeError, match="torch.jit.script cannot compile HiddenMSELoss.*torch.jit.trace"):
+        torch.jit.script(loss)
+
+
 @pytest.mark.parametrize("backend, device", cpu_and_gpu_backend_params("hidden_mse"))
 def test_activation_checkpointing(backend, device):
     student, teacher, weight, bias, mask = make_case((2, 2, 3, 8), (3, 2, 3, 4), projection=True, device=device,

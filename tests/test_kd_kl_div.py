@@ -444,6 +444,41 @@ def test_torch_compile_fullgraph(direction):
         assert_rel_close(actual, expected, torch.float32)
 
 
+@pytest.mark.parametrize("direction", ["forward", "jsd"])
+def test_torch_jit_trace_records_the_fused_op_and_script_refuses_clearly(tmp_path, direction):
+    """torch.jit.trace of a model whose loss is KDLoss on the fused backend: it failed with a bare
+    'RuntimeError: unordered_map::at' (with grad) or recorded a Python call that torch.jit.save refused (without);
+    now it records the custom op, trains like eager and saves.  torch.jit.script cannot compile KDLoss: its error
+    says so and names trace / export / compile instead of a TorchScript complaint about the functional op."""
+    class StudentLoss(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model, self.kd = torch.nn.Sequential(torch.nn.Linear(6, 13)), KDLoss(2.0, direction=direction,
+                                                                                       backend="cpp")
+
+        def forward(self, x, teacher, mask):
+            return self.kd(self.model(x), teacher, mask)
+
+    torch.manual_seed(0)
+    holder = StudentLoss()
+    model, kd = holder.model, holder.kd
+    x, teacher = torch.randn(2, 3, 6), logits(2, 3, 13)
+    mask = torch.tensor([[True, True, False], [True, False, True]])
+    traced = torch.jit.trace(holder, (x, teacher, mask))
+    assert f"mpdistil::{'kd_jsd' if direction == 'jsd' else 'kd_kl_div'}_fwd" in str(traced.inlined_graph)
+    x2 = torch.randn(2, 3, 6)  # other inputs than those traced
+    got = traced(x2, teacher, mask)
+    (got_grad,) = torch.autograd.grad(got, model[0].weight)
+    want = kd(model(x2), teacher, mask)
+    (want_grad,) = torch.autograd.grad(want, model[0].weight)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got_grad, want_grad)
+    torch.jit.save(traced, tmp_path / "traced.pt")
+    torch.testing.assert_close(torch.jit.load(tmp_path / "traced.pt")(x2, teacher, mask), want.detach())
+    with pytest.raises(RuntimeError, match="torch.jit.script cannot compile KDLoss.*torch.jit.trace"):
+        torch.jit.script(torch.nn.Sequential(KDLoss(2.0)))
+
+
 def test_kd_loss_module_and_env_override(monkeypatch):
     student, teacher = logits(2, 3, 40), logits(2, 3, 40)
     mask = torch.tensor([[True, False, True], [True, True, False]])

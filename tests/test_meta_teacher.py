@@ -256,6 +256,35 @@ def test_torch_compile_forward_and_backward_every_backend(backend, device, hidde
         assert_rel_close(g, want, torch.float32, what=f"compiled grad of leaf {i}")
 
 
+def test_torch_jit_trace_records_the_fused_op_and_script_refuses_clearly(tmp_path):
+    """torch.jit.trace of a model around MetaTeacher on the fused backend records its custom op (the eager
+    autograd.Function made the trace fail), trains like eager and saves; torch.jit.script says it cannot compile
+    the module and names what can."""
+    class Loss(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.teacher = mpdistil_fast.MetaTeacher(6, 3, hidden=5, student_features=4, backend="cpp")
+
+        def forward(self, h_t, h_s, labels):
+            return self.teacher(h_t, h_s, labels, mode="competitive").loss
+
+    torch.manual_seed(0)
+    model = Loss()
+    h_t, h_s, labels = torch.randn(4, 6), torch.randn(4, 4), torch.tensor([0, 2, 1, 2])
+    traced = torch.jit.trace(model, (h_t, h_s, labels))
+    assert "mpdistil::meta_teacher_loss_fwd" in str(traced.inlined_graph)
+    h_s2 = torch.randn(4, 4, requires_grad=True)
+    got, want = traced(h_t, h_s2, labels), model(h_t, h_s2, labels)
+    torch.testing.assert_close(got, want)
+    leaves = [h_s2, *model.parameters()]
+    for g, w in zip(torch.autograd.grad(got, leaves), torch.autograd.grad(want, leaves)):
+        torch.testing.assert_close(g, w)
+    torch.jit.save(traced, tmp_path / "traced.pt")
+    torch.testing.assert_close(torch.jit.load(tmp_path / "traced.pt")(h_t, h_s2, labels), want.detach())
+    with pytest.raises(RuntimeError, match="torch.jit.script cannot compile MetaTeacher.*torch.jit.trace"):
+        torch.jit.script(model)
+
+
 @pytest.mark.parametrize("backend, device", cpu_and_gpu_backend_params("meta_teacher_loss"))
 def test_activation_checkpointing(backend, device):
     h_t, h_s, params, projection, labels = make_case(4, 6, 3, hidden=5, student_width=4, device=device,

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from mpdistil_fast._validation import check_choice, check_mask, check_same_device, check_tensor, promote_pair
-from mpdistil_fast.ops.common import call_fused, resolve_backend_traceable
+from mpdistil_fast.ops.common import call_fused, graph_capture, resolve_backend_traceable
 from mpdistil_fast.ops.hidden_mse import HIDDEN_MSE, hidden_mse_torch
 
 LayerMap = Union[None, str, Sequence[int], Sequence[tuple[int, int]]]
@@ -146,8 +146,9 @@ def hidden_mse(student_hidden: Tensor, teacher_hidden: Tensor, *, mask: Optional
     student = student_hidden.reshape(depth_s, -1, width_s)
     teacher = teacher_hidden.reshape(depth_t, -1, width_t)
     flat_mask = None if mask is None else mask.reshape(-1)
-    # (traced, the index tensors are constants of the graph: Dynamo warns about, and ignores, the lru_cache)
-    index_tensors = layer_index_tensors.__wrapped__ if torch.compiler.is_compiling() else layer_index_tensors
+    # (traced, the index tensors are constants of the graph: Dynamo warns about, and ignores, the lru_cache, and
+    # torch.jit.trace would record the first call's tensor creation but a cached constant in its check run)
+    index_tensors = layer_index_tensors.__wrapped__ if graph_capture() else layer_index_tensors
     student_layers, teacher_layers = index_tensors(tuple(pairs), device)
     if backend == "torch":
         sse = hidden_mse_torch(student, teacher, student_layers, teacher_layers, flat_mask, weight, bias, normalize)

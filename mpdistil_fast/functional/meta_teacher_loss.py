@@ -8,7 +8,7 @@ from torch import Tensor
 
 from mpdistil_fast._validation import check_choice, check_same_device, check_tensor, promote_pair
 from mpdistil_fast.functional.hidden_mse import Projection, projection_parts
-from mpdistil_fast.ops.common import call_fused, resolve_backend_traceable
+from mpdistil_fast.ops.common import call_fused, graph_capture, resolve_backend_traceable
 from mpdistil_fast.ops.meta_teacher_loss import (META_TEACHER_LOSS, check_label_range, discriminator_logits,
                                               meta_teacher_loss_torch)
 
@@ -101,7 +101,7 @@ def meta_teacher_loss(h_teacher: Tensor, h_student: Tensor, weight: Params, bias
     min/max reduction and a host synchronisation in front of the fused kernel; a loop whose labels are known to be
     valid can pass ``False``, so that the Triton backend's forward is a single kernel launch.  Out-of-range labels
     then give a meaningless loss (triton), a NaN loss (cuda) or the backend's own error (cpp, torch), never an
-    out-of-bounds read.  Under torch.compile the op always checks.
+    out-of-bounds read.  Under torch.compile, torch.export and torch.jit.trace the fused op always checks.
     """
     check_tensor("h_teacher", h_teacher)
     check_tensor("h_student", h_student)
@@ -134,7 +134,7 @@ def meta_teacher_loss(h_teacher: Tensor, h_student: Tensor, weight: Params, bias
     device = check_same_device(h_teacher=h_teacher, h_student=h_student, labels=labels, **{first: w1, second: b1},
                                **{"weight[1]": w2, "bias[1]": b2}, student_projection=proj_weight,
                                student_projection_bias=proj_bias)
-    if validate_labels and not torch.compiler.is_compiling():  # when compiling, the custom op's body checks
+    if validate_labels and not graph_capture():  # when a graph is captured, the custom op's body checks
         check_label_range(labels, classes)
     chosen = resolve_backend_traceable(backend, "meta_teacher_loss", device)
     competitive = mode == "competitive"

@@ -6,9 +6,10 @@ from typing import Optional
 from torch import Tensor, nn
 
 from mpdistil_fast.functional.hidden_mse import LayerMap, hidden_mse
+from mpdistil_fast.modules import NotScriptable
 
 
-class HiddenMSELoss(nn.Module):
+class HiddenMSELoss(NotScriptable, nn.Module):
     """Hint / patient-KD loss between student and teacher hidden states (see :func:`mpdistil_fast.hidden_mse`).
 
     When ``student_features`` and ``teacher_features`` are both given, a learned ``nn.Linear(student_features,

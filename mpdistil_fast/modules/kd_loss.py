@@ -6,9 +6,10 @@ from typing import Optional
 from torch import Tensor, nn
 
 from mpdistil_fast.functional.kd_kl_div import kd_kl_div
+from mpdistil_fast.modules import NotScriptable
 
 
-class KDLoss(nn.Module):
+class KDLoss(NotScriptable, nn.Module):
     """``KDLoss(temperature, ...)(student_logits, teacher_logits, mask=None)`` = :func:`mpdistil_fast.kd_kl_div`
     with the configuration fixed at construction (Hinton et al., 2015)."""
 

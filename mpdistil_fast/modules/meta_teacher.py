@@ -7,9 +7,10 @@ import torch
 from torch import Tensor, nn
 
 from mpdistil_fast.functional.meta_teacher_loss import MetaTeacherOutput, meta_teacher_logits, meta_teacher_loss
+from mpdistil_fast.modules import NotScriptable
 
 
-class MetaTeacher(nn.Module):
+class MetaTeacher(NotScriptable, nn.Module):
     """Classifier D over pooled representations, trained collaboratively or competitively (Sengupta et al., 2024).
 
     D is ``nn.Linear(in_features, num_labels)``, or ``Linear(in_features, hidden) -> GELU -> Linear(hidden,

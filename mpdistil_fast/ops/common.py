@@ -83,11 +83,20 @@ class FusedOp(NamedTuple):
         self.backward_op.register_autograd(no_double_backward(self.name))
 
 
+def graph_capture() -> bool:
+    """True while torch.compile / torch.export or ``torch.jit.trace`` records the call: the fused ops must then run
+    as their ``torch.library`` custom ops, which a graph can hold (``torch.jit.trace`` cannot record the eager
+    autograd.Functions with Python arguments: it failed with ``RuntimeError: unordered_map::at``, or, without
+    grad, recorded a Python call that ``torch.jit.save`` refuses)."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
 def call_fused(op: FusedOp, *inputs):
-    """Run a fused op (inputs end with ``backend``): the custom op under torch.compile; in eager mode an
-    autograd.Function that calls the same kernels and formulas without the custom-op dispatch layers (which cost
-    about 0.3 ms per forward+backward on this project's CPU, more than the meta-teacher's kernels themselves)."""
-    if torch.compiler.is_compiling():
+    """Run a fused op (inputs end with ``backend``): the custom op when a graph is captured (torch.compile,
+    torch.export, torch.jit.trace: :func:`graph_capture`); in eager mode an autograd.Function that calls the same
+    kernels and formulas without the custom-op dispatch layers (which cost about 0.3 ms per forward+backward on this
+    project's CPU, more than the meta-teacher's kernels themselves)."""
+    if graph_capture():
         return op.forward_op(*inputs)
     return _EagerFused.apply(*inputs, op)
 

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from mpdistil_fast.ops.common import FusedOp, GradInForward, accumulation_dtype, call_fused, fused_kernels
+from mpdistil_fast.ops.common import (FusedOp, GradInForward, accumulation_dtype, call_fused, fused_kernels,
+                                     graph_capture)
 from mpdistil_fast.ops.kd_jsd import row_jsd_fused, row_jsd_torch
 
 #: Per-row statistics saved by the fused forward: max a, log sum exp((a - max a) / T), the same two for b, and
@@ -200,7 +201,7 @@ def kd_kl_div_op(student: torch.Tensor, teacher: torch.Tensor, temperature: floa
         else:
             row_loss = row_kl_torch(student_rows, teacher_rows, temperature, direction == "reverse")
     elif (backend in GRAD_IN_FORWARD_BACKENDS[op] and reduction != "none" and torch.is_grad_enabled()
-          and (student.requires_grad or teacher.requires_grad) and not torch.compiler.is_compiling()):
+          and (student.requires_grad or teacher.requires_grad) and not graph_capture()):
         weight, row_weight = row_weights(mask, reduction, scale, vocab, student_rows.shape[0],
                                          accumulation_dtype(student.dtype))
         if direction == "jsd":  # the kernels' argument order: teacher, student, then (T, beta)
