@@ -43,7 +43,7 @@ def kd_kl_div(student_logits: Tensor, teacher_logits: Tensor, temperature: float
             for float64 inputs) and the loss is float32 (float64 for float64 inputs).
         temperature: T > 0, finite.
         mask: optional bool ``[...]``; False rows contribute nothing and are not counted. All-False gives exactly 0
-            loss and zero gradients.
+            loss and zero gradients, as a batch with no rows does (``F.kl_div``'s batchmean gives NaN there).
         direction: ``"forward"``, ``"reverse"`` or ``"jsd"``.
         beta: only for ``direction="jsd"`` (default 0.5), in [0, 1].  As in GKD's reference code (TRL) and
             Liger-Kernel, the end points mean the plain KLs: beta = 0 is ``"forward"``, beta = 1 is ``"reverse"``
