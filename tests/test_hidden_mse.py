@@ -1,6 +1,8 @@
 """hidden_mse / HiddenMSELoss: every backend against an independent float64 formula, gradients, masks, bad inputs."""
 from __future__ import annotations
 
+import copy
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -330,6 +332,17 @@ def test_torch_compile_fullgraph():
     expected_grads = torch.autograd.grad(expected, [student, weight])
     for g, e in zip(grads, expected_grads):
         assert_rel_close(g, e, torch.float32, what="compiled grad")
+
+
+def test_module_repr_names_the_backend_and_copies_keep_the_configuration():
+    """repr(HiddenMSELoss) names its backend (as KDLoss's does; it did not), and pickle / deepcopy keep the
+    configuration and the projection's weights."""
+    loss = mpdistil_fast.HiddenMSELoss(4, 6, layer_map="skip", normalize=True, backend="torch")
+    assert "backend='torch'" in repr(loss) and "layer_map='skip'" in repr(loss)
+    student, teacher = torch.randn(3, 2, 5, 4), torch.randn(6, 2, 5, 6)
+    for copied in (pickle.loads(pickle.dumps(loss)), copy.deepcopy(loss)):
+        assert repr(copied) == repr(loss)
+        torch.testing.assert_close(copied(student, teacher), loss(student, teacher), rtol=0, atol=0)
 
 
 def test_torch_jit_trace_records_the_fused_op_and_script_refuses_clearly(tmp_path):

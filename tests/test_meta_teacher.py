@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import math
+import pickle
 
 import pytest
 import torch
@@ -254,6 +255,18 @@ def test_torch_compile_forward_and_backward_every_backend(backend, device, hidde
     assert_rel_close(got, expected, torch.float32, what="compiled loss")
     for i, (g, want) in enumerate(zip(torch.autograd.grad(got, leaves), torch.autograd.grad(expected, leaves))):
         assert_rel_close(g, want, torch.float32, what=f"compiled grad of leaf {i}")
+
+
+def test_module_repr_names_the_backend_and_copies_keep_the_configuration():
+    """repr(MetaTeacher) names its backend, label check and multiple-choice setting (it showed only the layers),
+    and pickle / deepcopy keep them and the weights."""
+    teacher = mpdistil_fast.MetaTeacher(6, 3, hidden=5, student_features=4, backend="torch", validate_labels=False)
+    assert "backend='torch'" in repr(teacher) and "validate_labels=False" in repr(teacher)
+    assert "multiple_choice=True" in repr(mpdistil_fast.MetaTeacher(6, 2, multiple_choice=True))
+    h_t, h_s, labels = torch.randn(4, 6), torch.randn(4, 4), torch.tensor([0, 2, 1, 2])
+    for copied in (pickle.loads(pickle.dumps(teacher)), copy.deepcopy(teacher)):
+        assert repr(copied) == repr(teacher)
+        torch.testing.assert_close(copied(h_t, h_s, labels).loss, teacher(h_t, h_s, labels).loss, rtol=0, atol=0)
 
 
 def test_torch_jit_trace_records_the_fused_op_and_script_refuses_clearly(tmp_path):

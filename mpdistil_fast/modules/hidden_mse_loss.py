@@ -32,4 +32,5 @@ class HiddenMSELoss(NotScriptable, nn.Module):
                           layer_map=self.layer_map, reduction=self.reduction, backend=self.backend)
 
     def extra_repr(self) -> str:
-        return f"normalize={self.normalize}, layer_map={self.layer_map!r}, reduction={self.reduction!r}"
+        return (f"normalize={self.normalize}, layer_map={self.layer_map!r}, reduction={self.reduction!r}, "
+                f"backend={self.backend!r}")

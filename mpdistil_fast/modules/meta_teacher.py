@@ -41,6 +41,10 @@ class MetaTeacher(NotScriptable, nn.Module):
         self.student_projection = nn.Linear(student_features, in_features) if needs_projection else None
         self.backend, self.validate_labels = backend, validate_labels
 
+    def extra_repr(self) -> str:
+        return (f"num_labels={self.num_labels}, multiple_choice={self.multiple_choice}, "
+                f"validate_labels={self.validate_labels}, backend={self.backend!r}")
+
     def _per_example(self, layer: nn.Linear) -> tuple[Tensor, Tensor]:
         """(weight, bias) of ``layer``, for multiple choice as one block per choice (``I_C kron W``, b repeated;
         zeros for the scorer's missing bias)."""
