@@ -67,9 +67,13 @@ def _real_number(name: str, value: object) -> float:
 
 
 def check_positive_finite(name: str, value: object) -> float:
-    """A real number > 0 and finite (temperatures, learning rates)."""
+    """A real number > 0 and finite (temperatures, learning rates).
+
+    Written with comparisons only (NaN fails them too), not ``math.isfinite``: under torch.compile a float that
+    changes between calls (a temperature schedule, or ``dynamic=True``) is a symbolic float, which comparisons guard
+    on but ``math.isfinite`` cannot take (a graph break, an error with ``fullgraph=True``)."""
     value = _real_number(name, value)
-    if not math.isfinite(value) or value <= 0:
+    if not 0 < value < math.inf:
         raise ValueError(f"{name} must be finite and > 0, got {value}")
     return value
 

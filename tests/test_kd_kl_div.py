@@ -445,6 +445,25 @@ def test_torch_compile_fullgraph(direction):
 
 
 @pytest.mark.parametrize("direction", ["forward", "jsd"])
+def test_torch_compile_fullgraph_temperature_schedule_and_dynamic_shapes(direction):
+    """A temperature that changes between calls (a schedule) becomes a symbolic float under torch.compile, as every
+    float does with dynamic=True; the temperature check used math.isfinite, which Dynamo cannot trace on one, so
+    fullgraph=True failed ('torch.* op returned non-Tensor') from the second temperature on."""
+    torch._dynamo.reset()  # (the parametrizations share the lambda's code object, and so Dynamo's cache of it)
+    fn = lambda s, t, m, temperature: kd_kl_div(s, t, temperature, mask=m, direction=direction)  # noqa: E731
+    scheduled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    dynamic = torch.compile(fn, fullgraph=True, backend="aot_eager", dynamic=True)
+    for temperature, (batch, length) in zip((1.0, 2.0, 3.5), ((2, 5), (3, 7), (1, 4))):
+        student, teacher = logits(batch, length, 11), logits(batch, length, 11)
+        mask = torch.rand(batch, length) > 0.3
+        want = loss_and_grads(lambda s, t: fn(s, t, mask, temperature), student, teacher)
+        for compiled in (scheduled, dynamic):
+            got = loss_and_grads(lambda s, t: compiled(s, t, mask, temperature), student, teacher)
+            for actual, expected in zip(got, want):
+                torch.testing.assert_close(actual, expected)
+
+
+@pytest.mark.parametrize("direction", ["forward", "jsd"])
 def test_torch_jit_trace_records_the_fused_op_and_script_refuses_clearly(tmp_path, direction):
     """torch.jit.trace of a model whose loss is KDLoss on the fused backend: it failed with a bare
     'RuntimeError: unordered_map::at' (with grad) or recorded a Python call that torch.jit.save refused (without);
