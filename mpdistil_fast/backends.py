@@ -189,8 +189,11 @@ def available_backends(op: str = "kd_kl_div", device: torch.device | str | None 
 
 
 def inside_torch_func_transform() -> bool:
-    """Whether the caller runs inside a ``torch.func`` transform (``vmap``, ``grad``, ``jvp``, ``jacrev``, ...)."""
-    return torch._C._functorch.peek_interpreter_stack() is not None
+    """Whether the caller runs inside a ``torch.func`` transform (``vmap``, ``grad``, ``jvp``, ``jacrev``, ...) or
+    inside a ``torch.autograd.forward_ad.dual_level()`` (forward-mode AD on dual tensors, which the fused kernels'
+    autograd Functions cannot propagate either: torch's error only said 'You must implement the jvp function')."""
+    return (torch._C._functorch.peek_interpreter_stack() is not None
+            or getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0)
 
 
 def resolve_backend(requested: str, op: str, device: torch.device,
@@ -199,8 +202,9 @@ def resolve_backend(requested: str, op: str, device: torch.device,
 
     ``requested`` is a name from :data:`BACKENDS` or ``"auto"``; ``"auto"`` honours ``MPDISTIL_BACKEND`` and
     otherwise takes the first available backend of ``auto_order[device.type]``.  ``transformed`` (inside a
-    ``torch.func`` transform, :func:`inside_torch_func_transform`): only ``"torch"`` runs there (the fused kernels
-    have no batching or forward-mode rules), so ``"auto"`` takes it and a fused backend is refused.
+    ``torch.func`` transform or a forward-mode AD dual level, :func:`inside_torch_func_transform`): only ``"torch"``
+    runs there (the fused kernels have no batching or forward-mode rules), so ``"auto"`` takes it and a fused
+    backend is refused.
     Raises ``ValueError`` with the reason when the requested backend cannot run.
     """
     if not isinstance(requested, str) or requested not in ("auto",) + BACKENDS:
@@ -227,8 +231,8 @@ def resolve_backend(requested: str, op: str, device: torch.device,
         raise ValueError(f"backend {requested!r}{source} cannot run {op} here: {status.reason}")
     if transformed and requested != "torch":
         raise ValueError(f"backend {requested!r}{source} cannot run {op} inside a torch.func transform (vmap, grad, "
-                         "jvp, ...): its kernels have no batching or forward-mode rules; use backend='torch' (what "
-                         "'auto' takes there)")
+                         "jvp, ...) or a torch.autograd.forward_ad.dual_level: its kernels have no batching or "
+                         "forward-mode rules; use backend='torch' (what 'auto' takes there)")
     return requested
 
 

@@ -2,11 +2,13 @@
 forward / reverse KL and the generalized JSD (``direction="jsd"``)."""
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 
 import mpdistil_fast
@@ -580,20 +582,23 @@ def _meta_teacher_call(backend: str):
                                                                      backend=backend)
 
 
+def _op_call(op: str, backend: str):
+    """``f(a, b)`` running the fused op ``op`` (a name of the registry) on two float64 inputs with ``backend``."""
+    if op == "kd_kl_div":
+        return lambda a, b: kd_kl_div(a, b, 2.0, backend=backend)
+    if op == "kd_jsd":
+        return lambda a, b: kd_kl_div(a, b, 2.0, direction="jsd", beta=0.3, backend=backend)
+    if op == "hidden_mse":
+        return lambda a, b: mpdistil_fast.hidden_mse(a, b, backend=backend)
+    return _meta_teacher_call(backend)
+
+
 @pytest.mark.parametrize("op", ["kd_kl_div", "kd_jsd", "hidden_mse", "meta_teacher_loss"])
 def test_torch_func_transforms_take_the_torch_backend(op):
     """Inside torch.func.grad / vmap / jvp, 'auto' takes the torch backend (the fused kernels have no batching or
     forward-mode rules: torch's own error named setup_context, not the way out) and gives its values and
     gradients; a fused backend asked for by name is refused with a message naming backend='torch'."""
-    def call(backend):
-        if op == "kd_kl_div":
-            return lambda a, b: kd_kl_div(a, b, 2.0, backend=backend)
-        if op == "kd_jsd":
-            return lambda a, b: kd_kl_div(a, b, 2.0, direction="jsd", beta=0.3, backend=backend)
-        if op == "hidden_mse":
-            return lambda a, b: mpdistil_fast.hidden_mse(a, b, backend=backend)
-        return _meta_teacher_call(backend)
-
+    call = functools.partial(_op_call, op)
     shape = (2, 4, 6) if op == "hidden_mse" else (4, 6)
     a, b = (torch.randn(shape, dtype=torch.float64) for _ in range(2))
     expected = torch.func.grad(call("torch"), argnums=(0, 1))(a, b)
@@ -608,6 +613,24 @@ def test_torch_func_transforms_take_the_torch_backend(op):
     with pytest.raises(ValueError, match="inside a torch.func transform .* use backend='torch'"):
         torch.func.grad(call("cpp"))(a, b)
     assert torch.equal(call("auto")(a, b), call("cpp")(a, b))  # outside a transform 'auto' is still the fused kernel
+
+
+@pytest.mark.parametrize("op", ["kd_kl_div", "kd_jsd", "hidden_mse", "meta_teacher_loss"])
+def test_forward_ad_dual_tensors_take_the_torch_backend(op):
+    """torch.autograd.forward_ad (dual tensors, outside torch.func) is forward-mode AD too: 'auto' takes the torch
+    backend there and gives its directional derivative (the fused backend failed with torch's 'You must implement
+    the jvp function for custom autograd.Function'); a fused backend named there is refused naming
+    backend='torch'; once the dual level is closed 'auto' is the fused kernel again."""
+    shape = (2, 4, 6) if op == "hidden_mse" else (4, 6)
+    a, b = (torch.randn(shape, dtype=torch.float64) for _ in range(2))
+    tangent = torch.randn_like(a)
+    expected = torch.func.jvp(lambda x: _op_call(op, "torch")(x, b), (a,), (tangent,))[1]
+    with fwAD.dual_level():
+        value = _op_call(op, "auto")(fwAD.make_dual(a, tangent), b)
+        torch.testing.assert_close(fwAD.unpack_dual(value).tangent, expected, rtol=1e-10, atol=1e-12)
+        with pytest.raises(ValueError, match="forward_ad.dual_level.* use backend='torch'"):
+            _op_call(op, "cpp")(fwAD.make_dual(a, tangent), b)
+    assert torch.equal(_op_call(op, "auto")(a, b), _op_call(op, "cpp")(a, b))
 
 
 def test_an_unusable_backend_from_the_environment_says_where_it_came_from(monkeypatch):
