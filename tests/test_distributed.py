@@ -7,6 +7,7 @@ import json
 import math
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import warnings
@@ -333,7 +334,7 @@ def test_a_failed_close_waits_for_no_other_rank(monkeypatch):
     calls: list[str] = []
     runtime = object.__new__(DeepSpeedRuntime)  # without a process group: every call it makes is recorded
     runtime._engines, runtime._training_roles = {1: "teacher engine", 2: "student engine"}, {1: "teacher"}
-    runtime._launcher_variables = ()
+    runtime._launcher_variables = {}
     runtime._guards = {1: type("Guard", (), {"remove": lambda self: calls.append("guard removed")})()}
     monkeypatch.setattr(deepspeed_runtime, "retire", lambda engine: calls.append(f"{engine} retired"))
     monkeypatch.setattr(torch.distributed, "barrier", lambda: calls.append("barrier"))
@@ -376,8 +377,10 @@ def test_a_runtime_that_fails_to_start_ends_the_process_group_it_started(monkeyp
 
 def test_a_runtime_without_a_launcher_removes_the_variables_it_set(monkeypatch):
     """Without a launcher the runtime sets RANK, WORLD_SIZE, MASTER_PORT, ... for its one rank; closing it (or
-    failing to start) removes them, keeping a MASTER_ADDR the caller had, so that a second runtime in the same
-    process is not taken for a launcher's rank on a used port.  They stayed set before."""
+    failing to start) removes them, and puts back the values of those the caller had set, so that a second runtime
+    in the same process is not taken for a launcher's rank on a used port.  They stayed set before, and the caller's
+    MASTER_ADDR was left as 127.0.0.1.  A MASTER_PORT left in the environment is not needed for one rank: the runtime
+    starts on a free port also when that one is in use (it failed with EADDRINUSE)."""
     pytest.importorskip("deepspeed")
     from deepspeed.accelerator import get_accelerator
 
@@ -386,16 +389,22 @@ def test_a_runtime_without_a_launcher_removes_the_variables_it_set(monkeypatch):
     variables = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
     for name in variables:
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")  # the caller's: kept
-    runtime = DeepSpeedRuntime({"teacher": {}, "student": {}})
-    assert os.environ["WORLD_SIZE"] == "1" and os.environ["MASTER_PORT"].isdigit()
-    runtime.close()
-    assert not torch.distributed.is_initialized()
-    assert [name for name in variables if name in os.environ] == ["MASTER_ADDR"]
-    other = "cuda" if get_accelerator().device_name(0).startswith("cpu") else "cpu"
-    with pytest.raises(ValueError, match="runtime.device"):
-        DeepSpeedRuntime({"teacher": {}, "student": {}}, device=other)
-    assert [name for name in variables if name in os.environ] == ["MASTER_ADDR"]
+    monkeypatch.setenv("MASTER_ADDR", "10.0.0.7")  # the caller's (a cluster's, say): put back
+    with socket.socket() as busy:  # another run's port, in use
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        monkeypatch.setenv("MASTER_PORT", str(busy.getsockname()[1]))
+        runtime = DeepSpeedRuntime({"teacher": {}, "student": {}})
+        assert os.environ["WORLD_SIZE"] == "1" and os.environ["MASTER_ADDR"] == "127.0.0.1"
+        assert os.environ["MASTER_PORT"].isdigit() and os.environ["MASTER_PORT"] != str(busy.getsockname()[1])
+        runtime.close()
+        assert not torch.distributed.is_initialized()
+        caller = {"MASTER_ADDR": "10.0.0.7", "MASTER_PORT": str(busy.getsockname()[1])}
+        assert {name: os.environ[name] for name in variables if name in os.environ} == caller
+        other = "cuda" if get_accelerator().device_name(0).startswith("cpu") else "cpu"
+        with pytest.raises(ValueError, match="runtime.device"):
+            DeepSpeedRuntime({"teacher": {}, "student": {}}, device=other)
+        assert {name: os.environ[name] for name in variables if name in os.environ} == caller
 
 
 # ----------------------------------------------------------------------------------------------- two ranks

@@ -347,13 +347,16 @@ class DeepSpeedRuntime:
         self.configs = {name: load_deepspeed_config(source, name=name) for name, source in configs.items()}
         if num_threads is not None:
             torch.set_num_threads(num_threads)
-        #: the launcher variables this runtime set (none under a launcher); :meth:`close` removes them again
-        self._launcher_variables: tuple[str, ...] = ()
+        #: the launcher variables this runtime set (none under a launcher), with the values they had before (None:
+        #: unset); :meth:`close` puts those back
+        self._launcher_variables: dict[str, str | None] = {}
         if "WORLD_SIZE" not in os.environ:  # not started by a launcher: one rank, on a free local port
             _refuse_mpi_launch()
+            # (no other process connects to a one-rank group: a MASTER_PORT left in the environment, maybe another
+            # run's and in use, is not needed, nor a MASTER_ADDR naming another host)
             single = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=os.environ.get("MASTER_PORT") or str(free_port()))
-            self._launcher_variables = tuple(name for name in single if name not in os.environ)
+                          MASTER_PORT=str(free_port()))
+            self._launcher_variables = {name: os.environ.get(name) for name in single}
             os.environ.update(single)
         starts_group = not torch.distributed.is_initialized()
         try:
@@ -501,11 +504,15 @@ class DeepSpeedRuntime:
         self._forget_launcher_variables()
 
     def _forget_launcher_variables(self) -> None:
-        """Remove the launcher variables this runtime set: a later runtime in the same process (another run, a
-        notebook's next cell) would take them for a launcher's and reuse their port."""
-        for name in self._launcher_variables:
-            os.environ.pop(name, None)
-        self._launcher_variables = ()
+        """Put back the launcher variables this runtime set as they were (removed, or the caller's values): a later
+        runtime in the same process (another run, a notebook's next cell) would take them for a launcher's and reuse
+        their port, and the caller's MASTER_ADDR / MASTER_PORT are the caller's."""
+        for name, value in self._launcher_variables.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        self._launcher_variables = {}
 
     def _reduce_max(self, tensor: torch.Tensor) -> None:
         """``tensor`` becomes its maximum over the ranks."""
