@@ -3,7 +3,9 @@
 and ``mpdistil-fast env [--device cpu|cuda]`` (what can run here).
 
 Several processes (``runtime.kind: deepspeed``): ``torchrun --nproc_per_node=N -m mpdistil_fast.cli distill ...``
-or ``deepspeed --num_gpus N --module mpdistil_fast.cli distill ...``; ranks other than 0 log warnings only.
+or ``deepspeed --num_gpus N --module mpdistil_fast.cli distill ...``; ranks other than 0 log warnings only, and
+an error that every rank raises alike (a config error, a diverged loss, Ctrl-C, a bad flag) is printed by the first
+rank of each node only.
 
 The config is validated (unknown keys, types, values, data files) before any model is loaded; a problem exits with
 status 2 and one line naming the key.  So does a new run into an output_dir that holds an earlier run's outputs
@@ -12,6 +14,7 @@ status 2 and one line naming the key.  So does a new run into an output_dir that
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -117,24 +120,53 @@ def env(args: argparse.Namespace) -> int:
     return 0
 
 
+def _first_rank_of_node() -> bool:
+    """Whether this process prints the errors that every rank of a launch raises alike: the first rank of each node
+    (``LOCAL_RANK`` 0, set by torchrun and the deepspeed launcher), and a process started without a launcher.  Each
+    node's first rank, not rank 0 alone: a node that lacks a file the others have still says so."""
+    return os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")) == "0"
+
+
+def _several_ranks() -> bool:
+    return os.environ.get("WORLD_SIZE", "1") not in ("", "0", "1")
+
+
+def _error(message: str, *, alike: bool) -> None:
+    """Print ``mpdistil-fast: message`` on stderr.  ``alike``: every rank raises this error alike (it comes from the
+    files every rank reads, or from a decision the ranks share), so only the first rank of each node prints it;
+    otherwise each rank prints it, naming itself when there are several (a file one rank could not read)."""
+    if alike and not _first_rank_of_node():
+        return
+    rank = f"rank {os.environ.get('RANK', '?')}: " if not alike and _several_ranks() else ""
+    print(f"mpdistil-fast: {rank}{message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    if _first_rank_of_node():
+        args = parser.parse_args(argv)
+    else:  # a bad flag is every rank's: its usage message is the first rank's to print
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull), contextlib.redirect_stdout(devnull):
+            args = parser.parse_args(argv)
     _setup_logging(getattr(args, "quiet", False) or os.environ.get("RANK", "0") != "0")
     try:
         return {"distill": distill, "evaluate": evaluate, "env": env}[args.command](args)
     except ConfigError as exc:
-        print(f"mpdistil-fast: config error: {exc}", file=sys.stderr)
+        _error(f"config error: {exc}", alike=True)
         return 2
-    except (FileNotFoundError, HubUnavailableError, DamagedCheckpointError) as exc:
-        print(f"mpdistil-fast: {exc}", file=sys.stderr)
+    except DamagedCheckpointError as exc:  # (every rank reads the checkpoint's shared files)
+        _error(str(exc), alike=True)
+        return 2
+    except (FileNotFoundError, HubUnavailableError) as exc:  # (maybe this rank's own file, or its download)
+        _error(str(exc), alike=False)
         return 2
     except TrainingDivergedError as exc:  # (its metrics are logged; no checkpoint holds the broken weights)
-        print(f"mpdistil-fast: {exc}", file=sys.stderr)
+        _error(str(exc), alike=True)  # (decided on the losses averaged over the ranks)
         return 1
     except KeyboardInterrupt:  # Ctrl-C: one line (the run's files are closed by then), not a traceback
         hint = ("; `distill ... --resume` continues the run from its newest checkpoint"
                 if args.command == "distill" else "")
-        print(f"mpdistil-fast: interrupted{hint}", file=sys.stderr)
+        _error(f"interrupted{hint}", alike=True)  # (Ctrl-C reaches every rank: the launcher passes it on)
         return 130
 
 

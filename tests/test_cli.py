@@ -345,6 +345,33 @@ def test_a_diverged_loss_stops_the_run_before_its_checkpoint(tmp_path, teacher_d
     assert not (tmp_path / "run" / "report.json").exists()
 
 
+def test_errors_of_several_ranks_print_once_per_node(tmp_path, data_dir, monkeypatch, capsys):
+    """Under a launcher every rank raises a config error alike: the first rank of each node prints it (a node that
+    lacks a file says so), the others only exit with its status; an error that may be one rank's own (a file it
+    reads alone) is printed by every rank, naming it."""
+    import mpdistil_fast.cli as cli
+
+    config = write_config(tmp_path / "c.yaml", tmp_path / "teacher", data_dir, tmp_path / "run", "kd")
+    command = ["distill", "--config", str(config), "--set", "data.bogus=1"]
+    for rank, local_rank, printed in (("1", "1", False), ("2", "0", True)):
+        monkeypatch.setenv("WORLD_SIZE", "4")
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert ("config error: unknown key 'data.bogus'" in err) is printed, err
+        with pytest.raises(SystemExit):
+            main([*command, "--bogus"])
+        assert ("unrecognized arguments: --bogus" in capsys.readouterr().err) is printed
+
+    def missing_shard(args):
+        raise FileNotFoundError("checkpoint has no snapshot for rank 2")
+
+    monkeypatch.setattr(cli, "distill", missing_shard)
+    assert main(["distill", "--config", str(config)]) == 2
+    assert capsys.readouterr().err == "mpdistil-fast: rank 2: checkpoint has no snapshot for rank 2\n"
+
+
 def test_resume_without_a_checkpoint_says_so_also_when_quiet(tmp_path, teacher_dir, data_dir, caplog):
     """--resume that finds no checkpoint (e.g. a relative output_dir from another folder) starts from the beginning:
     --quiet (warnings only) hid that line, so a run the user believed resumed silently redid everything."""

@@ -115,6 +115,7 @@ def test_a_split_smaller_than_the_ranks_is_refused_by_name(tmp_path, data_dir):
     with pytest.raises(ConfigError, match="task 'cb': its quiz split has 16 rows, fewer than the 64 ranks"):
         Run(config, runtime=SixtyFourRanks("cpu"))
 
+
 def test_an_mpi_launch_without_torch_s_variables_is_refused(monkeypatch):
     """DeepSpeed's MPI/Slurm runners set no RANK/WORLD_SIZE: each process would otherwise run alone as rank 0."""
     pytest.importorskip("deepspeed")
@@ -651,6 +652,28 @@ def test_a_rank_that_fails_alone_closes_its_runtime_without_waiting(tmp_path, da
     assert result.returncode != 0 and "rank 1 fails alone" in result.stderr, result.stderr[-4000:]
     assert "rank 1 closed (failed=True): 1 engine(s) retired, 0 left, process group up: False" in result.stdout, (
         result.stdout[-2000:], result.stderr[-4000:])
+
+
+def _two_ranks(*command: str, env: dict[str, str] | None = None, timeout: int = 180
+               ) -> subprocess.CompletedProcess:
+    """``command`` (a script and its arguments, or ``-m module ...``) on two CPU ranks under torchrun."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           *command], env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+@pytest.mark.slow
+def test_an_error_every_rank_raises_is_printed_once(tmp_path, data_dir):
+    """A config error or a bad flag is every rank's: the first rank prints it, the others exit with the same status
+    in silence (each rank printed the same line before)."""
+    pytest.importorskip("deepspeed")
+    config = write_config(tmp_path / "c.yaml", tmp_path / "teacher", data_dir, tmp_path / "run", "kd",
+                          runtime={"kind": "deepspeed"})
+    for extra, message in ((["--set", "data.bogus=1"], "mpdistil-fast: config error: unknown key 'data.bogus'"),
+                           (["--bogus"], "error: unrecognized arguments: --bogus")):
+        result = _two_ranks("-m", "mpdistil_fast.cli", "distill", "--config", str(config), *extra)
+        assert result.returncode != 0 and result.stderr.count(message) == 1, result.stderr[-4000:]
+        assert "exitcode  : 2" in result.stderr  # (the rank that failed first, in torchrun's summary)
 
 
 def test_a_failing_close_after_a_failed_run_leaves_the_runs_error(caplog):
