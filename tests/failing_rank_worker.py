@@ -1,6 +1,10 @@
 """Run by ``torchrun`` from tests/test_distributed.py: ``mpdistil-fast distill`` (the arguments after this file's
-name) on two ranks, where rank 1 alone raises at the end of the teacher's stage, holding the teacher's training
-engine, while rank 0 goes on into the collectives that follow.  Each rank prints how its runtime was closed."""
+name) on two ranks, where rank 1 alone goes wrong while rank 0 goes on into the collectives that follow.  Each rank
+prints how its runtime was closed.  ``FAILING_RANK_MODE``:
+
+- ``raise`` (default): rank 1 raises at the end of the teacher's stage, holding the teacher's training engine;
+- ``nan``: rank 1's first training loss (the teacher's first step) is NaN, so its gradient is too.
+"""
 from __future__ import annotations
 
 import os
@@ -10,6 +14,7 @@ import torch
 
 from mpdistil_fast.cli import main
 from mpdistil_fast.distributed.deepspeed_runtime import DeepSpeedRuntime
+from mpdistil_fast.pipeline import stages
 from mpdistil_fast.pipeline.trainer import Run
 
 
@@ -37,8 +42,19 @@ def fail_after_the_teacher_stage() -> None:
     Run.end_stage = failing
 
 
+def nan_first_loss() -> None:
+    cross_entropy, calls = stages.cross_entropy, []
+
+    def nan_once(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        calls.append(None)
+        loss = cross_entropy(logits, labels)
+        return loss * float("nan") if len(calls) == 1 else loss
+
+    stages.cross_entropy = nan_once
+
+
 if __name__ == "__main__":
     report_close()
     if os.environ["RANK"] == "1":
-        fail_after_the_teacher_stage()
+        {"raise": fail_after_the_teacher_stage, "nan": nan_first_loss}[os.environ.get("FAILING_RANK_MODE", "raise")]()
     sys.exit(main(sys.argv[1:]))

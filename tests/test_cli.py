@@ -345,6 +345,30 @@ def test_a_diverged_loss_stops_the_run_before_its_checkpoint(tmp_path, teacher_d
     assert not (tmp_path / "run" / "report.json").exists()
 
 
+def test_a_non_finite_hypergradient_stops_the_run_with_one_line(tmp_path, teacher_dir, data_dir, capsys,
+                                                                 monkeypatch):
+    """The bi-level engine's own checks (a NaN quiz loss here, in MetaDistil's pilot update) raised a bare
+    FloatingPointError: a traceback on every rank, naming neither stage nor step.  The loop now stops the run with
+    the divergence's one line (exit 1), as for a NaN loss it logs."""
+    from mpdistil_fast.pipeline import stages
+
+    cross_entropy, metadistil = stages.cross_entropy, stages.STAGE_FUNCTIONS["metadistil"]
+    inside: list[bool] = []
+
+    def nan_quiz_loss(logits, labels):  # the teacher's stage trains as usual
+        return cross_entropy(logits, labels) * (math.nan if inside else 1.0)
+
+    monkeypatch.setattr(stages, "cross_entropy", nan_quiz_loss)
+    monkeypatch.setitem(stages.STAGE_FUNCTIONS, "metadistil", lambda run: inside.append(True) or metadistil(run))
+    config = write_config(tmp_path / "c.yaml", teacher_dir, data_dir, tmp_path / "run", "metadistil",
+                          data={"tasks": ["cb"]}, teacher_training={"max_steps": 1})
+    assert main(["distill", "--config", str(config), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert ("mpdistil-fast: the metadistil stage's training loss or gradient is not finite at its step 1 "
+            "(outer_loss is not finite (nan)") in err, err
+    assert "Traceback" not in err
+
+
 def test_errors_of_several_ranks_print_once_per_node(tmp_path, data_dir, monkeypatch, capsys):
     """Under a launcher every rank raises a config error alike: the first rank of each node prints it (a node that
     lacks a file says so), the others only exit with its status; an error that may be one rank's own (a file it

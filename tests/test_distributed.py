@@ -676,6 +676,34 @@ def test_an_error_every_rank_raises_is_printed_once(tmp_path, data_dir):
         assert "exitcode  : 2" in result.stderr  # (the rank that failed first, in torchrun's summary)
 
 
+@pytest.mark.slow
+def test_a_nan_loss_on_one_rank_stops_every_rank_at_that_step(tmp_path, data_dir):
+    """Rank 1's first teacher loss is NaN (tests/failing_rank_worker.py), at a step that neither logs nor
+    checkpoints: the engine averages its NaN gradient into every rank's, and DeepSpeed's ZeRO optimizers skip such
+    a step, on every rank, so the run went on, a step and a schedule step short, and finished (exit status 0) where
+    one process gets NaN weights and stops at its next logged loss.  The skipped step now stops every rank at that
+    step, together (the skip is decided on the all-reduced gradient): one line naming the stage and step, printed
+    once, exit status 1, no checkpoint of the step."""
+    pytest.importorskip("deepspeed")
+    pytest.importorskip("accelerate")
+    teacher = make_tiny_teacher(tmp_path / "teacher")
+    for stage in (2, 3):
+        (tmp_path / f"zero{stage}.json").write_text(json.dumps({"zero_optimization": {"stage": stage}}))
+    config = write_config(tmp_path / "c.yaml", teacher, data_dir, tmp_path / "run", "kd",
+                          teacher_training={"max_steps": 4},
+                          runtime={"kind": "deepspeed", "deepspeed_teacher": str(tmp_path / "zero3.json"),
+                                   "deepspeed_student": str(tmp_path / "zero2.json"), "log_every": 4,
+                                   "checkpoint_every": 10})
+    result = _two_ranks(str(ROOT / "tests" / "failing_rank_worker.py"), "distill", "--config", str(config),
+                        "--quiet", env={"FAILING_RANK_MODE": "nan"})
+    message = "mpdistil-fast: the teacher stage's training loss or gradient is not finite at its step 1 ("
+    assert result.returncode != 0 and result.stderr.count(message) == 1, (result.stdout[-2000:],
+                                                                         result.stderr[-4000:])
+    assert "DeepSpeed skipped the step" in result.stderr and "exitcode  : 1" in result.stderr
+    assert "closed (failed=True)" in result.stdout  # (a rank's close, without the barrier)
+    assert not list_checkpoints(tmp_path / "run") and not (tmp_path / "run" / "report.json").exists()
+
+
 def test_a_failing_close_after_a_failed_run_leaves_the_runs_error(caplog):
     """The run's own error is the one ``closed_after`` raises (the CLI's exit status follows its type) when
     ``close(failed=True)`` raises too; that second error is logged."""

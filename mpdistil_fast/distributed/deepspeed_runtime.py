@@ -250,10 +250,18 @@ class DeepSpeedTrainedModel(TrainedModel):
 
     def step(self) -> float | None:
         """The engine's step (clips to gradient_clipping, steps the optimizer and the schedule, zeroes the
-        gradients); returns the global gradient norm before clipping when the engine computed it."""
+        gradients); returns the global gradient norm before clipping when the engine computed it.
+
+        Raises ``FloatingPointError`` when the engine skipped the step because the gradient is not finite (its
+        ZeRO and bf16 optimizers check every step, and all ranks skip alike): torch's AdamW in one process would
+        have made every weight NaN, and the run stops at its next logged loss, where a skipped step would go
+        unnoticed and the run go on, one step and one schedule step short.  An fp16 engine's skipped steps are its
+        loss scaling at work, not a divergence."""
         with self.guard.step() if self.guard is not None else nullcontext():
             self.engine.step()
         norm = self.engine.get_global_grad_norm()
+        if not self.engine.was_step_applied() and not self.engine.fp16_enabled():
+            raise FloatingPointError(f"the gradient is not finite (norm {norm}); DeepSpeed skipped the step")
         return None if norm is None else float(norm)
 
     def zero_grad(self) -> None:

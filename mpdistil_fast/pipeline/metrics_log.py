@@ -34,15 +34,19 @@ class TrainingDivergedError(RuntimeError):
     model (one NaN gradient makes every weight NaN)."""
 
 
+def diverged(stage: str, step: int, what: str, detail: str) -> TrainingDivergedError:
+    """The error of a ``stage`` whose training ``what`` ("loss", a gradient) went NaN or infinite at ``step``."""
+    return TrainingDivergedError(
+        f"the {stage} stage's training {what} is not finite at its step {step} ({detail}): the model diverged (a "
+        "learning rate too high for it, or fp16 overflow); lower that stage's lr or max_grad_norm and start again "
+        "(--overwrite): --resume would repeat the same steps")
+
+
 def check_finite_losses(stage: str, step: int, metrics: dict[str, float]) -> None:
     """Raise :class:`TrainingDivergedError` when a loss of ``metrics`` (``loss``, ``*_loss``) is NaN or infinite."""
-    if diverged := {name: value for name, value in metrics.items()
-                    if (name == "loss" or name.endswith("_loss")) and not math.isfinite(value)}:
-        raise TrainingDivergedError(
-            f"the {stage} stage's training loss is not finite at its step {step} ("
-            + ", ".join(f"{name} = {value}" for name, value in diverged.items())
-            + "): the model diverged (a learning rate too high for it, or fp16 overflow); lower that stage's lr or "
-            "max_grad_norm and start again (--overwrite): --resume would repeat the same steps")
+    if bad := {name: value for name, value in metrics.items()
+               if (name == "loss" or name.endswith("_loss")) and not math.isfinite(value)}:
+        raise diverged(stage, step, "loss", ", ".join(f"{name} = {value}" for name, value in bad.items()))
 
 
 def _record_metrics(record: dict[str, Any]) -> dict[str, float]:

@@ -41,7 +41,8 @@ from mpdistil_fast.pipeline.checkpoint import (CHECKPOINTS_SUBDIR, capture_rng_s
                                                prune_checkpoints, read_state, restore_rng_state, save_checkpoint,
                                                unflatten_state_dict)
 from mpdistil_fast.pipeline.config import Config, ConfigError, OptimConfig, check_resumable, curriculum_tasks
-from mpdistil_fast.pipeline.metrics_log import METRICS_FILE, TENSORBOARD_SUBDIR, MetricsLogger, check_finite_losses
+from mpdistil_fast.pipeline.metrics_log import (METRICS_FILE, TENSORBOARD_SUBDIR, MetricsLogger, check_finite_losses,
+                                                diverged)
 from mpdistil_fast.pipeline.report import REPORT_FILES, write_report
 from mpdistil_fast.pipeline.streams import Batch, MultiTaskSchedule
 
@@ -549,7 +550,9 @@ class Run:
         """Run ``step_fn(step)`` for the stage's remaining steps, with a progress bar, logging and checkpoints.  At
         each step that logs or checkpoints, the metrics averaged over the ranks (so that every rank decides alike)
         must hold finite losses (``loss``, ``*_loss``), or the run stops with a :class:`TrainingDivergedError`
-        before that checkpoint is written (the NaN step's metrics are logged)."""
+        before that checkpoint is written (the NaN step's metrics are logged).  A step that raises
+        ``FloatingPointError`` (the bi-level engine's non-finite loss or hypergradient, a DeepSpeed engine's
+        non-finite gradient: each decided alike on every rank) stops the run the same way, at that step."""
         start = self.state["step"]
         runtime_config = self.config.runtime
         position = len(self.state["completed"]) + 1
@@ -557,7 +560,10 @@ class Run:
                    desc=f"[{position}] {stage}", disable=not (self.is_main and runtime_config.progress))
         try:
             for step in range(start, total_steps):
-                metrics = step_fn(step)
+                try:
+                    metrics = step_fn(step)
+                except FloatingPointError as error:
+                    raise diverged(stage, step + 1, "loss or gradient", str(error)) from error
                 self.state["step"] = step + 1
                 self.state["global_step"] += 1
                 bar.update(1)
