@@ -116,6 +116,32 @@ def test_a_split_smaller_than_the_ranks_is_refused_by_name(tmp_path, data_dir):
         Run(config, runtime=SixtyFourRanks("cpu"))
 
 
+def test_resume_warnings_come_from_rank_0_alone(tmp_path, data_dir, caplog):
+    """--resume's warnings (a changed key, no checkpoint to continue from) hold on every rank alike: rank 0 says them,
+    once (every rank of a launch printed them before)."""
+    from mpdistil_fast.pipeline.trainer import Run
+
+    class SecondRank(LocalRuntime):
+        rank = 1
+
+        @property
+        def is_main(self) -> bool:
+            return False
+
+    teacher = make_tiny_teacher(tmp_path / "teacher")
+    done = write_config(tmp_path / "c.yaml", teacher, data_dir, tmp_path / "run", "finetune",
+                        data={"tasks": ["cb"]}, student_training={"max_steps": 1})
+    Run(load_config(done)).run()
+    empty = write_config(tmp_path / "e.yaml", teacher, data_dir, tmp_path / "empty", "finetune", data={"tasks": ["cb"]})
+    for runtime, warns in ((SecondRank("cpu"), False), (LocalRuntime("cpu"), True)):
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            Run(load_config(done, ["runtime.log_every=5"]), resume=True, runtime=runtime)
+            Run(load_config(empty), resume=True, runtime=runtime)
+        assert ("--resume: continuing with runtime.log_every changed" in caplog.text) is warns, caplog.text
+        assert ("--resume: no checkpoint in" in caplog.text) is warns, caplog.text
+
+
 def test_an_mpi_launch_without_torch_s_variables_is_refused(monkeypatch):
     """DeepSpeed's MPI/Slurm runners set no RANK/WORLD_SIZE: each process would otherwise run alone as rank 0."""
     pytest.importorskip("deepspeed")

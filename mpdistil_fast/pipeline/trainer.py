@@ -215,7 +215,7 @@ class Run:
                 raise ConfigError(f"--resume: the checkpoint {checkpoint} was written by {saved['world_size']} ranks, "
                                   f"this run has {self.runtime.world_size}: it continues exactly only with as many "
                                   "(its batches' rows, the per-rank optimizer and snapshot files)")
-            if saved and (changed := check_resumable(saved["config"], config)):
+            if saved and (changed := check_resumable(saved["config"], config)) and self.is_main:
                 LOG.warning("--resume: continuing with %s changed", ", ".join(changed))
         if writes_outputs:
             self._check_output_dir_writable()
@@ -447,7 +447,8 @@ class Run:
     def load(self, path: Path | None) -> None:
         """Restore the run from checkpoint ``path`` (None: nothing to resume, start from the beginning)."""
         if path is None:
-            LOG.warning("--resume: no checkpoint in %s, starting from the beginning", self.output_dir)
+            if self.is_main:  # (every rank finds none: rank 0 says so)
+                LOG.warning("--resume: no checkpoint in %s, starting from the beginning", self.output_dir)
             # a run killed before its first checkpoint logged steps that this run redoes: keep none of its records
             self.resumed, self.state["metrics_records"] = True, 0
             return
