@@ -449,12 +449,26 @@ def _records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def _plain_zero_runtime(tmp_path: Path, teacher_stage: int = 3, **settings) -> dict:
+    """``runtime`` settings of a DeepSpeed run with an fp32 ZeRO-``teacher_stage`` teacher and a ZeRO-2 student,
+    their JSONs written to ``tmp_path`` (no bf16: a two-rank run matches a one-process run), plus ``settings``."""
+    for stage in (2, 3):
+        (tmp_path / f"zero{stage}.json").write_text(json.dumps({"zero_optimization": {"stage": stage}}))
+    return {**settings, "kind": "deepspeed", "deepspeed_teacher": str(tmp_path / f"zero{teacher_stage}.json"),
+            "deepspeed_student": str(tmp_path / "zero2.json")}
+
+
+def _two_ranks(*command: str, env: dict[str, str] | None = None, timeout: int = 180
+               ) -> subprocess.CompletedProcess:
+    """``command`` (a script and its arguments, or ``-m module ...``) on two CPU ranks under torchrun."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           *command], env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
 def _torchrun(config: Path, *extra: str) -> subprocess.CompletedProcess:
     """``mpdistil-fast distill`` on two CPU ranks, from the repository root (where the default JSON paths point)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "-m", "mpdistil_fast.cli", "distill", "--config", str(config), "--quiet", *extra]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    result = _two_ranks("-m", "mpdistil_fast.cli", "distill", "--config", str(config), "--quiet", *extra, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     return result
 
@@ -469,15 +483,12 @@ def two_rank_run(request, tmp_path_factory, data_dir):
     pytest.importorskip("accelerate")  # transformers' HfDeepSpeedConfig needs it
     tmp = tmp_path_factory.mktemp(f"ds{request.param}")
     teacher = _teacher_without_dropout(tmp / "teacher")
-    for stage in (2, 3):
-        (tmp / f"zero{stage}.json").write_text(json.dumps({"zero_optimization": {"stage": stage}}))
     common = {"teacher_training": {"max_steps": 3}, "student_training": {"max_steps": 3},
               "meta_teacher": {"bilevel": True, "training": {"max_steps": 3}},
               "runtime": {"checkpoint_every": 2, "keep_checkpoints": 20}}
     local = write_config(tmp / "local.yaml", teacher, data_dir, tmp / "local", "mpdistil", **common)
     # the disk cache: computed shared out, written by rank 0, read back by a resumed run
-    runtime = {**common["runtime"], "kind": "deepspeed", "deepspeed_teacher": str(tmp / f"zero{request.param}.json"),
-               "deepspeed_student": str(tmp / "zero2.json"), "teacher_cache": "disk"}
+    runtime = _plain_zero_runtime(tmp, request.param, **common["runtime"], teacher_cache="disk")
     distributed = write_config(tmp / "ds.yaml", teacher, data_dir, tmp / "ds", "mpdistil",
                                **{**common, "runtime": runtime})
     from mpdistil_fast.pipeline.trainer import Run
@@ -581,14 +592,11 @@ def test_two_ranks_run_metadistil_like_one_process(tmp_path, data_dir, hypergrad
     pytest.importorskip("deepspeed")
     pytest.importorskip("accelerate")
     teacher = _teacher_without_dropout(tmp_path / "teacher")
-    for stage in (2, 3):
-        (tmp_path / f"zero{stage}.json").write_text(json.dumps({"zero_optimization": {"stage": stage}}))
     common = {"data": {"tasks": ["rte"]}, "teacher_training": {"max_steps": 2}, "student_training": {"max_steps": 4},
               "metadistil": {"hypergradient": hypergradient},
               "runtime": {"checkpoint_every": 2, "keep_checkpoints": 20}}
     local = write_config(tmp_path / "local.yaml", teacher, data_dir, tmp_path / "local", "metadistil", **common)
-    runtime = {**common["runtime"], "kind": "deepspeed", "deepspeed_teacher": str(tmp_path / "zero3.json"),
-               "deepspeed_student": str(tmp_path / "zero2.json")}
+    runtime = _plain_zero_runtime(tmp_path, **common["runtime"])
     distributed = write_config(tmp_path / "ds.yaml", teacher, data_dir, tmp_path / "ds", "metadistil",
                                **{**common, "runtime": runtime})
     from mpdistil_fast.pipeline.trainer import Run
@@ -664,28 +672,13 @@ def test_a_rank_that_fails_alone_closes_its_runtime_without_waiting(tmp_path, da
     ``distill`` closed nothing on a failure (the process group was left to interpreter exit)."""
     pytest.importorskip("deepspeed")
     pytest.importorskip("accelerate")
-    teacher = make_tiny_teacher(tmp_path / "teacher")
-    for stage in (2, 3):
-        (tmp_path / f"zero{stage}.json").write_text(json.dumps({"zero_optimization": {"stage": stage}}))
-    config = write_config(tmp_path / "c.yaml", teacher, data_dir, tmp_path / "run", "kd",
-                          teacher_training={"max_steps": 1},
-                          runtime={"kind": "deepspeed", "deepspeed_teacher": str(tmp_path / "zero3.json"),
-                                   "deepspeed_student": str(tmp_path / "zero2.json")})
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             str(ROOT / "tests" / "failing_rank_worker.py"), "distill", "--config", str(config),
-                             "--quiet"], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    config = write_config(tmp_path / "c.yaml", make_tiny_teacher(tmp_path / "teacher"), data_dir, tmp_path / "run",
+                          "kd", teacher_training={"max_steps": 1}, runtime=_plain_zero_runtime(tmp_path))
+    result = _two_ranks(str(ROOT / "tests" / "failing_rank_worker.py"), "distill", "--config", str(config), "--quiet",
+                        timeout=300)
     assert result.returncode != 0 and "rank 1 fails alone" in result.stderr, result.stderr[-4000:]
     assert "rank 1 closed (failed=True): 1 engine(s) retired, 0 left, process group up: False" in result.stdout, (
         result.stdout[-2000:], result.stderr[-4000:])
-
-
-def _two_ranks(*command: str, env: dict[str, str] | None = None, timeout: int = 180
-               ) -> subprocess.CompletedProcess:
-    """``command`` (a script and its arguments, or ``-m module ...``) on two CPU ranks under torchrun."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           *command], env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
 @pytest.mark.slow
@@ -712,14 +705,9 @@ def test_a_nan_loss_on_one_rank_stops_every_rank_at_that_step(tmp_path, data_dir
     once, exit status 1, no checkpoint of the step."""
     pytest.importorskip("deepspeed")
     pytest.importorskip("accelerate")
-    teacher = make_tiny_teacher(tmp_path / "teacher")
-    for stage in (2, 3):
-        (tmp_path / f"zero{stage}.json").write_text(json.dumps({"zero_optimization": {"stage": stage}}))
-    config = write_config(tmp_path / "c.yaml", teacher, data_dir, tmp_path / "run", "kd",
-                          teacher_training={"max_steps": 4},
-                          runtime={"kind": "deepspeed", "deepspeed_teacher": str(tmp_path / "zero3.json"),
-                                   "deepspeed_student": str(tmp_path / "zero2.json"), "log_every": 4,
-                                   "checkpoint_every": 10})
+    config = write_config(tmp_path / "c.yaml", make_tiny_teacher(tmp_path / "teacher"), data_dir, tmp_path / "run",
+                          "kd", teacher_training={"max_steps": 4},
+                          runtime=_plain_zero_runtime(tmp_path, log_every=4, checkpoint_every=10))
     result = _two_ranks(str(ROOT / "tests" / "failing_rank_worker.py"), "distill", "--config", str(config),
                         "--quiet", env={"FAILING_RANK_MODE": "nan"})
     message = "mpdistil-fast: the teacher stage's training loss or gradient is not finite at its step 1 ("
