@@ -71,6 +71,21 @@ def assert_checkpointed_grads_match_torch(loss: Callable[[torch.Tensor, str], to
         assert_rel_close(g, w, first.dtype)
 
 
+def assert_traced_like_eager(module: torch.nn.Module, traced_inputs: tuple, inputs: tuple,
+                             leaves: list[torch.Tensor], op: str, folder: Any) -> None:
+    """``torch.jit.trace`` of ``module`` on ``traced_inputs`` records the custom op ``mpdistil::<op>``, and on other
+    ``inputs`` gives eager's value and gradients (with respect to ``leaves``), also once saved to ``folder`` and
+    loaded back."""
+    traced = torch.jit.trace(module, traced_inputs)
+    assert f"mpdistil::{op}" in str(traced.inlined_graph)
+    got, want = traced(*inputs), module(*inputs)
+    torch.testing.assert_close(got, want)
+    for g, w in zip(torch.autograd.grad(got, leaves), torch.autograd.grad(want, leaves)):
+        torch.testing.assert_close(g, w)
+    torch.jit.save(traced, folder / "traced.pt")
+    torch.testing.assert_close(torch.jit.load(folder / "traced.pt")(*inputs), want.detach())
+
+
 def gpu_test(test):
     """Mark a test that runs on CUDA tensors: ``pytest -m gpu`` selects it (benchmarks/run_gpu.sh); without a CUDA
     device it is skipped."""

@@ -12,8 +12,8 @@ import torch
 
 import mpdistil_fast
 from mpdistil_fast.functional.hidden_mse import layer_pairs
-from tests.helpers import (assert_checkpointed_grads_match_torch, assert_rel_close, backend_params,
-                           cpu_and_gpu_backend_params, gpu_backend_params, gpu_test)
+from tests.helpers import (assert_checkpointed_grads_match_torch, assert_rel_close, assert_traced_like_eager,
+                           backend_params, cpu_and_gpu_backend_params, gpu_backend_params, gpu_test)
 
 BACKENDS = backend_params("hidden_mse")
 
@@ -352,16 +352,9 @@ def test_torch_jit_trace_records_the_fused_op_and_script_refuses_clearly(tmp_pat
     torch.manual_seed(0)
     loss = mpdistil_fast.HiddenMSELoss(4, 6, layer_map=[2, 0], normalize=True, backend="cpp")
     student, teacher, _, _, mask = make_case((2, 2, 3, 4), (3, 2, 3, 6), teacher_grad=False)
-    traced = torch.jit.trace(loss, (student, teacher, mask))
-    assert "mpdistil::hidden_mse_fwd" in str(traced.inlined_graph)
     student2 = torch.randn_like(student, requires_grad=True)
-    got, want = traced(student2, teacher, mask), loss(student2, teacher, mask)
-    torch.testing.assert_close(got, want)
-    leaves = [student2, loss.projection.weight, loss.projection.bias]
-    for g, w in zip(torch.autograd.grad(got, leaves), torch.autograd.grad(want, leaves)):
-        torch.testing.assert_close(g, w)
-    torch.jit.save(traced, tmp_path / "traced.pt")
-    torch.testing.assert_close(torch.jit.load(tmp_path / "traced.pt")(student2, teacher, mask), want.detach())
+    assert_traced_like_eager(loss, (student, teacher, mask), (student2, teacher, mask),
+                             [student2, loss.projection.weight, loss.projection.bias], "hidden_mse_fwd", tmp_path)
     with pytest.raises(RuntimeError, match="torch.jit.script cannot compile HiddenMSELoss.*torch.jit.trace"):
         torch.jit.script(loss)
 

@@ -15,7 +15,8 @@ import mpdistil_fast
 from mpdistil_fast import KDLoss, available_backends, kd_kl_div
 from mpdistil_fast.ops.kd_kl_div import GRAD_IN_FORWARD_BACKENDS
 from benchmarks.harness import cuda_kernels
-from tests.helpers import (REL_TOL, assert_checkpointed_grads_match_torch, assert_rel_close, backend_params,
+from tests.helpers import (REL_TOL, assert_checkpointed_grads_match_torch, assert_rel_close, assert_traced_like_eager,
+                           backend_params,
                            cpu_and_gpu_backend_params, gpu_test)
 
 BACKENDS = backend_params("kd_kl_div")
@@ -482,20 +483,11 @@ def test_torch_jit_trace_records_the_fused_op_and_script_refuses_clearly(tmp_pat
 
     torch.manual_seed(0)
     holder = StudentLoss()
-    model, kd = holder.model, holder.kd
     x, teacher = torch.randn(2, 3, 6), logits(2, 3, 13)
     mask = torch.tensor([[True, True, False], [True, False, True]])
-    traced = torch.jit.trace(holder, (x, teacher, mask))
-    assert f"mpdistil::{'kd_jsd' if direction == 'jsd' else 'kd_kl_div'}_fwd" in str(traced.inlined_graph)
-    x2 = torch.randn(2, 3, 6)  # other inputs than those traced
-    got = traced(x2, teacher, mask)
-    (got_grad,) = torch.autograd.grad(got, model[0].weight)
-    want = kd(model(x2), teacher, mask)
-    (want_grad,) = torch.autograd.grad(want, model[0].weight)
-    torch.testing.assert_close(got, want)
-    torch.testing.assert_close(got_grad, want_grad)
-    torch.jit.save(traced, tmp_path / "traced.pt")
-    torch.testing.assert_close(torch.jit.load(tmp_path / "traced.pt")(x2, teacher, mask), want.detach())
+    assert_traced_like_eager(holder, (x, teacher, mask), (torch.randn(2, 3, 6), teacher, mask),
+                             [holder.model[0].weight], f"{'kd_jsd' if direction == 'jsd' else 'kd_kl_div'}_fwd",
+                             tmp_path)
     with pytest.raises(RuntimeError, match="torch.jit.script cannot compile KDLoss.*torch.jit.trace"):
         torch.jit.script(torch.nn.Sequential(KDLoss(2.0)))
 
