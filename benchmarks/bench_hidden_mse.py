@@ -9,7 +9,7 @@ achieved GB/s of the minimum traffic (reading both stacks once, plus writing the
 and on a GPU its fraction of the measured device-to-device copy bandwidth, from the wall clock and from the summed
 run time of the kernels (torch.profiler; without the host's launch overhead).
 
-    OMP_NUM_THREADS=2 python benchmarks/bench_hidden_mse.py [--quick] [--no-compile]
+    OMP_NUM_THREADS=2 python benchmarks/bench_hidden_mse.py [--quick] [--reps 10] [--no-compile]
 """
 from __future__ import annotations
 

@@ -2,7 +2,8 @@
 ``direction="jsd"``) against torch eager and torch.compile.
 
     OMP_NUM_THREADS=2 python benchmarks/bench_kd_kl_div.py [--reps 20] [--shapes 2048x32000,512x128256]
-                                                           [--losses kl,jsd]
+                                                           [--dtypes float32,bfloat16] [--losses kl,jsd]
+                                                           [--no-compile]
 
 For ``kl`` every provider computes ``F.kl_div(log_softmax(s/T), log_softmax(t/T), log_target=True,
 reduction="batchmean") * T^2``; for ``jsd`` (beta = 0.5) beta KL(P || M) + (1 - beta) KL(Q || M) with log M a
@@ -147,22 +148,53 @@ def agreeing_losses(losses: dict[str, LossFn], student: torch.Tensor, teacher: t
     return {name: fn for name, fn in losses.items() if name in kept | {"torch_eager"}}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=20)
-    parser.add_argument("--shapes", default="2048x32000,512x128256")
-    parser.add_argument("--dtypes", default="float32,bfloat16")
+#: The logits dtypes --dtypes takes (every backend runs them; the checks compare against the fp32 formula).
+DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
+def shape_list(text: str) -> list[tuple[int, int]]:
+    """argparse type of --shapes: comma-separated ROWSxVOCAB, both positive."""
+    shapes = []
+    for item in text.split(","):
+        parts = item.strip().lower().split("x")
+        if len(parts) != 2 or not all(part.isdigit() and int(part) > 0 for part in parts):
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated ROWSxVOCAB with positive sizes (e.g. 2048x32000,512x128256), got {item!r}")
+        shapes.append((int(parts[0]), int(parts[1])))
+    return shapes
+
+
+def choice_list(allowed: tuple[str, ...]) -> Callable[[str], list[str]]:
+    """argparse type of a comma-separated list of names from ``allowed`` (each once)."""
+    def parse(text: str) -> list[str]:
+        names = [name.strip() for name in text.split(",")]
+        if unknown := [name for name in names if name not in allowed]:
+            raise argparse.ArgumentTypeError(f"takes a comma-separated list of {', '.join(allowed)}; "
+                                             f"got {', '.join(map(repr, unknown))}")
+        return list(dict.fromkeys(names))
+    return parse
+
+
+def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reps", type=harness.positive_int, default=20,
+                        help="timed interleaved rounds per case (default 20)")
+    parser.add_argument("--shapes", type=shape_list, default=shape_list("2048x32000,512x128256"),
+                        help="comma-separated ROWSxVOCAB logits shapes (default 2048x32000,512x128256)")
+    parser.add_argument("--dtypes", type=choice_list(DTYPES), default=["float32", "bfloat16"],
+                        help=f"comma-separated logits dtypes, of {', '.join(DTYPES)} (default float32,bfloat16)")
     parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile baseline")
-    parser.add_argument("--losses", default="kl,jsd", help="comma-separated: kl (forward KL), jsd (beta = 0.5)")
-    args = parser.parse_args()
-    if unknown := set(args.losses.split(",")) - {"kl", "jsd"}:
-        parser.error(f"--losses takes kl and jsd, got {sorted(unknown)}")
+    parser.add_argument("--losses", type=choice_list(("kl", "jsd")), default=["kl", "jsd"],
+                        help="comma-separated: kl (forward KL), jsd (beta = 0.5) (default kl,jsd)")
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_arguments()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(f"device: {device}, {threads_note()}")
     rows = []
-    for loss, shape, dtype_name in itertools.product(args.losses.split(","), args.shapes.split(","),
-                                                     args.dtypes.split(",")):
-        n, v = (int(x) for x in shape.split("x"))
+    for loss, (n, v), dtype_name in itertools.product(args.losses, args.shapes, args.dtypes):
         dtype = getattr(torch, dtype_name)
         student = torch.randn(n, v, device=device, dtype=dtype).requires_grad_()
         teacher = torch.randn(n, v, device=device, dtype=dtype)

@@ -6,9 +6,10 @@ gather).  The fused provider is the public ``mpdistil_fast.meta_teacher_loss`` (
 Modes: ``forward`` and ``full`` (loss + gradients of the discriminator parameters and of h_student).  D is the
 linear discriminator over K = 3 labels; ``+mlp1024`` rows use Linear(H, 1024) -> GELU -> Linear(1024, 3).
 On a GPU each row also gives the GPU kernels one forward and one backward launch and their summed run time
-(torch.profiler).  Rows go to ``benchmarks/results/meta_teacher.csv`` and ``meta_teacher.png``.
+(torch.profiler).  Rows go to ``benchmarks/results/meta_teacher.csv`` and ``meta_teacher.png``.  Each mode times
+at least ``--reps`` rounds and goes on for 0.5 s (not with ``--quick``), so short calls get many samples.
 
-    OMP_NUM_THREADS=2 python benchmarks/bench_meta_teacher.py [--quick] [--no-compile]
+    OMP_NUM_THREADS=2 python benchmarks/bench_meta_teacher.py [--quick] [--reps 50] [--no-compile]
 """
 from __future__ import annotations
 
@@ -91,7 +92,7 @@ def main() -> None:
                          for name, fn in losses.items()}
             with torch.no_grad() if mode == "forward" else torch.enable_grad():
                 times = harness.interleaved_timings(providers, device=device, warmup=5, reps=args.reps,
-                                                    min_time_s=0.5)
+                                                    min_time_s=0.0 if args.quick else 0.5)
             for name, samples in times.items():
                 extra = profiles.get(name, "")
                 rows.append(harness.make_row(NAME, name, mode, "speed", label, [t * 1e3 for t in samples], "us",

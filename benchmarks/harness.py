@@ -220,11 +220,28 @@ def print_speedups(rows: Sequence[Mapping[str, object]], fused: Sequence[str],
             print(f"{mode:8s} {x:24s} fused speed-up {ratios}")
 
 
-def bench_arguments(doc: str, quick_help: str, reps: int) -> tuple[argparse.Namespace, torch.device]:
-    """Command line of a benchmark script (``--quick``, ``--reps``) and the device it runs on (CUDA when present)."""
+def positive_int(text: str) -> int:
+    """argparse type of ``--reps`` and its like: a whole number >= 1 (zero timed rounds leave no median to report)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
+
+
+def bench_arguments(doc: str, quick_help: str, reps: int, quick_reps: int = 3,
+                    argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, torch.device]:
+    """Command line of a benchmark script (``--quick``, ``--reps``, ``--no-compile``) and the device it runs on
+    (CUDA when present).  ``--reps`` defaults to ``reps``, or ``quick_reps`` with ``--quick``."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help=quick_help)
-    parser.add_argument("--reps", type=int, default=reps)
+    parser.add_argument("--quick", action="store_true", help=f"{quick_help} (--reps defaults to {quick_reps})")
+    parser.add_argument("--reps", type=positive_int, default=None,
+                        help=f"timed interleaved rounds per case (default {reps}; {quick_reps} with --quick)")
     parser.add_argument("--no-compile", action="store_true",
                         help="leave out the torch.compile baseline (it compiles for tens of seconds per shape)")
-    return parser.parse_args(), torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    if args.reps is None:
+        args.reps = quick_reps if args.quick else reps
+    return args, torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -82,3 +83,47 @@ def test_cpu_build_benchmark_times_every_build_that_runs_here(tmp_path):
     cases = {row["x"] for row in rows}
     assert len(cases) == 6 and {row["provider"] for row in rows} == runnable
     assert len(rows) == len(cases) * len(runnable) and all(float(row["p50"]) > 0 for row in rows)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--reps", "0"], "--reps: expected a whole number >= 1, got 0"),
+    (["--reps", "many"], "--reps: expected a whole number >= 1, got 'many'"),
+    (["--shapes", "2048x"], "--shapes: expected comma-separated ROWSxVOCAB"),
+    (["--shapes", "8x0"], "--shapes: expected comma-separated ROWSxVOCAB"),
+    (["--dtypes", "float32,int64"], "--dtypes: takes a comma-separated list of float32, bfloat16, float16, float64; "
+                                    "got 'int64'"),
+    (["--losses", "kl,kld"], "--losses: takes a comma-separated list of kl, jsd; got 'kld'"),
+])
+def test_kd_benchmark_refuses_a_bad_flag_value_with_a_usage_error(argv, message, capsys):
+    """A bad value is a usage error naming the flag (exit 2), not a traceback from deep in the run (--reps 0 used to
+    end in statistics' 'must have at least one data point' after the whole run, --shapes 2048x in int(''))."""
+    from benchmarks.bench_kd_kl_div import parse_arguments
+
+    with pytest.raises(SystemExit) as exit_info:
+        parse_arguments(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_kd_benchmark_flags_parse_and_are_described(capsys):
+    from benchmarks.bench_kd_kl_div import parse_arguments
+
+    args = parse_arguments(["--shapes", "8x100, 4X50", "--dtypes", "bfloat16", "--losses", "jsd", "--reps", "3"])
+    assert (args.shapes, args.dtypes, args.losses, args.reps) == ([(8, 100), (4, 50)], ["bfloat16"], ["jsd"], 3)
+    with pytest.raises(SystemExit):
+        parse_arguments(["--help"])
+    text = capsys.readouterr().out
+    # the whole description (the first line alone stopped mid-sentence), and what every flag takes
+    assert 'generalized JSD with\n``direction="jsd"``' in text and "Results go to" in text
+    for flag in (r"--reps REPS\s+timed", r"--shapes SHAPES\s+comma-separated ROWSxVOCAB", r"--dtypes DTYPES\s+comma"):
+        assert re.search(flag, text), flag
+
+
+def test_quick_benchmarks_take_few_repetitions_and_refuse_zero():
+    """--quick promised 'few repetitions' but kept the full default (10 / 50 rounds): now it lowers the default."""
+    from benchmarks import harness
+
+    assert harness.bench_arguments("doc", "small", reps=50, argv=[])[0].reps == 50
+    assert harness.bench_arguments("doc", "small", reps=50, argv=["--quick"])[0].reps == 3
+    assert harness.bench_arguments("doc", "small", reps=50, argv=["--quick", "--reps", "7"])[0].reps == 7
+    with pytest.raises(SystemExit):
+        harness.bench_arguments("doc", "small", reps=50, argv=["--reps", "0"])
