@@ -21,7 +21,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import harness  # noqa: E402
 import mpdistil_fast  # noqa: E402
-from mpdistil_fast.backends import available_backends  # noqa: E402
 
 NAME = "hidden_mse"
 
@@ -45,7 +44,7 @@ def main() -> None:
     args, device = harness.bench_arguments(__doc__, "small shapes, few repetitions (smoke test)", reps=10)
     torch.manual_seed(0)
     layers, batch, seq, width = (2, 4, 32, 128) if args.quick else (6, 32, 128, 768)
-    fused = [name for name in ("cpp", "triton", "cuda") if available_backends("hidden_mse", device)[name].available]
+    fused = harness.fused_backends("hidden_mse", device)  # prints the reason of each one that cannot run here
     compiled_eager = torch.compile(eager_hidden_mse)
     rows = []
     copy_gbps = harness.copy_bandwidth_gbps(2 * layers * batch * seq * width * 4, device) \

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import harness  # noqa: E402
 from benchmarks.harness import bar_plot, copy_bandwidth_gbps, interleaved_timings, make_row, print_table, threads_note, write_csv  # noqa: E402
-from mpdistil_fast import available_backends, kd_kl_div  # noqa: E402
+from mpdistil_fast import kd_kl_div  # noqa: E402
 
 TEMPERATURE = 2.0
 BETA = 0.5
@@ -80,9 +80,8 @@ def providers(device: torch.device, loss: str, compile_baseline: bool = True) ->
     if compile_baseline:
         found["torch_compile"] = torch.compile(eager)
     op, options = ("kd_kl_div", {}) if loss == "kl" else ("kd_jsd", {"direction": "jsd", "beta": BETA})
-    for name, status in available_backends(op, device).items():
-        if status.available and name != "torch":
-            found[f"mpdistil_{name}"] = lambda s, t, name=name: kd_kl_div(s, t, TEMPERATURE, backend=name, **options)
+    for name in harness.fused_backends(op, device):  # prints the reason of each one that cannot run here
+        found[f"mpdistil_{name}"] = lambda s, t, name=name: kd_kl_div(s, t, TEMPERATURE, backend=name, **options)
     if loss == "kl" and "mpdistil_cuda" in found:
         for packs in RESIDENT_PACKS:
             found[f"mpdistil_cuda_resident{packs}"] = row_resident(found["mpdistil_cuda"], packs)

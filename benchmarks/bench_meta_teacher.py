@@ -22,7 +22,6 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import harness  # noqa: E402
 import mpdistil_fast  # noqa: E402
-from mpdistil_fast.backends import available_backends  # noqa: E402
 
 NAME = "meta_teacher"
 CLASSES = 3
@@ -54,7 +53,7 @@ def kernel_profile(loss_fn, leaves) -> str:
 def main() -> None:
     args, device = harness.bench_arguments(__doc__, "two small configurations, few repetitions", reps=50)
     torch.manual_seed(0)
-    fused = [n for n in ("cpp", "triton", "cuda") if available_backends("meta_teacher_loss", device)[n].available]
+    fused = harness.fused_backends("meta_teacher_loss", device)  # prints the reason of each one that cannot run here
     configs = [(32, 768, None), (256, 768, None), (32, 1536, None), (256, 1536, None), (256, 768, 1024)]
     if args.quick:
         configs = configs[:2]

@@ -16,7 +16,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 
-from mpdistil_fast.backends import machine_name
+from mpdistil_fast.backends import available_backends, machine_name
 
 #: Where CSV and PNG files go: benchmarks/results, or MPDISTIL_BENCH_RESULTS (the smoke tests write elsewhere).
 RESULTS_DIR = Path(os.environ.get("MPDISTIL_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
@@ -88,6 +88,21 @@ def cuda_kernel_profile(fn: Callable[[], object], reps: int = 1) -> tuple[int, f
     include."""
     _, kernels = cuda_kernels(fn, reps)
     return len(kernels) // reps, sum(event.time_range.elapsed_us() for event in kernels) / 1e3 / reps
+
+
+def fused_backends(op: str, device: torch.device | str, names: Sequence[str] = ("cpp", "triton", "cuda")) -> list[str]:
+    """The backends among ``names`` that run ``op`` on ``device``.  Each one that cannot is printed with the reason
+    (``skipped backend ...``), so a table without its rows says why instead of leaving them out silently."""
+    device = torch.device(device)
+    found = []
+    for name, status in available_backends(op, device).items():
+        if name not in names:
+            continue
+        if status.available:
+            found.append(name)
+        else:
+            print(f"skipped backend {name} for {op} on {device.type}: {status.reason}")
+    return found
 
 
 #: Providers dropped by :func:`agreeing` in this process (a script exits non-zero when any was).
@@ -215,7 +230,10 @@ def print_speedups(rows: Sequence[Mapping[str, object]], fused: Sequence[str],
     for mode in dict.fromkeys(str(r["mode"]) for r in rows):
         for x in dict.fromkeys(str(r["x"]) for r in rows if r["mode"] == mode):
             p50 = {r["provider"]: float(r["p50"]) for r in rows if r["mode"] == mode and r["x"] == x}
-            best = min((p50[name] for name in fused if name in p50), default=float("nan"))
+            if not any(name in p50 for name in fused):
+                print(f"{mode:8s} {x:24s} no fused provider ran (see the skipped / MISMATCH lines)")
+                continue
+            best = min(p50[name] for name in fused if name in p50)
             ratios = ", ".join(f"over {b}: {p50[b] / best:.2f}x" for b in baselines if b in p50)
             print(f"{mode:8s} {x:24s} fused speed-up {ratios}")
 

@@ -127,3 +127,22 @@ def test_quick_benchmarks_take_few_repetitions_and_refuse_zero():
     assert harness.bench_arguments("doc", "small", reps=50, argv=["--quick", "--reps", "7"])[0].reps == 7
     with pytest.raises(SystemExit):
         harness.bench_arguments("doc", "small", reps=50, argv=["--reps", "0"])
+
+
+@pytest.mark.parametrize("name, command", [
+    ("kd_kl_div", ["benchmarks/bench_kd_kl_div.py", "--reps", "1", "--shapes", "8x100", "--dtypes", "float32"]),
+    ("hidden_mse", ["benchmarks/bench_hidden_mse.py", "--quick", "--reps", "1"]),
+    ("meta_teacher", ["benchmarks/bench_meta_teacher.py", "--quick", "--reps", "1"]),
+])
+def test_benchmark_without_a_fused_backend_says_why_and_still_runs(name, command, tmp_path):
+    """With no cpp kernels (ATEN_CPU_CAPABILITY=default: no build runs) every script still times the baseline, says
+    which backend it skipped and why (it left the rows out without a word), and prints no 'nanx' speed-up."""
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env.update(MPDISTIL_BENCH_RESULTS=str(tmp_path), OMP_NUM_THREADS="2", ATEN_CPU_CAPABILITY="default")
+    result = subprocess.run([sys.executable, *command, "--no-compile"], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert re.search(r"skipped backend cpp for \w+ on cpu: no CPU kernel build runs", result.stdout), result.stdout
+    assert "nan" not in result.stdout.lower()
+    with (tmp_path / f"{name}.csv").open() as handle:
+        assert {row["provider"] for row in csv.DictReader(handle)} in ({"eager"}, {"torch_eager"})
