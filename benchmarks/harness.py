@@ -126,15 +126,41 @@ def agreeing(values: Mapping[str, float], reference: float, rtol: float, label: 
     return kept
 
 
+def record_failure(label: str, name: str, error: Exception) -> None:
+    """Report a provider whose call raised and record it in :data:`MISMATCHES`: the caller leaves it out and times
+    the others (a backend that fails on this machine, say a kernel a GPU cannot launch, does not end the run)."""
+    message = (str(error).strip().splitlines() or [""])[0][:300]
+    MISMATCHES.append(f"{label}: {name} raised {type(error).__name__}: {message}")
+    print("MISMATCH", MISMATCHES[-1])
+
+
+def provider_values(losses: Mapping[str, Callable[[], torch.Tensor]], label: str) -> dict[str, float]:
+    """The loss each provider computes; one that raises is reported (:func:`record_failure`) and left out."""
+    values = {}
+    for name, fn in losses.items():
+        try:
+            values[name] = fn().item()
+        except Exception as error:  # any failure of one provider drops that provider alone
+            record_failure(label, name, error)
+    return values
+
+
 def gradient_errors(losses: Mapping[str, Callable[[], torch.Tensor]], leaves: Sequence[torch.Tensor],
-                    reference: str) -> dict[str, float]:
+                    reference: str, label: str = "gradient") -> dict[str, float]:
     """Relative norm error of each provider's gradient with respect to ``leaves`` (all of them, concatenated)
-    against the ``reference`` provider's: what :func:`agreeing` checks next to the loss (with ``atol``)."""
+    against the ``reference`` provider's: what :func:`agreeing` checks next to the loss (with ``atol``).  A provider
+    whose backward raises is reported and left out."""
     def flat_gradient(loss_fn: Callable[[], torch.Tensor]) -> torch.Tensor:
         return torch.cat([g.reshape(-1).double() for g in torch.autograd.grad(loss_fn(), leaves)])
 
     want = flat_gradient(losses[reference])
-    return {name: ((flat_gradient(fn) - want).norm() / want.norm()).item() for name, fn in losses.items()}
+    errors = {}
+    for name, fn in losses.items():
+        try:
+            errors[name] = ((flat_gradient(fn) - want).norm() / want.norm()).item()
+        except Exception as error:
+            record_failure(label, name, error)
+    return errors
 
 
 def exit_status() -> int:

@@ -146,3 +146,50 @@ def test_benchmark_without_a_fused_backend_says_why_and_still_runs(name, command
     assert "nan" not in result.stdout.lower()
     with (tmp_path / f"{name}.csv").open() as handle:
         assert {row["provider"] for row in csv.DictReader(handle)} in ({"eager"}, {"torch_eager"})
+
+
+def test_kd_benchmark_drops_a_provider_that_raises_and_times_the_rest(monkeypatch):
+    """A backend that fails on the machine (a kernel the GPU cannot launch, say) is reported and left out: it used
+    to end the whole run at its first case, losing every case after it."""
+    from benchmarks import harness
+    from benchmarks.bench_kd_kl_div import agreeing_losses, eager_loss
+
+    monkeypatch.setattr(harness, "MISMATCHES", [])
+
+    def broken(student, teacher):
+        raise RuntimeError("no kernel image is available for execution on the device\nsecond line")
+
+    student, teacher = torch.randn(4, 50), torch.randn(4, 50)
+    kept = agreeing_losses({"torch_eager": eager_loss, "right": eager_loss, "broken": broken}, student, teacher, "case")
+    assert set(kept) == {"torch_eager", "right"}
+    assert harness.MISMATCHES == ["case: broken raised RuntimeError: no kernel image is available for execution on "
+                                  "the device"]
+    assert harness.exit_status() == 1
+
+
+def test_provider_checks_drop_a_provider_whose_forward_or_backward_raises(monkeypatch):
+    """The hidden-MSE and meta-teacher scripts' checks (harness.provider_values, harness.gradient_errors)."""
+    from benchmarks import harness
+
+    monkeypatch.setattr(harness, "MISMATCHES", [])
+    x = torch.randn(6, requires_grad=True)
+
+    class NoBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, value):
+            return value.sum()
+
+        @staticmethod
+        def backward(ctx, grad):
+            raise RuntimeError("backward failed")
+
+    def raises():
+        raise ValueError("forward failed")
+
+    losses = {"eager": lambda: x.square().sum(), "forward_fails": raises, "backward_fails": lambda: NoBackward.apply(x)}
+    values = harness.provider_values(losses, "B=4")
+    assert set(values) == {"eager", "backward_fails"}
+    errors = harness.gradient_errors({name: losses[name] for name in values}, [x], "eager", "B=4 gradient")
+    assert set(errors) == {"eager"}
+    assert harness.MISMATCHES == ["B=4: forward_fails raised ValueError: forward failed",
+                                  "B=4 gradient: backward_fails raised RuntimeError: backward failed"]
