@@ -7,7 +7,9 @@ Modes: ``forward`` (loss only) and ``full`` (loss + gradients of the student sta
 ``benchmarks/results/hidden_mse.csv`` and ``hidden_mse.png``; without projection the table also gives the
 achieved GB/s of the minimum traffic (reading both stacks once, plus writing the student gradient in ``full``),
 and on a GPU its fraction of the measured device-to-device copy bandwidth, from the wall clock and from the summed
-run time of the kernels (torch.profiler; without the host's launch overhead).
+run time of the kernels (torch.profiler; without the host's launch overhead).  torch.compile compiles each case
+anew with static shapes; its compile time (the first calls, before the checks) is not in the timings and is given
+in its rows' ``extra`` column.
 
     OMP_NUM_THREADS=2 python benchmarks/bench_hidden_mse.py [--quick] [--reps 10] [--no-compile]
 """
@@ -45,7 +47,6 @@ def main() -> None:
     torch.manual_seed(0)
     layers, batch, seq, width = (2, 4, 32, 128) if args.quick else (6, 32, 128, 768)
     fused = harness.fused_backends("hidden_mse", device)  # prints the reason of each one that cannot run here
-    compiled_eager = torch.compile(eager_hidden_mse)
     rows = []
     copy_gbps = harness.copy_bandwidth_gbps(2 * layers * batch * seq * width * 4, device) \
         if device.type == "cuda" else None
@@ -66,10 +67,14 @@ def main() -> None:
                                                         projection=None if weight is None else (weight, bias),
                                                         backend=backend)
 
+            # this case's own static-shape compile; its compile time is measured apart and left out of the timings
+            compiled_eager = None if args.no_compile else harness.compiled_baseline(eager_hidden_mse)
             losses = {"eager": lambda: eager_hidden_mse(student, teacher, weight, bias, mask),
                       **({} if args.no_compile else
                          {"torch.compile": lambda: compiled_eager(student, teacher, weight, bias, mask)}),
                       **{name: fused_loss(name) for name in fused}}
+            compile_s = (harness.first_call_seconds(harness.both_modes(losses["torch.compile"], leaves), device)
+                         if "torch.compile" in losses else None)
             values = harness.provider_values(losses, label)  # every provider computes the same loss (one that
             losses = {name: fn for name, fn in losses.items() if name in values}  # raises is reported, dropped)
             errors = harness.gradient_errors(losses, leaves, "eager", f"{label} gradient")  # ... and gradients
@@ -94,6 +99,8 @@ def main() -> None:
                             kernel_gbps = gbytes / (kernel_ms / 1e3)
                             extra += (f"; kernels={launches} taking {kernel_ms:.3f} ms = {kernel_gbps:.0f} GB/s = "
                                       f"{kernel_gbps / copy_gbps:.0%} of copy")
+                    if name == "torch.compile" and compile_s is not None:
+                        extra = "; ".join(part for part in (extra, harness.compile_note(compile_s)) if part)
                     rows.append(harness.make_row(NAME, name, mode, "speed", label, samples, "ms", device, extra))
     path = harness.write_csv(rows, NAME)
     harness.bar_plot([r for r in rows if r["mode"] == "full"], NAME,

@@ -9,6 +9,8 @@ For ``kl`` every provider computes ``F.kl_div(log_softmax(s/T), log_softmax(t/T)
 reduction="batchmean") * T^2``; for ``jsd`` (beta = 0.5) beta KL(P || M) + (1 - beta) KL(Q || M) with log M a
 logsumexp of the two log-softmaxes (as GKD's reference code in TRL writes it), batchmean, times T^2.  Each is timed
 with its gradient with respect to the student logits (the teacher is frozen), interleaved (benchmarks/harness.py).
+torch.compile compiles each case anew with static shapes; its compile time (the first call, before the checks and
+warm-up) is not in the timings and is given in its rows' ``extra`` column.
 On CUDA the script also times the triton and cuda backends and, when installed, Liger-Kernel's LigerKLDIVLoss /
 LigerJSD on the same log-softmax inputs (their whole pipeline), and for the KL the cuda backend with each
 MPDISTIL_KL_ROW_RESIDENT setting (``mpdistil_cuda_residentN``: the row-resident cluster kernel with N 16-byte packs
@@ -77,8 +79,8 @@ def providers(device: torch.device, loss: str, compile_baseline: bool = True) ->
     """Every implementation of ``loss`` ("kl" or "jsd") that runs on ``device``."""
     eager = eager_loss if loss == "kl" else eager_jsd
     found: dict[str, LossFn] = {"torch_eager": eager}
-    if compile_baseline:
-        found["torch_compile"] = torch.compile(eager)
+    if compile_baseline:  # this case's own static-shape compile (harness.compiled_baseline)
+        found["torch_compile"] = harness.compiled_baseline(eager)
     op, options = ("kd_kl_div", {}) if loss == "kl" else ("kd_jsd", {"direction": "jsd", "beta": BETA})
     for name in harness.fused_backends(op, device):  # prints the reason of each one that cannot run here
         found[f"mpdistil_{name}"] = lambda s, t, name=name: kd_kl_div(s, t, TEMPERATURE, backend=name, **options)
@@ -202,7 +204,10 @@ def main() -> None:
         student = torch.randn(n, v, device=device, dtype=dtype).requires_grad_()
         teacher = torch.randn(n, v, device=device, dtype=dtype)
         x = f"[{n}, {v}] {dtype_name}" + (" JSD" if loss == "jsd" else "")
-        losses = agreeing_losses(providers(device, loss, not args.no_compile), student, teacher, x)
+        losses = providers(device, loss, not args.no_compile)
+        compile_s = (harness.first_call_seconds(fwd_bwd(losses["torch_compile"], student, teacher), device)
+                     if "torch_compile" in losses else None)
+        losses = agreeing_losses(losses, student, teacher, x)
         calls = {name: fwd_bwd(fn, student, teacher) for name, fn in losses.items()}
         times = interleaved_timings(calls, device=device, warmup=2, reps=args.reps)
         traffic_gb = 3 * n * v * student.element_size() / 1e9
@@ -215,6 +220,8 @@ def main() -> None:
             row["extra"] = f"GB/s={gbps:.1f}" + "".join(
                 f"; vs_{base}={shape_rows[f'torch_{base}']['p50'] / row['p50']:.2f}x" for base in ("eager", "compile")
                 if f"torch_{base}" in shape_rows)
+            if row["provider"] == "torch_compile" and compile_s is not None:
+                row["extra"] += "; " + harness.compile_note(compile_s)
             if copy_gbps is not None:
                 launches, kernel_ms = harness.cuda_kernel_profile(calls[row["provider"]], reps=3)
                 kernel_gbps = traffic_gb / (kernel_ms / 1e3)

@@ -52,6 +52,47 @@ def interleaved_timings(providers: Mapping[str, Callable[[], object]], *, device
     return times
 
 
+def compiled_baseline(fn: Callable) -> Callable:
+    """``torch.compile(fn)`` for the case about to be timed, with static shapes and empty compile caches.
+
+    Dynamo keeps its compiled code on ``fn``'s code object, shared by every ``torch.compile(fn)``: without the reset,
+    the second shape a script timed was a recompile, which torch's automatic dynamic shapes made with symbolic sizes
+    (a generic kernel, not the one a user of that shape gets), and a long run could reach the recompile limit and
+    fall back to eager without a word.  The compile itself is not timed (:func:`first_call_seconds`)."""
+    torch.compiler.reset()
+    return torch.compile(fn, dynamic=False)
+
+
+def first_call_seconds(call: Callable[[], object], device: torch.device | str = "cpu") -> float | None:
+    """Seconds the first ``call`` takes (for a torch.compile provider: its compilation), synchronised on a GPU; run
+    before a provider's checks and timing, so that compile time never enters a timed sample.  None when it raises
+    (the checks that follow report the provider)."""
+    device = torch.device(device)
+    _sync(device)
+    start = time.perf_counter()
+    try:
+        call()
+        _sync(device)
+    except Exception:
+        return None
+    return time.perf_counter() - start
+
+
+def both_modes(fn: Callable[[], torch.Tensor], leaves: Sequence[torch.Tensor]) -> Callable[[], None]:
+    """A call of ``fn`` with its gradient, then one under ``no_grad``: the two graphs a torch.compile provider of the
+    ``full`` and ``forward`` modes compiles (for :func:`first_call_seconds`)."""
+    def call() -> None:
+        torch.autograd.grad(fn(), leaves)
+        with torch.no_grad():
+            fn()
+    return call
+
+
+def compile_note(seconds: float | None) -> str:
+    """The ``extra`` text of a torch.compile row: how long it compiled (left out of its timings)."""
+    return "" if seconds is None else f"compile {seconds:.1f} s (first call, not timed)"
+
+
 def _time_call(fn: Callable[[], object], device: torch.device) -> float:
     """Milliseconds of one call: CUDA events on a GPU, the wall clock on the CPU."""
     _sync(device)
