@@ -5,7 +5,8 @@ The baseline is the loss as one writes it in torch: ``((s @ W.T + b - t)^2 * mas
 The mask keeps a random length between S/4 and S per sequence (about 60% of the tokens, like padded GLUE batches).
 Modes: ``forward`` (loss only) and ``full`` (loss + gradients of the student states and projection).  Rows go to
 ``benchmarks/results/hidden_mse.csv`` and ``hidden_mse.png``; without projection the table also gives the
-achieved GB/s of the minimum traffic (reading both stacks once, plus writing the student gradient in ``full``),
+achieved GB/s of the minimum traffic (reading both stacks once, with a mask only their valid tokens and the mask,
+plus writing the whole student gradient in ``full``; :func:`minimum_traffic_bytes`),
 and on a GPU its fraction of the measured device-to-device copy bandwidth, from the wall clock and from the summed
 run time of the kernels (torch.profiler; without the host's launch overhead).  torch.compile compiles each case
 anew with static shapes; its compile time (the first calls, before the checks) is not in the timings and is given
@@ -35,6 +36,21 @@ def eager_hidden_mse(student, teacher, weight, bias, mask):
         return squared.mean()
     squared = squared * mask[None, :, :, None]
     return squared.sum() / (mask.sum() * teacher.shape[-1] * teacher.shape[0])
+
+
+def minimum_traffic_bytes(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None, mode: str) -> int:
+    """Bytes a fused hidden MSE without projection moves at the least: it reads both [L, B, S, H] stacks once, with a
+    [B, S] mask only their valid tokens (and the mask), and in ``full`` mode also writes the whole student gradient
+    (padding included: the gradient is a dense tensor)."""
+    if mask is None:
+        moved = student.numel() * student.element_size() + teacher.numel() * teacher.element_size()
+    else:
+        valid = int(mask.sum()) * student.shape[0]  # valid (layer, token) rows
+        moved = (valid * (student.shape[-1] * student.element_size() + teacher.shape[-1] * teacher.element_size())
+                 + mask.numel() * mask.element_size())
+    if mode == "full":
+        moved += student.numel() * student.element_size()
+    return moved
 
 
 def padding_mask(batch: int, seq: int, device: torch.device) -> torch.Tensor:
@@ -90,7 +106,7 @@ def main() -> None:
                 for name, samples in times.items():
                     extra = ""
                     if not projection:  # minimum traffic: read both stacks (+ write the student gradient)
-                        gbytes = (student.numel() * (1 if mode == "forward" else 2) + teacher.numel()) * 4 / 1e9
+                        gbytes = minimum_traffic_bytes(student, teacher, mask, mode) / 1e9
                         gbps = gbytes / (harness.quantiles(samples)[0] / 1e3)
                         extra = f"{gbps:.1f} GB/s" + (f"; of_copy_bw={gbps / copy_gbps:.0%}" if copy_gbps else "")
                         if copy_gbps:
