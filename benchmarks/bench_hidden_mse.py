@@ -118,6 +118,7 @@ def main() -> None:
                     if name == "torch.compile" and compile_s is not None:
                         extra = "; ".join(part for part in (extra, harness.compile_note(compile_s)) if part)
                     rows.append(harness.make_row(NAME, name, mode, "speed", label, samples, "ms", device, extra))
+            harness.write_csv(rows, NAME)  # after every case: a run stopped by a time limit keeps what it measured
     path = harness.write_csv(rows, NAME)
     harness.bar_plot([r for r in rows if r["mode"] == "full"], NAME,
                      f"hidden MSE [{layers},{batch},{seq},{width}] forward+backward")

@@ -104,6 +104,7 @@ def main() -> None:
                     extra = "; ".join(part for part in (extra, harness.compile_note(compile_s)) if part)
                 rows.append(harness.make_row(NAME, name, mode, "speed", label, [t * 1e3 for t in samples], "us",
                                              device, extra))
+        harness.write_csv(rows, NAME)  # after every case: a run stopped by a time limit keeps what it measured
     path = harness.write_csv(rows, NAME)
     harness.bar_plot([r for r in rows if r["mode"] == "full"], NAME, "meta-teacher loss forward+backward")
     harness.print_table(rows, ("provider", "mode", "x", "p50", "p20", "p80", "unit", "extra"))
