@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
 import os
 import statistics
 import time
@@ -247,6 +248,15 @@ def print_table(rows: Sequence[Mapping[str, object]], columns: Sequence[str]) ->
         print("  ".join(str(row.get(c, "")).ljust(w) for c, w in zip(columns, widths)))
 
 
+def bar_values(rows: Sequence[Mapping[str, object]]) -> tuple[list[str], dict[str, list[float]]]:
+    """(the x labels, {provider: its p50 at each x}) of ``rows``.  NaN where a provider has no row at an x (skipped
+    there, or dropped by a check): matplotlib draws no bar, where a zero-height one read as the fastest."""
+    xs = list(dict.fromkeys(str(r["x"]) for r in rows))
+    providers = list(dict.fromkeys(str(r["provider"]) for r in rows))
+    return xs, {provider: [next((float(r["p50"]) for r in rows if str(r["x"]) == x and r["provider"] == provider),
+                                math.nan) for x in xs] for provider in providers}
+
+
 def bar_plot(rows: Sequence[Mapping[str, object]], name: str, title: str, metric: str = "speed") -> Path:
     """Grouped bar chart of p50 per provider for each x, saved as ``RESULTS_DIR/<name>.png``."""
     import matplotlib
@@ -255,16 +265,14 @@ def bar_plot(rows: Sequence[Mapping[str, object]], name: str, title: str, metric
     import matplotlib.pyplot as plt
 
     rows = [r for r in rows if r["metric"] == metric]
-    xs = list(dict.fromkeys(str(r["x"]) for r in rows))
-    providers = list(dict.fromkeys(str(r["provider"]) for r in rows))
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(xs) * max(1, len(providers)) / 2), 4))
-    width = 0.8 / max(1, len(providers))
-    for i, provider in enumerate(providers):
-        values = [next((float(r["p50"]) for r in rows if str(r["x"]) == x and r["provider"] == provider), 0.0)
-                  for x in xs]
+    xs, bars = bar_values(rows)
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(xs) * max(1, len(bars)) / 2), 4))
+    width = 0.8 / max(1, len(bars))
+    for i, (provider, values) in enumerate(bars.items()):
         ax.bar([j + i * width for j in range(len(xs))], values, width, label=provider)
-    ax.set_xticks([j + width * (len(providers) - 1) / 2 for j in range(len(xs))], xs, rotation=15, fontsize=8)
-    ax.set_ylabel(f"{metric} ({rows[0]['unit'] if rows else ''}), median")
+    ax.set_xticks([j + width * (len(bars) - 1) / 2 for j in range(len(xs))], xs, rotation=15, fontsize=8)
+    quantity = "time per call" if metric == "speed" else metric
+    ax.set_ylabel(f"{quantity} ({rows[0]['unit'] if rows else ''}), median; lower is better")
     ax.set_title(f"{title}\n{rows[0]['device'] if rows else ''}", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -4,6 +4,7 @@ CSV and plot (to a temporary directory: benchmarks/results keeps the committed r
 from __future__ import annotations
 
 import csv
+import math
 import os
 import re
 import subprocess
@@ -255,3 +256,36 @@ def test_benchmark_writes_its_csv_after_every_case(module, cases, monkeypatch, t
     script.main()
     per_case = written[-1] // cases
     assert written[:cases] == [per_case * (index + 1) for index in range(cases)], written
+
+
+def test_bar_plot_leaves_a_missing_provider_blank_and_labels_the_axis(monkeypatch, tmp_path):
+    """A provider without a row at some x (skipped, or dropped as a mismatch) was drawn as a 0 ms bar, the fastest
+    of all at a glance; the y axis said 'speed (ms)' of a time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    from benchmarks import harness
+
+    def row(provider, x, p50):
+        return harness.make_row("k", provider, "full", "speed", x, [p50], "ms")
+
+    rows = [row("eager", "a", 2.0), row("cpp", "a", 1.0), row("eager", "b", 4.0)]  # cpp dropped at b
+    xs, bars = harness.bar_values(rows)
+    assert xs == ["a", "b"] and bars["eager"] == [2.0, 4.0] and bars["cpp"][0] == 1.0 and math.isnan(bars["cpp"][1])
+    seen = {}
+    savefig = Figure.savefig
+
+    def recording_savefig(figure, *args, **kwargs):
+        ax = figure.axes[0]
+        seen.update(ylabel=ax.get_ylabel(), title=ax.get_title(), heights=[patch.get_height() for patch in ax.patches])
+        return savefig(figure, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", recording_savefig)
+    monkeypatch.setattr(harness, "RESULTS_DIR", tmp_path)
+    path = harness.bar_plot(rows, "plot", "k forward+backward")
+    assert path.stat().st_size > 0
+    assert seen["ylabel"] == "time per call (ms), median; lower is better"
+    assert seen["title"].startswith("k forward+backward\n") and rows[0]["device"] in seen["title"]
+    assert seen["heights"][:3] == [2.0, 4.0, 1.0] and math.isnan(seen["heights"][3])  # no bar, not a 0 ms one
