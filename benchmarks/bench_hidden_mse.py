@@ -124,7 +124,7 @@ def main() -> None:
                      f"hidden MSE [{layers},{batch},{seq},{width}] forward+backward")
     harness.print_table(rows, ("provider", "mode", "x", "p50", "p20", "p80", "unit", "extra"))
     harness.print_speedups(rows, fused)
-    print(f"{harness.machine_name(device)}; {harness.threads_note()}; wrote {path}")
+    print(f"{harness.machine_name(device)}; {harness.threads_note()}; {harness.library_versions(device)}; wrote {path}")
 
 
 if __name__ == "__main__":

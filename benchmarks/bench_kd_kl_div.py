@@ -232,7 +232,7 @@ def main() -> None:
         write_csv(rows, "kd_kl_div")  # after every case: a run stopped by a time limit keeps what it measured
         del student, teacher
     print_table(rows, ("x", "provider", "p50", "p20", "p80", "unit", "extra"))
-    print(f"machine: {rows[0]['device']}, torch {torch.__version__}")
+    print(f"machine: {rows[0]['device']}; {rows[0]['version']}")
     print(write_csv(rows, "kd_kl_div"))
     print(bar_plot(rows, "kd_kl_div", "kd_kl_div forward+backward (ms, lower is better)"))
 

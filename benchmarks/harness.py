@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import math
 import os
 import statistics
@@ -17,9 +18,12 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 
+import mpdistil_fast
+from mpdistil_fast import backends
 from mpdistil_fast.backends import available_backends, machine_name
 
 #: Where CSV and PNG files go: benchmarks/results, or MPDISTIL_BENCH_RESULTS (the smoke tests write elsewhere).
+#: ``device`` names the machine (GPU, or CPU model and torch threads); ``version`` the software (library_versions).
 RESULTS_DIR = Path(os.environ.get("MPDISTIL_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 COLUMNS = ("kernel_name", "provider", "mode", "metric", "x", "p50", "p20", "p80", "unit", "extra", "device", "version")
 
@@ -220,12 +224,36 @@ def quantiles(samples: Sequence[float]) -> tuple[float, float, float]:
     return statistics.median(samples), q[1], q[7]
 
 
+@functools.lru_cache(maxsize=None)
+def _package_version(package: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def library_versions(device: torch.device | str = "cpu") -> str:
+    """The software a row was measured with, for its ``version`` column: torch (and CUDA on a GPU), mpdistil_fast
+    with the CPU kernel build this process loaded (when it loaded one), Triton and Liger-Kernel when installed."""
+    device = torch.device(device)
+    parts = [f"torch {torch.__version__}" + (f" (CUDA {torch.version.cuda})" if device.type == "cuda" else "")]
+    package = f"mpdistil_fast {mpdistil_fast.__version__}"
+    if backends.cpu_kernel_build.cache_info().currsize:  # only report a build, never load one (bench_cpu_builds)
+        build = backends.cpu_kernel_build()
+        package += f" ({build.isa} CPU kernels)" if build.isa else " (no CPU kernels loaded)"
+    parts.append(package)
+    parts += [f"{name} {version}" for name in ("triton", "liger-kernel") if (version := _package_version(name))]
+    return "; ".join(parts)
+
+
 def make_row(kernel_name: str, provider: str, mode: str, metric: str, x: str, samples: Sequence[float], unit: str,
              device: torch.device | str = "cpu", extra: str = "") -> dict[str, object]:
     p50, p20, p80 = quantiles(samples)
     return {"kernel_name": kernel_name, "provider": provider, "mode": mode, "metric": metric, "x": x,
             "p50": round(p50, 5), "p20": round(p20, 5), "p80": round(p80, 5), "unit": unit, "extra": extra,
-            "device": machine_name(device), "version": torch.__version__}
+            "device": machine_name(device), "version": library_versions(device)}
 
 
 def write_csv(rows: Iterable[Mapping[str, object]], name: str) -> Path:

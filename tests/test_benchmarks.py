@@ -289,3 +289,23 @@ def test_bar_plot_leaves_a_missing_provider_blank_and_labels_the_axis(monkeypatc
     assert seen["ylabel"] == "time per call (ms), median; lower is better"
     assert seen["title"].startswith("k forward+backward\n") and rows[0]["device"] in seen["title"]
     assert seen["heights"][:3] == [2.0, 4.0, 1.0] and math.isnan(seen["heights"][3])  # no bar, not a 0 ms one
+
+
+def test_rows_record_the_software_they_were_measured_with():
+    """The version column held torch's version alone: not mpdistil_fast's, the CPU kernel build (avx2 / avx512,
+    which the README's CPU tables depend on), nor Triton's."""
+    from importlib import metadata
+
+    import mpdistil_fast
+    from benchmarks import harness
+    from mpdistil_fast import backends
+
+    version = harness.make_row("k", "p", "full", "speed", "x", [1.0], "ms", "cpu")["version"]
+    assert version.startswith(f"torch {torch.__version__}; mpdistil_fast {mpdistil_fast.__version__}")
+    build = backends.cpu_kernel_build()  # once loaded, the build is named (never loaded just to name it)
+    loaded = f"({build.isa} CPU kernels)" if build.isa else "(no CPU kernels loaded)"
+    assert loaded in harness.library_versions("cpu")
+    try:
+        assert f"triton {metadata.version('triton')}" in version
+    except metadata.PackageNotFoundError:
+        assert "triton" not in version
