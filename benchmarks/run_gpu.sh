@@ -4,7 +4,8 @@
 #
 #   bash benchmarks/run_gpu.sh [SECONDS]   # stop starting steps after SECONDS (default 540); results in
 #                                          # benchmarks/results/gpu/ (emptied first: only this run's rows),
-#                                          # logs + results as $OUT/gpu_run.tar.gz when set
+#                                          # logs (machine.log: GPU, driver, versions, backends) + results
+#                                          # as $OUT/gpu_run.tar.gz when set
 #
 # Liger-Kernel (a baseline of the KD benchmarks) is installed from .whl/ when present: run
 # benchmarks/fetch_gpu_wheels.sh here first and carry .whl to a machine that cannot reach PyPI.
@@ -43,14 +44,18 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 else
   echo "no carried wheels (.whl/): the Liger-Kernel baseline rows are skipped"
 fi
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv,noheader
-$PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+# what the numbers were measured on, kept beside them (logs/machine.log; the CSV rows name the GPU and the software)
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv,noheader
+  $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+  echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown), run started $(date -u +%FT%TZ)"
+} 2>&1 | tee "$LOGS/machine.log"
 
 # a failed build still leaves the Triton backends (they need no extension) to test and time
 step build 270 $PY setup.py -q build_ext --inplace || echo "BUILD FAILED: going on with what runs without it"
 # An uninstalled checkout has kernels/ and configs/ but no mpdistil_fast.kernels / .configs: link them.
 bash scripts/link_source_packages.sh
-$PY -c "from mpdistil_fast.backends import available_backends as a; [print(op, {k: v.available or v.reason for k, v in a(op, 'cuda').items()}) for op in ('kd_kl_div', 'kd_jsd', 'hidden_mse', 'meta_teacher_loss')]"
+$PY -c "from mpdistil_fast.backends import available_backends as a; [print(op, {k: v.available or v.reason for k, v in a(op, 'cuda').items()}) for op in ('kd_kl_div', 'kd_jsd', 'hidden_mse', 'meta_teacher_loss')]" 2>&1 | tee -a "$LOGS/machine.log"
 XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8")
 # a kernel that hangs (the row-resident cluster kernel has not run on a GPU yet) fails its test, not the step
 TIMEOUT=$($PY -c "import pytest_timeout" 2>/dev/null && echo "--timeout=90 --timeout-method=thread")

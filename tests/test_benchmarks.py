@@ -309,3 +309,33 @@ def test_rows_record_the_software_they_were_measured_with():
         assert f"triton {metadata.version('triton')}" in version
     except metadata.PackageNotFoundError:
         assert "triton" not in version
+
+
+def test_run_gpu_fails_soft_and_keeps_the_machine_description(tmp_path):
+    """benchmarks/run_gpu.sh in a scratch copy with stand-ins for nvidia-smi and Python and too little time for any
+    step: every step is skipped (exit 1, nothing aborts the script), and the tarball it leaves holds logs/machine.log
+    with the GPU, driver and versions (they went to the terminal only, not into the results)."""
+    import shutil
+    import tarfile
+
+    for part in ("benchmarks/run_gpu.sh", "scripts/link_source_packages.sh"):
+        (tmp_path / part).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / part, tmp_path / part)
+    (tmp_path / "mpdistil_fast").mkdir()
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("nvidia-smi", "echo 'NVIDIA H200, 143771 MiB, 570.86, 1980 MHz, 3201 MHz'"),
+                       ("python", "echo \"stub python $*\"")):
+        (bin_dir / name).write_text(f"#!/bin/sh\n{text}\n")
+        (bin_dir / name).chmod(0o755)
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": str(bin_dir / "python"), "OUT": str(out)}
+    result = subprocess.run(["bash", "benchmarks/run_gpu.sh", "20"], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stdout.count("SKIPPED: no time left") == 5
+    with tarfile.open(out / "gpu_run.tar.gz") as archive:
+        machine = archive.extractfile("gpu/logs/machine.log").read().decode()
+    assert "NVIDIA H200, 143771 MiB, 570.86" in machine and "stub python -c import torch, triton" in machine
+    assert "stub python -c from mpdistil_fast.backends import available_backends" in machine
