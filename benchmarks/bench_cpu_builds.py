@@ -94,8 +94,10 @@ def run_worker(isa: str, quick: bool, reps: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small shapes (smoke test)")
-    parser.add_argument("--rounds", type=int, default=4, help="worker processes per build, alternating")
-    parser.add_argument("--reps", type=int, default=5, help="timed calls per case in each worker")
+    parser.add_argument("--rounds", type=harness.positive_int, default=4,
+                        help="worker processes per build, alternating (default 4)")
+    parser.add_argument("--reps", type=harness.positive_int, default=5,
+                        help="timed calls per case in each worker (default 5)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:

@@ -339,3 +339,11 @@ def test_run_gpu_fails_soft_and_keeps_the_machine_description(tmp_path):
         machine = archive.extractfile("gpu/logs/machine.log").read().decode()
     assert "NVIDIA H200, 143771 MiB, 570.86" in machine and "stub python -c import torch, triton" in machine
     assert "stub python -c from mpdistil_fast.backends import available_backends" in machine
+
+
+@pytest.mark.parametrize("flag", ["--rounds", "--reps"])
+def test_cpu_build_benchmark_refuses_zero_rounds_or_reps(flag):
+    """--rounds 0 ended in an IndexError after the setup, --reps 0 in a worker's traceback."""
+    result = subprocess.run([sys.executable, "benchmarks/bench_cpu_builds.py", flag, "0"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and f"argument {flag}: expected a whole number >= 1, got 0" in result.stderr
