@@ -1,8 +1,9 @@
 """One benchmark harness for every op (after Liger-Kernel's): interleaved timing, medians, CSV rows, plots.
 
-Rows have the columns of :data:`COLUMNS`; every script appends to ``benchmarks/results/<name>.csv`` and prints a
-table.  Providers are timed *interleaved* (round-robin, one call each per round) so that machine drift hits
-all of them alike; reported numbers are the median and the 20th/80th percentiles.
+Rows have the columns of :data:`COLUMNS`; every script writes ``benchmarks/results/<name>.csv`` (replacing its
+previous run; ``MPDISTIL_BENCH_RESULTS`` names another folder) and prints a table.  Providers are timed
+*interleaved* (round-robin, one call each per round, after untimed warm-up rounds) so that machine drift hits all
+of them alike; reported numbers are the median and the 20th/80th percentiles (p50, p20, p80, in ``unit``).
 """
 from __future__ import annotations
 
