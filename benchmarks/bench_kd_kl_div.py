@@ -131,8 +131,8 @@ def agreeing_losses(losses: dict[str, LossFn], student: torch.Tensor, teacher: t
     """The providers that compute the loss and student gradient of the fp32 eager formula on the same inputs,
     each on the path that is timed (with the gradient): relative error (for the gradient: relative norm error) at
     most 1e-4 for fp32 inputs, 2e-2 for 16-bit ones, BASELINE_16BIT_RTOL for the baselines' 16-bit results.  The
-    others, and those whose call raises, are reported and left out.  The 16-bit eager baseline itself computes in 16 bits (its JSD is off by ~15%
-    at [2048, 32000] bf16), so it is timed but not checked."""
+    others, and those whose call raises, are reported and left out.  The 16-bit eager baseline itself computes in
+    16 bits (its JSD is off by ~15% at [2048, 32000] bf16), so it is timed but not checked."""
     exact = student.dtype in (torch.float32, torch.float64)
     reference_loss, reference_grad = loss_and_grad(losses["torch_eager"], student.float(), teacher.float())
     loss_errors, gradient_errors = {}, {}
