@@ -3,12 +3,14 @@ name) on two ranks, where rank 1 alone goes wrong while rank 0 goes on into the 
 prints how its runtime was closed.  ``FAILING_RANK_MODE``:
 
 - ``raise`` (default): rank 1 raises at the end of the teacher's stage, holding the teacher's training engine;
-- ``nan``: rank 1's first training loss (the teacher's first step) is NaN, so its gradient is too.
+- ``nan``: rank 1's first training loss (the teacher's first step) is NaN, so its gradient is too;
+- ``hang``: rank 1 hangs (sleeps for ten minutes) at the end of the teacher's stage.
 """
 from __future__ import annotations
 
 import os
 import sys
+import time
 
 import torch
 
@@ -42,6 +44,17 @@ def fail_after_the_teacher_stage() -> None:
     Run.end_stage = failing
 
 
+def hang_after_the_teacher_stage() -> None:
+    end_stage = Run.end_stage
+
+    def hanging(self: Run, stage: str) -> None:
+        if stage == "teacher":
+            time.sleep(600)
+        end_stage(self, stage)
+
+    Run.end_stage = hanging
+
+
 def nan_first_loss() -> None:
     cross_entropy, calls = stages.cross_entropy, []
 
@@ -56,5 +69,6 @@ def nan_first_loss() -> None:
 if __name__ == "__main__":
     report_close()
     if os.environ["RANK"] == "1":
-        {"raise": fail_after_the_teacher_stage, "nan": nan_first_loss}[os.environ.get("FAILING_RANK_MODE", "raise")]()
+        {"raise": fail_after_the_teacher_stage, "nan": nan_first_loss,
+         "hang": hang_after_the_teacher_stage}[os.environ.get("FAILING_RANK_MODE", "raise")]()
     sys.exit(main(sys.argv[1:]))

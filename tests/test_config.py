@@ -106,6 +106,8 @@ def test_numeric_looking_strings_stay_strings_in_string_keys():
     ({"curriculum": {"actions": ["cb", "qqp"]}}, [], "curriculum.actions[1]"),
     ({"runtime": {"kind": "mpi"}}, [], "runtime.kind must be one of ('local', 'deepspeed')"),
     ({"runtime": {"checkpoint_every": 0}}, [], "runtime.checkpoint_every must be > 0"),
+    ({"runtime": {"collective_timeout_minutes": 0}}, [], "runtime.collective_timeout_minutes must be finite and > 0"),
+    ({}, ["runtime.collective_timeout_minutes=.inf"], "runtime.collective_timeout_minutes must be finite and > 0"),
     ({"metadistil": {"hypergradient": "magic"}, "method": "metadistil"}, [], "metadistil.hypergradient"),
     ({"metadistil": {"hypergradient": "exact"}, "method": "metadistil", "student": {"attn_implementation": "sdpa"}},
      [], "metadistil.hypergradient 'exact' differentiates through the student's attention"),

@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -716,6 +717,24 @@ def test_a_nan_loss_on_one_rank_stops_every_rank_at_that_step(tmp_path, data_dir
     assert "DeepSpeed skipped the step" in result.stderr and "exitcode  : 1" in result.stderr
     assert "closed (failed=True)" in result.stdout  # (a rank's close, without the barrier)
     assert not list_checkpoints(tmp_path / "run") and not (tmp_path / "run" / "report.json").exists()
+
+
+@pytest.mark.slow
+def test_ranks_left_waiting_by_a_hanging_rank_end_after_the_collective_timeout(tmp_path, data_dir):
+    """Rank 1 hangs (not dies) at the end of the teacher's stage: rank 0 waited in its next collective for
+    DeepSpeed's fixed 10 minutes.  runtime.collective_timeout_minutes sets that wait; at 0.25 the launch ends, failed,
+    within a minute or so."""
+    pytest.importorskip("deepspeed")
+    pytest.importorskip("accelerate")
+    config = write_config(tmp_path / "c.yaml", make_tiny_teacher(tmp_path / "teacher"), data_dir, tmp_path / "run",
+                          "kd", teacher_training={"max_steps": 1},
+                          runtime=_plain_zero_runtime(tmp_path, collective_timeout_minutes=0.25))
+    started = time.monotonic()
+    result = _two_ranks(str(ROOT / "tests" / "failing_rank_worker.py"), "distill", "--config", str(config), "--quiet",
+                        env={"FAILING_RANK_MODE": "hang"}, timeout=240)
+    assert result.returncode != 0, (result.stdout[-2000:], result.stderr[-4000:])
+    assert time.monotonic() - started < 180
+    assert "rank 0 closed (failed=True)" in result.stdout, (result.stdout[-2000:], result.stderr[-4000:])
 
 
 def test_a_failing_close_after_a_failed_run_leaves_the_runs_error(caplog):

@@ -34,6 +34,7 @@ import os
 import socket
 from contextlib import nullcontext
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
@@ -337,12 +338,14 @@ class DeepSpeedRuntime:
     """One process per device, data parallel over DeepSpeed engines (ZeRO-3 teacher, ZeRO 0-2 student).
 
     ``configs`` maps ``"teacher"``/``"student"`` to a DeepSpeed JSON path (or dict); ``batch_size`` is the global
-    batch, split over the ranks by :meth:`local_rows`.  A constructor that raises once it started the process group
-    (a ``device`` that is not DeepSpeed's accelerator's) ends that group before the error propagates.
+    batch, split over the ranks by :meth:`local_rows`; ``collective_timeout`` how long a rank waits in a collective
+    for the others before it fails (None: DeepSpeed's default, 10 minutes).  A constructor that raises once it
+    started the process group (a ``device`` that is not DeepSpeed's accelerator's) ends that group before the error
+    propagates.
     """
 
     def __init__(self, configs: dict[str, str | dict[str, Any]], *, device: str = "auto",
-                 num_threads: int | None = None, batch_size: int = 1):
+                 num_threads: int | None = None, batch_size: int = 1, collective_timeout: timedelta | None = None):
         try:
             import deepspeed
             from deepspeed.accelerator import get_accelerator
@@ -369,7 +372,8 @@ class DeepSpeedRuntime:
         starts_group = not torch.distributed.is_initialized()
         try:
             deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
-                                       auto_mpi_discovery=False)
+                                       auto_mpi_discovery=False,
+                                       **({"timeout": collective_timeout} if collective_timeout else {}))
             self.rank = torch.distributed.get_rank()
             self.world_size = torch.distributed.get_world_size()
             local_rank = int(os.environ.get("LOCAL_RANK", 0))

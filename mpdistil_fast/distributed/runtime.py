@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol
 
 import torch
@@ -268,13 +269,15 @@ def closed_after(runtime: Runtime) -> Iterator[Runtime]:
 
 
 def make_runtime(kind: str, *, device: str = "auto", num_threads: int | None = None,
-                 deepspeed_configs: dict[str, str] | None = None, batch_size: int = 1) -> Runtime:
-    """The runtime named by ``runtime.kind`` in the config (``deepspeed_configs``/``batch_size``: DeepSpeed only)."""
+                 deepspeed_configs: dict[str, str] | None = None, batch_size: int = 1,
+                 collective_timeout: timedelta | None = None) -> Runtime:
+    """The runtime named by ``runtime.kind`` in the config (``deepspeed_configs``, ``batch_size`` and
+    ``collective_timeout``: DeepSpeed only)."""
     if kind == "local":
         return LocalRuntime(device, num_threads)
     if kind == "deepspeed":
         from mpdistil_fast.distributed.deepspeed_runtime import DeepSpeedRuntime
 
         return DeepSpeedRuntime(deepspeed_configs or {}, device=device, num_threads=num_threads,
-                                batch_size=batch_size)
+                                batch_size=batch_size, collective_timeout=collective_timeout)
     raise ValueError(f"runtime.kind must be 'local' or 'deepspeed', got {kind!r}")

@@ -157,6 +157,9 @@ class RuntimeConfig:
     tensorboard: bool = True
     progress: bool = True
     teacher_cache: Literal["memory", "disk", "off"] = "memory"
+    #: runtime.kind deepspeed: minutes a rank waits in a collective for the others before it fails with a timeout
+    #: (DeepSpeed's default, 10): the ranks that a hanging (not dead) rank leaves waiting end after this long
+    collective_timeout_minutes: float = 10.0
 
 
 @dataclass
@@ -427,6 +430,8 @@ def check_values(config: Config) -> None:
     for key in ("checkpoint_every", "keep_checkpoints", "log_every"):
         _require(getattr(r, key) > 0, f"runtime.{key} must be > 0, got {getattr(r, key)}")
     _require(r.num_threads is None or r.num_threads > 0, f"runtime.num_threads must be > 0, got {r.num_threads}")
+    _require(0 < r.collective_timeout_minutes < math.inf,
+             f"runtime.collective_timeout_minutes must be finite and > 0, got {r.collective_timeout_minutes}")
     from mpdistil_fast.distributed.runtime import resolve_device
 
     try:
@@ -478,7 +483,7 @@ def check_values(config: Config) -> None:
 #: what the checkpoint's run computes (its models, data, schedule or method), so it cannot continue that run.
 RESUMABLE_CHANGES = ("output_dir", "data.data_dir", "data.eval_batch_size", "runtime.device", "runtime.num_threads",
                      "runtime.checkpoint_every", "runtime.keep_checkpoints", "runtime.log_every", "runtime.tensorboard",
-                     "runtime.progress")
+                     "runtime.progress", "runtime.collective_timeout_minutes")
 
 
 def _dotted(raw: dict[str, Any], prefix: str = "") -> dict[str, Any]:

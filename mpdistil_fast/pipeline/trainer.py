@@ -20,6 +20,7 @@ import random
 import shutil
 import tempfile
 import time
+from datetime import timedelta
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -87,11 +88,12 @@ def model_inputs(batch: Batch) -> dict[str, torch.Tensor]:
 
 
 def runtime_for(config: Config) -> Runtime:
-    """The runtime ``config.runtime`` asks for (``kind``, device, threads, DeepSpeed JSONs)."""
+    """The runtime ``config.runtime`` asks for (``kind``, device, threads, DeepSpeed JSONs, collective timeout)."""
     return make_runtime(config.runtime.kind, device=config.runtime.device, num_threads=config.runtime.num_threads,
                         deepspeed_configs={"teacher": config.runtime.deepspeed_teacher,
                                            "student": config.runtime.deepspeed_student},
-                        batch_size=config.data.batch_size)
+                        batch_size=config.data.batch_size,
+                        collective_timeout=timedelta(minutes=config.runtime.collective_timeout_minutes))
 
 
 def seed_everything(seed: int) -> None:
