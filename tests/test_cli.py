@@ -289,7 +289,8 @@ def test_output_and_data_dirs_are_taken_verbatim(tmp_path, teacher_dir, data_dir
     assert main(["evaluate", "--checkpoint", str(tmp_path / "2024"), "--data-dir", str(tmp_path / "data #1")]) == 0
 
 
-def test_resume_and_evaluate_refuse_data_that_changed_since_the_run(tmp_path, teacher_dir, data_dir, capsys):
+def test_resume_and_evaluate_refuse_data_that_changed_since_the_run(tmp_path, teacher_dir, data_dir, capsys,
+                                                                    monkeypatch):
     """data.data_dir may change on --resume (the data moved), and evaluate reads the folder the run read: both went on
     with whatever rows they found there.  A run now records a fingerprint of each task's encoded splits; other rows
     under the same names are a config error (exit 2) before the models load, and --data-dir still scores on other
@@ -309,9 +310,16 @@ def test_resume_and_evaluate_refuse_data_that_changed_since_the_run(tmp_path, te
     validation.write_text("".join(json.dumps({**row, "label": relabel[row["label"]]}) + "\n" for row in rows))
     assert main(["distill", "--config", str(config), "--quiet", "--resume"]) == 2
     assert "--resume: the data differs from what the run read (cb validation: other files" in capsys.readouterr().err
+    from mpdistil_fast.pipeline.trainer import Run
+
+    built = []
+    build_models = Run._build_models
+    monkeypatch.setattr(Run, "_build_models", lambda run: built.append(1) or build_models(run))
     assert main(["evaluate", "--checkpoint", str(tmp_path / "run")]) == 2
     assert "the validation rows of cb found here differ from those the run read" in capsys.readouterr().err
+    assert not built  # refused before the models load (a large teacher takes minutes to)
     assert main(["evaluate", "--checkpoint", str(tmp_path / "run"), "--data-dir", str(copy)]) == 0
+    assert built
     validation.write_text(original)
     assert main(["evaluate", "--checkpoint", str(tmp_path / "run")]) == 0
     assert main(["distill", "--config", str(config), "--quiet", "--resume"]) == 0

@@ -193,6 +193,12 @@ def test_evaluate_refuses_when_the_runs_data_is_not_here(env_data_run, data_dir,
     shutil.copytree(newest, other)
     state["data_source"] = {"cb": "hub some/other_superglue"}
     (other / "state.json").write_text(json.dumps(state))
+    from mpdistil_fast.pipeline.trainer import Run
+
+    def models_built(run):
+        raise AssertionError("the data is refused before the models load")
+
+    monkeypatch.setattr(Run, "_build_models", models_built)
     with pytest.raises(ConfigError, match="differs from the run's"):
         evaluate_checkpoint(other)
 

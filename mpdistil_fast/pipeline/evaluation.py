@@ -70,19 +70,22 @@ def evaluate_checkpoint(path: Path, *, data_dir: str | None = None) -> dict:
     same_data = not data_dir and _use_run_data(config, state, path)
     check_data_available(config)
     check_models_available(config)  # the run's model folders build the models its weights load into
-    run = Run(config, checkpoint=path)
     recorded = state.get("data_source") or {}
-    if same_data:  # e.g. the hub ids ($MPDISTIL_SUPERGLUE_HUB) differ from the run's
+    fingerprints = state.get("data_fingerprint") or {}  # (checkpoints from before runs recorded them: none)
+
+    def refuse_other_data(run: Run) -> None:
+        """Other data than the run read (hub ids, or rows under the same names), refused before the models load."""
         changed = {task: (recorded[task], run.data_source[task]) for task in run.targets
                    if task in recorded and recorded[task] != run.data_source.get(task)}
-        if changed:
+        if changed:  # e.g. the hub ids ($MPDISTIL_SUPERGLUE_HUB) differ from the run's
             raise ConfigError(f"the data found here differs from the run's (task: (run's, here)): {changed}; pass "
                               "--data-dir to score on other data on purpose")
-        fingerprints = state.get("data_fingerprint") or {}  # (checkpoints from before runs recorded them: none)
         if edited := [task for task in run.targets if task in fingerprints and
                       fingerprints[task]["validation"] != run.data_fingerprint[task]["validation"]]:
             raise ConfigError(f"the validation rows of {', '.join(edited)} found here differ from those the run read "
                               "(the files changed since); pass --data-dir to score on other data on purpose")
+
+    run = Run(config, checkpoint=path, check_data=refuse_other_data if same_data else None)
     results: dict[str, dict[str, dict[str, float]]] = {}
     # once MetaDistil's stage has begun, the teacher is the meta-learned one: the report's teacher_final
     teacher_role = "teacher_final" if "metadistil" in state["completed"] or state["stage"] == "metadistil" \

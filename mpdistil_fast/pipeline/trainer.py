@@ -193,9 +193,12 @@ class Run:
     """One distillation run: builds everything from a :class:`Config`, runs its stages, writes its outputs."""
 
     def __init__(self, config: Config, *, resume: bool = False, checkpoint: Path | None = None,
-                 overwrite: bool = False, runtime: Runtime | None = None):
+                 overwrite: bool = False, runtime: Runtime | None = None,
+                 check_data: Callable[["Run"], None] | None = None):
         """``resume``: continue from the newest checkpoint in ``output_dir`` (a config that differs from its run's
-        outside :data:`~.config.RESUMABLE_CHANGES` is a :class:`ConfigError`); ``checkpoint``: load that one.  A new
+        outside :data:`~.config.RESUMABLE_CHANGES` is a :class:`ConfigError`); ``checkpoint``: load that one;
+        ``check_data(run)``: called once the data has loaded (``data_source``, ``data_fingerprint``) and before the
+        models are built, to refuse data early (``evaluate`` refuses other validation rows there).  A new
         run (neither) refuses an ``output_dir`` that holds an earlier run's outputs (their checkpoints and metrics
         would mix with its own), unless ``overwrite``, which deletes them first (a disk teacher cache stays: its
         entries are keyed by the teacher's weights)."""
@@ -248,6 +251,8 @@ class Run:
             raise ConfigError(f"--resume: the data differs from what the run read ({', '.join(changed)}: other files, "
                               "or another tokenizer): a run continues only on the same rows; resume with that data, "
                               "or start a new run")
+        if check_data is not None:
+            check_data(self)
         self.state["timings"]["data"] = time.perf_counter() - started
         started = time.perf_counter()
         self.teacher, self.student = self._build_models()
