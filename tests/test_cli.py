@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -351,6 +352,28 @@ def test_a_diverged_loss_stops_the_run_before_its_checkpoint(tmp_path, teacher_d
     assert math.isfinite(records[0]["loss"]) and math.isnan(records[1]["loss"])
     assert not checkpoints_by_step(tmp_path / "run")  # the step-2 checkpoint (checkpoint_every 2) is not written
     assert not (tmp_path / "run" / "report.json").exists()
+
+
+def test_nan_logits_are_refused_not_scored(tmp_path, teacher_dir, data_dir, capsys):
+    """Accuracy took the argmax of NaN logits (torch calls NaN the maximum): a model with NaN weights, say from a
+    run that diverged before runs stopped on NaN losses, got a plausible-looking score.  A NaN logit row now
+    stops the evaluation with one line (exit 1) naming the rows, task and split."""
+    from safetensors.torch import load_file, save_file
+
+    config = write_config(tmp_path / "c.yaml", teacher_dir, data_dir, tmp_path / "run", "finetune",
+                          data={"tasks": ["cb"]}, student_training={"max_steps": 1})
+    assert main(["distill", "--config", str(config), "--quiet"]) == 0
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "run")]) == 0
+    capsys.readouterr()
+    newest = max((tmp_path / "run" / "checkpoints").iterdir())
+    weights = load_file(newest / "student.safetensors")
+    head = next(name for name in weights if "heads.cb" in name and name.endswith("bias"))
+    weights[head][0] = math.nan
+    save_file(weights, newest / "student.safetensors")
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    assert re.search(r"the model's logits are NaN on (\d+) of \1 rows of cb's validation split", err), err
+    assert "Traceback" not in err
 
 
 def test_a_non_finite_hypergradient_stops_the_run_with_one_line(tmp_path, teacher_dir, data_dir, capsys,

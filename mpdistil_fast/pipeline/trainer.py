@@ -42,8 +42,8 @@ from mpdistil_fast.pipeline.checkpoint import (CHECKPOINTS_SUBDIR, capture_rng_s
                                                prune_checkpoints, read_state, restore_rng_state, save_checkpoint,
                                                unflatten_state_dict)
 from mpdistil_fast.pipeline.config import Config, ConfigError, OptimConfig, check_resumable, curriculum_tasks
-from mpdistil_fast.pipeline.metrics_log import (METRICS_FILE, TENSORBOARD_SUBDIR, MetricsLogger, check_finite_losses,
-                                                diverged)
+from mpdistil_fast.pipeline.metrics_log import (METRICS_FILE, TENSORBOARD_SUBDIR, MetricsLogger, TrainingDivergedError,
+                                                check_finite_losses, diverged)
 from mpdistil_fast.pipeline.report import REPORT_FILES, write_report
 from mpdistil_fast.pipeline.streams import Batch, MultiTaskSchedule
 
@@ -55,6 +55,8 @@ SHARDS_FOLDER = "shards"
 #: What a run writes into its output_dir (a new run refuses to mix its own with an earlier run's).
 RUN_OUTPUTS = (CHECKPOINTS_SUBDIR, SHARD_STAGING, METRICS_FILE, TENSORBOARD_SUBDIR, *REPORT_FILES)
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+#: The predicted label of a row whose logits hold a NaN (:meth:`Run.predict_with`).
+NO_PREDICTION = -1
 
 
 def training_modes(model: nn.Module) -> str:
@@ -637,14 +639,22 @@ class Run:
     def predict_with(self, logits: Callable[[Batch], torch.Tensor], task: str, split: str) -> torch.Tensor:
         """Predicted labels, the argmax of ``logits(batch)``, on ``split`` of ``task``: data parallel, each rank
         predicts its share of the rows (its batches' ``example_index`` still names rows of the whole split, as the
-        teacher cache needs) and the ranks gather them."""
+        teacher cache needs) and the ranks gather them.  A row whose logits hold a NaN has no prediction (argmax
+        would call it the NaN's class): any such row stops the run with a :class:`TrainingDivergedError`, on every
+        rank alike (decided on the gathered predictions)."""
         data = self.splits[task][split]
         rows = self.runtime.rank_rows(len(data))
         predictions = []
         for batch in iterate_batches(data.select(rows), self.config.data.eval_batch_size, shuffle=False, seed=0):
             batch["example_index"] = rows[batch["example_index"]]
-            predictions.append(logits(self.runtime.to_device(trim_padding(batch))).argmax(-1).cpu())
-        return self.runtime.gather_rows(torch.cat(predictions), len(data))
+            batch_logits = logits(self.runtime.to_device(trim_padding(batch)))
+            predictions.append(torch.where(batch_logits.isnan().any(-1), NO_PREDICTION, batch_logits.argmax(-1)).cpu())
+        predictions = self.runtime.gather_rows(torch.cat(predictions), len(data))
+        if (missing := int((predictions == NO_PREDICTION).sum())):
+            raise TrainingDivergedError(
+                f"the model's logits are NaN on {missing} of {len(data)} rows of {task}'s {split} split: its weights "
+                "hold NaN (it diverged) or its forward pass overflows (fp16/bf16); its scores would be meaningless")
+        return predictions
 
     def predict(self, model: TaskModel, task: str, split: str) -> torch.Tensor:
         """Predicted labels of ``model`` on ``split`` of ``task`` (eval mode)."""
