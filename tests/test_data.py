@@ -486,6 +486,12 @@ def test_metrics_refuse_ids_and_logits_outside_the_tasks_classes():
     with pytest.raises(ValueError, match="labels"):
         compute_metrics("rte", torch.tensor([0, 1]), torch.tensor([0, -1]))
     assert compute_metrics("cb", torch.tensor([0, 1, 2, 0]), labels)["accuracy"] == 0.75
+    logits = torch.nn.functional.one_hot(labels, 3).float()  # every row right, but one holds a NaN
+    logits[2, 0] = float("nan")
+    with pytest.raises(ValueError, match="logits of cb hold NaN in 1 of 4 rows"):
+        compute_metrics("cb", logits, labels)
+    logits[2, 0] = -float("inf")  # -inf is a class ruled out, not a NaN
+    assert compute_metrics("cb", logits, labels)["accuracy"] == 1.0
 
 
 def test_a_quiz_share_tied_on_remainder_goes_to_the_more_frequent_label():

@@ -30,7 +30,8 @@ def macro_f1(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) 
 
 def compute_metrics(task: str, predictions: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     """Metrics of ``task`` for ``predictions`` (class ids ``[N]``, or logits ``[N, C]`` with ``C`` the task's
-    ``num_labels``, reduced by argmax) against ``labels`` ``[N]``; ids outside ``[0, num_labels)`` are refused.
+    ``num_labels``, reduced by argmax) against ``labels`` ``[N]``; ids outside ``[0, num_labels)`` and NaN logits
+    are refused.
     Returns ``accuracy`` (and ``macro_f1``, ``accuracy_macro_f1_mean`` for CB) and ``main``."""
     spec = task_spec(task)
     check_tensor("predictions", predictions, floating=False)
@@ -38,6 +39,9 @@ def compute_metrics(task: str, predictions: torch.Tensor, labels: torch.Tensor) 
     if predictions.dim() == 2:
         if predictions.shape[1] != spec.num_labels:
             raise ValueError(f"logits of {task} must be [N, {spec.num_labels}], got {tuple(predictions.shape)}")
+        if predictions.is_floating_point() and (nan_rows := int(predictions.isnan().any(-1).sum())):
+            raise ValueError(f"logits of {task} hold NaN in {nan_rows} of {len(predictions)} rows: argmax would count "
+                             "each as the NaN's class")
         predictions = predictions.argmax(dim=-1)
     if predictions.dim() != 1 or labels.dim() != 1 or predictions.shape != labels.shape or labels.numel() == 0:
         raise ValueError(f"predictions ([N] ids or [N, C] logits) and labels ([N]) must match and be non-empty, got "
