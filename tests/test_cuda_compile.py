@@ -3,9 +3,12 @@ the C++ bindings of the CUDA kernels (csrc/cuda/*.cpp, built only on CUDA machin
 check against torch's and the CUDA toolkit's headers."""
 from __future__ import annotations
 
+import functools
 import os
+import re
 import shutil
 import subprocess
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -30,18 +33,53 @@ def compile_cuda(source: Path, out_dir: Path) -> subprocess.CompletedProcess:
     archs = ["80", "90"] if HOPPER_GUARD in source.read_text() else ["80"]
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
     # The flags of the real build (setup.py + torch's CUDAExtension defaults), light optimisation.
-    command = [NVCC, "-c", "-std=c++20", "-O1", *gencode, "--use_fast_math", *COMMON_NVCC_FLAGS, *includes,
-               str(source), "-o", str(out_dir / f"{source.stem}.o")]
+    # -Xptxas=-v: ptxas reports each kernel's registers and spills (stderr), read by the register test below
+    command = [NVCC, "-c", "-std=c++20", "-O1", *gencode, "--use_fast_math", "-Xptxas=-v", *COMMON_NVCC_FLAGS,
+               *includes, str(source), "-o", str(out_dir / f"{source.stem}.o")]
     return subprocess.run(command, capture_output=True, text=True, timeout=300)
 
 
+@functools.lru_cache(maxsize=None)
+def compiled(source: Path) -> subprocess.CompletedProcess:
+    """compile_cuda of ``source`` once per test process (the tests below share it)."""
+    with tempfile.TemporaryDirectory(prefix="mpdistil-nvcc-") as out_dir:
+        return compile_cuda(source, Path(out_dir))
+
+
+def spills(ptxas_output: str, arch: str) -> dict[str, tuple[int, int]]:
+    """{kernel (mangled name): (spill store bytes, spill load bytes)} for ``arch`` ("sm_90") from ptxas -v."""
+    found, kernel = {}, None
+    for line in ptxas_output.splitlines():
+        entry = re.search(r"Compiling entry function '([^']+)' for '(sm_\d+)'", line)
+        if entry:
+            kernel = entry.group(1) if entry.group(2) == arch else None
+            continue
+        spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if spill and kernel is not None:
+            found[kernel] = (int(spill.group(1)), int(spill.group(2)))
+            kernel = None
+    return found
+
+
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not installed")
-def test_every_cuda_source_compiles(tmp_path):
+def test_every_cuda_source_compiles():
     assert CUDA_SOURCES, "no csrc/cuda/*.cu found"
     with ThreadPoolExecutor(max_workers=2) as pool:
-        results = dict(zip(CUDA_SOURCES, pool.map(lambda s: compile_cuda(s, tmp_path), CUDA_SOURCES)))
+        results = dict(zip(CUDA_SOURCES, pool.map(compiled, CUDA_SOURCES)))
     failures = {s.name: r.stderr[-3000:] for s, r in results.items() if r.returncode != 0}
     assert not failures, "\n\n".join(f"{name}:\n{err}" for name, err in failures.items())
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc is not installed")
+def test_row_resident_kernel_keeps_its_rows_in_registers():
+    """The row-resident KL kernel (MPDISTIL_KL_ROW_RESIDENT) exists to hold each row in registers at 64 a thread
+    (two 512-thread CTAs per SM): no variant may spill to local memory on sm_90 (its bf16 PACKS=4 variant spilled
+    80 bytes a thread while it widened bf16 with __bfloat162float)."""
+    result = compiled(ROOT / "csrc" / "cuda" / "kd_kl_div.cu")
+    assert result.returncode == 0, result.stderr[-3000:]
+    resident = {name: bytes_ for name, bytes_ in spills(result.stderr, "sm_90").items() if "resident" in name}
+    assert len(resident) == 9, resident  # float32, float16, bfloat16 x PACKS 1, 2, 4
+    assert all(bytes_ == (0, 0) for bytes_ in resident.values()), resident
 
 
 def cuda_toolkit_include() -> Path | None:

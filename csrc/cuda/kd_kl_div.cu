@@ -130,6 +130,18 @@ __global__ void __launch_bounds__(kForwardThreads)
 constexpr int kResidentThreads = 512;
 constexpr int kMaxClusterSize = 8;
 
+// The resident kernel's widening to the accumulation type.  bf16 is the upper half of a float32, so a shift, which
+// ptxas schedules freely: with __bfloat162float (an inline-asm mov) the bf16 PACKS=4 variant needed more than its 64
+// registers and spilled 80 bytes a thread to local memory (nvcc -Xptxas -v; tests/test_cuda_compile.py checks it).
+template <typename T>
+__device__ __forceinline__ acc_t<T> resident_widen(T x) {
+  return widen(x);
+}
+template <>
+__device__ __forceinline__ float resident_widen(__nv_bfloat16 x) {
+  return __uint_as_float(static_cast<unsigned>(__bfloat16_as_ushort(x)) << 16);
+}
+
 template <typename T, int PACKS>
 __global__ void __launch_bounds__(kResidentThreads, 2)
     kd_kl_div_fwd_grad_resident_kernel(const T* __restrict__ a, const T* __restrict__ b, acc_t<T>* __restrict__ kl,
@@ -161,7 +173,9 @@ __global__ void __launch_bounds__(kResidentThreads, 2)
   for (int p = 0; p < PACKS; ++p) {
     if (entry(p) < vocab) {
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) state.add(widen(packs_a[p].values[k]), widen(packs_b[p].values[k]), inv_t);
+      for (int k = 0; k < VEC; ++k) {
+        state.add(resident_widen(packs_a[p].values[k]), resident_widen(packs_b[p].values[k]), inv_t);
+      }
     }
   }
   __shared__ RowState<A> warp_states[kResidentThreads / 32];
@@ -189,7 +203,9 @@ __global__ void __launch_bounds__(kResidentThreads, 2)
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
       A value_a = 0, value_b = 0;
-      if (!entry_grads.zero()) entry_grads(widen(packs_a[p].values[k]), widen(packs_b[p].values[k]), value_a, value_b);
+      if (!entry_grads.zero()) {
+        entry_grads(resident_widen(packs_a[p].values[k]), resident_widen(packs_b[p].values[k]), value_a, value_b);
+      }
       out_a.values[k] = narrow<T>(value_a);
       out_b.values[k] = narrow<T>(value_b);
     }
