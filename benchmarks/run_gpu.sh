@@ -11,7 +11,7 @@
 # benchmarks/fetch_gpu_wheels.sh here first and carry .whl to a machine that cannot reach PyPI.
 # Nothing is downloaded: the extension is built in place against the machine's own torch.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 # One CPU kernel build (avx2) beside the CUDA kernels: extensions build one after the other, and the GPU run needs
 # no more CPU code than a working `cpp` backend.
 export PYTHONUNBUFFERED=1 MPDISTIL_BUILD_CUDA=1 MPDISTIL_CPU_ARCH=${MPDISTIL_CPU_ARCH:-avx2}
@@ -25,6 +25,13 @@ rm -rf "$MPDISTIL_BENCH_RESULTS"
 LOGS=$MPDISTIL_BENCH_RESULTS/logs
 mkdir -p "$LOGS"
 status=0
+# save: this run's results and logs so far as $OUT/gpu_run.tar.gz (when OUT is set), after every step: a run cut off
+# from outside (the device call's limit, which can be below SECONDS when little device time is left) keeps what the
+# steps before produced.  Written aside and renamed, so a kill during tar leaves the previous archive whole.
+save() {
+  [ -n "${OUT:-}" ] || return 0
+  tar czf "$OUT/.gpu_run.tar.gz.part" -C benchmarks/results gpu && mv -f "$OUT/.gpu_run.tar.gz.part" "$OUT/gpu_run.tar.gz"
+}
 # step NAME CAP COMMAND...: run with a timeout of CAP seconds or what is left before the deadline (less 10 s).
 step() {
   local name=$1 cap=$2; shift 2
@@ -35,6 +42,7 @@ step() {
   timeout -k 10 "$cap" "$@" 2>&1 | tee "$LOGS/$name.log"
   local rc=${PIPESTATUS[0]}
   (( rc != 0 )) && { echo "STEP $name FAILED (exit $rc)"; status=1; }
+  save
   return "$rc"
 }
 
@@ -50,6 +58,7 @@ fi
   $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
   echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown), run started $(date -u +%FT%TZ)"
 } 2>&1 | tee "$LOGS/machine.log"
+save
 
 # a failed build still leaves the Triton backends (they need no extension) to test and time
 step build 270 $PY setup.py -q build_ext --inplace || echo "BUILD FAILED: going on with what runs without it"
@@ -80,7 +89,5 @@ for r in csv.DictReader(open(sys.argv[1])):
           r['p50'].rjust(9), r['unit'], extra[kernels:] if kernels >= 0 else extra[:70])
 " "$csv"
 done
-if [ -n "${OUT:-}" ]; then
-  tar czf "$OUT/gpu_run.tar.gz" -C benchmarks/results gpu
-fi
+save
 exit $status

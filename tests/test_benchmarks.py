@@ -3,6 +3,7 @@ each must finish, check that every provider computes the same loss (the KD one: 
 CSV and plot (to a temporary directory: benchmarks/results keeps the committed runs)."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import os
@@ -342,6 +343,47 @@ def test_run_gpu_fails_soft_and_keeps_the_machine_description(tmp_path):
         machine = archive.extractfile("gpu/logs/machine.log").read().decode()
     assert "NVIDIA H200, 143771 MiB, 570.86" in machine and "stub python -c import torch, triton" in machine
     assert "stub python -c from mpdistil_fast.backends import available_backends" in machine
+
+
+def test_run_gpu_killed_from_outside_keeps_the_finished_steps(tmp_path):
+    """The device call that runs benchmarks/run_gpu.sh may be cut off before the script's own deadline (its limit
+    is what is left of the session's device time): the tarball in $OUT holds every step that finished before the
+    kill (it was written at the very end only, so a killed run brought back nothing)."""
+    import shutil
+    import signal
+    import tarfile
+    import time
+
+    for part in ("benchmarks/run_gpu.sh", "scripts/link_source_packages.sh"):
+        (tmp_path / part).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / part, tmp_path / part)
+    (tmp_path / "mpdistil_fast").mkdir()
+    bin_dir, out, hanging = tmp_path / "bin", tmp_path / "out", tmp_path / "hanging.pid"
+    bin_dir.mkdir()
+    out.mkdir()
+    stubs = (("nvidia-smi", "echo 'NVIDIA H200'"),  # the test step hangs (it writes its pid), everything else echoes
+             ("python", f'case "$*" in *pytest*) echo $$ > "{hanging}"; exec sleep 120;; esac\necho "stub python $*"'))
+    for name, text in stubs:
+        (bin_dir / name).write_text(f"#!/bin/sh\n{text}\n")
+        (bin_dir / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": str(bin_dir / "python"), "OUT": str(out)}
+    run = subprocess.Popen(["bash", "benchmarks/run_gpu.sh", "500"], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (hanging.exists() and hanging.read_text().strip()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert hanging.exists(), "the test step never started"
+    finally:
+        os.killpg(run.pid, signal.SIGKILL)  # the device call's limit: the whole script, mid-step
+        run.wait(timeout=30)
+        if hanging.exists() and hanging.read_text().strip():
+            with contextlib.suppress(ProcessLookupError):  # (timeout runs it in a process group of its own)
+                os.kill(int(hanging.read_text()), signal.SIGKILL)
+    with tarfile.open(out / "gpu_run.tar.gz") as archive:
+        names = archive.getnames()
+        build = archive.extractfile("gpu/logs/build.log").read().decode()
+    assert "gpu/logs/machine.log" in names and "stub python setup.py -q build_ext --inplace" in build, names
 
 
 @pytest.mark.parametrize("flag", ["--rounds", "--reps"])
