@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import functools
+import importlib
+import threading
 from types import SimpleNamespace
 
 import pytest
@@ -190,20 +192,23 @@ def test_finite_difference_step_ignores_untouched_coordinates() -> None:
     assert rel_error(flat(finite).double(), flat(exact)) <= 2e-3
 
 
+@pytest.mark.parametrize("unused", [(), ("classifier.bias", "bert.pooler.dense.weight")], ids=["all_used", "unused"])
 @pytest.mark.parametrize("max_grad_norm", [None, 0.5, 1e6], ids=["unclipped", "clipped", "under_the_norm"])
 @pytest.mark.parametrize("kind", ["sgd_momentum", "sgd_nesterov", "adam", "adamw", "adam_decoupled"])
-def test_inner_step_is_the_optimizers_step(kind: str, max_grad_norm: float | None) -> None:
+def test_inner_step_is_the_optimizers_step(kind: str, max_grad_norm: float | None, unused: tuple[str, ...]) -> None:
     """Both forms of the experimental step (stored for exact, consuming for the first-order methods) equal the
     torch optimizer's own step from the same state, after ``clip_grad_norm_`` when the optimizer's owner clips (the
     step the student then takes; coupled weight decay is added after the clipping, as torch's Adam does), and
-    neither changes the optimizer or the student."""
+    neither changes the optimizer or the student.  Parameters that the inner gradient does not reach (``unused``;
+    the engine hands them zeros) stay where they are, as the optimizer skips a parameter whose ``.grad`` is None:
+    the step moved them by their momentum and weight decay."""
     student, _, train, _ = problem(torch.float64, seed=8)
     optimizer = optimizer_with_state(kind, student, train)
     theta = {n: p for n, p in student.named_parameters() if p.requires_grad}
-    grads = {n: torch.randn_like(p) for n, p in theta.items()}
+    grads = {n: torch.zeros_like(p) if n in unused else torch.randn_like(p) for n, p in theta.items()}
     reference_student, reference_optimizer = copy.deepcopy((student, optimizer))
     for (name, p) in reference_student.named_parameters():
-        p.grad = grads[name].clone()
+        p.grad = None if name in unused else grads[name].clone()
     if max_grad_norm is not None:
         norm = torch.nn.utils.clip_grad_norm_(list(reference_student.parameters()), max_grad_norm)
         assert (norm > max_grad_norm) == (max_grad_norm == 0.5)
@@ -211,11 +216,55 @@ def test_inner_step_is_the_optimizers_step(kind: str, max_grad_norm: float | Non
     expected = flat({n: p.detach() for n, p in reference_student.named_parameters() if n in theta})
     before = copy.deepcopy(optimizer.state_dict())
     view = TorchOptimizerState(optimizer, max_grad_norm)
-    stored = make_inner_update(view, None, theta, grads).step(theta, grads)
-    consumed, scale = experimental_step(view, None, theta, dict(grads))
+    stored = make_inner_update(view, None, theta, grads, unused).step(theta, grads)
+    consumed, scale = experimental_step(view, None, theta, dict(grads), unused)
     assert rel_error(flat(stored), expected) <= 1e-14 and rel_error(flat(consumed), expected) <= 1e-14
+    assert all(torch.equal(stepped[name], theta[name]) for name in unused for stepped in (stored, consumed))
     assert not any(t.requires_grad for t in consumed.values()) and set(scale) == set(theta)
     assert str(optimizer.state_dict()) == str(before)
+
+
+class WithSpareHead(nn.Module):
+    """A student whose logits gain a bias ``spare`` only when asked (as a second task's head would): the inner loss
+    does not reach ``spare``, the quiz loss (:func:`spare_quiz_loss`) does."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.spare = nn.Parameter(torch.randn(NUM_LABELS, dtype=torch.float64))
+
+    def forward(self, input_ids, attention_mask, with_spare: bool = False):
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+        return SimpleNamespace(logits=logits + self.spare if with_spare else logits)
+
+
+def spare_quiz_loss(student, batch) -> torch.Tensor:
+    return F.cross_entropy(student(**model_inputs(batch), with_spare=True).logits, batch["labels"])
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("kind", ["sgd_momentum", "adamw"])
+def test_the_pilot_leaves_parameters_the_inner_loss_does_not_reach(kind: str, method: str) -> None:
+    """The quiz loss the meta step reports is the quiz loss after the step the student takes.  A student parameter
+    that the inner loss does not reach (another task's head) gets no step from a torch optimizer (its ``.grad``
+    is None); the experimental step moved it by its momentum and weight decay all the same, so the teacher learned
+    from a step the student never took."""
+    student, teacher, train, quiz = problem(torch.float64, seed=5)
+    student = WithSpareHead(student)
+    optimizer = optimizer_with_state(kind, student, train)
+    spare_quiz_loss(student, quiz).backward()  # a step that reached it, so that it has momentum
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    result = meta_gradient(student, teacher, inner_loss, spare_quiz_loss, train, quiz, inner_lr=None,
+                           method=method, inner_optimizer=optimizer)
+    stepped_student, stepped_optimizer = copy.deepcopy((student, optimizer))
+    inner_loss(stepped_student, teacher, train).backward()
+    assert stepped_student.spare.grad is None
+    stepped_optimizer.step()
+    assert torch.equal(stepped_student.spare, student.spare)
+    with torch.no_grad():
+        expected = spare_quiz_loss(stepped_student, quiz).item()
+    assert abs(result.outer_loss - expected) <= 1e-12 * abs(expected), (result.outer_loss, expected)
 
 
 def test_adam_by_name_uses_fresh_state() -> None:
@@ -597,6 +646,40 @@ def test_ranks_averaging_their_shares_get_the_whole_batch_hypergradient(method: 
     for result in results:
         error = rel_error(flat(result), flat(expected))
         assert error <= 1e-8, error  # rounding of the two summation orders, divided by the difference step
+
+
+@pytest.mark.parametrize("reaching_ranks", [(), (0,), (0, 1)])
+def test_a_parameter_counts_as_reached_when_any_rank_reaches_it(reaching_ranks: tuple[int, ...],
+                                                               monkeypatch) -> None:
+    """Data parallel, a parameter is stepped when the inner loss of any rank reaches it (the averaged gradient the
+    student's real step takes is then that rank's share) and left alone only when no rank's does; every rank takes
+    the same decision, or the ranks' experimental students would differ."""
+    engine = importlib.import_module("mpdistil_fast.bilevel.hypergradient")  # (the package's name is the function)
+
+    student, teacher, train, quiz = problem(torch.float64, seed=6)
+    student = WithSpareHead(student)
+    decisions: dict[int, set[str]] = {}
+    step = engine.experimental_step
+
+    def recording_step(*args):
+        decisions[threading.get_ident()] = set(args[-1])
+        return step(*args)
+
+    monkeypatch.setattr(engine, "experimental_step", recording_step)
+
+    def rank_hypergradient(me, average) -> dict[str, torch.Tensor]:
+        reaches = me.rank in reaching_ranks
+
+        def rank_inner_loss(student, teacher, batch):  # the spare head on the reaching ranks
+            logits = student(**model_inputs(batch), with_spare=reaches).logits
+            return kd_loss(logits, teacher(**model_inputs(batch)).logits)
+
+        return hypergradient(copy.deepcopy(student), copy.deepcopy(teacher), rank_inner_loss, spare_quiz_loss,
+                             train, quiz, inner_lr=INNER_LR, average=average)
+
+    _, errors = run_on_thread_ranks(rank_hypergradient)
+    assert not any(errors), errors
+    assert list(decisions.values()) == [set() if reaching_ranks else {"spare"}] * 2
 
 
 @pytest.mark.parametrize("bad", ["inner", "quiz"])

@@ -196,10 +196,12 @@ def _zeros_for_unused(grads: dict[str, torch.Tensor | None], phi: dict[str, nn.P
     return out
 
 
-def _grad_dict(output: torch.Tensor, wrt: TensorDict, **kwargs: Any) -> TensorDict:
-    """d output / d wrt as a dict, zeros where ``output`` does not depend on a tensor."""
+def _grad_dict(output: torch.Tensor, wrt: TensorDict, **kwargs: Any) -> tuple[TensorDict, set[str]]:
+    """(d output / d wrt as a dict, zeros where ``output`` does not depend on a tensor; the names of those)."""
     grads = torch.autograd.grad(output, list(wrt.values()), allow_unused=True, **kwargs)
-    return {name: torch.zeros_like(value) if g is None else g for (name, value), g in zip(wrt.items(), grads)}
+    unreached = {name for name, g in zip(wrt, grads) if g is None}
+    zeros_filled = {name: torch.zeros_like(value) if g is None else g for (name, value), g in zip(wrt.items(), grads)}
+    return zeros_filled, unreached
 
 
 _DOUBLE_BACKWARD_HINT = ("method='exact' differentiates through the inner gradient (double backward), which failed "
@@ -221,13 +223,13 @@ def _exact(student: nn.Module, teacher: nn.Module, inner_loss: InnerLoss, outer_
                 loss = call_loss(inner_loss, "inner_loss", FunctionalView(student, current), teacher, train_batch)
             value = check_finite_loss("inner_loss", loss)
             first_inner = value if step == 0 else first_inner
-            grads = _grad_dict(loss, current, create_graph=True)
+            grads, unreached = _grad_dict(loss, current, create_graph=True)
             if not any(g.requires_grad for g in grads.values()):
                 raise RuntimeError("the inner gradient carries no graph: an op's backward in inner_loss is not "
                                    "differentiable (once_differentiable or a fused kernel)")
             if update is None:
-                update = make_inner_update(inner_optimizer, inner_lr, theta,
-                                           {n: g.detach() for n, g in grads.items()})
+                update = make_inner_update(inner_optimizer, inner_lr, theta, {n: g.detach() for n, g in grads.items()},
+                                           unused=unreached)
             current = update.step(current, grads)
         quiz = call_loss(outer_loss, "outer_loss", FunctionalView(student, current), quiz_batch)
         outer = check_finite_loss("outer_loss", quiz)
@@ -302,17 +304,21 @@ def _first_order_passes(student: nn.Module, teacher: nn.Module, inner_loss: Inne
     del loss
     reference_grads = grads[len(theta):]
     inner_grads = {name: torch.zeros_like(p) if g is None else g for (name, p), g in zip(theta.items(), grads)}
+    # reached on some rank: 1 where this rank's backward reached the parameter (averaged with the gradients)
+    reached = torch.tensor([g is not None for g in grads[:len(theta)]], dtype=torch.float32,
+                           device=next(iter(theta.values())).device)
     del grads
     if average is not None:
-        average(list(inner_grads.values()))
+        average(list(inner_grads.values()) + [reached])
+    unused = {name for name, hit in zip(theta, reached.tolist()) if hit == 0.0}
     base = {name: p.detach() for name, p in theta.items()}
     inactive = _inactive_coordinates(inner_grads)
     # parameter-sized copies dominate the memory: the step consumes the gradients as it goes and keeps only scale
-    experimental, scale = experimental_step(inner_optimizer, inner_lr, theta, inner_grads)
+    experimental, scale = experimental_step(inner_optimizer, inner_lr, theta, inner_grads, unused)
     experimental = {name: value.requires_grad_(True) for name, value in experimental.items()}
     quiz = call_loss(outer_loss, "outer_loss", FunctionalView(student, experimental), quiz_batch)
     outer = check_finite_loss("outer_loss", quiz, average)
-    quiz_grads = _grad_dict(quiz, experimental)
+    quiz_grads, _ = _grad_dict(quiz, experimental)
     if average is not None:
         average(list(quiz_grads.values()))
     direction = precondition_(quiz_grads, scale)

@@ -15,6 +15,11 @@ built from c * g, so the experimental step is the clipped step the student then 
 hypergradient therefore needs only the preconditioned direction w = scale * v (:func:`precondition_`), and the
 exact method differentiates :meth:`InnerUpdate.step` itself.
 
+A parameter that the inner loss does not reach (its gradient is None: another task's head, say) is not
+stepped: theta' = theta there, with scale, offset and decay 0, as a ``torch.optim`` optimizer skips a parameter
+whose ``.grad`` is None (no update, no weight decay, no momentum), which the student's real step also does (under
+DeepSpeed through :mod:`mpdistil_fast.distributed.unused_groups`).
+
 The optimizer's rule and state are read through :class:`OptimizerState`: :class:`TorchOptimizerState` for a torch
 optimizer; a ZeRO-partitioned optimizer gives its own view, whose :meth:`~OptimizerState.state` assembles each
 parameter's state whole (see :mod:`mpdistil_fast.distributed.deepspeed_runtime`).  The terms are computed one
@@ -24,7 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol, runtime_checkable
+from typing import Any, Callable, Collection, Protocol, runtime_checkable
 
 import torch
 
@@ -191,11 +196,13 @@ def clip_factor(grads: TensorDict, max_grad_norm: float | None) -> float:
     return float(torch.clamp(max_grad_norm / (norm + 1e-6), max=1.0))
 
 
-def _inner_terms(inner_optimizer: InnerOptimizer, inner_lr: float | None, theta: TensorDict, grads: TensorDict
+def _inner_terms(inner_optimizer: InnerOptimizer, inner_lr: float | None, theta: TensorDict, grads: TensorDict,
+                 unused: Collection[str] = ()
                  ) -> list[tuple[str, Callable[[torch.Tensor], tuple[Term, Term, Term]]]]:
     """Per parameter tensor, a function of its inner gradient computing its (scale, offset, decay); arguments are
     checked and the clipping factor of ``grads`` (:func:`clip_factor`) is computed at once, the state is read and
-    the parameter-sized terms are built only when called (one tensor at a time if the caller wants)."""
+    the parameter-sized terms are built only when called (one tensor at a time if the caller wants).  The
+    parameters named in ``unused`` (no inner gradient reached them) get (0, 0, 0): no step."""
     view: OptimizerState
     if isinstance(inner_optimizer, torch.optim.Optimizer):
         view = TorchOptimizerState(inner_optimizer)
@@ -215,6 +222,9 @@ def _inner_terms(inner_optimizer: InnerOptimizer, inner_lr: float | None, theta:
     clip = clip_factor(grads, getattr(view, "max_grad_norm", None))
     terms = []
     for name, value in theta.items():
+        if name in unused:
+            terms.append((name, _no_step))
+            continue
         group = view.group(value)
         lr = inner_lr if inner_lr is not None else float(group["lr"])
         if view.kind == "sgd":
@@ -227,10 +237,17 @@ def _inner_terms(inner_optimizer: InnerOptimizer, inner_lr: float | None, theta:
     return terms
 
 
+def _no_step(grad: torch.Tensor) -> tuple[Term, Term, Term]:
+    """The terms of a parameter that no inner gradient reached: theta' = theta."""
+    return 0.0, 0.0, 0.0
+
+
 def make_inner_update(inner_optimizer: InnerOptimizer, inner_lr: float | None, theta: TensorDict,
-                      grads: TensorDict) -> InnerUpdate:
+                      grads: TensorDict, unused: Collection[str] = ()) -> InnerUpdate:
     """The frozen-state inner update at ``theta`` with inner gradient ``grads``, every term stored (the exact
-    method applies it, differentiably, for several steps).
+    method applies it, differentiably, for several steps).  ``unused``: the names of the parameters that no inner
+    gradient reached (their ``grads`` entry is ignored), which the update leaves where they are, as a torch
+    optimizer skips a parameter whose ``.grad`` is None.
 
     ``inner_optimizer`` is ``"sgd"``, ``"adam"`` (fresh state, torch's default betas and eps), a
     ``torch.optim.SGD`` / ``Adam`` / ``AdamW`` holding the student's parameters, or an :class:`OptimizerState`
@@ -238,22 +255,22 @@ def make_inner_update(inner_optimizer: InnerOptimizer, inner_lr: float | None, t
     rate; it is required with a string.
     """
     scale, offset, decay = {}, {}, {}
-    for name, compute in _inner_terms(inner_optimizer, inner_lr, theta, grads):
+    for name, compute in _inner_terms(inner_optimizer, inner_lr, theta, grads, unused):
         scale[name], offset[name], decay[name] = compute(grads[name])
     return InnerUpdate(scale, offset, decay)
 
 
 def experimental_step(inner_optimizer: InnerOptimizer, inner_lr: float | None, theta: TensorDict,
-                      grads: TensorDict) -> tuple[TensorDict, dict[str, Term]]:
+                      grads: TensorDict, unused: Collection[str] = ()) -> tuple[TensorDict, dict[str, Term]]:
     """One frozen-state inner step for the first-order methods: ``(theta', scale)``, with the same rule as
-    :func:`make_inner_update`, at the memory of two parameter-sized copies; ``theta'`` is detached from
-    ``theta`` (the student's parameters, by which the optimizer's state is found).
+    :func:`make_inner_update` (``unused`` included), at the memory of two parameter-sized copies; ``theta'`` is
+    detached from ``theta`` (the student's parameters, by which the optimizer's state is found).
 
     Consumes ``grads``: each gradient is dropped from the dictionary as soon as its parameter is stepped, and
     offsets and decays live one tensor at a time; only ``scale`` (for :func:`precondition_`) is kept.
     """
     stepped, scales = {}, {}
-    for name, compute in _inner_terms(inner_optimizer, inner_lr, theta, grads):
+    for name, compute in _inner_terms(inner_optimizer, inner_lr, theta, grads, unused):
         grad = grads.pop(name)
         scale, offset, decay = compute(grad)
         stepped[name] = _step_tensor(theta[name].detach(), grad, scale, offset, decay)
