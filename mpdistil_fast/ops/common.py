@@ -18,12 +18,31 @@ def _resolve_backend_cached(requested: str, op: str, device: torch.device, envir
     return resolve_backend(requested, op, device, transformed=transformed)
 
 
+#: The environment variables the backend choice depends on (read at every call: the memo is keyed on them).
+_BACKEND_ENVIRONMENT = (ENV_OVERRIDE, "TRITON_INTERPRET")
+#: Their keys in ``os.environ``'s raw mapping (bytes on POSIX), encoded once.
+_RAW_OVERRIDE, _RAW_INTERPRET = (tuple(os.environ.encodekey(name) for name in _BACKEND_ENVIRONMENT)
+                                 if isinstance(os.environ, os._Environ) else (None, None))
+
+
+def _backend_environment() -> tuple:
+    """The values of :data:`_BACKEND_ENVIRONMENT` now, as a memo key.  From ``os.environ``'s raw mapping when it is
+    the usual ``os._Environ`` (one dict lookup each: ``os.environ.get`` encodes the key and decodes the value, 0.7 us
+    a variable on this project's CPU, on every call of every public op); ``os.environ.get`` otherwise (a mapping put
+    in its place).  Updates through ``os.environ`` (``monkeypatch.setenv``, ``mock.patch.dict``) write the raw
+    mapping, so they are seen at the next call."""
+    environ = os.environ
+    if type(environ) is os._Environ and _RAW_OVERRIDE is not None:
+        data = environ._data
+        return data.get(_RAW_OVERRIDE), data.get(_RAW_INTERPRET)
+    return environ.get(ENV_OVERRIDE, ""), environ.get("TRITON_INTERPRET", "")
+
+
 def _resolve_backend_memo(requested: str, op: str, device: torch.device) -> str:
     """``resolve_backend`` memoised per (request, op, device, backend-related environment variables, inside a
     torch.func transform or not): the registry queries the dispatcher on every call, a visible cost next to a
     0.1 ms kernel."""
-    environment = (os.environ.get(ENV_OVERRIDE, ""), os.environ.get("TRITON_INTERPRET", ""))
-    return _resolve_backend_cached(requested, op, device, environment, inside_torch_func_transform())
+    return _resolve_backend_cached(requested, op, device, _backend_environment(), inside_torch_func_transform())
 
 
 #: The backend choice for code that torch.compile traces: a constant of the call site, so Dynamo takes its
@@ -156,10 +175,12 @@ class GradInForward(torch.autograd.Function):
     """A reduced loss whose fused forward also writes the gradients (``<op>_fwd_grad``), so forward + backward
     read each logit from memory once (Liger-Kernel computes its gradients in forward too).
 
-    ``forward(a, b, op, loss_args, weight, row_weight, reduce, backend)``: the kernels of ``op`` ("kd_kl_div" or
-    "kd_jsd") on ``[N, V]`` logits a, b with the op's arguments ``loss_args`` (T, and beta for the JSD), the loss
-    sum_r weight * row_weight[r] * loss[r] (row_weight None: all 1) for the gradients, and ``reduce(row_losses)``
-    for the value returned.  Backward hands the gradients out, scaled in place only when the incoming gradient is
+    ``forward(a, b, row_weight, spec)`` with ``spec = (op, loss_args, weight, reduce, backend)``: the kernels of
+    ``op`` ("kd_kl_div" or "kd_jsd") on ``[N, V]`` logits a, b with the op's arguments ``loss_args`` (T, and beta
+    for the JSD), the loss sum_r weight * row_weight[r] * loss[r] (row_weight None: all 1) for the gradients, and
+    ``reduce(row_losses)`` for the value returned (``reduce`` None: ``sum_r loss[r] * weight``).  The non-tensor
+    arguments travel as one tuple: each argument of an autograd.Function costs the C++ ``apply`` a little.
+    Backward hands the gradients out, scaled in place only when the incoming gradient is
     not 1 (which costs one host sync, as in Liger); a second backward through the same graph (``retain_graph=True``)
     runs the same forward+gradient kernel again and scales alike, so it returns bitwise the first backward's
     gradients (as ``torch.autograd.gradcheck``'s reentrancy check demands; the op's backward kernel gives values
@@ -167,24 +188,23 @@ class GradInForward(torch.autograd.Function):
     between forward and backward."""
 
     @staticmethod
-    def forward(ctx, a, b, op, loss_args, weight, row_weight, reduce, backend):
-        kernels = fused_kernels(backend, op)
-        need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        row_loss, stats, grad_a, grad_b = getattr(kernels, f"{op}_fwd_grad")(a, b, *loss_args, row_weight, weight,
-                                                                            need_a, need_b)
+    def forward(ctx, a, b, row_weight, spec):
+        op, loss_args, weight, reduce, backend = spec
+        row_loss, stats, grad_a, grad_b = getattr(fused_kernels(backend, op), f"{op}_fwd_grad")(
+            a, b, *loss_args, row_weight, weight, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         ctx.save_for_backward(a, b, row_weight)
-        ctx.precomputed = (grad_a, grad_b)
-        ctx.forward_grad_kernel = getattr(kernels, f"{op}_fwd_grad")
-        ctx.op, ctx.loss_args, ctx.weight = op, loss_args, weight
-        return reduce(row_loss)
+        ctx.precomputed, ctx.spec = (grad_a, grad_b), spec
+        # (the sum is a fresh tensor: scaling it in place is the product reduce_rows computes, without a new one)
+        return row_loss.sum().mul_(weight) if reduce is None else reduce(row_loss)
 
     @staticmethod
     def backward(ctx, grad_loss):
         a, b, row_weight = ctx.saved_tensors
         need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if ctx.precomputed is None:  # a second backward: the forward's kernel again, for bitwise its gradients
-            _, _, grad_a, grad_b = ctx.forward_grad_kernel(a, b, *ctx.loss_args, row_weight, ctx.weight, need_a,
-                                                           need_b)
+            op, loss_args, weight, _, backend = ctx.spec
+            _, _, grad_a, grad_b = getattr(fused_kernels(backend, op), f"{op}_fwd_grad")(
+                a, b, *loss_args, row_weight, weight, need_a, need_b)
         else:
             (grad_a, grad_b), ctx.precomputed = ctx.precomputed, None
         if grad_loss.item() != 1.0:
@@ -192,7 +212,8 @@ class GradInForward(torch.autograd.Function):
                 if grad.numel():
                     grad.mul_(grad_loss.detach().to(grad.dtype))
         grads = [grad_a if need_a else None, grad_b if need_b else None]
-        anchors = [t for t in (a, b, grad_loss) if t.requires_grad]
-        if torch.is_grad_enabled() and anchors:  # create_graph=True: these gradients refuse a second differentiation
-            grads = [None if g is None else NoDoubleBackward.apply(g, ctx.op, *anchors) for g in grads]
-        return (*grads, None, None, None, None, None, None)
+        if torch.is_grad_enabled():  # create_graph=True: these gradients refuse a second differentiation
+            anchors = [t for t in (a, b, grad_loss) if t.requires_grad]
+            if anchors:
+                grads = [None if g is None else NoDoubleBackward.apply(g, ctx.spec[0], *anchors) for g in grads]
+        return (*grads, None, None)

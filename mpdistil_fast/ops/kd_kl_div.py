@@ -147,6 +147,11 @@ def _denominator(reduction: str, valid_rows, vocab: int):
     return valid_rows if reduction == "batchmean" else valid_rows * vocab
 
 
+#: Rows up to which a float32 (index 0) or float64 (index 1) sum of 0/1 row weights is the exact count of valid
+#: rows, as reduce_rows's integer count converted is: below these, one count serves the weights and the value.
+_EXACT_COUNT_ROWS = (2 ** 24, 2 ** 53)
+
+
 def row_weights(mask: torch.Tensor | None, reduction: str, scale: float, vocab: int, rows: int,
                 dtype: torch.dtype) -> tuple[float, torch.Tensor | None]:
     """(w, row weights r in ``dtype`` or None) with :func:`reduce_rows` = sum_i w r_i KL_i over valid rows
@@ -173,7 +178,7 @@ def reduce_rows(row_kl: torch.Tensor, mask: torch.Tensor | None, reduction: str,
     """
     if mask is not None:
         valid = mask.reshape(-1)
-        row_kl = torch.where(valid, row_kl, torch.zeros_like(row_kl))
+        row_kl = torch.where(valid, row_kl, 0.0)
     if reduction == "none":
         return (row_kl * scale).reshape(leading_shape)
     if mask is None:  # the divisor is known on the host: one sum and one multiply (launches, on a GPU)
@@ -189,7 +194,10 @@ def kd_kl_div_op(student: torch.Tensor, teacher: torch.Tensor, temperature: floa
     :func:`mpdistil_fast.kd_kl_div`): per-row KL (``direction`` "forward" / "reverse") or generalized JSD
     (``"jsd"`` with ``0 < beta < 1``, :mod:`mpdistil_fast.ops.kd_jsd`), then the shared reduction."""
     vocab = student.shape[-1]
-    student_rows, teacher_rows = student.reshape(-1, vocab), teacher.reshape(-1, vocab)
+    if student.dim() == 2:  # already rows: no reshape (each is a view, and a node of the backward graph)
+        student_rows, teacher_rows = student, teacher
+    else:
+        student_rows, teacher_rows = student.reshape(-1, vocab), teacher.reshape(-1, vocab)
     scale = temperature * temperature if scale_by_t2 else 1.0
     op = "kd_jsd" if direction == "jsd" else "kd_kl_div"
     if backend == "torch":
@@ -202,14 +210,24 @@ def kd_kl_div_op(student: torch.Tensor, teacher: torch.Tensor, temperature: floa
             row_loss = row_kl_torch(student_rows, teacher_rows, temperature, direction == "reverse")
     elif (backend in GRAD_IN_FORWARD_BACKENDS[op] and reduction != "none" and torch.is_grad_enabled()
           and (student.requires_grad or teacher.requires_grad) and not graph_capture()):
-        weight, row_weight = row_weights(mask, reduction, scale, vocab, student_rows.shape[0],
-                                         accumulation_dtype(student.dtype))
+        rows = student_rows.shape[0]
+        if mask is None:  # reduce_rows is then sum * weight: GradInForward computes it so (reduce None)
+            weight, row_weight, reduce = scale / _denominator(reduction, max(rows, 1), vocab), None, None
+        elif reduction == "sum" or rows > _EXACT_COUNT_ROWS[student.dtype == torch.float64]:
+            weight, row_weight = row_weights(mask, reduction, scale, vocab, rows, accumulation_dtype(student.dtype))
+            reduce = lambda row_loss: reduce_rows(row_loss, mask, reduction, scale, vocab,  # noqa: E731
+                                                  student.shape[:-1])
+        else:  # the valid-row count once, for the row weights and the value
+            valid = mask.reshape(-1)
+            weight, row_weight = scale, valid.to(accumulation_dtype(student.dtype))
+            denominator = _denominator(reduction, row_weight.sum().clamp(min=1), vocab)
+            row_weight = row_weight / denominator
+            reduce = lambda row_loss: torch.where(valid, row_loss, 0.0).sum().mul_(scale) / denominator  # noqa: E731
         if direction == "jsd":  # the kernels' argument order: teacher, student, then (T, beta)
             a, b, loss_args = teacher_rows, student_rows, (temperature, beta)
         else:
             (a, b), loss_args = _weighting_first(student_rows, teacher_rows, direction == "reverse"), (temperature,)
-        reduce = lambda row_loss: reduce_rows(row_loss, mask, reduction, scale, vocab, student.shape[:-1])  # noqa: E731
-        return GradInForward.apply(a, b, op, loss_args, weight, row_weight, reduce, backend)
+        return GradInForward.apply(a, b, row_weight, (op, loss_args, weight, reduce, backend))
     elif direction == "jsd":
         row_loss = row_jsd_fused(student_rows, teacher_rows, temperature, beta, backend)
     else:
