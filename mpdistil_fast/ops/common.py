@@ -123,11 +123,11 @@ def call_fused(op: FusedOp, *inputs):
 class _EagerFused(torch.autograd.Function):
     @staticmethod
     def forward(ctx, *args):
-        *inputs, op = args
+        inputs, op = args[:-1], args[-1]
         ctx.op, ctx.kernels = op, fused_kernels(inputs[-1], op.triton_module)
         outputs = getattr(ctx.kernels, f"{op.name}_fwd")(*inputs[:-1])
-        op.setup_context(ctx, tuple(inputs), outputs)
-        ctx.mark_non_differentiable(*(outputs[i] for i in op.non_differentiable_outputs))
+        op.setup_context(ctx, inputs, outputs)
+        ctx.mark_non_differentiable(*[outputs[i] for i in op.non_differentiable_outputs])
         # outputs saved for backward (hidden MSE's [P, N, H_t] projection, softmax stats) get no gradient: without
         # this, autograd would allocate and zero-fill one of their size (15 ms per hidden-MSE step on this CPU)
         ctx.set_materialize_grads(False)
@@ -140,10 +140,13 @@ class _EagerFused(torch.autograd.Function):
         # The saved tensors are unpacked once: non-reentrant activation checkpointing (torch.utils.checkpoint)
         # refuses a second unpack in the same backward.
         saved = _Unpacked(ctx, ctx.saved_tensors)
+        bwd = getattr(ctx.kernels, f"{ctx.op.name}_bwd")
+        if not torch.is_grad_enabled():  # the usual backward (no create_graph): nothing to record, nothing to anchor
+            return (*ctx.op.backward(saved, bwd, *grads), None)
         with torch.no_grad():  # the kernels are not differentiable (create_graph=True is handled below)
-            result = ctx.op.backward(saved, getattr(ctx.kernels, f"{ctx.op.name}_bwd"), *grads)
+            result = ctx.op.backward(saved, bwd, *grads)
         anchors = [t for t in (*saved.saved_tensors, *grads) if isinstance(t, torch.Tensor) and t.requires_grad]
-        if torch.is_grad_enabled() and anchors:  # create_graph=True: the gradients refuse a second differentiation
+        if anchors:  # create_graph=True: the gradients refuse a second differentiation
             result = tuple(None if g is None else NoDoubleBackward.apply(g, ctx.op.name, *anchors) for g in result)
         return (*result, None)
 
