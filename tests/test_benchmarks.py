@@ -392,3 +392,49 @@ def test_cpu_build_benchmark_refuses_zero_rounds_or_reps(flag):
     result = subprocess.run([sys.executable, "benchmarks/bench_cpu_builds.py", flag, "0"], cwd=ROOT,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and f"argument {flag}: expected a whole number >= 1, got 0" in result.stderr
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--rounds", "0"], "argument --rounds: expected a whole number >= 1, got 0"),
+    (["--reps", "-3"], "argument --reps: expected a whole number >= 1, got -3"),
+    (["--threads", "one"], "argument --threads: expected a whole number >= 1, got 'one'"),
+    (["--cases", "kl,kld"], "--cases: takes a comma-separated list of kl, reverse, jsd, kl_mask, hidden_mse, "
+                            "meta_teacher; got 'kld'"),
+    (["--baseline-ref", "no-such-ref-anywhere"], "--baseline-ref: not a commit of this repository: "
+                                                 "'no-such-ref-anywhere'"),
+])
+def test_overhead_benchmark_refuses_a_bad_flag_value_with_a_usage_error(argv, message, capsys):
+    from benchmarks.bench_overhead import parse_arguments
+
+    with pytest.raises(SystemExit) as exit_info:
+        parse_arguments(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_overhead_benchmark_flags_parse():
+    from benchmarks.bench_overhead import CASES, parse_arguments
+
+    args = parse_arguments([])
+    assert (args.rounds, args.reps, args.threads, args.cases, args.baseline_ref) == (4, 400, 1, list(CASES), None)
+    args = parse_arguments(["--cases", "jsd, kl", "--reps", "5", "--baseline-ref", "HEAD"])
+    assert args.cases == ["jsd", "kl"] and args.reps == 5 and re.fullmatch(r"[0-9a-f]{4,40}", args.baseline_ref)
+
+
+def test_overhead_benchmark_runs_against_a_baseline_ref(tmp_path):
+    """A smoke run with tiny repetition counts: every case, mode and provider gets a row in microseconds, the
+    baseline (HEAD, exported with git archive) included, and the baseline's losses and gradients are bitwise this
+    tree's (the script exits non-zero otherwise)."""
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env.update(MPDISTIL_BENCH_RESULTS=str(tmp_path))
+    result = subprocess.run([sys.executable, "benchmarks/bench_overhead.py", "--rounds", "1", "--reps", "2",
+                             "--cases", "kl,kl_mask,hidden_mse,meta_teacher", "--baseline-ref", "HEAD"], cwd=ROOT,
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    with (tmp_path / "overhead.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    baseline = next(row["provider"] for row in rows if row["provider"].startswith("mpdistil@"))
+    assert {(row["x"].split(" ")[0], row["mode"], row["provider"]) for row in rows} == {
+        (op, mode, provider) for op in ("kd_kl_div", "hidden_mse", "meta_teacher_loss") for mode in ("forward", "full")
+        for provider in ("mpdistil", baseline, "torch_backend", "eager")}
+    assert len(rows) == 4 * 2 * 4 and all(row["unit"] == "us" and float(row["p50"]) > 0 for row in rows)
+    assert "(1 thread)" in rows[0]["device"] and "MISMATCH" not in result.stdout
