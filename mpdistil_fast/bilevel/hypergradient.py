@@ -7,7 +7,10 @@ outer (quiz) loss Q(theta) on a quiz batch.  One experimental student step (see 
 
 and the hypergradient (MetaDistil, Zhou et al. ACL 2022, Eq. 5; DARTS, Liu et al. ICLR 2019, Eq. 7)
 
-    h = dQ(theta'(phi)) / dphi = - d/dphi < w, grad_theta L(theta, phi) >,    w = scale * grad Q(theta').
+    h = dQ(theta'(phi)) / dphi = - d/dphi < w, grad_theta L(theta, phi) >,    w = scale * grad Q(theta')
+
+(w held constant in the derivative; Q does not depend on phi directly, so this mixed second derivative of the inner
+loss is all of h).
 
 Methods (:data:`METHODS`):
 
@@ -107,7 +110,9 @@ def hypergradient(student: nn.Module, teacher: nn.Module, inner_loss: InnerLoss,
             :class:`~mpdistil_fast.bilevel.inner_update.OptimizerState` view of one (whose ``max_grad_norm`` also
             clips the inner gradient, as the student's real step does).
         inner_steps: experimental steps on the train batch; only ``"exact"`` takes more than one.
-        epsilon: the finite-difference step c in eps = c / ||w|| (default: cube root of the machine epsilon).
+        epsilon: the finite-difference step c in eps = c / ||w_A||, w_A the direction w restricted to the coordinates
+            where the inner gradient is not exactly zero (default: cube root of the compute dtype's machine
+            epsilon); ignored by ``"exact"`` and ``"forward_mode"``.
         average: data parallel: averages a list of tensors over the ranks in place (every rank calls with the same
             shapes); the batches are then this rank's shares, and the result is the whole batches' hypergradient
             on every rank.  Not with ``"exact"``.

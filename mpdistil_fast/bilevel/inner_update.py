@@ -1,7 +1,8 @@
 """The student's experimental ("inner") step as an affine function of its gradient.
 
-With the optimizer's state frozen inside the step (SAMA, Choe et al. 2023), SGD (momentum, dampening, Nesterov,
-weight decay) and Adam/AdamW are all affine in the inner gradient g, per parameter tensor:
+With the optimizer's state frozen inside the step (SAMA: Choe et al., "Making Scalable Meta Learning Practical",
+NeurIPS 2023), SGD (momentum, dampening, Nesterov, weight decay) and Adam/AdamW are all affine in the inner gradient
+g, per parameter tensor:
 
     theta' = theta - (scale * g + offset + decay * theta)
 

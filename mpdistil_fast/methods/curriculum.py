@@ -1,17 +1,22 @@
 """MPDistil's student curriculum (stage 4): a policy over tasks trained with REINFORCE.
 
-At curriculum step ``t`` the policy ``pi(a | s_t)`` picks a task ``a_t`` (its action space: the six SuperGLUE tasks),
-the student takes one optimizer step on a batch of that task, and the reward ``r_t`` says whether the student now
-beats the meta-teacher on quiz data (Sengupta et al., 2024, "A Good Learner can Teach Better", Sec. 3.4).  At the
-end of an episode of ``T`` steps the policy follows REINFORCE (Williams, 1992) with a baseline ``b_t``::
+At curriculum step ``t`` the policy ``pi(a | s_t)`` picks a task ``a_t`` (its action space: ``curriculum.actions``, by
+default the six SuperGLUE tasks), the student takes one optimizer step on a batch of that task, and the reward ``r_t``
+compares the student with the meta-teacher on quiz data: 1 when the student's quiz accuracy is now higher, else 0
+(``binary``), or the accuracy difference (``real``; :func:`mpdistil_fast.methods.mpdistil.reward`) (Sengupta et al.,
+ICLR 2024, "A Good Learner can Teach Better: Teacher-Student Collaborative Knowledge Distillation", Sec. 3.4).  At the
+end of an episode of ``T`` steps the policy follows REINFORCE (Williams, 1992, "Simple Statistical Gradient-Following
+Algorithms for Connectionist Reinforcement Learning", Machine Learning 8) with a baseline ``b_t``::
 
     G_t = sum_{k=t}^{T-1} gamma^(k-t) r_k,        loss = -sum_t log pi(a_t | s_t) (G_t - b_t)
 
-``b_t`` is an exponential moving average of past episodes' return at step ``t``: ``G_t`` sums the ``T - t`` rewards
-still to come, so a single baseline for every step would push up the first actions of each episode and down the
-last ones whatever they earned.  The first episode (and one whose length differs from the last) uses its own mean
-return.  The state is detached from the student (a
-summary of recent quiz performance), so the policy's gradient never reaches the student.  Because the policy does
+``b_t`` is an exponential moving average of past episodes' return at step ``t``, updated after each episode's policy
+step as ``b_t <- d b_t + (1 - d) G_t`` (``d = baseline_decay``): ``G_t`` sums the ``T - t`` rewards still to come, so a
+single baseline for every step would push up the first actions of each episode and down the last ones whatever they
+earned.  The first episode (and one whose length differs from the last) uses its own mean return,
+``b_t = mean_k G_k``.  (``reference_compat`` weights by ``gamma^k`` instead: :func:`discounted_returns`.)  The state
+is detached from the student (a summary of recent quiz performance), so the policy's gradient never reaches the
+student.  Because the policy does
 not change inside an episode, the log-probabilities are recomputed from the stored ``(s_t, a_t)`` at the episode's
 end: an episode in progress is plain data (states, actions, rewards) and can be checkpointed at any step.
 """

@@ -11,6 +11,9 @@ Stage 4, curriculum: see :mod:`.curriculum`; the reward compares the student wit
 
     binary: r = 1[acc_quiz(student) > acc_quiz(meta-teacher)],     real: r = acc_quiz(student) - acc_quiz(meta-teacher)
 
+where acc_quiz is the mean of the per-batch accuracies on ``curriculum.quiz_batches`` quiz batches of every reported
+task (the student in eval mode, after its step on the chosen task); a tie gives the binary reward 0.
+
 Multiple-choice tasks (COPA) get a meta-teacher that scores each choice's pooled representation
 (``MetaTeacher(multiple_choice=True)``); its logits over the choices play the role of the class logits.
 """

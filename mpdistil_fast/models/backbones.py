@@ -3,7 +3,7 @@ random models for tests.
 
 Any encoder (BERT, MiniLM, DeBERTa-v2) or decoder (OPT, Llama) loads through ``transformers.AutoModel``.  The student
 of patient KD / MPDistil is a truncated copy of the teacher: its first k transformer layers (Sun et al., 2019,
-"Patient Knowledge Distillation for BERT Model Compression", section 4; MPDistil, Sarkar et al., ICLR 2024, 5.1).
+"Patient Knowledge Distillation for BERT Model Compression", section 4; MPDistil, Sengupta et al., ICLR 2024, 5.1).
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """A backbone with a pooled representation and one classification head per task.
 
-Pooling (the representation MPDistil's meta-teacher reads, Sarkar et al., ICLR 2024, section 3.2):
+Pooling (the representation MPDistil's meta-teacher reads, Sengupta et al., ICLR 2024, section 3.2):
 
 ``pooler``  BERT's pooler, tanh(W h_[CLS] + b) (Devlin et al., 2019);
 ``cls``     the first token's last hidden state h_0 (encoders only: in a causal decoder the first token attends to

@@ -5,8 +5,11 @@ of layer pairs ``(student_layers[p], teacher_layers[p])``; it returns the per-pa
 
     sse[p] = sum_{n valid} || f(W s_{p,n} + b) - f(t_{p,n}) ||^2,     f = x / max(||x||, 1e-12) if normalize else id
 
-(FitNets, Romero et al. 2015; patient KD, Sun et al. 2019; TinyBERT, Jiao et al. 2020).  Reductions are ordinary
-torch arithmetic on ``sse`` (see :mod:`mpdistil_fast.functional.hidden_mse`).  ``sse`` is float64 for float64
+(FitNets, Romero et al., "FitNets: Hints for Thin Deep Nets", ICLR 2015; patient KD, Sun et al., "Patient Knowledge
+Distillation for BERT Model Compression", EMNLP 2019, whose normalised [CLS] states are ``normalize=True``; TinyBERT,
+Jiao et al., "TinyBERT: Distilling BERT for Natural Language Understanding", Findings of EMNLP 2020, whose learned
+W_h is the projection).  Reductions are ordinary torch arithmetic on ``sse`` (see
+:mod:`mpdistil_fast.functional.hidden_mse`).  ``sse`` is float64 for float64
 inputs and float32 otherwise.
 """
 from __future__ import annotations

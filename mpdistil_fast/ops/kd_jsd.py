@@ -1,8 +1,8 @@
 """Generalized Jensen-Shannon distillation loss: the torch reference and the fused custom op with its autograd.
 
-Agarwal et al. (ICLR 2024), "On-Policy Distillation of Language Models" (GKD): with P = softmax(z_t / T) (teacher),
-Q = softmax(z_s / T) (student) and the mixture M = beta P + (1 - beta) Q, 0 < beta < 1, each row of ``[..., V]``
-logits gives
+Agarwal et al. (ICLR 2024), "On-Policy Distillation of Language Models: Learning from Self-Generated Mistakes"
+(GKD): with P = softmax(z_t / T) (teacher), Q = softmax(z_s / T) (student) and the mixture M = beta P + (1 - beta) Q,
+0 < beta < 1, each row of ``[..., V]`` logits gives
 
     JSD_beta(P || Q) = beta KL(P || M) + (1 - beta) KL(Q || M)
 

@@ -129,7 +129,7 @@ class CurriculumConfig:
 
 @dataclass
 class MetaDistilConfig:
-    """MetaDistil (Zhou et al. 2022), Algorithm 1: pilot update, quiz hypergradient, teacher step."""
+    """MetaDistil (Zhou et al., ACL 2022), Algorithm 1: pilot update, quiz hypergradient, teacher step."""
 
     hypergradient: str = "finite_difference"
     teacher_lr: float = 2e-5
