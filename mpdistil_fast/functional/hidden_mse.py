@@ -84,7 +84,8 @@ def layer_index_tensors(pairs: tuple[tuple[int, int], ...], device: torch.device
 def hidden_mse(student_hidden: Tensor, teacher_hidden: Tensor, *, mask: Optional[Tensor] = None,
                normalize: bool = False, projection: Projection = None, layer_map: LayerMap = None,
                reduction: str = "mean", backend: str = "auto") -> Tensor:
-    """Mean squared error between student and teacher hidden states, fused (FitNets; patient KD; TinyBERT).
+    """Mean squared error between student and teacher hidden states, fused (FitNets, Romero et al., ICLR 2015; patient
+    KD, Sun et al., EMNLP 2019; TinyBERT, Jiao et al., Findings of EMNLP 2020).
 
     ``student_hidden`` / ``teacher_hidden``: layer stacks ``[L, B, S, H]``, token states ``[B, S, H]`` or pooled
     states ``[B, H]``.  For the pairs of :func:`layer_pairs` and valid positions (``mask`` ``[B, S]`` or ``[B]``,
@@ -98,6 +99,30 @@ def hidden_mse(student_hidden: Tensor, teacher_hidden: Tensor, *, mask: Optional
     of different dtypes are promoted to the wider one (a bf16 student beside an fp32 teacher: fp32).  The result is
     float64 for float64 inputs and float32 otherwise; gradients flow to the student states, the projection and, when
     it requires grad, the teacher states.
+
+    Args:
+        student_hidden, teacher_hidden: floating states of the same layout and batch dimensions; widths H_s, H_t.
+        mask: bool ``[B, S]`` (``[B]`` for pooled states), True = keep; None keeps every position.
+        normalize: L2-normalise each state (after the projection) before the difference (patient KD).
+        projection: None (H_s must equal H_t), a weight ``W [H_t, H_s]`` or ``(W, b [H_t])``, in the states' device.
+        layer_map: stacked inputs only: None (layer k to layer k, equal depths), ``"skip"`` / ``"last"``, a teacher
+            index per student layer, or (student, teacher) index pairs (:func:`layer_pairs`).
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (formulas above).
+        backend: ``"auto"``, ``"torch"``, ``"cpp"``, ``"triton"`` or ``"cuda"``.
+
+    Raises:
+        TypeError / ValueError naming the argument (non-floating input, shapes, depths or widths that do not match,
+        a projection of the wrong shape, a bad mask, an unknown choice or a backend that cannot run here).
+
+    Example::
+
+        >>> import torch, mpdistil_fast
+        >>> student, teacher = torch.randn(4, 2, 5, 8), torch.randn(4, 2, 5, 8)           # [L, B, S, H]
+        >>> loss = mpdistil_fast.hidden_mse(student, teacher)
+        >>> torch.allclose(loss, torch.nn.functional.mse_loss(student, teacher), atol=1e-6)
+        True
+        >>> mpdistil_fast.hidden_mse(student[:2], teacher, layer_map=[1, 3], reduction="none").shape
+        torch.Size([2])
     """
     check_tensor("student_hidden", student_hidden)
     check_tensor("teacher_hidden", teacher_hidden)

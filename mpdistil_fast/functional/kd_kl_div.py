@@ -31,8 +31,9 @@ def kd_kl_div(student_logits: Tensor, teacher_logits: Tensor, temperature: float
         jsd:      l_r = beta KL(p_t || m) + (1 - beta) KL(p_s || m),  m = beta p_t + (1 - beta) p_s
                   (generalized JSD of GKD, Agarwal et al. 2024; beta = 0.5 is the symmetric JSD)
 
-    multiplied by T^2 when ``scale_by_t2`` (the usual KD convention, which keeps gradient sizes independent of T;
-    pass ``scale_by_t2=False`` for parity with libraries that do not scale).  ``reduction``: ``"batchmean"`` =
+    multiplied by T^2 when ``scale_by_t2`` (the usual KD convention: the soft-target gradients scale as 1/T^2 for large
+    T, Hinton et al. Sec. 2, so the factor keeps their size roughly independent of T; pass ``scale_by_t2=False`` for
+    parity with libraries that do not scale).  ``reduction``: ``"batchmean"`` =
     sum of l_r over valid rows / number of valid rows (every leading position is a row, so ``[B, L, V]`` is
     averaged over B*L rows); ``"sum"``; ``"mean"`` = sum / (valid rows * V) (torch's elementwise mean);
     ``"none"`` = l_r with shape ``[...]``.
@@ -58,6 +59,29 @@ def kd_kl_div(student_logits: Tensor, teacher_logits: Tensor, temperature: float
     is finite whatever the supports (p = 0 entries leave their KL term); a row whose teacher or student logits are
     all -inf contributes 0.  A NaN logit makes its row's loss and gradients NaN (KL and JSD; unless the other row is
     all -inf: see the README).
+
+    Returns:
+        A 0-d tensor, or ``[...]`` for ``reduction="none"`` (masked rows 0); float32, float64 for float64 inputs.
+        Differentiable in both logits.
+
+    Raises:
+        TypeError / ValueError naming the argument: a non-floating or non-tensor input, shapes or devices that
+        differ, an empty vocabulary dimension, a mask of the wrong shape or dtype, T <= 0 or not finite, an unknown
+        ``reduction`` / ``direction`` / ``backend``, ``beta`` outside [0, 1] or given without ``direction="jsd"``, a
+        backend that cannot run here (the message says why); RuntimeError on double backward through a fused
+        backend.
+
+    Example::
+
+        >>> import torch, torch.nn.functional as F, mpdistil_fast
+        >>> student, teacher = torch.randn(4, 7, 32, requires_grad=True), torch.randn(4, 7, 32)   # [B, L, V]
+        >>> loss = mpdistil_fast.kd_kl_div(student, teacher, temperature=2.0)    # mean over the 28 rows, times T^2
+        >>> reference = 4.0 * F.kl_div(F.log_softmax(student / 2, -1), F.softmax(teacher / 2, -1),
+        ...                            reduction="sum") / 28
+        >>> torch.allclose(loss, reference, atol=1e-5)
+        True
+        >>> mpdistil_fast.kd_kl_div(student, teacher, 2.0, direction="jsd", reduction="none").shape
+        torch.Size([4, 7])
     """
     check_tensor("student_logits", student_logits)
     check_tensor("teacher_logits", teacher_logits)

@@ -67,7 +67,9 @@ def discriminator_parts(weight: Params, bias: Params, hidden: Optional[int],
 def meta_teacher_logits(h: Tensor, weight: Params, bias: Params, *, hidden: Optional[int] = None,
                         projection: Projection = None) -> Tensor:
     """Differentiable meta-teacher logits D(h) of one ``[B, H]`` representation (e.g. to score a quiz batch);
-    ``projection = (P, c)`` first maps a narrower student state to the discriminator width."""
+    ``projection = (P [H, H_s], c [H])`` (or P alone) first maps a narrower ``[B, H_s]`` student state to the
+    discriminator width.  ``weight`` / ``bias`` / ``hidden`` as in :func:`meta_teacher_loss`.  Returns ``[B, K]``
+    logits in the dtype of ``h`` and the parameters (plain torch ops: differentiable to any order)."""
     check_tensor("h", h)
     if h.dim() != 2:
         raise ValueError(f"h must be [B, H], got shape {tuple(h.shape)}")
@@ -97,11 +99,37 @@ def meta_teacher_loss(h_teacher: Tensor, h_student: Tensor, weight: Params, bias
     for float64 inputs, else float32), or with ``return_logits=True`` a :class:`MetaTeacherOutput` whose logits
     (in the inputs' dtype) are detached, for rewards and metrics.
 
+    Args:
+        h_teacher, h_student: floating ``[B, H]`` and ``[B, H_s]`` pooled representations, B >= 1 (H_s = H unless
+            ``student_projection`` is given).
+        weight, bias: D's parameters, floating, each bias in its weight's dtype (see above for the shapes).
+        labels: int64 or int32 ``[B]`` class ids in ``[0, K)``.
+        mode: ``"collaborative"`` or ``"competitive"``.
+        hidden: width of D's hidden layer, or None for a linear D.
+        student_projection: None, ``P`` or ``(P, c)``.
+        return_logits: return a :class:`MetaTeacherOutput` instead of the loss alone.
+        validate_labels: see below.
+        backend: ``"auto"``, ``"torch"``, ``"cpp"``, ``"triton"`` or ``"cuda"``.
+
+    Raises:
+        TypeError / ValueError naming the argument: shapes, dtypes or devices that do not match, an empty batch, an
+        unknown ``mode`` or backend, labels out of range (when checked).
+
     ``validate_labels`` checks that every label indexes a logit (a ValueError otherwise).  On a GPU that check is a
     min/max reduction and a host synchronisation in front of the fused kernel; a loop whose labels are known to be
     valid can pass ``False``, so that the Triton backend's forward is a single kernel launch.  Out-of-range labels
     then give a meaningless loss (triton), a NaN loss (cuda) or the backend's own error (cpp, torch), never an
     out-of-bounds read.  Under torch.compile, torch.export and torch.jit.trace the fused op always checks.
+
+    Example::
+
+        >>> import torch, torch.nn.functional as F, mpdistil_fast
+        >>> h_t, h_s, y = torch.randn(6, 16), torch.randn(6, 16), torch.tensor([0, 1, 2, 0, 1, 2])
+        >>> w, b = torch.randn(3, 16, requires_grad=True), torch.zeros(3, requires_grad=True)
+        >>> loss = mpdistil_fast.meta_teacher_loss(h_t, h_s, w, b, y)              # collaborative
+        >>> torch.allclose(loss, 0.5 * F.cross_entropy(h_t @ w.T + b, y) + 0.5 * F.cross_entropy(h_s @ w.T + b, y),
+        ...                atol=1e-5)
+        True
     """
     check_tensor("h_teacher", h_teacher)
     check_tensor("h_student", h_student)

@@ -30,7 +30,16 @@ from torch import nn
 
 
 def discounted_returns(rewards: list[float] | torch.Tensor, gamma: float, *, relative: bool = True) -> torch.Tensor:
-    """``G_t = sum_{k>=t} gamma^(k-t) r_k`` (``relative``), or the released code's ``sum_{k>=t} gamma^k r_k``."""
+    """Per-step returns of an episode's rewards ``r_0 .. r_{T-1}`` (float64 ``[T]``): ``G_t = sum_{k>=t}
+    gamma^(k-t) r_k`` (``relative``), or the released code's ``sum_{k>=t} gamma^k r_k`` (= gamma^t G_t).
+
+    Example::
+
+        >>> discounted_returns([1.0, 0.0, 1.0], gamma=0.5)
+        tensor([1.2500, 0.5000, 1.0000], dtype=torch.float64)
+        >>> discounted_returns([1.0, 0.0, 1.0], gamma=0.5, relative=False)
+        tensor([1.2500, 0.2500, 0.2500], dtype=torch.float64)
+    """
     rewards = torch.as_tensor(rewards, dtype=torch.float64)
     returns = torch.zeros_like(rewards)
     running = 0.0

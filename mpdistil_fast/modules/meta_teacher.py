@@ -11,7 +11,13 @@ from mpdistil_fast.modules import NotScriptable
 
 
 class MetaTeacher(NotScriptable, nn.Module):
-    """Classifier D over pooled representations, trained collaboratively or competitively (Sengupta et al., 2024).
+    """Classifier D over pooled representations, trained collaboratively or competitively: MPDistil's meta-teacher
+    (Sengupta et al., "A Good Learner can Teach Better: Teacher-Student Collaborative Knowledge Distillation",
+    ICLR 2024).  With z_T = D(h_teacher), z_S = D(h_student) and p_D(y | h) the softmax probability of the gold
+    label, means over the batch:
+
+        collaborative:  0.5 CE(z_T, y) + 0.5 CE(z_S, y)
+        competitive:    CE(z_T, y) - mean p_D(y | h_teacher) + mean p_D(y | h_student)
 
     D is ``nn.Linear(in_features, num_labels)``, or ``Linear(in_features, hidden) -> GELU -> Linear(hidden,
     num_labels)`` when ``hidden`` is given.  When ``student_features`` differs from ``in_features`` (a narrower
@@ -22,9 +28,27 @@ class MetaTeacher(NotScriptable, nn.Module):
 
     ``multiple_choice=True`` (a task such as COPA, whose ``num_labels`` choices each have their own pooled
     representation, inputs ``[B, num_labels, H]``): D scores each choice with one output and no output bias,
-    ``z_c = D(h_c)``, and the logits over an example's choices are ``[B, num_labels]``.  The fused op runs unchanged on the choices
-    concatenated, ``[B, C * H]``, with block-diagonal copies of D's layers (``I_C kron W``; GELU is elementwise, so
-    this is D applied to each choice), and its gradients flow back to the one shared D.
+    ``z_c = D(h_c)``, and the logits over an example's choices are ``[B, num_labels]``.  The fused op runs unchanged
+    on the choices concatenated, ``[B, C * H]``, with block-diagonal copies of D's layers (``I_C kron W``; GELU is
+    elementwise, so this is D applied to each choice), and its gradients flow back to the one shared D.
+
+    Args:
+        in_features: width H of the teacher representation (D's input).
+        num_labels: number of classes K (multiple choice: choices C).
+        hidden: width of D's hidden layer; None: D is linear.
+        student_features: width of the student representation, when it differs from ``in_features``.
+        backend: ``"auto"``, ``"torch"``, ``"cpp"``, ``"triton"`` or ``"cuda"``.
+        validate_labels: check that every label indexes a logit (a host synchronisation on a GPU).
+        multiple_choice: score each choice's representation (see above).
+
+    Example::
+
+        >>> import torch, mpdistil_fast
+        >>> meta_teacher = mpdistil_fast.MetaTeacher(32, 3, hidden=16, student_features=8)
+        >>> out = meta_teacher(torch.randn(4, 32), torch.randn(4, 8), torch.tensor([0, 2, 1, 0]), mode="competitive")
+        >>> out.loss.backward()                         # gradients of D and of the student projection
+        >>> out.teacher_logits.shape, meta_teacher.logits(torch.randn(4, 8)).shape
+        (torch.Size([4, 3]), torch.Size([4, 3]))
     """
 
     def __init__(self, in_features: int, num_labels: int, hidden: Optional[int] = None,
@@ -82,14 +106,34 @@ class MetaTeacher(NotScriptable, nn.Module):
 
     def forward(self, h_teacher: Tensor, h_student: Tensor, labels: Tensor,
                 mode: str = "collaborative") -> MetaTeacherOutput:
+        """The meta-teacher's loss on one batch (:func:`mpdistil_fast.meta_teacher_loss`) and its detached logits.
+
+        Args:
+            h_teacher: pooled teacher states ``[B, in_features]`` (multiple choice: ``[B, num_labels,
+                in_features]``), cast to the module's dtype.
+            h_student: pooled student states of the same layout, ``student_features`` wide when a projection
+                was made (pass them detached to train D alone).
+            labels: int64 / int32 ``[B]`` in ``[0, num_labels)``.
+            mode: ``"collaborative"`` (0.5 CE(z_T, y) + 0.5 CE(z_S, y)) or ``"competitive"`` (CE(z_T, y) - mean
+                p_D(y | h_T) + mean p_D(y | h_S)).
+
+        Returns:
+            :class:`MetaTeacherOutput`: ``loss`` (0-d, float32; float64 for float64 parameters), and
+            ``teacher_logits`` / ``student_logits`` ``[B, num_labels]`` (detached).
+
+        Raises:
+            ValueError / TypeError naming the argument (shapes, dtypes, ``mode``, labels out of range when
+            ``validate_labels``).
+        """
         weight, bias = self._params()
         return meta_teacher_loss(self._rows("h_teacher", h_teacher), self._rows("h_student", h_student), weight, bias,
                                  labels, mode=mode, hidden=self._hidden_width(), student_projection=self._projection(),
                                  return_logits=True, validate_labels=self.validate_labels, backend=self.backend)
 
     def logits(self, h: Tensor) -> Tensor:
-        """D(h) for one ``[B, H]`` representation (multiple choice: ``[B, C, H]`` -> ``[B, C]``); a student state of
-        width ``student_features`` is projected."""
+        """D(h) for one ``[B, H]`` representation (multiple choice: ``[B, C, H]`` -> ``[B, C]``), differentiable in
+        ``h`` and D's parameters; a student state of width ``student_features`` is projected first.  Returns
+        ``[B, num_labels]`` logits in the module's dtype."""
         projection = self._projection() if self.student_projection is not None and \
             h.shape[-1] == self.student_projection.in_features else None
         weight, bias = self._params()
