@@ -45,40 +45,57 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    tasks: list[str] = field(default_factory=lambda: ["cb", "rte"])  #: distilled and reported tasks
+    """Which tasks, where their files are, how they are split, capped, tokenised and batched (``data.*``)."""
+
+    #: distilled and reported tasks (names of ``mpdistil_fast.data.TASKS``, each once)
+    tasks: list[str] = field(default_factory=lambda: ["cb", "rte"])
     data_dir: str | None = None  #: local folder of official files; None: $MPDISTIL_DATA_DIR, else the hub
-    quiz_fraction: float = 0.1  #: seeded share of train held out as quiz (model selection, rewards)
+    #: seeded, label-stratified share of train held out as quiz (model selection, rewards, hypergradients), in (0, 1)
+    quiz_fraction: float = 0.1
     max_train: int | None = None  #: cap on train examples per task (after the quiz split, which sees all of train)
     max_eval: int | None = None  #: cap on quiz and validation examples per task (a seeded subset of validation)
+    #: tokens per encoded example (longer inputs are truncated), >= 8 and at most a local model's model_max_length
     max_length: int = 128
+    #: examples per optimizer step (the global batch: under DeepSpeed it is split over the ranks), > 0
     batch_size: int = 16
-    eval_batch_size: int = 64
+    eval_batch_size: int = 64  #: examples per forward when scoring quiz / validation splits, > 0
 
 
 @dataclass
 class TeacherConfig:
+    """The teacher model (``teacher.*``)."""
+
     model: str = "default"  #: local folder or hub id; "default" = the packaged MiniLM-L6-H384
+    #: the pooled representation the heads and the meta-teacher read: BERT's ``pooler``, the first token (``cls``;
+    #: encoders only), the masked ``mean`` or the ``last`` attended token (decoders) (:mod:`mpdistil_fast.models`)
     pooling: Literal["pooler", "cls", "mean", "last"] = "cls"
+    #: transformers' attention implementation ("eager", "sdpa", ...); the exact / forward-mode hypergradients need
+    #: the student's to be "eager"
     attn_implementation: str = "eager"
 
 
 @dataclass
 class StudentConfig:
+    """The student model (``student.*``)."""
+
     model: str | None = None  #: None: a truncated copy of the teacher (its first ``num_layers`` layers)
+    #: layers kept by that copy, in [1, teacher layers] ([2, teacher layers] for pkd / mpdistil's patient KD)
     num_layers: int = 3
-    pooling: Literal["pooler", "cls", "mean", "last"] = "cls"
-    attn_implementation: str = "eager"
+    pooling: Literal["pooler", "cls", "mean", "last"] = "cls"  #: as ``teacher.pooling``
+    attn_implementation: str = "eager"  #: as ``teacher.attn_implementation``
 
 
 @dataclass
 class OptimConfig:
     """One training stage's optimisation: AdamW with linear warm-up and decay."""
 
-    epochs: int = 1
-    lr: float = 5e-5
+    epochs: int = 1  #: passes over the stage's training data, > 0
+    lr: float = 5e-5  #: peak learning rate (reached after the warm-up), > 0
+    #: AdamW's decoupled weight decay, >= 0 (biases and LayerNorm weights are not decayed)
     weight_decay: float = 0.01
+    #: share of the stage's steps with a linear warm-up from ~0 to ``lr``, in [0, 1); then linear decay to 0
     warmup_ratio: float = 0.1
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 1.0  #: clip of the gradients' global L2 norm before each step, > 0
     max_steps: int | None = None  #: cap on optimizer steps (budgets for smoke runs)
 
 
@@ -87,11 +104,13 @@ class DistillConfig:
     """Student losses: (1 - alpha) CE + alpha KD(T) + beta hidden-MSE (PKD, Sun et al. 2019).  KD is the forward or
     reverse KL, or the generalized JSD with weight jsd_beta (GKD, Agarwal et al. 2024)."""
 
-    alpha: float = 0.5
-    temperature: float = 2.0
-    direction: Literal["forward", "reverse", "jsd"] = "forward"
-    jsd_beta: float = 0.5  #: beta of direction "jsd" (0 / 1: forward / reverse KL)
-    beta: float = 10.0  #: weight of the patient hidden-state loss (pkd and mpdistil)
+    alpha: float = 0.5  #: weight of the KD term (1 - alpha: of the label CE), in [0, 1]
+    temperature: float = 2.0  #: softmax temperature T > 0 of the KD term (which is multiplied by T^2)
+    direction: Literal["forward", "reverse", "jsd"] = "forward"  #: KL(p_t || p_s), KL(p_s || p_t) or the JSD
+    jsd_beta: float = 0.5  #: beta of direction "jsd", in [0, 1] (0 / 1: forward / reverse KL)
+    #: weight of the patient hidden-state loss (pkd and mpdistil's stage 2), >= 0; that loss is an elementwise mean
+    beta: float = 10.0
+    #: patient KD's teacher layers: "skip" (every (L_t // L_s)-th) or "last" (the top ones), student's last excepted
     layer_map: Literal["skip", "last"] = "skip"
 
 
@@ -99,10 +118,13 @@ class DistillConfig:
 class MetaTeacherConfig:
     """Stage 3 of MPDistil: the meta-teacher reads teacher and student pooled features."""
 
+    #: collaborative 0.5 CE(z_T) + 0.5 CE(z_S), or competitive CE(z_T) - mean p(y | h_T) + mean p(y | h_S)
     loss: Literal["collaborative", "competitive"] = "collaborative"
-    hidden: int | None = None
-    lr: float = 1e-3  #: meta-teacher learning rate
+    hidden: int | None = None  #: width of the meta-teacher's hidden layer (> 0); null: a linear meta-teacher
+    lr: float = 1e-3  #: meta-teacher learning rate (AdamW, on ``training``'s schedule), > 0
     bilevel: bool = False  #: meta-teacher steps by the bi-level hypergradient of the student's quiz loss
+    #: method of that hypergradient: one of ``mpdistil_fast.bilevel.METHODS`` (exact, finite_difference,
+    #: forward_mode, first_order)
     hypergradient: str = "finite_difference"
     #: weight of that hypergradient beside the meta-teacher's own loss gradient; the hypergradient is proportional
     #: to the pilot step's size (training.lr), so at weight 1 it is a tiny fraction of the step (both norms logged)
@@ -115,24 +137,28 @@ class CurriculumConfig:
     """Stage 4 of MPDistil: a REINFORCE policy picks the task of each student step."""
 
     enabled: bool = True  #: false is the ablation without stage 4
-    actions: list[str] = field(default_factory=lambda: list(SUPERGLUE_TASKS))  #: the policy's action space
-    episodes: int = 10
-    steps_per_episode: int = 8
-    gamma: float = 0.99
+    #: the policy's action space (task names; actions outside ``data.tasks`` are trained, not reported)
+    actions: list[str] = field(default_factory=lambda: list(SUPERGLUE_TASKS))
+    episodes: int = 10  #: policy updates (one per episode), > 0
+    steps_per_episode: int = 8  #: actions (and student steps) per episode, > 0
+    gamma: float = 0.99  #: discount of later rewards in the return G_t = sum_k gamma^(k-t) r_k, in (0, 1]
+    #: binary: 1 when the student's quiz accuracy beats the meta-teacher's, else 0; real: their difference
     reward: Literal["binary", "real"] = "binary"
-    policy_lr: float = 0.01
-    policy_hidden: int = 32
-    baseline_decay: float = 0.9  #: exponential moving average of returns used as the baseline
-    student_lr: float = 2e-5
-    quiz_batches: int = 1  #: quiz batches per reward
+    policy_lr: float = 0.01  #: Adam learning rate of the policy, > 0
+    policy_hidden: int = 32  #: width of the policy's hidden (tanh) layer, > 0
+    #: decay d of the per-step baseline b_t <- d b_t + (1 - d) G_t (an exponential moving average), in [0, 1)
+    baseline_decay: float = 0.9
+    student_lr: float = 2e-5  #: the student's peak learning rate in stage 4 (``student_training``'s other settings)
+    quiz_batches: int = 1  #: quiz batches per reported task and reward, > 0
 
 
 @dataclass
 class MetaDistilConfig:
     """MetaDistil (Zhou et al., ACL 2022), Algorithm 1: pilot update, quiz hypergradient, teacher step."""
 
+    #: method of the teacher's hypergradient: one of ``mpdistil_fast.bilevel.METHODS``
     hypergradient: str = "finite_difference"
-    teacher_lr: float = 2e-5
+    teacher_lr: float = 2e-5  #: the teacher's AdamW learning rate on its quiz hypergradient, > 0
     #: step size of the pilot (virtual) student update under pilot_rule "sgd" (the "student" rule takes the
     #: student optimizer's scheduled rate)
     inner_lr: float = 1e-4
@@ -143,19 +169,23 @@ class MetaDistilConfig:
 
 @dataclass
 class RuntimeConfig:
+    """Where and how the run executes, checkpoints and logs (``runtime.*``)."""
+
     #: the execution backend behind :class:`mpdistil_fast.distributed.Runtime`: one process ("local"), or data
     #: parallel over DeepSpeed engines ("deepspeed", launched by torchrun or the deepspeed launcher)
     kind: Literal["local", "deepspeed"] = "local"
     #: DeepSpeed JSON of the teacher's / the student's engines (runtime.kind deepspeed; ZeRO 0-3 / 0-2)
     deepspeed_teacher: str = str(DEEPSPEED_CONFIG_DIR / "zero3.json")
     deepspeed_student: str = str(DEEPSPEED_CONFIG_DIR / "zero2.json")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    num_threads: int | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"  #: "auto": CUDA when available, else CPU
+    num_threads: int | None = None  #: torch's intra-op CPU threads (> 0); null: torch's default
     checkpoint_every: int = 50  #: optimizer steps between checkpoints (and at every stage end)
-    keep_checkpoints: int = 2
-    log_every: int = 10
-    tensorboard: bool = True
-    progress: bool = True
+    keep_checkpoints: int = 2  #: the newest checkpoints kept, > 0
+    log_every: int = 10  #: optimizer steps between metric records (metrics.jsonl, TensorBoard), > 0
+    tensorboard: bool = True  #: write TensorBoard events under output_dir/tensorboard
+    progress: bool = True  #: progress bars (``--quiet`` turns them off)
+    #: the frozen teacher's outputs, computed once per split and reused: held in memory, on disk under
+    #: output_dir/teacher_cache, or recomputed at every use ("off")
     teacher_cache: Literal["memory", "disk", "off"] = "memory"
     #: runtime.kind deepspeed: minutes a rank waits in a collective for the others before it fails with a timeout
     #: (DeepSpeed's default, 10): the ranks that a hanging (not dead) rank leaves waiting end after this long
@@ -164,9 +194,14 @@ class RuntimeConfig:
 
 @dataclass
 class Config:
+    """A whole run: the method, its seed and output folder, and one section per part (README: the key list)."""
+
+    #: which stages run (``mpdistil_fast.pipeline.stages``): finetune, kd, pkd, metadistil or mpdistil
     method: Literal["finetune", "kd", "pkd", "metadistil", "mpdistil"] = "mpdistil"
+    #: seed of the run's random draws (quiz split, initialisation, dropout, batch order, the policy's sampling;
+    #: validation subsets use fixed seeds), in [0, 2^63)
     seed: int = 0
-    output_dir: str = "runs/mpdistil"
+    output_dir: str = "runs/mpdistil"  #: folder of the report, metrics and checkpoints (relative: to the cwd)
     #: reproduce the released MPDistil code's choices (selection on the reported split, dropout off after the
     #: first evaluation, one curriculum action, one student update per episode, gamma^k, undetached state)
     reference_compat: bool = False
@@ -356,7 +391,8 @@ def load_config(path: str | os.PathLike, overrides: list[str] = (), *, check_dat
     path = Path(path)
     if not path.is_file():
         shipped = ", ".join(sorted(p.name for p in PACKAGED_CONFIG_DIR.glob("*.yaml")))
-        raise ConfigError(f"config file not found: {path} (the shipped configs, {shipped}, are in {PACKAGED_CONFIG_DIR})")
+        raise ConfigError(f"config file not found: {path} (the shipped configs, {shipped}, are in "
+                          f"{PACKAGED_CONFIG_DIR})")
     try:
         text = path.read_text()
         _refuse_repeated_keys(path, yaml.compose(text, Loader=yaml.SafeLoader))
