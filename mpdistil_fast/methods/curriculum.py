@@ -52,9 +52,10 @@ def discounted_returns(rewards: list[float] | torch.Tensor, gamma: float, *, rel
 
 
 class CurriculumPolicy(nn.Module):
-    """``pi(a | s) = softmax(W2 tanh(W1 s + b1) + b2)`` over ``actions`` (task names)."""
+    """``pi(a | s) = softmax(W2 tanh(W1 s + b1) + b2)`` over ``actions`` (task names): a ``state_dim``-wide state,
+    a ``hidden``-wide tanh layer; W2 and b2 start at zero, so the first policy is uniform over the tasks."""
 
-    def __init__(self, state_dim: int, actions: list[str] | tuple[str, ...], hidden: int = 32):
+    def __init__(self, state_dim: int, actions: list[str] | tuple[str, ...], hidden: int = 32) -> None:
         super().__init__()
         if state_dim <= 0:
             raise ValueError(f"state_dim must be > 0, got {state_dim}")
@@ -66,9 +67,11 @@ class CurriculumPolicy(nn.Module):
         nn.init.zeros_(self.net[2].bias)
 
     def distribution(self, state: torch.Tensor) -> torch.distributions.Categorical:
+        """pi(. | state) for a ``[state_dim]`` state (or a ``[N, state_dim]`` batch of them), differentiable."""
         return torch.distributions.Categorical(logits=self.net(state.to(self.net[0].weight.dtype)))
 
     def probabilities(self, state: torch.Tensor) -> dict[str, float]:
+        """``{task: pi(task | state)}`` for one state (for logs)."""
         with torch.no_grad():
             probs = self.distribution(state).probs
         return {a: float(p) for a, p in zip(self.actions, probs.reshape(-1, len(self.actions))[0])}
@@ -87,6 +90,8 @@ class Episode:
         return len(self.actions)
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
+        """The episode as tensors (``states [T, state_dim]``, ``actions [T]``, ``rewards [T]``; ``{}`` when empty)
+        for a checkpoint; the attached states are not saved."""
         if not self.actions:
             return {}
         return {"states": torch.stack(self.states), "actions": torch.tensor(self.actions, dtype=torch.long),
@@ -94,6 +99,7 @@ class Episode:
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "Episode":
+        """The episode :meth:`to_tensors` saved."""
         if not tensors:
             return cls()
         return cls(list(tensors["states"].unbind(0)), tensors["actions"].tolist(), tensors["rewards"].tolist())
@@ -102,11 +108,17 @@ class Episode:
 class Reinforce:
     """REINFORCE with a moving-average baseline for a :class:`CurriculumPolicy`.
 
-    ``relative_discount=False`` reproduces the released code's ``gamma^k`` weighting (``reference_compat``).
+    Args:
+        policy: the policy it trains (with its own Adam optimizer of learning rate ``lr``).
+        gamma: discount in (0, 1] of :func:`discounted_returns`.
+        baseline_decay: decay d in [0, 1) of the per-step baseline ``b_t <- d b_t + (1 - d) G_t``.
+        relative_discount: ``False`` reproduces the released code's ``gamma^k`` weighting (``reference_compat``).
+
+    Per step call :meth:`act` then :meth:`reward`; at the end of an episode :meth:`finish_episode`.
     """
 
     def __init__(self, policy: CurriculumPolicy, *, lr: float, gamma: float, baseline_decay: float = 0.9,
-                 relative_discount: bool = True):
+                 relative_discount: bool = True) -> None:
         self.policy = policy
         self.gamma = gamma
         self.baseline_decay = baseline_decay
@@ -135,12 +147,15 @@ class Reinforce:
         return action
 
     def reward(self, value: float) -> None:
+        """Record the reward of the last :meth:`act` (RuntimeError when that action already has one)."""
         if len(self.episode.rewards) >= len(self.episode.actions):
             raise RuntimeError("reward() must follow an act()")
         self.episode.rewards.append(float(value))
 
     def finish_episode(self) -> dict[str, float]:
-        """One policy-gradient step on the finished episode; returns its statistics and starts a new episode."""
+        """One policy-gradient step on the finished episode, ``loss = -sum_t log pi(a_t | s_t) (G_t - b_t)`` (module
+        docstring), then the baseline update; returns the statistics (``policy_loss``, ``mean_reward``,
+        ``mean_return``, ``baseline``, ``action_<task>`` counts) and starts a new episode."""
         episode = self.episode
         if len(episode) == 0 or len(episode.rewards) != len(episode):
             raise RuntimeError("finish_episode() needs an episode whose every action has a reward")
@@ -165,10 +180,12 @@ class Reinforce:
         return stats
 
     def state_dict(self) -> dict:
+        """Policy, optimizer, baseline and the episode in progress (a checkpoint at any step)."""
         return {"policy": self.policy.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "baseline": self.baseline, "episode": self.episode.to_tensors()}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` saved."""
         self.policy.load_state_dict(state["policy"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.baseline = None if state["baseline"] is None else torch.as_tensor(state["baseline"], dtype=torch.float64)

@@ -19,7 +19,7 @@ Multiple-choice tasks (COPA) get a meta-teacher that scores each choice's pooled
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import torch
 from torch import nn
@@ -27,10 +27,15 @@ from torch import nn
 import mpdistil_fast
 from mpdistil_fast.data import task_spec
 
+if TYPE_CHECKING:
+    from mpdistil_fast.pipeline.config import Config
 
-def build_meta_teachers(config, tasks: Iterable[str], teacher_width: int, student_width: int) -> nn.ModuleDict:
+
+def build_meta_teachers(config: "Config", tasks: Iterable[str], teacher_width: int,
+                        student_width: int) -> nn.ModuleDict:
     """One :class:`mpdistil_fast.MetaTeacher` per task (a choice scorer for multiple-choice tasks), reading pooled
-    representations ``teacher_width`` and ``student_width`` wide (``TaskModel.pooled_size``)."""
+    representations ``teacher_width`` and ``student_width`` wide (``TaskModel.pooled_size``), with
+    ``config.meta_teacher.hidden`` hidden units; keyed by task name."""
     project = student_width != teacher_width
     return nn.ModuleDict({
         task: mpdistil_fast.MetaTeacher(teacher_width, task_spec(task).num_labels, hidden=config.meta_teacher.hidden,
@@ -40,7 +45,8 @@ def build_meta_teachers(config, tasks: Iterable[str], teacher_width: int, studen
 
 
 def reward(student_accuracy: float, meta_teacher_accuracy: float, kind: str) -> float:
-    """The curriculum reward (module docstring)."""
+    """The curriculum reward (module docstring) for quiz accuracies in [0, 1]: ``kind`` ``"binary"`` gives 1.0 when
+    the student's is higher, else 0.0; ``"real"`` the difference, in [-1, 1].  ValueError for another kind."""
     margin = student_accuracy - meta_teacher_accuracy
     if kind == "binary":
         return 1.0 if margin > 0 else 0.0
@@ -60,6 +66,7 @@ def performance_state(summary: dict[str, list[float]], tasks: list[str], progres
 
 
 def state_size(num_tasks: int) -> int:
+    """Width of :func:`performance_state` for ``num_tasks`` target tasks: three values per task plus the progress."""
     return 3 * num_tasks + 1
 
 

@@ -4,14 +4,15 @@
 * ``kd`` (Hinton et al., 2015): ``(1 - alpha) CE(z_s, y) + alpha KL(softmax(z_t/T) || softmax(z_s/T))`` (the fused
   :func:`mpdistil_fast.kd_kl_div`, which applies the ``T^2`` factor); ``direction`` picks the reverse KL or the
   generalized JSD with weight ``jsd_beta`` (GKD, Agarwal et al., 2024) instead.
-* ``pkd`` (Sun et al., 2019, "Patient Knowledge Distillation for BERT Model Compression"): ``kd`` plus
+* ``pkd`` (Sun et al., EMNLP 2019, "Patient Knowledge Distillation for BERT Model Compression"): ``kd`` plus
   ``beta * mean_{i, j, d} (h_s^{i,j}/||h_s^{i,j}|| - h_t^{i,m(j)}/||h_t^{i,m(j)}||)_d^2`` over the [CLS] states of
   the batch rows i, the student's layers j and the teacher layers m(j) they are mapped to (PKD-skip or PKD-last),
   and the H hidden units d, via :class:`mpdistil_fast.HiddenMSELoss`.  For a model pooled otherwise than by its
-  first token (a decoder's ``last``), the states at its pooling position replace [CLS] (:meth:`mpdistil_fast.
-  models.TaskModel.pooled_layer_states`).  The paper writes the sum over rows and
-  layers of the squared distances; its released code takes this elementwise mean (``F.mse_loss``), which is what
-  its beta values (and this project's ``distill.beta``) weight: the sum is B * layers * H times larger.
+  first token (a decoder's ``last``: the last attended token; ``mean``: the masked mean over the tokens), the states
+  at its pooling position replace [CLS] (:meth:`mpdistil_fast.models.TaskModel.pooled_layer_states`).  The paper
+  writes the sum over rows and layers of the squared distances; its released code takes this elementwise mean
+  (``F.mse_loss``), which is what its beta values (and this project's ``distill.beta``) weight: the sum is
+  B * (mapped layers) * H times larger.
 
 MetaDistil and MPDistil use these same objectives for the student (see :mod:`mpdistil_fast.pipeline.stages` and
 :mod:`.mpdistil`).
@@ -36,13 +37,27 @@ class LossParts:
 
 
 class StudentObjective(nn.Module):
-    """The student's loss for one method; holds the hidden-state loss (and its projection, when sizes differ)."""
+    """The student's loss for one method (module docstring); holds the hidden-state loss (and its projection, when
+    sizes differ).  Called as ``objective(student_logits, labels, teacher_logits=..., student_hidden=...,
+    teacher_hidden=...)``, it returns :class:`LossParts`."""
 
     def __init__(self, method: str, *, alpha: float = 0.5, temperature: float = 2.0, direction: str = "forward",
                  jsd_beta: float = 0.5, beta: float = 0.0, layer_map: str = "skip", student_hidden: int | None = None,
-                 teacher_hidden: int | None = None, backend: str = "auto"):
-        """``backend``: of the KD and hidden-state losses (``"torch"`` where a hypergradient differentiates them twice
-        or in forward mode, which the fused kernels do not support)."""
+                 teacher_hidden: int | None = None, backend: str = "auto") -> None:
+        """
+        Args:
+            method: ``"finetune"``, ``"kd"`` or ``"pkd"``.
+            alpha: weight of the KD term, in [0, 1] (1 - alpha weights the CE).
+            temperature: T > 0 of the KD term (which is multiplied by T^2).
+            direction: ``"forward"``, ``"reverse"`` or ``"jsd"`` (:func:`mpdistil_fast.kd_kl_div`).
+            jsd_beta: the JSD's beta (``direction="jsd"`` only).
+            beta: weight of the patient hidden-state loss (``"pkd"``).
+            layer_map: patient KD's ``"skip"`` or ``"last"`` teacher layers.
+            student_hidden, teacher_hidden: layer widths; a learned projection maps the student's to the teacher's
+                when they differ.
+            backend: of the KD and hidden-state losses (``"torch"`` where a hypergradient differentiates them twice
+                or in forward mode, which the fused kernels do not support).
+        """
         super().__init__()
         if method not in ("finetune", "kd", "pkd"):
             raise ValueError(f"method must be one of ('finetune', 'kd', 'pkd'), got {method!r}")
@@ -62,18 +77,22 @@ class StudentObjective(nn.Module):
 
     @property
     def needs_teacher(self) -> bool:
+        """Whether :meth:`forward` needs ``teacher_logits`` (every method but finetune)."""
         return self.method != "finetune"
 
     @property
     def needs_hidden(self) -> bool:
+        """Whether :meth:`forward` needs the layer states (``"pkd"``)."""
         return self.hidden_loss is not None
 
     def forward(self, student_logits: torch.Tensor, labels: torch.Tensor, *,
                 teacher_logits: torch.Tensor | None = None,
                 student_hidden: torch.Tensor | None = None,
                 teacher_hidden: torch.Tensor | None = None) -> LossParts:
-        """``student_hidden`` / ``teacher_hidden``: per-layer states at the pooling position ``[L, B, 1, H]``
-        (``TaskModelOutput.layer_states``)."""
+        """The loss for ``student_logits [B, K]`` and int64 ``labels [B]``: ``teacher_logits [B, K]`` for kd / pkd,
+        ``student_hidden`` / ``teacher_hidden`` (pkd) the per-layer states at the pooling position ``[L, B, 1, H]``
+        (``TaskModelOutput.layer_states``).  Returns the differentiable total and its parts as floats (``ce``,
+        ``kd``, ``hidden``, ``loss``); ValueError when an input the method needs is missing."""
         ce = F.cross_entropy(student_logits.float(), labels)
         if self.method == "finetune":
             return LossParts(ce, {"ce": ce.item()})
