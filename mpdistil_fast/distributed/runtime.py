@@ -69,6 +69,8 @@ def parameter_groups(module: nn.Module, weight_decay: float) -> list[dict[str, A
 
 
 def linear_schedule(optimizer: torch.optim.Optimizer, spec: OptimizerSpec) -> torch.optim.lr_scheduler.LambdaLR:
+    """The learning-rate factor of ``spec``: ``(s + 1) / (W + 1)`` for steps s < W = int(warmup_ratio * total_steps),
+    then ``(total_steps - s) / (total_steps - W)`` down to 0."""
     warmup = int(spec.warmup_ratio * spec.total_steps)
     total = max(spec.total_steps, 1)
 
@@ -90,6 +92,7 @@ class TrainedModel(OptimizerStepper):
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved."""
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
 
@@ -102,40 +105,75 @@ class Runtime(Protocol):
     world_size: int
 
     @property
-    def is_main(self) -> bool: ...
+    def is_main(self) -> bool:
+        """Whether this process logs and saves (rank 0)."""
+        ...
 
-    def build_model(self, build: Callable[[], nn.Module], *, role: str, trainable: bool) -> nn.Module: ...
+    def build_model(self, build: Callable[[], nn.Module], *, role: str, trainable: bool) -> nn.Module:
+        """The module ``build()`` makes, placed for this runtime (``role``: "teacher", "student", ...); one that is
+        not ``trainable`` is in eval mode without gradients."""
+        ...
 
     def train(self, module: nn.Module, spec: OptimizerSpec, *, role: str,
-              params: Iterable[nn.Parameter] | None = None) -> TrainedModel: ...
+              params: Iterable[nn.Parameter] | None = None) -> TrainedModel:
+        """The optimizer, schedule and clipping of ``spec`` over ``params`` (default: ``module``'s trainable ones)."""
+        ...
 
-    def release(self, module: nn.Module) -> None: ...
+    def release(self, module: nn.Module) -> None:
+        """Training of ``module`` is over: free what the runtime holds for it."""
+        ...
 
-    def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
+    def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``batch``'s tensors on this rank's device (other values unchanged)."""
+        ...
 
-    def local_rows(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
+    def local_rows(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This rank's slice of the rows of a global batch."""
+        ...
 
-    def average(self, metrics: dict[str, float]) -> dict[str, float]: ...
+    def average(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Logged metrics averaged over the ranks."""
+        ...
 
-    def average_tensors(self, tensors: list[torch.Tensor]) -> None: ...
+    def average_tensors(self, tensors: list[torch.Tensor]) -> None:
+        """Average ``tensors`` over the ranks in place (every rank passes the same shapes)."""
+        ...
 
-    def read_weights(self, module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]: ...
+    def read_weights(self, module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(name, tensor)`` of ``module``'s whole weights (partitioned ones gathered; every rank takes part)."""
+        ...
 
-    def write_weights(self, module: nn.Module, state: Mapping[str, torch.Tensor]) -> None: ...
+    def write_weights(self, module: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+        """Load whole weights into ``module`` (strict; every rank takes part)."""
+        ...
 
-    def snapshot_weights(self, module: nn.Module) -> dict[str, torch.Tensor]: ...
+    def snapshot_weights(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        """A CPU copy of what this rank holds of ``module``'s weights, for :meth:`restore_snapshot`."""
+        ...
 
-    def restore_snapshot(self, module: nn.Module, snapshot: Mapping[str, torch.Tensor]) -> None: ...
+    def restore_snapshot(self, module: nn.Module, snapshot: Mapping[str, torch.Tensor]) -> None:
+        """Put back the weights :meth:`snapshot_weights` copied."""
+        ...
 
-    def from_main(self, value: int) -> int: ...
+    def from_main(self, value: int) -> int:
+        """Rank 0's ``value`` on every rank (a decision they must share)."""
+        ...
 
-    def rank_rows(self, n: int) -> torch.Tensor: ...
+    def rank_rows(self, n: int) -> torch.Tensor:
+        """Indices of the rows of an ``n``-row evaluation pass that this rank computes."""
+        ...
 
-    def gather_rows(self, local: torch.Tensor, n: int) -> torch.Tensor: ...
+    def gather_rows(self, local: torch.Tensor, n: int) -> torch.Tensor:
+        """Every rank's results on its :meth:`rank_rows`, as the ``n`` rows in order."""
+        ...
 
-    def barrier(self) -> None: ...
+    def barrier(self) -> None:
+        """Wait until every rank arrives."""
+        ...
 
-    def close(self, *, failed: bool = False) -> None: ...
+    def close(self, *, failed: bool = False) -> None:
+        """End the runtime after a run (``failed``: without waiting for the other ranks)."""
+        ...
 
 
 def resolve_device(name: str) -> torch.device:
@@ -174,6 +212,7 @@ def build_optimizer(module: nn.Module, spec: OptimizerSpec, params: Iterable[nn.
 
 
 def batch_to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """``batch`` with its tensors copied to ``device`` (non-blocking); other values as they are."""
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
@@ -183,20 +222,24 @@ class LocalRuntime:
     rank = 0
     world_size = 1
 
-    def __init__(self, device: str = "auto", num_threads: int | None = None):
+    def __init__(self, device: str = "auto", num_threads: int | None = None) -> None:
+        """``device``: "auto" (CUDA when available), "cpu" or "cuda"; ``num_threads``: torch's CPU threads."""
         self.device = resolve_device(device)
         if num_threads is not None:
             torch.set_num_threads(num_threads)
 
     @property
     def is_main(self) -> bool:
+        """Always True: the only process."""
         return True
 
     def build_model(self, build: Callable[[], nn.Module], *, role: str, trainable: bool) -> nn.Module:
+        """``build()`` on this device; a model not ``trainable`` in eval mode without gradients."""
         return place_model(build(), self.device, trainable)
 
     def train(self, module: nn.Module, spec: OptimizerSpec, *, role: str,
               params: Iterable[nn.Parameter] | None = None) -> TrainedModel:
+        """AdamW (:func:`build_optimizer`), :func:`linear_schedule` and ``spec.max_grad_norm`` clipping."""
         optimizer = build_optimizer(module, spec, params)
         return TrainedModel(optimizer, linear_schedule(optimizer, spec), spec.max_grad_norm)
 
@@ -205,12 +248,15 @@ class LocalRuntime:
         :class:`TrainedModel`; this runtime holds none)."""
 
     def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``batch``'s tensors on this runtime's device."""
         return batch_to_device(batch, self.device)
 
     def local_rows(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The whole batch (one rank)."""
         return batch
 
     def average(self, metrics: dict[str, float]) -> dict[str, float]:
+        """``metrics`` as they are (one rank)."""
         return metrics
 
     def average_tensors(self, tensors: list[torch.Tensor]) -> None:
@@ -245,6 +291,7 @@ class LocalRuntime:
         return local
 
     def barrier(self) -> None:
+        """Nothing to wait for in one process."""
         return None
 
     def close(self, *, failed: bool = False) -> None:
