@@ -17,9 +17,12 @@ import argparse
 import contextlib
 import logging
 import os
+import re
 import sys
+from datetime import timedelta
 from pathlib import Path
 
+from mpdistil_fast.distributed.runtime import RanksFailedToStartError
 from mpdistil_fast.hub import HubUnavailableError
 from mpdistil_fast.pipeline.checkpoint import DamagedCheckpointError
 from mpdistil_fast.pipeline.config import ConfigError
@@ -68,6 +71,8 @@ def _setup_logging(quiet: bool) -> None:
 
 
 def distill(args: argparse.Namespace) -> int:
+    """``mpdistil-fast distill``: load and check the config (with ``--set`` and the flags as overrides), run every
+    stage of its method, print the report; returns the exit status (0, or 1 when no task was reported)."""
     from mpdistil_fast.pipeline.config import load_config, verbatim_override
 
     overrides = list(args.overrides)
@@ -81,6 +86,8 @@ def distill(args: argparse.Namespace) -> int:
     from mpdistil_fast.distributed.runtime import closed_after
     from mpdistil_fast.pipeline.trainer import Run, runtime_for
 
+    global _runtime_reached
+    _runtime_reached = True  # from here on the runtime tells the other ranks (its start agreement, its close)
     # closed also when the run fails (on every rank, or on this one alone)
     with closed_after(runtime_for(config)) as runtime:
         run = Run(config, resume=args.resume, overwrite=args.overwrite, runtime=runtime)
@@ -95,6 +102,8 @@ def distill(args: argparse.Namespace) -> int:
 
 
 def evaluate(args: argparse.Namespace) -> int:
+    """``mpdistil-fast evaluate``: score a checkpoint's models on the validation split of its run's data (or of
+    ``--data-dir``) and print the table and each task's data source; returns 0."""
     from mpdistil_fast.pipeline.evaluation import evaluate_checkpoint
     from mpdistil_fast.pipeline.report import format_results_table
 
@@ -108,6 +117,8 @@ def evaluate(args: argparse.Namespace) -> int:
 
 
 def env(args: argparse.Namespace) -> int:
+    """``mpdistil-fast env``: print torch, the machine, the kernel builds and which backend of each fused op can run
+    on ``--device`` (and why the others cannot); returns 0, or 2 for ``--device cuda`` without a CUDA device."""
     import torch
 
     from mpdistil_fast.backends import environment_lines
@@ -131,6 +142,43 @@ def _several_ranks() -> bool:
     return os.environ.get("WORLD_SIZE", "1") not in ("", "0", "1")
 
 
+#: whether ``distill`` reached its runtime in this process (see :func:`_tell_the_other_ranks`)
+_runtime_reached = False
+
+
+def _tell_the_other_ranks() -> None:
+    """This rank of a ``distill`` launch failed before it reached its runtime (a config error, a data folder missing
+    on its node only, a bad flag): the other ranks are told through their runtime's start agreement
+    (:func:`~mpdistil_fast.distributed.deepspeed_runtime.report_failed_start`), so they stop at once instead of
+    waiting for this one until the collective timeout (on several nodes no launcher stops the other nodes' ranks).
+    Waits for them at most the default ``runtime.collective_timeout_minutes``; best effort."""
+    if not _several_ranks() or _runtime_reached:
+        return
+    try:
+        from mpdistil_fast.distributed.deepspeed_runtime import report_failed_start
+        from mpdistil_fast.pipeline.config import RuntimeConfig
+
+        report_failed_start(timedelta(minutes=RuntimeConfig.collective_timeout_minutes))
+    except Exception as error:  # (no DeepSpeed, the others gone): this rank's own error is the one that counts
+        logging.getLogger(__name__).debug("could not tell the other ranks that this one failed: %s", error)
+
+
+def _lost_a_rank(error: BaseException) -> bool:
+    """Whether ``error`` is a collective that failed because another rank stopped (killed, or failed alone and
+    left the process group) or stopped answering (the collective timeout): torch.distributed's errors, and gloo's
+    transport errors (a ``RuntimeError`` naming gloo's source file)."""
+    import torch.distributed
+
+    return isinstance(error, torch.distributed.DistError) or (
+        isinstance(error, RuntimeError) and "/gloo/transport/" in str(error))
+
+
+def _first_sentence(error: BaseException) -> str:
+    """``error``'s first line without a leading ``[source.cc:123]``, up to its first full stop."""
+    line = re.sub(r"^\[[^\]]*\]\s*", "", (str(error).strip().splitlines() or [""])[0])
+    return line.split(". ")[0].rstrip(".") or type(error).__name__
+
+
 def _error(message: str, *, alike: bool) -> None:
     """Print ``mpdistil-fast: message`` on stderr.  ``alike``: every rank raises this error alike (it comes from the
     files every rank reads, or from a decision the ranks share), so only the first rank of each node prints it;
@@ -142,15 +190,34 @@ def _error(message: str, *, alike: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``mpdistil-fast`` entry point: parse ``argv`` (default: ``sys.argv[1:]``), run the command and return its
+    exit status; known errors print one line (config, data, hub or checkpoint problems: 2; a diverged loss: 1;
+    Ctrl-C: 130) instead of a traceback."""
+    global _runtime_reached
+    _runtime_reached = False
     parser = _parser()
-    if _first_rank_of_node():
-        args = parser.parse_args(argv)
-    else:  # a bad flag is every rank's: its usage message is the first rank's to print
-        with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull), contextlib.redirect_stdout(devnull):
+    try:
+        if _first_rank_of_node():
             args = parser.parse_args(argv)
+        else:  # a bad flag is every rank's: its usage message is the first rank's to print
+            with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull), \
+                    contextlib.redirect_stdout(devnull):
+                args = parser.parse_args(argv)
+    except SystemExit as exit:  # a bad flag of distill: the other ranks are told too
+        if exit.code and "distill" in (sys.argv[1:] if argv is None else argv):
+            _tell_the_other_ranks()
+        raise
     _setup_logging(getattr(args, "quiet", False) or os.environ.get("RANK", "0") != "0")
     try:
-        return {"distill": distill, "evaluate": evaluate, "env": env}[args.command](args)
+        try:
+            return {"distill": distill, "evaluate": evaluate, "env": env}[args.command](args)
+        except Exception:
+            if args.command == "distill":  # before its runtime: the other ranks would wait for this one
+                _tell_the_other_ranks()
+            raise
+    except RanksFailedToStartError as exc:  # (every rank that started learns it alike)
+        _error(str(exc), alike=True)
+        return 2
     except ConfigError as exc:
         _error(f"config error: {exc}", alike=True)
         return 2
@@ -168,6 +235,16 @@ def main(argv: list[str] | None = None) -> int:
                 if args.command == "distill" else "")
         _error(f"interrupted{hint}", alike=True)  # (Ctrl-C reaches every rank: the launcher passes it on)
         return 130
+    except Exception as exc:
+        if not (_several_ranks() and _lost_a_rank(exc)):
+            raise
+        # another rank was killed, failed alone (its node prints why) or hangs: each rank that was waiting for it
+        # gets this error, so each node's first rank prints it (a traceback of the collective said no more)
+        hint = ("; `distill ... --resume` continues the run from its newest checkpoint"
+                if args.command == "distill" else "")
+        _error(f"another rank stopped or stopped answering, so a collective failed ({_first_sentence(exc)}); "
+               f"the other nodes' output says why{hint}", alike=True)
+        return 1
 
 
 if __name__ == "__main__":

@@ -79,12 +79,14 @@ class TorchOptimizerState:
         self.max_grad_norm = None if max_grad_norm is None else check_positive_finite("max_grad_norm", max_grad_norm)
 
     def group(self, parameter: torch.Tensor) -> dict[str, Any]:
+        """The param group holding ``parameter`` (ValueError when none does)."""
         for group in self.optimizer.param_groups:
             if any(p is parameter for p in group["params"]):
                 return group
         raise ValueError("inner_optimizer does not hold every trainable student parameter")
 
     def state(self, parameter: torch.Tensor) -> dict[str, Any]:
+        """The optimizer's state of ``parameter`` (empty before its first step)."""
         return self.optimizer.state.get(parameter, {})
 
 

@@ -30,6 +30,7 @@ class Stepper(Protocol):
         ...
 
     def zero_grad(self) -> None:
+        """Drop the accumulated gradients."""
         ...
 
     def optimizer_state(self) -> OptimizerState:
@@ -46,6 +47,7 @@ class OptimizerStepper:
     max_grad_norm: float | None = None
 
     def parameters(self) -> list[nn.Parameter]:
+        """The optimizer's parameters, in its groups' order."""
         return [p for group in self.optimizer.param_groups for p in group["params"]]
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -53,6 +55,8 @@ class OptimizerStepper:
         loss.backward(inputs=[p for p in self.parameters() if p.requires_grad])
 
     def step(self) -> float:
+        """Clip to ``max_grad_norm`` (when set), step the optimizer and the scheduler, zero the gradients; returns the
+        gradients' global L2 norm before clipping (0.0 when no parameter has a gradient)."""
         grads = [p for p in self.parameters() if p.grad is not None]
         if not grads:
             norm = 0.0
@@ -67,7 +71,9 @@ class OptimizerStepper:
         return norm
 
     def zero_grad(self) -> None:
+        """Set the parameters' gradients to None."""
         self.optimizer.zero_grad(set_to_none=True)
 
     def optimizer_state(self) -> OptimizerState:
+        """The optimizer as a read-only :class:`OptimizerState`, with this stepper's ``max_grad_norm``."""
         return TorchOptimizerState(self.optimizer, self.max_grad_norm)

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 import torch
 
 from mpdistil_fast.data.tasks import Example, task_spec
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass
@@ -78,7 +81,7 @@ def _segment_pairs(examples: list[Example], separator: str, multiple_choice: boo
 MIN_MAX_LENGTH = 8
 
 
-def encode_examples(examples: list[Example], tokenizer, max_length: int) -> EncodedSplit:
+def encode_examples(examples: list[Example], tokenizer: "PreTrainedTokenizerBase", max_length: int) -> EncodedSplit:
     """Tokenise ``examples`` (all of one task) with a Hugging Face tokenizer, truncating the longest segment first to
     ``max_length`` tokens and padding on the tokenizer's padding side."""
     if not examples:

@@ -106,6 +106,8 @@ class CachedOutputs:
 
     @property
     def seconds_saved(self) -> float:
+        """Teacher forward time the rows served so far would have cost (at the measured seconds per row of the pass
+        that filled this entry), minus the time spent obtaining it; negative while the cache has not paid off."""
         return self.rows_served / len(self) * self.compute_seconds - self.obtain_seconds
 
 

@@ -143,7 +143,7 @@ def tiny_config(kind: str, *, hidden_size: int, num_layers: int, vocab_size: int
 
 
 def tiny_backbone(kind: str = "bert", *, hidden_size: int = 32, num_layers: int = 2,
-                  vocab_size: int = BERT_UNCASED_VOCAB_SIZE, seed: int = 0, **overrides) -> PreTrainedModel:
+                  vocab_size: int = BERT_UNCASED_VOCAB_SIZE, seed: int = 0, **overrides: Any) -> PreTrainedModel:
     """A randomly initialised tiny ``AutoModel`` of family ``kind`` (weights drawn from ``seed``, global RNG
     untouched); the default vocabulary fits the packaged MiniLM tokenizer; ``overrides`` as in :func:`tiny_config`."""
     config = tiny_config(kind, hidden_size=hidden_size, num_layers=num_layers, vocab_size=vocab_size, **overrides)

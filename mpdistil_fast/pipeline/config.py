@@ -217,6 +217,7 @@ class Config:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def to_dict(self) -> dict[str, Any]:
+        """The config as nested plain dicts (what checkpoints and report.json record)."""
         return dataclasses.asdict(self)
 
 
