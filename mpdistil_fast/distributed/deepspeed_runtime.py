@@ -42,9 +42,9 @@ import torch
 from torch import nn
 
 from mpdistil_fast.bilevel.inner_update import OptimizerState, TorchOptimizerState
-from mpdistil_fast.distributed.runtime import (OptimizerSpec, TrainedModel, batch_to_device, build_optimizer,
-                                               cpu_copy, is_partitioned, linear_schedule, place_model,
-                                               resolve_device)
+from mpdistil_fast.distributed.runtime import (OptimizerSpec, RanksFailedToStartError, TrainedModel,
+                                               batch_to_device, build_optimizer, cpu_copy, is_partitioned,
+                                               linear_schedule, place_model, resolve_device)
 from mpdistil_fast.distributed.unused_groups import UnusedGroupGuard
 
 #: Roles whose engines read the teacher's DeepSpeed JSON; every other role (the student's stages) reads the student's.
@@ -334,6 +334,42 @@ def _refuse_mpi_launch() -> None:
                            "RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT for each process")
 
 
+def _node_device(accelerator: Any) -> torch.device:
+    """This rank's device: its node's device number ``LOCAL_RANK`` (torchrun and the deepspeed launcher set it; on
+    several nodes ``RANK`` counts over all of them), made the current CUDA device."""
+    device = torch.device(accelerator.device_name(int(os.environ.get("LOCAL_RANK", 0))))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
+
+
+def agree_on_start(failed: bool, device: torch.device) -> list[int]:
+    """Every rank of the process group, once it is up, before anything else: the ranks that could not start the run
+    (``failed``: whether this one could not), the same list on every rank."""
+    flags = torch.zeros(torch.distributed.get_world_size(), dtype=torch.int32, device=device)
+    flags[torch.distributed.get_rank()] = int(failed)
+    torch.distributed.all_reduce(flags)
+    return [rank for rank, flag in enumerate(flags.tolist()) if flag]
+
+
+def report_failed_start(timeout: timedelta | None = None) -> None:
+    """For a rank of a launch (``WORLD_SIZE`` > 1) that failed before its :class:`DeepSpeedRuntime` came up (a config
+    error, a data folder missing on its node only, a bad flag): join the process group the other ranks are starting,
+    take part in their :func:`agree_on_start` as failed, and leave it.  The others then stop at once
+    (:class:`RanksFailedToStartError`), where they waited for this rank until the process group's timeout: on
+    several nodes no launcher stops the other nodes' ranks.  When every rank failed alike, all of them meet here and
+    leave.  ``timeout``: how long to wait for the others (None: DeepSpeed's default)."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), auto_mpi_discovery=False,
+                               **({"timeout": timeout} if timeout else {}))
+    try:
+        agree_on_start(True, _node_device(get_accelerator()))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 class DeepSpeedRuntime:
     """One process per device, data parallel over DeepSpeed engines (ZeRO-3 teacher, ZeRO 0-2 student).
 
@@ -376,15 +412,23 @@ class DeepSpeedRuntime:
                                        **({"timeout": collective_timeout} if collective_timeout else {}))
             self.rank = torch.distributed.get_rank()
             self.world_size = torch.distributed.get_world_size()
-            local_rank = int(os.environ.get("LOCAL_RANK", 0))
-            accelerator = torch.device(get_accelerator().device_name(local_rank))
-            requested = resolve_device(device) if device != "auto" else accelerator
-            if requested.type != accelerator.type:
-                raise ValueError(f"runtime.device is {device!r} but DeepSpeed's accelerator is {accelerator.type!r} "
-                                 "(set DS_ACCELERATOR=cpu to train on CPUs)")
+            accelerator = _node_device(get_accelerator())  # (LOCAL_RANK: this node's devices)
+            problem: ValueError | None = None
+            try:
+                requested = resolve_device(device) if device != "auto" else accelerator
+                if requested.type != accelerator.type:
+                    raise ValueError(f"runtime.device is {device!r} but DeepSpeed's accelerator is "
+                                     f"{accelerator.type!r} (set DS_ACCELERATOR=cpu to train on CPUs)")
+            except ValueError as error:
+                problem = error
+            # every rank learns which ranks could not start: those that failed before the runtime (report_failed_start)
+            # and this one; so none is left waiting for them in a collective until the timeout
+            failed = agree_on_start(problem is not None, accelerator)
+            if problem is not None:
+                raise problem
+            if failed:
+                raise RanksFailedToStartError(failed)
             self.device = accelerator
-            if self.device.type == "cuda":
-                torch.cuda.set_device(self.device)
         except BaseException:
             # no runtime comes back to be closed: end the process group started here, without a barrier (as
             # close(failed=True) does: the other ranks may never reach it); a group that was there before is the

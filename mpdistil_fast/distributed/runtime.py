@@ -33,6 +33,18 @@ from mpdistil_fast.bilevel.stepper import OptimizerStepper
 LOG = logging.getLogger(__name__)
 
 
+class RanksFailedToStartError(RuntimeError):
+    """Other ranks of this launch failed before the run started (a config error, a data folder or file missing on
+    their node, a bad flag): each prints its own error on its node, and this rank stops too instead of waiting for
+    them in a collective until the timeout."""
+
+    def __init__(self, ranks: list[int]) -> None:
+        self.ranks = list(ranks)
+        super().__init__(f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))} could not start the run "
+                         "(its error is printed on its node: a config error, a data folder or file missing there, "
+                         "a bad flag); nothing ran")
+
+
 @dataclass
 class OptimizerSpec:
     """AdamW with linear warm-up then linear decay to zero over ``total_steps`` (BERT's schedule)."""
