@@ -4,11 +4,13 @@ prints how its runtime was closed.  ``FAILING_RANK_MODE``:
 
 - ``raise`` (default): rank 1 raises at the end of the teacher's stage, holding the teacher's training engine;
 - ``nan``: rank 1's first training loss (the teacher's first step) is NaN, so its gradient is too;
-- ``hang``: rank 1 hangs (sleeps for ten minutes) at the end of the teacher's stage.
+- ``hang``: rank 1 hangs (sleeps for ten minutes) at the end of the teacher's stage;
+- ``kill``: rank 1 is killed (SIGKILL: no handler, no close) at the end of the teacher's stage.
 """
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 
@@ -55,6 +57,17 @@ def hang_after_the_teacher_stage() -> None:
     Run.end_stage = hanging
 
 
+def killed_after_the_teacher_stage() -> None:
+    end_stage = Run.end_stage
+
+    def killed(self: Run, stage: str) -> None:
+        if stage == "teacher":
+            os.kill(os.getpid(), signal.SIGKILL)
+        end_stage(self, stage)
+
+    Run.end_stage = killed
+
+
 def nan_first_loss() -> None:
     cross_entropy, calls = stages.cross_entropy, []
 
@@ -69,6 +82,6 @@ def nan_first_loss() -> None:
 if __name__ == "__main__":
     report_close()
     if os.environ["RANK"] == "1":
-        {"raise": fail_after_the_teacher_stage, "nan": nan_first_loss,
-         "hang": hang_after_the_teacher_stage}[os.environ.get("FAILING_RANK_MODE", "raise")]()
+        {"raise": fail_after_the_teacher_stage, "nan": nan_first_loss, "hang": hang_after_the_teacher_stage,
+         "kill": killed_after_the_teacher_stage}[os.environ.get("FAILING_RANK_MODE", "raise")]()
     sys.exit(main(sys.argv[1:]))

@@ -3,13 +3,16 @@ gloo on CPU) that must match the one-process run step for step and resume exactl
 its four stages."""
 from __future__ import annotations
 
+import base64
 import json
 import math
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -36,6 +39,8 @@ STAGES = ("teacher", "student", "meta_teacher", "curriculum")
     ({"scheduler": {"type": "WarmupLR"}}, "optimizer and its schedule come from the YAML"),
     ({"zero_optimization": {"stage": 3}}, "ZeRO stage 3; the student runs stages 0-2"),
     ({"gradient_accumulation_steps": 4}, "gradient_accumulation_steps=4"),
+    # the first rank of each node would write the engine's module file into the shared output_dir at once
+    ({"checkpoint": {"use_node_local_storage": True}}, "checkpoint.use_node_local_storage: checkpoints go into"),
 ])
 def test_deepspeed_config_refusals(config, message):
     with pytest.raises(ValueError, match=message):
@@ -524,10 +529,12 @@ def _assert_same_run(local_dir: Path, distributed_dir: Path, models: tuple[str, 
             torch.testing.assert_close(theirs[model][name], tensor, rtol=1e-3, atol=1e-4)
 
 
-def _resume_inside(run_dir: Path, config: Path, stage: str, models: tuple[str, ...]) -> None:
+def _resume_inside(run_dir: Path, config: Path, stage: str, models: tuple[str, ...], launch=None,
+                   name: str = "resumed") -> None:
     """A copy of the two-rank run ``run_dir``, cut back to its last checkpoint inside ``stage`` and resumed on two
-    ranks, ends bit-identical to the uninterrupted run."""
-    resumed = run_dir.parent / f"{run_dir.name}-resumed-{stage}"
+    ranks (``launch(config, *flags)``, default :func:`_torchrun`: one node), ends bit-identical to the uninterrupted
+    run."""
+    resumed = run_dir.parent / f"{run_dir.name}-{name}-{stage}"
     shutil.copytree(run_dir, resumed)
     checkpoints = list_checkpoints(resumed)
     mid_stage = [c for c in checkpoints if json.loads((c / "state.json").read_text())["stage"] == stage]
@@ -537,7 +544,7 @@ def _resume_inside(run_dir: Path, config: Path, stage: str, models: tuple[str, .
     (resumed / "report.json").unlink()
     resumed_config = config.parent / f"{resumed.name}.yaml"
     resumed_config.write_text(config.read_text().replace(str(run_dir), str(resumed)))
-    _torchrun(resumed_config, "--resume")
+    (launch or _torchrun)(resumed_config, "--resume")
     final, reference = load_checkpoint(latest_checkpoint(resumed)), load_checkpoint(latest_checkpoint(run_dir))
     assert final[1]["global_step"] == reference[1]["global_step"]
     for model in models:
@@ -749,3 +756,146 @@ def test_a_failing_close_after_a_failed_run_leaves_the_runs_error(caplog):
     with pytest.raises(ValueError, match="the run's error"), closed_after(BrokenClose("cpu")):
         raise ValueError("the run's error")
     assert "close broke" in caplog.text
+
+
+# ------------------------------------------------------------------ several nodes, simulated on this one host
+
+def _two_nodes(program: str, *args: str, nproc: int = 1, launcher: str = "torchrun",
+               node_args: tuple[tuple[str, ...], tuple[str, ...]] = ((), ()), env: dict[str, str] | None = None,
+               timeout: int = 300) -> list[subprocess.CompletedProcess]:
+    """``program`` (a module, or a ``.py`` script) with ``args`` (then ``node_args[node]``) launched as on two
+    nodes of ``nproc`` ranks each, both on this host and its filesystem (as nodes that share an NFS
+    ``output_dir``): two ``torchrun --nnodes=2 --node_rank=N`` started together, or, for ``launcher="deepspeed"``,
+    the two commands the deepspeed launcher's runner starts on the hosts of its hostfile (over pdsh or ssh):
+    ``deepspeed.launcher.launch --world_info=... --node_rank=N``.  Each node's ``LOCAL_RANK`` counts from 0, and
+    ``RANK`` over both.  Returns each node's launcher process, finished (both are killed at ``timeout``)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **(env or {})}
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    script = program.endswith(".py")
+    if launcher == "torchrun":
+        head = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--nproc_per_node={nproc}"]
+        target = [program] if script else ["-m", program]
+    else:
+        hosts = {"node-a": list(range(nproc)), "node-b": list(range(nproc))}
+        head = [sys.executable, "-u", "-m", "deepspeed.launcher.launch",
+                "--world_info=" + base64.urlsafe_b64encode(json.dumps(hosts).encode()).decode()]
+        target = [program] if script else ["--module", program]
+    outputs = [(tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")) for _ in range(2)]
+    processes = [subprocess.Popen([*head, f"--node_rank={node}", "--master_addr=127.0.0.1", f"--master_port={port}",
+                                   *target, *args, *node_args[node]], env=env, stdout=stdout, stderr=stderr,
+                                  text=True, cwd=ROOT, start_new_session=True)
+                 for node, (stdout, stderr) in enumerate(outputs)]
+    deadline = time.monotonic() + timeout
+    try:
+        for process in processes:
+            process.wait(timeout=max(deadline - time.monotonic(), 1))
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+    results = []
+    for process, (stdout, stderr) in zip(processes, outputs):
+        stdout.seek(0)
+        stderr.seek(0)
+        results.append(subprocess.CompletedProcess(process.args, process.returncode, stdout.read(), stderr.read()))
+        stdout.close()
+        stderr.close()
+    return results
+
+
+def _distill_on_two_nodes(config: Path, *extra: str, launcher: str = "torchrun") -> list[subprocess.CompletedProcess]:
+    """``mpdistil-fast distill`` on two simulated nodes of one rank each; both must succeed."""
+    nodes = _two_nodes("mpdistil_fast.cli", "distill", "--config", str(config), "--quiet", *extra, launcher=launcher,
+                       timeout=600)
+    for node, result in enumerate(nodes):
+        assert result.returncode == 0, (node, result.stderr[-4000:])
+    return nodes
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("two_rank_run", [3], ids=["zero3-teacher"], indirect=True)
+@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
+def test_two_nodes_run_like_one_node(two_rank_run, launcher):
+    """The two-rank MPDistil run (ZeRO-3 teacher, ZeRO-2 student and meta-teachers, disk teacher cache) on two nodes
+    of one rank each, sharing output_dir (RANK 1 is node 1's LOCAL_RANK 0): every logged number and the final
+    weights equal the one-node run's exactly (same ranks, same reductions), and global rank 0 alone wrote the
+    outputs: one report printed, one teacher cache, both ranks' optimizer partitions in the checkpoints."""
+    tmp, _ = two_rank_run
+    config = tmp / f"nodes-{launcher}.yaml"
+    config.write_text((tmp / "ds.yaml").read_text().replace(str(tmp / "ds"), str(tmp / f"nodes-{launcher}")))
+    run_dir = tmp / f"nodes-{launcher}"
+    nodes = _distill_on_two_nodes(config, launcher=launcher)
+    assert nodes[0].stdout.count("outputs in") == 1 and "outputs in" not in nodes[1].stdout
+    assert [{k: v for k, v in r.items() if k != "time"} for r in _records(run_dir)] == [
+        {k: v for k, v in r.items() if k != "time"} for r in _records(tmp / "ds")]
+    ours, theirs = load_checkpoint(latest_checkpoint(run_dir))[0], load_checkpoint(latest_checkpoint(tmp / "ds"))[0]
+    for model in ("teacher", "student", "meta_teachers"):
+        for name, tensor in theirs[model].items():
+            assert torch.equal(ours[model][name], tensor), (model, name)
+    assert json.loads((run_dir / "report.json").read_text())["tasks"] == json.loads(
+        (tmp / "ds" / "report.json").read_text())["tasks"]
+    assert [c.name for c in list_checkpoints(run_dir)] == [c.name for c in list_checkpoints(tmp / "ds")]
+    mid_stage = [c for c in list_checkpoints(run_dir) if json.loads((c / "state.json").read_text())["stage"]]
+    assert sorted(p.name for p in (mid_stage[-1] / "shards" / "trained").glob("zero_pp_rank_*_optim_states.pt")) == [
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+    assert sorted(p.relative_to(run_dir) for p in (run_dir / "teacher_cache").rglob("*")) == sorted(
+        p.relative_to(tmp / "ds") for p in (tmp / "ds" / "teacher_cache").rglob("*"))
+    assert sorted(p.name for p in run_dir.iterdir()) == sorted(p.name for p in (tmp / "ds").iterdir())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("two_rank_run", [3], ids=["zero3-teacher"], indirect=True)
+def test_two_nodes_resume_from_a_mid_stage_checkpoint(two_rank_run):
+    """A run cut back to a checkpoint inside the student's stage (as when both nodes are killed there) resumes on
+    two nodes and ends bit-identical to the uninterrupted run."""
+    tmp, _ = two_rank_run
+    _resume_inside(tmp / "ds", tmp / "ds.yaml", "student", ("teacher", "student", "meta_teachers"),
+                   launch=_distill_on_two_nodes, name="two-nodes")
+
+
+@pytest.mark.slow
+def test_a_rank_that_cannot_start_on_one_node_stops_every_node(tmp_path, data_dir):
+    """Two nodes of two ranks each.  A config error every rank raises is printed once per node (by its LOCAL_RANK 0;
+    RANK 2 is node 1's).  A data folder missing on node 1 alone: node 1's ranks fail before the process group
+    exists, and node 0's ranks waited for them in its start until the collective timeout (10 minutes by default);
+    now node 1's ranks tell them through the runtime's start agreement, and both nodes end at once, each with one
+    line and exit status 2."""
+    pytest.importorskip("deepspeed")
+    config = write_config(tmp_path / "c.yaml", make_tiny_teacher(tmp_path / "teacher"), data_dir, tmp_path / "run",
+                          "kd", runtime=_plain_zero_runtime(tmp_path))
+    distill = ("mpdistil_fast.cli", "distill", "--config", str(config), "--quiet")
+    for node in _two_nodes(*distill, "--set", "data.bogus=1", nproc=2, timeout=180):
+        assert node.stderr.count("mpdistil-fast: config error: unknown key 'data.bogus'") == 1, node.stderr[-4000:]
+        assert node.returncode != 0 and "exitcode  : 2" in node.stderr
+    started = time.monotonic()
+    nodes = _two_nodes(*distill, nproc=2, node_args=((), ("--data-dir", str(tmp_path / "not-here"))), timeout=180)
+    assert time.monotonic() - started < 150
+    assert nodes[0].stderr.count("mpdistil-fast:") == 1, nodes[0].stderr[-4000:]
+    assert "mpdistil-fast: ranks 2, 3 could not start the run" in nodes[0].stderr
+    assert nodes[1].stderr.count("mpdistil-fast:") == 1, nodes[1].stderr[-4000:]
+    assert "mpdistil-fast: config error: data.data_dir" in nodes[1].stderr
+    for node in nodes:
+        assert node.returncode != 0 and "exitcode  : 2" in node.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_a_rank_killed_on_one_node_ends_both_nodes_with_a_line_each(tmp_path, data_dir):
+    """Node 1's rank is killed (SIGKILL) at the end of the teacher's stage: node 0's rank, in its next collective,
+    loses the connection, closes without waiting and exits with status 1 and one line (a traceback of the
+    collective before); node 1's torchrun reports the signal."""
+    pytest.importorskip("deepspeed")
+    pytest.importorskip("accelerate")
+    config = write_config(tmp_path / "c.yaml", make_tiny_teacher(tmp_path / "teacher"), data_dir, tmp_path / "run",
+                          "kd", teacher_training={"max_steps": 1}, runtime=_plain_zero_runtime(tmp_path))
+    nodes = _two_nodes(str(ROOT / "tests" / "failing_rank_worker.py"), "distill", "--config", str(config), "--quiet",
+                       env={"FAILING_RANK_MODE": "kill"}, timeout=240)
+    first, second = nodes
+    assert first.returncode != 0 and second.returncode != 0
+    assert first.stderr.count("mpdistil-fast: another rank stopped or stopped answering") == 1, first.stderr[-4000:]
+    assert "[rank0]: Traceback" not in first.stderr and "exitcode  : 1" in first.stderr, first.stderr[-4000:]
+    assert "rank 0 closed (failed=True)" in first.stdout
+    assert "Signal 9 (SIGKILL)" in second.stderr, second.stderr[-4000:]

@@ -73,6 +73,12 @@ def load_deepspeed_config(source: str | dict[str, Any], *, name: str) -> dict[st
         raise ValueError(f"runtime.deepspeed_{name} asks for ZeRO stage {stage}; the {name} runs stages "
                          + ("0-3" if name == "teacher" else "0-2 (the student is built as a truncated copy of whole "
                             "teacher layers; ZeRO-3 is for the teacher)"))
+    if (config.get("checkpoint") or {}).get("use_node_local_storage", False):
+        # (DeepSpeed then lets the first rank of every node write the engine's module file, the same file of the
+        # shared output_dir on every node, at once)
+        raise ValueError(f"runtime.deepspeed_{name} sets checkpoint.use_node_local_storage: checkpoints go into "
+                         "output_dir, which every node must share (global rank 0 writes each checkpoint's files); "
+                         "remove it")
     if int(config.get("gradient_accumulation_steps", 1)) != 1:
         raise ValueError(f"runtime.deepspeed_{name} sets gradient_accumulation_steps="
                          f"{config['gradient_accumulation_steps']}; every loop step is one optimizer step here, "
