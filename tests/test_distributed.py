@@ -899,3 +899,21 @@ def test_a_rank_killed_on_one_node_ends_both_nodes_with_a_line_each(tmp_path, da
     assert "[rank0]: Traceback" not in first.stderr and "exitcode  : 1" in first.stderr, first.stderr[-4000:]
     assert "rank 0 closed (failed=True)" in first.stdout
     assert "Signal 9 (SIGKILL)" in second.stderr, second.stderr[-4000:]
+
+
+@pytest.mark.slow
+def test_an_output_dir_that_the_nodes_do_not_share_is_refused(tmp_path, data_dir):
+    """Each node's own folder at the output_dir path (simulated with another --output-dir on node 1): the run went
+    through, with checkpoints lacking node 1's optimizer partitions and snapshot shards (left in its own folder), found
+    missing only at --resume.  Now every rank looks for a file rank 0 wrote there before anything loads: both nodes
+    stop with one config error line each (exit status 2)."""
+    pytest.importorskip("deepspeed")
+    config = write_config(tmp_path / "c.yaml", make_tiny_teacher(tmp_path / "teacher"), data_dir, tmp_path / "run",
+                          "kd", runtime=_plain_zero_runtime(tmp_path))
+    nodes = _two_nodes("mpdistil_fast.cli", "distill", "--config", str(config), "--quiet",
+                       node_args=((), ("--output-dir", str(tmp_path / "node-1-run"))), timeout=180)
+    for node in nodes:
+        assert node.stderr.count("mpdistil-fast:") == 1, node.stderr[-4000:]
+        assert "rank 1 does not see the file rank 0 wrote there" in node.stderr
+        assert node.returncode != 0 and "exitcode  : 2" in node.stderr
+    assert not list((tmp_path / "run").iterdir())  # (the marker is gone)

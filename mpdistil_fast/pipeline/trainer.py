@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import random
+import secrets
 import shutil
 import tempfile
 import time
@@ -317,6 +318,32 @@ class Run:
         if self.runtime.from_main(int(reason is not None)):
             raise ConfigError(f"output_dir {self.output_dir}: cannot write there ({reason or 'on rank 0'}); choose "
                               "another output_dir (--output-dir)")
+        if self.runtime.world_size > 1:
+            self._check_output_dir_shared()
+
+    def _check_output_dir_shared(self) -> None:
+        """Every rank sees the ``output_dir`` rank 0 writes in: each rank writes its optimizer partitions and
+        snapshot shards there (moved into rank 0's checkpoints) and reads the disk teacher cache and ``--resume``'s
+        checkpoint from it, so on several nodes it must be on a filesystem they share.  On a folder of each node's
+        own, a run went through with checkpoints that lacked the other nodes' partitions (found at ``--resume``).
+        Rank 0 writes a file of a random name there; the ranks that do not see it are named, on every rank."""
+        token = self.runtime.from_main(secrets.randbelow(2 ** 62) if self.is_main else 0)  # (not the seeded RNGs)
+        marker = self.output_dir / f".shared-check-{token}"
+        if self.is_main:
+            marker.touch()
+        self.runtime.barrier()
+        rank, ranks = self.runtime.rank, range(self.runtime.world_size)
+        unseen = self.runtime.average({str(r): float(r == rank and not marker.is_file()) for r in ranks})
+        if self.is_main:  # (every rank looked: the average waited for all of them)
+            marker.unlink(missing_ok=True)
+        blind = sorted(int(r) for r, share in unseen.items() if share > 0)
+        if blind:
+            raise ConfigError(f"output_dir {self.output_dir}: rank{'s' if len(blind) > 1 else ''} "
+                              f"{', '.join(map(str, blind))} {'do' if len(blind) > 1 else 'does'} not see the file rank 0 wrote "
+                              "there; on several "
+                              "nodes output_dir must be on a filesystem every node shares (each rank writes its "
+                              "optimizer partitions into the checkpoints there, and reads --resume's checkpoint and "
+                              "the disk teacher cache from it)")
 
     def _load_data(self) -> dict[str, dict[str, EncodedSplit]]:
         c = self.config
