@@ -408,6 +408,22 @@ def test_a_runtime_that_fails_to_start_ends_the_process_group_it_started(monkeyp
             torch.distributed.destroy_process_group()
 
 
+def test_a_rank_s_device_is_its_node_s_local_rank(monkeypatch):
+    """On several nodes RANK counts over all of them and LOCAL_RANK within one: a rank's device is its node's device
+    number LOCAL_RANK (RANK 3, the second rank of node 1 on two nodes of two GPUs: cuda:1), made current."""
+    from mpdistil_fast.distributed.deepspeed_runtime import _node_device
+
+    class Accelerator:
+        def device_name(self, index: int) -> str:
+            return f"cuda:{index}"
+
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert _node_device(Accelerator()) == torch.device("cuda:1") and chosen == [torch.device("cuda:1")]
+
+
 def test_a_runtime_without_a_launcher_removes_the_variables_it_set(monkeypatch):
     """Without a launcher the runtime sets RANK, WORLD_SIZE, MASTER_PORT, ... for its one rank; closing it (or
     failing to start) removes them, and puts back the values of those the caller had set, so that a second runtime
