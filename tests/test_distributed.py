@@ -408,6 +408,30 @@ def test_a_runtime_that_fails_to_start_ends_the_process_group_it_started(monkeyp
             torch.distributed.destroy_process_group()
 
 
+def test_report_failed_start_joins_a_start_and_leaves_a_caller_s_group_alone(monkeypatch, tmp_path):
+    """A failed rank's report joins the process group of a launch's start and ends it (here a one-rank launch); in
+    a process whose caller has a process group up already it does nothing (it ended that group before)."""
+    pytest.importorskip("deepspeed")
+    from mpdistil_fast.distributed.deepspeed_runtime import report_failed_start
+
+    if torch.distributed.is_initialized():
+        pytest.skip("this process already has a process group")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    for name, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                            MASTER_PORT=str(port)).items():
+        monkeypatch.setenv(name, value)
+    report_failed_start()
+    assert not torch.distributed.is_initialized()
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        report_failed_start()
+        assert torch.distributed.is_initialized()
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 def test_a_rank_s_device_is_its_node_s_local_rank(monkeypatch):
     """On several nodes RANK counts over all of them and LOCAL_RANK within one: a rank's device is its node's device
     number LOCAL_RANK (RANK 3, the second rank of node 1 on two nodes of two GPUs: cuda:1), made current."""

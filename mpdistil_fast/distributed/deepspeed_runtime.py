@@ -364,7 +364,10 @@ def report_failed_start(timeout: timedelta | None = None) -> None:
     take part in their :func:`agree_on_start` as failed, and leave it.  The others then stop at once
     (:class:`RanksFailedToStartError`), where they waited for this rank until the process group's timeout: on
     several nodes no launcher stops the other nodes' ranks.  When every rank failed alike, all of them meet here and
-    leave.  ``timeout``: how long to wait for the others (None: DeepSpeed's default)."""
+    leave.  ``timeout``: how long to wait for the others (None: DeepSpeed's default).  Nothing to do in a process
+    whose process group is up already (it is its caller's, not a launch's start)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
