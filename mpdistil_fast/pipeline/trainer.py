@@ -214,6 +214,8 @@ class Run:
                               f"{self.runtime.world_size} ranks: every rank steps on an equal share of each batch")
         writes_outputs = checkpoint is None  # a run (evaluate only reads a checkpoint)
         saved: dict[str, Any] = {}  # --resume: the state of the checkpoint it continues from
+        if writes_outputs:  # (before --resume looks for its checkpoint there: every rank must see the same folder)
+            self._check_output_dir_writable()
         if checkpoint is None and not resume:
             self._claim_output_dir(overwrite)
         elif checkpoint is None:  # --resume: its checkpoint's config must describe this run (before anything loads)
@@ -225,8 +227,6 @@ class Run:
                                   "(its batches' rows, the per-rank optimizer and snapshot files)")
             if saved and (changed := check_resumable(saved["config"], config)) and self.is_main:
                 LOG.warning("--resume: continuing with %s changed", ", ".join(changed))
-        if writes_outputs:
-            self._check_output_dir_writable()
         self.tasks = curriculum_tasks(config)
         self.targets = list(config.data.tasks)
         self.compat = config.reference_compat
