@@ -5,7 +5,9 @@ and ``mpdistil-fast env [--device cpu|cuda]`` (what can run here).
 Several processes (``runtime.kind: deepspeed``): ``torchrun --nproc_per_node=N -m mpdistil_fast.cli distill ...``
 or ``deepspeed --num_gpus N --module mpdistil_fast.cli distill ...``; ranks other than 0 log warnings only, and
 an error that every rank raises alike (a config error, a diverged loss, Ctrl-C, a bad flag) is printed by the first
-rank of each node only.
+rank of each node only.  On several nodes (README, "Several nodes"): a rank that fails before its runtime starts (a
+data folder missing on its node only) tells the other ranks, which stop too (exit status 2), and a rank that loses
+another one in a collective (killed, failed alone) prints one line (exit status 1).
 
 The config is validated (unknown keys, types, values, data files) before any model is loaded; a problem exits with
 status 2 and one line naming the key.  So does a new run into an output_dir that holds an earlier run's outputs
