@@ -194,7 +194,8 @@ def _error(message: str, *, alike: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     """The ``mpdistil-fast`` entry point: parse ``argv`` (default: ``sys.argv[1:]``), run the command and return its
     exit status; known errors print one line (config, data, hub or checkpoint problems: 2; a diverged loss: 1;
-    Ctrl-C: 130) instead of a traceback."""
+    Ctrl-C: 130; on several ranks, other ranks that could not start: 2, another rank lost in a collective: 1)
+    instead of a traceback."""
     global _runtime_reached
     _runtime_reached = False
     parser = _parser()
