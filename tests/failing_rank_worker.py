@@ -35,37 +35,28 @@ def report_close() -> None:
     DeepSpeedRuntime.close = reporting
 
 
-def fail_after_the_teacher_stage() -> None:
+def at_the_teacher_stage_end(go_wrong) -> None:
+    """Call ``go_wrong(run)`` on this rank when its teacher stage ends, before the stage's end goes on."""
     end_stage = Run.end_stage
 
-    def failing(self: Run, stage: str) -> None:
+    def wrong(self: Run, stage: str) -> None:
         if stage == "teacher":
-            raise RuntimeError(f"rank {self.runtime.rank} fails alone")
+            go_wrong(self)
         end_stage(self, stage)
 
-    Run.end_stage = failing
+    Run.end_stage = wrong
 
 
-def hang_after_the_teacher_stage() -> None:
-    end_stage = Run.end_stage
-
-    def hanging(self: Run, stage: str) -> None:
-        if stage == "teacher":
-            time.sleep(600)
-        end_stage(self, stage)
-
-    Run.end_stage = hanging
+def fail_alone(run: Run) -> None:
+    raise RuntimeError(f"rank {run.runtime.rank} fails alone")
 
 
-def killed_after_the_teacher_stage() -> None:
-    end_stage = Run.end_stage
+def hang(run: Run) -> None:
+    time.sleep(600)
 
-    def killed(self: Run, stage: str) -> None:
-        if stage == "teacher":
-            os.kill(os.getpid(), signal.SIGKILL)
-        end_stage(self, stage)
 
-    Run.end_stage = killed
+def be_killed(run: Run) -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def nan_first_loss() -> None:
@@ -82,6 +73,9 @@ def nan_first_loss() -> None:
 if __name__ == "__main__":
     report_close()
     if os.environ["RANK"] == "1":
-        {"raise": fail_after_the_teacher_stage, "nan": nan_first_loss, "hang": hang_after_the_teacher_stage,
-         "kill": killed_after_the_teacher_stage}[os.environ.get("FAILING_RANK_MODE", "raise")]()
+        mode = os.environ.get("FAILING_RANK_MODE", "raise")
+        if mode == "nan":
+            nan_first_loss()
+        else:
+            at_the_teacher_stage_end({"raise": fail_alone, "hang": hang, "kill": be_killed}[mode])
     sys.exit(main(sys.argv[1:]))
