@@ -206,8 +206,8 @@ def main(argv: list[str] | None = None) -> int:
             with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull), \
                     contextlib.redirect_stdout(devnull):
                 args = parser.parse_args(argv)
-    except SystemExit as exit:  # a bad flag of distill: the other ranks are told too
-        if exit.code and "distill" in (sys.argv[1:] if argv is None else argv):
+    except SystemExit as stop:  # a bad flag of distill: the other ranks are told too
+        if stop.code and "distill" in (sys.argv[1:] if argv is None else argv):
             _tell_the_other_ranks()
         raise
     _setup_logging(getattr(args, "quiet", False) or os.environ.get("RANK", "0") != "0")

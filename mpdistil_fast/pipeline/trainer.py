@@ -338,12 +338,12 @@ class Run:
             marker.unlink(missing_ok=True)
         blind = sorted(int(r) for r, share in unseen.items() if share > 0)
         if blind:
-            raise ConfigError(f"output_dir {self.output_dir}: rank{'s' if len(blind) > 1 else ''} "
-                              f"{', '.join(map(str, blind))} {'do' if len(blind) > 1 else 'does'} not see the file rank 0 wrote "
-                              "there; on several "
-                              "nodes output_dir must be on a filesystem every node shares (each rank writes its "
-                              "optimizer partitions into the checkpoints there, and reads --resume's checkpoint and "
-                              "the disk teacher cache from it)")
+            several = len(blind) > 1
+            raise ConfigError(f"output_dir {self.output_dir}: rank{'s' if several else ''} "
+                              f"{', '.join(map(str, blind))} {'do' if several else 'does'} not see the file rank 0 "
+                              "wrote there; on several nodes output_dir must be on a filesystem every node shares "
+                              "(each rank writes its optimizer partitions into the checkpoints there, and reads "
+                              "--resume's checkpoint and the disk teacher cache from it)")
 
     def _load_data(self) -> dict[str, dict[str, EncodedSplit]]:
         c = self.config
