@@ -153,23 +153,28 @@ _EXACT_COUNT_ROWS = (2 ** 24, 2 ** 53)
 
 
 def row_weights(mask: torch.Tensor | None, reduction: str, scale: float, vocab: int, rows: int,
-                dtype: torch.dtype) -> tuple[float, torch.Tensor | None]:
-    """(w, row weights r in ``dtype`` or None) with :func:`reduce_rows` = sum_i w r_i KL_i over valid rows
-    (reduction not "none"): the factors by which each row's KL enters the loss, known before backward."""
+                dtype: torch.dtype) -> tuple[float, torch.Tensor | None, torch.Tensor | None]:
+    """(w, row weights r in ``dtype`` or None, denominator or None) with :func:`reduce_rows` = sum_i w r_i KL_i
+    over valid rows (reduction not "none"): the factors by which each row's KL enters the loss, known before
+    backward.  The denominator of a masked "batchmean" / "mean" comes back when :func:`reduce_rows` can reuse it
+    (its count is then exact, :data:`_EXACT_COUNT_ROWS`), so the valid rows are counted once."""
     if mask is None:
-        return scale / _denominator(reduction, max(rows, 1), vocab), None
+        return scale / _denominator(reduction, max(rows, 1), vocab), None, None
     valid = mask.reshape(-1).to(dtype)
     if reduction == "sum":
-        return scale, valid
-    return scale, valid / _denominator(reduction, valid.sum().clamp(min=1), vocab)
+        return scale, valid, None
+    denominator = _denominator(reduction, valid.sum().clamp(min=1), vocab)
+    exact = rows <= _EXACT_COUNT_ROWS[dtype == torch.float64]
+    return scale, valid / denominator, denominator if exact else None
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Reductions (shared by every backend).
 # ---------------------------------------------------------------------------------------------------------------
 def reduce_rows(row_kl: torch.Tensor, mask: torch.Tensor | None, reduction: str, scale: float, vocab: int,
-                leading_shape: torch.Size) -> torch.Tensor:
-    """Mask and reduce per-row losses ``[N]`` (rows of ``[..., V]`` flattened) and multiply by ``scale``.
+                leading_shape: torch.Size, denominator: torch.Tensor | None = None) -> torch.Tensor:
+    """Mask and reduce per-row losses ``[N]`` (rows of ``[..., V]`` flattened) and multiply by ``scale``
+    (``denominator``: a masked mean's divisor counted already, see :func:`row_weights`).
 
     ``"batchmean"``: sum / number of valid rows; ``"mean"``: sum / (valid rows * V) (torch's elementwise mean);
     ``"sum"``; ``"none"``: per-row losses of shape ``leading_shape`` (masked rows 0).  Masked rows are removed with
@@ -184,8 +189,11 @@ def reduce_rows(row_kl: torch.Tensor, mask: torch.Tensor | None, reduction: str,
     if mask is None:  # the divisor is known on the host: one sum and one multiply (launches, on a GPU)
         return row_kl.sum() * (scale / _denominator(reduction, max(row_kl.numel(), 1), vocab))
     total = row_kl.sum() * scale
-    return total if reduction == "sum" else total / _denominator(reduction, valid.sum().clamp(min=1).to(row_kl.dtype),
-                                                                 vocab)
+    if reduction == "sum":
+        return total
+    if denominator is None:
+        denominator = _denominator(reduction, valid.sum().clamp(min=1).to(row_kl.dtype), vocab)
+    return total / denominator
 
 
 def kd_kl_div_op(student: torch.Tensor, teacher: torch.Tensor, temperature: float, reduction: str, scale_by_t2: bool,
@@ -210,19 +218,11 @@ def kd_kl_div_op(student: torch.Tensor, teacher: torch.Tensor, temperature: floa
             row_loss = row_kl_torch(student_rows, teacher_rows, temperature, direction == "reverse")
     elif (backend in GRAD_IN_FORWARD_BACKENDS[op] and reduction != "none" and torch.is_grad_enabled()
           and (student.requires_grad or teacher.requires_grad) and not graph_capture()):
-        rows = student_rows.shape[0]
-        if mask is None:  # reduce_rows is then sum * weight: GradInForward computes it so (reduce None)
-            weight, row_weight, reduce = scale / _denominator(reduction, max(rows, 1), vocab), None, None
-        elif reduction == "sum" or rows > _EXACT_COUNT_ROWS[student.dtype == torch.float64]:
-            weight, row_weight = row_weights(mask, reduction, scale, vocab, rows, accumulation_dtype(student.dtype))
-            reduce = lambda row_loss: reduce_rows(row_loss, mask, reduction, scale, vocab,  # noqa: E731
-                                                  student.shape[:-1])
-        else:  # the valid-row count once, for the row weights and the value
-            valid = mask.reshape(-1)
-            weight, row_weight = scale, valid.to(accumulation_dtype(student.dtype))
-            denominator = _denominator(reduction, row_weight.sum().clamp(min=1), vocab)
-            row_weight = row_weight / denominator
-            reduce = lambda row_loss: torch.where(valid, row_loss, 0.0).sum().mul_(scale) / denominator  # noqa: E731
+        weight, row_weight, denominator = row_weights(mask, reduction, scale, vocab, student_rows.shape[0],
+                                                      accumulation_dtype(student.dtype))
+        # without a mask reduce_rows is sum * weight, which GradInForward computes so (reduce None)
+        reduce = None if mask is None else (
+            lambda row_loss: reduce_rows(row_loss, mask, reduction, scale, vocab, student.shape[:-1], denominator))
         if direction == "jsd":  # the kernels' argument order: teacher, student, then (T, beta)
             a, b, loss_args = teacher_rows, student_rows, (temperature, beta)
         else:
