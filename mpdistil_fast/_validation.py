@@ -30,13 +30,18 @@ def promote_pair(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.
 
 
 def check_same_device(**tensors: torch.Tensor | None) -> torch.device:
-    """All given tensors (None skipped) live on one device; return it."""
-    present = {k: v for k, v in tensors.items() if v is not None}
-    devices = {v.device for v in present.values()}
-    if len(devices) > 1:
-        listing = ", ".join(f"{k} on {v.device}" for k, v in present.items())
-        raise ValueError(f"all tensors must be on the same device, got {listing}")
-    return next(iter(devices))
+    """All given tensors (None skipped) live on one device; return it.  The listing of the error is built only
+    when the devices differ: this check runs on every call of every public op."""
+    device = None
+    for tensor in tensors.values():
+        if tensor is None:
+            continue
+        if device is None:
+            device = tensor.device
+        elif tensor.device != device:
+            listing = ", ".join(f"{k} on {v.device}" for k, v in tensors.items() if v is not None)
+            raise ValueError(f"all tensors must be on the same device, got {listing}")
+    return device
 
 
 def check_same_shape(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:

@@ -131,11 +131,8 @@ def hidden_mse(student_hidden: Tensor, teacher_hidden: Tensor, *, mask: Optional
         check_tensor("projection weight", weight)
     if bias is not None:
         check_tensor("projection bias", bias)
-    device = student_hidden.device
-    if not (teacher_hidden.device == device and (weight is None or weight.device == device)
-            and (bias is None or bias.device == device)):  # (the common case without building the listing)
-        check_same_device(student_hidden=student_hidden, teacher_hidden=teacher_hidden, projection=weight,
-                          projection_bias=bias)  # raises, naming each
+    device = check_same_device(student_hidden=student_hidden, teacher_hidden=teacher_hidden, projection=weight,
+                               projection_bias=bias)
     check_choice("reduction", reduction, REDUCTIONS)
     if not isinstance(normalize, bool):
         raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")

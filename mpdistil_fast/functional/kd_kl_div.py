@@ -89,9 +89,7 @@ def kd_kl_div(student_logits: Tensor, teacher_logits: Tensor, temperature: float
     if student_logits.dim() == 0 or student_logits.shape[-1] == 0:
         raise ValueError(f"student_logits must have a non-empty last (vocabulary) dimension, got shape "
                          f"{tuple(student_logits.shape)}")
-    device = student_logits.device
-    if teacher_logits.device != device:  # (the common case in one comparison)
-        check_same_device(student_logits=student_logits, teacher_logits=teacher_logits)  # raises, naming both
+    device = check_same_device(student_logits=student_logits, teacher_logits=teacher_logits)
     if mask is not None:
         mask = check_mask(mask, student_logits.shape[:-1], device)
     temperature = check_positive_finite("temperature", temperature)

@@ -159,14 +159,9 @@ def meta_teacher_loss(h_teacher: Tensor, h_student: Tensor, weight: Params, bias
     w1, b1, w2, b2 = discriminator_parts(weight, bias, hidden, width)
     classes = (w2 if w2 is not None else w1).shape[0]
     first, second = ("weight", "bias") if w2 is None else ("weight[0]", "bias[0]")
-    device = h_teacher.device
-    if not (h_student.device == device and labels.device == device and w1.device == device and b1.device == device
-            and (w2 is None or (w2.device == device and b2.device == device))
-            and (proj_weight is None or proj_weight.device == device)
-            and (proj_bias is None or proj_bias.device == device)):  # (the common case without building the listing)
-        check_same_device(h_teacher=h_teacher, h_student=h_student, labels=labels, **{first: w1, second: b1},
-                          **{"weight[1]": w2, "bias[1]": b2}, student_projection=proj_weight,
-                          student_projection_bias=proj_bias)  # raises, naming each
+    device = check_same_device(h_teacher=h_teacher, h_student=h_student, labels=labels, **{first: w1, second: b1},
+                               **{"weight[1]": w2, "bias[1]": b2}, student_projection=proj_weight,
+                               student_projection_bias=proj_bias)
     if validate_labels and not graph_capture():  # when a graph is captured, the custom op's body checks
         check_label_range(labels, classes)
     chosen = resolve_backend_traceable(backend, "meta_teacher_loss", device)
